@@ -1,0 +1,51 @@
+"""Prompt -> tokens -> chained block hashes, shared by the engine simulator and the router.
+
+Block i's hash covers blocks 0..i, so two prompts share a block hash exactly when they share the
+whole prefix up to that block: the property both prefix caches and prefix-affinity routing need.
+Without the engine's tokenizer, text is split into word and punctuation pieces: cheap, stable
+across processes and machines, and close enough to a BPE count for routing and simulation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import xxhash
+
+_PIECE = re.compile(r"\w+|[^\w\s]")
+_SEED = 0x7A3D
+
+
+def tokenize(text: str) -> list[str]:
+    return _PIECE.findall(text)
+
+
+def count_tokens(text: str) -> int:
+    return sum(1 for _ in _PIECE.finditer(text))
+
+
+def chain_hashes(block_ids: Iterable[int | str | bytes]) -> list[int]:
+    """Chain per-block identifiers (e.g. Mooncake ``hash_ids``) into prefix hashes."""
+    out: list[int] = []
+    h = xxhash.xxh64(seed=_SEED)
+    for block in block_ids:
+        data = block if isinstance(block, bytes) else str(block).encode()
+        h.update(len(data).to_bytes(4, "little"))
+        h.update(data)
+        out.append(h.intdigest())
+    return out
+
+
+def token_block_hashes(tokens: Sequence[str], block_size: int) -> list[int]:
+    """Chained hashes of the *full* ``block_size``-token blocks of ``tokens`` (a partial tail is not hashed)."""
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    full = len(tokens) // block_size
+    return chain_hashes("\x1f".join(tokens[i * block_size:(i + 1) * block_size]) for i in range(full))
+
+
+def text_block_hashes(text: str, block_size: int) -> tuple[int, list[int]]:
+    """Token count and full-block chained hashes of a text prompt."""
+    tokens = tokenize(text)
+    return len(tokens), token_block_hashes(tokens, block_size)
