@@ -28,6 +28,7 @@ COMMANDS: Registry = {
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+        "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
 }
 
