@@ -109,6 +109,9 @@ class RoutingBench(TandemSettings):
     common_qps: float | None = Field(None, gt=0, description="QPS at which latency, hit ratio and imbalance "
                                      "are compared (default: the lowest capacity in the run)")
     alpha: float = Field(0.5, gt=0, le=4, description="DualMap's alpha (SLO switch and hotspot threshold)")
+    dispatch_budget_s: float | None = Field(None, ge=0, description="DualMap late-binding token budget in "
+                                            "seconds of prefill (default alpha x SLO; 0: one un-prefilled "
+                                            "request per instance)")
     seed: int = Field(0, ge=0, description="DES seed (ring layout)")
 
     @field_validator("policies")
@@ -188,7 +191,8 @@ class CapacitySearch:
         self.results: dict[str, dict] = {}
         self._points: dict[str, dict[float, Point]] = {}
         self.expected_runs = 12
-        self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha)
+        self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha,
+                                     dispatch_budget_s=bench.dispatch_budget_s)
         self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed)
 
     def point(self, policy: str, qps: float) -> Point:
