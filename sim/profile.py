@@ -105,6 +105,8 @@ class ProfilePoint(BaseModel):
     batch: int = Field(0, ge=0, description="decode: sequences in the batch")
     context_tokens: int = Field(0, ge=0, description="decode: total context tokens over the batch")
     seconds: float = Field(gt=0)
+    layers_measured: int | None = Field(
+        None, gt=0, description="layers actually run when fewer than the model's (per-layer time scaled up)")
 
 
 class FitReport(BaseModel):
