@@ -14,13 +14,13 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
+
+from tandem.config import TandemSettings
 from tandem.sim.profile import Profile
 from tandem.sim.profiling.fit import FitError
 from tandem.sim.profiling.measurements import MeasurementFileError, RawRun, load_raw, to_profile
 from tandem.sim.profiling.report import summary
 from tandem.sim.profiling.shapes import ShapeError, resolve_shape
-
-from tandem.config import TandemSettings
 
 
 class ProfileCommand(TandemSettings):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar, nnls
+
 from tandem.sim.costmodel import CostModel, attention_pairs
 from tandem.sim.profile import CostParams, FitReport, ProfilePoint
 

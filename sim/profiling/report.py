@@ -31,7 +31,7 @@ def decode_step_ms(points: Sequence[ProfilePoint], batch: int, context: int) -> 
 
 
 def _fmt(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:,.{digits}f}"
+    return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
 def table_header() -> list[str]:
@@ -49,11 +49,11 @@ def table_row(profile: Profile) -> list[str]:
     row += [_fmt(decode_step_ms(pts, b, c), 2) for c in DECODE_CONTEXTS for b in DECODE_BATCHES]
     fit = profile.fit
     if fit is None:
-        row += ["–", "–"]
+        row += ["n/a", "n/a"]
     else:
         row.append(f"{fit.prefill_mape:.1f}% / {fit.decode_mape:.1f}%")
         if fit.roofline_prefill_mape is None or fit.roofline_decode_mape is None:
-            row.append("–")
+            row.append("n/a")
         else:
             row.append(f"{fit.roofline_prefill_mape:.1f}% / {fit.roofline_decode_mape:.1f}%")
     return row

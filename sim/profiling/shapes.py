@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+
 from tandem.sim.profile import ModelShape
 
 DTYPE_BYTES = {"bf16": 2}
