@@ -34,9 +34,9 @@ class ProfileCommand(TandemSettings):
         description="named shape (llama3-8b, qwen2.5-32b) or a Hugging Face style config.json path",
     )
     dtype: Literal["bf16"] = Field("bf16", description="weight and KV cache dtype")
-    out: Path | None = Field(None, description="profile JSON to write (default: ./<model>-<gpu>.json)")
-    name: str | None = Field(None, description="profile name (default: <model>-<gpu>)")
-    raw_out: Path | None = Field(None, description="raw measurements JSON (default: <out>.raw.json)")
+    out: Path | None = Field(None, description="profile JSON to write; unset: ./<model>-<gpu>.json")
+    name: str | None = Field(None, description="profile name; unset: <model>-<gpu>")
+    raw_out: Path | None = Field(None, description="raw measurements JSON; unset: <out> with .raw.json")
     fit_only: Path | None = Field(None, description="refit a recorded raw-measurements JSON; needs no GPU")
     prefill_tokens: list[int] = Field(
         [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768], description="prompt lengths, no cached prefix")
@@ -48,10 +48,11 @@ class ProfileCommand(TandemSettings):
     decode_contexts: list[int] = Field([512, 2048, 8192, 32768], description="mean context per sequence")
     decode_max_tokens: int = Field(1 << 20, gt=0, description="skip decode points with batch x context above")
     max_layers: int | None = Field(
-        None, gt=0, description="layers to build (default: as many as fit in 60 percent of free GPU memory)")
+        None, gt=0, description="real-shape layers to build; unset: as many as fit in 60 percent of free memory")
     memory_fraction: float = Field(0.9, gt=0, le=1, description="GPU memory share for the capacity estimate")
     activation_tokens: int = Field(8192, gt=0, description="step size whose activation peak is reserved")
-    kv_reserve_gib: float = Field(10.0, ge=0, description="GPU memory (GiB) kept out of the KV pool")
+    kv_reserve_gib: float | None = Field(
+        None, ge=0, description="GPU memory (GiB) kept out of the KV pool; unset: sized from the largest prompt")
     target_s: float = Field(0.3, gt=0, description="timed replays per point last about this long")
     deadline_s: float = Field(300.0, gt=0, description="points not started by then are skipped")
 
@@ -81,11 +82,13 @@ class ProfileCommand(TandemSettings):
             "prefill_tokens": self.prefill_tokens, "prefill_cached": [list(c) for c in self.prefill_cached],
             "decode_batches": self.decode_batches, "decode_contexts": self.decode_contexts,
             "decode_max_tokens": self.decode_max_tokens, "memory_fraction": self.memory_fraction,
-            "activation_tokens": self.activation_tokens, "kv_reserve_gib": self.kv_reserve_gib,
-            "target_s": self.target_s, "deadline_s": self.deadline_s,
+            "activation_tokens": self.activation_tokens, "target_s": self.target_s,
+            "deadline_s": self.deadline_s,
         }
         if self.max_layers is not None:
             spec["max_layers"] = self.max_layers
+        if self.kv_reserve_gib is not None:
+            spec["kv_reserve_gib"] = self.kv_reserve_gib
         return spec
 
     def measure(self) -> RawRun:

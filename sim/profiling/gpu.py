@@ -345,13 +345,25 @@ def auto_layers(shape: dict[str, Any]) -> int:
     return max(1, min(shape["num_layers"], int((0.6 * free - head) // layer)))
 
 
+def auto_reserve(shape: dict[str, Any], spec: dict[str, Any]) -> float:
+    """Bytes kept out of the KV pool: the MLP activations of the largest prompt, with margin.
+
+    Per layer the MLP holds the residual, its norm, gate+up, SiLU(gate) and the product at once:
+    about tokens x (2 x hidden + 4 x intermediate) bf16 values; 25% margin and 4 GiB for
+    attention buffers, CUDA graph pools and cuBLAS workspaces.
+    """
+    tokens = max([n for n, _ in _prefill_cases(spec)] + [int(spec.get("activation_tokens", 8192))])
+    per_token = 2 * (2 * shape["hidden_size"] + 4 * shape["intermediate_size"])
+    return 4 * GIB + 1.25 * tokens * per_token
+
+
 def measure(spec: dict[str, Any], out_path: str | None = None) -> dict[str, Any]:
     """Run the sweep in ``spec``; return (and, after every point, write to ``out_path``) the raw result.
 
     ``spec`` keys: ``shape`` (ModelShape fields), ``max_layers`` (default :func:`auto_layers`),
     ``prefill_tokens``, ``prefill_cached`` ([new, cached] pairs), ``decode_batches``, ``decode_contexts``,
     ``decode_max_tokens``, ``memory_fraction``, ``activation_tokens``, ``deadline_s``, ``target_s``,
-    ``kv_reserve_gib``.
+    ``kv_reserve_gib`` (default :func:`auto_reserve`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("tandem profile needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -380,14 +392,17 @@ def measure(spec: dict[str, Any], out_path: str | None = None) -> dict[str, Any]
     save()
 
     built = min(big_l, int(spec.get("max_layers") or auto_layers(shape)))
-    positions = max([n + c for n, c in _prefill_cases(spec)] + list(spec.get("decode_contexts", [])) + [1])
+    act_n = int(spec.get("activation_tokens", 8192))
+    positions = max([n + c for n, c in _prefill_cases(spec)] + list(spec.get("decode_contexts", [])) + [act_n])
     model = Model(shape, built, positions)
     result["attention"] = select_attention(model, timer)
     _log(f"attention: {result['attention']}")
     hkv, hd = shape["num_kv_heads"], shape["head_dim"]
     kv_layer_token_bytes = 2 * hkv * hd * 2
     free, total = torch.cuda.mem_get_info()
-    pool_bytes = int(free - float(spec.get("kv_reserve_gib", 8.0)) * GIB)
+    reserve = spec.get("kv_reserve_gib")
+    reserve_bytes = float(reserve) * GIB if reserve is not None else auto_reserve(shape, spec)
+    pool_bytes = int(free - reserve_bytes)
     pool = torch.empty(pool_bytes // 2, device="cuda", dtype=torch.bfloat16)
     pool.normal_()  # random, not zeros, and every page touched once
     result["memory"] = {
@@ -397,6 +412,7 @@ def measure(spec: dict[str, Any], out_path: str | None = None) -> dict[str, Any]
         "head_weight_bytes": model.head_bytes,
         "model_weight_bytes": model.layer_bytes * big_l + model.head_bytes,
         "kv_pool_bytes": pool_bytes,
+        "kv_reserve_bytes": int(reserve_bytes),
         "kv_bytes_per_token": kv_layer_token_bytes * big_l,
     }
     _log(f"built {built}/{big_l} layers ({model.layer_bytes / GIB:.2f} GiB each), "
@@ -404,7 +420,6 @@ def measure(spec: dict[str, Any], out_path: str | None = None) -> dict[str, Any]
     save()
 
     # Activation memory of one max-size step, for the token-capacity estimate.
-    act_n = int(spec.get("activation_tokens", 8192))
     kv = pool[: built * 2 * hkv * act_n * hd].view(built, 2, 1, hkv, act_n, hd)
     ids = torch.randint(0, shape["vocab_size"], (act_n,), device="cuda")
     pos = torch.arange(act_n, device="cuda")
