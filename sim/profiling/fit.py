@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.optimize import minimize_scalar, nnls
+from scipy.optimize import minimize, minimize_scalar, nnls
 
 from tandem.sim.costmodel import CostModel, attention_pairs
-from tandem.sim.profile import CostParams, FitReport, ProfilePoint
+from tandem.sim.profile import CostParams, FitReport, Profile, ProfilePoint, RooflineEfficiency
 
 # Crossover batch sizes scanned: from weight-bound everywhere to compute-bound everywhere.
 _GRID = np.geomspace(1.0, 1e6, 241)
@@ -108,3 +108,35 @@ def fit_report(params: CostParams, roofline: CostParams | None, points: Sequence
                      roofline_prefill_mape=roof_prefill, roofline_decode_mape=roof_decode)
 
 
+
+
+def calibrate_roofline(profiles: Sequence[Profile]) -> RooflineEfficiency:
+    """Efficiencies that make the roofline closest (mean MAPE) to the measured points of ``profiles``.
+
+    Each profile's GPUSpec holds its measured ceilings, so the efficiencies are relative to what
+    the GPU achieves, not to its datasheet. Searched in log space (positive by construction) by
+    Nelder-Mead from a neutral start; the objective is cheap, vectorised over the points.
+    """
+    if not profiles or any(not p.points for p in profiles):
+        raise FitError("calibration needs profiles with measured points")
+    cases = []
+    for prof in profiles:
+        n, pairs, ctx, t = _features(prof.points)
+        flops, bw, m = prof.gpu.bf16_tflops * 1e12, prof.gpu.hbm_gbps * 1e9, prof.model
+        cases.append((n, pairs, ctx, t, flops, bw, m.weight_bytes, m.flops_per_token,
+                      m.attention_flops_per_pair, m.kv_bytes_per_token))
+
+    def loss(x: np.ndarray) -> float:
+        compute, attention, bandwidth, overhead = np.exp(x)
+        total = 0.0
+        for n, pairs, ctx, t, flops, bw, weights, fpt, fpp, kvb in cases:
+            pred = (overhead + np.maximum(weights / (bw * bandwidth), n * fpt / (flops * compute))
+                    + pairs * fpp / (flops * attention) + ctx * kvb / (bw * bandwidth))
+            total += float(np.mean(np.abs(pred - t) / t))
+        return total / len(cases)
+
+    start = np.log([0.5, 0.5, 0.5, 1e-3])
+    best = minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 5000})
+    compute, attention, bandwidth, overhead = np.exp(best.x)
+    return RooflineEfficiency(compute=min(1.0, compute), attention=min(1.0, attention),
+                              bandwidth=min(1.0, bandwidth), step_overhead_s=overhead)
