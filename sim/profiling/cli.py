@@ -95,7 +95,11 @@ class ProfileCommand(TandemSettings):
         from tandem.sim.profiling import gpu  # torch: imported only on the measuring path
 
         raw_path = self.raw_out or (self.out or Path("profile.json")).with_suffix(".raw.json")
-        result = gpu.measure(self.spec(), str(raw_path))
+        try:
+            result = gpu.measure(self.spec(), str(raw_path))
+        except RuntimeError as exc:  # no CUDA device, out of memory, no flash attention kernel
+            print(f"tandem profile: measuring failed: {exc} (points so far: {raw_path})", file=sys.stderr)
+            raise SystemExit(1) from exc
         print(f"raw measurements: {raw_path}")
         return RawRun.model_validate(result)
 
