@@ -95,6 +95,7 @@ class ProfileCommand(TandemSettings):
         from tandem.sim.profiling import gpu  # torch: imported only on the measuring path
 
         raw_path = self.raw_out or (self.out or Path("profile.json")).with_suffix(".raw.json")
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             result = gpu.measure(self.spec(), str(raw_path))
         except RuntimeError as exc:  # no CUDA device, out of memory, no flash attention kernel
