@@ -27,6 +27,7 @@ from tandem.blockcache import BlockCache
 from tandem.config import TandemSettings
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import POLICIES, make_policy
+from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import Scheduler
 from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
 from tandem.sim.des.simulator import (
@@ -327,6 +328,7 @@ class DecisionBench(TandemSettings):
         sizes = [int(x) for x in self.instances.split(",")]
         results = {name: {str(n): time_decisions(name, n, reqs, self.decisions, self.warm, self.seed)
                           for n in sizes} for name in self.policies.split(",")}
+        movement = {str(n): ring_movement(n, self.seed) for n in sizes}
         table = Table(title="routing decision time (us), policy.choose only")
         table.add_column("policy")
         for n in sizes:
@@ -335,10 +337,38 @@ class DecisionBench(TandemSettings):
         for name, per in results.items():
             table.add_row(name, *(f"{per[str(n)][k]:.1f}" for n in sizes for k in ("p50_us", "p99_us")))
         Console(width=140).print(table)
+        moves = Table(title="DualMap candidate pairs that change when one instance joins / leaves")
+        for col in ("instances", "join", "leave", "2/(N+1)"):
+            moves.add_column(col, justify="right")
+        for n in sizes:
+            m = movement[str(n)]
+            moves.add_row(str(n), f"{m['join']:.4f}", f"{m['leave']:.4f}", f"{m['expected']:.4f}")
+        Console(width=140).print(moves)
         if self.json_out:
-            self.json_out.write_text(json.dumps({"policies": results, "config": {
+            self.json_out.write_text(json.dumps({"policies": results, "ring_movement": movement, "config": {
                 "instances": sizes, "decisions": self.decisions, "warm": self.warm, "trace": str(self.trace),
                 "python": sys.version.split()[0]}}, indent=2))
+
+
+def ring_movement(n: int, seed: int, keys: int = 20000) -> dict[str, float]:
+    """Share of keys whose DualMap candidate pair changes when one instance joins, and when one leaves."""
+    rng = random.Random(seed)
+    sample = [rng.getrandbits(64) for _ in range(keys)]
+    ring = DualRing(RoutingConfig().vnodes, seed)
+    ring.sync(f"i{k:04d}" for k in range(n))
+
+    def pairs() -> list[frozenset[str]]:
+        return [frozenset(ring.candidates(k, lambda _: True) or ()) for k in sample]
+
+    base = pairs()
+    ring.add("joined")
+    joined = pairs()
+    ring.remove("joined")
+    ring.remove("i0000")
+    left = pairs()
+    return {"join": sum(a != b for a, b in zip(base, joined, strict=True)) / keys,
+            "leave": sum(a != b for a, b in zip(base, left, strict=True)) / keys,
+            "expected": 2 / (n + 1)}
 
 
 def time_decisions(policy_name: str, n: int, reqs: list[PreparedRequest], decisions: int, warm: int,
