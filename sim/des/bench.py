@@ -17,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -184,7 +185,7 @@ class RoutingBench(TandemSettings):
 class CapacitySearch:
     """Runs and caches DES points for one trace slice; finds each policy's capacity."""
 
-    def __init__(self, bench: RoutingBench, chosen: list, prepared: list[PreparedRequest]) -> None:
+    def __init__(self, bench: RoutingBench, chosen: list[TraceRequest], prepared: list[PreparedRequest]) -> None:
         self.bench = bench
         self.chosen = chosen
         self.prepared = prepared
@@ -205,7 +206,7 @@ class CapacitySearch:
             cache[qps] = summarise(res, qps, self.bench.warmup, self.bench.slo_ttft)
         return cache[qps]
 
-    def capacity(self, policy: str, on_run=None) -> float:
+    def capacity(self, policy: str, on_run: Callable[[float], None] | None = None) -> float:
         b = self.bench
 
         def ok(q: float) -> bool:
