@@ -26,7 +26,9 @@ class OperatorRunCommand(TandemSettings):
     kubeconfig: Path | None = Field(
         default=None, description="kubeconfig file; default: in-cluster, then $KUBECONFIG / ~/.kube/config."
     )
-    liveness_port: int = Field(default=8081, ge=0, le=65535, description="Serve kopf's /healthz here (0: off).")
+    liveness_port: int = Field(
+        default=8081, ge=0, le=65535, description="Serve kopf's /healthz here (0: off)."
+    )
     resync_seconds: float = Field(
         default=60.0, ge=0, description="Re-reconcile every LLMService this often (0: events only)."
     )
@@ -35,10 +37,14 @@ class OperatorRunCommand(TandemSettings):
         default="ghcr.io/tandem-serving/tandem:0.1.0", min_length=1, description="Image of gateway pods."
     )
     vllm_image: str = Field(
-        default="vllm/vllm-openai:v0.11.0", min_length=1, description="Engine image when spec.model.image is unset."
+        default="vllm/vllm-openai:v0.11.0",
+        min_length=1,
+        description="Engine image when spec.model.image is unset.",
     )
     sglang_image: str = Field(
-        default="lmsysorg/sglang:v0.5.4", min_length=1, description="SGLang image when spec.model.image is unset."
+        default="lmsysorg/sglang:v0.5.4",
+        min_length=1,
+        description="SGLang image when spec.model.image is unset.",
     )
     gateway_service_account: str = Field(
         default="tandem-gateway", min_length=1, description="ServiceAccount of the gateway pods."

@@ -98,8 +98,12 @@ def build_registry(
     for kind in CHILD_KINDS:
 
         @kopf.on.event(
-            kind.group, kind.version, kind.plural,
-            id=f"child-{kind.plural}", labels={LABEL_MANAGED_BY: MANAGER}, registry=registry,
+            kind.group,
+            kind.version,
+            kind.plural,
+            id=f"child-{kind.plural}",
+            labels={LABEL_MANAGED_BY: MANAGER},
+            registry=registry,
         )
         async def child_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
             owner = labels.get(LABEL_INSTANCE)

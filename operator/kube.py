@@ -122,8 +122,13 @@ class KubeClient:
     """JSON in, JSON out; one aiohttp session, created lazily on the loop that uses it."""
 
     def __init__(
-        self, credentials: KubeCredentials, ssl_context: ssl.SSLContext | bool, timeout: float = 10.0
+        self,
+        credentials: KubeCredentials,
+        ssl_context: ssl.SSLContext | bool,
+        timeout: float = 10.0,
+        user_agent: str = "tandem-operator",
     ) -> None:
+        self._user_agent = user_agent
         self._credentials = credentials
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -156,7 +161,11 @@ class KubeClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         for attempt in range(2):
-            headers = {"Accept": "application/json", "Content-Type": content_type}
+            headers = {
+                "Accept": "application/json",
+                "Content-Type": content_type,
+                "User-Agent": self._user_agent,
+            }
             if self._credentials.token:
                 headers["Authorization"] = f"Bearer {self._credentials.token}"
             async with self._session.request(
