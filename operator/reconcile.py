@@ -153,7 +153,7 @@ class Reconciler:
                 # The server refused a child (e.g. a node selector it finds invalid): report, carry on.
                 warnings.append(f"{ident[0]} {ident[1]}: {exc.message or exc.reason}")
                 continue
-            if ident[0] == "Deployment":
+            if ident[0] == "Deployment" and obj is not None:
                 deployments[ident[1]] = obj
         for ident in live:
             if ident not in wanted:
@@ -190,7 +190,7 @@ class Reconciler:
 
     async def _apply(
         self, desired: dict[str, Any], live: dict[str, Any] | None, result: ReconcileResult
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         kind = KIND_OF[desired["kind"]]
         meta = desired["metadata"]
         label = f"{desired['kind']}/{meta['name']}"
@@ -200,18 +200,17 @@ class Reconciler:
             except ApiError as exc:
                 if exc.status != 409:
                     raise
-                live = await self.client.get(kind, meta["namespace"], meta["name"])
-                if live is None:
-                    raise
-            else:
-                result.created.append(label)
-                log.info("created %s %s/%s", desired["kind"], meta["namespace"], meta["name"])
-                return created
+                # Created concurrently (or by an earlier pass our list missed): its ADDED event
+                # triggers the next pass, which compares it like any other child.
+                return None
+            result.created.append(label)
+            log.info("created %s %s/%s", desired["kind"], meta["namespace"], meta["name"])
+            return created
         drift = child_drift(desired, live)
         if not drift:
             return live
         patched = await self.client.merge_patch(
-            kind, meta["namespace"], meta["name"], merge_patch_for(desired)
+            kind, meta["namespace"], meta["name"], merge_patch_for(desired, live)
         )
         result.patched.append(label)
         log.info(

@@ -6,6 +6,7 @@ on an API server every write would otherwise bump resourceVersion and wake every
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from typing import Any
 
@@ -65,19 +66,58 @@ def diff_paths(desired: Any, live: Any, path: str = "") -> list[str]:
     return [] if desired == live else [path]
 
 
+# Pod-template fields the operator owns whole: what someone adds there is drift too (a stray
+# nodeSelector entry would pin GPU pods to the wrong nodes), while elsewhere server defaults are fine.
+EXACT_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "Deployment": (("spec", "template", "spec", "nodeSelector"), ("spec", "template", "spec", "tolerations")),
+    "Service": (("spec", "selector"),),
+}
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
 def child_drift(desired: dict[str, Any], live: dict[str, Any]) -> list[str]:
     """Drifted paths of a child, looking at what the operator owns (labels, owner, spec/data)."""
     meta = desired["metadata"]
     owned = {k: v for k, v in desired.items() if k not in {"apiVersion", "kind", "metadata"}}
     owned_meta = {"labels": meta.get("labels", {}), "ownerReferences": meta.get("ownerReferences", [])}
-    return diff_paths(owned_meta, live.get("metadata", {}), ".metadata") + diff_paths(owned, live)
+    drift = diff_paths(owned_meta, live.get("metadata", {}), ".metadata") + diff_paths(owned, live)
+    for path in EXACT_PATHS.get(desired["kind"], ()):
+        if (_at(desired, path) or None) != (_at(live, path) or None):
+            drift.append("." + ".".join(path))
+    return sorted(set(drift))
 
 
-def merge_patch_for(desired: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge patch that puts ``desired`` in place: lists are replaced whole, maps merged."""
+def merge_patch_for(desired: dict[str, Any], live: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON merge patch that puts ``desired`` in place: lists are replaced whole, maps merged.
+
+    For the exactly-owned maps, keys only ``live`` has are removed with ``null``.
+    """
     meta = desired["metadata"]
     body = {k: v for k, v in desired.items() if k not in {"apiVersion", "kind", "metadata"}}
-    return {"metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]}, **body}
+    patch: dict[str, Any] = {
+        "metadata": {"labels": meta["labels"], "ownerReferences": meta["ownerReferences"]}
+    }
+    patch.update(copy.deepcopy(body))
+    if live is not None:
+        for path in EXACT_PATHS.get(desired["kind"], ()):
+            want, have = _at(desired, path), _at(live, path)
+            if have is None:
+                continue
+            node = patch
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            if isinstance(have, dict):
+                node[path[-1]] = {**{k: None for k in have}, **(want or {})}
+            elif want is None:
+                node[path[-1]] = None
+    return patch
 
 
 class DeploymentCounts(BaseModel):

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
     CHILD_KINDS,
     CONFIGMAPS,
     DEPLOYMENTS,
     LLMSERVICES,
+    PDBS,
     REMOTEPREFILLPOOLS,
     SERVICES,
     ApiError,
@@ -44,8 +44,12 @@ from tandem.operator.reconcile import Reconciler
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
-CRD_KIND = Kind(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
-                kind="CustomResourceDefinition")
+CRD_KIND = Kind(
+    group="apiextensions.k8s.io",
+    version="v1",
+    plural="customresourcedefinitions",
+    kind="CustomResourceDefinition",
+)
 NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
 WAIT = 15.0
 TEST_AGENT = "tandem-tests"  # the operator's own requests say "tandem-operator" (and kopf's "kopf/...")
@@ -93,7 +97,9 @@ class Cluster:
     async def create(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         body = {**body, "metadata": {**body["metadata"], "namespace": self.ns}}
         if self.fake:  # a real server assigns these
-            body["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp="2026-01-01T00:00:00Z")
+            body["metadata"].update(
+                uid=str(uuid.uuid4()), generation=1, creationTimestamp="2026-01-01T00:00:00Z"
+            )
         return await self.client.create(kind, self.ns, body)
 
     async def get(self, kind: Kind, name: str) -> dict[str, Any] | None:
@@ -110,7 +116,9 @@ class Cluster:
     async def children(self, owner: str) -> dict[tuple[str, str], dict[str, Any]]:
         found = {}
         for kind in CHILD_KINDS:
-            for obj in await self.client.list(kind, self.ns, {LABEL_INSTANCE: owner, LABEL_MANAGED_BY: MANAGER}):
+            for obj in await self.client.list(
+                kind, self.ns, {LABEL_INSTANCE: owner, LABEL_MANAGED_BY: MANAGER}
+            ):
                 found[(kind.kind, obj["metadata"]["name"])] = obj
         return found
 
@@ -123,9 +131,9 @@ class Cluster:
         await self.client.merge_patch(DEPLOYMENTS, self.ns, name, {"status": status}, "status")
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = WAIT) -> Any:
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str, within: float = WAIT) -> Any:
     """Poll ``probe`` until it returns something truthy (and return that) or fail naming ``what``."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     last: Any = None
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(AssertionError, KeyError, TypeError):
@@ -133,7 +141,7 @@ async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: fl
             if last:
                 return last
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    raise AssertionError(f"timed out after {within}s waiting for {what}; last: {last!r}")
 
 
 def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
@@ -144,31 +152,49 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
 
 
 def _kubeconfig_for(url: str, path: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-        "users": [{"name": "kmock", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "kmock",
+                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                "users": [{"name": "kmock", "user": {}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+            }
+        )
+    )
     return path
 
 
 def _declare_kmock_resources(kmock: Any) -> None:
     info = kmock.ResourceInfo
     kmock.resources["serving.tandem.dev/v1alpha1/llmservices"] = info(
-        kind="LLMService", namespaced=True, subresources={"status", "scale"}, verbs={"get", "list", "watch", "patch"})
+        kind="LLMService",
+        namespaced=True,
+        subresources={"status", "scale"},
+        verbs={"get", "list", "watch", "patch"},
+    )
     kmock.resources["serving.tandem.dev/v1alpha1/remoteprefillpools"] = info(
-        kind="RemotePrefillPool", namespaced=True, subresources={"status"}, verbs={"get", "list", "watch", "patch"})
+        kind="RemotePrefillPool",
+        namespaced=True,
+        subresources={"status"},
+        verbs={"get", "list", "watch", "patch"},
+    )
     all_verbs = {"get", "list", "watch", "create", "patch", "delete"}
     kmock.resources["apps/v1/deployments"] = info(
-        kind="Deployment", namespaced=True, subresources={"status", "scale"}, verbs=all_verbs)
+        kind="Deployment", namespaced=True, subresources={"status", "scale"}, verbs=all_verbs
+    )
     kmock.resources["v1/services"] = info(kind="Service", namespaced=True, verbs=all_verbs)
     kmock.resources["v1/configmaps"] = info(kind="ConfigMap", namespaced=True, verbs=all_verbs)
     kmock.resources["policy/v1/poddisruptionbudgets"] = info(
-        kind="PodDisruptionBudget", namespaced=True, verbs=all_verbs)
+        kind="PodDisruptionBudget", namespaced=True, verbs=all_verbs
+    )
     kmock.resources["v1/events"] = info(kind="Event", namespaced=True, verbs={"create"})
     # kopf needs the namespaces resource to be discoverable even when it runs cluster-wide.
-    kmock.resources["v1/namespaces"] = info(kind="Namespace", namespaced=False, verbs={"get", "list", "watch"})
+    kmock.resources["v1/namespaces"] = info(
+        kind="Namespace", namespaced=False, verbs={"get", "list", "watch"}
+    )
 
 
 @pytest.fixture(params=["kmock", pytest.param("real", marks=pytest.mark.realk8s)])
@@ -238,7 +264,11 @@ async def test_aggregated_service_gets_its_stack_and_status(cluster: Cluster) ->
         for (kind, name), obj in kids.items():
             ref = obj["metadata"]["ownerReferences"][0]
             assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
-                "LLMService", "llm", owner["metadata"]["uid"], True), (kind, name)
+                "LLMService",
+                "llm",
+                owner["metadata"]["uid"],
+                True,
+            ), (kind, name)
         dep = kids[("Deployment", "llm-unified")]
         assert dep["spec"]["replicas"] == 2
         pod = dep["spec"]["template"]
@@ -260,12 +290,15 @@ async def test_aggregated_service_gets_its_stack_and_status(cluster: Cluster) ->
             await cluster.mark_deployment_ready("llm-unified")
             await cluster.mark_deployment_ready("llm-gateway")
             ready = await eventually(
-                lambda: _ready(cluster, "llm"), "Ready=True after the Deployments report ready replicas")
+                lambda: _ready(cluster, "llm"), "Ready=True after the Deployments report ready replicas"
+            )
             assert ready["status"]["readySummary"] == "U 2/2"
             assert ready["status"]["replicas"] == 2
 
 
-async def _all_children(cluster: Cluster, owner: str, count: int) -> dict[tuple[str, str], dict[str, Any]] | None:
+async def _all_children(
+    cluster: Cluster, owner: str, count: int
+) -> dict[tuple[str, str], dict[str, Any]] | None:
     kids = await cluster.children(owner)
     return kids if len(kids) == count else None
 
@@ -280,3 +313,414 @@ async def _ready(cluster: Cluster, name: str) -> dict[str, Any] | None:
     obj = await cluster.get(LLMSERVICES, name)
     cond = condition(obj, "Ready")
     return obj if cond and cond["status"] == "True" else None
+
+
+async def _writes(cluster: Cluster) -> list[tuple[str, str]]:
+    """(method, path) of every write the operator sent to kmock so far."""
+    return [
+        (r.method, r.url.path)
+        for r in cluster.kmock
+        if r.headers.get("User-Agent") == "tandem-operator" and r.method in {"POST", "PATCH", "PUT", "DELETE"}
+    ]
+
+
+async def test_reconcile_is_idempotent(cluster: Cluster) -> None:
+    async with operator(cluster, resync_seconds=0.2):
+        await cluster.create(LLMSERVICES, disaggregated())
+        await eventually(lambda: _all_children(cluster, "pd", 10), "10 children")
+        await eventually(lambda: _status_with(cluster, "pd", "readySummary"), "a status")
+        await asyncio.sleep(0.5)  # let the creation events settle
+        before = await cluster.children("pd")
+        writes = await _writes(cluster) if cluster.fake else []
+        service = await cluster.get(LLMSERVICES, "pd")
+        await asyncio.sleep(1.5)  # several periodic passes plus the events of the service itself
+        after = await cluster.children("pd")
+        assert after == before  # on a real server this includes every resourceVersion
+        assert await cluster.get(LLMSERVICES, "pd") == service  # status not rewritten either
+        if cluster.fake:
+            assert await _writes(cluster) == writes
+            reads = [r for r in cluster.kmock if r.headers.get("User-Agent") == "tandem-operator"]
+            assert len(reads) > 40, "the periodic passes did run (and only read)"
+
+
+async def test_deleted_or_edited_children_are_restored(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        kids = await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
+        original_uid = kids[("Service", "llm")]["metadata"].get("uid")
+        await cluster.client.delete(SERVICES, cluster.ns, "llm")
+        await eventually(
+            lambda: _recreated(cluster, SERVICES, "llm", original_uid), "the gateway Service back"
+        )
+
+        await cluster.client.merge_patch(
+            DEPLOYMENTS,
+            cluster.ns,
+            "llm-unified",
+            {
+                "spec": {"replicas": 5, "template": {"spec": {"nodeSelector": {"sneaky": "edit"}}}},
+            },
+        )
+        dep = await eventually(
+            lambda: _deployment_where(
+                cluster,
+                "llm-unified",
+                lambda d: (
+                    d["spec"]["replicas"] == 2
+                    and "sneaky" not in (d["spec"]["template"]["spec"].get("nodeSelector") or {})
+                ),
+            ),
+            "replicas and nodeSelector restored",
+        )
+        assert dep["spec"]["template"]["spec"]["containers"][0]["name"] == "engine"
+
+        await cluster.client.merge_patch(
+            CONFIGMAPS, cluster.ns, "llm-config", {"data": {"service.json": "{}"}}
+        )
+        await eventually(
+            lambda: _config_where(cluster, "llm-config", lambda d: d["service"] == "llm"),
+            "service.json restored",
+        )
+
+
+async def _recreated(cluster: Cluster, kind: Kind, name: str, old_uid: str | None) -> bool:
+    obj = await cluster.get(kind, name)
+    return obj is not None and (cluster.fake or obj["metadata"]["uid"] != old_uid)
+
+
+async def _deployment_where(
+    cluster: Cluster, name: str, pred: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    dep = await cluster.get(DEPLOYMENTS, name)
+    return dep if dep is not None and pred(dep) else None
+
+
+async def _config_where(
+    cluster: Cluster, name: str, pred: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    import json
+
+    cm = await cluster.get(CONFIGMAPS, name)
+    if cm is None:
+        return None
+    data = json.loads(cm["data"]["service.json"])
+    return data if pred(data) else None
+
+
+async def test_spec_changes_roll_out_and_mode_switch_replaces_roles(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
+        await cluster.patch_spec(LLMSERVICES, "llm", {"model": {"args": ["--max-model-len", "8192"]}})
+        dep = await eventually(
+            lambda: _deployment_where(
+                cluster,
+                "llm-unified",
+                lambda d: "8192" in d["spec"]["template"]["spec"]["containers"][0]["command"],
+            ),
+            "the new engine argument in the pod template",
+        )
+        assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+        await cluster.patch_spec(
+            LLMSERVICES,
+            "llm",
+            {
+                "mode": "disaggregated",
+                "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {"replicas": 3}},
+            },
+        )
+        kids = await eventually(lambda: _all_children(cluster, "llm", 10), "prefill and decode children")
+        assert ("Deployment", "llm-unified") not in kids
+        assert kids[("Deployment", "llm-decode")]["spec"]["replicas"] == 3
+        command = kids[("Deployment", "llm-prefill")]["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert (
+            command[command.index("--kv-transfer-config") + 1]
+            == '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'
+        )
+        status = await eventually(
+            lambda: _status_where(cluster, "llm", lambda s: set(s.get("roles", {})) == {"prefill", "decode"}),
+            "status roles follow the mode",
+        )
+        assert status["readySummary"] == "P 0/1 D 0/3"
+
+
+async def _status_where(
+    cluster: Cluster, name: str, pred: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    obj = await cluster.get(LLMSERVICES, name)
+    status = (obj or {}).get("status") or {}
+    return status if pred(status) else None
+
+
+BAD_SPECS = [
+    pytest.param(
+        {"pools": {"unified": {"replicas": 1, "minReplicas": 2}}},
+        "spec.pools.unified",
+        "replicas must be >= minReplicas",
+        id="replicas-below-min",
+    ),
+    pytest.param(
+        {"mode": "disaggregated"},
+        "spec",
+        "disaggregated mode needs pools.prefill and pools.decode",
+        id="disaggregated-without-pools",
+    ),
+    pytest.param(
+        {"offload": {"remotePrefill": "x", "auto": True}},
+        "spec",
+        "offload to a remote prefill pool needs disaggregated mode",
+        id="offload-in-aggregated",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "field", "reason"), BAD_SPECS)
+async def test_invalid_spec_is_refused_and_nothing_is_applied(
+    cluster: Cluster, spec: dict[str, Any], field: str, reason: str
+) -> None:
+    body = aggregated("bad", **spec)
+    if not cluster.fake:
+        # The API server's schema and CEL rules refuse it before the operator ever sees it.
+        with pytest.raises(ApiError) as refused:
+            await cluster.create(LLMSERVICES, body)
+        assert refused.value.status == 422
+        assert reason in refused.value.message
+        return
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, body)
+        obj = await eventually(
+            lambda: _condition_is(cluster, "bad", "InvalidSpec", "True"), "InvalidSpec=True"
+        )
+        cond = condition(obj, "InvalidSpec")
+        assert cond["message"] == f"{field}: {reason}"
+        assert condition(obj, "Ready")["status"] == "False"
+        assert obj["status"]["observedGeneration"] == 1
+        assert await cluster.children("bad") == {}
+
+
+async def _condition_is(cluster: Cluster, name: str, ctype: str, value: str) -> dict[str, Any] | None:
+    obj = await cluster.get(LLMSERVICES, name)
+    cond = condition(obj, ctype)
+    return obj if cond and cond["status"] == value else None
+
+
+# A real API server refuses such an update itself (test_invalid_spec_is_refused_and_nothing_is_applied).
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)
+async def test_invalid_update_leaves_the_running_stack_alone(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        before = await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
+        await cluster.patch_spec(
+            LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 9}}}
+        )  # > maxReplicas 4
+        obj = await eventually(
+            lambda: _condition_is(cluster, "llm", "InvalidSpec", "True"), "InvalidSpec=True"
+        )
+        message = condition(obj, "InvalidSpec")["message"]
+        assert message == "spec.pools.unified: replicas must be <= maxReplicas"
+        assert obj["status"]["observedGeneration"] == 2
+        assert await cluster.children("llm") == before  # nothing half-applied
+        await cluster.patch_spec(LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 3}}})
+        await eventually(lambda: _condition_is(cluster, "llm", "InvalidSpec", "False"), "InvalidSpec=False")
+        await eventually(
+            lambda: _deployment_where(cluster, "llm-unified", lambda d: d["spec"]["replicas"] == 3),
+            "the fixed spec applied",
+        )
+
+
+def remote_pool(name: str = "west") -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.tandem.dev/v1alpha1",
+        "kind": "RemotePrefillPool",
+        "metadata": {"name": name},
+        "spec": {
+            "endpoints": ["https://prefill.west.example:8000"],
+            "linkBandwidthGbps": 100,
+            "rttMilliseconds": 12,
+            "credentialsSecretRef": {"name": "west-token"},
+        },
+    }
+
+
+async def test_remote_prefill_pool_missing_then_created(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(
+            LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "lengthThreshold": 8192})
+        )
+        obj = await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "True"), "Degraded=True")
+        assert "spec.offload.remotePrefill" in condition(obj, "Degraded")["message"]
+        await eventually(
+            lambda: _config_where(cluster, "pd-config", lambda d: d["offload"] is None), "no offload yet"
+        )
+
+        await cluster.create(REMOTEPREFILLPOOLS, remote_pool())
+        await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "False"), "Degraded=False")
+        config = await eventually(
+            lambda: _config_where(cluster, "pd-config", lambda d: d["offload"] is not None),
+            "offload in service.json",
+        )
+        assert config["offload"]["endpoints"] == ["https://prefill.west.example:8000"]
+        assert config["offload"]["lengthThreshold"] == 8192
+        gateway = await cluster.get(DEPLOYMENTS, "pd-gateway")
+        env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["TANDEM_REMOTE_PREFILL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "west-token",
+            "key": "token",
+        }
+        pool = await cluster.get(REMOTEPREFILLPOOLS, "west")
+        assert condition(pool, "InvalidSpec")["status"] == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# RBAC: deploy/rbac/operator.yaml against the requests the operator really makes.
+
+# Rules the kmock scenario cannot exercise, each with the reason it is still needed.
+RBAC_NOT_EXERCISED = {
+    (
+        "serving.tandem.dev",
+        "llmservices/finalizers",
+        "update",
+    ): "a real API server's OwnerReferencesPermissionEnforcement checks it for blockOwnerDeletion",
+    ("", "namespaces", "list"): "kopf resolves -n patterns against namespaces (kmock runs cluster-wide)",
+    ("", "namespaces", "watch"): "kopf follows namespaces appearing at run time (kmock runs cluster-wide)",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf follows CRDs (kmock serves none)",
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf follows CRDs (kmock serves none)",
+    ("", "events", "create"): "kopf posts an Event when a handler fails (none fails in the scenario)",
+}
+
+
+def cluster_role_rules() -> set[tuple[str, str, str]]:
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    return {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def request_permission(method: str, path: str, params: dict[str, str]) -> tuple[str, str, str] | None:
+    """The (apiGroup, resource[/subresource], verb) RBAC checks for one request; None: discovery."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"] and len(parts) >= 3:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 4:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None  # /api, /apis, /apis/g/v, /version: non-resource discovery URLs
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
+    verb = {
+        "GET": "watch" if params.get("watch") in {"true", "1"} else ("get" if name else "list"),
+        "POST": "create",
+        "PATCH": "patch",
+        "PUT": "update",
+        "DELETE": "delete" if name else "deletecollection",
+    }[method]
+    return group, f"{resource}/{sub}" if sub else resource, verb
+
+
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)  # reads kmock's request log
+async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Cluster) -> None:
+    async with operator(cluster, resync_seconds=0.3):
+        await cluster.create(LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "auto": True}))
+        await cluster.create(REMOTEPREFILLPOOLS, remote_pool())
+        await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "False"), "offload configured")
+        await cluster.client.delete(SERVICES, cluster.ns, "pd")
+        await eventually(lambda: cluster.get(SERVICES, "pd"), "gateway Service restored")
+        for kind, name, edit in [
+            (SERVICES, "pd-decode", {"spec": {"selector": {"app": "other"}}}),
+            (PDBS, "pd-decode", {"spec": {"maxUnavailable": 5}}),
+            (CONFIGMAPS, "pd-config", {"data": {"service.json": "{}"}}),
+            (DEPLOYMENTS, "pd-gateway", {"spec": {"replicas": 7}}),
+        ]:
+            await cluster.client.merge_patch(kind, cluster.ns, name, edit)
+        await eventually(
+            lambda: _deployment_where(cluster, "pd-gateway", lambda d: d["spec"]["replicas"] == 1),
+            "edits reverted",
+        )
+        await cluster.patch_spec(
+            LLMSERVICES,
+            "pd",
+            {
+                "mode": "aggregated",
+                "offload": None,
+                "pools": {"prefill": None, "decode": None, "unified": {"replicas": 1}},
+            },
+        )
+        await eventually(lambda: _all_children(cluster, "pd", 7), "roles replaced")
+        await asyncio.sleep(0.5)  # one periodic pass
+    used = set()
+    for r in cluster.kmock:
+        if r.headers.get("User-Agent", "").startswith(("tandem-operator", "kopf/")):
+            perm = request_permission(r.method, r.url.path, dict(r.params))
+            if perm is not None:
+                used.add(perm)
+    granted = cluster_role_rules()
+    assert used - granted == set(), "the operator needs permissions deploy/rbac/operator.yaml lacks"
+    unexplained = granted - used - set(RBAC_NOT_EXERCISED)
+    assert unexplained == set(), "deploy/rbac/operator.yaml grants more than the operator uses"
+    assert set(RBAC_NOT_EXERCISED) <= granted
+    # The writes that matter were really made (so the comparison above is not vacuous).
+    assert {
+        ("apps", "deployments", "create"),
+        ("apps", "deployments", "delete"),
+        ("", "services", "create"),
+        ("serving.tandem.dev", "llmservices/status", "patch"),
+        ("apps", "deployments", "watch"),
+    } <= used
+
+
+# ---------------------------------------------------------------------------------------------
+# What only a real API server (with kube-controller-manager) does.
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_scale_subresource_drives_the_primary_pool(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, disaggregated())
+        await eventually(lambda: _status_with(cluster, "pd", "selector"), "status with a selector")
+        path = LLMSERVICES.path(cluster.ns, "pd", "scale")
+        scale = await cluster.client.request("GET", path)
+        assert scale["kind"] == "Scale"
+        assert scale["status"]["selector"] == "serving.tandem.dev/service=pd,serving.tandem.dev/role=decode"
+        await cluster.client.merge_patch(LLMSERVICES, cluster.ns, "pd", {"spec": {"replicas": 5}}, "scale")
+        obj = await cluster.get(LLMSERVICES, "pd")
+        assert obj["spec"]["replicas"] == 5
+        await eventually(
+            lambda: _deployment_where(cluster, "pd-decode", lambda d: d["spec"]["replicas"] == 5),
+            "decode Deployment scaled through the scale subresource",
+        )
+        prefill = await cluster.get(DEPLOYMENTS, "pd-prefill")
+        assert prefill["spec"]["replicas"] == 1
+        # Deployment -> ReplicaSet -> Pods (kube-controller-manager), counted back into the status.
+        await eventually(
+            lambda: _status_where(cluster, "pd", lambda s: s.get("replicas") == 5),
+            "status.replicas (scale statusReplicasPath) from the decode Deployment",
+        )
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_status_subresource_and_garbage_collection(cluster: Cluster) -> None:
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
+        await eventually(lambda: _status_with(cluster, "llm", "readySummary"), "a status")
+        # Writing status through the main resource is ignored when the status subresource is on.
+        await cluster.client.merge_patch(
+            LLMSERVICES, cluster.ns, "llm", {"status": {"readySummary": "forged"}}
+        )
+        assert (await cluster.get(LLMSERVICES, "llm"))["status"]["readySummary"] != "forged"
+    # With the operator stopped, deleting the owner removes every child through ownerReferences.
+    await cluster.client.delete(LLMSERVICES, cluster.ns, "llm")
+    await eventually(lambda: _no_children(cluster, "llm"), "children garbage-collected", within=60)
+
+
+async def _no_children(cluster: Cluster, owner: str) -> bool:
+    return await cluster.children(owner) == {}
