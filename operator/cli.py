@@ -29,6 +29,7 @@ class OperatorRunCommand(TandemSettings):
     liveness_port: int = Field(
         default=8081, ge=0, le=65535, description="Serve kopf's /healthz here (0: off)."
     )
+    liveness_host: str = Field(default="0.0.0.0", min_length=1, description="Address of the /healthz server.")
     resync_seconds: float = Field(
         default=60.0, ge=0, description="Re-reconcile every LLMService this often (0: events only)."
     )
@@ -79,7 +80,7 @@ class OperatorRunCommand(TandemSettings):
         registry = build_registry(
             reconciler, kubeconfig=self.kubeconfig, namespaces=namespaces, resync_seconds=self.resync_seconds
         )
-        liveness = f"http://0.0.0.0:{self.liveness_port}/healthz" if self.liveness_port else None
+        liveness = f"http://{self.liveness_host}:{self.liveness_port}/healthz" if self.liveness_port else None
         asyncio.run(
             kopf.operator(
                 registry=registry,

@@ -724,3 +724,58 @@ async def test_real_status_subresource_and_garbage_collection(cluster: Cluster) 
 
 async def _no_children(cluster: Cluster, owner: str) -> bool:
     return await cluster.children(owner) == {}
+
+
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)
+async def test_tandem_operator_run_command_end_to_end(cluster: Cluster) -> None:
+    """The installed CLI path: `tandem operator run` in its own process, stopped with SIGTERM."""
+    import signal
+    import socket
+    import sys
+
+    import aiohttp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "operator",
+        "run",
+        "--all-namespaces",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "--liveness-host",
+        "127.0.0.1",
+        "--liveness-port",
+        str(port),
+        "--resync-seconds",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await cluster.create(LLMSERVICES, aggregated())
+        await eventually(
+            lambda: _all_children(cluster, "llm", 7), "7 children from the CLI's operator", within=30
+        )
+
+        async def healthy() -> bool:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as r,
+            ):
+                return r.status == 200
+
+        await eventually(healthy, "the liveness endpoint")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        except TimeoutError:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, output.decode()[-2000:]
