@@ -303,6 +303,11 @@ async def _all_children(
     return kids if len(kids) == count else None
 
 
+async def _children_named(cluster: Cluster, owner: str, names: set[str]) -> dict[tuple[str, str], Any] | None:
+    kids = await cluster.children(owner)
+    return kids if {name for _, name in kids} == names else None
+
+
 async def _status_with(cluster: Cluster, name: str, key: str) -> dict[str, Any] | None:
     obj = await cluster.get(LLMSERVICES, name)
     status = (obj or {}).get("status") or {}
@@ -430,8 +435,11 @@ async def test_spec_changes_roll_out_and_mode_switch_replaces_roles(cluster: Clu
                 "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {"replicas": 3}},
             },
         )
-        kids = await eventually(lambda: _all_children(cluster, "llm", 10), "prefill and decode children")
-        assert ("Deployment", "llm-unified") not in kids
+        want = {"llm-config", "llm", "llm-gateway", "llm-prefill", "llm-decode"}
+        kids = await eventually(
+            lambda: _children_named(cluster, "llm", want), "unified replaced by prefill+decode"
+        )
+        assert len(kids) == 10
         assert kids[("Deployment", "llm-decode")]["spec"]["replicas"] == 3
         command = kids[("Deployment", "llm-prefill")]["spec"]["template"]["spec"]["containers"][0]["command"]
         assert (
@@ -652,7 +660,10 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
                 "pools": {"prefill": None, "decode": None, "unified": {"replicas": 1}},
             },
         )
-        await eventually(lambda: _all_children(cluster, "pd", 7), "roles replaced")
+        await eventually(
+            lambda: _children_named(cluster, "pd", {"pd-config", "pd", "pd-gateway", "pd-unified"}),
+            "roles replaced",
+        )
         await asyncio.sleep(0.5)  # one periodic pass
     used = set()
     for r in cluster.kmock:
