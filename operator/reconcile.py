@@ -107,13 +107,16 @@ class Reconciler:
             return ReconcileResult(skipped=True)
         lock = self._locks.setdefault(key, asyncio.Lock())
         self._waiting.add(key)
+        acquired = False
         try:
             async with lock:
-                self._waiting.discard(key)
+                acquired = True
+                self._waiting.discard(key)  # from here on, a new request must wait for a new pass
                 async with asyncio.timeout(self.timeout):
                     return await self._reconcile(namespace, name)
         finally:
-            self._waiting.discard(key)
+            if not acquired:  # cancelled while waiting
+                self._waiting.discard(key)
 
     async def _reconcile(self, namespace: str, name: str) -> ReconcileResult:
         client = self.client
@@ -150,6 +153,8 @@ class Reconciler:
             try:
                 obj = await self._apply(child, live.get(ident), result)
             except ApiError as exc:
+                if exc.status not in (400, 422):
+                    raise  # the pass fails and is retried (next event or resync)
                 # The server refused a child (e.g. a node selector it finds invalid): report, carry on.
                 warnings.append(f"{ident[0]} {ident[1]}: {exc.message or exc.reason}")
                 continue

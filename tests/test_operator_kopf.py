@@ -869,3 +869,15 @@ async def test_tandem_operator_run_command_end_to_end(cluster: Cluster) -> None:
             proc.kill()
             raise
     assert proc.returncode == 0, output.decode()[-2000:]
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_server_refusing_a_child_is_reported_as_degraded(cluster: Cluster) -> None:
+    # The CRD does not check label syntax; the Deployment's own validation does.
+    body = aggregated(pools={"unified": {"replicas": 1, "nodeSelector": {"bad key!": "x"}}})
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, body)
+        obj = await eventually(lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True")
+        assert "Deployment llm-unified" in condition(obj, "Degraded")["message"]
+        assert await cluster.get(DEPLOYMENTS, "llm-gateway") is not None  # the rest was applied
