@@ -69,7 +69,8 @@ def aggregated(name: str = "llm", **spec: Any) -> dict[str, Any]:
         "spec": {
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
             "mode": "aggregated",
-            "pools": {"unified": {"replicas": 2, "minReplicas": 1, "maxReplicas": 4}},
+            "replicas": 2,
+            "pools": {"unified": {"minReplicas": 1, "maxReplicas": 4}},
         },
     }
     body["spec"].update(spec)
@@ -79,7 +80,7 @@ def aggregated(name: str = "llm", **spec: Any) -> dict[str, Any]:
 def disaggregated(name: str = "pd", **spec: Any) -> dict[str, Any]:
     body = aggregated(name, **spec)
     body["spec"]["mode"] = "disaggregated"
-    body["spec"]["pools"] = {"prefill": {"replicas": 1}, "decode": {"replicas": 2, "maxReplicas": 8}}
+    body["spec"]["pools"] = {"prefill": {"replicas": 1}, "decode": {"maxReplicas": 8}}
     body["spec"].update(spec)
     return body
 
@@ -495,7 +496,8 @@ async def test_spec_changes_roll_out_and_mode_switch_replaces_roles(cluster: Clu
             "llm",
             {
                 "mode": "disaggregated",
-                "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {"replicas": 3}},
+                "replicas": 3,
+                "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {}},
             },
         )
         want = {"llm-config", "llm", "llm-gateway", "llm-prefill", "llm-decode"}
@@ -526,9 +528,9 @@ async def _status_where(
 
 BAD_SPECS = [
     pytest.param(
-        {"pools": {"unified": {"replicas": 1, "minReplicas": 2}}},
-        "spec.pools.unified",
-        "replicas must be >= minReplicas",
+        {"replicas": 1, "pools": {"unified": {"minReplicas": 2}}},
+        "spec",
+        "replicas must lie within pools.unified.minReplicas..maxReplicas",
         id="replicas-below-min",
     ),
     pytest.param(
@@ -582,17 +584,15 @@ async def test_invalid_update_leaves_the_running_stack_alone(cluster: Cluster) -
     async with operator(cluster):
         await cluster.create(LLMSERVICES, aggregated())
         before = await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
-        await cluster.patch_spec(
-            LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 9}}}
-        )  # > maxReplicas 4
+        await cluster.patch_spec(LLMSERVICES, "llm", {"replicas": 9})  # > maxReplicas 4
         obj = await eventually(
             lambda: _condition_is(cluster, "llm", "InvalidSpec", "True"), "InvalidSpec=True"
         )
         message = condition(obj, "InvalidSpec")["message"]
-        assert message == "spec.pools.unified: replicas must be <= maxReplicas"
+        assert message == "spec: replicas must lie within pools.unified.minReplicas..maxReplicas"
         assert obj["status"]["observedGeneration"] == 2
         assert await cluster.children("llm") == before  # nothing half-applied
-        await cluster.patch_spec(LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 3}}})
+        await cluster.patch_spec(LLMSERVICES, "llm", {"replicas": 3})
         await eventually(lambda: _condition_is(cluster, "llm", "InvalidSpec", "False"), "InvalidSpec=False")
         await eventually(
             lambda: _deployment_where(cluster, "llm-unified", lambda d: d["spec"]["replicas"] == 3),
@@ -720,7 +720,8 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
             {
                 "mode": "aggregated",
                 "offload": None,
-                "pools": {"prefill": None, "decode": None, "unified": {"replicas": 1}},
+                "replicas": 1,
+                "pools": {"prefill": None, "decode": None, "unified": {}},
             },
         )
         await eventually(
@@ -762,7 +763,9 @@ async def test_real_scale_subresource_drives_the_primary_pool(cluster: Cluster) 
         path = LLMSERVICES.path(cluster.ns, "pd", "scale")
         scale = await cluster.client.request("GET", path)
         assert scale["kind"] == "Scale"
+        assert scale["spec"]["replicas"] == 2  # spec.replicas, defaulted or set, always exists
         assert scale["status"]["selector"] == "serving.tandem.dev/service=pd,serving.tandem.dev/role=decode"
+        gateway_before = await cluster.get(DEPLOYMENTS, "pd-gateway")
         await cluster.client.merge_patch(LLMSERVICES, cluster.ns, "pd", {"spec": {"replicas": 5}}, "scale")
         obj = await cluster.get(LLMSERVICES, "pd")
         assert obj["spec"]["replicas"] == 5
@@ -772,6 +775,10 @@ async def test_real_scale_subresource_drives_the_primary_pool(cluster: Cluster) 
         )
         prefill = await cluster.get(DEPLOYMENTS, "pd-prefill")
         assert prefill["spec"]["replicas"] == 1
+        gateway_after = await cluster.get(DEPLOYMENTS, "pd-gateway")
+        assert (
+            gateway_after["metadata"]["generation"] == gateway_before["metadata"]["generation"]
+        )  # no restart
         # Deployment -> ReplicaSet -> Pods (kube-controller-manager), counted back into the status.
         pods = await eventually(
             lambda: _pods(cluster, "serving.tandem.dev/service=pd,serving.tandem.dev/role=decode", 5),
@@ -875,7 +882,7 @@ async def test_tandem_operator_run_command_end_to_end(cluster: Cluster) -> None:
 @pytest.mark.parametrize("cluster", ["real"], indirect=True)
 async def test_real_server_refusing_a_child_is_reported_as_degraded(cluster: Cluster) -> None:
     # The CRD does not check label syntax; the Deployment's own validation does.
-    body = aggregated(pools={"unified": {"replicas": 1, "nodeSelector": {"bad key!": "x"}}})
+    body = aggregated(pools={"unified": {"nodeSelector": {"bad key!": "x"}}})
     async with operator(cluster):
         await cluster.create(LLMSERVICES, body)
         obj = await eventually(lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True")
