@@ -888,3 +888,32 @@ async def test_real_server_refusing_a_child_is_reported_as_degraded(cluster: Clu
         obj = await eventually(lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True")
         assert "Deployment llm-unified" in condition(obj, "Degraded")["message"]
         assert await cluster.get(DEPLOYMENTS, "llm-gateway") is not None  # the rest was applied
+
+
+# A real API server refuses the invalid pool itself (schema: linkBandwidthGbps > 0).
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)
+async def test_invalid_remote_prefill_pool_is_reported_on_both_objects(cluster: Cluster) -> None:
+    bad = remote_pool()
+    bad["spec"]["linkBandwidthGbps"] = -1
+    async with operator(cluster):
+        await cluster.create(REMOTEPREFILLPOOLS, bad)
+        await cluster.create(LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "auto": True}))
+        pool = await eventually(
+            lambda: _pool_condition_is(cluster, "west", "InvalidSpec", "True"), "the pool's InvalidSpec=True"
+        )
+        assert (
+            condition(pool, "InvalidSpec")["message"]
+            == "spec.linkBandwidthGbps: Input should be greater than 0"
+        )
+        obj = await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "True"), "Degraded=True")
+        assert (
+            "RemotePrefillPool 'west' is invalid (spec.linkBandwidthGbps"
+            in condition(obj, "Degraded")["message"]
+        )
+        assert await cluster.get(DEPLOYMENTS, "pd-decode") is not None  # the service runs without offload
+
+
+async def _pool_condition_is(cluster: Cluster, name: str, ctype: str, value: str) -> dict[str, Any] | None:
+    obj = await cluster.get(REMOTEPREFILLPOOLS, name)
+    cond = condition(obj, ctype)
+    return obj if cond and cond["status"] == value else None
