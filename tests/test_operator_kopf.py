@@ -55,6 +55,7 @@ CRD_KIND = Kind(
     kind="CustomResourceDefinition",
 )
 NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
+SERVICEACCOUNTS = Kind(group="", version="v1", plural="serviceaccounts", kind="ServiceAccount")
 WAIT = 15.0
 TEST_AGENT = "tandem-tests"  # the operator's own requests say "tandem-operator" (and kopf's "kopf/...")
 
@@ -243,6 +244,12 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
             "POST",
             NAMESPACES.path(None),
             json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        )
+        # What deploy/rbac/gateway.yaml provides per namespace: the gateway pods' ServiceAccount.
+        await client.request(
+            "POST",
+            SERVICEACCOUNTS.path(ns),
+            json={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tandem-gateway"}},
         )
         await eventually(lambda: client.request("GET", LLMSERVICES.path(ns)), "the CRDs to be served")
         if OPERATOR_KUBECONFIG:
@@ -917,3 +924,16 @@ async def _pool_condition_is(cluster: Cluster, name: str, ctype: str, value: str
     obj = await cluster.get(REMOTEPREFILLPOOLS, name)
     cond = condition(obj, ctype)
     return obj if cond and cond["status"] == value else None
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_gateway_without_its_service_account_is_degraded(cluster: Cluster) -> None:
+    await cluster.client.delete(SERVICEACCOUNTS, cluster.ns, "tandem-gateway")
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        obj = await eventually(
+            lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True", within=30
+        )
+        message = condition(obj, "Degraded")["message"]
+        assert message.startswith("llm-gateway: ") and "tandem-gateway" in message

@@ -394,6 +394,30 @@ def test_status_while_rolling_out_and_degraded() -> None:
     assert conds["Degraded"]["message"] == "spec.offload.remotePrefill: missing"
 
 
+def test_pods_the_controller_cannot_create_make_the_service_degraded() -> None:
+    live = {
+        "spec": {"replicas": 1},
+        "status": {
+            "conditions": [
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": 'pods "x" is forbidden: error looking up service account prod/tandem-gateway',
+                }
+            ]
+        },
+    }
+    gateway = DeploymentCounts.from_deployment(live)
+    status = service_status(service(), {Role.unified: dep_status(2, 2)}, gateway, [], None, NOW)
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ReplicaFailure"
+    assert (
+        degraded["message"]
+        == 'llm-gateway: pods "x" is forbidden: error looking up service account prod/tandem-gateway'
+    )
+
+
 def test_transition_times_survive_and_other_writers_are_kept() -> None:
     counts = {Role.unified: dep_status(2, 2)}
     first = service_status(service(), counts, dep_status(1, 1), [], None, NOW)
