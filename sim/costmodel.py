@@ -36,7 +36,8 @@ class CostModel:
     def from_profile(cls, profile: Profile, slowdown: float = 1.0) -> CostModel:
         return cls(profile.params, profile.model.kv_bytes_per_token, slowdown)
 
-    def step_time(self, prefill_tokens: int, attn_pairs: float, decode_batch: int, decode_context: int) -> float:
+    def step_time(self, prefill_tokens: int, attn_pairs: float, decode_batch: int,
+                  decode_context: int) -> float:
         p = self.params
         linear = max(p.weight_read_s, p.per_token_s * (prefill_tokens + decode_batch))
         t = p.step_overhead_s + linear + p.attn_pair_s * attn_pairs + p.kv_read_s_per_token * decode_context
@@ -60,6 +61,11 @@ class CostModel:
 
     def decode_steps_within(self, batch: int, context_tokens: int, budget_s: float) -> int:
         """How many whole decode iterations of an unchanged batch fit in ``budget_s`` (at least 0)."""
+        if self.decode_steps_time(batch, context_tokens, 1) <= 0:
+            raise ValueError("a decode step takes no time under this profile")
+        # The closed form and a step-by-step sum can differ in the last bit; a step that ends
+        # exactly at the budget has fitted, so allow that rounding.
+        budget_s *= 1 + 1e-12
         lo, hi = 0, 1
         while self.decode_steps_time(batch, context_tokens, hi) <= budget_s:
             lo, hi = hi, hi * 2

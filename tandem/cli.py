@@ -24,6 +24,7 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
+    "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "bench": {},
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

@@ -38,7 +38,7 @@ def chain_hashes(block_ids: Iterable[int | str | bytes]) -> list[int]:
 
 
 def token_block_hashes(tokens: Sequence[str], block_size: int) -> list[int]:
-    """Chained hashes of the *full* ``block_size``-token blocks of ``tokens`` (a partial tail is not hashed)."""
+    """Chained hashes of the full ``block_size``-token blocks of ``tokens``; a partial tail is not hashed."""
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     full = len(tokens) // block_size

@@ -10,10 +10,10 @@ import celpy
 import pytest
 import yaml
 from pydantic import ValidationError
-from tandem.operator.reconcile import validation_message
 
 from tandem.api.crd import crd, render_crds
 from tandem.api.models import LLMService, LLMServiceSpec, RemotePrefillPool
+from tandem.operator.reconcile import validation_message
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}

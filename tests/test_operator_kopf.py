@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
     CHILD_KINDS,

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
+from tandem.api.models import LLMService, RemotePrefillPoolSpec, Role
 from tandem.operator.plan import (
     ANN_CONFIG_HASH,
     OperatorDefaults,
@@ -24,8 +26,6 @@ from tandem.operator.state import (
     service_status,
     status_patch,
 )
-
-from tandem.api.models import LLMService, RemotePrefillPoolSpec, Role
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 LATER = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)

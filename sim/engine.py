@@ -1,0 +1,277 @@
+"""A continuous-batching engine in virtual time: the core of both the simulator process and the DES.
+
+The engine is pure state: callers feed it requests with a timestamp and ask it to run up to a
+time; it answers with the token emissions that happened. ``tandem sim`` drives it with the wall
+clock and streams the emissions over HTTP; the discrete-event simulator drives it from an event
+heap. One scheduler, one cost model, so a live replay and a simulated replay of the same trace
+agree.
+
+Scheduling follows vLLM v1: every iteration first gives each decoding sequence one token, then
+spends the rest of the token budget on prefill chunks (running prefills first, then admissions
+from the FCFS waiting queue). A request is admitted only when its worst-case KV footprint
+(prompt + max_tokens) fits, so nothing is ever preempted. Prefix-cache hits skip prefill work.
+
+When an iteration would be pure decode, the engine may plan several iterations at once (until
+the first sequence finishes); a request arriving in the middle cuts that plan at the next
+iteration boundary, so coalescing changes no result, only the number of events.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tandem.blockcache import BlockCache
+from tandem.sim.costmodel import CostModel, attention_pairs
+
+
+@dataclass(slots=True)
+class SimRequest:
+    id: str
+    prompt_tokens: int
+    max_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    block_size: int = 16
+    arrival: float = 0.0
+    # progress, owned by the engine
+    cached_tokens: int = 0
+    computed_tokens: int = 0  # prompt tokens with KV (cached + prefilled)
+    generated: int = 0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.computed_tokens >= self.prompt_tokens
+
+    @property
+    def reservation(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+    def block_sizes(self) -> list[int]:
+        return [min(self.block_size, self.prompt_tokens - i * self.block_size)
+                for i in range(len(self.block_hashes))]
+
+
+@dataclass(frozen=True, slots=True)
+class Emission:
+    """``tokens`` new output tokens of one request at ``time`` (the end of an iteration)."""
+
+    request_id: str
+    time: float
+    tokens: int
+    first: bool
+    finished: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    kv_capacity_tokens: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 131072
+
+
+@dataclass(slots=True)
+class _Plan:
+    start: float
+    end: float
+    steps: int
+    decode: list[SimRequest]
+    decode_context: int
+    prefill: list[tuple[SimRequest, int]] = field(default_factory=list)
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic counters exported as the engine's Prometheus metrics."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    iterations: int = 0
+
+
+class Engine:
+    def __init__(self, cost: CostModel, limits: EngineLimits, *, coalesce_decode: bool = True) -> None:
+        if limits.kv_capacity_tokens <= 0:
+            raise ValueError("the model does not fit: KV capacity is zero")
+        self.cost = cost
+        self.limits = limits
+        self.coalesce_decode = coalesce_decode
+        self.cache = BlockCache(limits.kv_capacity_tokens)
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.reserved_tokens = 0
+        self.counters = EngineCounters()
+        self._plan: _Plan | None = None
+
+    # ----- queries -------------------------------------------------------------------------
+    def validate(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request can never run here, or None. Checked before a request is accepted."""
+        if prompt_tokens <= 0:
+            return "prompt is empty"
+        if max_tokens <= 0:
+            return "max_tokens must be positive"
+        if prompt_tokens + max_tokens > self.limits.max_model_len:
+            return (f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                    f"maximum context length {self.limits.max_model_len}")
+        if prompt_tokens + max_tokens > self.limits.kv_capacity_tokens:
+            return (f"prompt + max_tokens ({prompt_tokens + max_tokens}) exceeds the KV cache capacity "
+                    f"({self.limits.kv_capacity_tokens} tokens)")
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return self._plan is not None
+
+    def next_event_time(self) -> float | None:
+        """When the planned iteration(s) end, or None when idle."""
+        return self._plan.end if self._plan else None
+
+    def kv_usage(self) -> float:
+        used = sum(r.computed_tokens + r.generated for r in self.running)
+        return min(1.0, used / self.limits.kv_capacity_tokens)
+
+    # ----- inputs ---------------------------------------------------------------------------
+    def submit(self, req: SimRequest, now: float) -> None:
+        reason = self.validate(req.prompt_tokens, req.max_tokens)
+        if reason:
+            raise ValueError(reason)
+        req.arrival = now
+        self.waiting.append(req)
+        self._cut_plan(now)
+        if self._plan is None:
+            self._start_plan(now)
+
+    def abort(self, request_id: str, now: float) -> bool:
+        """Drop a request whose client went away; an iteration already planned still takes its time."""
+        for i, r in enumerate(self.waiting):
+            if r.id == request_id:
+                del self.waiting[i]
+                self.counters.aborted_requests += 1
+                return True
+        for r in self.running:
+            if r.id == request_id:
+                r.finished_at = now
+                self._remove_running(r)
+                self.counters.aborted_requests += 1
+                return True
+        return False
+
+    # ----- time -----------------------------------------------------------------------------
+    def advance(self, now: float) -> list[Emission]:
+        """Complete every planned iteration ending at or before ``now``; start the next one."""
+        out: list[Emission] = []
+        while self._plan is not None and self._plan.end <= now:
+            plan = self._plan
+            self._plan = None
+            out.extend(self._complete(plan))
+            self._start_plan(plan.end)
+        if self._plan is None:
+            self._start_plan(now)
+        return out
+
+    # ----- internals ------------------------------------------------------------------------
+    def _cut_plan(self, now: float) -> None:
+        """A multi-iteration decode plan ends at the first iteration boundary after ``now``."""
+        plan = self._plan
+        if plan is None or plan.steps <= 1 or plan.prefill:
+            return
+        batch = len(plan.decode)
+        done = self.cost.decode_steps_within(batch, plan.decode_context, now - plan.start)
+        keep = min(plan.steps, done + 1)
+        if keep < plan.steps:
+            plan.steps = keep
+            plan.end = plan.start + self.cost.decode_steps_time(batch, plan.decode_context, keep)
+
+    def _start_plan(self, now: float) -> None:
+        budget = self.limits.max_num_batched_tokens
+        decode = [r for r in self.running if r.prefill_done]
+        budget -= len(decode)
+        prefill: list[tuple[SimRequest, int]] = []
+        pairs = 0.0
+        for r in self.running:
+            if budget <= 0:
+                break
+            if not r.prefill_done:
+                chunk = min(budget, r.prompt_tokens - r.computed_tokens)
+                prefill.append((r, chunk))
+                pairs += attention_pairs(chunk, r.computed_tokens)
+                budget -= chunk
+        while budget > 0 and self.waiting and len(self.running) < self.limits.max_num_seqs:
+            r = self.waiting[0]
+            if self.reserved_tokens + r.reservation > self.limits.kv_capacity_tokens:
+                break
+            self.waiting.popleft()
+            self._admit(r, now)
+            chunk = min(budget, r.prompt_tokens - r.computed_tokens)
+            prefill.append((r, chunk))
+            pairs += attention_pairs(chunk, r.computed_tokens)
+            budget -= chunk
+        if not decode and not prefill:
+            return
+        context = sum(r.prompt_tokens + r.generated for r in decode)
+        prefill_tokens = sum(c for _, c in prefill)
+        if prefill or not self.coalesce_decode:
+            steps = 1
+            duration = self.cost.step_time(prefill_tokens, pairs, len(decode), context)
+        else:
+            steps = min(r.max_tokens - r.generated for r in decode)
+            duration = self.cost.decode_steps_time(len(decode), context, steps)
+        self.counters.iterations += steps
+        self._plan = _Plan(now, now + duration, steps, decode, context, prefill)
+
+    def _admit(self, r: SimRequest, now: float) -> None:
+        _, hit = self.cache.match_prefix(r.block_hashes)
+        hit = min(hit, r.prompt_tokens - 1)
+        r.cached_tokens = r.computed_tokens = hit
+        r.admitted_at = now
+        self.running.append(r)
+        self.reserved_tokens += r.reservation
+        self.counters.prefix_query_tokens += r.prompt_tokens
+        self.counters.prefix_hit_tokens += hit
+        self.counters.prompt_tokens += r.prompt_tokens
+        # Running requests pin their KV; only the rest of the memory holds cached free blocks.
+        self.cache.shrink(self.limits.kv_capacity_tokens - self.reserved_tokens)
+
+    def _complete(self, plan: _Plan) -> list[Emission]:
+        out: list[Emission] = []
+        t = plan.end
+        for r in plan.decode:
+            if r.finished_at is not None:
+                continue  # aborted while the plan ran
+            r.generated += plan.steps
+            self.counters.generation_tokens += plan.steps
+            done = r.generated >= r.max_tokens
+            out.append(Emission(r.id, t, plan.steps, False, done))
+            if done:
+                self._finish(r, t)
+        for r, chunk in plan.prefill:
+            if r.finished_at is not None:
+                continue
+            r.computed_tokens += chunk
+            if r.prefill_done:
+                self.cache.insert(r.block_hashes, r.block_sizes())
+                self.cache.shrink(self.limits.kv_capacity_tokens - self.reserved_tokens)
+                r.generated = 1
+                r.first_token_at = t
+                self.counters.generation_tokens += 1
+                done = r.max_tokens <= 1
+                out.append(Emission(r.id, t, 1, True, done))
+                if done:
+                    self._finish(r, t)
+        return out
+
+    def _finish(self, r: SimRequest, now: float) -> None:
+        r.finished_at = now
+        self.counters.finished_requests += 1
+        self._remove_running(r)
+
+    def _remove_running(self, r: SimRequest) -> None:
+        self.running.remove(r)
+        self.reserved_tokens -= r.reservation

@@ -1,0 +1,316 @@
+"""``tandem sim``: one simulated engine behind a vLLM/SGLang-compatible HTTP API.
+
+The :class:`~tandem.sim.engine.Engine` runs in virtual time; :class:`EngineDriver` ties it to the
+event loop's clock, waking exactly when the next iteration ends, and hands each request's tokens to
+the HTTP handler that streams them. Faults (crash, hang, slow, 5xx) are injected here, at the API,
+so a gateway sees them exactly as it would see a failing real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+
+import xxhash
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from tandem.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    validation_error_handler,
+)
+from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.sim.costmodel import CostModel
+from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
+from tandem.sim.metrics import EngineMetrics
+from tandem.sim.profile import Profile, load_profile
+from tandem.sim.settings import FaultMode, SimSettings
+
+_WORDS = ("the", "model", "serves", "tokens", "from", "a", "simulated", "engine", "with", "cached", "prefix",
+          "blocks", "and", "continuous", "batching", "on", "time")
+
+
+def output_token(seed: int, i: int) -> str:
+    """Deterministic output text: equal requests give equal completions (stream or not)."""
+    return " " + _WORDS[(seed + i * 7) % len(_WORDS)]
+
+
+@dataclass(slots=True)
+class _Pending:
+    req: SimRequest
+    submitted: float
+    tokens: asyncio.Queue[Emission] = field(default_factory=asyncio.Queue)
+    last_time: float = 0.0
+
+
+class EngineDriver:
+    """Runs the engine against the event loop's clock and routes emissions to waiting handlers."""
+
+    def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.pending: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+
+    def now(self) -> float:
+        return self._loop.time() - self._t0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-driver")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def submit(self, req: SimRequest) -> _Pending:
+        now = self.now()
+        pending = _Pending(req, now, last_time=now)
+        self.pending[req.id] = pending
+        self.engine.submit(req, now)
+        self._wake.set()
+        return pending
+
+    def abort(self, request_id: str) -> None:
+        if self.pending.pop(request_id, None) is not None:
+            self.engine.abort(request_id, self.now())
+
+    async def _run(self) -> None:
+        while True:
+            due = self.engine.next_event_time()
+            if due is None:
+                await self._wake.wait()
+            else:
+                delay = due - self.now()
+                if delay > 0:
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            for emission in self.engine.advance(self.now()):
+                self._deliver(emission)
+
+    def _deliver(self, e: Emission) -> None:
+        pending = self.pending.get(e.request_id)
+        if pending is None:
+            return
+        if e.first:
+            queue_time = (pending.req.admitted_at or e.time) - pending.submitted
+            self.metrics.observe_first_token(e.time - pending.submitted, queue_time)
+        else:
+            self.metrics.observe_tokens(e.time - pending.last_time, e.tokens)
+        pending.last_time = e.time
+        if e.finished:
+            self.metrics.observe_finished(e.time - pending.submitted)
+            self.pending.pop(e.request_id, None)
+        pending.tokens.put_nowait(e)
+
+
+class FaultUpdate(BaseModel):
+    mode: FaultMode
+    slowdown: float = Field(1.0, ge=1.0)
+    error_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SimServer:
+    """One simulated engine: profile, engine, driver, faults and the request handlers' logic."""
+
+    def __init__(self, settings: SimSettings, profile: Profile) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.model_name = settings.served_model_name or profile.model.name
+        limits = EngineLimits(
+            kv_capacity_tokens=settings.kv_capacity_tokens or profile.kv_capacity_tokens,
+            max_num_seqs=settings.max_num_seqs or profile.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens or profile.max_num_batched_tokens,
+            max_model_len=profile.model.max_model_len,
+        )
+        self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False)
+        self.metrics = EngineMetrics(self.engine, flavor=settings.metrics, model_name=self.model_name,
+                                     role=settings.role, block_size=profile.kv_block_size)
+        self.fault = FaultUpdate(mode=settings.fault, slowdown=settings.slowdown, error_rate=settings.error_rate)
+        self.rng = random.Random(settings.seed)
+        self.driver: EngineDriver | None = None
+        self._ids = itertools.count()
+        self._apply_slowdown()
+
+    def set_fault(self, update: FaultUpdate) -> None:
+        self.fault = update
+        self._apply_slowdown()
+        if update.mode == "crash":
+            # Answer the admin call first, then die like a crashed engine (no graceful shutdown).
+            asyncio.get_running_loop().call_later(0.05, os._exit, 1)
+
+    def _apply_slowdown(self) -> None:
+        factor = self.fault.slowdown if self.fault.mode == "slow" else 1.0
+        self.engine.cost = CostModel.from_profile(self.profile, slowdown=factor)
+
+    def injected_error(self) -> JSONResponse | None:
+        if self.fault.mode == "error" and self.rng.random() < self.fault.error_rate:
+            return JSONResponse(status_code=500, content=error_body("injected fault", type_="server_error"))
+        return None
+
+    def build_request(self, body: CompletionRequest | ChatCompletionRequest, text: str) -> SimRequest:
+        max_tokens = body.output_limit(self.settings.default_max_tokens)
+        if body.x_tandem is not None:
+            ext = body.x_tandem
+            prompt_tokens, block_size, hashes = ext.prompt_tokens, ext.block_size, chain_hashes(ext.hash_ids)
+        else:
+            block_size = self.profile.kv_block_size
+            prompt_tokens, hashes = text_block_hashes(text, block_size)
+        reason = self.engine.validate(prompt_tokens, max_tokens)
+        if reason:
+            raise ValueError(reason)
+        return SimRequest(id=f"sim-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_tokens=prompt_tokens,
+                          max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size)
+
+
+def _chunk(kind: str, rid: str, model: str, text: str, finish: str | None, first: bool) -> dict:
+    created = int(time.time())
+    if kind == "chat":
+        delta: dict = {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def _usage(req: SimRequest) -> dict:
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
+            "total_tokens": req.prompt_tokens + req.generated,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+
+
+async def _token_stream(driver: EngineDriver, pending: _Pending) -> AsyncIterator[tuple[int, bool]]:
+    """(token index, is_last) for every output token, as the engine produces them."""
+    index = 0
+    while True:
+        emission = await pending.tokens.get()
+        for k in range(emission.tokens):
+            yield index, emission.finished and k == emission.tokens - 1
+            index += 1
+        if emission.finished:
+            return
+
+
+def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI:
+    server = SimServer(settings, profile or load_profile(settings.profile))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.driver = EngineDriver(server.engine, server.metrics)
+        server.driver.start()
+        yield
+        await server.driver.stop()
+
+    app = FastAPI(title="tandem engine simulator", lifespan=lifespan)
+    app.state.sim = server
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str):
+        assert server.driver is not None
+        if server.fault.mode == "hang":
+            await asyncio.Event().wait()  # accepted, never answered: the caller's timeout must fire
+        if (err := server.injected_error()) is not None:
+            return err
+        if body.model != server.model_name:
+            return JSONResponse(status_code=404, content=error_body(
+                f"model '{body.model}' does not exist; this engine serves '{server.model_name}'",
+                type_="NotFoundError", param="model"))
+        if len(server.driver.pending) >= settings.max_pending:
+            return JSONResponse(status_code=503, headers={"Retry-After": "1"},
+                                content=error_body("engine queue is full", type_="server_error"))
+        text = body.prompt_text()
+        try:
+            sim_req = server.build_request(body, text)
+        except ValueError as exc:
+            return JSONResponse(status_code=400, content=error_body(str(exc), param="prompt"))
+        seed = xxhash.xxh32_intdigest(text.encode()) if text else len(sim_req.block_hashes)
+        pending = server.driver.submit(sim_req)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sim_req.id
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(server.driver, pending, kind, rid, server.model_name, seed, include_usage),
+                                     media_type="text/event-stream")
+        try:
+            parts = [output_token(seed, i) async for i, _ in _token_stream(server.driver, pending)]
+        finally:
+            server.driver.abort(sim_req.id)
+        text_out = "".join(parts)
+        choice: dict = {"index": 0, "finish_reason": "length", "logprobs": None}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text_out}
+        else:
+            choice["text"] = text_out
+        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": server.model_name, "choices": [choice],
+                "usage": _usage(sim_req)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        return await generate(request, body, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await generate(request, body, "chat")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": server.model_name, "object": "model", "created": 0, "owned_by": "tandem-sim",
+            "max_model_len": server.engine.limits.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> PlainTextResponse:
+        if server.fault.mode == "hang":
+            await asyncio.Event().wait()
+        return PlainTextResponse("")
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/fault")
+    async def get_fault() -> FaultUpdate:
+        return server.fault
+
+    @app.post("/admin/fault")
+    async def set_fault(update: FaultUpdate) -> FaultUpdate:
+        server.set_fault(update)
+        return server.fault
+
+    return app
+
+
+async def _sse(driver: EngineDriver, pending: _Pending, kind: str, rid: str, model: str, seed: int,
+               include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI SSE framing; the engine request is aborted if the client goes away mid-stream."""
+    try:
+        async for i, last in _token_stream(driver, pending):
+            chunk = _chunk(kind, rid, model, output_token(seed, i), "length" if last else None, i == 0)
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if include_usage:
+            usage_chunk = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                           "created": int(time.time()), "model": model, "choices": [],
+                           "usage": _usage(pending.req)}
+            yield f"data: {json.dumps(usage_chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        driver.abort(pending.req.id)

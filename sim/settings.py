@@ -1,0 +1,32 @@
+"""Configuration of one simulated engine (``tandem sim``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from tandem.config import TandemSettings
+
+FaultMode = Literal["none", "crash", "hang", "slow", "error"]
+
+
+class SimSettings(TandemSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_SIM_")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    profile: str = Field("llama3-8b-h100", description="performance profile name or JSON path")
+    served_model_name: str | None = Field(None, description="model name in the API (default: the profile's model)")
+    role: Literal["unified", "prefill", "decode"] = Field("unified", description="engine role for PD serving")
+    metrics: Literal["vllm", "sglang"] = Field("vllm", description="metric names to export")
+    max_num_seqs: int | None = Field(None, gt=0, description="max running sequences (default: profile)")
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="token budget per iteration")
+    kv_capacity_tokens: int | None = Field(None, gt=0, description="override the KV capacity from the profile")
+    default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none")
+    max_pending: int = Field(4096, gt=0, description="requests accepted but unfinished before answering 503")
+    fault: FaultMode = Field("none", description="injected fault: crash, hang, slow, error")
+    slowdown: float = Field(1.0, ge=1.0, description="with fault=slow: every iteration takes this many times longer")
+    error_rate: float = Field(0.0, ge=0.0, le=1.0, description="with fault=error: share of requests answered 500")
+    seed: int = Field(0, description="seed of the fault injector's random choices")

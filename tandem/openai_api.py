@@ -1,0 +1,119 @@
+"""OpenAI-compatible request models, shared by the engine simulator and the gateway.
+
+Unknown fields are kept (engines accept many vendor extensions, e.g. vLLM ``kv_transfer_params``)
+but the fields both sides rely on are typed and bounded, so a bad request is refused with a 400
+that names the field instead of failing somewhere downstream.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TandemPromptExtension(BaseModel):
+    """``x_tandem``: a prompt given as prefix block ids (Mooncake ``hash_ids``) and a token count.
+
+    Lets a trace whose prompts are only hashes be replayed through real HTTP: the simulator and the
+    gateway use these blocks for caching and routing instead of tokenizing text.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    hash_ids: list[int] = Field(default_factory=list, max_length=4096)
+    prompt_tokens: int = Field(gt=0, le=10_000_000)
+    block_size: int = Field(512, gt=0, le=65536)
+
+    @model_validator(mode="after")
+    def _blocks_cover_prompt(self) -> TandemPromptExtension:
+        if len(self.hash_ids) > -(-self.prompt_tokens // self.block_size):
+            raise ValueError("more hash_ids than ceil(prompt_tokens / block_size)")
+        return self
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    x_tandem: TandemPromptExtension | None = None
+
+    def output_limit(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str] | None = None
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise ValueError("prompt: exactly one prompt per request is supported")
+            self.prompt = self.prompt[0]
+        if not self.prompt and self.x_tandem is None:
+            raise ValueError("prompt: field required (a non-empty string)")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else ""
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(part.get("text", "")) for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _has_messages(self) -> ChatCompletionRequest:
+        if not self.messages and self.x_tandem is None:
+            raise ValueError("messages: at least one message is required")
+        return self
+
+    def prompt_text(self) -> str:
+        return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages)
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line naming the first bad field, in OpenAI's error shape."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{field}: {msg}" if field and not msg.startswith(f"{field}:") else msg), field
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, field = describe_validation_error(exc)
+    return JSONResponse(status_code=400, content=error_body(message, param=field))
