@@ -13,13 +13,19 @@ if TYPE_CHECKING:
     from tandem.router.app import Gateway
 
 
-def _describe_policy(sched: Any) -> Any:
-    """Whatever the policy exposes about its rings/keys (``describe()``), else its name."""
-    policy = getattr(sched, "policy", None)
-    describe = getattr(policy, "describe", None)
-    if callable(describe):
-        return describe()
-    return {"policy": getattr(policy, "name", type(policy).__name__)}
+def _describe_policy(sched: Any) -> dict[str, Any]:
+    """Rings and adaptive keys for DualMap-like policies; the name and decision counts for all."""
+    policy = sched.policy
+    out: dict[str, Any] = {"policy": policy.name, "late_binding": sched.late_binding,
+                           "reasons": dict(sched.reasons), "migrations": sched.migrations}
+    rings = getattr(policy, "rings", None)
+    if rings is not None:
+        out["rings"] = {name: {"members": sorted(ring.members), "vnodes": ring.vnodes}
+                        for name, ring in (("a", rings.a), ("b", rings.b))}
+    keyer = getattr(policy, "keyer", None)
+    if keyer is not None:
+        out["expanded_prefixes"] = [str(k) for k in sorted(keyer.expanded)]
+    return out
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -50,7 +56,9 @@ def admin_router(gw: Gateway) -> APIRouter:
     @router.get("/queues")
     async def queues(request: Request) -> Any:
         return denied(request) or {
-            model: {"waiting": len(pool.waiters), "per_instance": pool.queue_lengths()}
+            model: {"waiting": len(pool.waiters), "per_instance": pool.queue_lengths(),
+                    "queued": {policy: {iid: [r.request_id for r in s.queued(iid)] for iid in pool.instances}
+                               for policy, s in pool.schedulers.items()}}
             for model, pool in gw.pools.items()}
 
     @router.get("/decisions")

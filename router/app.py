@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import httpx
@@ -42,7 +42,10 @@ from tandem.router.metrics import GatewayMetrics
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
 from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
 from tandem.router.resilience import CircuitBreaker, backoff_delay
-from tandem.router.routing.types import NoInstanceError, RouteRequest
+from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.registry import make_policy, policy_names
+from tandem.router.routing.scheduler import QueueFullError, Scheduler
+from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
 from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing
 from tandem.router.settings import GatewaySettings
@@ -66,7 +69,7 @@ def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: i
     text = body.prompt_text()
     tokens, hashes = text_block_hashes(text, block_size)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
-                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text),
+                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
                         model=body.model)
 
 
@@ -74,15 +77,6 @@ def _error(status: int, message: str, *, type_: str = "invalid_request_error", p
            retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
     return JSONResponse(status_code=status, content=error_body(message, type_=type_, param=param), headers=headers)
-
-
-def _scheduler_errors() -> tuple[type[Exception], ...]:
-    """The routing core's 'queue full' error, when the routing package defines one."""
-    try:
-        from tandem.router.routing.scheduler import QueueFullError
-    except ImportError:
-        return (QueueFull,)
-    return (QueueFull, QueueFullError)
 
 
 class Gateway:
@@ -93,6 +87,16 @@ class Gateway:
         from tandem.sim.profile import load_profile
 
         self.settings = settings
+        if not self.known_policy(settings.policy):
+            raise ValueError(f"policy: unknown routing policy '{settings.policy}'; available: "
+                             f"{', '.join(policy_names())}")
+        try:
+            self.routing = RoutingConfig(**{"slo_ttft_s": settings.slo_ttft,
+                                            "max_queued_per_instance": settings.max_queue_per_instance,
+                                            "max_queued_total": settings.max_queue, **settings.routing})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.metrics = GatewayMetrics()
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
@@ -124,20 +128,12 @@ class Gateway:
 
     # --- routing core ----------------------------------------------------------------------
 
-    def make_scheduler(self, policy: str, cluster: Any) -> Any:
-        from tandem.router.routing import make_policy
-        from tandem.router.routing.scheduler import Scheduler, SchedulerConfig
+    def make_scheduler(self, policy: str, cluster: ClusterView) -> Scheduler:
+        return Scheduler(make_policy(policy, self.routing), cluster, self.routing)
 
-        config = {"slo_ttft": self.settings.slo_ttft, **self.settings.routing}
-        pol = make_policy(policy, config)
-        sconf = SchedulerConfig(slo_ttft=self.settings.slo_ttft,
-                                max_queue_per_instance=self.settings.max_queue_per_instance)
-        return Scheduler(pol, cluster, sconf)
-
-    def known_policy(self, name: str) -> bool:
-        from tandem.router.routing import available_policies
-
-        return name in available_policies()
+    @staticmethod
+    def known_policy(name: str) -> bool:
+        return name in policy_names()
 
     def all_instances(self) -> list[Instance]:
         out = [i for p in self.pools.values() for i in p.instances.values()]
@@ -359,10 +355,12 @@ class Gateway:
         for attempt in range(1, s.max_attempts + 1):
             rid = f"{base}-{attempt}"
             try:
-                decision = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy, excluded)
-            except _scheduler_errors() as exc:
+                decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy, excluded)
+            except (QueueFull, QueueFullError) as exc:
+                # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
+                status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
                 return self._done(policy, "none", "queue_full", _error(
-                    429, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1))
+                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1))
             except NoInstanceError as exc:
                 return self._done(policy, "none", "no_instance", _error(
                     503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
@@ -370,7 +368,10 @@ class Gateway:
             reason = decision.reason
             remaining = deadline - time.monotonic()
             try:
-                instance_id = await _unless_disconnected(request, pool.wait(rid, min(s.queue_timeout, remaining)))
+                instance_id = await _unless_disconnected(request, pool.wait(rid, released, min(s.queue_timeout, remaining)))
+            except NoInstanceError as exc:  # its instance went away and nothing else could take it
+                return self._done(policy, reason, "no_instance", _error(
+                    503, str(exc), type_="server_error", retry_after=2))
             except TimeoutError:
                 return self._done(policy, reason, "queue_timeout", _error(
                     503, "timed out waiting for an instance", type_="server_error", retry_after=2))

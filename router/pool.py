@@ -23,7 +23,7 @@ from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.resilience import CircuitBreaker
-from tandem.router.routing.types import ClusterView, Decision, InstanceState, RouteRequest
+from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
 
 log = logging.getLogger("tandem.gateway.pool")
 
@@ -55,7 +55,8 @@ class Instance:
             "id": self.id, "url": self.endpoint.url, "model": self.model, "role": self.endpoint.role,
             "pod": self.endpoint.name, "healthy": s.healthy, "draining": s.draining, "suspect": self.suspect,
             "breaker": self.breaker.state, "queued_requests": s.queued_requests,
-            "inflight_requests": s.inflight_requests, "queued_miss_tokens": s.queued_miss_tokens,
+            "inflight_requests": s.inflight_requests, "unprefilled_requests": s.unprefilled_requests,
+            "queued_miss_tokens": s.queued_miss_tokens,
             "inflight_miss_tokens": s.inflight_miss_tokens, "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
             "shadow_cache_tokens": s.shadow.tokens, "prefill_s_per_token": s.prefill_s_per_token,
@@ -121,6 +122,8 @@ class Pool:
             inst.state.draining = True
             inst.removed = True
             self._membership_changed()
+            self.requeue(instance_id)
+            self.pump()
         self.collect_drained()
 
     def collect_drained(self) -> None:
@@ -131,33 +134,36 @@ class Pool:
             self._membership_changed()
 
     def _membership_changed(self) -> None:
-        ids = sorted(i.id for i in self.instances.values() if not i.removed)
         for sched in self.schedulers.values():
-            sched.on_membership(ids)
+            sched.on_membership()
+
+    def requeue(self, instance_id: str) -> None:
+        """Re-route what is queued for an instance that turned unhealthy or is draining; a request
+        that now fits nowhere is failed (its handler answers 503)."""
+        now = time.monotonic()
+        for sched in self.schedulers.values():
+            for req, decision in sched.requeue(instance_id, now):
+                if decision is None:
+                    self.owner.pop(req.request_id, None)
+                    waiter = self.waiters.pop(req.request_id, None)
+                    if waiter is not None and not waiter.future.done():
+                        waiter.future.set_exception(NoInstanceError(f"instance {instance_id} went away"))
 
     # --- request lifecycle ------------------------------------------------------------------
 
-    def submit(self, req: RouteRequest, policy: str, exclude: Iterable[str] = ()) -> Decision:
-        """Queue ``req``; ``exclude`` keeps retries off instances that just failed it.
-
-        Exclusion is applied by marking those instances not routable for the duration of this
-        synchronous call only: no other coroutine can observe it.
-        """
+    def submit(self, req: RouteRequest, policy: str, exclude: Iterable[str] = ()
+               ) -> tuple[Decision, asyncio.Future[str]]:
+        """Queue ``req``; ``exclude`` keeps retries off instances that just failed it (unless nothing
+        else is left: then the same instance is better than no instance)."""
         if len(self.waiters) >= self.max_queue:
             raise QueueFull(f"gateway queue full ({self.max_queue} waiting)")
         sched = self.scheduler(policy)
-        hidden = [s for iid in exclude if (s := self.cluster.instances.get(iid)) is not None and s.routable]
-        if hidden and len(hidden) == len(self.cluster.routable()):
-            hidden = []  # nothing else left: better the same instance than no instance
-        for s in hidden:
-            s.draining = True
-        try:
-            decision = sched.submit(req, time.monotonic())
-        finally:
-            for s in hidden:
-                s.draining = False
-        loop = asyncio.get_running_loop()
-        self.waiters[req.request_id] = _Waiter(loop.create_future(), policy, time.monotonic())
+        excluded = set(exclude)
+        if excluded and not any(i.id not in excluded for i in self.cluster.routable()):
+            excluded = set()
+        decision = sched.submit(req, time.monotonic(), exclude=excluded)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.waiters[req.request_id] = _Waiter(future, policy, time.monotonic())
         self.owner[req.request_id] = policy
         self.metrics.choices.labels(policy, decision.reason).inc()
         self.decisions.append({"time": time.time(), "request_id": req.request_id, "policy": policy,
@@ -168,15 +174,14 @@ class Pool:
         if req.block_hashes and len(self.observed) < OBSERVED_CAP:
             self.observed.append(list(req.block_hashes[:OBSERVED_DEPTH]))
         self.pump()
-        return decision
+        return decision, future
 
-    async def wait(self, request_id: str, limit_s: float) -> str:
+    async def wait(self, request_id: str, future: asyncio.Future[str], limit_s: float) -> str:
         """Wait until the scheduler releases the request; returns the instance id."""
-        waiter = self.waiters[request_id]
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), limit_s)
+            return await asyncio.wait_for(asyncio.shield(future), limit_s)
         except BaseException:
-            if not waiter.future.done():
+            if not future.done():
                 self.cancel(request_id)
             raise
 
@@ -231,11 +236,13 @@ class Pool:
     def tick(self) -> int:
         """Periodic work: health transitions, migration, releases. Returns migrations done."""
         now = time.monotonic()
-        for inst in self.instances.values():
+        for inst in list(self.instances.values()):
             was = inst.state.healthy
             inst.refresh_health(now)
             if was != inst.state.healthy:
                 log.warning("instance %s is now %s", inst.id, "healthy" if inst.state.healthy else "unhealthy")
+                if not inst.state.healthy:
+                    self.requeue(inst.id)
         moved = 0
         for sched in self.schedulers.values():
             moved += len(sched.rebalance(now) or ())

@@ -29,6 +29,7 @@ class Started:
     headers: dict[str, str]
     first: bytes  # the first body chunk (streaming) or the whole body (non-streaming)
     response: httpx.Response | None  # open streaming response; None when ``first`` is the whole body
+    rest: AsyncIterator[bytes] | None = None  # the response's raw chunk iterator, after ``first``
 
 
 _FORWARD = ("content-type", "cache-control")
@@ -69,7 +70,7 @@ class Upstream:
             first = b""
             while not first:  # skip empty reads; the first non-empty chunk is the start
                 first = await anext(chunks)
-            return Started(response.status_code, out_headers, first, response)
+            return Started(response.status_code, out_headers, first, response, chunks)
         except UpstreamFailure:
             raise
         except StopAsyncIteration:
@@ -95,8 +96,8 @@ async def _close(response: httpx.Response | None) -> None:
 
 async def relay(started: Started) -> AsyncIterator[bytes]:
     """The rest of a started stream, chunk by chunk as the engine sends it (no buffering)."""
-    assert started.response is not None
+    assert started.rest is not None
     yield started.first
-    async for chunk in started.response.aiter_raw():
+    async for chunk in started.rest:
         if chunk:
             yield chunk

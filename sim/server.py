@@ -242,7 +242,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             sim_req = server.build_request(body, text)
         except ValueError as exc:
             return JSONResponse(status_code=400, content=error_body(str(exc), param="prompt"))
-        seed = xxhash.xxh32_intdigest(text) if text else len(sim_req.block_hashes)
+        seed = xxhash.xxh32_intdigest(text.encode()) if text else len(sim_req.block_hashes)
         pending = server.driver.submit(sim_req)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sim_req.id
         if body.stream:

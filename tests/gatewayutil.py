@@ -111,3 +111,28 @@ class RedisServer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def gateway_app(instances: list[str], **kwargs: object) -> FastAPI:
+    from tandem.router.app import create_app
+    from tandem.router.settings import GatewaySettings
+
+    defaults: dict[str, object] = {"scrape_interval": 0.2, "rebalance_interval": 0.05, "state_sync_interval": 0.1}
+    return create_app(GatewaySettings(instances=instances, **{**defaults, **kwargs}))
+
+
+def completion_body(prompt: str = "hello world", **kw: object) -> dict:
+    return {"model": "Llama-3-8B", "prompt": prompt, "max_tokens": 8, **kw}
+
+
+def sse_text(raw: str) -> str:
+    """Concatenated completion text of an OpenAI SSE stream (chat or completions)."""
+    import json
+
+    out = []
+    for line in raw.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                out.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
+    return "".join(out)
