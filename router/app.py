@@ -355,7 +355,8 @@ class Gateway:
         for attempt in range(1, s.max_attempts + 1):
             rid = f"{base}-{attempt}"
             try:
-                decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy, excluded)
+                decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy,
+                                                 excluded)
             except (QueueFull, QueueFullError) as exc:
                 # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
                 status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
@@ -368,7 +369,8 @@ class Gateway:
             reason = decision.reason
             remaining = deadline - time.monotonic()
             try:
-                instance_id = await _unless_disconnected(request, pool.wait(rid, released, min(s.queue_timeout, remaining)))
+                waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                instance_id = await _unless_disconnected(request, waiting)
             except NoInstanceError as exc:  # its instance went away and nothing else could take it
                 return self._done(policy, reason, "no_instance", _error(
                     503, str(exc), type_="server_error", retry_after=2))
