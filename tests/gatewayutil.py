@@ -28,7 +28,8 @@ def free_port() -> int:
 @contextlib.asynccontextmanager
 async def serve(app: FastAPI) -> AsyncIterator[tuple[str, uvicorn.Server]]:
     """Run ``app`` with uvicorn in this event loop on an ephemeral port; yields (base URL, server)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
@@ -81,6 +82,12 @@ def sim_process(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def start_process(*args: str) -> subprocess.Popen:
+    """``tandem <args>`` as a subprocess of the test (output discarded)."""
+    return subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 class RedisServer:
