@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TypeVar
 
+import aiohttp
 import anyio
 import httpx
 import xxhash
@@ -435,7 +436,7 @@ class Gateway:
         try:
             async for chunk in relay(started):
                 yield chunk
-        except (httpx.TransportError, httpx.StreamError) as exc:
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             outcome = "upstream_error"
             err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
             yield f"data: {json.dumps(err)}\n\n".encode()
@@ -444,8 +445,7 @@ class Gateway:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                assert started.response is not None
-                await started.response.aclose()
+                await started.close()
             pool.finished(rid)
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()

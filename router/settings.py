@@ -78,6 +78,8 @@ class GatewaySettings(TandemSettings):
     rate_limit_tpm: int | None = Field(None, gt=0, description="default prompt+output tokens/minute per key")
     max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
+    loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "
+                                               "(when installed) or asyncio+h11")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", mode="before")(
