@@ -257,7 +257,7 @@ class Gateway:
                                timeout=s.scrape_timeout, stale_after=s.stale_after)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
-                                                 s.kubeconfig)
+                                                 s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
             await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))

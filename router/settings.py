@@ -44,6 +44,7 @@ class GatewaySettings(TandemSettings):
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
     k8s_port: int = Field(8000, gt=0, le=65535,
                           description="engine port when a pod names none (annotation/port 'http')")
+    k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
     policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
