@@ -370,8 +370,11 @@ class Gateway:
             reason = decision.reason
             remaining = deadline - time.monotonic()
             try:
-                waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
-                instance_id = await _unless_disconnected(request, waiting)
+                if released.done():  # released at once (not saturated): no need to watch the client
+                    instance_id = released.result()
+                else:
+                    waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                    instance_id = await _unless_disconnected(request, waiting)
             except NoInstanceError as exc:  # its instance went away and nothing else could take it
                 return self._done(policy, reason, "no_instance", _error(
                     503, str(exc), type_="server_error", retry_after=2))

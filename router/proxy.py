@@ -95,8 +95,9 @@ class Upstream:
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamFailure("connect", f"cannot connect: {exc}", fatal=True) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
+            # Not fatal on its own: an overloaded engine is slow, not broken; repeated ones open the circuit.
             _abort(response)
-            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=True) from None
+            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
         except _BROKEN as exc:
             _abort(response)
             raise UpstreamFailure("protocol", f"connection broke: {type(exc).__name__}", fatal=True) from None
