@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 
 import httpx
@@ -15,6 +17,7 @@ from gatewayutil import (
     serve,
     sim_app,
     sim_process,
+    sse_text,
     start_process,
 )
 
@@ -161,3 +164,32 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
         finally:
             other.terminate()
             other.wait(10)
+
+
+@pytest.mark.slow
+async def test_graceful_drain_lets_inflight_streams_finish() -> None:
+    async with serve(sim_app(port=0)) as (a, _), httpx.AsyncClient(timeout=30) as c:
+        port = free_port()
+        gw = f"http://127.0.0.1:{port}"
+        proc = start_process("gateway", "--port", str(port), "--instances", a, "--drain-timeout", "20")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await c.get(gw + "/readyz")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+            body = completion_body("a long answer", max_tokens=150, stream=True)
+            async with c.stream("POST", gw + "/v1/completions", json=body) as resp:
+                lines = resp.aiter_lines()
+                assert (await anext(lines)).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]
+            assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
+            assert sse_text("\n".join(rest))
+            assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
