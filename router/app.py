@@ -16,10 +16,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import anyio
@@ -27,7 +27,7 @@ import httpx
 import xxhash
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -420,8 +420,7 @@ class Gateway:
                                                                   headers=headers))
             self.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return StreamingResponse(self._relay(pool, rid, started, policy, reason, t0), status_code=started.status,
-                                     headers=headers, media_type="text/event-stream")
+            return RelayResponse(self._stream(pool, rid, started, policy, reason, t0), started.status, headers)
         status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
         message = f"no instance could serve the request after {s.max_attempts} attempts"
         if failure:
@@ -433,26 +432,104 @@ class Gateway:
         self._leave()
         return response
 
-    async def _relay(self, pool: Pool, rid: str, started: Started, policy: str, reason: str,
-                     t0: float) -> AsyncIterator[bytes]:
-        outcome = "ok"
-        try:
-            async for chunk in relay(started):
-                yield chunk
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
-            outcome = "upstream_error"
-            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        except BaseException:
-            outcome = "client_gone"
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await started.close()
+    def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float) -> _Stream:
+        def finish(outcome: str) -> None:
             pool.finished(rid)
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()
             self._leave()
+
+        return _Stream(started, finish)
+
+
+class _Stream:
+    """One relayed stream and its accounting, closed exactly once however it ends."""
+
+    def __init__(self, started: Started, finish: Callable[[str], None]) -> None:
+        self.started, self.finish = started, finish
+        self.outcome = "ok"
+        self.closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in relay(self.started):
+                yield chunk
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+            self.outcome = "upstream_error"
+            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+
+    async def close(self, outcome: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.started.close()  # before the first token reached the end: aborts the engine's work
+        self.finish(outcome or self.outcome)
+
+
+class RelayResponse(Response):
+    """A streamed answer written straight to the ASGI ``send``, chunk by chunk as it comes.
+
+    Starlette's StreamingResponse does the same through an anyio task group per response; this
+    keeps one watcher task that cancels the relay when the client disconnects, after which the
+    stream is closed (the upstream connection too, which aborts the request on the engine).
+    """
+
+    def __init__(self, stream: _Stream, status_code: int, headers: dict[str, str]) -> None:
+        self.stream = stream
+        self.status_code = status_code
+        self.media_type = "text/event-stream"
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if task is not None:
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        outcome = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.stream.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()  # our own cancellation: the client left, nothing more to do
+        except OSError:  # the client's socket broke while we were writing
+            outcome = "client_gone"
+        finally:
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.stream.close(outcome)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI for everything, except the two generation endpoints, which skip the middleware
+    stack and routing (they are the hot path; ``tandem bench gateway`` measures the difference)."""
+
+    gateway: Gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            kind = _FAST_PATHS.get(scope["path"])
+            if kind is not None:
+                response = await self.gateway.handle(Request(scope, receive), kind)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+_FAST_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -505,9 +582,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(title="tandem gateway", lifespan=lifespan)
+    app = GatewayApp(title="tandem gateway", lifespan=lifespan)
+    app.gateway = gw
     app.state.gateway = gw
 
+    # Also routed through FastAPI so they appear in the OpenAPI schema; GatewayApp serves them directly.
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gw.handle(request, "completion")

@@ -149,9 +149,15 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
                 # Only gateway A sees the hot prefix: its adaptive key deepens past block 2.
                 for sub in range(30):
                     assert (await c.post(gw_a + "/v1/completions", json=body(sub))).status_code == 200
-                await asyncio.sleep(0.5)  # a few state syncs
-                rings_b = (await c.get(gw_b + "/admin/rings")).json()[MODEL]["dualmap"]
-                assert rings_b["expanded_prefixes"], "B never saw the hot prefix but must key it deeper too"
+                expanded_a = (await c.get(gw_a + "/admin/rings")).json()[MODEL]["dualmap"]["expanded_prefixes"]
+                assert expanded_a, "30 of 30 requests share blocks 1-2: A must key them one block deeper"
+                deadline = time.monotonic() + 15
+                while True:  # B never saw the hot prefix; the shared state must tell it (a few syncs)
+                    rings_b = (await c.get(gw_b + "/admin/rings")).json()[MODEL]["dualmap"]
+                    if rings_b["expanded_prefixes"] == expanded_a:
+                        break
+                    assert time.monotonic() < deadline, rings_b
+                    await asyncio.sleep(0.1)
                 for sub in range(100, 106):
                     pairs = []
                     for gw in (gw_a, gw_b):
