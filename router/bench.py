@@ -98,8 +98,9 @@ class BenchGatewayCommand(TandemSettings):
         sim, gw = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
         gw_args = ["gateway", "--port", str(gw_port), "--instances", sim, "--policy", self.policy,
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
-        with _process(["sim", "--port", str(sim_port), "--max-pending", "100000"], self.out / "bench-sim.log"), \
-                _process(gw_args, self.out / "bench-gateway.log"):
+        sim_args = ["sim", "--port", str(sim_port), "--max-pending", "100000"]
+        with _process(sim_args, self.out / "bench-sim.log") as sim_proc, \
+                _process(gw_args, self.out / "bench-gateway.log") as gw_proc:
             import aiohttp
 
             connector = aiohttp.TCPConnector(limit=4096, limit_per_host=4096, force_close=False)
@@ -111,8 +112,13 @@ class BenchGatewayCommand(TandemSettings):
                                    "stream": True}).encode()
                 for target in (sim, gw):  # warm connections and code paths
                     await _closed_loop(session, target, body, 8, 1.0)
-                max_rps = {name: await _closed_loop(session, url, body, self.concurrency, self.duration)
-                           for name, url in (("direct", sim), ("gateway", gw))}
+                max_rps: dict[str, float] = {}
+                cpu_ms: dict[str, float] = {}
+                for name, url, proc in (("direct", sim, sim_proc), ("gateway", gw, gw_proc)):
+                    before = _cpu_seconds(proc.pid)
+                    rps, done = await _closed_loop(session, url, body, self.concurrency, self.duration)
+                    max_rps[name] = rps
+                    cpu_ms[name] = (_cpu_seconds(proc.pid) - before) * 1000 / max(1, done)
                 latency: list[LatencyStats] = []
                 skipped: list[float] = []
                 for rate in self.rates:
@@ -123,7 +129,7 @@ class BenchGatewayCommand(TandemSettings):
                     for name, url in (("direct", sim), ("gateway", gw)):
                         await _wait_idle(session, sim)
                         latency.append(await _open_loop(session, name, url, body, rate, self.duration))
-        return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps,
+        return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
 
     def _print(self, report: dict) -> None:
@@ -132,9 +138,13 @@ class BenchGatewayCommand(TandemSettings):
 
         console = Console()
         mr = report["max_rps"]
+        cpu = report["cpu_ms_per_request"]
         console.print(f"max sustained req/s (closed loop, {self.concurrency} clients): direct "
                       f"{mr['direct']:.0f}, gateway {mr['gateway']:.0f} ({mr['gateway'] / mr['direct']:.2f}x of "
                       f"direct) [gateway loop: {self.gateway_loop}, policy: {self.policy}]")
+        console.print(f"CPU per request: gateway process {cpu['gateway']:.3f} ms (one core's worth: "
+                      f"{1000 / cpu['gateway']:.0f} req/s), simulator {cpu['direct']:.3f} ms "
+                      f"(gateway/simulator {cpu['gateway'] / cpu['direct']:.2f}x)")
         table = Table(title="added by the gateway, ms (open loop, short streamed completions)")
         for col in ("req/s", "done d/gw", "TTFT p50", "+p50", "TTFT p99", "+p99", "e2e +p50", "e2e +p99", "err d/gw"):
             table.add_column(col, justify="right")
@@ -196,7 +206,7 @@ async def _request(session: object, url: str, body: bytes) -> tuple[float, float
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0
 
 
-async def _closed_loop(session: object, url: str, body: bytes, clients: int, duration: float) -> float:
+async def _closed_loop(session: object, url: str, body: bytes, clients: int, duration: float) -> tuple[float, int]:
     done = 0
     stop = time.perf_counter() + duration
 
@@ -208,7 +218,15 @@ async def _closed_loop(session: object, url: str, body: bytes, clients: int, dur
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), done
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc), independent of machine load."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _open_loop(session: object, name: str, url: str, body: bytes, rate: float, duration: float) -> LatencyStats:
