@@ -27,6 +27,10 @@ COMMANDS: Registry = {
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "bench": {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "routing": ("tandem.sim.des.bench:RoutingBench",
+                    "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
+        "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+        "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
 }
 
