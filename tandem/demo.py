@@ -232,7 +232,25 @@ class DemoCommand(TandemSettings):
             summaries, raw = asyncio.run(self._run_all(reqs))
         except KeyboardInterrupt:
             raise SystemExit(130) from None
-        self._report(summaries, raw, reqs)
+        des = {policy: self._des(policy, reqs) for policy in self.policies}
+        self._report(summaries, raw, reqs, des)
+
+    def _des(self, policy: str, reqs: list[TraceRequest]) -> Summary:
+        """The same slice in the discrete-event simulator (same engines, scheduler and policy code)."""
+        from dataclasses import replace
+
+        from tandem.router.routing.config import RoutingConfig
+        from tandem.sim.des.simulator import DESConfig, Simulation, prepare
+
+        capped = [replace(r, output_tokens=max(1, min(r.output_tokens, self.max_output_tokens))) for r in reqs]
+        routing = RoutingConfig(slo_ttft_s=self.slo_ttft, max_queued_per_instance=100_000, max_queued_total=100_000)
+        config = DESConfig(instances=self.instances, profile=self.profile, kv_capacity_tokens=self.kv_capacity_tokens,
+                           tick_s=0.25)
+        result = Simulation(prepare(capped), policy, routing, config).run()
+        results = [Result(r.ttft is not None, r.ttft or 0.0,
+                          (r.finished_at or r.arrival) - r.arrival, r.prompt_tokens, r.hit_tokens, r.output_tokens)
+                   for r in result.requests]
+        return summarise(policy, results, self.slo_ttft, result.end_time)
 
     async def _run_all(self, reqs: list[TraceRequest]) -> tuple[list[Summary], dict[str, list[Result]]]:
         from rich.console import Console
@@ -281,14 +299,15 @@ class DemoCommand(TandemSettings):
             return await replay(gw + "/v1/completions", model, reqs, self.max_output_tokens, advance)
         raise AssertionError("unreachable")
 
-    def _report(self, summaries: list[Summary], raw: dict[str, list[Result]], reqs: list[TraceRequest]) -> None:
+    def _report(self, summaries: list[Summary], raw: dict[str, list[Result]], reqs: list[TraceRequest],
+                des: dict[str, Summary]) -> None:
         from rich.console import Console
         from rich.table import Table
 
         console = Console()
         base = summaries[0]
         table = Table(title=f"TTFT and cache hits, same trace slice, ratios vs {base.policy}")
-        table.add_column("metric")
+        table.add_column("metric", no_wrap=True)
         for s in summaries:
             table.add_column(s.policy, justify="right")
 
@@ -312,9 +331,21 @@ class DemoCommand(TandemSettings):
         row("output tokens/s", ".0f", "output_tps", False)
         table.add_row("errors", *[str(s.errors) for s in summaries])
         console.print(table)
+        check = Table(title="live run vs the discrete-event simulator on the same slice")
+        check.add_column("policy", no_wrap=True)
+        for col in ("hit live", "hit DES", "diff pts", "p50 live", "p50 DES", "live/DES"):
+            check.add_column(col, justify="right")
+        for s in summaries:
+            d = des[s.policy]
+            ratio = f"{s.ttft_p50 / d.ttft_p50:.2f}x" if d.ttft_p50 else "-"
+            check.add_row(s.policy, f"{s.hit_ratio:.1%}", f"{d.hit_ratio:.1%}",
+                          f"{100 * (s.hit_ratio - d.hit_ratio):+.1f}", f"{s.ttft_p50:.3f}s",
+                          f"{d.ttft_p50:.3f}s", ratio)
+        console.print(check)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "demo.json").write_text(json.dumps({
-            "config": json.loads(self.model_dump_json()), "summaries": [asdict(s) for s in summaries]}, indent=2))
+            "config": json.loads(self.model_dump_json()), "summaries": [asdict(s) for s in summaries],
+            "des": [asdict(d) for d in des.values()]}, indent=2))
         png = self.out / "demo.png"
         _plot(summaries, raw, self.slo_ttft, png)
         console.print(f"plot: {png}   numbers: {self.out / 'demo.json'}")
