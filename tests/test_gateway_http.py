@@ -166,3 +166,33 @@ def test_gateway_settings_reject_unknown_policy_and_routing_keys() -> None:
         gateway_app(["http://127.0.0.1:9"], policy="bogus")
     with pytest.raises(ValueError, match=r"routing\.bogus"):
         gateway_app(["http://127.0.0.1:9"], routing={"bogus": 1})
+
+
+async def test_client_leaving_while_queued_is_forgotten() -> None:
+    """Late binding holds the second request in the gateway; its client leaves; nothing of it remains."""
+    sim = sim_app(port=0)
+    async with serve(sim) as (a, _), \
+            serve(gateway_app([a], routing={"dispatch_budget_s": 0.0})) as (gw, _), \
+            httpx.AsyncClient(timeout=30) as c:
+        big = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 30000}}
+        first = asyncio.create_task(c.post(gw + "/v1/completions", json=big))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(c.post(gw + "/v1/completions", json=big))
+        for _ in range(100):
+            if (await c.get(gw + "/admin/queues")).json()[MODEL]["waiting"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the second request was never queued")
+        second.cancel()
+        for _ in range(100):
+            queues = (await c.get(gw + "/admin/queues")).json()[MODEL]
+            if queues["waiting"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert queues["waiting"] == 0 and all(not q for q in queues["queued"]["dualmap"].values())
+        assert (await first).status_code == 200
+        await asyncio.sleep(0.3)
+        assert sim.state.sim.engine.counters.prompt_tokens == 30000  # the engine never saw the second one
+        inst = (await c.get(gw + "/admin/instances")).json()["instances"][0]
+        assert inst["queued_requests"] == 0 and inst["inflight_requests"] == 0
