@@ -367,45 +367,49 @@ class Gateway:
                 return self._done(policy, "none", "no_instance", _error(
                     503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
                     retry_after=2))
-            reason = decision.reason
-            remaining = deadline - time.monotonic()
             try:
-                if released.done():  # released at once (not saturated): no need to watch the client
-                    instance_id = released.result()
-                else:
-                    waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
-                    instance_id = await _unless_disconnected(request, waiting)
-            except NoInstanceError as exc:  # its instance went away and nothing else could take it
-                return self._done(policy, reason, "no_instance", _error(
-                    503, str(exc), type_="server_error", retry_after=2))
-            except TimeoutError:
-                return self._done(policy, reason, "queue_timeout", _error(
-                    503, "timed out waiting for an instance", type_="server_error", retry_after=2))
-            except ClientGone:
-                return self._done(policy, reason, "client_gone", Response(status_code=499))
-            inst = pool.instances.get(instance_id)
-            if inst is None:  # left while the request was queued
-                pool.failed(rid)
-                continue
-            try:
-                started = await _unless_disconnected(request, self.upstream.start(
-                    inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
-            except ClientGone:
-                pool.finished(rid)
-                return self._done(policy, reason, "client_gone", Response(status_code=499))
-            except UpstreamFailure as exc:
-                failure = exc
-                pool.failed(rid)
-                inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
-                inst.refresh_health(time.monotonic())
-                self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
-                excluded.append(instance_id)
-                log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
-                if attempt < s.max_attempts and deadline - time.monotonic() > 0:
-                    self.metrics.retries.labels(exc.kind).inc()
-                    await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                reason = decision.reason
+                remaining = deadline - time.monotonic()
+                try:
+                    if released.done():  # released at once (not saturated): no need to watch the client
+                        instance_id = released.result()
+                    else:
+                        waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                        instance_id = await _unless_disconnected(request, waiting)
+                except NoInstanceError as exc:  # its instance went away and nothing else could take it
+                    return self._done(policy, reason, "no_instance", _error(
+                        503, str(exc), type_="server_error", retry_after=2))
+                except TimeoutError:
+                    return self._done(policy, reason, "queue_timeout", _error(
+                        503, "timed out waiting for an instance", type_="server_error", retry_after=2))
+                except ClientGone:
+                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                inst = pool.instances.get(instance_id)
+                if inst is None:  # left while the request was queued
+                    pool.failed(rid)
                     continue
-                break
+                try:
+                    started = await _unless_disconnected(request, self.upstream.start(
+                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+                except ClientGone:
+                    pool.finished(rid)
+                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                except UpstreamFailure as exc:
+                    failure = exc
+                    pool.failed(rid)
+                    inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
+                    inst.refresh_health(time.monotonic())
+                    self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
+                    excluded.append(instance_id)
+                    log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
+                    if attempt < s.max_attempts and deadline - time.monotonic() > 0:
+                        self.metrics.retries.labels(exc.kind).inc()
+                        await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                        continue
+                    break
+            except BaseException:
+                pool.cancel(rid)  # cancelled mid-attempt (shutdown): leave no accounting behind
+                raise
             inst.breaker.on_success()
             if started.status >= 400:  # the engine refused the request itself: not retryable
                 pool.failed(rid)
