@@ -19,7 +19,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -37,7 +38,7 @@ from tandem.openai_api import (
     describe_validation_error,
     error_body,
 )
-from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
@@ -60,15 +61,43 @@ class ClientGone(Exception):
     """The client disconnected while its request was queued or starting."""
 
 
-def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int) -> RouteRequest:
-    """The routing key of a request: the simulator's block hashes when given, else text chunking."""
+class Tokenizer(Protocol):
+    def __call__(self, text: str) -> list[str]: ...
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The engine's own tokenizer (``tokenizer.json``), so routing blocks align with its KV blocks."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise ValueError("tokenizer: needs the 'tokenizers' package (pip install 'tandem-serving[tokenizer]')") \
+            from None
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises plain Exception for unreadable or malformed files
+        raise ValueError(f"tokenizer: cannot load {path}: {exc}") from None
+
+    def encode(text: str) -> list[str]:
+        return [str(i) for i in tok.encode(text, add_special_tokens=False).ids]
+
+    return encode
+
+
+def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
+                  tokenizer: Tokenizer | None = None) -> RouteRequest:
+    """The routing key of a request: the simulator's block hashes when given, else the engine's
+    tokenizer when configured, else a cheap text chunking."""
     if body.x_tandem is not None:
         ext = body.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
                             fallback_key=ext.prompt_tokens, model=body.model)
     text = body.prompt_text()
-    tokens, hashes = text_block_hashes(text, block_size)
+    if tokenizer is not None:
+        ids = tokenizer(text)
+        tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+    else:
+        tokens, hashes = text_block_hashes(text, block_size)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
                         block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
                         model=body.model)
@@ -98,6 +127,7 @@ class Gateway:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
         self.metrics = GatewayMetrics()
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
@@ -329,7 +359,10 @@ class Gateway:
             if not self.known_policy(asked):
                 return _error(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
             policy = asked
-        rreq = route_request(body, self.settings.block_size)
+        if self.tokenizer is not None and len(raw) > 32_768:  # long prompts: tokenize off the event loop
+            rreq = await asyncio.to_thread(route_request, body, self.settings.block_size, self.tokenizer)
+        else:
+            rreq = route_request(body, self.settings.block_size, self.tokenizer)
         limit = self.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
         if not limit.ok:
             self.metrics.rejected.labels("rate_limit").inc()

@@ -51,6 +51,8 @@ class GatewaySettings(TandemSettings):
     routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
     block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
+    tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
+                                   "for routing keys; default: a cheap, stable word/punctuation chunking")
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
     shadow_capacity_tokens: int | None = Field(None, gt=0,
                                                description="shadow prefix cache per instance (default: profile KV)")
