@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import anyio
 import httpx
 import xxhash
@@ -491,7 +490,7 @@ class _Stream:
         try:
             async for chunk in relay(self.started):
                 yield chunk
-        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+        except (ConnectionError, TimeoutError) as exc:
             self.outcome = "upstream_error"
             err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
             yield f"data: {json.dumps(err)}\n\n".encode()
