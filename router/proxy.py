@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, Response
 
-# Measured with ``tandem bench gateway`` (64 concurrent short streams against one simulator):
-# httpx's pool topped out near 100-170 req/s; aiohttp reached the simulator's own limit at about
-# 0.58 ms of gateway CPU per request; this module's small keep-alive client (http1.py) uses less
-# (see the report), so upstream traffic goes through it. httpx stays for low-rate calls (scrapes).
+# Measured with ``tandem bench gateway`` (short streamed completions, one simulator, 2 shared cores):
+# with httpx the gateway topped out near 100-170 req/s at 64 concurrent streams (its pool's
+# per-request bookkeeping); with aiohttp it cost ~0.58 ms of gateway CPU per request; with the
+# small keep-alive client in http1.py ~0.37 ms. httpx stays for low-rate calls (scrapes, joins).
 
 
 class UpstreamFailure(Exception):
