@@ -42,4 +42,5 @@ class GatewayCommand(GatewaySettings):
         except (ApiKeyError, ValueError) as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
         uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(self.drain_timeout) or None, **uvicorn_speedups(self.loop))
+                    timeout_graceful_shutdown=int(self.drain_timeout) or None,
+                    timeout_keep_alive=self.keep_alive_timeout, **uvicorn_speedups(self.loop))

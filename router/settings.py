@@ -73,6 +73,8 @@ class GatewaySettings(TandemSettings):
     max_queue: int = Field(2048, gt=0, description="requests waiting in the gateway (all instances) before 429")
     max_queue_per_instance: int = Field(512, gt=0, description="requests waiting per instance before 429")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
+                                    "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")
     rebalance_interval: float = Field(0.25, gt=0, description="seconds between hotspot-migration passes")
     api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys and per-key limits")
