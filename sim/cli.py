@@ -19,4 +19,4 @@ class SimCommand(SimSettings):
         except ValueError as exc:
             raise SystemExit(f"tandem sim: profile: {exc}") from exc
         uvicorn.run(create_app(self, profile), host=self.host, port=self.port, log_level="warning",
-                    access_log=False)
+                    access_log=False, timeout_graceful_shutdown=5)

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
+from tandem.serve import serve
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
 
 
@@ -109,26 +110,6 @@ class _Processes:
             if p.poll() is not None:
                 err = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{' '.join(map(str, p.args[3:5]))} exited with {p.returncode}:\n{err}")
-
-
-@contextlib.asynccontextmanager
-async def _serve(app: object) -> AsyncIterator[str]:
-    """An ASGI app on an ephemeral 127.0.0.1 port in this event loop; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", access_log=False,
-                                           timeout_graceful_shutdown=1))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("engine simulator did not start")
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 async def _wait_ready(url: str, procs: _Processes, limit_s: float = 60.0) -> None:
@@ -284,7 +265,7 @@ class DemoCommand(TandemSettings):
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
                                              kv_capacity_tokens=self.kv_capacity_tokens))
-                sims.append(await stack.enter_async_context(_serve(app)))
+                sims.append(await stack.enter_async_context(serve(app)))
             gw_port = _free_port()
             gw = f"http://127.0.0.1:{gw_port}"
             args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
