@@ -348,6 +348,10 @@ class Gateway:
             message, field = describe_validation_error(RequestValidationError(exc.errors()))
             return _error(400, message, param=field)
         pool = self.pools.get(body.model)
+        if pool is None and any(i.model == body.model for role in self.pd.values() for i in role.values()):
+            self.metrics.rejected.labels("pd_not_routed").inc()
+            return _error(501, f"model '{body.model}' is served only by prefill/decode pools; disaggregated "
+                          "routing is not implemented in this gateway yet", type_="server_error", param="model")
         if pool is None:
             self.metrics.rejected.labels("unknown_model").inc()
             known = sorted(self.pools) or ["<none yet>"]
