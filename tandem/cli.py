@@ -23,13 +23,19 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
+    "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "bench": {
+        "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
         "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
+    },
+    "operator": {
+        "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),
+        "crds": ("tandem.operator.cli:OperatorCrdsCommand", "write the CRD YAML generated from tandem.api"),
     },
 }
 
