@@ -25,6 +25,10 @@ COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "bench": {},
+    "operator": {
+        "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),
+        "crds": ("tandem.operator.cli:OperatorCrdsCommand", "write the CRD YAML generated from tandem.api"),
+    },
 }
 
 
