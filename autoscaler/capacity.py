@@ -11,9 +11,9 @@ blows the TTFT budget. The model here is M/G/1 with Pollaczek-Khinchine's mean w
 few long prompts (large ``E[S^2]``) lower the goodput as they do in reality.
 
 Decode is limited by the largest batch whose iteration keeps the time per output token within
-the SLO (and whose KV reservations fit); arrivals are random, so the number of running
-sequences fluctuates (Poisson, M/G/inf) and the mean occupancy must stay low enough that the
-batch exceeds that bound no more often than the attainment allows.
+the SLO (and whose KV reservations fit). Those batch slots form an M/M/c queue: a request that
+finds them full waits, and its TPOT is the step time plus the wait spread over its output
+tokens, so the goodput is the rate at which that stays within the SLO often enough.
 
 An aggregated (unified) instance does both in one engine: prefill chunks lengthen the
 iterations that decodes ride on, and decodes add to every prefill chunk, so both conditions are
@@ -53,6 +53,18 @@ def poisson_cdf(k: int, mean: float) -> float:
         term *= mean / i
         total += term
     return min(1.0, total)
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in M/M/c with ``offered`` = lambda / mu (Erlang C)."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):  # Erlang B by the stable recursion
+        b = offered * b / (k + offered * b)
+    return servers * b / (servers - offered * (1 - b))
 
 
 def _bisect_max(ok: Callable[[float], bool], hi: float, iterations: int = 50) -> float:
@@ -166,14 +178,32 @@ class CapacityModel:
         return best
 
     def decode_goodput(self, mix: Sequence[LengthBucket]) -> float:
+        """Requests/s one decode instance serves with the TPOT target met.
+
+        The instance is ``c`` batch slots (the largest batch within the TPOT budget and the KV
+        cache); a request that finds them full waits (M/M/c, Erlang C), and the wait is spread over
+        its output tokens, so a long answer tolerates a longer wait than a short one.
+        """
         buckets = self._buckets(mix, 0.0)
         mean_out, context, reserve = self._decode_shape(buckets)
-        bmax = self.max_decode_batch(context, reserve, self.slo.tpot_s * TPOT_MARGIN)
-        if bmax == 0:
+        slots = self.max_decode_batch(context, reserve, self.slo.tpot_s * TPOT_MARGIN)
+        if slots == 0:
             return 0.0
+        step = self.decode_step(slots, context)
+        service_rate = 1.0 / (mean_out * step)  # per slot
         target = phase_target(self.slo.attainment)
-        occupancy = _bisect_max(lambda m: poisson_cdf(bmax, m) >= target, float(bmax) + 1)
-        return occupancy / (mean_out * self.decode_step(bmax, context))
+        slack = [(b.weight, (self.slo.tpot_s - step) * max(b.output_tokens - 1, 0)) for b in buckets]
+
+        def ok(rate: float) -> bool:
+            offered = rate / service_rate
+            if offered >= slots:
+                return False
+            p_wait = erlang_c(slots, offered)
+            drain = slots * service_rate - rate
+            met = sum(w * (1 - p_wait * math.exp(-drain * t)) for w, t in slack)
+            return met >= target
+
+        return _bisect_max(ok, slots * service_rate)
 
     # ----- aggregated: both on one engine -----------------------------------------------------
     def unified_goodput(self, mix: Sequence[LengthBucket], hit_ratio: float) -> float:

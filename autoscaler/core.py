@@ -44,7 +44,7 @@ from tandem.autoscaler.models import (
 from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
-RELAX_PER_TICK = 1.02
+RELAX_PER_TICK = 1.03
 
 OffloadSolver = Callable[[Observations, AutoscalerSpec], int | None]
 
@@ -110,7 +110,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
 
         att = _attainment(role, obs)
         short = att is not None and obs.completed >= spec.min_samples and att < target_att
-        if short and o.starting == 0:
+        # Capacity ordered by the last scale-up must have served a whole window before the
+        # window's attainment says anything about it; otherwise one shortfall is counted again
+        # every tick while the new instances start.
+        settled = o.starting == 0 and (rs.last_up_s is None
+                                       or now - rs.last_up_s >= spec.startup_delay_s + obs.window_s)
+        if short and settled:
             assert att is not None
             scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(0.5, 2 * (target_att - att))))
         elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
@@ -120,7 +125,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         needed = r_hat / (goodput * scale) if goodput > 0 else math.inf
         want = bounds.max_replicas if math.isinf(needed) else math.ceil(needed - 1e-9)
         why.append(f"R-hat {r_hat:.2f} rps / goodput {goodput:.2f} x {scale:.2f} = {needed:.2f}")
-        if short and o.starting == 0 and want <= current:
+        if short and settled and want <= current:
             want = current + 1
             why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
 
@@ -139,7 +144,10 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             floor = math.ceil(stable * (1 + spec.hysteresis) - 1e-9) if stable > 0 else 0
             candidate = max(bounds.min_replicas, min(current, floor))
             last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
-            if candidate >= current:
+            since = now if rs.observed_since_s is None else rs.observed_since_s
+            if now - since < spec.scale_down_stabilization_s:
+                why.append("no scale-down before a full stabilization window was observed")
+            elif candidate >= current:
                 why.append("held by stabilization window / hysteresis")
             elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
                 why.append("scale-down cooldown")
@@ -156,6 +164,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             last_down_s=now if direction < 0 else rs.last_down_s,
             last_direction=direction or rs.last_direction,
             goodput_scale=scale,
+            observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
             recent_needs=recent,
         )
         roles[role] = role_decision(role, target, o, 0.0 if math.isinf(needed) else needed, goodput,

@@ -137,6 +137,7 @@ class RoleState(_Model):
     last_direction: int = Field(0, ge=-1, le=1)
     goodput_scale: float = Field(1.0, gt=0, le=1,
                                  description="learned correction of the model's goodput (<1: model too optimistic)")
+    observed_since_s: float | None = Field(None, description="first tick that saw this role")
     recent_needs: list[tuple[float, int]] = Field(default_factory=list,
                                                   description="(time, replicas needed) over the stabilization window")
 

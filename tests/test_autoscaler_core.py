@@ -55,11 +55,12 @@ def settle(sp, rate, hit=0.0, ticks=30, mode="disaggregated"):
 
 def test_rate_doubles_replicas_roughly_double() -> None:
     sp = spec()
-    low = settle(sp, 20.0).replicas
-    high = settle(sp, 40.0).replicas
+    low_d, high_d = settle(sp, 50.0), settle(sp, 100.0)
+    low, high = low_d.replicas, high_d.replicas
     for role in ("prefill", "decode"):
-        assert low[role] >= 2
-        assert 1.6 <= high[role] / low[role] <= 2.5, (role, low, high)
+        assert low[role] >= 3
+        assert 1.5 <= high[role] / low[role] <= 2.5, (role, low, high)
+        assert high_d.roles[role].needed / low_d.roles[role].needed == pytest.approx(2.0, rel=0.05)
 
 
 def test_prefix_hits_shrink_prefill_not_decode() -> None:
@@ -153,27 +154,28 @@ def test_global_budget_across_services() -> None:
 
 def test_scale_down_waits_and_drains() -> None:
     sp = spec()
-    d = settle(sp, 40.0)
-    high = d.replicas["decode"]
+    d = settle(sp, 100.0)
+    pods = d.replicas["decode"]
     state, t = d.state, 300.0
-    times_down = []
-    for i in range(40):
+    first_down = None
+    for _ in range(40):
         t += 10
-        o = obs(t, 10.0, ready=d.state.roles and {r: s.replicas for r, s in d.state.roles.items()})
-        d = tick(o, PROFILE, sp, state)
+        d = tick(obs(t, 10.0, ready={r: s.replicas for r, s in state.roles.items()}), PROFILE, sp, state)
         state = d.state
-        if d.roles["decode"].target < high and not times_down:
-            times_down.append(t)
-    assert times_down and times_down[0] - 300 >= sp.scale_down_stabilization_s
-    # not drained yet: the pool keeps its pods but asks for instances to be marked draining
-    pods = high
-    o = obs(t + 10, 10.0, ready={"prefill": 1, "decode": pods - 2}, decode={"draining": 2})
+        if first_down is None and d.roles["decode"].target < pods:
+            first_down = t
+            break
+    assert first_down is not None and first_down - 300 >= sp.scale_down_stabilization_s
+    target = d.roles["decode"].target
+    assert pods - target >= 2
+    # instances are marked draining but still busy: the pool keeps every pod
+    o = obs(t + 10, 10.0, ready={"prefill": 1, "decode": target}, decode={"draining": pods - target})
     d2 = tick(o, PROFILE, sp, state)
-    target = d2.roles["decode"].target
     assert d2.roles["decode"].drain == pods - target
     assert d2.roles["decode"].replicas == pods
-    # two drained: the pool shrinks by exactly those
-    o = obs(t + 20, 10.0, ready={"prefill": 1, "decode": pods - 2}, decode={"drained": 2})
+    # two of them drained: the pool shrinks by exactly those two
+    o = obs(t + 20, 10.0, ready={"prefill": 1, "decode": target},
+            decode={"draining": pods - target - 2, "drained": 2})
     assert tick(o, PROFILE, sp, d2.state).roles["decode"].replicas == pods - 2
 
 
