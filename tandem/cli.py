@@ -24,7 +24,11 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
-    "bench": {},
+    "bench": {
+        "routing": ("tandem.sim.des.bench:RoutingBench",
+                    "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
+        "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+    },
 }
 
 
