@@ -23,6 +23,7 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
+    "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "bench": {
         "routing": ("tandem.sim.des.bench:RoutingBench",
