@@ -29,6 +29,9 @@ COMMANDS: Registry = {
     "bench": {
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
+        "routing": ("tandem.sim.des.bench:RoutingBench",
+                    "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
+        "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

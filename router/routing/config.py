@@ -37,6 +37,8 @@ class RoutingConfig(BaseModel):
     migration: bool = Field(True, description="move queued requests off hot instances (dualmap only)")
     hotspot_wait_s: float = Field(3.0, gt=0, description="an instance whose oldest queued request waited this "
                                   "long is hot")
+    max_moves_per_request: int = Field(1, ge=0, le=16, description="a request moves at most this often "
+                                       "(stops two hot instances from trading it back and forth)")
     max_migrations_per_tick: int = Field(64, ge=0, le=100_000, description="bound on moves per rebalance")
     # --- bounds -------------------------------------------------------------------------------
     max_queued_per_instance: int = Field(4096, ge=1, description="gateway queue bound per instance (then 429)")

@@ -69,6 +69,7 @@ class _Entry:
     state: int
     enqueued_at: float
     seq: int
+    moves: int = 0
 
 
 class _InstanceQueue:
@@ -364,7 +365,10 @@ class Scheduler:
         # Lazy greedy: gains only shrink as moves load the targets and unload the source, so a
         # stale gain is an upper bound; re-evaluate the top item and apply it if it still leads.
         heap: list[tuple[float, int, str]] = []
+        cap = self.config.max_moves_per_request
         for e in q.live.values():
+            if e.moves >= cap:
+                continue
             gain, _, _ = self._best_target(e, src, now, alternatives)
             if gain > 0:
                 heap.append((-gain, e.seq, e.req.request_id))
@@ -389,6 +393,7 @@ class Scheduler:
         e.hit = hit
         e.miss = e.req.prompt_tokens - hit
         e.seq = next(self._seq)
+        e.moves += 1
         q = self._queues.get(tgt.id)
         if q is None:
             q = self._queues[tgt.id] = _InstanceQueue()
