@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TypeVar
 
+import aiohttp
 import anyio
 import httpx
 import xxhash
@@ -256,7 +257,7 @@ class Gateway:
                                timeout=s.scrape_timeout, stale_after=s.stale_after)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
-                                                 s.kubeconfig)
+                                                 s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
             await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))
@@ -369,8 +370,11 @@ class Gateway:
             reason = decision.reason
             remaining = deadline - time.monotonic()
             try:
-                waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
-                instance_id = await _unless_disconnected(request, waiting)
+                if released.done():  # released at once (not saturated): no need to watch the client
+                    instance_id = released.result()
+                else:
+                    waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                    instance_id = await _unless_disconnected(request, waiting)
             except NoInstanceError as exc:  # its instance went away and nothing else could take it
                 return self._done(policy, reason, "no_instance", _error(
                     503, str(exc), type_="server_error", retry_after=2))
@@ -435,7 +439,7 @@ class Gateway:
         try:
             async for chunk in relay(started):
                 yield chunk
-        except (httpx.TransportError, httpx.StreamError) as exc:
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
             outcome = "upstream_error"
             err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
             yield f"data: {json.dumps(err)}\n\n".encode()
@@ -444,8 +448,7 @@ class Gateway:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                assert started.response is not None
-                await started.response.aclose()
+                await started.close()
             pool.finished(rid)
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()

@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
+
+# Measured (``tandem bench gateway``, 64 concurrent short streams against one simulator on this
+# 2-core machine): httpx's pool topped out near 100-170 req/s, aiohttp's near the simulator's own
+# limit, so upstream traffic goes through aiohttp; httpx stays for low-rate calls (scrapes).
 
 
 class UpstreamFailure(Exception):
@@ -28,76 +32,89 @@ class Started:
     status: int
     headers: dict[str, str]
     first: bytes  # the first body chunk (streaming) or the whole body (non-streaming)
-    response: httpx.Response | None  # open streaming response; None when ``first`` is the whole body
-    rest: AsyncIterator[bytes] | None = None  # the response's raw chunk iterator, after ``first``
+    response: aiohttp.ClientResponse | None  # open streaming response; None when ``first`` is the whole body
+
+    async def close(self) -> None:
+        """Close the upstream connection (not back to the pool: the engine must see the abort)."""
+        if self.response is not None and not self.response.closed:
+            if self.response.content.at_eof():
+                self.response.release()
+            else:
+                self.response.close()
 
 
 _FORWARD = ("content-type", "cache-control")
+# Failures of the connection itself, before or while reading the first chunk.
+_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+           aiohttp.ClientResponseError, ConnectionError)
 
 
 class Upstream:
     def __init__(self, *, max_connections: int, connect_timeout: float, first_byte_timeout: float) -> None:
         self.connect_timeout, self.first_byte_timeout = connect_timeout, first_byte_timeout
-        self.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                keepalive_expiry=30.0),
-            timeout=httpx.Timeout(first_byte_timeout, connect=connect_timeout), http2=False,
-            trust_env=False)  # engines are internal: no environment proxies
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:  # created on the serving loop
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0, keepalive_timeout=30,
+                                             enable_cleanup_closed=True)
+            # Engines are internal: no environment proxies; bodies are relayed as sent (no decompression).
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False, auto_decompress=False)
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def start(self, url: str, body: bytes, *, stream: bool, budget_s: float,
                     headers: dict[str, str] | None = None) -> Started:
         """Send and wait for the start; ``budget_s`` bounds the whole wait (the request's deadline)."""
         read = min(self.first_byte_timeout, budget_s) if stream else budget_s
-        t = httpx.Timeout(connect=min(self.connect_timeout, budget_s), read=read, write=read,
-                          pool=min(self.connect_timeout, budget_s))
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(self.connect_timeout, budget_s), sock_read=read)
         hdrs = {"content-type": "application/json", **(headers or {})}
-        request = self.client.build_request("POST", url, content=body, headers=hdrs, timeout=t)
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
-            response = await self.client.send(request, stream=True)
+            response = await self.session.post(url, data=body, headers=hdrs, timeout=timeout)
             out_headers = {k: v for k, v in response.headers.items() if k.lower() in _FORWARD}
-            if response.status_code >= 500 or not stream or response.status_code >= 400:
-                content = await response.aread()
-                await response.aclose()
-                if response.status_code >= 500:
-                    raise UpstreamFailure("status", f"engine answered {response.status_code}", fatal=False,
-                                          status=response.status_code)
-                return Started(response.status_code, out_headers, content, None)
-            chunks = response.aiter_raw()
-            first = b""
-            while not first:  # skip empty reads; the first non-empty chunk is the start
-                first = await anext(chunks)
-            return Started(response.status_code, out_headers, first, response, chunks)
+            if response.status >= 400 or not stream:
+                content = await response.read()
+                response.release()
+                if response.status >= 500:
+                    raise UpstreamFailure("status", f"engine answered {response.status}", fatal=False,
+                                          status=response.status)
+                return Started(response.status, out_headers, content, None)
+            first = await response.content.readany()
+            if not first:
+                response.close()
+                raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True)
+            return Started(response.status, out_headers, first, response)
         except UpstreamFailure:
             raise
-        except StopAsyncIteration:
-            await _close(response)
-            raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True) from None
-        except httpx.ConnectError as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise UpstreamFailure("connect", f"cannot connect: {exc}", fatal=True) from None
-        except httpx.TimeoutException:
-            await _close(response)
-            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=True) from None
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            await _close(response)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            # Not fatal on its own: an overloaded engine is slow, not broken; repeated ones open the circuit.
+            _abort(response)
+            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
+        except _BROKEN as exc:
+            _abort(response)
             raise UpstreamFailure("protocol", f"connection broke: {type(exc).__name__}", fatal=True) from None
         except BaseException:
-            await _close(response)  # cancelled (client went away): close the upstream connection
+            _abort(response)  # cancelled (client went away): close the upstream connection
             raise
 
 
-async def _close(response: httpx.Response | None) -> None:
+def _abort(response: aiohttp.ClientResponse | None) -> None:
     if response is not None:
-        await response.aclose()
+        response.close()
 
 
 async def relay(started: Started) -> AsyncIterator[bytes]:
     """The rest of a started stream, chunk by chunk as the engine sends it (no buffering)."""
-    assert started.rest is not None
+    assert started.response is not None
     yield started.first
-    async for chunk in started.rest:
+    async for chunk in started.response.content.iter_any():
         if chunk:
             yield chunk

@@ -44,6 +44,7 @@ class GatewaySettings(TandemSettings):
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
     k8s_port: int = Field(8000, gt=0, le=65535,
                           description="engine port when a pod names none (annotation/port 'http')")
+    k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
     policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
@@ -78,6 +79,8 @@ class GatewaySettings(TandemSettings):
     rate_limit_tpm: int | None = Field(None, gt=0, description="default prompt+output tokens/minute per key")
     max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
+    loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "
+                                               "(when installed) or asyncio+h11")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", mode="before")(

@@ -32,6 +32,7 @@ COMMANDS: Registry = {
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+        "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),
