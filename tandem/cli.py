@@ -33,6 +33,7 @@ COMMANDS: Registry = {
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

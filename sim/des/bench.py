@@ -16,6 +16,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
@@ -27,9 +28,26 @@ from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.scheduler import Scheduler
 from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
-from tandem.sim.des.simulator import DESConfig, DESResult, PreparedRequest, prepare, simulate, with_arrivals
+from tandem.sim.des.simulator import (
+    DESConfig,
+    DESResult,
+    PreparedRequest,
+    Simulation,
+    prepare,
+    simulate,
+    with_arrivals,
+)
 from tandem.sim.profile import load_profile
-from tandem.traces import TRACE_DIR, TraceFormatError, detect_format, load_trace, mean_qps, rescale_to_qps, select
+from tandem.traces import (
+    TRACE_DIR,
+    TraceFormatError,
+    TraceRequest,
+    detect_format,
+    load_trace,
+    mean_qps,
+    rescale_to_qps,
+    select,
+)
 
 DEFAULT_TRACE = TRACE_DIR / "conversation_trace.jsonl"
 
@@ -348,3 +366,61 @@ def time_decisions(policy_name: str, n: int, reqs: list[PreparedRequest], decisi
     samples.sort()
     return {"p50_us": round(statistics.median(samples), 2), "p99_us": round(_quantile(samples, 0.99), 2),
             "mean_us": round(statistics.fmean(samples), 2)}
+
+
+def tile_trace(trace: list[TraceRequest], count: int) -> list[TraceRequest]:
+    """``count`` requests from repeated copies of ``trace``; each copy gets its own block-id space
+    (so copies do not hit each other's caches) and follows the previous one in time."""
+    if not trace:
+        raise ValueError("empty trace")
+    stride = max((max(r.hash_ids) for r in trace if r.hash_ids), default=0) + 1
+    span = trace[-1].arrival - trace[0].arrival + 1.0
+    out: list[TraceRequest] = []
+    copy = 0
+    while len(out) < count:
+        for r in trace[: count - len(out)]:
+            out.append(replace(r, arrival=r.arrival + copy * span,
+                               hash_ids=tuple(h + copy * stride for h in r.hash_ids)))
+        copy += 1
+    return out
+
+
+class DESBench(TandemSettings):
+    """Wall-clock speed of the discrete-event simulator on a large replay (one policy, one QPS)."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_DES_")
+
+    trace: Path = Field(DEFAULT_TRACE, description="Mooncake JSONL or Azure CSV trace, tiled to --requests")
+    requests: int = Field(100_000, ge=1, description="requests to replay")
+    instances: int = Field(64, ge=1, le=100_000, description="simulated engine instances")
+    qps: float = Field(48.0, gt=0, description="arrival rate the trace is rescaled to")
+    policy: str = Field("dualmap", description="routing policy")
+    profile: str = Field("llama3-8b-h100", description="performance profile of every instance")
+    json_out: Path | None = Field(None, alias="json", description="write the figures as JSON here")
+
+    @field_validator("policy")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown policy {v!r}; available: {', '.join(POLICIES)}")
+        return v
+
+    def cli_cmd(self) -> None:
+        try:
+            trace = load_trace(self.trace)
+        except (TraceFormatError, OSError) as exc:
+            raise SystemExit(f"tandem bench des: trace: {exc}") from exc
+        t0 = time.perf_counter()
+        reqs = prepare(rescale_to_qps(tile_trace(trace, self.requests), self.qps))
+        t1 = time.perf_counter()
+        sim = Simulation(reqs, self.policy, RoutingConfig(), DESConfig(instances=self.instances, profile=self.profile))
+        res = sim.run()
+        t2 = time.perf_counter()
+        point = summarise(res, self.qps, 0, RoutingConfig().slo_ttft_s)
+        figures = {"requests": self.requests, "instances": self.instances, "qps": self.qps, "policy": self.policy,
+                   "prepare_s": round(t1 - t0, 2), "simulate_s": round(t2 - t1, 2), "events": res.events,
+                   "events_per_s": round(res.events / (t2 - t1)), "simulated_s": round(res.end_time, 1),
+                   "attainment": round(point.attainment, 4), "hit_ratio": round(point.hit_ratio, 4)}
+        print(json.dumps(figures, indent=2))
+        if self.json_out:
+            self.json_out.write_text(json.dumps(figures, indent=2))
