@@ -29,6 +29,10 @@ COMMANDS: Registry = {
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
     },
+    "operator": {
+        "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),
+        "crds": ("tandem.operator.cli:OperatorCrdsCommand", "write the CRD YAML generated from tandem.api"),
+    },
 }
 
 
