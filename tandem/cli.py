@@ -24,7 +24,8 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
-    "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand", "size each LLMService's pools from load, SLOs and the profile"),
+    "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",
+                   "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
