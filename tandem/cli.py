@@ -25,7 +25,8 @@ COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
-    "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand", "size each LLMService's pools from load, SLOs and the profile"),
+    "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",
+                   "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),

@@ -1,5 +1,6 @@
 """The autoscaler's pure core with hand-made observations: sizing, feedback, control, budgets."""
 
+import itertools
 import math
 import random
 
@@ -189,7 +190,7 @@ def test_no_oscillation_under_noisy_load() -> None:
         state, ready = d.state, d.replicas
         history.append((10.0 * i, d.roles["decode"].target))
     changes = []
-    for (t0, a), (_, b) in zip(history, history[1:], strict=False):
+    for (t0, a), (_, b) in itertools.pairwise(history):
         if b != a:
             changes.append((t0, 1 if b > a else -1))
     flips = [t for (t, d1), (_, d0) in zip(changes[1:], changes, strict=False) if d1 != d0]
