@@ -237,6 +237,8 @@ async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
         shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
                    if d and d["kind"] == "ClusterRole"]
         assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component
+    operator = one(docs, "Deployment", "/tandem-operator")["spec"]
+    assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
     binding = one(docs, "ClusterRoleBinding", "/tandem-operator")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
     # The operator's per-service gateways run as the chart's gateway ServiceAccount.
@@ -325,7 +327,8 @@ async def test_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
 
 
 async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
-    """The flags the chart passes parse in `tandem operator run` and `tandem gateway` as they are."""
+    """The flags the chart passes parse in `tandem operator run`, `gateway` and `autoscaler` as they are."""
+    from tandem.autoscaler.cli import AutoscalerCommand
     from tandem.operator.cli import OperatorRunCommand
     from tandem.router.settings import GatewaySettings
 
@@ -340,6 +343,13 @@ async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> Non
         assert gateway[0] == "gateway"
         settings = GatewaySettings(_cli_parse_args=gateway[1:])
         assert settings.discovery == "kubernetes" and settings.host == "0.0.0.0"
+        autoscaler = args_of(docs, "/tandem-autoscaler")
+        assert autoscaler[0] == "autoscaler"
+        scaler = AutoscalerCommand(_cli_parse_args=autoscaler[1:])
+        assert scaler.gateway_url == "http://tandem-gateway.tandem-system.svc:80"
+        assert scaler.namespaces == (["llm-a", "llm-b"] if values else ["tandem-system"])
+        ports = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert ports == [{"name": "metrics", "containerPort": scaler.metrics_port, "protocol": "TCP"}]
 
 
 @pytest.mark.parametrize(("values", "field"), [
@@ -349,6 +359,8 @@ async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> Non
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"gateway": {"redis": {"url": "http://not-redis"}}}, "url"),
     ({"gateway": {"replicas": 3}}, "gateway.replicas"),  # several gateways need shared state
+    ({"gateway": {"enabled": False}}, "autoscaler.gatewayUrl"),  # the autoscaler needs a gateway
+    ({"operator": {"replicas": 2}}, "replicas"),  # one operator only (kopf without peering)
 ])
 async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, values: dict[str, Any],
                                                             field: str) -> None:

@@ -125,23 +125,32 @@ ENGINES = [
 AUTOSCALER = [
     Panel("Desired vs ready replicas per role",
           [("sum by (service, role) (tandem_autoscaler_desired_replicas)", "desired {{service}} {{role}}"),
+           ("sum by (service, role) (tandem_autoscaler_target_replicas)", "target {{service}} {{role}}"),
            ('sum by (role) (tandem_instances{state="healthy"})', "ready (gateway view) {{role}}"),
-           ("max by (service, role) (tandem_autoscaler_max_replicas)", "max {{service}} {{role}}")], width=24,
-          description="desired: the autoscaler's last decision; ready: healthy instances the gateways route to."),
-    Panel("Scaling decisions by reason",
-          [(f"sum by (role, direction, reason) (increase(tandem_autoscaler_decisions_total[{RATE}]))",
-            "{{role}} {{direction}}: {{reason}}")], kind="barchart"),
+           ("sum by (service, role) (tandem_autoscaler_draining_instances)", "draining {{service}} {{role}}")],
+          width=24, description="desired: replicas set by the last decision (target plus instances still "
+                                "draining); target: where the role settles; ready: healthy instances the "
+                                "gateways route to."),
+    Panel("Scaling actions per role",
+          [(f"sum by (service, role, direction) (increase(tandem_autoscaler_scaling_actions_total[{RATE}]))",
+            "{{service}} {{role}} {{direction}}")], kind="barchart",
+          description="The reason of each decision is in the LLMService's status (kubectl get llms -o yaml: "
+                      "status.lastScalingDecision) and in its Events."),
+    Panel("Capacity model: needed replicas and per-instance goodput",
+          [("sum by (service, role) (tandem_autoscaler_needed_replicas)", "needed {{service}} {{role}}"),
+           ("sum by (service, role) (tandem_autoscaler_goodput_rps)", "goodput rps/instance {{service}} {{role}}")],
+          description="needed = R-hat / goodput; above target for long means the pool is capped "
+                      "(maxReplicas or the GPU budget): see the TandemAutoscalerAtMax alert."),
     Panel("Arrival rate: forecast vs observed",
           [("sum by (service) (tandem_autoscaler_forecast_rps)", "forecast R-hat {{service}}"),
            (f"sum(rate(tandem_requests_total[{RATE}]))", "observed (gateways)")], "reqps"),
-    Panel("Offload length threshold", [("max by (service) (tandem_autoscaler_offload_threshold_tokens)",
-                                        "{{service}}")], "short",
-          description="Prompts whose uncached part is longer go to the RemotePrefillPool; it rises as the link fills."),
-    Panel("Link utilisation to remote prefill", [("max by (service) (tandem_autoscaler_link_utilization)",
-                                                  "{{service}}")], "percentunit"),
+    Panel("Autoscaler ticks and errors",
+          [(f"sum by (service) (rate(tandem_autoscaler_ticks_total[{RATE}]))", "ticks {{service}}"),
+           (f"sum by (service, stage) (rate(tandem_autoscaler_errors_total[{RATE}]))", "errors {{service}} {{stage}}")],
+          "ops"),
     Panel("TTFT SLO attainment (recorded, 5 s SLO)", [("avg(tandem:ttft_slo_attainment:ratio_rate5m)", "5m"),
                                                       ("avg(tandem:ttft_slo_attainment:ratio_rate1h)", "1h")],
-          "percentunit", width=24),
+          "percentunit"),
 ]
 
 DASHBOARDS = {
