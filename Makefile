@@ -35,6 +35,7 @@ crds: $(STAMP)
 generate: crds
 	$(BIN)/python tools/gen_dashboards.py
 	$(BIN)/python tools/gen_crd_reference.py
+	$(BIN)/python tools/gen_metric_reference.py
 	$(BIN)/python tools/sync_chart.py
 
 lint: $(STAMP)

@@ -257,6 +257,7 @@ async def test_full_install(tmp_path: Path) -> None:
     assert env["TANDEM_GATEWAY_REDIS_URL"] == "redis://tandem-redis.tandem-system.svc:6379/0"
     assert "--api-keys-file=/etc/tandem/keys/keys.yaml" in container["args"]
     assert "--rate-limit-rpm=600" in container["args"]
+    assert "--k8s-namespace=llm-a" in container["args"]  # discovers engines where LLMServices live
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
     assert volumes["api-keys"]["secret"]["secretName"] == "tandem-keys"
     operator_args = args_of(docs, "/tandem-operator")
