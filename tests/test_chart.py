@@ -20,7 +20,9 @@ import copy
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -373,15 +375,62 @@ async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, valu
 
 
 @pytest.mark.realk8s
-async def test_install_on_a_real_api_server(tmp_path: Path) -> None:
+def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
+    """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
+    deploy/examples/aggregated-8b.yaml into Deployments."""
     if not REAL_KUBECONFIG:
         pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
-    namespace = f"tandem-chart-{uuid.uuid4().hex[:6]}"
-    config = helm.Configuration(namespace=namespace, kubeconfig=REAL_KUBECONFIG)
-    release = await helm.Install(config).run("tandem", str(CHART), wait=False, timeout=120, create_namespace=True)
+    from kubernetes import client, config
+
+    release_ns, engine_ns = (f"tandem-chart-{uuid.uuid4().hex[:6]}", f"llm-{uuid.uuid4().hex[:6]}")
+    api = config.new_client_from_config(REAL_KUBECONFIG)
+    core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    core.create_namespace({"metadata": {"name": engine_ns}})
+    helm_config = helm.Configuration(namespace=release_ns, kubeconfig=REAL_KUBECONFIG)
+    operator = None
     try:
+        release = asyncio.run(helm.Install(helm_config).run(
+            "tandem", str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
+            create_namespace=True))
         assert release["info"]["status"] == "deployed"
-        status = await helm.Status(config).run("tandem")
-        assert status["info"]["status"] == "deployed"
+        # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
+        token = core.create_namespaced_service_account_token(
+            "tandem-operator", release_ns, {"spec": {"expirationSeconds": 3600}}).status.token
+        real = yaml.safe_load(Path(REAL_KUBECONFIG).read_text())
+        cluster = next(c["cluster"] for c in real["clusters"])
+        sa_config = tmp_path / "operator-kubeconfig"
+        sa_config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "sa", "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+        args = args_of([d for d in yaml.safe_load_all(release["manifest"]) if d],
+                       "/tandem-operator")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", *[a for a in args if not a.startswith("--liveness-port")],
+             "--liveness-port=0", f"--kubeconfig={sa_config}"], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        example = yaml.safe_load((ROOT / "deploy" / "examples" / "aggregated-8b.yaml").read_text())
+        example["metadata"]["namespace"] = engine_ns
+        custom.create_namespaced_custom_object("serving.tandem.dev", "v1alpha1", engine_ns, "llmservices", example)
+        name = example["metadata"]["name"]
+        wanted = {f"{name}-unified", f"{name}-gateway"}
+        for _ in range(120):
+            found = {d.metadata.name for d in apps.list_namespaced_deployment(engine_ns).items}
+            if wanted <= found:
+                break
+            time.sleep(0.5)
+        assert wanted <= found
+        unified = apps.read_namespaced_deployment(f"{name}-unified", engine_ns)
+        assert unified.spec.replicas == example["spec"]["pools"]["unified"]["replicas"]
+        gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
+        assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
+        assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
     finally:
-        await helm.Uninstall(config).run("tandem", wait=False)
+        if operator is not None and operator.poll() is None:
+            operator.terminate()
+            operator.wait(10)
+        with contextlib.suppress(Exception):
+            asyncio.run(helm.Uninstall(helm_config).run("tandem", wait=False))
+        for ns in (engine_ns, release_ns):
+            with contextlib.suppress(Exception):
+                core.delete_namespace(ns)
