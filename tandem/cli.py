@@ -26,8 +26,12 @@ COMMANDS: Registry = {
     "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
+    "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",
+                   "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
+                      "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),

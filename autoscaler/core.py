@@ -1,0 +1,230 @@
+"""The autoscaler's pure core: one tick turns observations into replicas per role.
+
+Sizing (DistServe): replicas = ceil(R-hat / (goodput x correction)), R-hat a high quantile of the
+arrival-rate forecast one start-up delay ahead, goodput from :mod:`tandem.autoscaler.capacity`.
+
+Correction (the queue-time feedback): the model can be optimistic (bursts within the window,
+routing imbalance, a slow node). When the observed attainment of a role's objective is below
+target with enough samples, the role's learned ``goodput_scale`` shrinks in proportion to the
+shortfall and the role gains at least one instance, even if the model says it has enough. It
+relaxes slowly back towards 1 while attainment is comfortably above target. While instances are
+still starting, no extra correction is taken: the capacity already ordered has not arrived.
+
+Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``; shrink
+only to the largest need seen over ``scale_down_stabilization_s`` plus ``hysteresis`` headroom,
+and only ``scale_down_cooldown_s`` after the role last changed (slow), so a role changes
+direction at most once per cooldown window. Bounds and GPU budgets clamp the result.
+
+Draining contract (scale-down never cuts requests): a decision carries, per role, ``drain``
+(how many instances must be marked draining) and ``replicas`` (what to set the pool to now).
+The actuator marks that many instances draining (pod annotation ``serving.tandem.dev/draining``
+plus a low ``controller.kubernetes.io/pod-deletion-cost`` so the ReplicaSet removes exactly those);
+the gateway stops routing to a draining instance; once one is idle (or its drain timed out) the
+observation source reports it as ``drained`` and the next tick lowers ``replicas`` by that many.
+If load returns first, ``drain`` falls and the actuator un-marks instances before any pod starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+from tandem.autoscaler import forecast
+from tandem.autoscaler.capacity import CapacityModel
+from tandem.autoscaler.models import (
+    AutoscalerSpec,
+    AutoscalerState,
+    Decision,
+    Observations,
+    Role,
+    RoleDecision,
+    RoleObservation,
+    RoleState,
+)
+from tandem.sim.profile import Profile
+
+MIN_GOODPUT_SCALE = 0.3
+RELAX_PER_TICK = 1.03
+
+OffloadSolver = Callable[[Observations, AutoscalerSpec], int | None]
+
+
+def goodputs(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec) -> dict[Role, float]:
+    """Per-instance goodput of each role of the service's mode (requests/s)."""
+    if spec.mode == "aggregated":
+        return {"unified": cap.unified_goodput(obs.length_mix, obs.prefix_hit_ratio)}
+    return {
+        "prefill": cap.prefill_goodput(obs.length_mix, obs.prefix_hit_ratio),
+        "decode": cap.decode_goodput(obs.length_mix),
+    }
+
+
+def _attainment(role: Role, obs: Observations) -> float | None:
+    """The observed attainment that this role's capacity governs."""
+    if role == "prefill":
+        return obs.ttft_attainment
+    if role == "decode":
+        return obs.tpot_attainment
+    values = [a for a in (obs.ttft_attainment, obs.tpot_attainment) if a is not None]
+    return min(values) if values else None
+
+
+def _pods(o: RoleObservation) -> int:
+    return o.ready + o.starting + o.draining + o.drained
+
+
+def role_decision(role: Role, target: int, o: RoleObservation, needed: float, goodput: float,
+                  reason: str) -> RoleDecision:
+    """Apply the draining contract: shrink the pool only by instances already drained."""
+    pods = _pods(o)
+    if target >= pods:
+        return RoleDecision(replicas=target, target=target, drain=0, needed=needed, goodput_rps=goodput,
+                            reason=reason)
+    drain = pods - target
+    return RoleDecision(replicas=pods - min(o.drained, drain), target=target, drain=drain, needed=needed,
+                        goodput_rps=goodput, reason=reason)
+
+
+def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: AutoscalerState | None = None,
+         *, offload_solver: OffloadSolver | None = None, capacity: CapacityModel | None = None) -> Decision:
+    """One control step. Pure: the same inputs always give the same decision and next state."""
+    state = previous or AutoscalerState()
+    now = obs.time_s
+    fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
+    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile)
+    cap = capacity or CapacityModel(profile, spec.slo)
+    rates = goodputs(cap, obs, spec)
+    target_att = spec.slo.attainment
+
+    roles: dict[Role, RoleDecision] = {}
+    new_states: dict[Role, RoleState] = {}
+    for role in spec.roles:
+        o = obs.roles.get(role)
+        if o is None:
+            raise ValueError(f"observations.roles lacks {role!r}, which {spec.mode} mode needs")
+        bounds = spec.bounds(role)
+        rs = state.roles.get(role) or RoleState(replicas=max(o.provisioned, bounds.min_replicas))
+        current = rs.replicas
+        scale = rs.goodput_scale
+        why: list[str] = []
+
+        att = _attainment(role, obs)
+        short = att is not None and obs.completed >= spec.min_samples and att < target_att
+        # Capacity ordered by the last scale-up must have served a whole window before the
+        # window's attainment says anything about it; otherwise one shortfall is counted again
+        # every tick while the new instances start.
+        settled = o.starting == 0 and (rs.last_up_s is None
+                                       or now - rs.last_up_s >= spec.startup_delay_s + obs.window_s)
+        if short and settled:
+            assert att is not None
+            scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(0.5, 2 * (target_att - att))))
+        elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
+            scale = min(1.0, scale * RELAX_PER_TICK)
+
+        goodput = rates[role]
+        needed = r_hat / (goodput * scale) if goodput > 0 else math.inf
+        want = bounds.max_replicas if math.isinf(needed) else math.ceil(needed - 1e-9)
+        why.append(f"R-hat {r_hat:.2f} rps / goodput {goodput:.2f} x {scale:.2f} = {needed:.2f}")
+        if short and settled and want <= current:
+            want = current + 1
+            why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
+
+        recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
+        recent.append((now, want))
+        want = max(bounds.min_replicas, min(bounds.max_replicas, want))
+
+        target, direction = current, 0
+        if want > current:
+            if rs.last_up_s is not None and now - rs.last_up_s < spec.scale_up_cooldown_s:
+                why.append("scale-up cooldown")
+            else:
+                target, direction = want, 1
+        elif want < current:
+            stable = max(n for _, n in recent)
+            floor = math.ceil(stable * (1 + spec.hysteresis) - 1e-9) if stable > 0 else 0
+            candidate = max(bounds.min_replicas, min(current, floor))
+            last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
+            since = now if rs.observed_since_s is None else rs.observed_since_s
+            if now - since < spec.scale_down_stabilization_s:
+                why.append("no scale-down before a full stabilization window was observed")
+            elif candidate >= current:
+                why.append("held by stabilization window / hysteresis")
+            elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
+                why.append("scale-down cooldown")
+            else:
+                target, direction = candidate, -1
+
+        if direction:
+            why.insert(0, f"{role} {current}->{target}")
+        else:
+            why.insert(0, f"{role} stays {current}")
+        new_states[role] = RoleState(
+            replicas=target,
+            last_up_s=now if direction > 0 else rs.last_up_s,
+            last_down_s=now if direction < 0 else rs.last_down_s,
+            last_direction=direction or rs.last_direction,
+            goodput_scale=scale,
+            observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
+            recent_needs=recent,
+        )
+        roles[role] = role_decision(role, target, o, 0.0 if math.isinf(needed) else needed, goodput,
+                                    "; ".join(why))
+
+    new_state = AutoscalerState(forecast=fc, roles=new_states)
+    decision = Decision(
+        roles=roles,
+        offload_threshold=offload_solver(obs, spec) if offload_solver else obs.offload_threshold,
+        forecast_rps=r_hat,
+        reason=" | ".join(d.reason for d in roles.values()),
+        state=new_state,
+    )
+    if spec.gpu_budget is not None:
+        decision = apply_budget({"": (decision, spec, obs)}, spec.gpu_budget)[""]
+    return decision
+
+
+def share_budget(demands: Mapping[str, tuple[int, int, int]], budget: int) -> dict[str, int]:
+    """Cut replica demands (want, min, gpus per replica) to fit ``budget`` GPUs.
+
+    Every pool keeps its minimum; the GPUs above the minimums go to the pools in proportion to
+    what they asked for beyond their minimum, so a disaggregated service keeps its P:D balance.
+    """
+    base = sum(mn * g for _, mn, g in demands.values())
+    want = sum(w * g for w, _, g in demands.values())
+    if want <= budget:
+        return {k: w for k, (w, _, _) in demands.items()}
+    spare = max(0, budget - base)
+    extra_total = want - base
+    out = {k: mn + int((w - mn) * g * spare / extra_total) // g for k, (w, mn, g) in demands.items()}
+    # Hand out what rounding left, one replica at a time, to the pools furthest below their share.
+    left = budget - sum(out[k] * demands[k][2] for k in out)
+    while left > 0:
+        open_ = [k for k, (w, _, g) in demands.items() if out[k] < w and g <= left]
+        if not open_:
+            break
+        k = max(open_, key=lambda k: (demands[k][0] - out[k]) / max(demands[k][0], 1))
+        out[k] += 1
+        left -= demands[k][2]
+    return out
+
+
+def apply_budget(services: Mapping[str, tuple[Decision, AutoscalerSpec, Observations]],
+                 budget: int) -> dict[str, Decision]:
+    """Fit several services' decisions into one GPU budget (the global budget across services)."""
+    demands = {(name, role): (d.target, spec.bounds(role).min_replicas, spec.bounds(role).gpus_per_replica)
+               for name, (dec, spec, _) in services.items() for role, d in dec.roles.items()}
+    granted = share_budget(demands, budget)
+    out: dict[str, Decision] = {}
+    for name, (dec, _, obs) in services.items():
+        roles = dict(dec.roles)
+        states = dict(dec.state.roles)
+        for role, d in dec.roles.items():
+            got = granted[(name, role)]
+            if got < d.target:
+                reason = f"{d.reason}; capped {d.target}->{got} by GPU budget {budget}"
+                roles[role] = role_decision(role, got, obs.roles[role], d.needed, d.goodput_rps, reason)
+                states[role] = states[role].model_copy(update={"replicas": got})
+        state = dec.state.model_copy(update={"roles": states})
+        reason = " | ".join(d.reason for d in roles.values())
+        out[name] = dec.model_copy(update={"roles": roles, "state": state, "reason": reason})
+    return out
