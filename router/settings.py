@@ -37,8 +37,14 @@ class GatewaySettings(TandemSettings):
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one)")
     instances: UrlList = Field(default_factory=list,
                                description="unified engine URLs, comma-separated (static discovery)")
-    prefill_instances: UrlList = Field(default_factory=list, description="prefill engine URLs (stored for PD serving)")
-    decode_instances: UrlList = Field(default_factory=list, description="decode engine URLs (stored for PD serving)")
+    prefill_instances: UrlList = Field(default_factory=list, description="prefill engine URLs (disaggregated serving)")
+    decode_instances: UrlList = Field(default_factory=list, description="decode engine URLs (disaggregated serving)")
+    pd_engine: Literal["vllm", "sglang"] = Field("vllm", description="KV handshake of the prefill/decode engines: "
+                                                 "vllm (kv_transfer_params) or sglang (bootstrap room)")
+    pd_bootstrap_port: int | None = Field(None, gt=0, le=65535, description="sglang: prefill bootstrap port "
+                                          "(default: the prefill's own port, as the simulator serves it)")
+    pd_max_hops: int = Field(2, ge=0, le=16, description="prefill refusals (full queue) forwarded to the next "
+                             "candidate before answering 503")
     discovery: Literal["static", "kubernetes"] = Field("static", description="where instances come from")
     k8s_namespace: str = Field("default", description="kubernetes discovery: namespace to watch")
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
