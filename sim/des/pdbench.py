@@ -180,6 +180,8 @@ class OffloadBench(TandemSettings):
     requests: int = Field(500, ge=20, description="measured requests")
     warmup: int = Field(50, ge=0, description="leading requests replayed but not measured")
     tolerance: float = Field(0.05, gt=0, lt=1, description="bisection stops at this relative rate gap")
+    util_window_s: float = Field(5.0, gt=0, description="link utilisation is averaged over windows this long "
+                                 "(peak = the busiest window)")
     common_qps: float | None = Field(None, gt=0, description="rate at which latency and link use are compared "
                                      "(default: 0.8 x the homogeneous throughput)")
     seed: int = Field(0, ge=0, description="workload and ring seed")
@@ -291,7 +293,7 @@ class OffloadRunner:
             start = min(r.arrival for r in measured)
             end = max((r.finished_at or r.arrival) for r in measured)
             link = run.remote_link
-            windows = link.window_utilisation(0.0, max(run.end_time, link.clock, 1e-9), 1.0) \
+            windows = link.window_utilisation(0.0, max(run.end_time, link.clock, 1e-9), self.bench.util_window_s) \
                 if run.end_time > 0 else [0.0]
             self.runs[key] = {
                 "qps": qps, "results": measured,
