@@ -88,3 +88,11 @@ def test_planner_and_capacity_search() -> None:
 def test_bad_configuration_is_refused() -> None:
     with pytest.raises(ValueError, match="remote_prefill"):
         simulate_pd(mix(5), PDConfig(local_prefill=1, decode=1, mode="selective"))
+
+
+def test_steady_attainment_sees_a_backlog_that_only_late_arrivals_suffer() -> None:
+    from tandem.sim.des.pdbench import steady_attainment
+
+    outcomes = [(float(i), i < 85) for i in range(100)]  # 85% overall, the last 15 all miss
+    assert steady_attainment(outcomes) == pytest.approx(0.25)  # last 20%: 5 of 20 met
+    assert steady_attainment([(float(i), True) for i in range(10)]) == 1.0
