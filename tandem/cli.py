@@ -25,6 +25,7 @@ COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
+    "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "bench": {
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
@@ -32,6 +33,7 @@ COMMANDS: Registry = {
         "offload": ("tandem.sim.des.pdbench:OffloadBench",
                     "homogeneous PD vs naive vs selective cross-datacenter prefill offload, in the DES"),
         "pd": ("tandem.sim.des.pdbench:PDBench", "aggregated vs disaggregated goodput at TTFT and TPOT SLOs"),
+        "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
 }
 

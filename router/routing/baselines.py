@@ -97,8 +97,9 @@ class ConsistentHashPolicy:
 
     def choose(self, req: RouteRequest, cluster: ClusterView) -> Decision:
         instances = cluster.instances
-        if len(self.ring) != len(instances):
-            self.ring.sync(instances)
+        if len(instances) > len(self.ring):  # joins not announced; a subset view must not shrink the ring
+            for iid in instances:
+                self.ring.add(iid)
         key = self.keyer.observe(req)
         iid = self.ring.first(key, lambda i: (s := instances.get(i)) is not None and s.routable)
         if iid is None:

@@ -156,5 +156,7 @@ class DualRing:
         first = self.a.first(key, ok)
         if first is None:
             return None
-        second = self.b.first(key, lambda o: o != first and ok(o))
+        second = self.b.owner(key)
+        if second == first or second is None or not ok(second):
+            second = self.b.first(key, lambda o: o != first and ok(o))
         return first, second if second is not None else first
