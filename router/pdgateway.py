@@ -19,15 +19,13 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import anyio
-import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
 from tandem.router.pd import (
@@ -40,7 +38,7 @@ from tandem.router.pd import (
     vllm_prefill_body,
 )
 from tandem.router.pool import Instance, Pool, QueueFull
-from tandem.router.proxy import Started, UpstreamFailure, relay
+from tandem.router.proxy import Started, UpstreamFailure
 from tandem.router.routing.scheduler import QueueFullError
 from tandem.router.routing.types import NoInstanceError, RouteRequest
 
@@ -228,8 +226,9 @@ class PDRouter:
             self.gw.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
             handed_off = True
-            return StreamingResponse(self._relay(started, d_inst, policy, t0), status_code=started.status,
-                                     headers=headers, media_type="text/event-stream")
+            from tandem.router.app import RelayResponse, _Stream  # app imports this module
+
+            return RelayResponse(_Stream(started, self._finisher(d_inst, policy, t0)), started.status, headers)
         finally:
             if not handed_off:
                 d_inst.state.inflight_requests -= 1
@@ -282,26 +281,15 @@ class PDRouter:
             retry.prefill = p_inst.id
             raise
 
-    async def _relay(self, started: Started, d_inst: Instance, policy: str, t0: float) -> AsyncIterator[bytes]:
-        outcome = "ok"
-        try:
-            async for chunk in relay(started):
-                yield chunk
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            outcome = "upstream_error"
-            err = error_body(f"decode engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        except BaseException:
-            outcome = "client_gone"
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                assert started.response is not None
-                await started.response.aclose()
+    def _finisher(self, d_inst: Instance, policy: str, t0: float) -> Callable[[str], None]:
+        """The accounting run exactly once when the relayed decode stream ends, however it ends."""
+        def finish(outcome: str) -> None:
             d_inst.state.inflight_requests -= 1
             self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
             self.gw._leave()
+
+        return finish
 
     def tick(self) -> None:
         for pool in self.pools.values():
@@ -314,5 +302,4 @@ async def _cancel(task: asyncio.Future[Any]) -> None:
         started = await task
     except BaseException:  # the leg is abandoned: its failure is not the request's
         return
-    if started.response is not None:  # it had started: close the upstream stream
-        await started.response.aclose()
+    await started.close()  # it had started: drop the upstream stream

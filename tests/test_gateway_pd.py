@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from gatewayutil import completion_body, gateway_app, serve, sim_app, sse_text
+import uvicorn
+from gatewayutil import completion_body, gateway_app, sim_app, sse_text
+
+from tandem.serve import serve
 
 MODEL = "Llama-3-8B"
 PROMPT = "Disaggregated serving moves the prompt's KV cache from a prefill engine to a decode engine. " * 12
@@ -20,6 +25,23 @@ def pd_gateway(prefill: list[str], decode: list[str], **kw: object):
 
 async def kv_log(client: httpx.AsyncClient, url: str) -> dict:
     return (await client.get(url + "/admin/kv")).json()
+
+
+@contextlib.asynccontextmanager
+async def serve_dying(app: DiesAfterHandshake) -> AsyncIterator[str]:
+    """Like :func:`tandem.serve.serve`, but the wrapper gets the server so it can shut it down."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
+                                           access_log=False, timeout_graceful_shutdown=1))
+    app.server = server
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class DiesAfterHandshake:
@@ -58,18 +80,18 @@ class DiesAfterHandshake:
 
 @pytest.fixture
 async def vllm_pd():
-    async with serve(sim_app(role="prefill", engine_id="p0")) as (p0, _), \
-            serve(sim_app(role="prefill", engine_id="p1")) as (p1, _), \
-            serve(sim_app(role="decode", kv_link_gbps=50.0)) as (d0, _), \
-            serve(sim_app(role="decode", kv_link_gbps=50.0)) as (d1, _), \
-            serve(pd_gateway([p0, p1], [d0, d1])) as (gw, _):
+    async with serve(sim_app(role="prefill", engine_id="p0")) as p0, \
+            serve(sim_app(role="prefill", engine_id="p1")) as p1, \
+            serve(sim_app(role="decode", kv_link_gbps=50.0)) as d0, \
+            serve(sim_app(role="decode", kv_link_gbps=50.0)) as d1, \
+            serve(pd_gateway([p0, p1], [d0, d1])) as gw:
         yield gw, {"p0": p0, "p1": p1}, [d0, d1]
 
 
 async def test_vllm_pd_stream_through_gateway_carries_the_handshake(vllm_pd) -> None:
     gw, prefills, _ = vllm_pd
     body = completion_body(PROMPT, max_tokens=12, stream=True)
-    async with serve(sim_app()) as (unified, _), httpx.AsyncClient(timeout=20) as c:
+    async with serve(sim_app()) as unified, httpx.AsyncClient(timeout=20) as c:
         direct = (await c.post(unified + "/v1/completions", json=body)).text
         prompt_tokens = (await c.post(unified + "/v1/completions", json={**body, "stream": False})
                          ).json()["usage"]["prompt_tokens"]
@@ -110,9 +132,9 @@ async def test_vllm_pd_plain_chat_and_decode_spread(vllm_pd) -> None:
 
 
 async def test_sglang_pd_through_gateway() -> None:
-    async with serve(sim_app(role="prefill", metrics="sglang")) as (p0, _), \
-            serve(sim_app(role="decode", metrics="sglang")) as (d0, _), \
-            serve(pd_gateway([p0], [d0], pd_engine="sglang")) as (gw, _), httpx.AsyncClient(timeout=20) as c:
+    async with serve(sim_app(role="prefill", metrics="sglang")) as p0, \
+            serve(sim_app(role="decode", metrics="sglang")) as d0, \
+            serve(pd_gateway([p0], [d0], pd_engine="sglang")) as gw, httpx.AsyncClient(timeout=20) as c:
         async with c.stream("POST", gw + "/v1/completions", json=completion_body(PROMPT, stream=True)) as resp:
             assert resp.status_code == 200
             raw = "".join([chunk async for chunk in resp.aiter_text()])
@@ -128,10 +150,9 @@ async def test_sglang_pd_through_gateway() -> None:
 async def test_prefill_dying_after_the_handshake_is_retried_elsewhere() -> None:
     budget = [1]
     wrapped = [DiesAfterHandshake(sim_app(role="prefill", engine_id=f"p{i}"), budget) for i in range(2)]
-    async with serve(wrapped[0]) as (p0, s0), serve(wrapped[1]) as (p1, s1), \
-            serve(sim_app(role="decode")) as (d0, _), \
-            serve(pd_gateway([p0, p1], [d0])) as (gw, _), httpx.AsyncClient(timeout=20) as c:
-        wrapped[0].server, wrapped[1].server = s0, s1
+    async with serve_dying(wrapped[0]) as p0, serve_dying(wrapped[1]) as p1, \
+            serve(sim_app(role="decode")) as d0, \
+            serve(pd_gateway([p0, p1], [d0])) as gw, httpx.AsyncClient(timeout=20) as c:
         t0 = time.monotonic()
         async with c.stream("POST", gw + "/v1/completions", json=completion_body(PROMPT, stream=True)) as resp:
             assert resp.status_code == 200
@@ -148,9 +169,8 @@ async def test_prefill_dying_after_the_handshake_is_retried_elsewhere() -> None:
 
 async def test_only_prefill_dying_is_a_clear_error_not_a_hang() -> None:
     wrapped = DiesAfterHandshake(sim_app(role="prefill"), [1])
-    async with serve(wrapped) as (p0, s0), serve(sim_app(role="decode")) as (d0, _), \
-            serve(pd_gateway([p0], [d0], retry_backoff=0.01)) as (gw, _), httpx.AsyncClient(timeout=20) as c:
-        wrapped.server = s0
+    async with serve_dying(wrapped) as p0, serve(sim_app(role="decode")) as d0, \
+            serve(pd_gateway([p0], [d0], retry_backoff=0.01)) as gw, httpx.AsyncClient(timeout=20) as c:
         t0 = time.monotonic()
         resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT, stream=True))
         assert time.monotonic() - t0 < 10
@@ -165,10 +185,10 @@ async def test_only_prefill_dying_is_a_clear_error_not_a_hang() -> None:
 
 
 async def test_full_prefill_refuses_and_the_request_is_forwarded() -> None:
-    async with serve(sim_app(role="prefill", max_pending=1, engine_id="busy")) as (busy, _), \
-            serve(sim_app(role="prefill", engine_id="free")) as (free, _), \
-            serve(sim_app(role="decode")) as (d0, _), \
-            serve(pd_gateway([busy, free], [d0])) as (gw, _), httpx.AsyncClient(timeout=30) as c:
+    async with serve(sim_app(role="prefill", max_pending=1, engine_id="busy")) as busy, \
+            serve(sim_app(role="prefill", engine_id="free")) as free, \
+            serve(sim_app(role="decode")) as d0, \
+            serve(pd_gateway([busy, free], [d0])) as gw, httpx.AsyncClient(timeout=30) as c:
         # Occupy the busy engine's only slot with a long direct generation.
         hog = asyncio.create_task(c.post(busy + "/v1/completions", json=completion_body("hog", max_tokens=20000)))
         await asyncio.sleep(0.2)
@@ -182,8 +202,8 @@ async def test_full_prefill_refuses_and_the_request_is_forwarded() -> None:
 
 
 async def test_refusals_are_bounded_by_max_hops() -> None:
-    async with serve(sim_app(role="prefill", max_pending=1)) as (busy, _), serve(sim_app(role="decode")) as (d0, _), \
-            serve(pd_gateway([busy], [d0], pd_max_hops=1)) as (gw, _), httpx.AsyncClient(timeout=30) as c:
+    async with serve(sim_app(role="prefill", max_pending=1)) as busy, serve(sim_app(role="decode")) as d0, \
+            serve(pd_gateway([busy], [d0], pd_max_hops=1)) as gw, httpx.AsyncClient(timeout=30) as c:
         hog = asyncio.create_task(c.post(busy + "/v1/completions", json=completion_body("hog", max_tokens=20000)))
         await asyncio.sleep(0.2)
         resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT))
