@@ -138,7 +138,7 @@ class Gateway:
         self.prefill_s_per_token = cost.prefill_time(typical) / typical
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.pools: dict[str, Pool] = {}
-        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}}
+        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
         self.pd_router = PDRouter(self)
         self.endpoints: set[Endpoint] = set()
         self._joining: dict[str, asyncio.Task[None]] = {}
@@ -292,7 +292,8 @@ class Gateway:
                                                  s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
-            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))
+            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances,
+                                                      s.remote_prefill_instances))
         if self._joining:  # give static instances a moment to answer before serving
             await asyncio.wait(list(self._joining.values()), timeout=5.0)
         self.scraper.start()

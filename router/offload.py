@@ -26,6 +26,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.sim.costmodel import CostModel
+from tandem.sim.profile import Profile
+
 Bottleneck = Literal["local_prefill", "remote_prefill", "decode", "link", "none"]
 
 
@@ -219,3 +222,17 @@ class OffloadController:
         self.last = decision
         return decision
 
+
+def pool_speed(profile: Profile, instances: int) -> PrefillPoolSpeed:
+    return PrefillPoolSpeed(instances=instances, per_token_s=profile.params.per_token_s,
+                            attn_pair_s=profile.params.attn_pair_s)
+
+
+def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float) -> float:
+    """Requests/s a decode pool sustains: as many sequences as KV (or max_num_seqs) allows, each
+    emitting one token per decode step of that batch at its mean context."""
+    per_request = mean_prompt + mean_output
+    batch = max(1, min(profile.max_num_seqs, int(profile.kv_capacity_tokens // per_request)))
+    cost = CostModel.from_profile(profile)
+    step = cost.decode_step_time(batch, int(batch * (mean_prompt + mean_output / 2)))
+    return instances * batch / (step * mean_output)

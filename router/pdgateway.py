@@ -10,6 +10,12 @@ gone, the decode's pull fails) costs one retry, and a bounded number of attempts
 error, never a hang. A prefill instance that refuses for a full queue (503/429) is not counted as
 broken: the request is forwarded to the next candidate, at most ``pd_max_hops`` times (P/D-Serve's
 reject-and-forward).
+
+With a remote prefill pool (``--remote-prefill-instances``, a RemotePrefillPool in another
+datacenter), a request whose uncached prompt is longer than the offload threshold is prefilled
+there and its KV crosses the link to a local decode instance; the threshold comes from the
+:class:`~tandem.router.offload.OffloadController` (re-solved from the live length distribution,
+arrival rate and remote backlog) unless pinned with ``--offload-threshold``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
+from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
 from tandem.router.pd import (
     DecodeLoad,
     new_bootstrap_room,
@@ -70,24 +77,33 @@ class PDRouter:
     """Prefill pools (one per model, over the gateway's prefill instances) and the two-phase path."""
 
     def __init__(self, gateway: Gateway) -> None:
+        from tandem.sim.profile import load_profile
+
         self.gw = gateway
-        self.pools: dict[str, Pool] = {}
+        s = gateway.settings
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.controllers: dict[str, OffloadController] = {}
         self.rng = random.Random()
+        self.local_profile = load_profile(s.profile)
+        self.remote_profile = load_profile(s.remote_profile) if s.remote_profile else self.local_profile
 
     # --- membership -----------------------------------------------------------------------------
-    def serves(self, model: str) -> bool:
-        return any(i.model == model for i in self.gw.pd["prefill"].values()) and \
-            any(i.model == model for i in self.gw.pd["decode"].values())
+    def _members(self, role: str, model: str) -> dict[str, Instance]:
+        return {i.id: i for i in self.gw.pd[role].values() if i.model == model}
 
-    def prefill_pool(self, model: str) -> Pool:
-        """The model's prefill pool, kept in step with discovery (joins added, leavers drained)."""
+    def serves(self, model: str) -> bool:
+        return bool(self._members("prefill", model) or self._members("remote-prefill", model)) and \
+            bool(self._members("decode", model))
+
+    def prefill_pool(self, model: str, role: str = "prefill") -> Pool:
+        """The model's (local or remote) prefill pool, kept in step with discovery."""
         gw = self.gw
-        pool = self.pools.get(model)
+        pool = self.pools.get((role, model))
         if pool is None:
-            pool = self.pools[model] = Pool(model, gw.settings.policy, gw.make_scheduler, gw.metrics,
-                                            gw.settings.max_queue)
+            pool = self.pools[(role, model)] = Pool(model, gw.settings.policy, gw.make_scheduler, gw.metrics,
+                                                    gw.settings.max_queue)
             pool.scheduler(gw.settings.policy)
-        current = {i.id: i for i in gw.pd["prefill"].values() if i.model == model}
+        current = self._members(role, model)
         for iid, inst in current.items():
             if iid not in pool.instances:
                 pool.add(inst)
@@ -112,7 +128,8 @@ class PDRouter:
                     policy: str) -> Response:
         """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
         gw, s = self.gw, self.gw.settings
-        pool = self.prefill_pool(rreq.model)
+        route = self.route(rreq)
+        pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
         base = uuid.uuid4().hex[:16]
@@ -149,6 +166,45 @@ class PDRouter:
                     await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
         return gw._done(policy, "pd", "upstream_error", _error(
             502, f"disaggregated request failed after {attempts} attempts; last error: {last}"))
+
+    def route(self, rreq: RouteRequest) -> str:
+        """'local' or 'remote' prefill: the offload threshold on the prompt's uncached length.
+
+        Uncached = prompt - the best hit among the local prefill instances' shadow caches (the
+        tokens offloading would make someone compute). Without a local pool everything goes remote.
+        """
+        model = rreq.model
+        remote = self._members("remote-prefill", model)
+        local = self.prefill_pool(model, "prefill")
+        if not remote:
+            return "local"
+        if not local.instances:
+            return "remote"
+        hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
+        uncached = rreq.prompt_tokens - hit
+        ctl = self.controller(model)
+        ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
+        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+        now = time.monotonic()
+        ctl.observe(uncached, now)
+        remote_pool = self.prefill_pool(model, "remote-prefill")
+        backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
+        per_token = self.remote_profile.params.per_token_s
+        ctl.maybe_resolve(now, remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
+        return "remote" if ctl.should_offload(uncached) else "local"
+
+    def controller(self, model: str) -> OffloadController:
+        ctl = self.controllers.get(model)
+        if ctl is None:
+            s = self.gw.settings
+            n_decode = len(self._members("decode", model))
+            decode_rps = s.offload_decode_rps or decode_rps_estimate(self.local_profile, max(1, n_decode),
+                                                                     8192, 256)
+            ctl = self.controllers[model] = OffloadController(
+                OffloadSettings(fixed_threshold=s.offload_threshold), local=pool_speed(self.local_profile, 1),
+                remote=pool_speed(self.remote_profile, 1), decode_rps=decode_rps, link_gbps=s.remote_link_gbps,
+                kv_bytes_per_token=self.local_profile.model.kv_bytes_per_token)
+        return ctl
 
     async def _prefill_instance(self, request: Request, pool: Pool, rreq: RouteRequest, policy: str,
                                 excluded: list[str], deadline: float) -> Instance:
@@ -219,6 +275,7 @@ class PDRouter:
                     502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
             headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
+                       "x-tandem-prefill-route": "remote" if p_inst.endpoint.role == "remote-prefill" else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
             if started.response is None:
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)

@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.blockcache import BlockCache
-from tandem.router.offload import OffloadController, OffloadSettings, PrefillPoolSpeed
+from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
 from tandem.router.pd import DecodeLoad, pick_decode
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy
@@ -116,21 +116,6 @@ class _Pool:
     scheduler: Scheduler | None
     scheduled: list[float | None]
     tick_pending: bool = False
-
-
-def pool_speed(profile: Profile, instances: int) -> PrefillPoolSpeed:
-    return PrefillPoolSpeed(instances=instances, per_token_s=profile.params.per_token_s,
-                            attn_pair_s=profile.params.attn_pair_s)
-
-
-def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float) -> float:
-    """Requests/s a decode pool sustains: as many sequences as KV (or max_num_seqs) allows, each
-    emitting one token per decode step of that batch at its mean context."""
-    per_request = mean_prompt + mean_output
-    batch = max(1, min(profile.max_num_seqs, int(profile.kv_capacity_tokens // per_request)))
-    cost = CostModel.from_profile(profile)
-    step = cost.decode_step_time(batch, int(batch * (mean_prompt + mean_output / 2)))
-    return instances * batch / (step * mean_output)
 
 
 class PDSimulation:

@@ -24,10 +24,16 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
-from tandem.router.offload import OffloadProblem, OffloadSettings, solve_threshold
+from tandem.router.offload import (
+    OffloadProblem,
+    OffloadSettings,
+    decode_rps_estimate,
+    pool_speed,
+    solve_threshold,
+)
 from tandem.router.routing.config import RoutingConfig
 from tandem.sim.costmodel import CostModel
-from tandem.sim.des.pd import PDConfig, PDResult, decode_rps_estimate, pool_speed, simulate_pd
+from tandem.sim.des.pd import PDConfig, PDResult, simulate_pd
 from tandem.sim.des.simulator import DESConfig, PreparedRequest, prepare, simulate, with_arrivals
 from tandem.sim.profile import load_profile
 from tandem.traces import TRACE_DIR, TraceFormatError, TraceRequest, load_trace, rescale_to_qps, select
