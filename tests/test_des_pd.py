@@ -96,3 +96,31 @@ def test_steady_attainment_sees_a_backlog_that_only_late_arrivals_suffer() -> No
     outcomes = [(float(i), i < 85) for i in range(100)]  # 85% overall, the last 15 all miss
     assert steady_attainment(outcomes) == pytest.approx(0.25)  # last 20%: 5 of 20 met
     assert steady_attainment([(float(i), True) for i in range(10)]) == 1.0
+
+
+def test_bench_offload_and_pd_write_the_documented_json(tmp_path) -> None:
+    import json
+
+    from tandem.sim.des.pdbench import OffloadBench, PDBench
+
+    out = tmp_path / "offload.json"
+    OffloadBench(requests=30, warmup=5, gpus=6, json=out).cli_cmd()
+    data = json.loads(out.read_text())
+    assert set(data) == {"scenarios", "config"}
+    assert set(data["scenarios"]) == {"homogeneous", "naive", "selective"}
+    required = {"throughput_rps": float, "ttft_mean": float, "ttft_p90": float, "threshold_tokens": int,
+                "offload_fraction": float, "link_util_max": float, "link_util_mean": float}
+    keys = [set(s) for s in data["scenarios"].values()]
+    assert keys[0] == keys[1] == keys[2] and set(required) <= keys[0]
+    for scenario in data["scenarios"].values():
+        for key, kind in required.items():
+            assert isinstance(scenario[key], kind) or (kind is float and isinstance(scenario[key], int)), key
+        assert scenario["link_util_max_any_run"] <= 1.0 + 1e-9
+    assert data["scenarios"]["naive"]["offload_fraction"] == 1.0
+    assert data["scenarios"]["homogeneous"]["offload_fraction"] == 0.0
+    pd_out = tmp_path / "pd.json"
+    PDBench(requests=30, warmup=5, gpus=3, slo_tpots="0.05", json=pd_out).cli_cmd()
+    pd = json.loads(pd_out.read_text())
+    entry = pd["slo_tpot"]["0.05"]
+    assert {"aggregated", "disaggregated", "disaggregated_vs_aggregated"} <= set(entry)
+    assert entry["disaggregated"]["prefill_instances"] in (1, 2)
