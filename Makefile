@@ -25,6 +25,9 @@ test: $(STAMP) redis-server
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
+crds: $(STAMP)
+	$(BIN)/tandem operator crds --out crds
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -36,6 +36,10 @@ COMMANDS: Registry = {
         "pd": ("tandem.sim.des.pdbench:PDBench", "aggregated vs disaggregated goodput at TTFT and TPOT SLOs"),
         "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
+    "operator": {
+        "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),
+        "crds": ("tandem.operator.cli:OperatorCrdsCommand", "write the CRD YAML generated from tandem.api"),
+    },
 }
 
 

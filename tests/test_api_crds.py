@@ -1,0 +1,275 @@
+"""tandem.api models and the CRDs generated from them: drift, structure, and CEL == pydantic."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from tandem.api.crd import crd, render_crds
+from tandem.api.models import LLMService, LLMServiceSpec, RemotePrefillPool
+from tandem.operator.reconcile import validation_message
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}
+
+
+def test_committed_crds_match_the_models() -> None:
+    rendered = render_crds()
+    on_disk = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    assert on_disk == rendered, "crds/ drifted from tandem/api/models.py: run `make crds`"
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = [(path, node)]
+    for name, sub in (node.get("properties") or {}).items():
+        out += _walk(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        out += _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _walk(node["additionalProperties"], f"{path}{{}}")
+    return out
+
+
+@pytest.mark.parametrize("model", [LLMService, RemotePrefillPool])
+def test_schema_is_structural(model: type[LLMService] | type[RemotePrefillPool]) -> None:
+    schema = crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node, f"{path} has no type"
+        assert not FORBIDDEN & set(node), f"{path} uses {FORBIDDEN & set(node)}"
+        assert node.get("additionalProperties") is not False, path
+        if node["type"] == "object" and "properties" in node:
+            assert not isinstance(node.get("additionalProperties"), dict), f"{path}: both kinds of properties"
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+
+
+def _schema_paths(model: type[LLMService]) -> set[str]:
+    schema = crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return {p for p, _ in _walk(schema)}
+
+
+def test_scale_subresource_and_printer_columns_point_at_real_fields() -> None:
+    version = crd(LLMService)["spec"]["versions"][0]
+    paths = _schema_paths(LLMService)
+    scale = version["subresources"]["scale"]
+    for key in ("specReplicasPath", "statusReplicasPath", "labelSelectorPath"):
+        assert scale[key] in paths, key
+    assert version["subresources"]["status"] == {}
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert columns["Mode"]["jsonPath"] in paths
+    assert columns["Ready"]["jsonPath"] in paths
+    assert columns["Age"]["type"] == "date"
+    assert columns["Available"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
+
+
+def test_enums_defaults_and_bounds_reach_the_schema() -> None:
+    spec = crd(LLMService)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    model = spec["properties"]["model"]["properties"]
+    assert model["engine"]["enum"] == ["vllm", "sglang"] and model["engine"]["default"] == "vllm"
+    assert spec["properties"]["mode"]["enum"] == ["aggregated", "disaggregated"]
+    pool = spec["properties"]["pools"]["properties"]["decode"]["properties"]
+    assert pool["replicas"]["minimum"] == 0 and "default" not in pool["replicas"]
+    assert spec["properties"]["replicas"]["default"] == 1  # the scale subresource's field always exists
+    assert pool["resources"]["properties"]["nvidia.com/gpu"]["maximum"] == 16
+    slo = spec["properties"]["slo"]
+    assert slo["default"] == {}  # so the nested defaults apply when slo is left out
+    assert slo["properties"]["attainment"]["exclusiveMinimum"] is True
+    conditions = crd(LLMService)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"
+    ]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CEL rules, evaluated the way the API server does (after defaulting), agree with pydantic.
+
+
+def _apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    if isinstance(value, dict) and "properties" in schema:
+        out = dict(value)
+        for name, sub in schema["properties"].items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = _apply_defaults(sub, out[name])
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]))
+        if not bool(program.evaluate({"self": celpy.json_to_cel(value)})):
+            failures.append(rule["message"])
+    if isinstance(value, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in value:
+                failures += _cel_failures(sub, value[name], env)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            failures += _cel_failures(schema["items"], item, env)
+    return failures
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": {"name": "m"}, "replicas": 2, "pools": {"unified": {}}}
+    base.update(changes)
+    return base
+
+
+PD = {"prefill": {"replicas": 1}, "decode": {"minReplicas": 1, "maxReplicas": 4}}
+CASES = [
+    pytest.param(spec(), None, id="aggregated"),
+    pytest.param(spec(mode="disaggregated", pools=PD), None, id="disaggregated"),
+    pytest.param(spec(mode="disaggregated", pools=PD, replicas=4), None, id="scale-target-in-bounds"),
+    pytest.param(
+        spec(mode="disaggregated", pools=PD, offload={"remotePrefill": "w", "auto": True}),
+        None,
+        id="offload-auto",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools=PD, offload={"remotePrefill": "w", "lengthThreshold": 9}),
+        None,
+        id="offload-threshold",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={"prefill": {"replicas": 1, "minReplicas": 2}, "decode": {}}),
+        "replicas must be >= minReplicas",
+        id="below-min",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={"prefill": {"replicas": 5, "maxReplicas": 4}, "decode": {}}),
+        "replicas must be <= maxReplicas",
+        id="above-max",
+    ),
+    pytest.param(
+        spec(replicas=1, pools={"unified": {"minReplicas": 1, "maxReplicas": 1}}), None, id="pinned"
+    ),
+    pytest.param(
+        spec(pools={"unified": {"replicas": 3}}),
+        "pools.unified.replicas is not used: spec.replicas sizes the primary pool",
+        id="primary-pool-replicas",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={"prefill": {}, "decode": {"replicas": 3}}),
+        "pools.decode.replicas is not used: spec.replicas sizes the primary pool",
+        id="decode-pool-replicas",
+    ),
+    pytest.param(
+        spec(pools={"prefill": {}, "decode": {}}),
+        "aggregated mode needs pools.unified",
+        id="aggregated-without-unified",
+    ),
+    pytest.param(
+        spec(pools={"unified": {}, "decode": {}}),
+        "pools.prefill and pools.decode are only valid in disaggregated mode",
+        id="aggregated-with-decode",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={"prefill": {}}),
+        "disaggregated mode needs pools.prefill and pools.decode",
+        id="disaggregated-without-decode",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={**PD, "unified": {}}),
+        "pools.unified is only valid in aggregated mode",
+        id="disaggregated-with-unified",
+    ),
+    pytest.param(
+        spec(offload={"remotePrefill": "w", "auto": True}),
+        "offload to a remote prefill pool needs disaggregated mode",
+        id="offload-aggregated",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools=PD, offload={"remotePrefill": "w"}),
+        "set exactly one of lengthThreshold and auto",
+        id="offload-neither",
+    ),
+    pytest.param(
+        spec(
+            mode="disaggregated", pools=PD, offload={"remotePrefill": "w", "auto": True, "lengthThreshold": 5}
+        ),
+        "set exactly one of lengthThreshold and auto",
+        id="offload-both",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools=PD, replicas=9),
+        "replicas must lie within pools.decode.minReplicas..maxReplicas",
+        id="scale-target-above-max",
+    ),
+    pytest.param(
+        spec(replicas=0, pools={"unified": {"minReplicas": 1}}),
+        "replicas must lie within pools.unified.minReplicas..maxReplicas",
+        id="scale-target-below-min",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "error"), CASES)
+def test_cel_rules_and_pydantic_agree(raw: dict[str, Any], error: str | None) -> None:
+    schema = crd(LLMService)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    defaulted = _apply_defaults(schema, raw)
+    cel = _cel_failures(schema, defaulted, celpy.Environment())
+    try:
+        LLMServiceSpec.model_validate(raw)
+        refused = None
+    except ValidationError as exc:
+        refused = validation_message(exc)[1]
+    assert refused == error
+    assert (cel[:1] or [None]) == [error]
+    if error is None:
+        # What the API server stores after defaulting is what pydantic fills in.
+        assert LLMServiceSpec.model_validate(defaulted) == LLMServiceSpec.model_validate(raw)
+
+
+def test_root_rule_limits_the_name_length() -> None:
+    schema = crd(LLMService)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    env = celpy.Environment()
+    body = {"metadata": {"name": "x" * 55}, "spec": spec()}
+    assert _cel_failures({"x-kubernetes-validations": schema["x-kubernetes-validations"]}, body, env) == []
+    body["metadata"]["name"] = "x" * 56
+    assert _cel_failures({"x-kubernetes-validations": schema["x-kubernetes-validations"]}, body, env) == [
+        "metadata.name must be at most 55 characters (child objects append a role suffix)"
+    ]
+
+
+def test_validation_errors_name_the_field_in_json_terms() -> None:
+    with pytest.raises(ValidationError) as exc:
+        LLMService.model_validate(
+            {
+                "metadata": {"name": "a"},
+                "spec": spec(pools={"unified": {"resources": {"nvidia.com/gpu": 99}}}),
+            }
+        )
+    assert validation_message(exc.value) == (
+        "spec.pools.unified.resources.nvidia.com/gpu",
+        "Input should be less than or equal to 16",
+    )
+    with pytest.raises(ValidationError) as exc:
+        LLMService.model_validate(
+            {"metadata": {"name": "a"}, "spec": spec(model={"name": "m", "kvBlockSize": 0})}
+        )
+    assert validation_message(exc.value)[0] == "spec.model.kvBlockSize"
+
+
+def test_examples_are_valid_resources() -> None:
+    kinds = []
+    for path in sorted((ROOT / "deploy" / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            model = {"LLMService": LLMService, "RemotePrefillPool": RemotePrefillPool}[doc["kind"]]
+            model.model_validate(doc)
+            schema = crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+            assert _cel_failures(schema, _apply_defaults(schema, doc), celpy.Environment()) == [], path
+            kinds.append((path.name, doc["kind"], doc["spec"].get("mode")))
+    assert ("aggregated-8b.yaml", "LLMService", "aggregated") in kinds
+    assert ("disaggregated-2p4d.yaml", "LLMService", "disaggregated") in kinds
+    assert ("remote-prefill.yaml", "RemotePrefillPool", None) in kinds
