@@ -48,7 +48,6 @@ class GatewaySettings(TandemSettings):
     remote_prefill_instances: UrlList = Field(default_factory=list, description="prefill engines of a remote "
                                               "datacenter (RemotePrefillPool endpoints); KV returns over the link")
     remote_link_gbps: float = Field(100.0, gt=0, description="RemotePrefillPool link bandwidth, Gbit/s")
-    remote_rtt_ms: float = Field(10.0, ge=0, description="RemotePrefillPool round trip, ms")
     remote_profile: str | None = Field(None, description="remote prefill engines' profile (default: profile)")
     offload_threshold: int | None = Field(None, ge=0, description="offload uncached prompts longer than this "
                                           "(default: solved from the live length distribution)")
