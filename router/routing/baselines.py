@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.keys import AdaptiveKeyer
-from tandem.router.routing.rings import HashRing, _xxh64
+from tandem.router.routing.rings import XXH64, HashRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
 
 
@@ -90,7 +90,7 @@ class ConsistentHashPolicy:
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
         self.keyer = AdaptiveKeyer(self.config)
-        self.ring = HashRing(_xxh64, self.config.ring_seed, self.config.vnodes)
+        self.ring = HashRing(XXH64, self.config.ring_seed, self.config.vnodes)
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         self.ring.sync(instance_ids)
