@@ -26,6 +26,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.sim.costmodel import CostModel
+from tandem.sim.profile import Profile
+
 Bottleneck = Literal["local_prefill", "remote_prefill", "decode", "link", "none"]
 
 
@@ -64,6 +67,8 @@ class OffloadProblem(BaseModel):
     remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote pool, seconds per instance")
     horizon_s: float = Field(10.0, gt=0, description="how soon a remote backlog should drain")
     min_threshold: int = Field(0, ge=0, description="never offload prompts this short (RTT dominates)")
+    max_threshold: int | None = Field(None, ge=0, description="never keep longer prompts local: the longest "
+                                      "uncached length the local pool prefills within its TTFT SLO")
 
 
 class OffloadDecision(BaseModel):
@@ -83,8 +88,10 @@ def solve_threshold(problem: OffloadProblem) -> OffloadDecision:
     """The threshold that maximises Λ subject to the link's high-water mark.
 
     Candidates are the sample lengths themselves (Λ only changes where a sample crosses t), plus
-    "offload nothing" (t = the longest sample), which is always feasible. Ties go to the larger t:
-    the same throughput with less traffic on the link and less RTT added to TTFTs.
+    "offload nothing" (t = the longest sample), which is always feasible unless ``max_threshold``
+    (a latency bound: prompts the local pool cannot prefill within the TTFT SLO) rules it out; the
+    link cap is then what may bind. Ties go to the larger t: the same throughput with less traffic
+    on the link and less RTT added to TTFTs.
     """
     lengths = sorted(problem.uncached_lengths)
     n = len(lengths)
@@ -105,30 +112,37 @@ def solve_threshold(problem: OffloadProblem) -> OffloadDecision:
     remote_n = problem.remote.instances * max(0.0, 1.0 - problem.remote_queue_s / problem.horizon_s)
     kvb = problem.kv_bytes_per_token
 
-    best: tuple[float, int, int, Bottleneck] | None = None  # (Λ, threshold, k, bottleneck)
-    # k = how many of the sorted samples stay local; threshold = lengths[k-1] (or just below lengths[0]).
-    for k in range(n, -1, -1):
-        threshold = lengths[k - 1] if k > 0 else max(0, lengths[0] - 1)
-        if k < n and lengths[k] <= threshold:
-            continue  # equal lengths cannot be split by a threshold
-        if threshold < problem.min_threshold and k < n:
-            break
-        bytes_per_req = suffix_tokens[k] * kvb / n
-        if problem.arrival_rps is not None and problem.arrival_rps * bytes_per_req > link_bytes_s:
-            continue  # would push the link past its high-water mark at today's load
-        if k < n and remote_n <= 0:
-            continue
-        terms: dict[Bottleneck, float] = {
-            "local_prefill": _div(problem.local.instances, prefix_local[k] / n),
-            "remote_prefill": _div(remote_n, suffix_remote[k] / n),
-            "decode": problem.decode_rps,
-            "link": _div(link_bytes_s, bytes_per_req),
-        }
-        bottleneck = min(terms, key=terms.__getitem__)
-        lam = terms[bottleneck]
-        if best is None or lam > best[0] * (1 + 1e-9):
-            best = (lam, threshold, k, bottleneck)
-    assert best is not None  # k = n (offload nothing) is always feasible
+    def scan(latency_cap: int | None) -> tuple[float, int, int, Bottleneck] | None:
+        best: tuple[float, int, int, Bottleneck] | None = None  # (Λ, threshold, k, bottleneck)
+        # k = how many sorted samples stay local; threshold = lengths[k-1] (or just below lengths[0]).
+        for k in range(n, -1, -1):
+            threshold = lengths[k - 1] if k > 0 else max(0, lengths[0] - 1)
+            if k < n and lengths[k] <= threshold:
+                continue  # equal lengths cannot be split by a threshold
+            if threshold < problem.min_threshold and k < n:
+                break
+            if latency_cap is not None and threshold > latency_cap and k > 0:
+                continue  # the local pool would get prompts it cannot prefill within the SLO
+            bytes_per_req = suffix_tokens[k] * kvb / n
+            if problem.arrival_rps is not None and problem.arrival_rps * bytes_per_req > link_bytes_s:
+                continue  # would push the link past its high-water mark at today's load
+            if k < n and remote_n <= 0:
+                continue
+            terms: dict[Bottleneck, float] = {
+                "local_prefill": _div(problem.local.instances, prefix_local[k] / n),
+                "remote_prefill": _div(remote_n, suffix_remote[k] / n),
+                "decode": problem.decode_rps,
+                "link": _div(link_bytes_s, bytes_per_req),
+            }
+            bottleneck = min(terms, key=terms.__getitem__)
+            lam = terms[bottleneck]
+            if best is None or lam > best[0] * (1 + 1e-9):
+                best = (lam, threshold, k, bottleneck)
+        return best
+
+    # The link is physical, the latency cap is a preference: when both cannot hold, keep the link.
+    best = scan(problem.max_threshold) or scan(None)
+    assert best is not None  # without a latency cap, k = n (offload nothing) is always feasible
     lam, threshold, k, bottleneck = best
     bytes_per_req = suffix_tokens[k] * kvb / n
     return OffloadDecision(
@@ -154,6 +168,7 @@ class OffloadSettings(BaseModel):
     high_water: float = Field(0.85, gt=0, le=1)
     min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
     fixed_threshold: int | None = Field(None, ge=0, description="pin t (lengthThreshold) instead of 'auto'")
+    max_threshold: int | None = Field(None, ge=0, description="longest uncached prompt kept local (SLO bound)")
 
 
 class OffloadController:
@@ -202,8 +217,22 @@ class OffloadController:
             decode_rps=self.decode_rps, link_gbps=self.link_gbps, kv_bytes_per_token=self.kv_bytes_per_token,
             high_water=self.settings.high_water, arrival_rps=self.arrival_rate(now),
             link_other_gbps=link_other_gbps, remote_queue_s=remote_queue_s,
-            min_threshold=self.settings.min_threshold))
+            min_threshold=self.settings.min_threshold, max_threshold=self.settings.max_threshold))
         self.threshold = max(decision.threshold_tokens, self.settings.min_threshold)
         self.last = decision
         return decision
 
+
+def pool_speed(profile: Profile, instances: int) -> PrefillPoolSpeed:
+    return PrefillPoolSpeed(instances=instances, per_token_s=profile.params.per_token_s,
+                            attn_pair_s=profile.params.attn_pair_s)
+
+
+def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float) -> float:
+    """Requests/s a decode pool sustains: as many sequences as KV (or max_num_seqs) allows, each
+    emitting one token per decode step of that batch at its mean context."""
+    per_request = mean_prompt + mean_output
+    batch = max(1, min(profile.max_num_seqs, int(profile.kv_capacity_tokens // per_request)))
+    cost = CostModel.from_profile(profile)
+    step = cost.decode_step_time(batch, int(batch * (mean_prompt + mean_output / 2)))
+    return instances * batch / (step * mean_output)

@@ -110,10 +110,18 @@ class SharedLink:
         """Move every flow forward to ``now``; return the flows that finished, in time order."""
         done: list[Completion] = []
         while (t := self.next_completion()) is not None and t <= now:
+            # The flows with the least left finish at t. Pick them before integrating: at large t,
+            # t - clock can round to zero and the integration alone would never finish them.
+            least = min(f.remaining for f in self._flows.values())
+            ending = [f for f in self._flows.values() if f.remaining <= least * (1 + 1e-9) + _EPS_BYTES]
             self._progress(t)
-            for f in [f for f in self._flows.values() if f.remaining <= max(_EPS_BYTES, 1e-12 * f.size)]:
+            for f in ending:
+                self.delivered_bytes += f.remaining  # floating-point residue of the integration
+                f.remaining = 0.0
                 del self._flows[f.id]
                 done.append(Completion(f.id, t, f.size, f.started))
+            if self._history[-1][0] == t:
+                self._history[-1] = (t, self.delivered_bytes)
         self._progress(now)
         return done
 

@@ -35,6 +35,9 @@ COMMANDS: Registry = {
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+        "offload": ("tandem.sim.des.pdbench:OffloadBench",
+                    "homogeneous PD vs naive vs selective cross-datacenter prefill offload, in the DES"),
+        "pd": ("tandem.sim.des.pdbench:PDBench", "aggregated vs disaggregated goodput at TTFT and TPOT SLOs"),
         "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
     "operator": {

@@ -110,3 +110,14 @@ def test_controller_resolves_periodically_from_its_window() -> None:
     for i in range(100):
         pinned.observe(10, float(i))
     assert pinned.maybe_resolve(1e3) is None and pinned.threshold == 4096
+
+
+def test_latency_cap_keeps_long_prompts_off_the_local_pool_unless_the_link_forbids_it() -> None:
+    capped = solve_threshold(problem(max_threshold=500))
+    assert capped.threshold_tokens <= 500 and capped.offload_fraction >= 0.5
+    # Equal pools would balance at ~707; the cap moves t below that at some cost in throughput.
+    assert capped.max_rps < solve_threshold(problem()).max_rps
+    # With a link that cannot carry the tail at today's load, the link wins over the latency cap.
+    squeezed = solve_threshold(problem(max_threshold=500, link_gbps=1.0, arrival_rps=20.0))
+    assert squeezed.threshold_tokens > 500
+    assert squeezed.link_gbps_at_arrival is not None and squeezed.link_gbps_at_arrival <= 0.85
