@@ -26,7 +26,6 @@ If load returns first, ``drain`` falls and the actuator un-marks instances befor
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 from tandem.autoscaler import forecast
@@ -35,6 +34,7 @@ from tandem.autoscaler.models import (
     AutoscalerSpec,
     AutoscalerState,
     Decision,
+    LengthBucket,
     Observations,
     Role,
     RoleDecision,
@@ -49,14 +49,15 @@ RELAX_PER_TICK = 1.03
 OffloadSolver = Callable[[Observations, AutoscalerSpec], int | None]
 
 
-def goodputs(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec) -> dict[Role, float]:
-    """Per-instance goodput of each role of the service's mode (requests/s)."""
-    if spec.mode == "aggregated":
-        return {"unified": cap.unified_goodput(obs.length_mix, obs.prefix_hit_ratio)}
-    return {
-        "prefill": cap.prefill_goodput(obs.length_mix, obs.prefix_hit_ratio),
-        "decode": cap.decode_goodput(obs.length_mix),
-    }
+def size_pools(cap: CapacityModel, spec: AutoscalerSpec, rate: float, mix: list[LengthBucket],
+               hit_ratio: float = 0.0) -> dict[Role, int]:
+    """Replicas each role needs to carry ``rate`` (no control, no bounds): the plain sizing rule."""
+    w = cap.workload(mix, hit_ratio)
+    out: dict[Role, int] = {}
+    for role in spec.roles:
+        n = cap.pool_size(role, rate, w, spec.bounds(role).max_replicas)
+        out[role] = spec.bounds(role).max_replicas if n is None else n
+    return out
 
 
 def _attainment(role: Role, obs: Observations) -> float | None:
@@ -91,9 +92,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     state = previous or AutoscalerState()
     now = obs.time_s
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
-    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile)
+    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
     cap = capacity or CapacityModel(profile, spec.slo)
-    rates = goodputs(cap, obs, spec)
+    w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
     target_att = spec.slo.attainment
 
     roles: dict[Role, RoleDecision] = {}
@@ -121,16 +122,22 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
             scale = min(1.0, scale * RELAX_PER_TICK)
 
-        goodput = rates[role]
-        needed = r_hat / (goodput * scale) if goodput > 0 else math.inf
-        want = bounds.max_replicas if math.isinf(needed) else math.ceil(needed - 1e-9)
-        why.append(f"R-hat {r_hat:.2f} rps / goodput {goodput:.2f} x {scale:.2f} = {needed:.2f}")
+        # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
+        rate = r_hat / scale
+        sized = cap.pool_size(role, rate, w, bounds.max_replicas)
+        want = bounds.max_replicas if sized is None else sized
+        n_ref = max(want, 1)
+        goodput = cap.pool_goodput(role, n_ref, w) / n_ref  # per instance, in a pool of that size
+        needed = rate / goodput if goodput > 0 else float(bounds.max_replicas)
+        why.append(f"R-hat {r_hat:.2f} rps / correction {scale:.2f} needs {want} "
+                   f"(goodput {goodput:.2f} rps per instance)")
         if short and settled and want <= current:
             want = current + 1
             why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
 
-        recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
-        recent.append((now, want))
+        # The scale-down stabilization keeps the highest rate the role had to carry lately.
+        recent = [(t, r) for t, r in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
+        recent.append((now, rate))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0
@@ -140,9 +147,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             else:
                 target, direction = want, 1
         elif want < current:
-            stable = max(n for _, n in recent)
-            floor = math.ceil(stable * (1 + spec.hysteresis) - 1e-9) if stable > 0 else 0
-            candidate = max(bounds.min_replicas, min(current, floor))
+            stable = cap.pool_size(role, max(r for _, r in recent) * (1 + spec.hysteresis), w, current)
+            candidate = max(bounds.min_replicas, min(current, current if stable is None else stable))
             last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
             since = now if rs.observed_since_s is None else rs.observed_since_s
             if now - since < spec.scale_down_stabilization_s:
@@ -167,8 +173,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
             recent_needs=recent,
         )
-        roles[role] = role_decision(role, target, o, 0.0 if math.isinf(needed) else needed, goodput,
-                                    "; ".join(why))
+        roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))
 
     new_state = AutoscalerState(forecast=fc, roles=new_states)
     decision = Decision(

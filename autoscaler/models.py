@@ -138,8 +138,8 @@ class RoleState(_Model):
     goodput_scale: float = Field(1.0, gt=0, le=1,
                                  description="learned correction of the model's goodput (<1: model too optimistic)")
     observed_since_s: float | None = Field(None, description="first tick that saw this role")
-    recent_needs: list[tuple[float, int]] = Field(default_factory=list,
-                                                  description="(time, replicas needed) over the stabilization window")
+    recent_needs: list[tuple[float, float]] = Field(
+        default_factory=list, description="(time, corrected rate to carry) over the stabilization window")
 
 
 class AutoscalerState(_Model):
@@ -151,8 +151,8 @@ class RoleDecision(_Model):
     replicas: int = Field(ge=0, description="replicas to set now (target + draining instances not yet drained)")
     target: int = Field(ge=0, description="replicas the role should settle at")
     drain: int = Field(0, ge=0, description="instances that should be marked draining (removed once drained)")
-    needed: float = Field(ge=0, description="the capacity model's fractional replica count at R-hat")
-    goodput_rps: float = Field(ge=0, description="per-instance goodput under the SLOs (requests/s)")
+    needed: float = Field(ge=0, description="fractional replicas at R-hat: rate / per-instance goodput")
+    goodput_rps: float = Field(ge=0, description="per-instance goodput under the SLOs in a pool of that size")
     reason: str
 
 

@@ -89,10 +89,16 @@ class RequestRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScaleCommand:
-    """What a scaler asks of one pool: replicas now and how many instances should be draining."""
+    """What a scaler asks of one pool: replicas now, how many instances should be draining, and
+    the size the pool settles at once they are gone (what scaling actions are counted on)."""
 
     replicas: int
     drain: int = 0
+    target: int | None = None
+
+    @property
+    def settles_at(self) -> int:
+        return self.replicas - self.drain if self.target is None else self.target
 
 
 class Scaler:
@@ -309,8 +315,10 @@ class ElasticCluster:
             tpot_attainment=float(np.mean(tpot)) if done else None, completed=len(done))
 
     # ----- the run -----------------------------------------------------------------------------
-    def run(self, trace: Sequence[TraceRequest], scaler: Scaler,
+    def run(self, trace: Sequence[TraceRequest], scaler: Scaler, *, measure_from_s: float = 0.0,
             progress: Callable[[float], None] | None = None) -> ReplayResult:
+        """Replay ``trace``; requests, GPU time and scaling actions before ``measure_from_s`` are a
+        warm-up (every scaler starts cold) and are left out of the result."""
         for role, n in scaler.initial().items():
             for _ in range(n):
                 self._new_instance(role, 0.0, 0.0)
@@ -362,7 +370,7 @@ class ElasticCluster:
                     if commands and role in commands:
                         cmd = commands[role]
                         self.apply(role, cmd, now)
-                        new_target = cmd.replicas - cmd.drain
+                        new_target = cmd.settles_at
                         if new_target != targets[role]:
                             actions.append((now, role, targets[role], new_target))
                             targets[role] = new_target
@@ -377,6 +385,8 @@ class ElasticCluster:
                 if now < end or len(self._done) < len(records):
                     self._push(now + self.cfg.tick_s, "tick", None)
         stop = max([r.finished or r.arrival for r in records] + [end])
-        gpu_seconds = sum(((i.removed_at if i.removed_at is not None else stop) - i.ordered_at)
-                          for i in self._all_instances())
-        return ReplayResult(records, gpu_seconds * self.cfg.gpus_per_instance, actions, timeline, stop)
+        gpu_seconds = sum(max(0.0, (i.removed_at if i.removed_at is not None else stop)
+                              - max(i.ordered_at, measure_from_s)) for i in self._all_instances())
+        return ReplayResult([r for r in records if r.arrival >= measure_from_s],
+                            gpu_seconds * self.cfg.gpus_per_instance,
+                            [a for a in actions if a[0] >= measure_from_s], timeline, stop)

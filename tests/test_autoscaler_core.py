@@ -61,7 +61,7 @@ def test_rate_doubles_replicas_roughly_double() -> None:
     for role in ("prefill", "decode"):
         assert low[role] >= 3
         assert 1.5 <= high[role] / low[role] <= 2.5, (role, low, high)
-        assert high_d.roles[role].needed / low_d.roles[role].needed == pytest.approx(2.0, rel=0.05)
+        assert 1.7 <= high_d.roles[role].needed / low_d.roles[role].needed <= 2.1
 
 
 def test_prefix_hits_shrink_prefill_not_decode() -> None:
@@ -81,25 +81,38 @@ def test_prefill_sized_with_queueing_not_throughput() -> None:
     assert goodput < 0.8 * throughput
 
 
-def test_prefill_goodput_holds_in_the_engine() -> None:
-    """Poisson arrivals at the model's goodput into a real Engine meet the TTFT target."""
-    cap = CapacityModel(PROFILE, SLO(ttft_s=2.0, tpot_s=1.0, attainment=0.95))
-    mix = [LengthBucket(input_tokens=8000, output_tokens=1, weight=1)]
-    rate = cap.prefill_goodput(mix, 0.0)
-    engine = Engine(cap.cost, EngineLimits(kv_capacity_tokens=PROFILE.kv_capacity_tokens))
-    rng = random.Random(7)
-    t, reqs = 0.0, []
-    for i in range(1500):
+def simulate_prefill_pool(n: int, rate: float, prompt: int, count: int = 1500, seed: int = 7) -> float:
+    """TTFT attainment (SLO 2 s) of ``n`` real Engines behind least-outstanding-work routing."""
+    cost = CapacityModel(PROFILE, SLO_).cost
+    engines = [Engine(cost, EngineLimits(kv_capacity_tokens=PROFILE.kv_capacity_tokens)) for _ in range(n)]
+    rng = random.Random(seed)
+    t, reqs, owner = 0.0, [], []
+    for i in range(count):
         t += rng.expovariate(rate)
-        engine.advance(t)
-        r = SimRequest(id=str(i), prompt_tokens=8000, max_tokens=1)
-        engine.submit(r, t)
+        for e in engines:
+            e.advance(t)
+        target = min(engines, key=lambda e: sum(r.prompt_tokens - r.computed_tokens
+                                                for r in (*e.running, *e.waiting)))
+        r = SimRequest(id=str(i), prompt_tokens=prompt, max_tokens=1)
+        target.submit(r, t)
         reqs.append(r)
-    engine.advance(math.inf)
-    met = sum(r.first_token_at - r.arrival <= 2.0 for r in reqs) / len(reqs)
-    assert met >= 0.93
-    # and at 1.3x that rate, attainment collapses: the bound is meaningful
-    assert cap.mg1_attainment(rate * 1.3, [(1.0, cap.prefill_seconds(8000, 0)[0])], 2.0) < 0.9
+        owner.append(target)
+    for e in engines:
+        e.advance(math.inf)
+    return sum(r.first_token_at - r.arrival <= 2.0 for r in reqs) / len(reqs)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_prefill_pool_goodput_holds_in_real_engines(n: int) -> None:
+    """Poisson arrivals at the model's pool goodput into real Engines meet the TTFT target, and
+    30 % more breaks it: the model neither wastes nor overbooks (pooling credit included)."""
+    cap = CapacityModel(PROFILE, SLO(ttft_s=2.0, tpot_s=1.0, attainment=0.95))
+    w = cap.workload([LengthBucket(input_tokens=8000, output_tokens=1)])
+    rate = cap.pool_goodput("prefill", n, w)
+    assert simulate_prefill_pool(n, rate, 8000) >= 0.93
+    assert simulate_prefill_pool(n, rate * 1.3, 8000) < 0.9
+    if n > 1:  # pooling: n instances carry more than n separate ones
+        assert rate > n * cap.pool_goodput("prefill", 1, w)
 
 
 def test_low_attainment_scales_up_even_if_model_disagrees() -> None:
