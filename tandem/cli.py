@@ -23,12 +23,16 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
+    "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",
                    "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
+        "routing": ("tandem.sim.des.bench:RoutingBench",
+                    "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
+        "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

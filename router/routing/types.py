@@ -44,6 +44,7 @@ class InstanceState:
     inflight_miss_tokens: int = 0  # sent to the engine, no first token seen yet
     queued_requests: int = 0
     inflight_requests: int = 0  # sent, not finished
+    unprefilled_requests: int = 0  # sent, no first token seen yet (the late-binding dispatch budget)
     engine_running: int = 0  # from the engine's /metrics
     engine_waiting: int = 0
     kv_usage: float = 0.0
@@ -91,6 +92,7 @@ class Decision:
     candidates: tuple[str, ...] = ()
     estimates: Mapping[str, float] = field(default_factory=dict)
     hit_tokens: int = 0
+    key: int = 0  # the routing key (DualMap: the adaptive-depth prefix hash); migration re-walks the rings with it
 
 
 class NoInstanceError(RuntimeError):

@@ -1,0 +1,544 @@
+"""The gateway: an OpenAI-compatible FastAPI app, a thin asyncio shell around the routing core.
+
+Request path: authenticate -> read a bounded body -> validate (pydantic) -> key the prompt
+(block hashes) -> per-key rate limit -> submit to the pool's scheduler and await release (late
+binding) -> proxy to the chosen engine; failures before the first byte are retried on another
+instance with backoff; the stream is relayed chunk by chunk; a client that goes away cancels the
+upstream request. Background tasks: discovery, engine /metrics scraping, the routing tick
+(health transitions, hotspot migration, releases) and the shared-state sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import TypeVar
+
+import anyio
+import httpx
+import xxhash
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from tandem.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    describe_validation_error,
+    error_body,
+)
+from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
+from tandem.router.metrics import GatewayMetrics
+from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
+from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
+from tandem.router.resilience import CircuitBreaker, backoff_delay
+from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.registry import make_policy, policy_names
+from tandem.router.routing.scheduler import QueueFullError, Scheduler
+from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
+from tandem.router.scrape import Scraper
+from tandem.router.security import KeyRing
+from tandem.router.settings import GatewaySettings
+from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+
+log = logging.getLogger("tandem.gateway")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was queued or starting."""
+
+
+def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int) -> RouteRequest:
+    """The routing key of a request: the simulator's block hashes when given, else text chunking."""
+    if body.x_tandem is not None:
+        ext = body.x_tandem
+        return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
+                            block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
+                            fallback_key=ext.prompt_tokens, model=body.model)
+    text = body.prompt_text()
+    tokens, hashes = text_block_hashes(text, block_size)
+    return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
+                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
+                        model=body.model)
+
+
+def _error(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+           retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return JSONResponse(status_code=status, content=error_body(message, type_=type_, param=param), headers=headers)
+
+
+class Gateway:
+    """Everything one gateway process holds. One per app: no module-level state."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        from tandem.sim.costmodel import CostModel
+        from tandem.sim.profile import load_profile
+
+        self.settings = settings
+        if not self.known_policy(settings.policy):
+            raise ValueError(f"policy: unknown routing policy '{settings.policy}'; available: "
+                             f"{', '.join(policy_names())}")
+        try:
+            self.routing = RoutingConfig(**{"slo_ttft_s": settings.slo_ttft,
+                                            "max_queued_per_instance": settings.max_queue_per_instance,
+                                            "max_queued_total": settings.max_queue, **settings.routing})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self.metrics = GatewayMetrics()
+        self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
+                                 settings.rate_limit_tpm)
+        profile = load_profile(settings.profile)
+        cost = CostModel.from_profile(profile)
+        # DualMap's t_prefill: mean marginal cost per uncached token over a typical prompt.
+        typical = 8192
+        self.prefill_s_per_token = cost.prefill_time(typical) / typical
+        self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
+        self.pools: dict[str, Pool] = {}
+        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}}
+        self.endpoints: set[Endpoint] = set()
+        self._joining: dict[str, asyncio.Task[None]] = {}
+        self.upstream: Upstream | None = None
+        self.scraper: Scraper | None = None
+        self.backend: StateBackend = (RedisStateBackend(settings.redis_url, settings.redis_prefix,
+                                                        ttl=max(2.0, 5 * settings.state_sync_interval))
+                                      if settings.redis_url else MemoryStateBackend())
+        self.metrics.state_backend_up.labels(self.backend.name).set(1)
+        self._remote: dict[str, InstanceLoad] = {}  # peers' load folded into our InstanceStates
+        self.shared_members: dict[str, list[str]] = {}
+        self.peers: list[str] = []
+        self.discovery: KubernetesDiscovery | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.draining = False
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- routing core ----------------------------------------------------------------------
+
+    def make_scheduler(self, policy: str, cluster: ClusterView) -> Scheduler:
+        return Scheduler(make_policy(policy, self.routing), cluster, self.routing)
+
+    @staticmethod
+    def known_policy(name: str) -> bool:
+        return name in policy_names()
+
+    def all_instances(self) -> list[Instance]:
+        out = [i for p in self.pools.values() for i in p.instances.values()]
+        return out + [i for role in self.pd.values() for i in role.values()]
+
+    # --- discovery -------------------------------------------------------------------------
+
+    async def set_endpoints(self, endpoints: set[Endpoint]) -> None:
+        """Reconcile served instances with discovery's full set: new ones join, missing ones drain."""
+        added, removed = endpoints - self.endpoints, self.endpoints - endpoints
+        self.endpoints = set(endpoints)
+        for ep in removed:
+            task = self._joining.pop(ep.url, None)
+            if task:
+                task.cancel()
+            for pool in self.pools.values():
+                if ep.url in pool.instances:
+                    log.warning("instance %s left: draining", ep.url)
+                    pool.drain(ep.url)
+            for role in self.pd.values():
+                role.pop(ep.url, None)
+        for ep in added:
+            self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
+
+    async def _join(self, ep: Endpoint) -> None:
+        """Learn the instance's model (label, or its /v1/models) and add it; retried until it answers."""
+        delay = 0.2
+        model = ep.model
+        while model is None:
+            try:
+                async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                    resp = await client.get(ep.url + "/v1/models")
+                    resp.raise_for_status()
+                    model = resp.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        state = new_instance_state(ep.url, self.prefill_s_per_token, self.shadow_tokens)
+        breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        if ep.role == "unified":
+            pool = self.pools.get(model)
+            if pool is None:
+                pool = self.pools[model] = Pool(model, self.settings.policy, self.make_scheduler, self.metrics,
+                                                self.settings.max_queue)
+                pool.decisions = type(pool.decisions)(maxlen=self.settings.decisions_kept)
+                pool.scheduler(self.settings.policy)
+            pool.add(inst)
+        else:
+            self.pd[ep.role][ep.url] = inst
+        self._joining.pop(ep.url, None)
+        log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
+
+    # --- background loops ------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rebalance_interval)
+            for pool in self.pools.values():
+                pool.tick()
+                for iid, inst in pool.instances.items():
+                    self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
+                    self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
+                    self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
+            self.metrics.instances.clear()
+            for inst in self.all_instances():
+                st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
+                self.metrics.instances.labels(inst.model, inst.endpoint.role, st).inc()
+
+    def local_report(self) -> LocalReport:
+        report = LocalReport()
+        for name, pool in self.pools.items():
+            report.members[name] = sorted(i.id for i in pool.instances.values() if not i.removed)
+            report.observed[name], pool.observed = pool.observed, []
+            for iid, inst in pool.instances.items():
+                remote = self._remote.get(iid, InstanceLoad())
+                s = inst.state
+                report.load[iid] = InstanceLoad(
+                    pending_miss_tokens=max(0, s.pending_miss_tokens - remote.pending_miss_tokens),
+                    queued_requests=s.queued_requests,
+                    inflight_requests=max(0, s.inflight_requests - remote.inflight_requests))
+        return report
+
+    def apply_remote(self, load: dict[str, InstanceLoad]) -> None:
+        """Fold the peers' load into our instance states as a delta on top of our own accounting."""
+        for pool in self.pools.values():
+            for iid, inst in pool.instances.items():
+                new = load.get(iid, InstanceLoad())
+                old = self._remote.get(iid, InstanceLoad())
+                inst.state.inflight_miss_tokens += new.pending_miss_tokens - old.pending_miss_tokens
+                inst.state.inflight_requests += new.inflight_requests - old.inflight_requests
+                self._remote[iid] = new
+
+    async def sync_state(self) -> bool:
+        view = await self.backend.sync(self.local_report())
+        up = view is not None
+        self.metrics.state_backend_up.labels(self.backend.name).set(1 if up else 0)
+        if view is None:
+            self.metrics.state_backend_errors.labels(self.backend.name).inc()
+            self.apply_remote({})  # degrade to local state: forget what the peers said
+            return False
+        self.apply_remote(view.load)
+        self.shared_members, self.peers = view.members, view.peers
+        for name, paths in view.peer_observed.items():
+            if (pool := self.pools.get(name)) is not None and paths:
+                pool.observe_peers(paths)
+        return True
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.state_sync_interval)
+            await self.sync_state()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
+                                 first_byte_timeout=s.first_byte_timeout)
+        self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
+                               timeout=s.scrape_timeout, stale_after=s.stale_after)
+        if s.discovery == "kubernetes":
+            self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
+                                                 s.kubeconfig)
+            await self.discovery.start()
+        else:
+            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))
+        if self._joining:  # give static instances a moment to answer before serving
+            await asyncio.wait(list(self._joining.values()), timeout=5.0)
+        self.scraper.start()
+        self.tasks = [asyncio.create_task(self._tick_loop(), name="routing-tick"),
+                      asyncio.create_task(self._sync_loop(), name="state-sync")]
+
+    async def stop(self) -> None:
+        """Graceful drain: refuse new work, let in-flight requests finish (bounded), then close."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+        for task in [*self.tasks, *self._joining.values()]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self._joining.values(), return_exceptions=True)
+        if self.discovery:
+            await self.discovery.stop()
+        if self.scraper:
+            await self.scraper.stop()
+        if self.upstream:
+            await self.upstream.close()
+        await self.backend.close()
+
+    # --- the request path ------------------------------------------------------------------
+
+    def _enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def handle(self, request: Request, kind: str) -> Response:
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            return _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+        auth = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if not auth.ok:
+            self.metrics.rejected.labels("auth").inc()
+            return _error(auth.status, auth.message, type_="authentication_error")
+        raw = await _read_body(request, self.settings.max_body_bytes)
+        if raw is None:
+            self.metrics.rejected.labels("too_large").inc()
+            return _error(413, f"request body exceeds {self.settings.max_body_bytes} bytes")
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.metrics.rejected.labels("invalid").inc()
+            return _error(400, f"body is not valid JSON: {exc}")
+        cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        try:
+            body = cls.model_validate(data)
+        except ValidationError as exc:
+            self.metrics.rejected.labels("invalid").inc()
+            message, field = describe_validation_error(RequestValidationError(exc.errors()))
+            return _error(400, message, param=field)
+        pool = self.pools.get(body.model)
+        if pool is None:
+            self.metrics.rejected.labels("unknown_model").inc()
+            known = sorted(self.pools) or ["<none yet>"]
+            return _error(404, f"model '{body.model}' is not served here; available: {', '.join(known)}",
+                          type_="NotFoundError", param="model")
+        policy = self.settings.policy
+        if self.settings.policy_header and (asked := request.headers.get("x-tandem-policy")):
+            if not self.known_policy(asked):
+                return _error(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
+            policy = asked
+        rreq = route_request(body, self.settings.block_size)
+        limit = self.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
+        if not limit.ok:
+            self.metrics.rejected.labels("rate_limit").inc()
+            return _error(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        self._enter()
+        try:
+            return await self.serve(request, pool, rreq, raw, path, body.stream, policy)
+        except BaseException:
+            self._leave()
+            raise
+
+    async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
+                    policy: str) -> Response:
+        """Route, wait, start upstream (retrying before the first byte), then answer or relay."""
+        s = self.settings
+        assert self.upstream is not None
+        t0 = time.monotonic()
+        deadline = t0 + s.request_timeout
+        base = uuid.uuid4().hex[:16]
+        excluded: list[str] = []
+        failure: UpstreamFailure | None = None
+        reason = "none"
+        for attempt in range(1, s.max_attempts + 1):
+            rid = f"{base}-{attempt}"
+            try:
+                decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy,
+                                                 excluded)
+            except (QueueFull, QueueFullError) as exc:
+                # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
+                status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
+                return self._done(policy, "none", "queue_full", _error(
+                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1))
+            except NoInstanceError as exc:
+                return self._done(policy, "none", "no_instance", _error(
+                    503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
+                    retry_after=2))
+            reason = decision.reason
+            remaining = deadline - time.monotonic()
+            try:
+                waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                instance_id = await _unless_disconnected(request, waiting)
+            except NoInstanceError as exc:  # its instance went away and nothing else could take it
+                return self._done(policy, reason, "no_instance", _error(
+                    503, str(exc), type_="server_error", retry_after=2))
+            except TimeoutError:
+                return self._done(policy, reason, "queue_timeout", _error(
+                    503, "timed out waiting for an instance", type_="server_error", retry_after=2))
+            except ClientGone:
+                return self._done(policy, reason, "client_gone", Response(status_code=499))
+            inst = pool.instances.get(instance_id)
+            if inst is None:  # left while the request was queued
+                pool.failed(rid)
+                continue
+            try:
+                started = await _unless_disconnected(request, self.upstream.start(
+                    inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+            except ClientGone:
+                pool.finished(rid)
+                return self._done(policy, reason, "client_gone", Response(status_code=499))
+            except UpstreamFailure as exc:
+                failure = exc
+                pool.failed(rid)
+                inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
+                inst.refresh_health(time.monotonic())
+                self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
+                excluded.append(instance_id)
+                log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
+                if attempt < s.max_attempts and deadline - time.monotonic() > 0:
+                    self.metrics.retries.labels(exc.kind).inc()
+                    await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                    continue
+                break
+            inst.breaker.on_success()
+            if started.status >= 400:  # the engine refused the request itself: not retryable
+                pool.failed(rid)
+                return self._done(policy, reason, "client_error", Response(
+                    started.first, status_code=started.status, headers=started.headers))
+            pool.first_token(rid)
+            headers = {**started.headers, "x-tandem-instance": instance_id, "x-tandem-decision": reason}
+            if started.response is None:
+                pool.finished(rid)
+                self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+                return self._done(policy, reason, "ok", Response(started.first, status_code=started.status,
+                                                                  headers=headers))
+            self.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return StreamingResponse(self._relay(pool, rid, started, policy, reason, t0), status_code=started.status,
+                                     headers=headers, media_type="text/event-stream")
+        status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
+        message = f"no instance could serve the request after {s.max_attempts} attempts"
+        if failure:
+            message += f"; last error: {failure}"
+        return self._done(policy, reason, kind, _error(status, message, type_="server_error"))
+
+    def _done(self, policy: str, decision: str, outcome: str, response: Response) -> Response:
+        self.metrics.requests.labels(policy, decision, outcome).inc()
+        self._leave()
+        return response
+
+    async def _relay(self, pool: Pool, rid: str, started: Started, policy: str, reason: str,
+                     t0: float) -> AsyncIterator[bytes]:
+        outcome = "ok"
+        try:
+            async for chunk in relay(started):
+                yield chunk
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            outcome = "upstream_error"
+            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        except BaseException:
+            outcome = "client_gone"
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                assert started.response is not None
+                await started.response.aclose()
+            pool.finished(rid)
+            self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+            self.metrics.requests.labels(policy, reason, outcome).inc()
+            self._leave()
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` bytes (checked before and while reading)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    gw = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="tandem gateway", lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gw.handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await gw.handle(request, "chat")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        counts: dict[str, int] = {}
+        for inst in gw.all_instances():
+            if not inst.removed:
+                counts[inst.model] = counts.get(inst.model, 0) + 1
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "tandem",
+                                            "instances": n} for m, n in sorted(counts.items())]}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        routable = sum(len(p.cluster.routable()) for p in gw.pools.values())
+        if gw.draining or routable == 0:
+            why = "draining" if gw.draining else "no routable instance"
+            return JSONResponse(status_code=503, content={"status": why, "routable_instances": routable})
+        return JSONResponse({"status": "ready", "routable_instances": routable})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from tandem.router.admin import admin_router
+
+    app.include_router(admin_router(gw))
+    return app

@@ -1,0 +1,111 @@
+"""Engine ``/metrics`` text -> the few signals routing needs, for vLLM (v1 and older names) and SGLang.
+
+Pure: takes the exposition text, returns an :class:`EngineSnapshot`. Parsing goes through
+prometheus-client's parser so every valid exposition (escaped labels, ``# HELP`` lines, histograms)
+is read the same way the engines' own Prometheus would read it. Several engines (data-parallel
+ranks, ``engine`` label) in one process are summed; the KV usage is their mean.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Literal
+
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+
+EngineFlavor = Literal["vllm", "sglang", "unknown"]
+
+# signal -> metric names as the parser reports them (counters lose their ``_total`` suffix in the
+# family name; the samples keep it). First name found wins, so newer names come first.
+_GAUGES: dict[str, tuple[str, ...]] = {
+    "waiting": ("vllm:num_requests_waiting", "sglang:num_queue_reqs"),
+    "running": ("vllm:num_requests_running", "sglang:num_running_reqs"),
+    "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"),
+    "cache_hit_rate": ("sglang:cache_hit_rate",),
+}
+_COUNTERS: dict[str, tuple[str, ...]] = {
+    "prefix_queries": ("vllm:prefix_cache_queries",),
+    "prefix_hits": ("vllm:prefix_cache_hits",),
+    "prompt_tokens": ("vllm:prompt_tokens", "sglang:prompt_tokens"),
+    "generation_tokens": ("vllm:generation_tokens", "sglang:generation_tokens"),
+}
+_TTFT = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
+
+
+class EngineSnapshot(BaseModel):
+    """What one scrape tells about an engine. Fields absent from the exposition stay ``None``."""
+
+    flavor: EngineFlavor = "unknown"
+    waiting: float | None = None
+    running: float | None = None
+    kv_usage: float | None = None
+    prefix_queries: float | None = None
+    prefix_hits: float | None = None
+    cache_hit_rate: float | None = None
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    ttft_sum: float | None = None
+    ttft_count: float | None = None
+    block_size: int | None = None
+    model_names: list[str] = []
+
+    def prefix_hit_ratio(self) -> float | None:
+        """Cumulative hit ratio: vLLM from its token counters, SGLang from its gauge."""
+        if self.prefix_queries:
+            return (self.prefix_hits or 0.0) / self.prefix_queries
+        return self.cache_hit_rate
+
+
+class EngineMetricsError(ValueError):
+    """The text is not a Prometheus exposition, or carries none of the engine metrics we know."""
+
+
+def parse_engine_metrics(text: str) -> EngineSnapshot:
+    try:
+        families = list(text_string_to_metric_families(text))
+    except (ValueError, TypeError, IndexError) as exc:
+        raise EngineMetricsError(f"unparseable /metrics: {exc}") from exc
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    models: set[str] = set()
+    block_size: int | None = None
+    for fam in families:
+        for s in fam.samples:
+            if "model_name" in s.labels:
+                models.add(s.labels["model_name"])
+            if fam.name == "vllm:cache_config_info" and s.labels.get("block_size", "").isdigit():
+                block_size = int(s.labels["block_size"])
+            if fam.type == "histogram" and fam.name in _TTFT:
+                if s.name.endswith("_sum"):
+                    sums["ttft_sum"] += s.value
+                elif s.name.endswith("_count"):
+                    sums["ttft_count"] += s.value
+                continue
+            if s.name.endswith("_created"):
+                continue  # counter creation timestamps are not counts
+            key = s.name.removesuffix("_total")
+            sums[key] += s.value
+            counts[key] += 1
+    values: dict[str, float] = {}
+    for signal, names in _GAUGES.items():
+        for name in names:
+            if name in counts:
+                # kv usage and hit rate are ratios: average over engines/ranks, the rest add up.
+                ratio = signal in {"kv_usage", "cache_hit_rate"}
+                values[signal] = sums[name] / counts[name] if ratio else sums[name]
+                break
+    for signal, names in _COUNTERS.items():
+        for name in names:
+            if name in counts:
+                values[signal] = sums[name]
+                break
+    for key in ("ttft_sum", "ttft_count"):
+        if key in sums:
+            values[key] = sums[key]
+    known = {n for names in (*_GAUGES.values(), *_COUNTERS.values()) for n in names}
+    flavors = {n.split(":", 1)[0] for n in counts if n in known}
+    if not values:
+        raise EngineMetricsError("no vLLM or SGLang metrics found in /metrics")
+    flavor: EngineFlavor = "vllm" if "vllm" in flavors else "sglang" if "sglang" in flavors else "unknown"
+    return EngineSnapshot(flavor=flavor, block_size=block_size, model_names=sorted(models), **values)

@@ -1,0 +1,53 @@
+"""The gateway's own Prometheus metrics (``tandem_`` prefix, seconds, counters end in ``_total``).
+
+One registry per gateway instance (no module-level singletons), so several gateways can live in one
+process (tests, the demo) without their series mixing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+                   160.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("tandem_requests", "Requests finished, by policy, routing decision and outcome.",
+                                ["policy", "decision", "outcome"], registry=r)
+        self.ttft = Histogram("tandem_time_to_first_token_seconds", "TTFT as seen by the client (queueing included).",
+                              ["policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tandem_request_duration_seconds", "End-to-end request latency as seen by the client.",
+                             ["policy"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_length = Gauge("tandem_queue_length", "Requests waiting in the gateway for an instance.",
+                                  ["instance"], registry=r)
+        self.queue_wait = Histogram("tandem_queue_wait_seconds", "Time a request waited in the gateway's queue.",
+                                    ["instance"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("tandem_inflight_requests", "Requests sent to an instance and not finished.",
+                              ["instance"], registry=r)
+        self.migrations = Counter("tandem_migrations", "Queued requests moved off a hot instance.", registry=r)
+        self.choices = Counter("tandem_routing_choices",
+                               "Routing decisions by reason (affinity, slo_switch, least_loaded, ...).",
+                               ["policy", "reason"], registry=r)
+        self.retries = Counter("tandem_retries", "Upstream attempts retried before the first byte.", ["reason"],
+                               registry=r)
+        self.upstream_errors = Counter("tandem_upstream_errors", "Failed upstream attempts by instance and kind.",
+                                       ["instance", "kind"], registry=r)
+        self.breaker_open = Gauge("tandem_circuit_open", "1 while an instance's circuit breaker is open.",
+                                  ["instance"], registry=r)
+        self.scrape_errors = Counter("tandem_scrape_errors", "Failed engine /metrics scrapes.", ["instance"],
+                                     registry=r)
+        self.scrape_duration = Histogram("tandem_scrape_duration_seconds", "Engine /metrics scrape time.",
+                                         buckets=OVERHEAD_BUCKETS, registry=r)
+        self.instances = Gauge("tandem_instances", "Known instances by pool and state.", ["model", "role", "state"],
+                               registry=r)
+        self.state_backend_up = Gauge("tandem_state_backend_up",
+                                      "1 when the shared state backend (Redis) is reachable, 0 when degraded to "
+                                      "local state.", ["backend"], registry=r)
+        self.state_backend_errors = Counter("tandem_state_backend_errors", "Failed shared-state syncs.",
+                                            ["backend"], registry=r)
+        self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
+                                ["reason"], registry=r)

@@ -1,0 +1,66 @@
+"""Every routing threshold in one validated model, with DualMap's published defaults.
+
+One flat model (rather than one per policy) so the gateway, the DES and the benchmarks can take
+the same flags, env vars and YAML keys, and so a policy switch never needs a new config shape.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class RoutingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- SLO and the DualMap choice ---------------------------------------------------------
+    slo_ttft_s: float = Field(5.0, gt=0, description="TTFT service-level objective in seconds")
+    alpha: float = Field(0.5, gt=0, le=4, description="SLO switch: leave the affinity choice when its "
+                         "estimated TTFT exceeds alpha x SLO; also scales the hotspot threshold")
+    # --- key --------------------------------------------------------------------------------
+    key_window: int = Field(200, ge=10, le=100_000, description="requests in the adaptive-depth sliding window")
+    key_expand_share: float = Field(0.06, gt=0, lt=1, description="key a prefix one block deeper above this "
+                                    "share of the window")
+    key_shrink_share: float = Field(0.02, ge=0, lt=1, description="undo the expansion below this share")
+    key_min_depth: int = Field(2, ge=2, le=64, description="blocks in the shallowest key")
+    # --- rings ------------------------------------------------------------------------------
+    vnodes: int = Field(128, ge=100, le=160, description="virtual nodes per instance on each ring")
+    ring_seed: int = Field(0, ge=0, lt=2**32, description="seed of both rings' hash functions")
+    # --- late binding and dispatch ------------------------------------------------------------
+    late_binding: bool | None = Field(None, description="hold requests in per-instance gateway queues until "
+                                      "the instance has budget (default: on for dualmap, off for baselines)")
+    dispatch_max_unprefilled: int = Field(1, ge=1, le=1024, description="always release while fewer requests "
+                                          "than this are sent and not yet prefilled")
+    dispatch_budget_s: float | None = Field(None, ge=0, description="also release while the instance's "
+                                            "in-flight uncached prefill (seconds) stays under this "
+                                            "(default alpha x SLO)")
+    # --- hotspot migration --------------------------------------------------------------------
+    migration: bool = Field(True, description="move queued requests off hot instances (dualmap only)")
+    hotspot_wait_s: float = Field(3.0, gt=0, description="an instance whose oldest queued request waited this "
+                                  "long is hot")
+    max_moves_per_request: int = Field(1, ge=0, le=16, description="a request moves at most this often "
+                                       "(stops two hot instances from trading it back and forth)")
+    max_migrations_per_tick: int = Field(64, ge=0, le=100_000, description="bound on moves per rebalance")
+    # --- bounds -------------------------------------------------------------------------------
+    max_queued_per_instance: int = Field(4096, ge=1, description="gateway queue bound per instance (then 429)")
+    max_queued_total: int = Field(65536, ge=1, description="gateway queue bound over the pool (then 503)")
+    # --- prefix_tree baseline (SGLang router defaults) ----------------------------------------
+    balance_abs_threshold: int = Field(32, ge=0, description="prefix_tree: imbalanced when max-min pending "
+                                       "requests exceeds this ...")
+    balance_rel_threshold: float = Field(1.0001, ge=1, description="... and max > min x this")
+    cache_threshold: float = Field(0.5, ge=0, le=1, description="prefix_tree: below this match ratio pick "
+                                   "the instance with the smallest cache")
+
+    @model_validator(mode="after")
+    def _shares(self) -> RoutingConfig:
+        if self.key_shrink_share >= self.key_expand_share:
+            raise ValueError("key_shrink_share must be below key_expand_share (hysteresis)")
+        return self
+
+    @property
+    def slo_budget_s(self) -> float:
+        """alpha x SLO: the estimate above which DualMap switches, and the hotspot threshold."""
+        return self.alpha * self.slo_ttft_s
+
+    @property
+    def dispatch_budget(self) -> float:
+        return self.slo_budget_s if self.dispatch_budget_s is None else self.dispatch_budget_s

@@ -1,0 +1,91 @@
+"""Polls every instance's ``/metrics`` concurrently on the event loop and feeds routing state.
+
+Scrapes never block requests: each round is one ``gather`` of bounded GETs. A failed or
+unparseable scrape counts an error; an instance without a good scrape for ``stale_after`` seconds
+is *suspect* and not routable until a scrape succeeds again (a crashed or wedged engine usually
+stops answering /metrics before the circuit breaker has seen enough failed requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import httpx
+
+from tandem.router.enginemetrics import EngineMetricsError, EngineSnapshot, parse_engine_metrics
+from tandem.router.metrics import GatewayMetrics
+from tandem.router.pool import Instance
+
+log = logging.getLogger("tandem.gateway.scrape")
+
+
+def apply_snapshot(inst: Instance, snap: EngineSnapshot, now: float) -> None:
+    """Fold one good scrape into the instance's routing state (pure apart from the mutation)."""
+    inst.snapshot = snap
+    inst.last_scrape_ok = now
+    inst.scrape_failures = 0
+    inst.suspect = False
+    s = inst.state
+    s.engine_running = int(snap.running or 0)
+    s.engine_waiting = int(snap.waiting or 0)
+    s.kv_usage = float(snap.kv_usage or 0.0)
+
+
+def mark_failure(inst: Instance, now: float, stale_after: float) -> bool:
+    """Count a failed scrape; returns True when this made the instance suspect."""
+    inst.scrape_failures += 1
+    age = now - inst.last_scrape_ok if inst.last_scrape_ok else float("inf")
+    became = not inst.suspect and age >= stale_after
+    inst.suspect = inst.suspect or age >= stale_after
+    return became
+
+
+class Scraper:
+    def __init__(self, instances: Callable[[], Iterable[Instance]], metrics: GatewayMetrics, *,
+                 interval: float, timeout: float, stale_after: float) -> None:
+        self.instances, self.metrics = instances, metrics
+        self.interval, self.timeout, self.stale_after = interval, timeout, stale_after
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=256),
+                                        trust_env=False)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scraper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.scrape_all()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def scrape_all(self) -> None:
+        insts = [i for i in self.instances() if not i.removed]
+        await asyncio.gather(*(self.scrape(i) for i in insts))
+
+    async def scrape(self, inst: Instance) -> None:
+        t0 = time.monotonic()
+        try:
+            resp = await self.client.get(inst.endpoint.url + "/metrics")
+            resp.raise_for_status()
+            snap = parse_engine_metrics(resp.text)
+        except (httpx.HTTPError, EngineMetricsError) as exc:
+            self.metrics.scrape_errors.labels(inst.id).inc()
+            now = time.monotonic()
+            if mark_failure(inst, now, self.stale_after):
+                log.warning("instance %s is suspect: no good /metrics for %.1fs (%s)", inst.id, self.stale_after,
+                            type(exc).__name__)
+            inst.refresh_health(now)
+            return
+        now = time.monotonic()
+        self.metrics.scrape_duration.observe(now - t0)
+        apply_snapshot(inst, snap, now)
+        inst.refresh_health(now)

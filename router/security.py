@@ -1,0 +1,147 @@
+"""API keys and per-key rate limits (requests and tokens per minute).
+
+Keys come from a YAML/JSON file and/or a comma-separated env var. Only their SHA-256 digests are
+kept in memory after loading, and a key is identified everywhere (logs, metrics, errors) by its
+configured name or the first 8 hex digits of its digest, never by the key itself.
+Limits are token buckets refilled continuously (a minute's quota as burst), evaluated with an
+explicit clock so the logic is unit-testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+
+class ApiKeySpec(BaseModel):
+    key: str = Field(min_length=8, description="the secret itself")
+    name: str | None = Field(None, description="who it belongs to (shown in logs and metrics)")
+    rpm: int | None = Field(None, gt=0, description="requests per minute")
+    tpm: int | None = Field(None, gt=0, description="prompt + output tokens per minute")
+
+
+class ApiKeysFile(BaseModel):
+    keys: list[ApiKeySpec] = Field(default_factory=list)
+
+
+class ApiKeyError(ValueError):
+    """The keys file is unreadable or invalid (message names the field, never a key)."""
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class _Bucket:
+    capacity: float
+    level: float
+    updated: float
+
+    def take(self, amount: float, now: float) -> float:
+        """Take ``amount`` if available; returns 0 or the seconds until it would be."""
+        rate = self.capacity / 60.0
+        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
+        self.updated = now
+        if amount <= self.level or (amount > self.capacity and self.level >= self.capacity):
+            self.level -= amount  # an oversize request may go through on a full bucket, going negative
+            return 0.0
+        return (amount - self.level) / rate
+
+
+@dataclass(slots=True)
+class Principal:
+    name: str
+    rpm: int | None
+    tpm: int | None
+
+
+class AuthResult(BaseModel):
+    ok: bool
+    status: int = 200
+    message: str = ""
+    principal: str | None = None
+    retry_after: float = 0.0
+
+
+class KeyRing:
+    """Known keys (by digest) with their limits, and the buckets that enforce them."""
+
+    def __init__(self, specs: list[ApiKeySpec], default_rpm: int | None = None,
+                 default_tpm: int | None = None) -> None:
+        self._keys: dict[str, Principal] = {}
+        for spec in specs:
+            d = _digest(spec.key)
+            self._keys[d] = Principal(spec.name or d[:8], spec.rpm or default_rpm, spec.tpm or default_tpm)
+        self._by_name = {p.name: p for p in self._keys.values()}
+        self._requests: dict[str, _Bucket] = {}
+        self._tokens: dict[str, _Bucket] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @classmethod
+    def load(cls, path: Path | None, env_keys: str | None, default_rpm: int | None = None,
+             default_tpm: int | None = None) -> KeyRing:
+        specs: list[ApiKeySpec] = []
+        if path is not None:
+            try:
+                raw = path.read_text()
+                data = json.loads(raw) if path.suffix == ".json" else yaml.safe_load(raw)
+                specs.extend(ApiKeysFile.model_validate(data or {}).keys)
+            except OSError as exc:
+                raise ApiKeyError(f"api_keys_file {path}: {exc.strerror}") from exc
+            except (yaml.YAMLError, json.JSONDecodeError) as exc:
+                raise ApiKeyError(f"api_keys_file {path}: not valid YAML/JSON") from exc
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err["loc"])
+                raise ApiKeyError(f"api_keys_file {path}: {field}: {err['msg']}") from None
+        for i, key in enumerate(k.strip() for k in (env_keys or "").split(",") if k.strip()):
+            if len(key) < 8:
+                raise ApiKeyError(f"api_keys: key #{i + 1} is shorter than 8 characters")
+            specs.append(ApiKeySpec(key=key, name=f"env-{i + 1}"))
+        return cls(specs, default_rpm, default_tpm)
+
+    def authenticate(self, authorization: str | None, x_api_key: str | None = None) -> AuthResult:
+        if not self.enabled:
+            return AuthResult(ok=True)
+        key = x_api_key
+        if authorization and authorization[:7].lower() == "bearer ":
+            key = authorization[7:].strip()
+        if not key:
+            return AuthResult(ok=False, status=401, message="missing API key (Authorization: Bearer <key>)")
+        digest = _digest(key)
+        for known, principal in self._keys.items():
+            if hmac.compare_digest(known, digest):
+                return AuthResult(ok=True, principal=principal.name)
+        return AuthResult(ok=False, status=401, message="invalid API key")
+
+    def admit(self, principal: str | None, tokens: int, now: float) -> AuthResult:
+        """Charge one request and ``tokens`` tokens to the key's buckets, or say when to retry."""
+        p = self._by_name.get(principal) if principal else None
+        if p is None:
+            return AuthResult(ok=True, principal=principal)
+        wait = 0.0
+        if p.rpm:
+            bucket = self._requests.setdefault(p.name, _Bucket(p.rpm, p.rpm, now))
+            wait = bucket.take(1, now)
+            if wait:
+                return AuthResult(ok=False, status=429, message=f"rate limit: {p.rpm} requests/minute for key "
+                                  f"'{p.name}'", principal=p.name, retry_after=wait)
+        if p.tpm:
+            bucket = self._tokens.setdefault(p.name, _Bucket(p.tpm, p.tpm, now))
+            wait = bucket.take(tokens, now)
+            if wait:
+                if p.rpm:  # give the request back: it was not served
+                    self._requests[p.name].level += 1
+                return AuthResult(ok=False, status=429, message=f"rate limit: {p.tpm} tokens/minute for key "
+                                  f"'{p.name}'", principal=p.name, retry_after=wait)
+        return AuthResult(ok=True, principal=p.name)

@@ -1,0 +1,92 @@
+"""Configuration of the gateway (``tandem gateway``): flags > ``TANDEM_GATEWAY_*`` env > YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from tandem.config import TandemSettings
+
+UrlList = Annotated[list[str], NoDecode]
+
+
+def _split_urls(value: Any) -> Any:
+    """Accept ``a,b`` (flag, env) as well as a YAML list; strip trailing slashes."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            url = str(v).strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"'{url}' is not an http(s) URL")
+            out.append(url)
+        return out
+    return value
+
+
+class GatewaySettings(TandemSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_GATEWAY_")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one)")
+    instances: UrlList = Field(default_factory=list,
+                               description="unified engine URLs, comma-separated (static discovery)")
+    prefill_instances: UrlList = Field(default_factory=list, description="prefill engine URLs (stored for PD serving)")
+    decode_instances: UrlList = Field(default_factory=list, description="decode engine URLs (stored for PD serving)")
+    discovery: Literal["static", "kubernetes"] = Field("static", description="where instances come from")
+    k8s_namespace: str = Field("default", description="kubernetes discovery: namespace to watch")
+    k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
+    k8s_port: int = Field(8000, gt=0, le=65535,
+                          description="engine port when a pod names none (annotation/port 'http')")
+    kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
+    policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
+    routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
+    slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
+    block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
+    profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
+    shadow_capacity_tokens: int | None = Field(None, gt=0,
+                                               description="shadow prefix cache per instance (default: profile KV)")
+    redis_url: str | None = Field(None, description="shared state in Redis (default: in-memory, this process only)")
+    redis_prefix: str = Field("tandem", description="Redis key prefix (one per gateway deployment)")
+    state_sync_interval: float = Field(0.2, gt=0, le=10, description="seconds between shared-state syncs")
+    scrape_interval: float = Field(0.5, gt=0, le=60, description="seconds between engine /metrics scrapes")
+    scrape_timeout: float = Field(1.0, gt=0, le=60, description="timeout of one scrape")
+    stale_after: float = Field(3.0, gt=0, description="an instance with no good scrape for this long is suspect")
+    connect_timeout: float = Field(2.0, gt=0, description="upstream connect timeout (s)")
+    first_byte_timeout: float = Field(60.0, gt=0, description="upstream response headers + first chunk timeout (s)")
+    request_timeout: float = Field(600.0, gt=0, description="whole-request timeout, queueing included (s)")
+    queue_timeout: float = Field(60.0, gt=0, description="longest wait in the gateway's queue before 503 (s)")
+    max_attempts: int = Field(3, ge=1, le=10, description="tries per request before the first byte (retries on others)")
+    retry_backoff: float = Field(0.05, ge=0, description="base backoff between tries (s), doubled each retry")
+    breaker_failures: int = Field(3, ge=1, description="consecutive failures that open an instance's circuit")
+    breaker_cooldown: float = Field(5.0, gt=0, description="seconds an open circuit waits before a trial request")
+    max_queue: int = Field(2048, gt=0, description="requests waiting in the gateway (all instances) before 429")
+    max_queue_per_instance: int = Field(512, gt=0, description="requests waiting per instance before 429")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")
+    rebalance_interval: float = Field(0.25, gt=0, description="seconds between hotspot-migration passes")
+    api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys and per-key limits")
+    api_keys: str | None = Field(None, description="comma-separated API keys (env TANDEM_GATEWAY_API_KEYS)")
+    rate_limit_rpm: int | None = Field(None, gt=0, description="default requests/minute per key")
+    rate_limit_tpm: int | None = Field(None, gt=0, description="default prompt+output tokens/minute per key")
+    max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
+    decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
+
+    _split = field_validator("instances", "prefill_instances", "decode_instances", mode="before")(
+        classmethod(lambda cls, v: _split_urls(v)))
+
+    @model_validator(mode="after")
+    def _has_instances(self) -> GatewaySettings:
+        if self.discovery == "static" and not (self.instances or self.prefill_instances or self.decode_instances):
+            raise ValueError("instances: static discovery needs at least one URL (--instances http://host:port,...)")
+        if self.scrape_timeout > self.stale_after:
+            raise ValueError("scrape_timeout: must not exceed stale_after")
+        return self

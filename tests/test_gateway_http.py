@@ -1,0 +1,168 @@
+"""The gateway over real HTTP: simulators and gateway on ephemeral 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from gatewayutil import completion_body, gateway_app, serve, sim_app, sse_text
+
+MODEL = "Llama-3-8B"
+
+
+@pytest.fixture
+async def cluster():
+    """Two simulated engines behind one gateway (DualMap)."""
+    async with serve(sim_app(port=0)) as (a, _), serve(sim_app(port=0, metrics="sglang")) as (b, _), \
+            serve(gateway_app([a, b])) as (gw, server):
+        yield gw, [a, b], server
+
+
+async def test_streaming_and_plain_content_equal_direct(cluster) -> None:
+    gw, sims, _ = cluster
+    async with httpx.AsyncClient(timeout=20) as c:
+        for path, body in (("/v1/completions", completion_body("the quick brown fox")),
+                           ("/v1/chat/completions", {"model": MODEL, "max_tokens": 8,
+                                                     "messages": [{"role": "user", "content": "hi there"}]})):
+            direct = (await c.post(sims[0] + path, json=body)).json()
+            via = await c.post(gw + path, json=body)
+            assert via.status_code == 200, via.text
+            assert via.headers["x-tandem-instance"] in sims
+            got, want = via.json()["choices"][0], direct["choices"][0]
+            assert got.get("text", got.get("message")) == want.get("text", want.get("message"))
+            stream_body = {**body, "stream": True}
+            direct_stream = (await c.post(sims[1] + path, json=stream_body)).text
+            async with c.stream("POST", gw + path, json=stream_body) as resp:
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                chunks = [chunk async for chunk in resp.aiter_text()]
+            assert sse_text("".join(chunks)) == sse_text(direct_stream) != ""
+            assert "".join(chunks).rstrip().endswith("data: [DONE]")
+
+
+async def test_streaming_is_not_buffered(cluster) -> None:
+    """The first event reaches the client long before the last one is produced."""
+    gw, _, _ = cluster
+    body = completion_body("stream me", max_tokens=200, stream=True)
+    async with httpx.AsyncClient(timeout=20) as c, c.stream("POST", gw + "/v1/completions", json=body) as resp:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        times = []
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                times.append(loop.time() - t0)
+    assert len(times) >= 200
+    assert times[0] < times[-1] - 0.2  # 200 decode steps take > 0.2 s; the first came well before the end
+
+
+async def test_openai_client_against_gateway(cluster) -> None:
+    from openai import AsyncOpenAI
+
+    gw, _, _ = cluster
+    client = AsyncOpenAI(base_url=gw + "/v1", api_key="unused", max_retries=0)
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    comp = await client.completions.create(model=MODEL, prompt="hello", max_tokens=5)
+    assert comp.choices[0].text and comp.usage.prompt_tokens > 0
+    chat = await client.chat.completions.create(model=MODEL, max_tokens=5,
+                                                messages=[{"role": "user", "content": "hello"}])
+    assert chat.choices[0].message.content
+    parts = [c.choices[0].delta.content async for c in await client.chat.completions.create(
+        model=MODEL, max_tokens=5, stream=True, messages=[{"role": "user", "content": "hello"}]) if c.choices]
+    assert "".join(p or "" for p in parts) == chat.choices[0].message.content
+    text = [c.choices[0].text async for c in await client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=5, stream=True)]
+    assert "".join(text) == comp.choices[0].text
+    await client.close()
+
+
+async def test_bad_requests_get_clear_4xx(cluster) -> None:
+    gw, _, _ = cluster
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(gw + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = await c.post(gw + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        r = await c.post(gw + "/v1/completions", json={"model": MODEL})
+        assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+        r = await c.post(gw + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "bogus"}]})
+        assert r.status_code == 400 and "messages.0.role" in r.json()["error"]["message"]
+        r = await c.post(gw + "/v1/completions", json=completion_body(model="nope"))
+        assert r.status_code == 404 and MODEL in r.json()["error"]["message"]
+        r = await c.post(gw + "/v1/completions", json=completion_body("x" * (9 * 1024 * 1024)))
+        assert r.status_code == 413
+        r = await c.post(gw + "/v1/completions", json=completion_body(), headers={"x-tandem-policy": "nope"})
+        assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
+        r = await c.post(gw + "/v1/completions", json=completion_body(), headers={"x-tandem-policy": "round_robin"})
+        assert r.status_code == 200
+
+
+async def test_health_metrics_admin(cluster) -> None:
+    gw, sims, _ = cluster
+    async with httpx.AsyncClient(timeout=10) as c:
+        assert (await c.get(gw + "/healthz")).status_code == 200
+        ready = await c.get(gw + "/readyz")
+        assert ready.status_code == 200 and ready.json()["routable_instances"] == 2
+        for i in range(4):
+            assert (await c.post(gw + "/v1/completions", json=completion_body(f"q{i}"))).status_code == 200
+        await asyncio.sleep(0.5)  # a scrape or two
+        inst = (await c.get(gw + "/admin/instances")).json()["instances"]
+        assert {i["url"] for i in inst} == set(sims)
+        assert {i["engine"]["flavor"] for i in inst} == {"vllm", "sglang"}
+        assert all(i["inflight_requests"] == 0 and i["queued_requests"] == 0 for i in inst)
+        rings = (await c.get(gw + "/admin/rings")).json()[MODEL]["dualmap"]
+        assert rings["rings"]["a"]["members"] == sorted(sims)
+        decisions = (await c.get(gw + "/admin/decisions")).json()["decisions"]
+        assert len(decisions) == 4 and all(d["reason"] and len(d["candidates"]) == 2 for d in decisions)
+        assert (await c.get(gw + "/admin/queues")).json()[MODEL]["waiting"] == 0
+        text = (await c.get(gw + "/metrics")).text
+        assert 'tandem_requests_total{decision="affinity",outcome="ok",policy="dualmap"} 4.0' in text
+        assert "tandem_state_backend_up" in text and "tandem_routing_choices_total" in text
+
+
+async def test_client_disconnect_cancels_upstream() -> None:
+    sim = sim_app(port=0)
+    async with serve(sim) as (a, _), serve(gateway_app([a])) as (gw, _):
+        body = completion_body("long one", max_tokens=5000, stream=True)
+        async with httpx.AsyncClient(timeout=10) as c, c.stream("POST", gw + "/v1/completions", json=body) as resp:
+            async for _ in resp.aiter_lines():
+                break
+            assert len(sim.state.sim.driver.pending) == 1
+        for _ in range(100):
+            if not sim.state.sim.driver.pending:
+                break
+            await asyncio.sleep(0.02)
+        assert sim.state.sim.driver.pending == {}
+
+
+async def test_api_keys_and_rate_limit(tmp_path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - {key: sk-test-123456, name: alice, rpm: 2}\n")
+    async with serve(sim_app(port=0)) as (a, _), serve(gateway_app([a], api_keys_file=keys)) as (gw, _), \
+            httpx.AsyncClient(timeout=10) as c:
+        assert (await c.post(gw + "/v1/completions", json=completion_body())).status_code == 401
+        auth = {"authorization": "Bearer sk-test-123456"}
+        for _ in range(2):
+            assert (await c.post(gw + "/v1/completions", json=completion_body(), headers=auth)).status_code == 200
+        r = await c.post(gw + "/v1/completions", json=completion_body(), headers=auth)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "alice" in r.json()["error"]["message"] and "sk-test" not in r.text
+        assert (await c.get(gw + "/admin/instances")).status_code == 401
+
+
+async def test_full_queue_answers_429_with_retry_after() -> None:
+    async with serve(sim_app(port=0)) as (a, _):
+        app = gateway_app([a], max_queue_per_instance=1, routing={"dispatch_budget_s": 0.0})
+        async with serve(app) as (gw, _), httpx.AsyncClient(timeout=30) as c:
+            body = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 8000}}
+            results = await asyncio.gather(*(c.post(gw + "/v1/completions", json=body) for _ in range(5)))
+    codes = sorted(r.status_code for r in results)
+    assert 429 in codes and 200 in codes
+    assert all("retry-after" in r.headers for r in results if r.status_code == 429)
+
+
+def test_gateway_settings_reject_unknown_policy_and_routing_keys() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        gateway_app(["http://127.0.0.1:9"], policy="bogus")
+    with pytest.raises(ValueError, match=r"routing\.bogus"):
+        gateway_app(["http://127.0.0.1:9"], routing={"bogus": 1})
