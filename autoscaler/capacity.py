@@ -96,7 +96,7 @@ class _Bucket:
 
 
 @dataclass(frozen=True, slots=True)
-class _Workload:
+class Workload:
     """Everything the queueing formulas need about one length mix and hit ratio."""
 
     buckets: tuple[_Bucket, ...]
@@ -150,7 +150,7 @@ class CapacityModel:
             best = b
         return best
 
-    def _make_workload(self, mix: tuple[LengthBucket, ...], hit_ratio: float) -> _Workload:
+    def _make_workload(self, mix: tuple[LengthBucket, ...], hit_ratio: float) -> Workload:
         total = sum(b.weight for b in mix)
         buckets = []
         for b in mix:
@@ -162,14 +162,14 @@ class CapacityModel:
         context = sum(b.weight * b.output_tokens * (b.input_tokens + b.output_tokens / 2) for b in buckets) / mean_out
         reserve = sum(b.weight * b.output_tokens * (b.input_tokens + b.output_tokens) for b in buckets) / mean_out
         slots = self.max_decode_batch(context, reserve, self.slo.tpot_s * TPOT_MARGIN)
-        return _Workload(tuple(buckets), es, es2 / (es * es) - 1.0, mean_out, context, reserve, slots,
+        return Workload(tuple(buckets), es, es2 / (es * es) - 1.0, mean_out, context, reserve, slots,
                          self.decode_step(max(slots, 1), context))
 
-    def workload(self, mix: Sequence[LengthBucket], hit_ratio: float = 0.0) -> _Workload:
+    def workload(self, mix: Sequence[LengthBucket], hit_ratio: float = 0.0) -> Workload:
         return self._workload(tuple(mix), round(hit_ratio, 3))
 
     # ----- attainment of a pool of n instances at a rate --------------------------------------
-    def prefill_attainment(self, rate: float, n: int, w: _Workload) -> float:
+    def prefill_attainment(self, rate: float, n: int, w: Workload) -> float:
         """Share of requests whose TTFT (wait + own prefill) meets the SLO: M/G/c, Allen-Cunneen."""
         offered = rate * w.es
         if offered >= n:
@@ -183,7 +183,7 @@ class CapacityModel:
                 met += b.weight * (1 - p_wait * math.exp(-slack / mean_wait))
         return met
 
-    def decode_attainment(self, rate: float, n: int, w: _Workload) -> float:
+    def decode_attainment(self, rate: float, n: int, w: Workload) -> float:
         """Share of requests whose TPOT (step + wait spread over the output) meets the SLO."""
         if w.slots == 0:
             return 0.0
@@ -200,7 +200,7 @@ class CapacityModel:
             met += b.weight * (1 - p_wait * math.exp(-drain * slack))
         return met
 
-    def unified_ok(self, rate: float, w: _Workload) -> bool:
+    def unified_ok(self, rate: float, w: Workload) -> bool:
         """Whether one aggregated instance meets both targets at ``rate``."""
         rho_p = rate * w.es
         if rho_p >= 1:
@@ -224,11 +224,11 @@ class CapacityModel:
                   for b in w.buckets]
         es = sum(b.weight * b.prefill_s for b in longer)
         es2 = sum(b.weight * b.prefill_s ** 2 for b in longer)
-        inflated = _Workload(tuple(longer), es, es2 / (es * es) - 1.0, w.mean_out, w.context, w.reserve,
+        inflated = Workload(tuple(longer), es, es2 / (es * es) - 1.0, w.mean_out, w.context, w.reserve,
                              w.slots, w.step)
         return self.prefill_attainment(rate, 1, inflated) >= self.target
 
-    def meets(self, role: Role, rate: float, n: int, w: _Workload) -> bool:
+    def meets(self, role: Role, rate: float, n: int, w: Workload) -> bool:
         if n <= 0:
             return rate <= 0
         if role == "prefill":
@@ -238,7 +238,7 @@ class CapacityModel:
         return self.unified_ok(rate / n, w)
 
     # ----- sizing -----------------------------------------------------------------------------
-    def pool_goodput(self, role: Role, n: int, w: _Workload) -> float:
+    def pool_goodput(self, role: Role, n: int, w: Workload) -> float:
         """The highest rate ``n`` instances of ``role`` carry at the target attainment."""
         if role == "prefill":
             hi = n / w.es
@@ -248,7 +248,7 @@ class CapacityModel:
             hi = n / w.es
         return _bisect_max(lambda r: self.meets(role, r, n, w), hi) if hi > 0 else 0.0
 
-    def pool_size(self, role: Role, rate: float, w: _Workload, limit: int) -> int | None:
+    def pool_size(self, role: Role, rate: float, w: Workload, limit: int) -> int | None:
         """Smallest n <= ``limit`` that carries ``rate``, or None when even ``limit`` does not.
 
         Starts from the no-pooling estimate (an upper bound: pooling only helps) and walks down,

@@ -15,6 +15,12 @@ only to the largest need seen over ``scale_down_stabilization_s`` plus ``hystere
 and only ``scale_down_cooldown_s`` after the role last changed (slow), so a role changes
 direction at most once per cooldown window. Bounds and GPU budgets clamp the result.
 
+Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
+sized only for the prompts the threshold in force keeps local, and after the pools are decided
+the threshold is re-solved for them by the PD solver (:mod:`tandem.router.offload`) from the
+length mix, the link's spare capacity and the remote queue; the new threshold applies from the
+next tick, so sizing and threshold converge together without a second solver.
+
 Draining contract (scale-down never cuts requests): a decision carries, per role, ``drain``
 (how many instances must be marked draining) and ``replicas`` (what to set the pool to now).
 The actuator marks that many instances draining (pod annotation ``serving.tandem.dev/draining``
@@ -26,10 +32,10 @@ If load returns first, ``drain`` falls and the actuator un-marks instances befor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from tandem.autoscaler import forecast
-from tandem.autoscaler.capacity import CapacityModel
+from tandem.autoscaler.capacity import CapacityModel, Workload
 from tandem.autoscaler.models import (
     AutoscalerSpec,
     AutoscalerState,
@@ -41,12 +47,14 @@ from tandem.autoscaler.models import (
     RoleObservation,
     RoleState,
 )
+from tandem.router.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
 from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
 RELAX_PER_TICK = 1.03
 
-OffloadSolver = Callable[[Observations, AutoscalerSpec], int | None]
+# Uncached-length samples handed to the offload solver: the mix's buckets expanded to about this many.
+OFFLOAD_SAMPLES = 200
 
 
 def size_pools(cap: CapacityModel, spec: AutoscalerSpec, rate: float, mix: list[LengthBucket],
@@ -58,6 +66,46 @@ def size_pools(cap: CapacityModel, spec: AutoscalerSpec, rate: float, mix: list[
         n = cap.pool_size(role, rate, w, spec.bounds(role).max_replicas)
         out[role] = spec.bounds(role).max_replicas if n is None else n
     return out
+
+
+def _uncached(b: LengthBucket, hit_ratio: float) -> int:
+    return b.input_tokens - min(int(b.input_tokens * hit_ratio), b.input_tokens - 1)
+
+
+def _local_prefill(cap: CapacityModel, obs: Observations, threshold: int | None) -> tuple[float, Workload]:
+    """The share of requests the local prefill pool keeps under ``threshold``, and their workload."""
+    if threshold is None:
+        return 1.0, cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    local = [b for b in obs.length_mix if _uncached(b, obs.prefix_hit_ratio) <= threshold]
+    if not local:
+        return 0.0, cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    share = sum(b.weight for b in local) / sum(b.weight for b in obs.length_mix)
+    return share, cap.workload(local, obs.prefix_hit_ratio)
+
+
+def solve_offload(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec, roles: Mapping[Role, RoleDecision],
+                  w: Workload) -> int:
+    """Re-solve the offload threshold (PrfaaS, :func:`tandem.router.offload.solve_threshold`) for
+    the pools just decided: Λ(t) = min(remote / p, local prefill / (1 - p), decode, link)."""
+    off = spec.offload
+    assert off is not None
+    p = cap.cost.params
+    total = sum(b.weight for b in obs.length_mix)
+    samples = [_uncached(b, obs.prefix_hit_ratio) for b in obs.length_mix
+               for _ in range(max(1, round(OFFLOAD_SAMPLES * b.weight / total)))]
+    decode_n = max(1, roles["decode"].target)
+    problem = OffloadProblem(
+        uncached_lengths=samples,
+        local=PrefillPoolSpeed(instances=roles["prefill"].target, per_token_s=p.per_token_s,
+                               attn_pair_s=p.attn_pair_s),
+        remote=PrefillPoolSpeed(instances=off.remote_instances, per_token_s=off.remote_per_token_s or p.per_token_s,
+                                attn_pair_s=off.remote_attn_pair_s if off.remote_attn_pair_s is not None
+                                else p.attn_pair_s),
+        decode_rps=max(cap.pool_goodput("decode", decode_n, w), 1e-9),
+        link_gbps=off.link_gbps, kv_bytes_per_token=cap.cost.kv_bytes_per_token, high_water=off.high_water,
+        arrival_rps=obs.arrival_rate, link_other_gbps=obs.link_other_gbps, remote_queue_s=obs.remote_queue_s,
+        min_threshold=off.min_threshold)
+    return max(solve_threshold(problem).threshold_tokens, off.min_threshold)
 
 
 def _attainment(role: Role, obs: Observations) -> float | None:
@@ -87,7 +135,7 @@ def role_decision(role: Role, target: int, o: RoleObservation, needed: float, go
 
 
 def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: AutoscalerState | None = None,
-         *, offload_solver: OffloadSolver | None = None, capacity: CapacityModel | None = None) -> Decision:
+         *, capacity: CapacityModel | None = None) -> Decision:
     """One control step. Pure: the same inputs always give the same decision and next state."""
     state = previous or AutoscalerState()
     now = obs.time_s
@@ -95,6 +143,10 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
     cap = capacity or CapacityModel(profile, spec.slo)
     w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    threshold = None
+    if spec.offload is not None:
+        threshold = obs.offload_threshold if obs.offload_threshold is not None else spec.offload.initial_threshold
+    local_share, local_w = _local_prefill(cap, obs, threshold)
     target_att = spec.slo.attainment
 
     roles: dict[Role, RoleDecision] = {}
@@ -124,10 +176,13 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
 
         # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
         rate = r_hat / scale
-        sized = cap.pool_size(role, rate, w, bounds.max_replicas)
+        role_w = w
+        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
+            rate, role_w = rate * local_share, local_w
+        sized = cap.pool_size(role, rate, role_w, bounds.max_replicas)
         want = bounds.max_replicas if sized is None else sized
         n_ref = max(want, 1)
-        goodput = cap.pool_goodput(role, n_ref, w) / n_ref  # per instance, in a pool of that size
+        goodput = cap.pool_goodput(role, n_ref, role_w) / n_ref  # per instance, in a pool of that size
         needed = rate / goodput if goodput > 0 else float(bounds.max_replicas)
         why.append(f"R-hat {r_hat:.2f} rps / correction {scale:.2f} needs {want} "
                    f"(goodput {goodput:.2f} rps per instance)")
@@ -147,7 +202,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             else:
                 target, direction = want, 1
         elif want < current:
-            stable = cap.pool_size(role, max(r for _, r in recent) * (1 + spec.hysteresis), w, current)
+            stable = cap.pool_size(role, max(r for _, r in recent) * (1 + spec.hysteresis), role_w, current)
             candidate = max(bounds.min_replicas, min(current, current if stable is None else stable))
             last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
             since = now if rs.observed_since_s is None else rs.observed_since_s
@@ -178,7 +233,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     new_state = AutoscalerState(forecast=fc, roles=new_states)
     decision = Decision(
         roles=roles,
-        offload_threshold=offload_solver(obs, spec) if offload_solver else obs.offload_threshold,
+        offload_threshold=None if threshold is None else solve_offload(cap, obs, spec, roles, w),
         forecast_rps=r_hat,
         reason=" | ".join(d.reason for d in roles.values()),
         state=new_state,

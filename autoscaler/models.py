@@ -66,6 +66,8 @@ class Observations(_Model):
     tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
     completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
     offload_threshold: int | None = Field(None, ge=0, description="the offload threshold in force (uncached tokens)")
+    link_other_gbps: float = Field(0.0, ge=0, description="traffic on the offload link that is not KV of offloads")
+    remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote prefill pool, s per instance")
 
 
 class PoolBounds(_Model):
@@ -86,6 +88,18 @@ class SLO(_Model):
     attainment: float = Field(0.95, gt=0, lt=1, description="share of requests that must meet both")
 
 
+class OffloadSpec(_Model):
+    """A remote prefill pool (Prefill-as-a-Service) whose length threshold the autoscaler re-solves."""
+
+    remote_instances: int = Field(ge=0, description="prefill instances in the remote pool")
+    link_gbps: float = Field(gt=0, description="link capacity to the remote pool, Gbit/s")
+    remote_per_token_s: float | None = Field(None, gt=0, description="remote prefill s/token (default: local)")
+    remote_attn_pair_s: float | None = Field(None, ge=0, description="remote s per attention pair (default: local)")
+    high_water: float = Field(0.85, gt=0, le=1, description="share of the link offload may use")
+    min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
+    initial_threshold: int = Field(16384, ge=0, description="threshold before the first solve")
+
+
 class AutoscalerSpec(_Model):
     """How one service is scaled: its mode, pool bounds, SLOs and the controller's time constants."""
 
@@ -104,9 +118,12 @@ class AutoscalerSpec(_Model):
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
     min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
+    offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
 
     @model_validator(mode="after")
     def _roles_match_mode(self) -> AutoscalerSpec:
+        if self.offload is not None and self.mode != "disaggregated":
+            raise ValueError("offload needs disaggregated mode: offloaded prompts decode on the local decode pool")
         wrong = set(self.pools) - set(ROLES_BY_MODE[self.mode])
         if wrong:
             raise ValueError(f"pools {sorted(wrong)} do not exist in {self.mode} mode "

@@ -14,6 +14,7 @@ from tandem.autoscaler.models import (
     AutoscalerSpec,
     LengthBucket,
     Observations,
+    OffloadSpec,
     PoolBounds,
     RoleObservation,
 )
@@ -217,6 +218,30 @@ def test_aggregated_mode_uses_mixed_model() -> None:
     cap = CapacityModel(PROFILE, SLO_)
     assert d.roles["unified"].goodput_rps < min(cap.prefill_goodput(MIX, 0), cap.decode_goodput(MIX))
     assert d.replicas["unified"] >= 2
+
+
+LONG_MIX = [LengthBucket(input_tokens=2000, output_tokens=200, weight=0.8),
+            LengthBucket(input_tokens=60000, output_tokens=200, weight=0.2)]
+
+
+def offload_obs(threshold: int | None, link_other: float = 0.0) -> Observations:
+    return Observations(time_s=0, window_s=10, arrival_rate=4.0, length_mix=LONG_MIX,
+                        roles={r: RoleObservation(ready=1) for r in ("prefill", "decode")},
+                        offload_threshold=threshold, link_other_gbps=link_other)
+
+
+def test_offload_threshold_resolved_and_prefill_sized_for_local_prompts() -> None:
+    local_only = tick(offload_obs(None), PROFILE, spec())
+    off = OffloadSpec(remote_instances=8, link_gbps=400.0)
+    d = tick(offload_obs(10_000), PROFILE, spec(offload=off))
+    # the 60k-token prompts go remote: the local prefill pool is much smaller
+    assert d.roles["prefill"].target < local_only.roles["prefill"].target
+    assert d.offload_threshold is not None and off.min_threshold <= d.offload_threshold < 60_000
+    # the link is nearly full of other traffic: offloading stops (threshold at the longest prompt)
+    busy = tick(offload_obs(10_000, link_other=399.0), PROFILE, spec(offload=off))
+    assert busy.offload_threshold is not None and busy.offload_threshold >= 60_000
+    with pytest.raises(ValidationError, match="disaggregated"):
+        AutoscalerSpec(mode="aggregated", offload=off)
 
 
 def test_poisson_cdf() -> None:
