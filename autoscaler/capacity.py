@@ -38,6 +38,8 @@ from tandem.sim.profile import Profile
 # The model's TPOT must stay this far inside the SLO: individual requests see batches above the
 # mean, so a mean at the objective would fail about half of them.
 TPOT_MARGIN = 0.85
+# When no prompt of the mix can meet the TTFT SLO even alone, prefill is sized to this utilisation.
+UNATTAINABLE_UTILISATION = 0.8
 
 
 def phase_target(attainment: float) -> float:
@@ -232,7 +234,12 @@ class CapacityModel:
         if n <= 0:
             return rate <= 0
         if role == "prefill":
-            return self.prefill_attainment(rate, n, w) >= self.target
+            # Prompts whose prefill alone exceeds the TTFT SLO fail at any pool size; size for the
+            # target among the rest rather than growing to the maximum for nothing.
+            ceiling = sum(b.weight for b in w.buckets if b.prefill_s <= self.slo.ttft_s)
+            if ceiling <= 0:
+                return rate * w.es <= UNATTAINABLE_UTILISATION * n
+            return self.prefill_attainment(rate, n, w) >= self.target * ceiling
         if role == "decode":
             return self.decode_attainment(rate, n, w) >= self.target
         return self.unified_ok(rate / n, w)

@@ -32,6 +32,7 @@ If load returns first, ``drain`` falls and the actuator un-marks instances befor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from tandem.autoscaler import forecast
@@ -162,7 +163,10 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         why: list[str] = []
 
         att = _attainment(role, obs)
-        short = att is not None and obs.completed >= spec.min_samples and att < target_att
+        # Short only beyond the sampling noise of the window's attainment (one standard error):
+        # a 0.949 over a hundred requests is not evidence against a 0.95 target.
+        noise = math.sqrt(target_att * (1 - target_att) / max(obs.completed, 1))
+        short = att is not None and obs.completed >= spec.min_samples and att < target_att - noise
         # Capacity ordered by the last scale-up must have served a whole window before the
         # window's attainment says anything about it; otherwise one shortfall is counted again
         # every tick while the new instances start.
@@ -190,9 +194,11 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             want = current + 1
             why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
 
-        # The scale-down stabilization keeps the highest rate the role had to carry lately.
-        recent = [(t, r) for t, r in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
-        recent.append((now, rate))
+        # Scale-down stabilization: the largest pool that the recent ticks needed with the
+        # hysteresis headroom (rate and length mix both vary, so the need is kept, not the rate).
+        headroom = cap.pool_size(role, rate * (1 + spec.hysteresis), role_w, bounds.max_replicas)
+        recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
+        recent.append((now, bounds.max_replicas if headroom is None else headroom))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0
@@ -202,8 +208,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             else:
                 target, direction = want, 1
         elif want < current:
-            stable = cap.pool_size(role, max(r for _, r in recent) * (1 + spec.hysteresis), role_w, current)
-            candidate = max(bounds.min_replicas, min(current, current if stable is None else stable))
+            candidate = max(bounds.min_replicas, min(current, max(n for _, n in recent)))
             last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
             since = now if rs.observed_since_s is None else rs.observed_since_s
             if now - since < spec.scale_down_stabilization_s:

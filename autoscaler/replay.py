@@ -124,7 +124,7 @@ class ReplayConfig:
     link_gbps: float = 100.0  # prefill -> decode KV transfer inside the cluster
     gpus_per_instance: int = 1
     mix_buckets: int = 8
-    mix_window_s: float = 120.0  # the length mix moves slower than the rate; a longer window is steadier
+    mix_window_s: float = 300.0  # the length mix moves slower than the rate; a longer window is steadier
 
 
 @dataclass
