@@ -38,8 +38,6 @@ from tandem.sim.profile import Profile
 # The model's TPOT must stay this far inside the SLO: individual requests see batches above the
 # mean, so a mean at the objective would fail about half of them.
 TPOT_MARGIN = 0.85
-# When no prompt of the mix can meet the TTFT SLO even alone, prefill is sized to this utilisation.
-UNATTAINABLE_UTILISATION = 0.8
 
 
 def phase_target(attainment: float) -> float:
@@ -95,6 +93,7 @@ class _Bucket:
     output_tokens: int
     prefill_s: float  # this prompt's uncached part prefilled alone, chunk by chunk
     chunks: int
+    miss: int = 0  # uncached prompt tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +113,12 @@ class Workload:
 class CapacityModel:
     """Pool sizes and goodput for a profile and SLO; pure and cheap (closed forms, short searches)."""
 
-    def __init__(self, profile: Profile, slo: SLO, *, kv_capacity_tokens: int | None = None) -> None:
+    def __init__(self, profile: Profile, slo: SLO, *, kv_capacity_tokens: int | None = None,
+                 max_utilisation: float = 0.85) -> None:
         self.profile = profile
+        # A pool run near 100 % sits at a cliff: a forecast a few percent low and the queue never
+        # drains. Utilisation above this is refused whatever the queueing formula says.
+        self.max_utilisation = max_utilisation
         self.slo = slo
         self.cost = CostModel.from_profile(profile)
         self.kv_capacity = kv_capacity_tokens or profile.kv_capacity_tokens
@@ -157,7 +160,8 @@ class CapacityModel:
         buckets = []
         for b in mix:
             s, chunks = self.prefill_seconds(b.input_tokens, hit_ratio)
-            buckets.append(_Bucket(b.weight / total, b.input_tokens, b.output_tokens, s, chunks))
+            miss = b.input_tokens - min(int(b.input_tokens * hit_ratio), b.input_tokens - 1)
+            buckets.append(_Bucket(b.weight / total, b.input_tokens, b.output_tokens, s, chunks, miss))
         es = sum(b.weight * b.prefill_s for b in buckets)
         es2 = sum(b.weight * b.prefill_s ** 2 for b in buckets)
         mean_out = sum(b.weight * b.output_tokens for b in buckets)
@@ -176,11 +180,17 @@ class CapacityModel:
         offered = rate * w.es
         if offered >= n:
             return 0.0
+        if offered > self.max_utilisation * n:
+            return 0.0
         p_wait = erlang_c(n, offered)
         mean_wait = (1 + w.cs2) / 2 * w.es / (n - offered)  # conditional on waiting
+        busy = offered / n
         met = 0.0
         for b in w.buckets:
-            slack = self.slo.ttft_s - b.prefill_s
+            # The engine fills an iteration's token budget with other queued prompts, so under load
+            # a prompt's own iteration carries others' tokens too (about utilisation x the rest).
+            batched = busy * self.cost.params.per_token_s * max(0, self.chunk - b.miss)
+            slack = self.slo.ttft_s - b.prefill_s - batched
             if slack >= 0:
                 met += b.weight * (1 - p_wait * math.exp(-slack / mean_wait))
         return met
@@ -192,7 +202,7 @@ class CapacityModel:
         servers = n * w.slots
         service = w.mean_out * w.step
         offered = rate * service
-        if offered >= servers:
+        if offered > self.max_utilisation * servers:
             return 0.0
         p_wait = erlang_c(servers, offered)
         drain = (servers - offered) / service
@@ -238,7 +248,7 @@ class CapacityModel:
             # target among the rest rather than growing to the maximum for nothing.
             ceiling = sum(b.weight for b in w.buckets if b.prefill_s <= self.slo.ttft_s)
             if ceiling <= 0:
-                return rate * w.es <= UNATTAINABLE_UTILISATION * n
+                return rate * w.es <= self.max_utilisation * n
             return self.prefill_attainment(rate, n, w) >= self.target * ceiling
         if role == "decode":
             return self.decode_attainment(rate, n, w) >= self.target

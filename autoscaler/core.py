@@ -142,7 +142,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     now = obs.time_s
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
     r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
-    cap = capacity or CapacityModel(profile, spec.slo)
+    cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation)
     w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
     threshold = None
     if spec.offload is not None:
@@ -175,6 +175,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if short and settled:
             assert att is not None
             scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(0.5, 2 * (target_att - att))))
+            why.append(f"attainment {att:.3f} < {target_att:.3f}: model goodput corrected to x{scale:.2f}")
         elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
             scale = min(1.0, scale * RELAX_PER_TICK)
 
@@ -192,7 +193,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                    f"(goodput {goodput:.2f} rps per instance)")
         if short and settled and want <= current:
             want = current + 1
-            why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
+            why.append("+1 despite the model")
 
         # Scale-down stabilization: the largest pool that the recent ticks needed with the
         # hysteresis headroom (rate and length mix both vary, so the need is kept, not the rate).

@@ -118,6 +118,8 @@ class AutoscalerSpec(_Model):
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
     min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
+    max_utilisation: float = Field(0.85, gt=0, lt=1,
+                                   description="no pool is planned above this utilisation (the queueing cliff)")
     offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
 
     @model_validator(mode="after")
