@@ -83,7 +83,8 @@ class TandemScaler(Scaler):
 
     def __init__(self, profile: Profile, spec: AutoscalerSpec, initial: dict[Role, int]) -> None:
         self.profile, self.spec, self._initial = profile, spec, initial
-        self.capacity = CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation)
+        self.capacity = CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation,
+                                       decode_max_utilisation=spec.decode_max_utilisation)
         self.state: AutoscalerState | None = None
         self.decisions: list[str] = []
 
@@ -256,10 +257,11 @@ class AutoscaleBench(TandemSettings):
     startup_delay_s: float = Field(60.0, ge=0, description="instance start-up delay (pod + weights)")
     tick_s: float = Field(15.0, gt=0, description="autoscaler tick")
     cooldown_s: float = Field(300.0, ge=0, description="scale-down cooldown (also the oscillation window)")
-    stabilization_s: float = Field(180.0, ge=0, description="scale-down stabilization window")
+    stabilization_s: float = Field(300.0, ge=0, description="scale-down stabilization window")
     max_replicas: int = Field(64, ge=1, description="upper bound per role")
-    max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned pool utilisation")
-    forecast_quantile: float = Field(0.95, gt=0.5, lt=1, description="Tandem: quantile of the rate forecast")
+    max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned prefill utilisation")
+    decode_max_utilisation: float = Field(0.95, gt=0, lt=1, description="Tandem: highest planned decode utilisation")
+    forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="Tandem: quantile of the rate forecast")
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
     static_search: int = Field(6, ge=1, le=12, description="most DES runs spent finding the best static P:D")
 
@@ -303,10 +305,12 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         mode=cfg.mode, slo=slo, pools={r: PoolBounds(min_replicas=1, max_replicas=cfg.max_replicas) for r in roles},
         startup_delay_s=cfg.startup_delay_s, scale_down_cooldown_s=cfg.cooldown_s,
         scale_down_stabilization_s=cfg.stabilization_s, scale_up_cooldown_s=cfg.tick_s,
-        max_utilisation=cfg.max_utilisation, forecast_quantile=cfg.forecast_quantile)
+        max_utilisation=cfg.max_utilisation, decode_max_utilisation=cfg.decode_max_utilisation,
+        forecast_quantile=cfg.forecast_quantile)
     rcfg = ReplayConfig(profile=profile, mode=cfg.mode, slo=slo, startup_delay_s=cfg.startup_delay_s,
                         tick_s=cfg.tick_s)
-    cap = CapacityModel(profile, slo, max_utilisation=spec.max_utilisation)
+    cap = CapacityModel(profile, slo, max_utilisation=spec.max_utilisation,
+                       decode_max_utilisation=spec.decode_max_utilisation)
     mix = mix_of(reqs)
     first = [r for r in reqs if r.arrival <= 60.0]
     initial = size_pools(cap, spec, len(first) / 60.0, mix)
@@ -343,7 +347,8 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         "peak_qps_60s": peak, "duration_s": reqs[-1].arrival if reqs else 0.0, "profile": profile.name,
         "mode": cfg.mode, "slo": slo.model_dump(), "startup_delay_s": cfg.startup_delay_s, "tick_s": cfg.tick_s,
         "cooldown_s": cfg.cooldown_s, "stabilization_s": cfg.stabilization_s, "warmup_s": cfg.warmup_s,
-        "max_utilisation": cfg.max_utilisation, "forecast_quantile": cfg.forecast_quantile,
+        "max_utilisation": cfg.max_utilisation, "decode_max_utilisation": cfg.decode_max_utilisation,
+        "forecast_quantile": cfg.forecast_quantile,
         "peak_sized_replicas": sized, "initial_replicas": initial, "static_peak_replicas": best_alloc,
         "static_candidates": [{"replicas": a, **summarise(r, slo, cfg.cooldown_s)} for a, r in static_runs],
         "threshold_rule": "KV usage >= 0.8 or queue per instance >= 5 (HPA-style proportional, 10% tolerance)",

@@ -114,11 +114,14 @@ class CapacityModel:
     """Pool sizes and goodput for a profile and SLO; pure and cheap (closed forms, short searches)."""
 
     def __init__(self, profile: Profile, slo: SLO, *, kv_capacity_tokens: int | None = None,
-                 max_utilisation: float = 0.85) -> None:
+                 max_utilisation: float = 0.85, decode_max_utilisation: float = 0.95) -> None:
         self.profile = profile
         # A pool run near 100 % sits at a cliff: a forecast a few percent low and the queue never
-        # drains. Utilisation above this is refused whatever the queueing formula says.
+        # drains. Utilisation above this is refused whatever the queueing formula says. Decode can
+        # run closer to it: its waits are spread over the output tokens (the TPOT slack), while a
+        # prefill wait counts in full against the TTFT.
         self.max_utilisation = max_utilisation
+        self.decode_max_utilisation = decode_max_utilisation
         self.slo = slo
         self.cost = CostModel.from_profile(profile)
         self.kv_capacity = kv_capacity_tokens or profile.kv_capacity_tokens
@@ -202,7 +205,7 @@ class CapacityModel:
         servers = n * w.slots
         service = w.mean_out * w.step
         offered = rate * service
-        if offered > self.max_utilisation * servers:
+        if offered > self.decode_max_utilisation * servers:
             return 0.0
         p_wait = erlang_c(servers, offered)
         drain = (servers - offered) / service

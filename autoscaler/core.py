@@ -53,6 +53,7 @@ from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
 RELAX_PER_TICK = 1.03
+MAX_CUT = 0.25  # the most one tick's shortfall lowers the goodput correction
 
 # Uncached-length samples handed to the offload solver: the mix's buckets expanded to about this many.
 OFFLOAD_SAMPLES = 200
@@ -119,6 +120,11 @@ def _attainment(role: Role, obs: Observations) -> float | None:
     return min(values) if values else None
 
 
+def _exceeds(cap: CapacityModel, role: Role, rate: float, w: Workload, replicas: int) -> bool:
+    """Whether ``rate`` needs more than ``replicas`` instances."""
+    return cap.pool_size(role, rate, w, replicas) is None
+
+
 def _pods(o: RoleObservation) -> int:
     return o.ready + o.starting + o.draining + o.drained
 
@@ -142,7 +148,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     now = obs.time_s
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
     r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
-    cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation)
+    cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation,
+                                                  decode_max_utilisation=spec.decode_max_utilisation)
     w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
     threshold = None
     if spec.offload is not None:
@@ -172,18 +179,23 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         # every tick while the new instances start.
         settled = o.starting == 0 and (rs.last_up_s is None
                                        or now - rs.last_up_s >= spec.startup_delay_s + obs.window_s)
-        if short and settled:
+        share, role_w = 1.0, w
+        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
+            share, role_w = local_share, local_w
+        # Only a shortfall the model did not predict is evidence against the model: the ready
+        # instances were enough, in the model, for the rate actually observed. A shortfall while
+        # the pool lagged the load is fixed by ordinary sizing and must not leave a lasting bias.
+        model_said_enough = cap.pool_size(role, obs.arrival_rate * share / scale, role_w, o.ready) is not None
+        if short and settled and model_said_enough:
             assert att is not None
-            scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(0.5, 2 * (target_att - att))))
-            why.append(f"attainment {att:.3f} < {target_att:.3f}: model goodput corrected to x{scale:.2f}")
+            scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(MAX_CUT, target_att - att)))
+            why.append(f"attainment {att:.3f} < {target_att:.3f} where the model saw enough: "
+                       f"goodput corrected to x{scale:.2f}")
         elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
             scale = min(1.0, scale * RELAX_PER_TICK)
 
         # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
-        rate = r_hat / scale
-        role_w = w
-        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
-            rate, role_w = rate * local_share, local_w
+        rate = r_hat * share / scale
         sized = cap.pool_size(role, rate, role_w, bounds.max_replicas)
         want = bounds.max_replicas if sized is None else sized
         n_ref = max(want, 1)
@@ -191,7 +203,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         needed = rate / goodput if goodput > 0 else float(bounds.max_replicas)
         why.append(f"R-hat {r_hat:.2f} rps / correction {scale:.2f} needs {want} "
                    f"(goodput {goodput:.2f} rps per instance)")
-        if short and settled and want <= current:
+        if short and settled and model_said_enough and want <= current:
             want = current + 1
             why.append("+1 despite the model")
 
@@ -203,9 +215,16 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0
+        recently_down = rs.last_down_s is not None and now - rs.last_down_s < spec.scale_down_cooldown_s
         if want > current:
             if rs.last_up_s is not None and now - rs.last_up_s < spec.scale_up_cooldown_s:
                 why.append("scale-up cooldown")
+            elif recently_down and not short and not _exceeds(cap, role, rate * (1 - spec.hysteresis), role_w,
+                                                              current):
+                # Just after a scale-down, going back up would be a second change of direction in
+                # one cooldown window: only when the need clears the band below R-hat, or the SLO
+                # is actually being missed.
+                why.append("inside the hysteresis band after a scale-down")
             else:
                 target, direction = want, 1
         elif want < current:

@@ -111,15 +111,17 @@ class AutoscalerSpec(_Model):
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
     scale_down_cooldown_s: float = Field(300.0, ge=0,
                                          description="least time after any change before a role shrinks")
-    scale_down_stabilization_s: float = Field(180.0, ge=0,
+    scale_down_stabilization_s: float = Field(300.0, ge=0,
                                               description="shrink only to the largest need seen over this window")
-    hysteresis: float = Field(0.1, ge=0, lt=1, description="shrink only when the need is this far below the pool")
-    forecast_quantile: float = Field(0.95, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
+    hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
+    forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
     min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
     max_utilisation: float = Field(0.85, gt=0, lt=1,
-                                   description="no pool is planned above this utilisation (the queueing cliff)")
+                                   description="no prefill/unified pool is planned above this utilisation")
+    decode_max_utilisation: float = Field(0.95, gt=0, lt=1,
+                                          description="no decode pool is planned above this share of its batch slots")
     offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
 
     @model_validator(mode="after")
