@@ -62,6 +62,7 @@ class Instance:
     status: InstanceStatus = "starting"
     removed_at: float | None = None
     outstanding_tokens: int = 0  # prefill: un-prefilled prompt tokens; others: running + waiting requests
+    assigned: int = 0  # requests routed here: breaks ties so idle instances share the load
     version: int = 0
 
     @property
@@ -228,7 +229,7 @@ class ElasticCluster:
         ready = [i for i in self.pools[role] if i.status == "ready"]
         if not ready:
             return None
-        return min(ready, key=lambda i: i.outstanding_tokens)
+        return min(ready, key=lambda i: (i.outstanding_tokens, i.assigned))
 
     def _submit(self, inst: Instance, rec: RequestRecord, now: float, prompt: int, max_tokens: int) -> None:
         tr = rec.trace
@@ -243,6 +244,7 @@ class ElasticCluster:
         inst.engine.advance(now)
         inst.engine.submit(req, now)
         inst.outstanding_tokens += prompt if inst.role == "prefill" else 1
+        inst.assigned += 1
         self._wake(inst)
 
     def _dispatch(self, rec: RequestRecord, now: float, pending: deque[RequestRecord]) -> None:
