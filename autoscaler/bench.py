@@ -203,6 +203,22 @@ def search_static(start: dict[Role, int], replay: Callable[[dict[Role, int]], Re
     return runs
 
 
+def oracle_gpu_hours(reqs: list[TraceRequest], cap: CapacityModel, spec: AutoscalerSpec, window_s: float,
+                     start_s: float) -> float:
+    """GPU-hours of a clairvoyant scaler: each window sized by the model for the rate and mix that
+    actually arrive in it, with no start-up delay, forecast headroom or hysteresis. A reference
+    for how much any scaler driven by this capacity model could save, not a reachable result."""
+    buckets: dict[int, list[TraceRequest]] = defaultdict(list)
+    for r in reqs:
+        if r.arrival >= start_s:
+            buckets[int(r.arrival // window_s)].append(r)
+    gpu_s = 0.0
+    for part in buckets.values():
+        sizes = size_pools(cap, spec, len(part) / window_s, mix_of(part))
+        gpu_s += window_s * sum(max(1, n) * spec.bounds(role).gpus_per_replica for role, n in sizes.items())
+    return gpu_s / 3600
+
+
 def worst_window(res: ReplayResult, slo: SLO, window_s: float, min_requests: int = 50) -> float:
     """The lowest attainment of both SLOs over consecutive windows of arrivals (the peak's)."""
     buckets: dict[int, list[bool]] = defaultdict(list)
@@ -294,7 +310,7 @@ class AutoscaleBench(TandemSettings):
         self.json_out.write_text(json.dumps(result["json"], indent=2))
         print(json.dumps(result["json"]["scalers"], indent=2))
         if self.plot:
-            plot_timelines(result["results"], self.plot, self.ttft_s)
+            plot_timelines(result["results"], self.plot, self.ttft_s, self.warmup_s)
 
 
 def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, fmt: str,
@@ -349,14 +365,16 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         "cooldown_s": cfg.cooldown_s, "stabilization_s": cfg.stabilization_s, "warmup_s": cfg.warmup_s,
         "max_utilisation": cfg.max_utilisation, "decode_max_utilisation": cfg.decode_max_utilisation,
         "forecast_quantile": cfg.forecast_quantile,
-        "peak_sized_replicas": sized, "initial_replicas": initial, "static_peak_replicas": best_alloc,
+        "peak_sized_replicas": sized, "initial_replicas": initial,
+        "oracle_gpu_hours_60s": oracle_gpu_hours(reqs, cap, spec, 60.0, cfg.warmup_s),
+        "static_peak_replicas": best_alloc,
         "static_candidates": [{"replicas": a, **summarise(r, slo, cfg.cooldown_s)} for a, r in static_runs],
         "threshold_rule": "KV usage >= 0.8 or queue per instance >= 5 (HPA-style proportional, 10% tolerance)",
     }
     return {"json": {"scalers": scalers, "config": config}, "results": results}
 
 
-def plot_timelines(results: dict[str, ReplayResult], path: Path, ttft_s: float) -> None:
+def plot_timelines(results: dict[str, ReplayResult], path: Path, ttft_s: float, warmup_s: float = 0.0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,6 +394,10 @@ def plot_timelines(results: dict[str, ReplayResult], path: Path, ttft_s: float) 
     axes[1].set_ylabel("instances")
     axes[1].legend(fontsize=7, ncol=3)
     axes[2].set_ylabel(f"SLO attainment (window, TTFT<={ttft_s}s & TPOT)")
+    for ax in axes:
+        if warmup_s > 0:
+            ax.axvspan(0, warmup_s, color="grey", alpha=0.15, label=None)
+    axes[0].set_title("grey: warm-up, replayed but not measured", fontsize=9)
     axes[2].set_xlabel("time (s)")
     axes[2].set_ylim(0, 1.02)
     axes[2].legend(fontsize=8)

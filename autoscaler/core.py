@@ -52,7 +52,8 @@ from tandem.router.offload import OffloadProblem, PrefillPoolSpeed, solve_thresh
 from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
-RELAX_PER_TICK = 1.03
+RELAX_PER_TICK = 1.02
+RELAX_MIN_LOAD = 0.6  # share of the pool's corrected goodput the observed load must reach to relax
 MAX_CUT = 0.25  # the most one tick's shortfall lowers the goodput correction
 
 # Uncached-length samples handed to the offload solver: the mix's buckets expanded to about this many.
@@ -174,6 +175,13 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         # a 0.949 over a hundred requests is not evidence against a 0.95 target.
         noise = math.sqrt(target_att * (1 - target_att) / max(obs.completed, 1))
         short = att is not None and obs.completed >= spec.min_samples and att < target_att - noise
+        comfortable = att is not None and obs.completed >= spec.min_samples and att >= (1 + target_att) / 2
+        # Scale-down needs the objective comfortably met over the whole stabilization window, not
+        # in one lucky window: a 30-second attainment swings by several points.
+        recent_att = [(t, a) for t, a in rs.recent_attainment if t > now - spec.scale_down_stabilization_s]
+        if att is not None and obs.completed >= spec.min_samples:
+            recent_att.append((now, att))
+        tight = any(a < (1 + target_att) / 2 for _, a in recent_att)
         # Capacity ordered by the last scale-up must have served a whole window before the
         # window's attainment says anything about it; otherwise one shortfall is counted again
         # every tick while the new instances start.
@@ -191,8 +199,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(MAX_CUT, target_att - att)))
             why.append(f"attainment {att:.3f} < {target_att:.3f} where the model saw enough: "
                        f"goodput corrected to x{scale:.2f}")
-        elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
-            scale = min(1.0, scale * RELAX_PER_TICK)
+        elif comfortable and scale < 1.0 and o.ready:
+            # Relax only while the pool carries enough load for its attainment to say something
+            # about the model; a comfortable but idle pool would erase a correction it still needs.
+            carried = cap.pool_goodput(role, o.ready, role_w) * scale
+            if obs.arrival_rate * share >= RELAX_MIN_LOAD * carried:
+                scale = min(1.0, scale * RELAX_PER_TICK)
 
         # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
         rate = r_hat * share / scale
@@ -237,6 +249,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                 why.append("held by stabilization window / hysteresis")
             elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
                 why.append("scale-down cooldown")
+            elif tight:
+                # The model may say fewer would do, but the objective is only just met: removing
+                # capacity now is how a pool walks off the cliff.
+                worst = min(a for _, a in recent_att)
+                why.append(f"attainment {worst:.3f} in the window is not comfortably above {target_att:.3f}: "
+                           "no scale-down")
             else:
                 target, direction = candidate, -1
 
@@ -251,6 +269,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             last_direction=direction or rs.last_direction,
             goodput_scale=scale,
             observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
+            recent_attainment=recent_att,
             recent_needs=recent,
         )
         roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))

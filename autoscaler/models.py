@@ -159,6 +159,8 @@ class RoleState(_Model):
     goodput_scale: float = Field(1.0, gt=0, le=1,
                                  description="learned correction of the model's goodput (<1: model too optimistic)")
     observed_since_s: float | None = Field(None, description="first tick that saw this role")
+    recent_attainment: list[tuple[float, float]] = Field(
+        default_factory=list, description="(time, observed attainment) over the stabilization window")
     recent_needs: list[tuple[float, int]] = Field(
         default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
 

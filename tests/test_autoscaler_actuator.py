@@ -256,3 +256,26 @@ def test_count_pods_roles() -> None:
             pod("f", deleting=True)]
     o = count_pods(pods, {"c": 2, "d": 0, "e": 5}, now, drain_timeout_s=300)
     assert (o.ready, o.starting, o.draining, o.drained) == (1, 1, 1, 2)
+
+
+async def test_global_gpu_budget_across_services(api) -> None:
+    _, client, ns = api
+    for name in ("a", "b"):
+        await client.create(LLMSERVICES, ns, {**service(name), "metadata": {"name": name, "namespace": ns}})
+    gateway = FakeGateway()
+    gateway.rate = 80.0
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), gpu_budget=8,
+                            registry=CollectorRegistry(), clock=Clock())
+        decisions = await actuator.tick_once()
+        await source.close()
+    assert set(decisions) == {(ns, "a"), (ns, "b")}
+    total = 0
+    for name in ("a", "b"):
+        obj = await client.get(LLMSERVICES, ns, name)
+        pools = obj["spec"]["pools"]
+        assert pools["prefill"]["replicas"] >= 1 and pools["decode"]["replicas"] >= 1
+        total += pools["prefill"]["replicas"] + pools["decode"]["replicas"]
+        assert "GPU budget 8" in obj["status"]["lastScalingDecision"]["reason"]
+    assert total <= 8
