@@ -276,7 +276,7 @@ class AutoscaleBench(TandemSettings):
     stabilization_s: float = Field(300.0, ge=0, description="scale-down stabilization window")
     max_replicas: int = Field(64, ge=1, description="upper bound per role")
     max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned prefill utilisation")
-    decode_max_utilisation: float = Field(0.95, gt=0, lt=1, description="Tandem: highest planned decode utilisation")
+    decode_max_utilisation: float = Field(0.9, gt=0, lt=1, description="Tandem: highest planned decode utilisation")
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="Tandem: quantile of the rate forecast")
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
     static_search: int = Field(6, ge=1, le=12, description="most DES runs spent finding the best static P:D")

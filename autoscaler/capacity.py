@@ -114,7 +114,7 @@ class CapacityModel:
     """Pool sizes and goodput for a profile and SLO; pure and cheap (closed forms, short searches)."""
 
     def __init__(self, profile: Profile, slo: SLO, *, kv_capacity_tokens: int | None = None,
-                 max_utilisation: float = 0.85, decode_max_utilisation: float = 0.95) -> None:
+                 max_utilisation: float = 0.85, decode_max_utilisation: float = 0.9) -> None:
         self.profile = profile
         # A pool run near 100 % sits at a cliff: a forecast a few percent low and the queue never
         # drains. Utilisation above this is refused whatever the queueing formula says. Decode can

@@ -1,19 +1,23 @@
 """The autoscaler's pure core: one tick turns observations into replicas per role.
 
-Sizing (DistServe): replicas = ceil(R-hat / (goodput x correction)), R-hat a high quantile of the
-arrival-rate forecast one start-up delay ahead, goodput from :mod:`tandem.autoscaler.capacity`.
+Sizing (DistServe, pooled): each role gets the smallest pool that carries R-hat / correction at
+the target attainment (:mod:`tandem.autoscaler.capacity`), R-hat a high quantile of the arrival
+rate forecast one start-up delay ahead.
 
-Correction (the queue-time feedback): the model can be optimistic (bursts within the window,
-routing imbalance, a slow node). When the observed attainment of a role's objective is below
-target with enough samples, the role's learned ``goodput_scale`` shrinks in proportion to the
-shortfall and the role gains at least one instance, even if the model says it has enough. It
-relaxes slowly back towards 1 while attainment is comfortably above target. While instances are
-still starting, no extra correction is taken: the capacity already ordered has not arrived.
+Correction (the queue-time feedback): the model can be optimistic (heavy-tailed prompts, routing
+imbalance, a slow node). When the observed attainment of a role's objective is below target by
+more than its sampling noise although the model said the ready instances were enough for the
+observed rate, the role's learned ``goodput_scale`` shrinks with the shortfall and the role gains
+at least one instance, whatever the model says. A shortfall while the pool lagged the load (or
+while ordered instances are still starting) is left to ordinary sizing. The correction relaxes
+slowly while the pool is loaded and comfortably within target.
 
 Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``; shrink
-only to the largest need seen over ``scale_down_stabilization_s`` plus ``hysteresis`` headroom,
-and only ``scale_down_cooldown_s`` after the role last changed (slow), so a role changes
-direction at most once per cooldown window. Bounds and GPU budgets clamp the result.
+only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus ``hysteresis``),
+only ``scale_down_cooldown_s`` after the role last changed, and only when the objective was
+comfortably met over that window (slow). Right after a scale-down, going up again needs the need
+to clear the hysteresis band or an actual SLO miss, which keeps direction changes to about one per
+cooldown window without ever blocking a real overload. Bounds and GPU budgets clamp the result.
 
 Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
 sized only for the prompts the threshold in force keeps local, and after the pools are decided
@@ -150,7 +154,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
     r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
     cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation,
-                                                  decode_max_utilisation=spec.decode_max_utilisation)
+                                    decode_max_utilisation=spec.decode_max_utilisation)
     w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
     threshold = None
     if spec.offload is not None:

@@ -120,7 +120,7 @@ class AutoscalerSpec(_Model):
     min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
     max_utilisation: float = Field(0.85, gt=0, lt=1,
                                    description="no prefill/unified pool is planned above this utilisation")
-    decode_max_utilisation: float = Field(0.95, gt=0, lt=1,
+    decode_max_utilisation: float = Field(0.9, gt=0, lt=1,
                                           description="no decode pool is planned above this share of its batch slots")
     offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
 
