@@ -6,12 +6,15 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
+
+if TYPE_CHECKING:
+    import kopf  # imported lazily at run time: `tandem --help` must not load it
 
 
 class OperatorRunCommand(TandemSettings):
@@ -59,9 +62,7 @@ class OperatorRunCommand(TandemSettings):
         return self
 
     def cli_cmd(self) -> None:
-        import kopf
-
-        from .handlers import build_registry, build_settings
+        from .handlers import build_registry
         from .plan import OperatorDefaults
         from .reconcile import Reconciler
 
@@ -81,15 +82,23 @@ class OperatorRunCommand(TandemSettings):
             reconciler, kubeconfig=self.kubeconfig, namespaces=namespaces, resync_seconds=self.resync_seconds
         )
         liveness = f"http://{self.liveness_host}:{self.liveness_port}/healthz" if self.liveness_port else None
-        asyncio.run(
-            kopf.operator(
-                registry=registry,
-                settings=build_settings(),
-                standalone=True,
-                clusterwide=self.all_namespaces,
-                namespaces=self.namespace,
-                liveness_endpoint=liveness,
-            )
+        try:
+            asyncio.run(self._operate(registry, liveness))
+        except Exception as exc:  # the top of the process: say why, exit non-zero, let Kubernetes restart it
+            raise SystemExit(f"tandem operator: stopped: {type(exc).__name__}: {exc}") from exc
+
+    async def _operate(self, registry: kopf.OperatorRegistry, liveness: str | None) -> None:
+        import kopf
+
+        from .handlers import build_settings
+
+        await kopf.operator(
+            registry=registry,
+            settings=build_settings(),
+            standalone=True,
+            clusterwide=self.all_namespaces,
+            namespaces=self.namespace,
+            liveness_endpoint=liveness,
         )
 
 

@@ -304,14 +304,17 @@ def _pdb(svc: LLMService, name: str, component: str, selector: dict[str, str]) -
 
 
 def service_description(svc: LLMService, remote: RemotePrefillPoolSpec | None) -> dict[str, Any]:
-    """The content of ``service.json``: everything the gateway needs that its flags do not carry."""
+    """The content of ``service.json``: everything the gateway needs that its flags do not carry.
+
+    No replica counts: the gateway discovers instances from pods, and a change here rolls the
+    gateway (config hash), which scaling must not do.
+    """
     spec = svc.spec
     ns = svc.metadata.namespace
     roles = {
         role.value: {
             "service": f"{svc.metadata.name}-{role.value}.{ns}.svc",
             "port": ENGINE_PORT,
-            "replicas": spec.replicas_of(role),
             "gpus": spec.pool(role).resources.gpu,
         }
         for role in spec.roles()

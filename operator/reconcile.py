@@ -107,13 +107,16 @@ class Reconciler:
             return ReconcileResult(skipped=True)
         lock = self._locks.setdefault(key, asyncio.Lock())
         self._waiting.add(key)
+        acquired = False
         try:
             async with lock:
-                self._waiting.discard(key)
+                acquired = True
+                self._waiting.discard(key)  # from here on, a new request must wait for a new pass
                 async with asyncio.timeout(self.timeout):
                     return await self._reconcile(namespace, name)
         finally:
-            self._waiting.discard(key)
+            if not acquired:  # cancelled while waiting
+                self._waiting.discard(key)
 
     async def _reconcile(self, namespace: str, name: str) -> ReconcileResult:
         client = self.client
@@ -126,7 +129,7 @@ class Reconciler:
         result = ReconcileResult()
         try:
             svc = LLMService.model_validate(_resource_view(body))
-            pools = await self._remote_pools(svc)
+            pools, pool_problem = await self._remote_pools(svc)
             plan = plan_service(svc, self.defaults, pools)
         except ValidationError as exc:
             field, reason = validation_message(exc)
@@ -140,7 +143,7 @@ class Reconciler:
             log.warning("LLMService %s/%s refused: %s", namespace, name, result.invalid)
             return result
 
-        warnings = list(plan.warnings)
+        warnings = [pool_problem] if pool_problem else list(plan.warnings)
         live = await self._live_children(namespace, name)
         wanted: set[tuple[str, str]] = set()
         deployments: dict[str, dict[str, Any]] = {}
@@ -150,6 +153,8 @@ class Reconciler:
             try:
                 obj = await self._apply(child, live.get(ident), result)
             except ApiError as exc:
+                if exc.status not in (400, 422):
+                    raise  # the pass fails and is retried (next event or resync)
                 # The server refused a child (e.g. a node selector it finds invalid): report, carry on.
                 warnings.append(f"{ident[0]} {ident[1]}: {exc.message or exc.reason}")
                 continue
@@ -169,17 +174,22 @@ class Reconciler:
         await self._write_status(body, status, result)
         return result
 
-    async def _remote_pools(self, svc: LLMService) -> dict[str, RemotePrefillPoolSpec]:
+    async def _remote_pools(self, svc: LLMService) -> tuple[dict[str, RemotePrefillPoolSpec], str | None]:
+        """The referenced RemotePrefillPool, or why it cannot be used (it then counts as absent)."""
         if svc.spec.offload is None:
-            return {}
+            return {}, None
         ref = svc.spec.offload.remote_prefill
         body = await self.client.get(REMOTEPREFILLPOOLS, svc.metadata.namespace, ref)
         if body is None:
-            return {}
+            return {}, None  # the plan itself reports a missing pool
         try:
-            return {ref: RemotePrefillPool.model_validate(_resource_view(body)).spec}
-        except ValidationError:
-            return {}  # reported on the pool's own status; here it counts as missing
+            return {ref: RemotePrefillPool.model_validate(_resource_view(body)).spec}, None
+        except ValidationError as exc:
+            field, reason = validation_message(exc)
+            return {}, (
+                f"spec.offload.remotePrefill: RemotePrefillPool {ref!r} is invalid ({field}: {reason}); "
+                "serving without remote prefill offload"
+            )
 
     async def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
         found: dict[tuple[str, str], dict[str, Any]] = {}

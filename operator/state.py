@@ -129,6 +129,9 @@ class DeploymentCounts(BaseModel):
     updated: int = 0
     available: int = 0
     observed: bool = Field(default=True, description="status.observedGeneration caught up with the spec.")
+    failure: str | None = Field(
+        default=None, description="Why the controller cannot create pods, if it says."
+    )
 
     @classmethod
     def from_deployment(cls, obj: dict[str, Any] | None) -> DeploymentCounts:
@@ -137,6 +140,15 @@ class DeploymentCounts(BaseModel):
         status = obj.get("status") or {}
         generation = obj.get("metadata", {}).get("generation")
         observed_generation = status.get("observedGeneration")
+        # ReplicaFailure: the ReplicaSet cannot create pods (quota, missing ServiceAccount, admission).
+        failure = next(
+            (
+                c.get("message") or c.get("reason") or "ReplicaFailure"
+                for c in status.get("conditions") or []
+                if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+            ),
+            None,
+        )
         return cls(
             desired=int(obj.get("spec", {}).get("replicas", 1)),
             current=int(status.get("replicas", 0)),
@@ -144,6 +156,7 @@ class DeploymentCounts(BaseModel):
             updated=int(status.get("updatedReplicas", 0)),
             available=int(status.get("availableReplicas", 0)),
             observed=generation is None or observed_generation is None or observed_generation >= generation,
+            failure=failure,
         )
 
     @property
@@ -246,6 +259,10 @@ def service_status(
     ]
     if gateway.ready < 1:
         not_ready.append(f"gateway {gateway.ready}/{spec.gateway.replicas}")
+    failures = [f"{name}-{r.value}: {c.failure}" for r, c in role_counts.items() if c.failure]
+    if gateway.failure:
+        failures.append(f"{name}-gateway: {gateway.failure}")
+    problems = warnings + failures
     conds = [
         _condition(
             READY,
@@ -267,9 +284,9 @@ def service_status(
         ),
         _condition(
             DEGRADED,
-            bool(warnings),
-            "DependencyMissing" if warnings else "AsExpected",
-            "; ".join(warnings),
+            bool(problems),
+            "DependencyMissing" if warnings else "ReplicaFailure" if failures else "AsExpected",
+            "; ".join(problems),
             prev,
             generation,
             now,

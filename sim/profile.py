@@ -105,6 +105,8 @@ class ProfilePoint(BaseModel):
     batch: int = Field(0, ge=0, description="decode: sequences in the batch")
     context_tokens: int = Field(0, ge=0, description="decode: total context tokens over the batch")
     seconds: float = Field(gt=0)
+    layers_measured: int | None = Field(
+        None, gt=0, description="layers actually run when fewer than the model's (per-layer time scaled up)")
 
 
 class FitReport(BaseModel):
@@ -142,22 +144,33 @@ class Profile(BaseModel):
         return int(free // self.model.kv_bytes_per_token)
 
 
-# Fractions of the datasheet peak a serving engine reaches; used only by the roofline fallback.
-COMPUTE_EFFICIENCY = 0.6
-ATTENTION_EFFICIENCY = 0.4
-BANDWIDTH_EFFICIENCY = 0.8
-ROOFLINE_STEP_OVERHEAD_S = 0.002
+class RooflineEfficiency(BaseModel):
+    """What a serving engine reaches of a GPU's achievable ceilings (GPUSpec), for the roofline fallback."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compute: float = Field(gt=0, le=1, description="share of matmul FLOP/s the linear layers reach")
+    attention: float = Field(gt=0, le=1, description="share of matmul FLOP/s prefill attention reaches")
+    bandwidth: float = Field(gt=0, le=1, description="share of copy bandwidth weight and KV reads reach")
+    step_overhead_s: float = Field(ge=0, description="fixed cost of one iteration")
 
 
-def roofline_params(model: ModelShape, gpu: GPUSpec) -> CostParams:
+# Calibrated on the measured Llama-3-8B profiles (H100 and H200) against their measured ceilings by
+# tandem.sim.profiling.fit.calibrate_roofline; the Qwen2.5-32B profiles are its out-of-sample check.
+# sim/profiles/README.md has the resulting errors.
+ROOFLINE_EFFICIENCY = RooflineEfficiency(compute=0.74, attention=0.42, bandwidth=0.83, step_overhead_s=0.0018)
+
+
+def roofline_params(model: ModelShape, gpu: GPUSpec,
+                    efficiency: RooflineEfficiency = ROOFLINE_EFFICIENCY) -> CostParams:
     flops = gpu.bf16_tflops * 1e12
     bandwidth = gpu.hbm_gbps * 1e9
     return CostParams(
-        step_overhead_s=ROOFLINE_STEP_OVERHEAD_S,
-        weight_read_s=model.weight_bytes / (bandwidth * BANDWIDTH_EFFICIENCY),
-        per_token_s=model.flops_per_token / (flops * COMPUTE_EFFICIENCY),
-        attn_pair_s=model.attention_flops_per_pair / (flops * ATTENTION_EFFICIENCY),
-        kv_read_s_per_token=model.kv_bytes_per_token / (bandwidth * BANDWIDTH_EFFICIENCY),
+        step_overhead_s=efficiency.step_overhead_s,
+        weight_read_s=model.weight_bytes / (bandwidth * efficiency.bandwidth),
+        per_token_s=model.flops_per_token / (flops * efficiency.compute),
+        attn_pair_s=model.attention_flops_per_pair / (flops * efficiency.attention),
+        kv_read_s_per_token=model.kv_bytes_per_token / (bandwidth * efficiency.bandwidth),
     )
 
 

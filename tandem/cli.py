@@ -25,6 +25,7 @@ COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
     "demo": ("tandem.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
+    "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",
                    "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {

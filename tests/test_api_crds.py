@@ -10,10 +10,10 @@ import celpy
 import pytest
 import yaml
 from pydantic import ValidationError
-from tandem.operator.reconcile import validation_message
 
 from tandem.api.crd import crd, render_crds
 from tandem.api.models import LLMService, LLMServiceSpec, RemotePrefillPool
+from tandem.operator.reconcile import validation_message
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}
@@ -74,7 +74,8 @@ def test_enums_defaults_and_bounds_reach_the_schema() -> None:
     assert model["engine"]["enum"] == ["vllm", "sglang"] and model["engine"]["default"] == "vllm"
     assert spec["properties"]["mode"]["enum"] == ["aggregated", "disaggregated"]
     pool = spec["properties"]["pools"]["properties"]["decode"]["properties"]
-    assert pool["replicas"]["minimum"] == 0 and pool["replicas"]["default"] == 1
+    assert pool["replicas"]["minimum"] == 0 and "default" not in pool["replicas"]
+    assert spec["properties"]["replicas"]["default"] == 1  # the scale subresource's field always exists
     assert pool["resources"]["properties"]["nvidia.com/gpu"]["maximum"] == 16
     slo = spec["properties"]["slo"]
     assert slo["default"] == {}  # so the nested defaults apply when slo is left out
@@ -120,12 +121,12 @@ def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) ->
 
 
 def spec(**changes: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"model": {"name": "m"}, "pools": {"unified": {"replicas": 2}}}
+    base: dict[str, Any] = {"model": {"name": "m"}, "replicas": 2, "pools": {"unified": {}}}
     base.update(changes)
     return base
 
 
-PD = {"prefill": {"replicas": 1}, "decode": {"replicas": 2, "minReplicas": 1, "maxReplicas": 4}}
+PD = {"prefill": {"replicas": 1}, "decode": {"minReplicas": 1, "maxReplicas": 4}}
 CASES = [
     pytest.param(spec(), None, id="aggregated"),
     pytest.param(spec(mode="disaggregated", pools=PD), None, id="disaggregated"),
@@ -141,17 +142,27 @@ CASES = [
         id="offload-threshold",
     ),
     pytest.param(
-        spec(pools={"unified": {"replicas": 1, "minReplicas": 2}}),
+        spec(mode="disaggregated", pools={"prefill": {"replicas": 1, "minReplicas": 2}, "decode": {}}),
         "replicas must be >= minReplicas",
         id="below-min",
     ),
     pytest.param(
-        spec(pools={"unified": {"replicas": 5, "maxReplicas": 4}}),
+        spec(mode="disaggregated", pools={"prefill": {"replicas": 5, "maxReplicas": 4}, "decode": {}}),
         "replicas must be <= maxReplicas",
         id="above-max",
     ),
     pytest.param(
-        spec(pools={"unified": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1}}), None, id="pinned"
+        spec(replicas=1, pools={"unified": {"minReplicas": 1, "maxReplicas": 1}}), None, id="pinned"
+    ),
+    pytest.param(
+        spec(pools={"unified": {"replicas": 3}}),
+        "pools.unified.replicas is not used: spec.replicas sizes the primary pool",
+        id="primary-pool-replicas",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools={"prefill": {}, "decode": {"replicas": 3}}),
+        "pools.decode.replicas is not used: spec.replicas sizes the primary pool",
+        id="decode-pool-replicas",
     ),
     pytest.param(
         spec(pools={"prefill": {}, "decode": {}}),
@@ -196,7 +207,7 @@ CASES = [
         id="scale-target-above-max",
     ),
     pytest.param(
-        spec(replicas=0, pools={"unified": {"replicas": 2, "minReplicas": 1}}),
+        spec(replicas=0, pools={"unified": {"minReplicas": 1}}),
         "replicas must lie within pools.unified.minReplicas..maxReplicas",
         id="scale-target-below-min",
     ),
@@ -236,7 +247,7 @@ def test_validation_errors_name_the_field_in_json_terms() -> None:
         LLMService.model_validate(
             {
                 "metadata": {"name": "a"},
-                "spec": spec(pools={"unified": {"replicas": 1, "resources": {"nvidia.com/gpu": 99}}}),
+                "spec": spec(pools={"unified": {"resources": {"nvidia.com/gpu": 99}}}),
             }
         )
     assert validation_message(exc.value) == (

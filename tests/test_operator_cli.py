@@ -50,3 +50,12 @@ def test_run_needs_exactly_one_scope(args: list[str], capsys: pytest.CaptureFixt
 def test_bad_value_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["operator", "run", "--all-namespaces", "--resync-seconds", "-1"]) == 2
     assert "resync_seconds (--resync-seconds / TANDEM_OPERATOR_RESYNC_SECONDS)" in capsys.readouterr().err
+
+
+def test_scope_from_repeated_flags_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem.operator.cli import OperatorRunCommand
+
+    cmd = OperatorRunCommand(_cli_parse_args=["--namespace", "a", "--namespace", "b", "--liveness-port", "0"])
+    assert (cmd.namespace, cmd.all_namespaces, cmd.liveness_port) == (["a", "b"], False, 0)
+    monkeypatch.setenv("TANDEM_OPERATOR_ALL_NAMESPACES", "true")
+    assert OperatorRunCommand(_cli_parse_args=[]).all_namespaces is True

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
     CHILD_KINDS,
@@ -44,6 +45,10 @@ from tandem.operator.reconcile import Reconciler
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
+# Optional: credentials of the user "tandem-operator". The operator then runs with nothing but the
+# ClusterRole of deploy/rbac/operator.yaml (bound to that user by the fixture), which checks the RBAC
+# file against a real authorizer too.
+OPERATOR_KUBECONFIG = os.environ.get("TANDEM_TEST_OPERATOR_KUBECONFIG")
 CRD_KIND = Kind(
     group="apiextensions.k8s.io",
     version="v1",
@@ -51,6 +56,7 @@ CRD_KIND = Kind(
     kind="CustomResourceDefinition",
 )
 NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
+SERVICEACCOUNTS = Kind(group="", version="v1", plural="serviceaccounts", kind="ServiceAccount")
 WAIT = 15.0
 TEST_AGENT = "tandem-tests"  # the operator's own requests say "tandem-operator" (and kopf's "kopf/...")
 
@@ -65,7 +71,8 @@ def aggregated(name: str = "llm", **spec: Any) -> dict[str, Any]:
         "spec": {
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
             "mode": "aggregated",
-            "pools": {"unified": {"replicas": 2, "minReplicas": 1, "maxReplicas": 4}},
+            "replicas": 2,
+            "pools": {"unified": {"minReplicas": 1, "maxReplicas": 4}},
         },
     }
     body["spec"].update(spec)
@@ -75,7 +82,7 @@ def aggregated(name: str = "llm", **spec: Any) -> dict[str, Any]:
 def disaggregated(name: str = "pd", **spec: Any) -> dict[str, Any]:
     body = aggregated(name, **spec)
     body["spec"]["mode"] = "disaggregated"
-    body["spec"]["pools"] = {"prefill": {"replicas": 1}, "decode": {"replicas": 2, "maxReplicas": 8}}
+    body["spec"]["pools"] = {"prefill": {"replicas": 1}, "decode": {"maxReplicas": 8}}
     body["spec"].update(spec)
     return body
 
@@ -83,10 +90,19 @@ def disaggregated(name: str = "pd", **spec: Any) -> dict[str, Any]:
 class Cluster:
     """One API server as the tests see it: the operator's client plus what kmock cannot do itself."""
 
-    def __init__(self, backend: str, client: KubeClient, kubeconfig: Path, namespace: str, kmock: Any = None):
+    def __init__(
+        self,
+        backend: str,
+        client: KubeClient,
+        kubeconfig: Path,
+        namespace: str,
+        kmock: Any = None,
+        operator_kubeconfig: Path | None = None,
+    ):
         self.backend = backend
         self.client = client
         self.kubeconfig = kubeconfig
+        self.operator_kubeconfig = operator_kubeconfig or kubeconfig
         self.ns = namespace
         self.kmock = kmock
 
@@ -225,13 +241,59 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
             else:
                 crd["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
                 await client.request("PUT", CRD_KIND.path(None, crd["metadata"]["name"]), json=crd)
-        await client.request("POST", NAMESPACES.path(None), json={"metadata": {"name": ns}})
+        await client.request(
+            "POST",
+            NAMESPACES.path(None),
+            json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+        )
+        # What deploy/rbac/gateway.yaml provides per namespace: the gateway pods' ServiceAccount.
+        await client.request(
+            "POST",
+            SERVICEACCOUNTS.path(ns),
+            json={"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tandem-gateway"}},
+        )
         await eventually(lambda: client.request("GET", LLMSERVICES.path(ns)), "the CRDs to be served")
-        yield Cluster("real", client, kubeconfig, ns)
+        if OPERATOR_KUBECONFIG:
+            await _bind_operator_role(client)
+        yield Cluster(
+            "real",
+            client,
+            kubeconfig,
+            ns,
+            operator_kubeconfig=Path(OPERATOR_KUBECONFIG) if OPERATOR_KUBECONFIG else None,
+        )
     finally:
         with contextlib.suppress(ApiError):
             await client.request("DELETE", NAMESPACES.path(None, ns))
         await client.close()
+
+
+async def _bind_operator_role(client: KubeClient) -> None:
+    """Install deploy/rbac/operator.yaml's ClusterRole, bound to the user "tandem-operator"."""
+    rbac = Kind(group="rbac.authorization.k8s.io", version="v1", plural="clusterroles", kind="ClusterRole")
+    bindings = Kind(
+        group="rbac.authorization.k8s.io",
+        version="v1",
+        plural="clusterrolebindings",
+        kind="ClusterRoleBinding",
+    )
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "tandem-operator-tests"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role["metadata"]["name"],
+        },
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}],
+    }
+    for kind, body in ((rbac, role), (bindings, binding)):
+        with contextlib.suppress(ApiError):
+            await client.request("DELETE", kind.path(None, body["metadata"]["name"]))
+        await client.request("POST", kind.path(None), json=body)
 
 
 @contextlib.asynccontextmanager
@@ -243,7 +305,7 @@ async def operator(cluster: Cluster, resync_seconds: float = 0) -> AsyncIterator
     # test's namespace. Both of the operator's scopes get exercised that way.
     scope: list[str | None] = [None] if cluster.fake else [cluster.ns]
     registry = build_registry(
-        reconciler, kubeconfig=cluster.kubeconfig, namespaces=scope, resync_seconds=resync_seconds
+        reconciler, kubeconfig=cluster.operator_kubeconfig, namespaces=scope, resync_seconds=resync_seconds
     )
     args = ["run", "--standalone", *(["-A"] if cluster.fake else ["-n", cluster.ns])]
     runner = KopfRunner(args, registry=registry, settings=build_settings(), timeout=30)
@@ -303,6 +365,11 @@ async def _all_children(
     return kids if len(kids) == count else None
 
 
+async def _children_named(cluster: Cluster, owner: str, names: set[str]) -> dict[tuple[str, str], Any] | None:
+    kids = await cluster.children(owner)
+    return kids if {name for _, name in kids} == names else None
+
+
 async def _status_with(cluster: Cluster, name: str, key: str) -> dict[str, Any] | None:
     obj = await cluster.get(LLMSERVICES, name)
     status = (obj or {}).get("status") or {}
@@ -330,17 +397,27 @@ async def test_reconcile_is_idempotent(cluster: Cluster) -> None:
         await eventually(lambda: _all_children(cluster, "pd", 10), "10 children")
         await eventually(lambda: _status_with(cluster, "pd", "readySummary"), "a status")
         await asyncio.sleep(0.5)  # let the creation events settle
-        before = await cluster.children("pd")
+        before = _fingerprints(await cluster.children("pd"), cluster.fake)
         writes = await _writes(cluster) if cluster.fake else []
         service = await cluster.get(LLMSERVICES, "pd")
         await asyncio.sleep(1.5)  # several periodic passes plus the events of the service itself
-        after = await cluster.children("pd")
-        assert after == before  # on a real server this includes every resourceVersion
-        assert await cluster.get(LLMSERVICES, "pd") == service  # status not rewritten either
+        assert _fingerprints(await cluster.children("pd"), cluster.fake) == before
+        after = await cluster.get(LLMSERVICES, "pd")
+        assert after is not None and service is not None
+        assert after["metadata"].get("generation") == service["metadata"].get("generation")
         if cluster.fake:
             assert await _writes(cluster) == writes
             reads = [r for r in cluster.kmock if r.headers.get("User-Agent") == "tandem-operator"]
             assert len(reads) > 40, "the periodic passes did run (and only read)"
+
+
+def _fingerprints(kids: dict[tuple[str, str], dict[str, Any]], fake: bool) -> dict[tuple[str, str], Any]:
+    """What only the operator's writes change: whole objects on kmock; on a real server the
+    generation (spec writes) or, for kinds without one, the resourceVersion, since controllers
+    legitimately keep writing Deployment and PDB status."""
+    if fake:
+        return kids
+    return {k: o["metadata"].get("generation") or o["metadata"]["resourceVersion"] for k, o in kids.items()}
 
 
 async def test_deleted_or_edited_children_are_restored(cluster: Cluster) -> None:
@@ -427,11 +504,15 @@ async def test_spec_changes_roll_out_and_mode_switch_replaces_roles(cluster: Clu
             "llm",
             {
                 "mode": "disaggregated",
-                "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {"replicas": 3}},
+                "replicas": 3,
+                "pools": {"unified": None, "prefill": {"replicas": 1}, "decode": {}},
             },
         )
-        kids = await eventually(lambda: _all_children(cluster, "llm", 10), "prefill and decode children")
-        assert ("Deployment", "llm-unified") not in kids
+        want = {"llm-config", "llm", "llm-gateway", "llm-prefill", "llm-decode"}
+        kids = await eventually(
+            lambda: _children_named(cluster, "llm", want), "unified replaced by prefill+decode"
+        )
+        assert len(kids) == 10
         assert kids[("Deployment", "llm-decode")]["spec"]["replicas"] == 3
         command = kids[("Deployment", "llm-prefill")]["spec"]["template"]["spec"]["containers"][0]["command"]
         assert (
@@ -455,9 +536,9 @@ async def _status_where(
 
 BAD_SPECS = [
     pytest.param(
-        {"pools": {"unified": {"replicas": 1, "minReplicas": 2}}},
-        "spec.pools.unified",
-        "replicas must be >= minReplicas",
+        {"replicas": 1, "pools": {"unified": {"minReplicas": 2}}},
+        "spec",
+        "replicas must lie within pools.unified.minReplicas..maxReplicas",
         id="replicas-below-min",
     ),
     pytest.param(
@@ -511,17 +592,15 @@ async def test_invalid_update_leaves_the_running_stack_alone(cluster: Cluster) -
     async with operator(cluster):
         await cluster.create(LLMSERVICES, aggregated())
         before = await eventually(lambda: _all_children(cluster, "llm", 7), "7 children")
-        await cluster.patch_spec(
-            LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 9}}}
-        )  # > maxReplicas 4
+        await cluster.patch_spec(LLMSERVICES, "llm", {"replicas": 9})  # > maxReplicas 4
         obj = await eventually(
             lambda: _condition_is(cluster, "llm", "InvalidSpec", "True"), "InvalidSpec=True"
         )
         message = condition(obj, "InvalidSpec")["message"]
-        assert message == "spec.pools.unified: replicas must be <= maxReplicas"
+        assert message == "spec: replicas must lie within pools.unified.minReplicas..maxReplicas"
         assert obj["status"]["observedGeneration"] == 2
         assert await cluster.children("llm") == before  # nothing half-applied
-        await cluster.patch_spec(LLMSERVICES, "llm", {"pools": {"unified": {"replicas": 3}}})
+        await cluster.patch_spec(LLMSERVICES, "llm", {"replicas": 3})
         await eventually(lambda: _condition_is(cluster, "llm", "InvalidSpec", "False"), "InvalidSpec=False")
         await eventually(
             lambda: _deployment_where(cluster, "llm-unified", lambda d: d["spec"]["replicas"] == 3),
@@ -649,10 +728,14 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
             {
                 "mode": "aggregated",
                 "offload": None,
-                "pools": {"prefill": None, "decode": None, "unified": {"replicas": 1}},
+                "replicas": 1,
+                "pools": {"prefill": None, "decode": None, "unified": {}},
             },
         )
-        await eventually(lambda: _all_children(cluster, "pd", 7), "roles replaced")
+        await eventually(
+            lambda: _children_named(cluster, "pd", {"pd-config", "pd", "pd-gateway", "pd-unified"}),
+            "roles replaced",
+        )
         await asyncio.sleep(0.5)  # one periodic pass
     used = set()
     for r in cluster.kmock:
@@ -688,7 +771,9 @@ async def test_real_scale_subresource_drives_the_primary_pool(cluster: Cluster) 
         path = LLMSERVICES.path(cluster.ns, "pd", "scale")
         scale = await cluster.client.request("GET", path)
         assert scale["kind"] == "Scale"
+        assert scale["spec"]["replicas"] == 2  # spec.replicas, defaulted or set, always exists
         assert scale["status"]["selector"] == "serving.tandem.dev/service=pd,serving.tandem.dev/role=decode"
+        gateway_before = await cluster.get(DEPLOYMENTS, "pd-gateway")
         await cluster.client.merge_patch(LLMSERVICES, cluster.ns, "pd", {"spec": {"replicas": 5}}, "scale")
         obj = await cluster.get(LLMSERVICES, "pd")
         assert obj["spec"]["replicas"] == 5
@@ -698,7 +783,20 @@ async def test_real_scale_subresource_drives_the_primary_pool(cluster: Cluster) 
         )
         prefill = await cluster.get(DEPLOYMENTS, "pd-prefill")
         assert prefill["spec"]["replicas"] == 1
+        gateway_after = await cluster.get(DEPLOYMENTS, "pd-gateway")
+        assert (
+            gateway_after["metadata"]["generation"] == gateway_before["metadata"]["generation"]
+        )  # no restart
         # Deployment -> ReplicaSet -> Pods (kube-controller-manager), counted back into the status.
+        pods = await eventually(
+            lambda: _pods(cluster, "serving.tandem.dev/service=pd,serving.tandem.dev/role=decode", 5),
+            "5 decode pods from Deployment -> ReplicaSet -> Pods",
+        )
+        labels = pods[0]["metadata"]["labels"]
+        assert (
+            labels["serving.tandem.dev/model"] == "llama-8b" and labels["serving.tandem.dev/engine"] == "vllm"
+        )
+        assert pods[0]["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
         await eventually(
             lambda: _status_where(cluster, "pd", lambda s: s.get("replicas") == 5),
             "status.replicas (scale statusReplicasPath) from the decode Deployment",
@@ -720,6 +818,13 @@ async def test_real_status_subresource_and_garbage_collection(cluster: Cluster) 
     # With the operator stopped, deleting the owner removes every child through ownerReferences.
     await cluster.client.delete(LLMSERVICES, cluster.ns, "llm")
     await eventually(lambda: _no_children(cluster, "llm"), "children garbage-collected", within=60)
+
+
+async def _pods(cluster: Cluster, selector: str, count: int) -> list[dict[str, Any]] | None:
+    data = await cluster.client.request(
+        "GET", f"/api/v1/namespaces/{cluster.ns}/pods", params={"labelSelector": selector}
+    )
+    return data["items"] if len(data["items"]) == count else None
 
 
 async def _no_children(cluster: Cluster, owner: str) -> bool:
@@ -779,3 +884,57 @@ async def test_tandem_operator_run_command_end_to_end(cluster: Cluster) -> None:
             proc.kill()
             raise
     assert proc.returncode == 0, output.decode()[-2000:]
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_server_refusing_a_child_is_reported_as_degraded(cluster: Cluster) -> None:
+    # The CRD does not check label syntax; the Deployment's own validation does.
+    body = aggregated(pools={"unified": {"nodeSelector": {"bad key!": "x"}}})
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, body)
+        obj = await eventually(lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True")
+        assert "Deployment llm-unified" in condition(obj, "Degraded")["message"]
+        assert await cluster.get(DEPLOYMENTS, "llm-gateway") is not None  # the rest was applied
+
+
+# A real API server refuses the invalid pool itself (schema: linkBandwidthGbps > 0).
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)
+async def test_invalid_remote_prefill_pool_is_reported_on_both_objects(cluster: Cluster) -> None:
+    bad = remote_pool()
+    bad["spec"]["linkBandwidthGbps"] = -1
+    async with operator(cluster):
+        await cluster.create(REMOTEPREFILLPOOLS, bad)
+        await cluster.create(LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "auto": True}))
+        pool = await eventually(
+            lambda: _pool_condition_is(cluster, "west", "InvalidSpec", "True"), "the pool's InvalidSpec=True"
+        )
+        assert (
+            condition(pool, "InvalidSpec")["message"]
+            == "spec.linkBandwidthGbps: Input should be greater than 0"
+        )
+        obj = await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "True"), "Degraded=True")
+        assert (
+            "RemotePrefillPool 'west' is invalid (spec.linkBandwidthGbps"
+            in condition(obj, "Degraded")["message"]
+        )
+        assert await cluster.get(DEPLOYMENTS, "pd-decode") is not None  # the service runs without offload
+
+
+async def _pool_condition_is(cluster: Cluster, name: str, ctype: str, value: str) -> dict[str, Any] | None:
+    obj = await cluster.get(REMOTEPREFILLPOOLS, name)
+    cond = condition(obj, ctype)
+    return obj if cond and cond["status"] == value else None
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_gateway_without_its_service_account_is_degraded(cluster: Cluster) -> None:
+    await cluster.client.delete(SERVICEACCOUNTS, cluster.ns, "tandem-gateway")
+    async with operator(cluster):
+        await cluster.create(LLMSERVICES, aggregated())
+        obj = await eventually(
+            lambda: _condition_is(cluster, "llm", "Degraded", "True"), "Degraded=True", within=30
+        )
+        message = condition(obj, "Degraded")["message"]
+        assert message.startswith("llm-gateway: ") and "tandem-gateway" in message

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
+from tandem.api.models import LLMService, RemotePrefillPoolSpec, Role
 from tandem.operator.plan import (
     ANN_CONFIG_HASH,
     OperatorDefaults,
@@ -25,8 +27,6 @@ from tandem.operator.state import (
     status_patch,
 )
 
-from tandem.api.models import LLMService, RemotePrefillPoolSpec, Role
-
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 LATER = datetime(2026, 11, 23, 13, 0, tzinfo=UTC)
 
@@ -36,7 +36,8 @@ def service(name: str = "llm", namespace: str = "prod", **spec: Any) -> LLMServi
         "metadata": {"name": name, "namespace": namespace, "uid": "uid-1", "generation": 3},
         "spec": {
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
-            "pools": {"unified": {"replicas": 2}},
+            "replicas": 2,
+            "pools": {"unified": {}},
         },
     }
     body["spec"].update(spec)
@@ -44,8 +45,8 @@ def service(name: str = "llm", namespace: str = "prod", **spec: Any) -> LLMServi
 
 
 def pd(**spec: Any) -> LLMService:
-    pools = {"prefill": {"replicas": 2}, "decode": {"replicas": 4, "maxReplicas": 8}}
-    return service(mode="disaggregated", pools=spec.pop("pools", pools), **spec)
+    pools = {"prefill": {"replicas": 2}, "decode": {"maxReplicas": 8}}
+    return service(mode="disaggregated", pools=spec.pop("pools", pools), **{"replicas": 4, **spec})
 
 
 def children(
@@ -94,11 +95,14 @@ def test_disaggregated_plan_has_prefill_and_decode() -> None:
     assert kids[("Deployment", "llm-decode")]["spec"]["replicas"] == 4
 
 
-def test_scale_target_overrides_the_primary_pool_only() -> None:
+def test_spec_replicas_sizes_the_primary_pool_only() -> None:
     kids = children(pd(replicas=6))
     assert kids[("Deployment", "llm-decode")]["spec"]["replicas"] == 6
     assert kids[("Deployment", "llm-prefill")]["spec"]["replicas"] == 2
     assert children(service(replicas=3))[("Deployment", "llm-unified")]["spec"]["replicas"] == 3
+    # A prefill pool without replicas starts at its minimum (or 1).
+    assert pd(pools={"prefill": {}, "decode": {}}).spec.replicas_of(Role.prefill) == 1
+    assert pd(pools={"prefill": {"minReplicas": 3}, "decode": {}}).spec.replicas_of(Role.prefill) == 3
 
 
 def test_vllm_unified_command_line() -> None:
@@ -124,7 +128,7 @@ def test_vllm_unified_command_line() -> None:
 
 
 def test_vllm_pd_roles_get_kv_transfer_config_and_tensor_parallelism() -> None:
-    pools = {"prefill": {"replicas": 1, "resources": {"nvidia.com/gpu": 2}}, "decode": {"replicas": 1}}
+    pools = {"prefill": {"replicas": 1, "resources": {"nvidia.com/gpu": 2}}, "decode": {}}
     svc = pd(pools=pools)
     prefill = engine_command(svc.spec, Role.prefill)
     decode = engine_command(svc.spec, Role.decode)
@@ -147,7 +151,7 @@ def test_vllm_pd_roles_get_kv_transfer_config_and_tensor_parallelism() -> None:
 def test_sglang_command_lines_per_role() -> None:
     svc = pd(
         model={"name": "m", "servedName": "s", "engine": "sglang"},
-        pools={"prefill": {"replicas": 1, "resources": {"nvidia.com/gpu": 4}}, "decode": {"replicas": 1}},
+        pools={"prefill": {"replicas": 1, "resources": {"nvidia.com/gpu": 4}}, "decode": {}},
     )
     prefill = engine_command(svc.spec, Role.prefill)
     decode = engine_command(svc.spec, Role.decode)
@@ -174,7 +178,6 @@ def test_resources_scheduling_and_probes() -> None:
     svc = service(
         pools={
             "unified": {
-                "replicas": 1,
                 "resources": {"nvidia.com/gpu": 2, "cpu": "8", "memory": "64Gi"},
                 "nodeSelector": {"gpu": "h100"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -190,7 +193,7 @@ def test_resources_scheduling_and_probes() -> None:
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
-    plain = children(service(pools={"unified": {"replicas": 1, "resources": {"nvidia.com/gpu": 0}}}))
+    plain = children(service(pools={"unified": {"resources": {"nvidia.com/gpu": 0}}}))
     plain_pod = plain[("Deployment", "llm-unified")]["spec"]["template"]["spec"]
     assert "resources" not in plain_pod["containers"][0]  # no GPU, no cpu/memory: nothing to request
     assert "nodeSelector" not in plain_pod and "tolerations" not in plain_pod  # empty ones are left out
@@ -256,9 +259,16 @@ def test_config_changes_restart_the_gateway_and_plans_are_deterministic() -> Non
     assert digest(first) != digest(changed)
     config = json.loads(changed[("ConfigMap", "llm-config")]["data"]["service.json"])
     assert config["slo"]["ttftSeconds"] == 1
-    assert config["roles"] == {
-        "unified": {"service": "llm-unified.prod.svc", "port": 8000, "replicas": 2, "gpus": 1}
-    }
+    assert config["roles"] == {"unified": {"service": "llm-unified.prod.svc", "port": 8000, "gpus": 1}}
+
+
+def test_scaling_does_not_restart_the_gateway() -> None:
+    small, large = (
+        children(pd(replicas=2)),
+        children(pd(replicas=9, pools={"prefill": {"replicas": 5}, "decode": {}})),
+    )
+    assert small[("Deployment", "llm-gateway")] == large[("Deployment", "llm-gateway")]
+    assert small[("ConfigMap", "llm-config")] == large[("ConfigMap", "llm-config")]
 
 
 def test_remote_prefill_pool_present_or_missing() -> None:
@@ -314,7 +324,7 @@ def test_diff_ignores_server_defaults_but_not_changes() -> None:
 
 
 def test_exactly_owned_fields_catch_additions_and_the_patch_removes_them() -> None:
-    desired = children(service(pools={"unified": {"replicas": 2, "nodeSelector": {"gpu": "h100"}}}))[
+    desired = children(service(pools={"unified": {"nodeSelector": {"gpu": "h100"}}}))[
         ("Deployment", "llm-unified")
     ]
     live = json.loads(json.dumps(desired))
@@ -382,6 +392,30 @@ def test_status_while_rolling_out_and_degraded() -> None:
     assert conds["Progressing"]["status"] == "True"
     assert conds["Degraded"]["status"] == "True"
     assert conds["Degraded"]["message"] == "spec.offload.remotePrefill: missing"
+
+
+def test_pods_the_controller_cannot_create_make_the_service_degraded() -> None:
+    live = {
+        "spec": {"replicas": 1},
+        "status": {
+            "conditions": [
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": 'pods "x" is forbidden: error looking up service account prod/tandem-gateway',
+                }
+            ]
+        },
+    }
+    gateway = DeploymentCounts.from_deployment(live)
+    status = service_status(service(), {Role.unified: dep_status(2, 2)}, gateway, [], None, NOW)
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ReplicaFailure"
+    assert (
+        degraded["message"]
+        == 'llm-gateway: pods "x" is forbidden: error looking up service account prod/tandem-gateway'
+    )
 
 
 def test_transition_times_survive_and_other_writers_are_kept() -> None:

@@ -135,7 +135,7 @@ def crd(model: type[LLMService] | type[RemotePrefillPool]) -> dict[str, Any]:
                         "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
                         "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
                         "(child objects append a role suffix)",
-                        "fieldPath": ".metadata.name",
+                        # No fieldPath: the schema does not describe metadata's fields.
                     },
                 ]
                 if model is LLMService

@@ -154,12 +154,12 @@ class PoolResources(ApiModel):
 class PoolSpec(ApiModel):
     cel_rules: ClassVar[list[dict[str, str]]] = [
         cel(
-            "!has(self.minReplicas) || self.minReplicas <= self.replicas",
+            "!has(self.minReplicas) || !has(self.replicas) || self.minReplicas <= self.replicas",
             "replicas must be >= minReplicas",
             ".replicas",
         ),
         cel(
-            "!has(self.maxReplicas) || self.replicas <= self.maxReplicas",
+            "!has(self.maxReplicas) || !has(self.replicas) || self.replicas <= self.maxReplicas",
             "replicas must be <= maxReplicas",
             ".replicas",
         ),
@@ -170,7 +170,15 @@ class PoolSpec(ApiModel):
         ),
     ]
 
-    replicas: int = Field(default=1, ge=0, le=1024, description="Desired replicas of this role.")
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description=(
+            "Replicas of the prefill pool (default: minReplicas or 1). The primary pool (unified or decode) "
+            "is sized by spec.replicas instead, the scale subresource's field."
+        ),
+    )
     min_replicas: int | None = Field(default=None, ge=0, le=1024, description="Autoscaler's lower bound.")
     max_replicas: int | None = Field(default=None, ge=1, le=1024, description="Autoscaler's upper bound.")
     resources: PoolResources = Field(default_factory=PoolResources)
@@ -179,9 +187,9 @@ class PoolSpec(ApiModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:
-        if self.min_replicas is not None and self.min_replicas > self.replicas:
+        if self.replicas is not None and self.min_replicas is not None and self.min_replicas > self.replicas:
             raise ValueError("replicas must be >= minReplicas")
-        if self.max_replicas is not None and self.replicas > self.max_replicas:
+        if self.replicas is not None and self.max_replicas is not None and self.replicas > self.max_replicas:
             raise ValueError("replicas must be <= maxReplicas")
         if (
             self.min_replicas is not None
@@ -285,6 +293,14 @@ class LLMServiceSpec(ApiModel):
         ),
         *[
             cel(
+                f"self.mode != '{mode}' || !has(self.pools.{role}) || !has(self.pools.{role}.replicas)",
+                f"pools.{role}.replicas is not used: spec.replicas sizes the primary pool",
+                f".pools.{role}.replicas",
+            )
+            for mode, role in (("aggregated", "unified"), ("disaggregated", "decode"))
+        ],
+        *[
+            cel(
                 f"self.mode != '{mode}' || !has(self.replicas) || !has(self.pools.{role}) || "
                 f"((!has(self.pools.{role}.minReplicas) || "
                 f"self.replicas >= self.pools.{role}.minReplicas) && "
@@ -300,13 +316,13 @@ class LLMServiceSpec(ApiModel):
     mode: Mode = Field(
         default=Mode.aggregated, description="aggregated (one pool) or disaggregated (prefill+decode)."
     )
-    replicas: int | None = Field(
-        default=None,
+    replicas: int = Field(
+        default=1,
         ge=0,
         le=1024,
         description=(
-            "Scale-subresource target: replicas of the primary pool (unified in aggregated mode, decode in "
-            "disaggregated mode). When set it overrides pools.<primary>.replicas; see docs/operator.md."
+            "Replicas of the primary pool: unified in aggregated mode, decode in disaggregated mode. "
+            "The scale subresource's field (kubectl scale, HPA); see docs/operator.md."
         ),
     )
     pools: Pools
@@ -330,9 +346,12 @@ class LLMServiceSpec(ApiModel):
         return pool
 
     def replicas_of(self, role: Role) -> int:
-        if role == self.primary_role and self.replicas is not None:
+        if role == self.primary_role:
             return self.replicas
-        return self.pool(role).replicas
+        pool = self.pool(role)
+        if pool.replicas is not None:
+            return pool.replicas
+        return pool.min_replicas or 1
 
     @model_validator(mode="after")
     def _mode_pools(self) -> Self:
@@ -349,16 +368,16 @@ class LLMServiceSpec(ApiModel):
                 raise ValueError("pools.unified is only valid in aggregated mode")
         if self.offload is not None and self.mode != Mode.disaggregated:
             raise ValueError("offload to a remote prefill pool needs disaggregated mode")
-        if self.replicas is not None:
-            pool = self.pool(self.primary_role)
-            if pool.min_replicas is not None and self.replicas < pool.min_replicas:
-                raise ValueError(
-                    f"replicas must lie within pools.{self.primary_role.value}.minReplicas..maxReplicas"
-                )
-            if pool.max_replicas is not None and self.replicas > pool.max_replicas:
-                raise ValueError(
-                    f"replicas must lie within pools.{self.primary_role.value}.minReplicas..maxReplicas"
-                )
+        primary = self.primary_role.value
+        pool = self.pool(self.primary_role)
+        if pool.replicas is not None:
+            raise ValueError(
+                f"pools.{primary}.replicas is not used: spec.replicas sizes the primary pool"
+            )
+        too_few = pool.min_replicas is not None and self.replicas < pool.min_replicas
+        too_many = pool.max_replicas is not None and self.replicas > pool.max_replicas
+        if too_few or too_many:
+            raise ValueError(f"replicas must lie within pools.{primary}.minReplicas..maxReplicas")
         return self
 
 
