@@ -52,8 +52,9 @@ def service(name: str = "pd") -> dict[str, Any]:
         "spec": {
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
             "mode": "disaggregated",
+            "replicas": 1,  # the primary (decode) pool: the scale subresource's field
             "pools": {"prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 12},
-                      "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 12}},
+                      "decode": {"minReplicas": 1, "maxReplicas": 12}},
             "slo": {"ttftSeconds": 2.0, "tpotSeconds": 0.08, "attainment": 0.95},
             "autoscaling": {"enabled": True, "profile": "llama3-8b-h100", "cooldownSeconds": 60},
         },
@@ -164,7 +165,8 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
     assert decision.replicas["prefill"] >= 3 and decision.replicas["decode"] >= 2
     obj = await client.get(LLMSERVICES, ns, "pd")
     assert obj["spec"]["pools"]["prefill"]["replicas"] == decision.replicas["prefill"]
-    assert obj["spec"]["pools"]["decode"]["replicas"] == decision.replicas["decode"]
+    assert obj["spec"]["replicas"] == decision.replicas["decode"]
+    assert "replicas" not in obj["spec"]["pools"]["decode"]
     last = obj["status"]["lastScalingDecision"]
     assert last["replicas"] == decision.replicas and "R-hat" in last["reason"]
     events = (await client.request("GET", EVENTS.path(ns)))["items"]
@@ -181,7 +183,7 @@ async def test_scale_down_drains_first(api) -> None:
     if backend != "kmock":
         pytest.skip("needs pods with controllable readiness: kmock only")
     body = service()
-    body["spec"]["pools"]["decode"]["replicas"] = 6
+    body["spec"]["replicas"] = 6
     body["spec"]["pools"]["prefill"]["replicas"] = 6
     await client.create(LLMSERVICES, ns, {**body, "metadata": {"name": "pd", "namespace": ns}})
     for role in ("prefill", "decode"):
@@ -275,7 +277,7 @@ async def test_global_gpu_budget_across_services(api) -> None:
     for name in ("a", "b"):
         obj = await client.get(LLMSERVICES, ns, name)
         pools = obj["spec"]["pools"]
-        assert pools["prefill"]["replicas"] >= 1 and pools["decode"]["replicas"] >= 1
-        total += pools["prefill"]["replicas"] + pools["decode"]["replicas"]
+        assert pools["prefill"]["replicas"] >= 1 and obj["spec"]["replicas"] >= 1
+        total += pools["prefill"]["replicas"] + obj["spec"]["replicas"]
         assert "GPU budget 8" in obj["status"]["lastScalingDecision"]["reason"]
     assert total <= 8
