@@ -19,7 +19,6 @@ from pydantic_settings import SettingsConfigDict
 from tandem.autoscaler.bench import mix_of
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.models import SLO, Role
-from tandem.autoscaler.replay import DecodeEngine
 from tandem.config import TandemSettings
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.profile import Profile, load_profile
@@ -33,7 +32,7 @@ def measure(role: Role, n: int, rate: float, trace: list[TraceRequest], profile:
     limits = EngineLimits(kv_capacity_tokens=profile.kv_capacity_tokens, max_num_seqs=profile.max_num_seqs,
                           max_num_batched_tokens=profile.max_num_batched_tokens,
                           max_model_len=profile.model.max_model_len)
-    engines = [(DecodeEngine if role == "decode" else Engine)(cap.cost, limits) for _ in range(n)]
+    engines = [Engine(cap.cost, limits) for _ in range(n)]
     rng = random.Random(seed)
     t, reqs = 0.0, []
     for i in range(requests):
@@ -44,7 +43,9 @@ def measure(role: Role, n: int, rate: float, trace: list[TraceRequest], profile:
         target = min(engines, key=lambda e: sum(r.prompt_tokens - r.computed_tokens + r.max_tokens - r.generated
                                                 for r in (*e.running, *e.waiting)))
         out = max(1, tr.output_tokens - 1) if role == "decode" else 1
-        r = SimRequest(id=str(i), prompt_tokens=tr.input_tokens, max_tokens=out)
+        # decode: the prompt's KV has arrived from a prefill instance; only the last token is recomputed
+        r = SimRequest(id=str(i), prompt_tokens=tr.input_tokens, max_tokens=out,
+                       kv_ready_at=t if role == "decode" else None)
         if target.validate(r.prompt_tokens, r.max_tokens):
             continue
         target.submit(r, t)

@@ -39,16 +39,6 @@ from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.profile import Profile
 from tandem.traces import TraceRequest
 
-
-class DecodeEngine(Engine):
-    """A decode-role engine: the prompt's KV arrives from a prefill instance, so admission only
-    computes the last prompt token (the step that loads the transferred KV and samples)."""
-
-    def _admit(self, r: SimRequest, now: float) -> None:
-        super()._admit(r, now)
-        r.cached_tokens = r.computed_tokens = max(r.computed_tokens, r.prompt_tokens - 1)
-
-
 InstanceStatus = Literal["starting", "ready", "draining"]
 
 
@@ -176,8 +166,7 @@ class ElasticCluster:
 
     # ----- instances ---------------------------------------------------------------------------
     def _new_instance(self, role: Role, now: float, delay: float) -> Instance:
-        engine_cls = DecodeEngine if role == "decode" else Engine
-        inst = Instance(f"{role}-{next(self._ids)}", role, engine_cls(self.cost, self.limits), now, now + delay)
+        inst = Instance(f"{role}-{next(self._ids)}", role, Engine(self.cost, self.limits), now, now + delay)
         self.pools[role].append(inst)
         if delay <= 0:
             inst.status = "ready"
@@ -233,8 +222,12 @@ class ElasticCluster:
 
     def _submit(self, inst: Instance, rec: RequestRecord, now: float, prompt: int, max_tokens: int) -> None:
         tr = rec.trace
+        # A decode instance gets the prompt's KV from the prefill instance (the hand-off already
+        # waited for the transfer): it recomputes only the last prompt token, as the engine does
+        # for requests whose KV has landed.
         req = SimRequest(id=f"{id(rec)}:{inst.role}", prompt_tokens=prompt, max_tokens=max_tokens,
-                         block_hashes=tr.hash_ids, block_size=tr.block_size)
+                         block_hashes=tr.hash_ids, block_size=tr.block_size,
+                         kv_ready_at=now if inst.role == "decode" else None)
         if inst.engine.validate(prompt, max_tokens):
             rec.rejected = True
             self._complete(rec, now)
