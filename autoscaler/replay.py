@@ -67,6 +67,7 @@ class RequestRecord:
     first_token: float | None = None
     finished: float | None = None
     rejected: bool = False
+    attainable: bool = True  # False when the prompt alone (no cache, no queue) takes longer than the TTFT SLO
 
     def ttft(self) -> float:
         return math.inf if self.first_token is None else self.first_token - self.arrival
@@ -134,6 +135,16 @@ class ReplayResult:
     actions: list[tuple[float, Role, int, int]]  # (time, role, from, to) of every target change
     timeline: Timeline
     duration_s: float
+
+
+def prefill_alone_s(cost: CostModel, chunk: int, tokens: int) -> float:
+    """A prompt prefilled alone on an idle engine, chunk by chunk: the floor of its TTFT."""
+    t, done = 0.0, 0
+    while done < tokens:
+        step = min(chunk, tokens - done)
+        t += cost.prefill_time(step, done)
+        done += step
+    return t
 
 
 class ElasticCluster:
@@ -317,7 +328,12 @@ class ElasticCluster:
         for role, n in scaler.initial().items():
             for _ in range(n):
                 self._new_instance(role, 0.0, 0.0)
-        records = [RequestRecord(tr, tr.arrival) for tr in trace]
+        alone: dict[int, float] = {}
+        for tr in trace:
+            if tr.input_tokens not in alone:
+                alone[tr.input_tokens] = prefill_alone_s(self.cost, self.limits.max_num_batched_tokens, tr.input_tokens)
+        records = [RequestRecord(tr, tr.arrival, attainable=alone[tr.input_tokens] <= self.cfg.slo.ttft_s)
+                   for tr in trace]
         for i, rec in enumerate(records):
             self._push(rec.arrival, "arrival", i)
         end = trace[-1].arrival if trace else 0.0

@@ -281,3 +281,15 @@ async def test_global_gpu_budget_across_services(api) -> None:
         total += pools["prefill"]["replicas"] + obj["spec"]["replicas"]
         assert "GPU budget 8" in obj["status"]["lastScalingDecision"]["reason"]
     assert total <= 8
+
+
+def test_rbac_manifest_covers_what_the_actuator_does() -> None:
+    """deploy/rbac/autoscaler.yaml grants every (resource, verb) the actuator's calls need."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "autoscaler.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    granted = {(group, res, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for res in rule["resources"] for verb in rule["verbs"]}
+    needed = {("serving.tandem.dev", "llmservices", "list"), ("serving.tandem.dev", "llmservices", "patch"),
+              ("serving.tandem.dev", "llmservices/status", "patch"), ("", "pods", "list"), ("", "pods", "patch"),
+              ("", "events", "create")}
+    assert needed <= granted, needed - granted
