@@ -56,7 +56,7 @@ from tandem.router.offload import OffloadProblem, PrefillPoolSpeed, solve_thresh
 from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
-RELAX_PER_TICK = 1.02
+RELAX_PER_TICK = 1.002
 RELAX_MIN_LOAD = 0.6  # share of the pool's corrected goodput the observed load must reach to relax
 MAX_CUT = 0.25  # the most one tick's shortfall lowers the goodput correction
 
@@ -116,12 +116,18 @@ def solve_offload(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec, r
 
 
 def _attainment(role: Role, obs: Observations) -> float | None:
-    """The observed attainment that this role's capacity governs."""
+    """The observed attainment that this role's capacity governs.
+
+    TTFT attainment is taken relative to its ceiling (requests whose prompt alone takes longer
+    than the SLO miss it at any pool size), as the capacity model does: otherwise a trace with a
+    long tail would look short of target forever and every correction would buy nothing.
+    """
+    ttft = None if obs.ttft_attainment is None else min(1.0, obs.ttft_attainment / obs.ttft_attainable)
     if role == "prefill":
-        return obs.ttft_attainment
+        return ttft
     if role == "decode":
         return obs.tpot_attainment
-    values = [a for a in (obs.ttft_attainment, obs.tpot_attainment) if a is not None]
+    values = [a for a in (ttft, obs.tpot_attainment) if a is not None]
     return min(values) if values else None
 
 

@@ -65,6 +65,9 @@ class Observations(_Model):
     ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
     tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
     completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
+    ttft_attainable: float = Field(1.0, gt=0, le=1,
+                                   description="share of those whose prompt alone prefills within the TTFT SLO: "
+                                               "the ceiling of TTFT attainment (no pool size lifts it)")
     offload_threshold: int | None = Field(None, ge=0, description="the offload threshold in force (uncached tokens)")
     link_other_gbps: float = Field(0.0, ge=0, description="traffic on the offload link that is not KV of offloads")
     remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote prefill pool, s per instance")

@@ -318,6 +318,7 @@ class ElasticCluster:
             length_mix=self._length_mix(recent) if recent else [LengthBucket(input_tokens=1, output_tokens=1)],
             prefix_hit_ratio=hit / query if query else 0.0, roles=roles,
             ttft_attainment=float(np.mean(ttft)) if done else None,
+            ttft_attainable=max(1e-3, float(np.mean([r.attainable for r in done]))) if done else 1.0,
             tpot_attainment=float(np.mean(tpot)) if done else None, completed=len(done))
 
     # ----- the run -----------------------------------------------------------------------------

@@ -254,3 +254,15 @@ def test_poisson_cdf() -> None:
     assert poisson_cdf(0, 2.0) == pytest.approx(math.exp(-2))
     assert poisson_cdf(3, 0.0) == 1.0
     assert 0.49 < poisson_cdf(1000, 1000.0) < 0.52
+
+
+def test_ttft_attainment_judged_against_its_ceiling() -> None:
+    """Requests whose prompt alone exceeds the TTFT SLO are no evidence against the pool size."""
+    sp = spec()
+    d = settle(sp, 20.0)
+    ceiling = tick(obs(400, 20.0, ready=d.replicas, ttft=0.93, tpot=0.99, completed=2000)
+                   .model_copy(update={"ttft_attainable": 0.94}), PROFILE, sp, d.state)
+    assert ceiling.state.roles["prefill"].goodput_scale == 1.0
+    assert ceiling.replicas["prefill"] == d.replicas["prefill"]
+    raw = tick(obs(400, 20.0, ready=d.replicas, ttft=0.93, tpot=0.99, completed=2000), PROFILE, sp, d.state)
+    assert raw.replicas["prefill"] > d.replicas["prefill"]
