@@ -16,17 +16,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import httpx
 import xxhash
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -36,7 +37,7 @@ from tandem.openai_api import (
     describe_validation_error,
     error_body,
 )
-from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
@@ -59,15 +60,43 @@ class ClientGone(Exception):
     """The client disconnected while its request was queued or starting."""
 
 
-def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int) -> RouteRequest:
-    """The routing key of a request: the simulator's block hashes when given, else text chunking."""
+class Tokenizer(Protocol):
+    def __call__(self, text: str) -> list[str]: ...
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The engine's own tokenizer (``tokenizer.json``), so routing blocks align with its KV blocks."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+    except ImportError:
+        raise ValueError("tokenizer: needs the 'tokenizers' package (pip install 'tandem-serving[tokenizer]')") \
+            from None
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # the library raises plain Exception for unreadable or malformed files
+        raise ValueError(f"tokenizer: cannot load {path}: {exc}") from None
+
+    def encode(text: str) -> list[str]:
+        return [str(i) for i in tok.encode(text, add_special_tokens=False).ids]
+
+    return encode
+
+
+def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
+                  tokenizer: Tokenizer | None = None) -> RouteRequest:
+    """The routing key of a request: the simulator's block hashes when given, else the engine's
+    tokenizer when configured, else a cheap text chunking."""
     if body.x_tandem is not None:
         ext = body.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
                             fallback_key=ext.prompt_tokens, model=body.model)
     text = body.prompt_text()
-    tokens, hashes = text_block_hashes(text, block_size)
+    if tokenizer is not None:
+        ids = tokenizer(text)
+        tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+    else:
+        tokens, hashes = text_block_hashes(text, block_size)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
                         block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
                         model=body.model)
@@ -97,6 +126,7 @@ class Gateway:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
         self.metrics = GatewayMetrics()
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
@@ -256,7 +286,7 @@ class Gateway:
                                timeout=s.scrape_timeout, stale_after=s.stale_after)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
-                                                 s.kubeconfig)
+                                                 s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
             await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))
@@ -318,6 +348,10 @@ class Gateway:
             message, field = describe_validation_error(RequestValidationError(exc.errors()))
             return _error(400, message, param=field)
         pool = self.pools.get(body.model)
+        if pool is None and any(i.model == body.model for role in self.pd.values() for i in role.values()):
+            self.metrics.rejected.labels("pd_not_routed").inc()
+            return _error(501, f"model '{body.model}' is served only by prefill/decode pools; disaggregated "
+                          "routing is not implemented in this gateway yet", type_="server_error", param="model")
         if pool is None:
             self.metrics.rejected.labels("unknown_model").inc()
             known = sorted(self.pools) or ["<none yet>"]
@@ -328,7 +362,10 @@ class Gateway:
             if not self.known_policy(asked):
                 return _error(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
             policy = asked
-        rreq = route_request(body, self.settings.block_size)
+        if self.tokenizer is not None and len(raw) > 32_768:  # long prompts: tokenize off the event loop
+            rreq = await asyncio.to_thread(route_request, body, self.settings.block_size, self.tokenizer)
+        else:
+            rreq = route_request(body, self.settings.block_size, self.tokenizer)
         limit = self.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
         if not limit.ok:
             self.metrics.rejected.labels("rate_limit").inc()
@@ -366,42 +403,49 @@ class Gateway:
                 return self._done(policy, "none", "no_instance", _error(
                     503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
                     retry_after=2))
-            reason = decision.reason
-            remaining = deadline - time.monotonic()
             try:
-                waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
-                instance_id = await _unless_disconnected(request, waiting)
-            except NoInstanceError as exc:  # its instance went away and nothing else could take it
-                return self._done(policy, reason, "no_instance", _error(
-                    503, str(exc), type_="server_error", retry_after=2))
-            except TimeoutError:
-                return self._done(policy, reason, "queue_timeout", _error(
-                    503, "timed out waiting for an instance", type_="server_error", retry_after=2))
-            except ClientGone:
-                return self._done(policy, reason, "client_gone", Response(status_code=499))
-            inst = pool.instances.get(instance_id)
-            if inst is None:  # left while the request was queued
-                pool.failed(rid)
-                continue
-            try:
-                started = await _unless_disconnected(request, self.upstream.start(
-                    inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
-            except ClientGone:
-                pool.finished(rid)
-                return self._done(policy, reason, "client_gone", Response(status_code=499))
-            except UpstreamFailure as exc:
-                failure = exc
-                pool.failed(rid)
-                inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
-                inst.refresh_health(time.monotonic())
-                self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
-                excluded.append(instance_id)
-                log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
-                if attempt < s.max_attempts and deadline - time.monotonic() > 0:
-                    self.metrics.retries.labels(exc.kind).inc()
-                    await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                reason = decision.reason
+                remaining = deadline - time.monotonic()
+                try:
+                    if released.done():  # released at once (not saturated): no need to watch the client
+                        instance_id = released.result()
+                    else:
+                        waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                        instance_id = await _unless_disconnected(request, waiting)
+                except NoInstanceError as exc:  # its instance went away and nothing else could take it
+                    return self._done(policy, reason, "no_instance", _error(
+                        503, str(exc), type_="server_error", retry_after=2))
+                except TimeoutError:
+                    return self._done(policy, reason, "queue_timeout", _error(
+                        503, "timed out waiting for an instance", type_="server_error", retry_after=2))
+                except ClientGone:
+                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                inst = pool.instances.get(instance_id)
+                if inst is None:  # left while the request was queued
+                    pool.failed(rid)
                     continue
-                break
+                try:
+                    started = await _unless_disconnected(request, self.upstream.start(
+                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+                except ClientGone:
+                    pool.finished(rid)
+                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                except UpstreamFailure as exc:
+                    failure = exc
+                    pool.failed(rid)
+                    inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
+                    inst.refresh_health(time.monotonic())
+                    self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
+                    excluded.append(instance_id)
+                    log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
+                    if attempt < s.max_attempts and deadline - time.monotonic() > 0:
+                        self.metrics.retries.labels(exc.kind).inc()
+                        await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                        continue
+                    break
+            except BaseException:
+                pool.cancel(rid)  # cancelled mid-attempt (shutdown): leave no accounting behind
+                raise
             inst.breaker.on_success()
             if started.status >= 400:  # the engine refused the request itself: not retryable
                 pool.failed(rid)
@@ -416,8 +460,7 @@ class Gateway:
                                                                   headers=headers))
             self.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return StreamingResponse(self._relay(pool, rid, started, policy, reason, t0), status_code=started.status,
-                                     headers=headers, media_type="text/event-stream")
+            return RelayResponse(self._stream(pool, rid, started, policy, reason, t0), started.status, headers)
         status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
         message = f"no instance could serve the request after {s.max_attempts} attempts"
         if failure:
@@ -429,27 +472,104 @@ class Gateway:
         self._leave()
         return response
 
-    async def _relay(self, pool: Pool, rid: str, started: Started, policy: str, reason: str,
-                     t0: float) -> AsyncIterator[bytes]:
-        outcome = "ok"
-        try:
-            async for chunk in relay(started):
-                yield chunk
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            outcome = "upstream_error"
-            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
-            yield f"data: {json.dumps(err)}\n\n".encode()
-        except BaseException:
-            outcome = "client_gone"
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                assert started.response is not None
-                await started.response.aclose()
+    def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float) -> _Stream:
+        def finish(outcome: str) -> None:
             pool.finished(rid)
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()
             self._leave()
+
+        return _Stream(started, finish)
+
+
+class _Stream:
+    """One relayed stream and its accounting, closed exactly once however it ends."""
+
+    def __init__(self, started: Started, finish: Callable[[str], None]) -> None:
+        self.started, self.finish = started, finish
+        self.outcome = "ok"
+        self.closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in relay(self.started):
+                yield chunk
+        except (ConnectionError, TimeoutError) as exc:
+            self.outcome = "upstream_error"
+            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+
+    async def close(self, outcome: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.started.close()  # before the first token reached the end: aborts the engine's work
+        self.finish(outcome or self.outcome)
+
+
+class RelayResponse(Response):
+    """A streamed answer written straight to the ASGI ``send``, chunk by chunk as it comes.
+
+    Starlette's StreamingResponse does the same through an anyio task group per response; this
+    keeps one watcher task that cancels the relay when the client disconnects, after which the
+    stream is closed (the upstream connection too, which aborts the request on the engine).
+    """
+
+    def __init__(self, stream: _Stream, status_code: int, headers: dict[str, str]) -> None:
+        self.stream = stream
+        self.status_code = status_code
+        self.media_type = "text/event-stream"
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if task is not None:
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        outcome = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.stream.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()  # our own cancellation: the client left, nothing more to do
+        except OSError:  # the client's socket broke while we were writing
+            outcome = "client_gone"
+        finally:
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.stream.close(outcome)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI for everything, except the two generation endpoints, which skip the middleware
+    stack and routing (they are the hot path; ``tandem bench gateway`` measures the difference)."""
+
+    gateway: Gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            kind = _FAST_PATHS.get(scope["path"])
+            if kind is not None:
+                response = await self.gateway.handle(Request(scope, receive), kind)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+_FAST_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -502,9 +622,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(title="tandem gateway", lifespan=lifespan)
+    app = GatewayApp(title="tandem gateway", lifespan=lifespan)
+    app.gateway = gw
     app.state.gateway = gw
 
+    # Also routed through FastAPI so they appear in the OpenAPI schema; GatewayApp serves them directly.
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await gw.handle(request, "completion")

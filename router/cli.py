@@ -9,8 +9,10 @@ import uvicorn
 from tandem.router.settings import GatewaySettings
 
 
-def uvicorn_speedups() -> dict[str, str]:
-    """uvloop + httptools when installed (measured faster; see ``tandem bench gateway``)."""
+def uvicorn_speedups(choice: str) -> dict[str, str]:
+    """uvloop + httptools when chosen and installed (measured faster; see ``tandem bench gateway``)."""
+    if choice == "asyncio":
+        return {"loop": "asyncio", "http": "h11"}
     out = {}
     try:
         import uvloop  # noqa: F401
@@ -40,4 +42,5 @@ class GatewayCommand(GatewaySettings):
         except (ApiKeyError, ValueError) as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
         uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(self.drain_timeout) or None, **uvicorn_speedups())
+                    timeout_graceful_shutdown=int(self.drain_timeout) or None,
+                    timeout_keep_alive=self.keep_alive_timeout, **uvicorn_speedups(self.loop))

@@ -44,12 +44,15 @@ class GatewaySettings(TandemSettings):
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
     k8s_port: int = Field(8000, gt=0, le=65535,
                           description="engine port when a pod names none (annotation/port 'http')")
+    k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
     policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
     routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
     block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
+    tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
+                                   "for routing keys; default: a cheap, stable word/punctuation chunking")
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
     shadow_capacity_tokens: int | None = Field(None, gt=0,
                                                description="shadow prefix cache per instance (default: profile KV)")
@@ -70,6 +73,8 @@ class GatewaySettings(TandemSettings):
     max_queue: int = Field(2048, gt=0, description="requests waiting in the gateway (all instances) before 429")
     max_queue_per_instance: int = Field(512, gt=0, description="requests waiting per instance before 429")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
+                                    "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")
     rebalance_interval: float = Field(0.25, gt=0, description="seconds between hotspot-migration passes")
     api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys and per-key limits")
@@ -78,6 +83,8 @@ class GatewaySettings(TandemSettings):
     rate_limit_tpm: int | None = Field(None, gt=0, description="default prompt+output tokens/minute per key")
     max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
+    loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "
+                                               "(when installed) or asyncio+h11")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", mode="before")(

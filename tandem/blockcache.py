@@ -37,6 +37,15 @@ class BlockCache:
             tokens += size
         return blocks, tokens
 
+    def prefix_blocks(self, hashes: Sequence[int]) -> int:
+        """Number of leading blocks cached (no sizes, no recency): the router's hot-path lookup."""
+        n = 0
+        for present in map(self._blocks.__contains__, hashes):
+            if not present:
+                break
+            n += 1
+        return n
+
     def match_prefix(self, hashes: Sequence[int]) -> tuple[int, int]:
         """Like :meth:`peek_prefix`, and marks the matched blocks most recently used."""
         blocks, tokens = self.peek_prefix(hashes)

@@ -33,9 +33,11 @@ COMMANDS: Registry = {
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
         "capacity": ("tandem.autoscaler.calibrate:CapacityBench",
                      "check the autoscaler's capacity model against real engines at 0.8/1/1.2x its goodput"),
+        "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
+        "des": ("tandem.sim.des.bench:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

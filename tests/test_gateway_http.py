@@ -6,7 +6,9 @@ import asyncio
 
 import httpx
 import pytest
-from gatewayutil import completion_body, gateway_app, serve, sim_app, sse_text
+from gatewayutil import completion_body, gateway_app, sim_app, sse_text
+
+from tandem.serve import serve
 
 MODEL = "Llama-3-8B"
 
@@ -14,13 +16,13 @@ MODEL = "Llama-3-8B"
 @pytest.fixture
 async def cluster():
     """Two simulated engines behind one gateway (DualMap)."""
-    async with serve(sim_app(port=0)) as (a, _), serve(sim_app(port=0, metrics="sglang")) as (b, _), \
-            serve(gateway_app([a, b])) as (gw, server):
-        yield gw, [a, b], server
+    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0, metrics="sglang")) as b, \
+            serve(gateway_app([a, b])) as gw:
+        yield gw, [a, b]
 
 
 async def test_streaming_and_plain_content_equal_direct(cluster) -> None:
-    gw, sims, _ = cluster
+    gw, sims = cluster
     async with httpx.AsyncClient(timeout=20) as c:
         for path, body in (("/v1/completions", completion_body("the quick brown fox")),
                            ("/v1/chat/completions", {"model": MODEL, "max_tokens": 8,
@@ -42,7 +44,7 @@ async def test_streaming_and_plain_content_equal_direct(cluster) -> None:
 
 async def test_streaming_is_not_buffered(cluster) -> None:
     """The first event reaches the client long before the last one is produced."""
-    gw, _, _ = cluster
+    gw, _ = cluster
     body = completion_body("stream me", max_tokens=200, stream=True)
     async with httpx.AsyncClient(timeout=20) as c, c.stream("POST", gw + "/v1/completions", json=body) as resp:
         loop = asyncio.get_running_loop()
@@ -58,7 +60,7 @@ async def test_streaming_is_not_buffered(cluster) -> None:
 async def test_openai_client_against_gateway(cluster) -> None:
     from openai import AsyncOpenAI
 
-    gw, _, _ = cluster
+    gw, _ = cluster
     client = AsyncOpenAI(base_url=gw + "/v1", api_key="unused", max_retries=0)
     models = await client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -77,7 +79,7 @@ async def test_openai_client_against_gateway(cluster) -> None:
 
 
 async def test_bad_requests_get_clear_4xx(cluster) -> None:
-    gw, _, _ = cluster
+    gw, _ = cluster
     async with httpx.AsyncClient(timeout=10) as c:
         r = await c.post(gw + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -98,7 +100,7 @@ async def test_bad_requests_get_clear_4xx(cluster) -> None:
 
 
 async def test_health_metrics_admin(cluster) -> None:
-    gw, sims, _ = cluster
+    gw, sims = cluster
     async with httpx.AsyncClient(timeout=10) as c:
         assert (await c.get(gw + "/healthz")).status_code == 200
         ready = await c.get(gw + "/readyz")
@@ -122,7 +124,7 @@ async def test_health_metrics_admin(cluster) -> None:
 
 async def test_client_disconnect_cancels_upstream() -> None:
     sim = sim_app(port=0)
-    async with serve(sim) as (a, _), serve(gateway_app([a])) as (gw, _):
+    async with serve(sim) as a, serve(gateway_app([a])) as gw:
         body = completion_body("long one", max_tokens=5000, stream=True)
         async with httpx.AsyncClient(timeout=10) as c, c.stream("POST", gw + "/v1/completions", json=body) as resp:
             async for _ in resp.aiter_lines():
@@ -138,7 +140,7 @@ async def test_client_disconnect_cancels_upstream() -> None:
 async def test_api_keys_and_rate_limit(tmp_path) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  - {key: sk-test-123456, name: alice, rpm: 2}\n")
-    async with serve(sim_app(port=0)) as (a, _), serve(gateway_app([a], api_keys_file=keys)) as (gw, _), \
+    async with serve(sim_app(port=0)) as a, serve(gateway_app([a], api_keys_file=keys)) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         assert (await c.post(gw + "/v1/completions", json=completion_body())).status_code == 401
         auth = {"authorization": "Bearer sk-test-123456"}
@@ -151,9 +153,9 @@ async def test_api_keys_and_rate_limit(tmp_path) -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after() -> None:
-    async with serve(sim_app(port=0)) as (a, _):
+    async with serve(sim_app(port=0)) as a:
         app = gateway_app([a], max_queue_per_instance=1, routing={"dispatch_budget_s": 0.0})
-        async with serve(app) as (gw, _), httpx.AsyncClient(timeout=30) as c:
+        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
             body = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 8000}}
             results = await asyncio.gather(*(c.post(gw + "/v1/completions", json=body) for _ in range(5)))
     codes = sorted(r.status_code for r in results)
@@ -166,3 +168,45 @@ def test_gateway_settings_reject_unknown_policy_and_routing_keys() -> None:
         gateway_app(["http://127.0.0.1:9"], policy="bogus")
     with pytest.raises(ValueError, match=r"routing\.bogus"):
         gateway_app(["http://127.0.0.1:9"], routing={"bogus": 1})
+
+
+async def test_client_leaving_while_queued_is_forgotten() -> None:
+    """Late binding holds the second request in the gateway; its client leaves; nothing of it remains."""
+    sim = sim_app(port=0)
+    async with serve(sim) as a, \
+            serve(gateway_app([a], routing={"dispatch_budget_s": 0.0})) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        big = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 30000}}
+        first = asyncio.create_task(c.post(gw + "/v1/completions", json=big))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(c.post(gw + "/v1/completions", json=big))
+        for _ in range(100):
+            if (await c.get(gw + "/admin/queues")).json()[MODEL]["waiting"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the second request was never queued")
+        second.cancel()
+        for _ in range(100):
+            queues = (await c.get(gw + "/admin/queues")).json()[MODEL]
+            if queues["waiting"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert queues["waiting"] == 0 and all(not q for q in queues["queued"]["dualmap"].values())
+        assert (await first).status_code == 200
+        await asyncio.sleep(0.3)
+        assert sim.state.sim.engine.counters.prompt_tokens == 30000  # the engine never saw the second one
+        inst = (await c.get(gw + "/admin/instances")).json()["instances"][0]
+        assert inst["queued_requests"] == 0 and inst["inflight_requests"] == 0
+
+
+async def test_pd_pools_are_listed_but_not_routed_yet() -> None:
+    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d, \
+            serve(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
+            httpx.AsyncClient(timeout=10) as c:
+        models = (await c.get(gw + "/v1/models")).json()["data"]
+        assert models == [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tandem", "instances": 2}]
+        r = await c.post(gw + "/v1/completions", json=completion_body())
+        assert r.status_code == 501 and "prefill/decode" in r.json()["error"]["message"]
+        roles = {i["role"] for i in (await c.get(gw + "/admin/instances")).json()["instances"]}
+        assert roles == {"prefill", "decode"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 
 import httpx
@@ -12,11 +14,13 @@ from gatewayutil import (
     completion_body,
     free_port,
     gateway_app,
-    serve,
     sim_app,
     sim_process,
+    sse_text,
     start_process,
 )
+
+from tandem.serve import serve
 
 MODEL = "Llama-3-8B"
 
@@ -46,7 +50,7 @@ async def _stream_outcome(c: httpx.AsyncClient, url: str, body: dict) -> str:
 async def test_killing_a_simulator_mid_load_loses_no_request() -> None:
     with sim_process() as (a, _), sim_process() as (b, _), sim_process() as (c_url, proc_c):
         app = gateway_app([a, b, c_url], policy="round_robin", connect_timeout=0.5, retry_backoff=0.01)
-        async with serve(app) as (gw, _), httpx.AsyncClient(timeout=30) as c:
+        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
             async def one(i: int) -> str:
                 await asyncio.sleep(i * 0.01)
                 return await _stream_outcome(c, gw + "/v1/completions",
@@ -66,8 +70,8 @@ async def test_killing_a_simulator_mid_load_loses_no_request() -> None:
 
 async def test_hung_engine_times_out_and_is_retried_elsewhere() -> None:
     hung = sim_app(port=0)
-    async with serve(hung) as (a, _), serve(sim_app(port=0)) as (b, _), \
-            serve(gateway_app([a, b], policy="round_robin", first_byte_timeout=0.3)) as (gw, _), \
+    async with serve(hung) as a, serve(sim_app(port=0)) as b, \
+            serve(gateway_app([a, b], policy="round_robin", first_byte_timeout=0.3)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         await c.post(a + "/admin/fault", json={"mode": "hang"})
         outcomes = await asyncio.gather(*(_stream_outcome(c, gw + "/v1/completions", completion_body(
@@ -81,8 +85,8 @@ async def test_hung_engine_times_out_and_is_retried_elsewhere() -> None:
 
 
 async def test_engine_5xx_is_retried_and_4xx_passed_through() -> None:
-    async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as (a, _), serve(sim_app(port=0)) as (b, _), \
-            serve(gateway_app([a, b], policy="round_robin", retry_backoff=0.0)) as (gw, _), \
+    async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as a, serve(sim_app(port=0)) as b, \
+            serve(gateway_app([a, b], policy="round_robin", retry_backoff=0.0)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         codes = [(await c.post(gw + "/v1/completions", json=completion_body(f"q{i}"))).status_code
                  for i in range(6)]
@@ -100,8 +104,8 @@ def redis_server():
 
 
 async def test_redis_killed_mid_run_requests_still_succeed(redis_server: RedisServer) -> None:
-    async with serve(sim_app(port=0)) as (a, _), serve(sim_app(port=0)) as (b, _), \
-            serve(gateway_app([a, b], redis_url=redis_server.url, state_sync_interval=0.05)) as (gw, _), \
+    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0)) as b, \
+            serve(gateway_app([a, b], redis_url=redis_server.url, state_sync_interval=0.05)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         for i in range(5):
             assert (await c.post(gw + "/v1/completions", json=completion_body(f"before {i}"))).status_code == 200
@@ -118,15 +122,15 @@ async def test_redis_killed_mid_run_requests_still_succeed(redis_server: RedisSe
 
 @pytest.mark.slow
 async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_server: RedisServer) -> None:
-    async with serve(sim_app(port=0)) as (s1, _), serve(sim_app(port=0)) as (s2, _), \
-            serve(sim_app(port=0)) as (s3, _), serve(sim_app(port=0)) as (s4, _):
+    async with serve(sim_app(port=0)) as s1, serve(sim_app(port=0)) as s2, \
+            serve(sim_app(port=0)) as s3, serve(sim_app(port=0)) as s4:
         sims = [s1, s2, s3, s4]
         port = free_port()
         other = start_process("gateway", "--port", str(port), "--instances", ",".join(reversed(sims)),
                               "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
         gw_b = f"http://127.0.0.1:{port}"
         try:
-            async with serve(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05)) as (gw_a, _), \
+            async with serve(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05)) as gw_a, \
                     httpx.AsyncClient(timeout=20) as c:
                 deadline = time.monotonic() + 30
                 while True:
@@ -146,9 +150,15 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
                 # Only gateway A sees the hot prefix: its adaptive key deepens past block 2.
                 for sub in range(30):
                     assert (await c.post(gw_a + "/v1/completions", json=body(sub))).status_code == 200
-                await asyncio.sleep(0.5)  # a few state syncs
-                rings_b = (await c.get(gw_b + "/admin/rings")).json()[MODEL]["dualmap"]
-                assert rings_b["expanded_prefixes"], "B never saw the hot prefix but must key it deeper too"
+                expanded_a = (await c.get(gw_a + "/admin/rings")).json()[MODEL]["dualmap"]["expanded_prefixes"]
+                assert expanded_a, "30 of 30 requests share blocks 1-2: A must key them one block deeper"
+                deadline = time.monotonic() + 15
+                while True:  # B never saw the hot prefix; the shared state must tell it (a few syncs)
+                    rings_b = (await c.get(gw_b + "/admin/rings")).json()[MODEL]["dualmap"]
+                    if rings_b["expanded_prefixes"] == expanded_a:
+                        break
+                    assert time.monotonic() < deadline, rings_b
+                    await asyncio.sleep(0.1)
                 for sub in range(100, 106):
                     pairs = []
                     for gw in (gw_a, gw_b):
@@ -161,3 +171,32 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
         finally:
             other.terminate()
             other.wait(10)
+
+
+@pytest.mark.slow
+async def test_graceful_drain_lets_inflight_streams_finish() -> None:
+    async with serve(sim_app(port=0)) as a, httpx.AsyncClient(timeout=30) as c:
+        port = free_port()
+        gw = f"http://127.0.0.1:{port}"
+        proc = start_process("gateway", "--port", str(port), "--instances", a, "--drain-timeout", "20")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await c.get(gw + "/readyz")).status_code == 200:
+                        break
+                assert time.monotonic() < deadline and proc.poll() is None
+                await asyncio.sleep(0.1)
+            body = completion_body("a long answer", max_tokens=150, stream=True)
+            async with c.stream("POST", gw + "/v1/completions", json=body) as resp:
+                lines = resp.aiter_lines()
+                assert (await anext(lines)).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)
+                rest = [line async for line in lines]
+            assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
+            assert sse_text("\n".join(rest))
+            assert proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -218,7 +218,7 @@ def test_labels_for_gateway_discovery() -> None:
 
 
 def test_gateway_runs_the_tandem_gateway_with_kubernetes_discovery() -> None:
-    kids = children(service(slo={"ttftSeconds": 2.5}, routing={"policy": "prefix-tree"}))
+    kids = children(service(slo={"ttftSeconds": 2.5}, routing={"policy": "prefix_tree"}))
     c = container(kids[("Deployment", "llm-gateway")])
     assert c["command"] == [
         "tandem",
@@ -228,7 +228,7 @@ def test_gateway_runs_the_tandem_gateway_with_kubernetes_discovery() -> None:
         "--port",
         "8080",
         "--policy",
-        "prefix-tree",
+        "prefix_tree",
         "--k8s-namespace",
         "prod",
         "--k8s-selector",

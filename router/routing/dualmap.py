@@ -36,9 +36,12 @@ class DualMapPolicy:
 
     def choose(self, req: RouteRequest, cluster: ClusterView) -> Decision:
         instances = cluster.instances
-        if len(self.rings) != len(instances):
-            # Membership was not announced (or changed under us): sync, touching only the difference.
-            self.rings.sync(instances)
+        if len(instances) > len(self.rings):
+            # Instances joined without on_membership: add them. Never remove here: a view may be a
+            # subset on purpose (a retry excluding the instance that failed).
+            for iid in instances:
+                if iid not in self.rings.a:
+                    self.rings.add(iid)
         key = self.keyer.observe(req)
 
         def ok(iid: str) -> bool:
@@ -48,17 +51,17 @@ class DualMapPolicy:
         pair = self.rings.candidates(key, ok)
         if pair is None:
             raise NoInstanceError("no routable instance")
-        a, b = instances[pair[0]], instances[pair[1]]
-        return self.decide(req, key, a, b)
+        return self.decide(req, key, instances[pair[0]], instances[pair[1]])
 
     def decide(self, req: RouteRequest, key: int, a: InstanceState, b: InstanceState) -> Decision:
         """The SLO-aware choice between two candidates (separate from the ring walk to be testable)."""
+        prompt = req.prompt_tokens
         hit_a = a.hit_tokens(req)
-        est_a = a.ttft_estimate(req, hit_a)
+        est_a = (a.queued_miss_tokens + a.inflight_miss_tokens + prompt - hit_a) * a.prefill_s_per_token
         if a is b:
             return Decision(a.id, "affinity", (a.id,), {a.id: est_a}, hit_a, key)
         hit_b = b.hit_tokens(req)
-        est_b = b.ttft_estimate(req, hit_b)
+        est_b = (b.queued_miss_tokens + b.inflight_miss_tokens + prompt - hit_b) * b.prefill_s_per_token
         # Larger hit first; on the same hit the less loaded (lower estimate; ring A on an exact tie).
         first_a = hit_a > hit_b if hit_a != hit_b else est_a <= est_b
         pick, est, hit = (a, est_a, hit_a) if first_a else (b, est_b, hit_b)

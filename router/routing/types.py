@@ -61,7 +61,8 @@ class InstanceState:
 
     def hit_tokens(self, req: RouteRequest) -> int:
         """Prompt tokens this instance would serve from its prefix cache (per the shadow cache)."""
-        _, tokens = self.shadow.peek_prefix(req.block_hashes)
+        # Routing blocks are full blocks of ``req.block_size`` tokens, so a count is enough.
+        tokens = self.shadow.prefix_blocks(req.block_hashes) * req.block_size
         return min(tokens, max(req.prompt_tokens - 1, 0))
 
     def ttft_estimate(self, req: RouteRequest, hit: int | None = None) -> float:

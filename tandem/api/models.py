@@ -72,12 +72,12 @@ class RoutingPolicy(StrEnum):
     """The gateway's policies (DESIGN.md "Routing"); DualMap plus the baselines it is compared with."""
 
     dualmap = "dualmap"
-    round_robin = "round-robin"
-    least_loaded = "least-loaded"
-    least_request = "least-request"
-    consistent_hash = "consistent-hash"
-    prefix_tree = "prefix-tree"
-    min_ttft = "min-ttft"
+    round_robin = "round_robin"
+    least_loaded = "least_loaded"
+    least_request = "least_request"
+    consistent_hash = "consistent_hash"
+    prefix_tree = "prefix_tree"
+    min_ttft = "min_ttft"
 
 
 class ConditionStatus(StrEnum):
