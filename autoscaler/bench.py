@@ -264,6 +264,8 @@ def summarise(res: ReplayResult, slo: SLO, cooldown_s: float) -> dict[str, float
 class AutoscaleBench(TandemSettings):
     """Replay a trace on an elastic simulated cluster: Tandem vs static-for-peak vs threshold scaler."""
 
+    model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_AUTOSCALE_", populate_by_name=True)
+
     trace: Path = Field(description="Mooncake JSONL or Azure CSV trace (format detected from the file)")
     json_out: Path = Field(alias="json", description="write the results JSON here")
     plot: Path | None = Field(None, description="write a PNG timeline (load, replicas per role, attainment)")
@@ -287,7 +289,6 @@ class AutoscaleBench(TandemSettings):
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
     static_search: int = Field(6, ge=1, le=12, description="most DES runs spent finding the best static P:D")
 
-    model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_AUTOSCALE_", populate_by_name=True)
 
     @model_validator(mode="after")
     def _trace_exists(self) -> AutoscaleBench:
