@@ -7,8 +7,8 @@ pluggable :class:`ObservationSource` (the gateway's admin API by default), run
 (:func:`~tandem.autoscaler.core.apply_budget`), then
 
 1. mark / un-mark instances draining (pod annotations, see the contract in :mod:`.core`),
-2. merge-patch the role replicas into the LLMService spec (``spec.pools.<role>.replicas``, and
-   ``spec.replicas`` - the scale subresource's path - when the service uses it) in one atomic patch,
+2. merge-patch the role replicas into the LLMService spec in one atomic patch: ``spec.replicas``
+   (the scale subresource's path) for the primary pool, ``spec.pools.prefill.replicas`` for prefill,
 3. record the decision and its reason in ``status.lastScalingDecision`` and as a Kubernetes Event,
 4. export ``tandem_autoscaler_*`` metrics.
 
@@ -101,7 +101,8 @@ def spec_from_service(svc: LLMService, defaults: AutoscalerSpec, gpu_budget: int
         pool = svc.spec.pool(role)
         pools[str(role)] = PoolBounds(  # type: ignore[index]
             min_replicas=pool.min_replicas if pool.min_replicas is not None else 1,
-            max_replicas=pool.max_replicas if pool.max_replicas is not None else max(pool.replicas, 64),
+            max_replicas=pool.max_replicas if pool.max_replicas is not None
+            else max(svc.spec.replicas_of(role), 64),
             gpus_per_replica=max(1, pool.resources.gpu))
     slo = svc.spec.slo
     return defaults.model_copy(update={
@@ -251,19 +252,23 @@ class Actuator:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for role, d in decision.roles.items():
             await self._mark_draining(ns, pods[role], d.drain, stamp)
-        pools_patch: dict[str, Any] = {}
+        # The primary pool (unified / decode) is sized by spec.replicas, the scale subresource's
+        # field; the other role by spec.pools.<role>.replicas. One merge patch sets both, so
+        # prefill and decode never move out of step.
+        primary = str(svc.spec.primary_role)
+        spec_patch: dict[str, Any] = {}
         changed = []
         for role, d in decision.roles.items():
             current = svc.spec.replicas_of(ApiRole(role))
             if d.replicas != current:
                 changed.append(f"{role} {current}->{d.replicas}")
                 self.metrics.actions.labels(ns, name, role, "up" if d.replicas > current else "down").inc()
-            pools_patch[role] = {"replicas": d.replicas}
+            if role == primary:
+                spec_patch["replicas"] = d.replicas
+            else:
+                spec_patch.setdefault("pools", {})[role] = {"replicas": d.replicas}
             self._export(ns, name, role, d)
-        patch: dict[str, Any] = {"spec": {"pools": pools_patch}}
-        primary = str(svc.spec.primary_role)
-        if svc.spec.replicas is not None and primary in decision.roles:
-            patch["spec"]["replicas"] = decision.roles[primary].replicas  # the scale subresource's path
+        patch: dict[str, Any] = {"spec": spec_patch}
         if changed:
             await self.client.merge_patch(LLMSERVICES, ns, name, patch)
         record = {"time": stamp, "reason": decision.reason[:4096], "replicas": decision.replicas}

@@ -1,19 +1,29 @@
 """The autoscaler's pure core: one tick turns observations into replicas per role.
 
-Sizing (DistServe): replicas = ceil(R-hat / (goodput x correction)), R-hat a high quantile of the
-arrival-rate forecast one start-up delay ahead, goodput from :mod:`tandem.autoscaler.capacity`.
+Sizing (DistServe, pooled): each role gets the smallest pool that carries R-hat / correction at
+the target attainment (:mod:`tandem.autoscaler.capacity`), R-hat a high quantile of the arrival
+rate forecast one start-up delay ahead.
 
-Correction (the queue-time feedback): the model can be optimistic (bursts within the window,
-routing imbalance, a slow node). When the observed attainment of a role's objective is below
-target with enough samples, the role's learned ``goodput_scale`` shrinks in proportion to the
-shortfall and the role gains at least one instance, even if the model says it has enough. It
-relaxes slowly back towards 1 while attainment is comfortably above target. While instances are
-still starting, no extra correction is taken: the capacity already ordered has not arrived.
+Correction (the queue-time feedback): the model can be optimistic (heavy-tailed prompts, routing
+imbalance, a slow node). When the observed attainment of a role's objective is below target by
+more than its sampling noise although the model said the ready instances were enough for the
+observed rate, the role's learned ``goodput_scale`` shrinks with the shortfall and the role gains
+at least one instance, whatever the model says. A shortfall while the pool lagged the load (or
+while ordered instances are still starting) is left to ordinary sizing. The correction relaxes
+slowly while the pool is loaded and comfortably within target.
 
 Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``; shrink
-only to the largest need seen over ``scale_down_stabilization_s`` plus ``hysteresis`` headroom,
-and only ``scale_down_cooldown_s`` after the role last changed (slow), so a role changes
-direction at most once per cooldown window. Bounds and GPU budgets clamp the result.
+only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus ``hysteresis``),
+only ``scale_down_cooldown_s`` after the role last changed, and only when the objective was
+comfortably met over that window (slow). Right after a scale-down, going up again needs the need
+to clear the hysteresis band or an actual SLO miss, which keeps direction changes to about one per
+cooldown window without ever blocking a real overload. Bounds and GPU budgets clamp the result.
+
+Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
+sized only for the prompts the threshold in force keeps local, and after the pools are decided
+the threshold is re-solved for them by the PD solver (:mod:`tandem.router.offload`) from the
+length mix, the link's spare capacity and the remote queue; the new threshold applies from the
+next tick, so sizing and threshold converge together without a second solver.
 
 Draining contract (scale-down never cuts requests): a decision carries, per role, ``drain``
 (how many instances must be marked draining) and ``replicas`` (what to set the pool to now).
@@ -27,46 +37,103 @@ If load returns first, ``drain`` falls and the actuator un-marks instances befor
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from tandem.autoscaler import forecast
-from tandem.autoscaler.capacity import CapacityModel
+from tandem.autoscaler.capacity import CapacityModel, Workload
 from tandem.autoscaler.models import (
     AutoscalerSpec,
     AutoscalerState,
     Decision,
+    LengthBucket,
     Observations,
     Role,
     RoleDecision,
     RoleObservation,
     RoleState,
 )
+from tandem.router.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
 from tandem.sim.profile import Profile
 
 MIN_GOODPUT_SCALE = 0.3
-RELAX_PER_TICK = 1.03
+RELAX_PER_TICK = 1.002
+RELAX_MIN_LOAD = 0.6  # share of the pool's corrected goodput the observed load must reach to relax
+MAX_CUT = 0.25  # the most one tick's shortfall lowers the goodput correction
 
-OffloadSolver = Callable[[Observations, AutoscalerSpec], int | None]
+# Uncached-length samples handed to the offload solver: the mix's buckets expanded to about this many.
+OFFLOAD_SAMPLES = 200
 
 
-def goodputs(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec) -> dict[Role, float]:
-    """Per-instance goodput of each role of the service's mode (requests/s)."""
-    if spec.mode == "aggregated":
-        return {"unified": cap.unified_goodput(obs.length_mix, obs.prefix_hit_ratio)}
-    return {
-        "prefill": cap.prefill_goodput(obs.length_mix, obs.prefix_hit_ratio),
-        "decode": cap.decode_goodput(obs.length_mix),
-    }
+def size_pools(cap: CapacityModel, spec: AutoscalerSpec, rate: float, mix: list[LengthBucket],
+               hit_ratio: float = 0.0) -> dict[Role, int]:
+    """Replicas each role needs to carry ``rate`` (no control, no bounds): the plain sizing rule."""
+    w = cap.workload(mix, hit_ratio)
+    out: dict[Role, int] = {}
+    for role in spec.roles:
+        n = cap.pool_size(role, rate, w, spec.bounds(role).max_replicas)
+        out[role] = spec.bounds(role).max_replicas if n is None else n
+    return out
+
+
+def _uncached(b: LengthBucket, hit_ratio: float) -> int:
+    return b.input_tokens - min(int(b.input_tokens * hit_ratio), b.input_tokens - 1)
+
+
+def _local_prefill(cap: CapacityModel, obs: Observations, threshold: int | None) -> tuple[float, Workload]:
+    """The share of requests the local prefill pool keeps under ``threshold``, and their workload."""
+    if threshold is None:
+        return 1.0, cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    local = [b for b in obs.length_mix if _uncached(b, obs.prefix_hit_ratio) <= threshold]
+    if not local:
+        return 0.0, cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    share = sum(b.weight for b in local) / sum(b.weight for b in obs.length_mix)
+    return share, cap.workload(local, obs.prefix_hit_ratio)
+
+
+def solve_offload(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec, roles: Mapping[Role, RoleDecision],
+                  w: Workload) -> int:
+    """Re-solve the offload threshold (PrfaaS, :func:`tandem.router.offload.solve_threshold`) for
+    the pools just decided: Λ(t) = min(remote / p, local prefill / (1 - p), decode, link)."""
+    off = spec.offload
+    assert off is not None
+    p = cap.cost.params
+    total = sum(b.weight for b in obs.length_mix)
+    samples = [_uncached(b, obs.prefix_hit_ratio) for b in obs.length_mix
+               for _ in range(max(1, round(OFFLOAD_SAMPLES * b.weight / total)))]
+    decode_n = max(1, roles["decode"].target)
+    problem = OffloadProblem(
+        uncached_lengths=samples,
+        local=PrefillPoolSpeed(instances=roles["prefill"].target, per_token_s=p.per_token_s,
+                               attn_pair_s=p.attn_pair_s),
+        remote=PrefillPoolSpeed(instances=off.remote_instances, per_token_s=off.remote_per_token_s or p.per_token_s,
+                                attn_pair_s=off.remote_attn_pair_s if off.remote_attn_pair_s is not None
+                                else p.attn_pair_s),
+        decode_rps=max(cap.pool_goodput("decode", decode_n, w), 1e-9),
+        link_gbps=off.link_gbps, kv_bytes_per_token=cap.cost.kv_bytes_per_token, high_water=off.high_water,
+        arrival_rps=obs.arrival_rate, link_other_gbps=obs.link_other_gbps, remote_queue_s=obs.remote_queue_s,
+        min_threshold=off.min_threshold)
+    return max(solve_threshold(problem).threshold_tokens, off.min_threshold)
 
 
 def _attainment(role: Role, obs: Observations) -> float | None:
-    """The observed attainment that this role's capacity governs."""
+    """The observed attainment that this role's capacity governs.
+
+    TTFT attainment is taken relative to its ceiling (requests whose prompt alone takes longer
+    than the SLO miss it at any pool size), as the capacity model does: otherwise a trace with a
+    long tail would look short of target forever and every correction would buy nothing.
+    """
+    ttft = None if obs.ttft_attainment is None else min(1.0, obs.ttft_attainment / obs.ttft_attainable)
     if role == "prefill":
-        return obs.ttft_attainment
+        return ttft
     if role == "decode":
         return obs.tpot_attainment
-    values = [a for a in (obs.ttft_attainment, obs.tpot_attainment) if a is not None]
+    values = [a for a in (ttft, obs.tpot_attainment) if a is not None]
     return min(values) if values else None
+
+
+def _exceeds(cap: CapacityModel, role: Role, rate: float, w: Workload, replicas: int) -> bool:
+    """Whether ``rate`` needs more than ``replicas`` instances."""
+    return cap.pool_size(role, rate, w, replicas) is None
 
 
 def _pods(o: RoleObservation) -> int:
@@ -86,14 +153,19 @@ def role_decision(role: Role, target: int, o: RoleObservation, needed: float, go
 
 
 def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: AutoscalerState | None = None,
-         *, offload_solver: OffloadSolver | None = None, capacity: CapacityModel | None = None) -> Decision:
+         *, capacity: CapacityModel | None = None) -> Decision:
     """One control step. Pure: the same inputs always give the same decision and next state."""
     state = previous or AutoscalerState()
     now = obs.time_s
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
-    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile)
-    cap = capacity or CapacityModel(profile, spec.slo)
-    rates = goodputs(cap, obs, spec)
+    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
+    cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation,
+                                    decode_max_utilisation=spec.decode_max_utilisation)
+    w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
+    threshold = None
+    if spec.offload is not None:
+        threshold = obs.offload_threshold if obs.offload_threshold is not None else spec.offload.initial_threshold
+    local_share, local_w = _local_prefill(cap, obs, threshold)
     target_att = spec.slo.attainment
 
     roles: dict[Role, RoleDecision] = {}
@@ -109,40 +181,76 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         why: list[str] = []
 
         att = _attainment(role, obs)
-        short = att is not None and obs.completed >= spec.min_samples and att < target_att
+        # Short only beyond the sampling noise of the window's attainment (one standard error):
+        # a 0.949 over a hundred requests is not evidence against a 0.95 target.
+        noise = math.sqrt(target_att * (1 - target_att) / max(obs.completed, 1))
+        short = att is not None and obs.completed >= spec.min_samples and att < target_att - noise
+        comfortable = att is not None and obs.completed >= spec.min_samples and att >= (1 + target_att) / 2
+        # Scale-down needs the objective comfortably met over the whole stabilization window, not
+        # in one lucky window: a 30-second attainment swings by several points.
+        recent_att = [(t, a) for t, a in rs.recent_attainment if t > now - spec.scale_down_stabilization_s]
+        if att is not None and obs.completed >= spec.min_samples:
+            recent_att.append((now, att))
+        tight = any(a < (1 + target_att) / 2 for _, a in recent_att)
         # Capacity ordered by the last scale-up must have served a whole window before the
         # window's attainment says anything about it; otherwise one shortfall is counted again
         # every tick while the new instances start.
         settled = o.starting == 0 and (rs.last_up_s is None
                                        or now - rs.last_up_s >= spec.startup_delay_s + obs.window_s)
-        if short and settled:
+        share, role_w = 1.0, w
+        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
+            share, role_w = local_share, local_w
+        # Only a shortfall the model did not predict is evidence against the model: the ready
+        # instances were enough, in the model, for the rate actually observed. A shortfall while
+        # the pool lagged the load is fixed by ordinary sizing and must not leave a lasting bias.
+        model_said_enough = cap.pool_size(role, obs.arrival_rate * share / scale, role_w, o.ready) is not None
+        if short and settled and model_said_enough:
             assert att is not None
-            scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(0.5, 2 * (target_att - att))))
-        elif att is not None and obs.completed >= spec.min_samples and att >= target_att + (1 - target_att) / 2:
-            scale = min(1.0, scale * RELAX_PER_TICK)
+            scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(MAX_CUT, target_att - att)))
+            why.append(f"attainment {att:.3f} < {target_att:.3f} where the model saw enough: "
+                       f"goodput corrected to x{scale:.2f}")
+        elif comfortable and scale < 1.0 and o.ready:
+            # Relax only while the pool carries enough load for its attainment to say something
+            # about the model; a comfortable but idle pool would erase a correction it still needs.
+            carried = cap.pool_goodput(role, o.ready, role_w) * scale
+            if obs.arrival_rate * share >= RELAX_MIN_LOAD * carried:
+                scale = min(1.0, scale * RELAX_PER_TICK)
 
-        goodput = rates[role]
-        needed = r_hat / (goodput * scale) if goodput > 0 else math.inf
-        want = bounds.max_replicas if math.isinf(needed) else math.ceil(needed - 1e-9)
-        why.append(f"R-hat {r_hat:.2f} rps / goodput {goodput:.2f} x {scale:.2f} = {needed:.2f}")
-        if short and settled and want <= current:
+        # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
+        rate = r_hat * share / scale
+        sized = cap.pool_size(role, rate, role_w, bounds.max_replicas)
+        want = bounds.max_replicas if sized is None else sized
+        n_ref = max(want, 1)
+        goodput = cap.pool_goodput(role, n_ref, role_w) / n_ref  # per instance, in a pool of that size
+        needed = rate / goodput if goodput > 0 else float(bounds.max_replicas)
+        why.append(f"R-hat {r_hat:.2f} rps / correction {scale:.2f} needs {want} "
+                   f"(goodput {goodput:.2f} rps per instance)")
+        if short and settled and model_said_enough and want <= current:
             want = current + 1
-            why.append(f"attainment {att:.3f} < {target_att:.3f}: +1 despite the model")
+            why.append("+1 despite the model")
 
+        # Scale-down stabilization: the largest pool that the recent ticks needed with the
+        # hysteresis headroom (rate and length mix both vary, so the need is kept, not the rate).
+        headroom = cap.pool_size(role, rate * (1 + spec.hysteresis), role_w, bounds.max_replicas)
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
-        recent.append((now, want))
+        recent.append((now, bounds.max_replicas if headroom is None else headroom))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0
+        recently_down = rs.last_down_s is not None and now - rs.last_down_s < spec.scale_down_cooldown_s
         if want > current:
             if rs.last_up_s is not None and now - rs.last_up_s < spec.scale_up_cooldown_s:
                 why.append("scale-up cooldown")
+            elif recently_down and not short and not _exceeds(cap, role, rate * (1 - spec.hysteresis), role_w,
+                                                              current):
+                # Just after a scale-down, going back up would be a second change of direction in
+                # one cooldown window: only when the need clears the band below R-hat, or the SLO
+                # is actually being missed.
+                why.append("inside the hysteresis band after a scale-down")
             else:
                 target, direction = want, 1
         elif want < current:
-            stable = max(n for _, n in recent)
-            floor = math.ceil(stable * (1 + spec.hysteresis) - 1e-9) if stable > 0 else 0
-            candidate = max(bounds.min_replicas, min(current, floor))
+            candidate = max(bounds.min_replicas, min(current, max(n for _, n in recent)))
             last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
             since = now if rs.observed_since_s is None else rs.observed_since_s
             if now - since < spec.scale_down_stabilization_s:
@@ -151,6 +259,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                 why.append("held by stabilization window / hysteresis")
             elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
                 why.append("scale-down cooldown")
+            elif tight:
+                # The model may say fewer would do, but the objective is only just met: removing
+                # capacity now is how a pool walks off the cliff.
+                worst = min(a for _, a in recent_att)
+                why.append(f"attainment {worst:.3f} in the window is not comfortably above {target_att:.3f}: "
+                           "no scale-down")
             else:
                 target, direction = candidate, -1
 
@@ -165,15 +279,15 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             last_direction=direction or rs.last_direction,
             goodput_scale=scale,
             observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
+            recent_attainment=recent_att,
             recent_needs=recent,
         )
-        roles[role] = role_decision(role, target, o, 0.0 if math.isinf(needed) else needed, goodput,
-                                    "; ".join(why))
+        roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))
 
     new_state = AutoscalerState(forecast=fc, roles=new_states)
     decision = Decision(
         roles=roles,
-        offload_threshold=offload_solver(obs, spec) if offload_solver else obs.offload_threshold,
+        offload_threshold=None if threshold is None else solve_offload(cap, obs, spec, roles, w),
         forecast_rps=r_hat,
         reason=" | ".join(d.reason for d in roles.values()),
         state=new_state,

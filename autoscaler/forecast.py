@@ -28,12 +28,16 @@ def update(state: ForecastState, rate: float, time_s: float, alpha: float, beta:
     return ForecastState(level=level, trend=trend, variance=variance, time_s=time_s)
 
 
-def quantile(state: ForecastState, horizon_s: float, q: float) -> float:
-    """The ``q`` quantile of the rate ``horizon_s`` ahead; a falling trend is not extrapolated.
+def quantile(state: ForecastState, horizon_s: float, q: float, window_s: float) -> float:
+    """The ``q`` quantile of the mean rate ``horizon_s`` ahead; a falling trend is not extrapolated.
 
     Counting on a decline that has not happened yet would release capacity before the load
-    actually drops; scale-down is left to the stabilization window instead.
+    actually drops; scale-down is left to the stabilization window instead. The one-step errors
+    include the Poisson noise of counting arrivals in a ``window_s`` window (variance
+    ``rate / window``); that part is removed, because the queueing model already prices Poisson
+    burstiness - counting it twice would buy the same headroom twice.
     """
     mean = state.level + max(state.trend, 0.0) * horizon_s
     z = NormalDist().inv_cdf(q)
-    return max(0.0, mean + z * math.sqrt(max(state.variance, 0.0)))
+    shifts = max(0.0, state.variance - max(state.level, 0.0) / window_s)
+    return max(0.0, mean + z * math.sqrt(shifts))

@@ -65,7 +65,12 @@ class Observations(_Model):
     ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
     tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
     completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
+    ttft_attainable: float = Field(1.0, gt=0, le=1,
+                                   description="share of those whose prompt alone prefills within the TTFT SLO: "
+                                               "the ceiling of TTFT attainment (no pool size lifts it)")
     offload_threshold: int | None = Field(None, ge=0, description="the offload threshold in force (uncached tokens)")
+    link_other_gbps: float = Field(0.0, ge=0, description="traffic on the offload link that is not KV of offloads")
+    remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote prefill pool, s per instance")
 
 
 class PoolBounds(_Model):
@@ -86,6 +91,18 @@ class SLO(_Model):
     attainment: float = Field(0.95, gt=0, lt=1, description="share of requests that must meet both")
 
 
+class OffloadSpec(_Model):
+    """A remote prefill pool (Prefill-as-a-Service) whose length threshold the autoscaler re-solves."""
+
+    remote_instances: int = Field(ge=0, description="prefill instances in the remote pool")
+    link_gbps: float = Field(gt=0, description="link capacity to the remote pool, Gbit/s")
+    remote_per_token_s: float | None = Field(None, gt=0, description="remote prefill s/token (default: local)")
+    remote_attn_pair_s: float | None = Field(None, ge=0, description="remote s per attention pair (default: local)")
+    high_water: float = Field(0.85, gt=0, le=1, description="share of the link offload may use")
+    min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
+    initial_threshold: int = Field(16384, ge=0, description="threshold before the first solve")
+
+
 class AutoscalerSpec(_Model):
     """How one service is scaled: its mode, pool bounds, SLOs and the controller's time constants."""
 
@@ -97,16 +114,23 @@ class AutoscalerSpec(_Model):
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
     scale_down_cooldown_s: float = Field(300.0, ge=0,
                                          description="least time after any change before a role shrinks")
-    scale_down_stabilization_s: float = Field(180.0, ge=0,
+    scale_down_stabilization_s: float = Field(300.0, ge=0,
                                               description="shrink only to the largest need seen over this window")
-    hysteresis: float = Field(0.1, ge=0, lt=1, description="shrink only when the need is this far below the pool")
-    forecast_quantile: float = Field(0.95, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
+    hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
+    forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
     min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
+    max_utilisation: float = Field(0.85, gt=0, lt=1,
+                                   description="no prefill/unified pool is planned above this utilisation")
+    decode_max_utilisation: float = Field(0.9, gt=0, lt=1,
+                                          description="no decode pool is planned above this share of its batch slots")
+    offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
 
     @model_validator(mode="after")
     def _roles_match_mode(self) -> AutoscalerSpec:
+        if self.offload is not None and self.mode != "disaggregated":
+            raise ValueError("offload needs disaggregated mode: offloaded prompts decode on the local decode pool")
         wrong = set(self.pools) - set(ROLES_BY_MODE[self.mode])
         if wrong:
             raise ValueError(f"pools {sorted(wrong)} do not exist in {self.mode} mode "
@@ -138,8 +162,10 @@ class RoleState(_Model):
     goodput_scale: float = Field(1.0, gt=0, le=1,
                                  description="learned correction of the model's goodput (<1: model too optimistic)")
     observed_since_s: float | None = Field(None, description="first tick that saw this role")
-    recent_needs: list[tuple[float, int]] = Field(default_factory=list,
-                                                  description="(time, replicas needed) over the stabilization window")
+    recent_attainment: list[tuple[float, float]] = Field(
+        default_factory=list, description="(time, observed attainment) over the stabilization window")
+    recent_needs: list[tuple[float, int]] = Field(
+        default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
 
 
 class AutoscalerState(_Model):
@@ -151,8 +177,8 @@ class RoleDecision(_Model):
     replicas: int = Field(ge=0, description="replicas to set now (target + draining instances not yet drained)")
     target: int = Field(ge=0, description="replicas the role should settle at")
     drain: int = Field(0, ge=0, description="instances that should be marked draining (removed once drained)")
-    needed: float = Field(ge=0, description="the capacity model's fractional replica count at R-hat")
-    goodput_rps: float = Field(ge=0, description="per-instance goodput under the SLOs (requests/s)")
+    needed: float = Field(ge=0, description="fractional replicas at R-hat: rate / per-instance goodput")
+    goodput_rps: float = Field(ge=0, description="per-instance goodput under the SLOs in a pool of that size")
     reason: str
 
 

@@ -39,16 +39,6 @@ from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.profile import Profile
 from tandem.traces import TraceRequest
 
-
-class DecodeEngine(Engine):
-    """A decode-role engine: the prompt's KV arrives from a prefill instance, so admission only
-    computes the last prompt token (the step that loads the transferred KV and samples)."""
-
-    def _admit(self, r: SimRequest, now: float) -> None:
-        super()._admit(r, now)
-        r.cached_tokens = r.computed_tokens = max(r.computed_tokens, r.prompt_tokens - 1)
-
-
 InstanceStatus = Literal["starting", "ready", "draining"]
 
 
@@ -62,6 +52,7 @@ class Instance:
     status: InstanceStatus = "starting"
     removed_at: float | None = None
     outstanding_tokens: int = 0  # prefill: un-prefilled prompt tokens; others: running + waiting requests
+    assigned: int = 0  # requests routed here: breaks ties so idle instances share the load
     version: int = 0
 
     @property
@@ -76,6 +67,7 @@ class RequestRecord:
     first_token: float | None = None
     finished: float | None = None
     rejected: bool = False
+    attainable: bool = True  # False when the prompt alone (no cache, no queue) takes longer than the TTFT SLO
 
     def ttft(self) -> float:
         return math.inf if self.first_token is None else self.first_token - self.arrival
@@ -89,10 +81,16 @@ class RequestRecord:
 
 @dataclass(frozen=True, slots=True)
 class ScaleCommand:
-    """What a scaler asks of one pool: replicas now and how many instances should be draining."""
+    """What a scaler asks of one pool: replicas now, how many instances should be draining, and
+    the size the pool settles at once they are gone (what scaling actions are counted on)."""
 
     replicas: int
     drain: int = 0
+    target: int | None = None
+
+    @property
+    def settles_at(self) -> int:
+        return self.replicas - self.drain if self.target is None else self.target
 
 
 class Scaler:
@@ -118,7 +116,7 @@ class ReplayConfig:
     link_gbps: float = 100.0  # prefill -> decode KV transfer inside the cluster
     gpus_per_instance: int = 1
     mix_buckets: int = 8
-    mix_window_s: float = 120.0  # the length mix moves slower than the rate; a longer window is steadier
+    mix_window_s: float = 300.0  # the length mix moves slower than the rate; a longer window is steadier
 
 
 @dataclass
@@ -137,6 +135,16 @@ class ReplayResult:
     actions: list[tuple[float, Role, int, int]]  # (time, role, from, to) of every target change
     timeline: Timeline
     duration_s: float
+
+
+def prefill_alone_s(cost: CostModel, chunk: int, tokens: int) -> float:
+    """A prompt prefilled alone on an idle engine, chunk by chunk: the floor of its TTFT."""
+    t, done = 0.0, 0
+    while done < tokens:
+        step = min(chunk, tokens - done)
+        t += cost.prefill_time(step, done)
+        done += step
+    return t
 
 
 class ElasticCluster:
@@ -169,8 +177,7 @@ class ElasticCluster:
 
     # ----- instances ---------------------------------------------------------------------------
     def _new_instance(self, role: Role, now: float, delay: float) -> Instance:
-        engine_cls = DecodeEngine if role == "decode" else Engine
-        inst = Instance(f"{role}-{next(self._ids)}", role, engine_cls(self.cost, self.limits), now, now + delay)
+        inst = Instance(f"{role}-{next(self._ids)}", role, Engine(self.cost, self.limits), now, now + delay)
         self.pools[role].append(inst)
         if delay <= 0:
             inst.status = "ready"
@@ -222,12 +229,16 @@ class ElasticCluster:
         ready = [i for i in self.pools[role] if i.status == "ready"]
         if not ready:
             return None
-        return min(ready, key=lambda i: i.outstanding_tokens)
+        return min(ready, key=lambda i: (i.outstanding_tokens, i.assigned))
 
     def _submit(self, inst: Instance, rec: RequestRecord, now: float, prompt: int, max_tokens: int) -> None:
         tr = rec.trace
+        # A decode instance gets the prompt's KV from the prefill instance (the hand-off already
+        # waited for the transfer): it recomputes only the last prompt token, as the engine does
+        # for requests whose KV has landed.
         req = SimRequest(id=f"{id(rec)}:{inst.role}", prompt_tokens=prompt, max_tokens=max_tokens,
-                         block_hashes=tr.hash_ids, block_size=tr.block_size)
+                         block_hashes=tr.hash_ids, block_size=tr.block_size,
+                         kv_ready_at=now if inst.role == "decode" else None)
         if inst.engine.validate(prompt, max_tokens):
             rec.rejected = True
             self._complete(rec, now)
@@ -237,6 +248,7 @@ class ElasticCluster:
         inst.engine.advance(now)
         inst.engine.submit(req, now)
         inst.outstanding_tokens += prompt if inst.role == "prefill" else 1
+        inst.assigned += 1
         self._wake(inst)
 
     def _dispatch(self, rec: RequestRecord, now: float, pending: deque[RequestRecord]) -> None:
@@ -306,15 +318,23 @@ class ElasticCluster:
             length_mix=self._length_mix(recent) if recent else [LengthBucket(input_tokens=1, output_tokens=1)],
             prefix_hit_ratio=hit / query if query else 0.0, roles=roles,
             ttft_attainment=float(np.mean(ttft)) if done else None,
+            ttft_attainable=max(1e-3, float(np.mean([r.attainable for r in done]))) if done else 1.0,
             tpot_attainment=float(np.mean(tpot)) if done else None, completed=len(done))
 
     # ----- the run -----------------------------------------------------------------------------
-    def run(self, trace: Sequence[TraceRequest], scaler: Scaler,
+    def run(self, trace: Sequence[TraceRequest], scaler: Scaler, *, measure_from_s: float = 0.0,
             progress: Callable[[float], None] | None = None) -> ReplayResult:
+        """Replay ``trace``; requests, GPU time and scaling actions before ``measure_from_s`` are a
+        warm-up (every scaler starts cold) and are left out of the result."""
         for role, n in scaler.initial().items():
             for _ in range(n):
                 self._new_instance(role, 0.0, 0.0)
-        records = [RequestRecord(tr, tr.arrival) for tr in trace]
+        alone: dict[int, float] = {}
+        for tr in trace:
+            if tr.input_tokens not in alone:
+                alone[tr.input_tokens] = prefill_alone_s(self.cost, self.limits.max_num_batched_tokens, tr.input_tokens)
+        records = [RequestRecord(tr, tr.arrival, attainable=alone[tr.input_tokens] <= self.cfg.slo.ttft_s)
+                   for tr in trace]
         for i, rec in enumerate(records):
             self._push(rec.arrival, "arrival", i)
         end = trace[-1].arrival if trace else 0.0
@@ -362,7 +382,7 @@ class ElasticCluster:
                     if commands and role in commands:
                         cmd = commands[role]
                         self.apply(role, cmd, now)
-                        new_target = cmd.replicas - cmd.drain
+                        new_target = cmd.settles_at
                         if new_target != targets[role]:
                             actions.append((now, role, targets[role], new_target))
                             targets[role] = new_target
@@ -377,6 +397,8 @@ class ElasticCluster:
                 if now < end or len(self._done) < len(records):
                     self._push(now + self.cfg.tick_s, "tick", None)
         stop = max([r.finished or r.arrival for r in records] + [end])
-        gpu_seconds = sum(((i.removed_at if i.removed_at is not None else stop) - i.ordered_at)
-                          for i in self._all_instances())
-        return ReplayResult(records, gpu_seconds * self.cfg.gpus_per_instance, actions, timeline, stop)
+        gpu_seconds = sum(max(0.0, (i.removed_at if i.removed_at is not None else stop)
+                              - max(i.ordered_at, measure_from_s)) for i in self._all_instances())
+        return ReplayResult([r for r in records if r.arrival >= measure_from_s],
+                            gpu_seconds * self.cfg.gpus_per_instance,
+                            [a for a in actions if a[0] >= measure_from_s], timeline, stop)

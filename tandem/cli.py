@@ -32,6 +32,8 @@ COMMANDS: Registry = {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
+        "capacity": ("tandem.autoscaler.calibrate:CapacityBench",
+                     "check the autoscaler's capacity model against real engines at 0.8/1/1.2x its goodput"),
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),

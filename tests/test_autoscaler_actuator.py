@@ -52,8 +52,9 @@ def service(name: str = "pd") -> dict[str, Any]:
         "spec": {
             "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
             "mode": "disaggregated",
+            "replicas": 1,  # the primary (decode) pool: the scale subresource's field
             "pools": {"prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 12},
-                      "decode": {"replicas": 1, "minReplicas": 1, "maxReplicas": 12}},
+                      "decode": {"minReplicas": 1, "maxReplicas": 12}},
             "slo": {"ttftSeconds": 2.0, "tpotSeconds": 0.08, "attainment": 0.95},
             "autoscaling": {"enabled": True, "profile": "llama3-8b-h100", "cooldownSeconds": 60},
         },
@@ -164,7 +165,8 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
     assert decision.replicas["prefill"] >= 3 and decision.replicas["decode"] >= 2
     obj = await client.get(LLMSERVICES, ns, "pd")
     assert obj["spec"]["pools"]["prefill"]["replicas"] == decision.replicas["prefill"]
-    assert obj["spec"]["pools"]["decode"]["replicas"] == decision.replicas["decode"]
+    assert obj["spec"]["replicas"] == decision.replicas["decode"]
+    assert "replicas" not in obj["spec"]["pools"]["decode"]
     last = obj["status"]["lastScalingDecision"]
     assert last["replicas"] == decision.replicas and "R-hat" in last["reason"]
     events = (await client.request("GET", EVENTS.path(ns)))["items"]
@@ -181,7 +183,7 @@ async def test_scale_down_drains_first(api) -> None:
     if backend != "kmock":
         pytest.skip("needs pods with controllable readiness: kmock only")
     body = service()
-    body["spec"]["pools"]["decode"]["replicas"] = 6
+    body["spec"]["replicas"] = 6
     body["spec"]["pools"]["prefill"]["replicas"] = 6
     await client.create(LLMSERVICES, ns, {**body, "metadata": {"name": "pd", "namespace": ns}})
     for role in ("prefill", "decode"):
@@ -256,3 +258,38 @@ def test_count_pods_roles() -> None:
             pod("f", deleting=True)]
     o = count_pods(pods, {"c": 2, "d": 0, "e": 5}, now, drain_timeout_s=300)
     assert (o.ready, o.starting, o.draining, o.drained) == (1, 1, 1, 2)
+
+
+async def test_global_gpu_budget_across_services(api) -> None:
+    _, client, ns = api
+    for name in ("a", "b"):
+        await client.create(LLMSERVICES, ns, {**service(name), "metadata": {"name": name, "namespace": ns}})
+    gateway = FakeGateway()
+    gateway.rate = 80.0
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), gpu_budget=8,
+                            registry=CollectorRegistry(), clock=Clock())
+        decisions = await actuator.tick_once()
+        await source.close()
+    assert set(decisions) == {(ns, "a"), (ns, "b")}
+    total = 0
+    for name in ("a", "b"):
+        obj = await client.get(LLMSERVICES, ns, name)
+        pools = obj["spec"]["pools"]
+        assert pools["prefill"]["replicas"] >= 1 and obj["spec"]["replicas"] >= 1
+        total += pools["prefill"]["replicas"] + obj["spec"]["replicas"]
+        assert "GPU budget 8" in obj["status"]["lastScalingDecision"]["reason"]
+    assert total <= 8
+
+
+def test_rbac_manifest_covers_what_the_actuator_does() -> None:
+    """deploy/rbac/autoscaler.yaml grants every (resource, verb) the actuator's calls need."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "autoscaler.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    granted = {(group, res, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for res in rule["resources"] for verb in rule["verbs"]}
+    needed = {("serving.tandem.dev", "llmservices", "list"), ("serving.tandem.dev", "llmservices", "patch"),
+              ("serving.tandem.dev", "llmservices/status", "patch"), ("", "pods", "list"), ("", "pods", "patch"),
+              ("", "events", "create")}
+    assert needed <= granted, needed - granted

@@ -14,6 +14,7 @@ from tandem.autoscaler.models import (
     AutoscalerSpec,
     LengthBucket,
     Observations,
+    OffloadSpec,
     PoolBounds,
     RoleObservation,
 )
@@ -61,7 +62,7 @@ def test_rate_doubles_replicas_roughly_double() -> None:
     for role in ("prefill", "decode"):
         assert low[role] >= 3
         assert 1.5 <= high[role] / low[role] <= 2.5, (role, low, high)
-        assert high_d.roles[role].needed / low_d.roles[role].needed == pytest.approx(2.0, rel=0.05)
+        assert 1.7 <= high_d.roles[role].needed / low_d.roles[role].needed <= 2.1
 
 
 def test_prefix_hits_shrink_prefill_not_decode() -> None:
@@ -81,25 +82,38 @@ def test_prefill_sized_with_queueing_not_throughput() -> None:
     assert goodput < 0.8 * throughput
 
 
-def test_prefill_goodput_holds_in_the_engine() -> None:
-    """Poisson arrivals at the model's goodput into a real Engine meet the TTFT target."""
-    cap = CapacityModel(PROFILE, SLO(ttft_s=2.0, tpot_s=1.0, attainment=0.95))
-    mix = [LengthBucket(input_tokens=8000, output_tokens=1, weight=1)]
-    rate = cap.prefill_goodput(mix, 0.0)
-    engine = Engine(cap.cost, EngineLimits(kv_capacity_tokens=PROFILE.kv_capacity_tokens))
-    rng = random.Random(7)
-    t, reqs = 0.0, []
-    for i in range(1500):
+def simulate_prefill_pool(n: int, rate: float, prompt: int, count: int = 1500, seed: int = 7) -> float:
+    """TTFT attainment (SLO 2 s) of ``n`` real Engines behind least-outstanding-work routing."""
+    cost = CapacityModel(PROFILE, SLO_).cost
+    engines = [Engine(cost, EngineLimits(kv_capacity_tokens=PROFILE.kv_capacity_tokens)) for _ in range(n)]
+    rng = random.Random(seed)
+    t, reqs, owner = 0.0, [], []
+    for i in range(count):
         t += rng.expovariate(rate)
-        engine.advance(t)
-        r = SimRequest(id=str(i), prompt_tokens=8000, max_tokens=1)
-        engine.submit(r, t)
+        for e in engines:
+            e.advance(t)
+        target = min(engines, key=lambda e: sum(r.prompt_tokens - r.computed_tokens
+                                                for r in (*e.running, *e.waiting)))
+        r = SimRequest(id=str(i), prompt_tokens=prompt, max_tokens=1)
+        target.submit(r, t)
         reqs.append(r)
-    engine.advance(math.inf)
-    met = sum(r.first_token_at - r.arrival <= 2.0 for r in reqs) / len(reqs)
-    assert met >= 0.93
-    # and at 1.3x that rate, attainment collapses: the bound is meaningful
-    assert cap.mg1_attainment(rate * 1.3, [(1.0, cap.prefill_seconds(8000, 0)[0])], 2.0) < 0.9
+        owner.append(target)
+    for e in engines:
+        e.advance(math.inf)
+    return sum(r.first_token_at - r.arrival <= 2.0 for r in reqs) / len(reqs)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_prefill_pool_goodput_holds_in_real_engines(n: int) -> None:
+    """Poisson arrivals at the model's pool goodput into real Engines meet the TTFT target, and
+    30 % more breaks it: the model neither wastes nor overbooks (pooling credit included)."""
+    cap = CapacityModel(PROFILE, SLO(ttft_s=2.0, tpot_s=1.0, attainment=0.95))
+    w = cap.workload([LengthBucket(input_tokens=8000, output_tokens=1)])
+    rate = cap.pool_goodput("prefill", n, w)
+    assert simulate_prefill_pool(n, rate, 8000) >= 0.93
+    assert simulate_prefill_pool(n, rate * 1.3, 8000) < 0.9
+    if n > 1:  # pooling: n instances carry more than n separate ones
+        assert rate > n * cap.pool_goodput("prefill", 1, w)
 
 
 def test_low_attainment_scales_up_even_if_model_disagrees() -> None:
@@ -181,21 +195,25 @@ def test_scale_down_waits_and_drains() -> None:
 
 
 def test_no_oscillation_under_noisy_load() -> None:
-    sp = spec()
+    """With the stabilization window as long as the cooldown (the recommended setting), noisy
+    load that swings by +-30 % changes each role's direction at most once per cooldown window."""
+    sp = spec(scale_down_stabilization_s=120)
     rng = random.Random(3)
-    state, ready, history = None, {}, []
+    state, ready = None, {}
+    history: dict[str, list[tuple[float, int]]] = {"prefill": [], "decode": []}
     for i in range(300):
-        rate = 30 + 10 * math.sin(i / 40) + rng.gauss(0, 3)
+        rate = 60 + 20 * math.sin(i / 40) + rng.gauss(0, 6)
         d = tick(obs(10.0 * i, max(rate, 0), ready=ready), PROFILE, sp, state)
         state, ready = d.state, d.replicas
-        history.append((10.0 * i, d.roles["decode"].target))
-    changes = []
-    for (t0, a), (_, b) in itertools.pairwise(history):
-        if b != a:
-            changes.append((t0, 1 if b > a else -1))
-    flips = [t for (t, d1), (_, d0) in zip(changes[1:], changes, strict=False) if d1 != d0]
-    for t in flips:
-        assert sum(1 for u in flips if t <= u < t + sp.scale_down_cooldown_s) <= 1
+        for role in history:
+            history[role].append((10.0 * i, d.roles[role].target))
+    for role, seq in history.items():
+        changes = [(t0, 1 if b > a else -1) for (t0, a), (_, b) in itertools.pairwise(seq) if b != a]
+        assert len(changes) >= 4, role  # the pools do follow the load
+        flips = [t for (_, d0), (t, d1) in itertools.pairwise(changes) if d1 != d0]
+        assert flips, role
+        for t in flips:
+            assert sum(1 for u in flips if t <= u < t + sp.scale_down_cooldown_s) <= 1, (role, flips)
 
 
 def test_aggregated_mode_uses_mixed_model() -> None:
@@ -206,7 +224,45 @@ def test_aggregated_mode_uses_mixed_model() -> None:
     assert d.replicas["unified"] >= 2
 
 
+LONG_MIX = [LengthBucket(input_tokens=2000, output_tokens=200, weight=0.8),
+            LengthBucket(input_tokens=60000, output_tokens=200, weight=0.2)]
+
+
+def offload_obs(threshold: int | None, link_other: float = 0.0) -> Observations:
+    return Observations(time_s=0, window_s=10, arrival_rate=4.0, length_mix=LONG_MIX,
+                        roles={r: RoleObservation(ready=1) for r in ("prefill", "decode")},
+                        offload_threshold=threshold, link_other_gbps=link_other)
+
+
+def test_offload_threshold_resolved_and_prefill_sized_for_local_prompts() -> None:
+    local_only = tick(offload_obs(None), PROFILE, spec())
+    off = OffloadSpec(remote_instances=8, link_gbps=400.0)
+    d = tick(offload_obs(10_000), PROFILE, spec(offload=off))
+    # the 60k-token prompts go remote: the local prefill pool is much smaller
+    assert d.roles["prefill"].target < local_only.roles["prefill"].target
+    # 60k-token prompts miss a 2 s TTFT even alone: sized for the rest, not grown to the maximum
+    assert local_only.roles["prefill"].target < 64
+    assert d.offload_threshold is not None and off.min_threshold <= d.offload_threshold < 60_000
+    # the link is nearly full of other traffic: offloading stops (threshold at the longest prompt)
+    busy = tick(offload_obs(10_000, link_other=399.0), PROFILE, spec(offload=off))
+    assert busy.offload_threshold is not None and busy.offload_threshold >= 60_000
+    with pytest.raises(ValidationError, match="disaggregated"):
+        AutoscalerSpec(mode="aggregated", offload=off)
+
+
 def test_poisson_cdf() -> None:
     assert poisson_cdf(0, 2.0) == pytest.approx(math.exp(-2))
     assert poisson_cdf(3, 0.0) == 1.0
     assert 0.49 < poisson_cdf(1000, 1000.0) < 0.52
+
+
+def test_ttft_attainment_judged_against_its_ceiling() -> None:
+    """Requests whose prompt alone exceeds the TTFT SLO are no evidence against the pool size."""
+    sp = spec()
+    d = settle(sp, 20.0)
+    ceiling = tick(obs(400, 20.0, ready=d.replicas, ttft=0.93, tpot=0.99, completed=2000)
+                   .model_copy(update={"ttft_attainable": 0.94}), PROFILE, sp, d.state)
+    assert ceiling.state.roles["prefill"].goodput_scale == 1.0
+    assert ceiling.replicas["prefill"] == d.replicas["prefill"]
+    raw = tick(obs(400, 20.0, ready=d.replicas, ttft=0.93, tpot=0.99, completed=2000), PROFILE, sp, d.state)
+    assert raw.replicas["prefill"] > d.replicas["prefill"]
