@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tandem.openai_api import error_body
+from tandem.router.observations import instance_loads
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
@@ -77,5 +79,26 @@ def admin_router(gw: Gateway) -> APIRouter:
                 return {"draining": instance}
         return JSONResponse(status_code=404, content=error_body(f"instance: unknown instance '{instance}'",
                                                                 param="instance"))
+
+    @router.get("/observations")
+    async def observations(request: Request, service: str = Query(min_length=1),
+                           namespace: str | None = None, window: float = Query(60.0, gt=0, allow_inf_nan=False),
+                           now: float | None = Query(None, allow_inf_nan=False)) -> Any:
+        """The autoscaler's LoadReport (docs/autoscaler.md): the last ``window`` s of one service and
+        the in-flight requests per pod; ``now`` (the caller's clock) is echoed as ``time_s``."""
+        if (resp := denied(request)) is not None:
+            return resp
+        s = gw.settings
+        if s.discovery == "kubernetes" and namespace not in (None, s.k8s_namespace):
+            return JSONResponse(status_code=404, content=error_body(
+                f"namespace: this gateway watches namespace '{s.k8s_namespace}', not '{namespace}'", param="namespace"))
+        gw.leaving[:] = [i for i in gw.leaving if i.state.inflight_requests > 0 or i.state.queued_requests > 0]
+        loads = instance_loads([*gw.all_instances(), *gw.leaving,
+                                *(i for p in gw.pd_router.pools.values() for i in p.instances.values())])
+        if not (gw.observer.knows(service) or any(load.service == service for load in loads)
+                or (gw.discovery is not None and service in gw.discovery.pods.services())):
+            return JSONResponse(status_code=404, content=error_body(
+                f"service: no instance or traffic of service '{service}' seen by this gateway", param="service"))
+        return gw.observer.report(service, window, time.monotonic(), loads, time_s=now)
 
     return router

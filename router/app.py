@@ -40,6 +40,7 @@ from tandem.openai_api import (
 from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
+from tandem.router.observations import Observer, RequestTrace, TokenCounter, max_attainable_prompt, usage_tokens
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
 from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
@@ -137,6 +138,10 @@ class Gateway:
         typical = 8192
         self.prefill_s_per_token = cost.prefill_time(typical) / typical
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
+        self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
+                                 attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
+                                 horizon_s=settings.observation_horizon)
+        self.leaving: list[Instance] = []  # PD instances discovery dropped that may still hold requests
         self.pools: dict[str, Pool] = {}
         self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
         self.pd_router = PDRouter(self)
@@ -181,12 +186,14 @@ class Gateway:
             task = self._joining.pop(ep.url, None)
             if task:
                 task.cancel()
-            for pool in self.pools.values():
+            for pool in [*self.pools.values(), *self.pd_router.pools.values()]:
                 if ep.url in pool.instances:
                     log.warning("instance %s left: draining", ep.url)
                     pool.drain(ep.url)
             for role in self.pd.values():
-                role.pop(ep.url, None)
+                if (gone := role.pop(ep.url, None)) is not None:
+                    gone.state.draining = gone.removed = True
+                    self.leaving.append(gone)
         for ep in added:
             self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
 
@@ -398,6 +405,7 @@ class Gateway:
         excluded: list[str] = []
         failure: UpstreamFailure | None = None
         reason = "none"
+        trace = self.observer.arrived(pool.service, "unified", rreq.prompt_tokens, t0)
         for attempt in range(1, s.max_attempts + 1):
             rid = f"{base}-{attempt}"
             try:
@@ -433,6 +441,7 @@ class Gateway:
                 if inst is None:  # left while the request was queued
                     pool.failed(rid)
                     continue
+                self.observer.routed(trace, decision.hit_tokens, time.monotonic())
                 try:
                     started = await _unless_disconnected(request, self.upstream.start(
                         inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
@@ -464,12 +473,14 @@ class Gateway:
             headers = {**started.headers, "x-tandem-instance": instance_id, "x-tandem-decision": reason}
             if started.response is None:
                 pool.finished(rid)
+                self.observer.finished(trace, usage_tokens(started.first), time.monotonic())
                 self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
                 return self._done(policy, reason, "ok", Response(started.first, status_code=started.status,
                                                                   headers=headers))
             self.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
+            self.observer.first_token(trace, time.monotonic())
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-            return RelayResponse(self._stream(pool, rid, started, policy, reason, t0), started.status, headers)
+            return RelayResponse(self._stream(pool, rid, started, policy, reason, t0, trace), started.status, headers)
         status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
         message = f"no instance could serve the request after {s.max_attempts} attempts"
         if failure:
@@ -481,9 +492,12 @@ class Gateway:
         self._leave()
         return response
 
-    def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float) -> _Stream:
-        def finish(outcome: str) -> None:
+    def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float,
+                trace: RequestTrace) -> _Stream:
+        def finish(outcome: str, output_tokens: int) -> None:
             pool.finished(rid)
+            if outcome == "ok":
+                self.observer.finished(trace, output_tokens, time.monotonic())
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()
             self._leave()
@@ -494,14 +508,16 @@ class Gateway:
 class _Stream:
     """One relayed stream and its accounting, closed exactly once however it ends."""
 
-    def __init__(self, started: Started, finish: Callable[[str], None]) -> None:
+    def __init__(self, started: Started, finish: Callable[[str, int], None]) -> None:
         self.started, self.finish = started, finish
         self.outcome = "ok"
         self.closed = False
+        self.tokens = TokenCounter()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in relay(self.started):
+                self.tokens.feed(chunk)
                 yield chunk
         except (ConnectionError, TimeoutError) as exc:
             self.outcome = "upstream_error"
@@ -513,7 +529,7 @@ class _Stream:
             return
         self.closed = True
         await self.started.close()  # before the first token reached the end: aborts the engine's work
-        self.finish(outcome or self.outcome)
+        self.finish(outcome or self.outcome, self.tokens.tokens)
 
 
 class RelayResponse(Response):

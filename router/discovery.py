@@ -25,6 +25,9 @@ LABEL_ROLE = "serving.tandem.dev/role"
 LABEL_MODEL = "serving.tandem.dev/model"
 LABEL_SERVICE = "serving.tandem.dev/service"
 ANNOTATION_PORT = "serving.tandem.dev/port"
+# Set by the autoscaler on pods it is about to remove (value: when the drain began). Such a pod gets
+# no new requests; the gateway reports its in-flight count until it is idle (docs/autoscaler.md).
+ANNOTATION_DRAINING = "serving.tandem.dev/draining"
 
 
 class Endpoint(BaseModel):
@@ -79,9 +82,20 @@ def _pod_port(pod: Any, default_port: int) -> int:
     return default_port
 
 
+def pod_draining(pod: Any) -> bool:
+    """The autoscaler marked the pod draining (any non-empty value of the annotation)."""
+    return bool((_get(pod, "metadata", "annotations") or {}).get(ANNOTATION_DRAINING))
+
+
 def endpoint_from_pod(pod: Any, default_port: int) -> Endpoint | None:
-    """A routable endpoint for a running, ready, not-terminating pod with an IP; else None."""
+    """A routable endpoint for a running, ready, not-terminating, not-draining pod with an IP; else None.
+
+    A draining pod is left out like a deleted one: the gateway then drains its instance (no new
+    requests, its queued ones re-routed, in-flight ones finish) and keeps counting what it still holds.
+    """
     if _get(pod, "metadata", "deletion_timestamp") or _get(pod, "status", "phase") != "Running":
+        return None
+    if pod_draining(pod):
         return None
     ip = _get(pod, "status", "pod_ip")
     if not ip or not _pod_ready(pod):
@@ -119,6 +133,10 @@ class PodSet:
 
     def endpoints(self, default_port: int) -> set[Endpoint]:
         return endpoints_from_pods(self.pods.values(), default_port)
+
+    def services(self) -> set[str]:
+        """The services the watched pods belong to (ready or not, draining or not)."""
+        return {svc for p in self.pods.values() if (svc := (_get(p, "metadata", "labels") or {}).get(LABEL_SERVICE))}
 
 
 OnEndpoints = Callable[[set[Endpoint]], Awaitable[None]]

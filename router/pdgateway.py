@@ -34,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
+from tandem.router.observations import RequestTrace, usage_tokens
 from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
 from tandem.router.pd import (
     DecodeLoad,
@@ -136,11 +137,12 @@ class PDRouter:
         excluded_p: list[str] = []
         excluded_d: list[str] = []
         attempts = hops = 0
+        trace = gw.observer.arrived(pool.service, "prefill", rreq.prompt_tokens, t0)
         last = "no attempt was made"
         while attempts < s.max_attempts and time.monotonic() < deadline:
             try:
                 return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
-                                           path, stream, policy, excluded_p, excluded_d, t0, deadline)
+                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace)
             except _Final as final:
                 response = final.response
                 if final.outcome == "no_instance" and attempts:  # the failures took the last instances
@@ -207,12 +209,13 @@ class PDRouter:
         return ctl
 
     async def _prefill_instance(self, request: Request, pool: Pool, rreq: RouteRequest, policy: str,
-                                excluded: list[str], deadline: float) -> Instance:
+                                excluded: list[str], deadline: float) -> tuple[Instance, int]:
+        """The prefill instance the request was released to, and the prefix hit routing counted."""
         from tandem.router.app import ClientGone, _unless_disconnected
 
         s = self.gw.settings
         try:
-            _, released = pool.submit(replace(rreq, arrival=time.monotonic()), policy, excluded)
+            decision, released = pool.submit(replace(rreq, arrival=time.monotonic()), policy, excluded)
         except (QueueFull, QueueFullError) as exc:
             raise _Final("queue_full", _error(503, f"too many queued requests: {exc}", "rate_limit_error", 1)) from None
         except NoInstanceError as exc:
@@ -232,7 +235,7 @@ class PDRouter:
         if inst is None:
             pool.failed(rreq.request_id)
             raise _Retry(f"prefill instance {instance_id} left")
-        return inst
+        return inst, decision.hit_tokens
 
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
                      deadline: float, role: str) -> Started:
@@ -259,8 +262,10 @@ class PDRouter:
 
     async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
                        stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
-                       deadline: float) -> Response:
-        p_inst = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
+                       deadline: float, trace: RequestTrace) -> Response:
+        observer = self.gw.observer
+        p_inst, hit = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
+        observer.routed(trace, hit, time.monotonic())
         rid = rreq.request_id
         d_inst = self.decode_choice(rreq.model, excluded_d)
         d_inst.state.inflight_requests += 1
@@ -278,14 +283,16 @@ class PDRouter:
                        "x-tandem-prefill-route": "remote" if p_inst.endpoint.role == "remote-prefill" else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
             if started.response is None:
+                observer.finished(trace, usage_tokens(started.first), time.monotonic())
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
                 raise _Final("ok", Response(started.first, status_code=started.status, headers=headers))
             self.gw.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
+            observer.first_token(trace, time.monotonic())
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
             handed_off = True
             from tandem.router.app import RelayResponse, _Stream  # app imports this module
 
-            return RelayResponse(_Stream(started, self._finisher(d_inst, policy, t0)), started.status, headers)
+            return RelayResponse(_Stream(started, self._finisher(d_inst, policy, t0, trace)), started.status, headers)
         finally:
             if not handed_off:
                 d_inst.state.inflight_requests -= 1
@@ -338,10 +345,12 @@ class PDRouter:
             retry.prefill = p_inst.id
             raise
 
-    def _finisher(self, d_inst: Instance, policy: str, t0: float) -> Callable[[str], None]:
+    def _finisher(self, d_inst: Instance, policy: str, t0: float, trace: RequestTrace) -> Callable[[str, int], None]:
         """The accounting run exactly once when the relayed decode stream ends, however it ends."""
-        def finish(outcome: str) -> None:
+        def finish(outcome: str, output_tokens: int) -> None:
             d_inst.state.inflight_requests -= 1
+            if outcome == "ok":
+                self.gw.observer.finished(trace, output_tokens, time.monotonic())
             self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
             self.gw._leave()

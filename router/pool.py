@@ -110,7 +110,20 @@ class Pool:
 
     # --- membership -------------------------------------------------------------------------
 
+    @property
+    def service(self) -> str:
+        """The service the pool belongs to: its pods' ``serving.tandem.dev/service`` label, else the model."""
+        first = next(iter(self.instances.values()), None)
+        return (first.endpoint.service if first is not None else None) or self.model
+
     def add(self, inst: Instance) -> None:
+        old = self.instances.get(inst.id)
+        if old is not None and old.removed:
+            # Back before its drain finished (the autoscaler un-drained it): keep the instance and its
+            # in-flight accounting, which the requests still running will release.
+            old.endpoint, old.removed, old.state.draining = inst.endpoint, False, False
+            self._membership_changed()
+            return
         self.instances[inst.id] = inst
         self.cluster.instances[inst.id] = inst.state
         self._membership_changed()

@@ -64,6 +64,10 @@ class GatewaySettings(TandemSettings):
     policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
     routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
+    slo_tpot: float = Field(0.1, gt=0, description="TPOT SLO in seconds (the TPOT attainment /admin/observations "
+                            "reports to the autoscaler)")
+    observation_horizon: float = Field(900.0, gt=0, le=86400, description="longest window /admin/observations "
+                                       "can report on (s); memory: one 1-second bucket per service per second")
     block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
     tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
                                    "for routing keys; default: a cheap, stable word/punctuation chunking")

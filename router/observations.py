@@ -1,0 +1,292 @@
+"""What the autoscaler observes through the gateway: a sliding window over the gateway's own accounting.
+
+The autoscaler (``tandem.autoscaler.actuator.GatewayObservationSource``) asks
+``GET /admin/observations?namespace=&service=&window=&now=`` for a ``LoadReport``: an
+:class:`~tandem.autoscaler.models.Observations` of the last ``window`` seconds plus the in-flight
+requests per pod (a draining pod with none is *drained*). The gateway sees every request of a
+service, so arrivals, prompt lengths, routing hits, queue waits, first tokens and output lengths
+are exact here; only KV usage and the engines' own waiting queues come from the scraped metrics.
+
+Memory is bounded and each request costs O(1): per service a ring of fixed time buckets (``bucket_s``
+wide, ``horizon_s`` deep) of counters; the length mix is a histogram over power-of-two classes of
+(prompt, output) tokens, each class keeping its count and token sums, so a window's mix reports
+each class at its exact mean. A query merges the buckets its window covers.
+
+TTFT and TPOT are judged against the gateway's SLOs when a request finishes (streamed requests
+only: a non-streamed answer arrives in one piece, so the gateway sees neither its first token nor
+its pace). The TTFT ceiling (``ttft_attainable``) is the share of those requests whose uncached
+prompt alone prefills within the SLO on the profile's cost model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tandem.autoscaler.models import LengthBucket, Observations, RoleObservation
+from tandem.router.pool import Instance
+
+ObservedRole = Literal["unified", "prefill", "decode"]
+_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """One request as the window sees it; created on arrival, updated O(1) along its path."""
+
+    service: str
+    role: ObservedRole
+    arrival: float
+    prompt_tokens: int
+    hit_tokens: int = 0
+    routed: bool = False
+    attainable: bool = True
+    first_token: float | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """Counters of one time slice of one service."""
+
+    arrivals: int = 0
+    prompt_tokens: int = 0
+    hit_tokens: int = 0
+    ttft_n: int = 0
+    ttft_ok: int = 0
+    attainable: int = 0
+    tpot_n: int = 0
+    tpot_ok: int = 0
+    queue: dict[str, list[float]] = field(default_factory=dict)  # role -> [wait sum, count]
+    mix: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # class -> [count, in sum, out sum]
+
+
+class _Ring:
+    """The last ``size`` buckets of one service, indexed by ``floor(t / bucket_s)``."""
+
+    __slots__ = ("bucket_s", "buckets")
+
+    def __init__(self, size: int, bucket_s: float) -> None:
+        self.buckets: deque[tuple[int, _Bucket]] = deque(maxlen=size)
+        self.bucket_s = bucket_s
+
+    def at(self, now: float) -> _Bucket:
+        idx = math.floor(now / self.bucket_s)
+        if not self.buckets or self.buckets[-1][0] < idx:
+            self.buckets.append((idx, _Bucket()))
+        return self.buckets[-1][1]  # a late event (clock read earlier) lands in the newest bucket
+
+    def since(self, start: float) -> list[_Bucket]:
+        first = math.floor(start / self.bucket_s)
+        return [b for idx, b in self.buckets if idx >= first]
+
+
+class TokenCounter:
+    """Output tokens of a relayed SSE stream: the engine's usage chunk when sent, else one per event.
+
+    vLLM and SGLang send one ``data:`` event per generated token by default; the final usage chunk
+    (``stream_options.include_usage``) and ``[DONE]`` are not tokens.
+    """
+
+    __slots__ = ("events", "usage")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.usage: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.events += chunk.count(b"data:") - chunk.count(b"[DONE]")
+        if b'"completion_tokens"' in chunk and (m := _USAGE.search(chunk)):
+            self.usage = int(m.group(1))
+            self.events -= 1
+
+    @property
+    def tokens(self) -> int:
+        return self.usage if self.usage is not None else max(self.events, 0)
+
+
+def usage_tokens(body: bytes) -> int | None:
+    """``usage.completion_tokens`` of a non-streamed answer (None when the engine sent none)."""
+    m = _USAGE.search(body)
+    return int(m.group(1)) if m else None
+
+
+def max_attainable_prompt(prefill_time: Callable[[int], float], slo_ttft_s: float, limit: int = 1 << 22) -> int:
+    """Longest uncached prompt that prefills alone within the TTFT SLO (prefill time grows with length)."""
+    if prefill_time(1) > slo_ttft_s:
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if prefill_time(mid) <= slo_ttft_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLoad:
+    """One instance as the report needs it (taken from the gateway's live state at query time)."""
+
+    service: str
+    role: str
+    pod: str
+    routable: bool
+    draining: bool
+    queued: int
+    inflight: int
+    engine_waiting: int
+    kv_usage: float
+
+
+class Observer:
+    """Sliding-window accounting per service, fed by the request path, read by the admin API."""
+
+    def __init__(self, *, slo_ttft_s: float, slo_tpot_s: float, attainable_tokens: int, horizon_s: float = 900.0,
+                 bucket_s: float = 1.0) -> None:
+        self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
+        self.attainable_tokens = attainable_tokens
+        self.horizon_s, self.bucket_s = horizon_s, bucket_s
+        self._size = math.ceil(horizon_s / bucket_s) + 1
+        self.rings: dict[str, _Ring] = {}
+
+    def _ring(self, service: str) -> _Ring:
+        ring = self.rings.get(service)
+        if ring is None:
+            ring = self.rings[service] = _Ring(self._size, self.bucket_s)
+        return ring
+
+    # --- the request path (each O(1)) ---------------------------------------------------------
+
+    def arrived(self, service: str, role: ObservedRole, prompt_tokens: int, now: float) -> RequestTrace:
+        self._ring(service).at(now).arrivals += 1
+        return RequestTrace(service, role, now, max(1, prompt_tokens))
+
+    def routed(self, trace: RequestTrace, hit_tokens: int, now: float) -> None:
+        """The request left the gateway's queue for an engine; only its first routing counts."""
+        if trace.routed:
+            return
+        trace.routed = True
+        trace.hit_tokens = max(0, min(hit_tokens, trace.prompt_tokens))
+        trace.attainable = trace.prompt_tokens - trace.hit_tokens <= self.attainable_tokens
+        b = self._ring(trace.service).at(now)
+        b.prompt_tokens += trace.prompt_tokens
+        b.hit_tokens += trace.hit_tokens
+        q = b.queue.setdefault(trace.role, [0.0, 0])
+        q[0] += max(0.0, now - trace.arrival)
+        q[1] += 1
+
+    def first_token(self, trace: RequestTrace, now: float) -> None:
+        if trace.first_token is None:
+            trace.first_token = now
+
+    def finished(self, trace: RequestTrace, output_tokens: int | None, now: float) -> None:
+        """A request answered in full: its length class, and its TTFT/TPOT when it was streamed."""
+        if trace.done:
+            return
+        trace.done = True
+        b = self._ring(trace.service).at(now)
+        out = max(1, output_tokens or 1)
+        key = (trace.prompt_tokens.bit_length(), out.bit_length())
+        cell = b.mix.get(key)
+        if cell is None:
+            cell = b.mix[key] = [0, 0, 0]
+        cell[0] += 1
+        cell[1] += trace.prompt_tokens
+        cell[2] += out
+        if trace.first_token is None:
+            return
+        b.ttft_n += 1
+        b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
+        b.attainable += trace.attainable
+        if out > 1:
+            b.tpot_n += 1
+            b.tpot_ok += (now - trace.first_token) / (out - 1) <= self.slo_tpot_s
+
+    # --- the query ------------------------------------------------------------------------------
+
+    def knows(self, service: str) -> bool:
+        return service in self.rings
+
+    def report(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad],
+               time_s: float | None = None) -> dict[str, Any]:
+        """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (pure given the inputs)."""
+        window_s = min(window_s, self.horizon_s)
+        ring = self.rings.get(service)
+        buckets = ring.since(now - window_s) if ring else []
+        arrivals = sum(b.arrivals for b in buckets)
+        prompt = sum(b.prompt_tokens for b in buckets)
+        hits = sum(b.hit_tokens for b in buckets)
+        ttft_n = sum(b.ttft_n for b in buckets)
+        tpot_n = sum(b.tpot_n for b in buckets)
+        mix = _merge_mix(buckets) or (_merge_mix(ring.since(now - self.horizon_s)) if ring else [])
+        if not mix:  # nothing finished yet: the prompts seen so far, output unknown (1 token)
+            mix = [LengthBucket(input_tokens=max(1, round(prompt / arrivals)) if arrivals else 1, output_tokens=1)]
+        waits: dict[str, list[float]] = {}
+        for b in buckets:
+            for role, (total, n) in b.queue.items():
+                acc = waits.setdefault(role, [0.0, 0])
+                acc[0] += total
+                acc[1] += n
+        roles: dict[str, RoleObservation] = {}
+        inflight: dict[str, int] = {}
+        per_role: dict[str, list[InstanceLoad]] = {}
+        for inst in instances:
+            if inst.service != service:
+                continue
+            inflight[inst.pod] = inflight.get(inst.pod, 0) + max(0, inst.inflight)
+            if inst.role in ("unified", "prefill", "decode"):
+                per_role.setdefault(inst.role, []).append(inst)
+        for role in set(per_role) | set(waits):
+            insts = per_role.get(role, [])
+            live = [i for i in insts if not i.draining]
+            total, n = waits.get(role, (0.0, 0))
+            roles[role] = RoleObservation(
+                ready=sum(1 for i in live if i.routable),
+                draining=sum(1 for i in insts if i.draining and i.inflight > 0),
+                drained=sum(1 for i in insts if i.draining and i.inflight <= 0),
+                queue_depth=float(sum(i.queued + i.engine_waiting for i in live)),
+                queue_time_s=total / n if n else 0.0,
+                kv_usage=min(1.0, sum(i.kv_usage for i in live) / len(live)) if live else 0.0)
+        obs = Observations(
+            time_s=now if time_s is None else time_s, window_s=window_s, arrival_rate=arrivals / window_s,
+            length_mix=mix, prefix_hit_ratio=hits / prompt if prompt else 0.0, roles=roles,  # type: ignore[arg-type]
+            ttft_attainment=sum(b.ttft_ok for b in buckets) / ttft_n if ttft_n else None,
+            tpot_attainment=sum(b.tpot_ok for b in buckets) / tpot_n if tpot_n else None,
+            completed=ttft_n,
+            ttft_attainable=max(sum(b.attainable for b in buckets) / ttft_n, 1e-3) if ttft_n else 1.0)
+        return {"observations": obs.model_dump(mode="json"), "inflight": inflight}
+
+
+def _merge_mix(buckets: list[_Bucket]) -> list[LengthBucket]:
+    cells: dict[tuple[int, int], list[int]] = {}
+    for b in buckets:
+        for key, (n, ins, outs) in b.mix.items():
+            acc = cells.setdefault(key, [0, 0, 0])
+            acc[0] += n
+            acc[1] += ins
+            acc[2] += outs
+    total = sum(c[0] for c in cells.values())
+    return [LengthBucket(input_tokens=max(1, round(ins / n)), output_tokens=max(1, round(outs / n)), weight=n / total)
+            for _, (n, ins, outs) in sorted(cells.items())]
+
+
+def instance_loads(instances: Iterable[Instance]) -> list[InstanceLoad]:
+    """The live state of each instance object once (pools and PD roles share objects)."""
+    seen: set[int] = set()
+    out: list[InstanceLoad] = []
+    for inst in instances:
+        if id(inst) in seen:
+            continue
+        seen.add(id(inst))
+        s = inst.state
+        out.append(InstanceLoad(service=inst.endpoint.service or inst.model, role=inst.endpoint.role,
+                                pod=inst.endpoint.name or inst.id, routable=s.routable, draining=s.draining,
+                                queued=s.queued_requests, inflight=s.inflight_requests,
+                                engine_waiting=s.engine_waiting, kv_usage=s.kv_usage))
+    return out
