@@ -27,6 +27,9 @@ from tandem.router.observations import InstanceLoad, Observer, TokenCounter, max
 from tandem.serve import serve
 
 MODEL = "Llama-3-8B"
+# Output tokens of a stream that outlives the drain checks (~8 ms per token on the default profile)
+# and is read to its end; a client that stops reading and leaves is a different path (client_gone).
+LONG = 500
 
 
 def ext_body(hash_ids: list[int], max_tokens: int = 8, **kw: object) -> dict:
@@ -206,10 +209,9 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
 
                 other_ns = await c.get(gw + "/admin/observations", params={"namespace": "x", "service": "svc"})
                 assert other_ns.status_code == 404 and "namespace" in other_ns.text
-                # a long stream lands on engine-a (the only ready pod) and keeps running; its own
-                # client, so that leaving the block closes its connection (the gateway sees it go)
-                async with httpx.AsyncClient(timeout=30) as sc, sc.stream(
-                        "POST", gw + "/v1/completions", json=ext_body([1], max_tokens=5000, stream=True)) as stream:
+                # a stream of ~4 s lands on engine-a (the only ready pod) and keeps running
+                async with c.stream("POST", gw + "/v1/completions",
+                                    json=ext_body([1], max_tokens=LONG, stream=True)) as stream:
                     assert stream.headers["x-tandem-instance"] == a
                     chunks = stream.aiter_raw()
                     await chunks.__anext__()
@@ -230,8 +232,9 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
                     for _ in range(3):  # the in-flight stream still flows
                         assert await chunks.__anext__()
                     assert (await report())["inflight"]["engine-a"] == 1
-                # the stream ended (the gateway notices the client leave): engine-a holds nothing,
-                # the actuator counts it drained
+                    async for _ in chunks:  # to its end
+                        pass
+                # the stream ended: engine-a holds nothing, the actuator counts it drained
 
                 async def a_idle() -> bool:
                     return (await report())["inflight"].get("engine-a", 0) == 0
@@ -259,8 +262,8 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
                     data = (await c.get(gw + "/admin/instances")).json()["instances"]
                     return next((i for i in data if i["url"] == a), {})
 
-                async with httpx.AsyncClient(timeout=30) as sc, sc.stream(
-                        "POST", gw + "/v1/completions", json=ext_body([1], max_tokens=5000, stream=True)) as stream:
+                async with c.stream("POST", gw + "/v1/completions",
+                                    json=ext_body([1], max_tokens=LONG, stream=True)) as stream:
                     chunks = stream.aiter_raw()  # kept: a collected iterator closes the response
                     await chunks.__anext__()
                     api.emit("MODIFIED", draining(pod("engine-a", port_a)))
@@ -275,6 +278,8 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
                     await _until(is_back)
                     assert (await a_state())["inflight_requests"] == 1  # the running stream is still counted
                     assert await chunks.__anext__()
+                    async for _ in chunks:
+                        pass
 
                 async def released() -> bool:  # released exactly once, not below zero
                     return (await a_state())["inflight_requests"] == 0
