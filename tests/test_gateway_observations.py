@@ -288,3 +288,31 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
                 assert (await a_state())["inflight_requests"] == 0
                 r = await c.post(gw + "/v1/completions", json=ext_body([2]))
                 assert r.status_code == 200 and r.headers["x-tandem-instance"] == a
+
+
+async def test_disaggregated_roles_are_observed() -> None:
+    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d, \
+            serve(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        t_start = time.monotonic()
+        for i in range(4):
+            async with c.stream("POST", gw + "/v1/completions", json=ext_body([1, 2, i], stream=True)) as r:
+                assert r.status_code == 200 and r.headers["x-tandem-decision"] == "pd"
+                await r.aread()
+        window = time.monotonic() - t_start + 2.0
+        async with c.stream("POST", gw + "/v1/completions",
+                            json=ext_body([4], max_tokens=LONG, stream=True)) as stream:
+            chunks = stream.aiter_raw()  # kept: a collected iterator closes the response
+            await chunks.__anext__()
+            rep = (await c.get(gw + "/admin/observations", params={"service": MODEL, "window": window})).json()
+            assert rep["inflight"] == {p: 0, d: 1}  # prefilled and handed over; decoding on d
+            async for _ in chunks:
+                pass
+        o = Observations.model_validate(rep["observations"])
+        assert set(o.roles) == {"prefill", "decode"}
+        assert o.roles["prefill"].ready == 1 and o.roles["decode"].ready == 1
+        assert o.arrival_rate == pytest.approx(5 / window)  # the in-flight one arrived too
+        assert o.completed == 4 and o.ttft_attainment == 1.0
+        assert [(b.input_tokens, b.output_tokens) for b in o.length_mix] == [(1536, 8)]
+        # 3 hits of the shared 2-block prefix over every routed prompt (the in-flight one included)
+        assert o.prefix_hit_ratio == pytest.approx(3 * 1024 / (4 * 1536 + 512))
