@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tandem.openai_api import error_body
-from tandem.router.observations import instance_loads
+from tandem.router.observations import instance_loads, still_busy
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
@@ -92,7 +92,7 @@ def admin_router(gw: Gateway) -> APIRouter:
         if s.discovery == "kubernetes" and namespace not in (None, s.k8s_namespace):
             return JSONResponse(status_code=404, content=error_body(
                 f"namespace: this gateway watches namespace '{s.k8s_namespace}', not '{namespace}'", param="namespace"))
-        gw.leaving[:] = [i for i in gw.leaving if i.state.inflight_requests > 0 or i.state.queued_requests > 0]
+        gw.leaving = still_busy(gw.leaving)
         loads = instance_loads([*gw.all_instances(), *gw.leaving,
                                 *(i for p in gw.pd_router.pools.values() for i in p.instances.values())])
         if not (gw.observer.knows(service) or any(load.service == service for load in loads)

@@ -40,7 +40,14 @@ from tandem.openai_api import (
 from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
-from tandem.router.observations import Observer, RequestTrace, TokenCounter, max_attainable_prompt, usage_tokens
+from tandem.router.observations import (
+    Observer,
+    RequestTrace,
+    TokenCounter,
+    max_attainable_prompt,
+    still_busy,
+    usage_tokens,
+)
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
 from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
@@ -182,6 +189,7 @@ class Gateway:
         """Reconcile served instances with discovery's full set: new ones join, missing ones drain."""
         added, removed = endpoints - self.endpoints, self.endpoints - endpoints
         self.endpoints = set(endpoints)
+        self.leaving = still_busy(self.leaving)
         for ep in removed:
             task = self._joining.pop(ep.url, None)
             if task:

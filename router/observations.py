@@ -276,6 +276,11 @@ def _merge_mix(buckets: list[_Bucket]) -> list[LengthBucket]:
             for _, (n, ins, outs) in sorted(cells.items())]
 
 
+def still_busy(instances: Iterable[Instance]) -> list[Instance]:
+    """The instances that still hold requests (queued or in flight): what a leaving list must keep."""
+    return [i for i in instances if i.state.inflight_requests > 0 or i.state.queued_requests > 0]
+
+
 def instance_loads(instances: Iterable[Instance]) -> list[InstanceLoad]:
     """The live state of each instance object once (pools and PD roles share objects)."""
     seen: set[int] = set()

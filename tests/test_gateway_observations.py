@@ -316,3 +316,29 @@ async def test_disaggregated_roles_are_observed() -> None:
         assert [(b.input_tokens, b.output_tokens) for b in o.length_mix] == [(1536, 8)]
         # 3 hits of the shared 2-block prefix over every routed prompt (the in-flight one included)
         assert o.prefix_hit_ratio == pytest.approx(3 * 1024 / (4 * 1536 + 512))
+
+
+async def test_a_decode_instance_that_leaves_stays_counted_until_its_stream_ends() -> None:
+    from tandem.router.discovery import Endpoint
+
+    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d:
+        app = gateway_app([], prefill_instances=[p], decode_instances=[d])
+        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+            async def inflight() -> dict:
+                return (await c.get(gw + "/admin/observations", params={"service": MODEL, "window": 5})
+                        ).json()["inflight"]
+
+            async with c.stream("POST", gw + "/v1/completions",
+                                json=ext_body([4], max_tokens=LONG, stream=True)) as stream:
+                chunks = stream.aiter_raw()  # kept: a collected iterator closes the response
+                await chunks.__anext__()
+                await app.gateway.set_endpoints({Endpoint(url=p, role="prefill")})  # the decode pod left
+                assert app.gateway.pd["decode"] == {}  # nothing new goes there
+                assert (await inflight())[d] == 1  # but its stream is still counted
+                async for _ in chunks:
+                    pass
+
+            async def done() -> bool:
+                return (await inflight()).get(d, 0) == 0
+            await _until(done)
+            assert app.gateway.leaving == []
