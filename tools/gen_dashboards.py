@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from generated import write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "deploy" / "grafana"
 RATE = "$__rate_interval"
@@ -237,16 +239,7 @@ def render() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    files = render()
-    if "--check" in argv:
-        stale = [str(p.relative_to(ROOT)) for p, text in files.items() if not p.exists() or p.read_text() != text]
-        if stale:
-            print("out of date (run make generate):", ", ".join(stale))
-        return 1 if stale else 0
-    OUT.mkdir(parents=True, exist_ok=True)
-    for path, text in files.items():
-        path.write_text(text)
-    return 0
+    return write_or_check(render(), argv)
 
 
 if __name__ == "__main__":
