@@ -48,7 +48,7 @@ from tandem.router.routing.registry import make_policy, policy_names
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
 from tandem.router.scrape import Scraper
-from tandem.router.security import KeyRing
+from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
 
@@ -130,6 +130,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
+        self.admin_keys = KeyRing.load(settings.admin_api_keys_file, settings.admin_api_keys)
+        self.admin_mode = admin_mode(settings.admin, self.keys, self.admin_keys)
+        self.engine_tls = engine_ssl_context(settings.engine_tls_ca_file, settings.engine_tls_verify,
+                                             settings.engine_tls_cert_file, settings.engine_tls_key_file)
         profile = load_profile(settings.profile)
         cost = CostModel.from_profile(profile)
         # DualMap's t_prefill: mean marginal cost per uncached token over a typical prompt.
@@ -194,7 +198,7 @@ class Gateway:
         model = ep.model
         while model is None:
             try:
-                async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
                     resp = await client.get(ep.url + "/v1/models")
                     resp.raise_for_status()
                     model = resp.json()["data"][0]["id"]
@@ -281,9 +285,10 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
-                                 first_byte_timeout=s.first_byte_timeout)
+                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
-                               timeout=s.scrape_timeout, stale_after=s.stale_after)
+                               timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
+                               verify=self.engine_tls)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
                                                  s.kubeconfig, s.k8s_watch_timeout)
@@ -327,6 +332,10 @@ class Gateway:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             return _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+        if self.active >= self.settings.max_active_requests:
+            self.metrics.rejected.labels("overloaded").inc()
+            return _error(503, f"gateway at capacity ({self.settings.max_active_requests} requests in progress)",
+                          type_="server_error", retry_after=1)
         auth = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if not auth.ok:
             self.metrics.rejected.labels("auth").inc()
@@ -366,6 +375,8 @@ class Gateway:
             rreq = await asyncio.to_thread(route_request, body, self.settings.block_size, self.tokenizer)
         else:
             rreq = route_request(body, self.settings.block_size, self.tokenizer)
+        if (too_big := self._too_big(rreq.prompt_tokens, body.output_limit(0))) is not None:
+            return too_big
         limit = self.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
         if not limit.ok:
             self.metrics.rejected.labels("rate_limit").inc()
@@ -377,6 +388,18 @@ class Gateway:
         except BaseException:
             self._leave()
             raise
+
+    def _too_big(self, prompt_tokens: int, max_tokens: int) -> JSONResponse | None:
+        s = self.settings
+        if prompt_tokens > s.max_prompt_tokens:
+            self.metrics.rejected.labels("too_large").inc()
+            return _error(413, f"prompt: {prompt_tokens} tokens exceeds the limit of {s.max_prompt_tokens}",
+                          param="prompt")
+        if max_tokens > s.max_output_tokens:
+            self.metrics.rejected.labels("too_large").inc()
+            return _error(413, f"max_tokens: {max_tokens} exceeds the limit of {s.max_output_tokens}",
+                          param="max_tokens")
+        return None
 
     async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
                     policy: str) -> Response:
@@ -433,6 +456,9 @@ class Gateway:
                 except UpstreamFailure as exc:
                     failure = exc
                     pool.failed(rid)
+                    if exc.kind == "busy":  # the gateway's own connection limit: nothing wrong with the engine
+                        return self._done(policy, reason, "busy", _error(
+                            503, str(exc), type_="server_error", retry_after=1))
                     inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                     inst.refresh_health(time.monotonic())
                     self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()

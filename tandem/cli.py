@@ -28,6 +28,8 @@ COMMANDS: Registry = {
     "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "bench": {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "chaos": ("tandem.router.chaos:BenchChaosCommand",
+                  "soak under faults (engines, Redis, a gateway restarted): 0 lost, 0 duplicated"),
         "routing": ("tandem.sim.des.bench:RoutingBench",
                     "routing capacity (highest QPS meeting the TTFT SLO) per policy, in the DES"),
         "decision": ("tandem.sim.des.bench:DecisionBench", "time of one routing decision at several pool sizes"),
