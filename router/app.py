@@ -331,7 +331,9 @@ class Gateway:
     async def handle(self, request: Request, kind: str) -> Response:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
-            return _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+            resp = _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+            resp.headers["connection"] = "close"  # the client's next request opens a connection elsewhere
+            return resp
         if self.active >= self.settings.max_active_requests:
             self.metrics.rejected.labels("overloaded").inc()
             return _error(503, f"gateway at capacity ({self.settings.max_active_requests} requests in progress)",

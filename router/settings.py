@@ -83,6 +83,8 @@ class GatewaySettings(TandemSettings):
     keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
                                     "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")
+    shutdown_grace: float = Field(2.0, ge=0, description="on SIGTERM, seconds to keep listening while new requests "
+                                  "get 503 + Connection: close (clients and Kubernetes move away), before closing")
     rebalance_interval: float = Field(0.25, gt=0, description="seconds between hotspot-migration passes")
     api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys and per-key limits")
     api_keys: str | None = Field(None, description="comma-separated API keys (env TANDEM_GATEWAY_API_KEYS)")
