@@ -654,13 +654,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.gateway = gw
     app.state.gateway = gw
 
-    # Also routed through FastAPI so they appear in the OpenAPI schema; GatewayApp serves them directly.
+    # Also routed through FastAPI so they appear in the OpenAPI schema (with their body models, which
+    # the schema fuzz test generates requests from); GatewayApp serves them directly and validates itself.
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         return await gw.handle(request, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await gw.handle(request, "chat")
 
     @app.get("/v1/models")
