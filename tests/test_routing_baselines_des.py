@@ -140,7 +140,7 @@ def test_bench_routing_cli_writes_json_and_plot(tmp_path: Path, capsys) -> None:
     assert data["config"]["trace_format"] == "mooncake"
     for name in ("dualmap", "round_robin"):
         pol = data["policies"][name]
-        assert pol["capacity_qps"] > 0
+        assert pol["capacity_qps"] > 0 and isinstance(pol["capacity_is_lower_bound"], bool)
         keys = {"qps", "attainment", "ttft_p50", "ttft_p90", "ttft_p99", "hit_ratio", "imbalance"}
         assert all(keys <= set(p) for p in pol["points"])
         passing = [p["qps"] for p in pol["points"] if p["attainment"] >= 0.9]

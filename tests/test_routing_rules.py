@@ -150,6 +150,11 @@ def test_dualmap_same_prefix_same_candidates_and_no_instance_error() -> None:
     d1 = pol.choose(req("a", 4 * BS, [1, 2, 3, 4]), cluster)
     d2 = pol.choose(req("b", 4 * BS, [1, 2, 30, 40]), cluster)
     assert d1.candidates == d2.candidates and len(set(d1.candidates)) == 2
+    # A retry view without the first choice neither rebuilds the rings nor picks the excluded one.
+    first = d1.instance_id
+    subset = ClusterView({k: v for k, v in cluster.instances.items() if k != first})
+    assert pol.choose(req("c", 4 * BS, [1, 2, 3, 4]), subset).instance_id != first
+    assert len(pol.rings) == 8
     for s in cluster.instances.values():
         s.healthy = False
     with pytest.raises(NoInstanceError):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.keys import AdaptiveKeyer
-from tandem.router.routing.rings import HashRing, _xxh64
+from tandem.router.routing.rings import XXH64, HashRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
 
 
@@ -90,15 +90,16 @@ class ConsistentHashPolicy:
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
         self.keyer = AdaptiveKeyer(self.config)
-        self.ring = HashRing(_xxh64, self.config.ring_seed, self.config.vnodes)
+        self.ring = HashRing(XXH64, self.config.ring_seed, self.config.vnodes)
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         self.ring.sync(instance_ids)
 
     def choose(self, req: RouteRequest, cluster: ClusterView) -> Decision:
         instances = cluster.instances
-        if len(self.ring) != len(instances):
-            self.ring.sync(instances)
+        if len(instances) > len(self.ring):  # joins not announced; a subset view must not shrink the ring
+            for iid in instances:
+                self.ring.add(iid)
         key = self.keyer.observe(req)
         iid = self.ring.first(key, lambda i: (s := instances.get(i)) is not None and s.routable)
         if iid is None:

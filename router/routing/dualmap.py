@@ -36,9 +36,12 @@ class DualMapPolicy:
 
     def choose(self, req: RouteRequest, cluster: ClusterView) -> Decision:
         instances = cluster.instances
-        if len(self.rings) != len(instances):
-            # Membership was not announced (or changed under us): sync, touching only the difference.
-            self.rings.sync(instances)
+        if len(instances) > len(self.rings):
+            # Instances joined without on_membership: add them. Never remove here: a view may be a
+            # subset on purpose (a retry excluding the instance that failed).
+            for iid in instances:
+                if iid not in self.rings.a:
+                    self.rings.add(iid)
         key = self.keyer.observe(req)
 
         def ok(iid: str) -> bool:

@@ -20,12 +20,9 @@ import xxhash
 HashFn = Callable[[bytes, int], int]
 
 
-def _xxh64(data: bytes, seed: int) -> int:
-    return xxhash.xxh64_intdigest(data, seed)
-
-
-def _xxh3(data: bytes, seed: int) -> int:
-    return xxhash.xxh3_64_intdigest(data, seed)
+# The C functions themselves (no Python wrapper frame on the decision path).
+XXH64: HashFn = xxhash.xxh64_intdigest
+XXH3: HashFn = xxhash.xxh3_64_intdigest
 
 
 class HashRing:
@@ -125,8 +122,8 @@ class DualRing:
     __slots__ = ("a", "b")
 
     def __init__(self, vnodes: int, seed: int = 0) -> None:
-        self.a = HashRing(_xxh64, seed, vnodes)
-        self.b = HashRing(_xxh3, seed ^ 0x5BD1E995, vnodes)
+        self.a = HashRing(XXH64, seed, vnodes)
+        self.b = HashRing(XXH3, seed ^ 0x5BD1E995, vnodes)
 
     def __len__(self) -> int:
         return len(self.a)

@@ -17,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tandem.blockcache import BlockCache
 from tandem.config import TandemSettings
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import POLICIES, make_policy
+from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import Scheduler
 from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
 from tandem.sim.des.simulator import (
@@ -109,6 +111,9 @@ class RoutingBench(TandemSettings):
     common_qps: float | None = Field(None, gt=0, description="QPS at which latency, hit ratio and imbalance "
                                      "are compared (default: the lowest capacity in the run)")
     alpha: float = Field(0.5, gt=0, le=4, description="DualMap's alpha (SLO switch and hotspot threshold)")
+    dispatch_budget_s: float | None = Field(None, ge=0, description="DualMap late-binding token budget in "
+                                            "seconds of prefill (default alpha x SLO; 0: one un-prefilled "
+                                            "request per instance)")
     seed: int = Field(0, ge=0, description="DES seed (ring layout)")
 
     @field_validator("policies")
@@ -167,7 +172,8 @@ class RoutingBench(TandemSettings):
             res = out["policies"][name]
             pt = res.get("common") or {}
             ratio = f"{res['capacity_qps'] / base:.2f}" if base else "-"
-            table.add_row(name, f"{res['capacity_qps']:.2f}", ratio,
+            bound = ">= " if res["capacity_is_lower_bound"] else ""
+            table.add_row(name, f"{bound}{res['capacity_qps']:.2f}", ratio,
                           *(f"{pt.get(k, float('nan')):.2f}" for k in ("ttft_p50", "ttft_p90", "ttft_p99")),
                           f"{pt.get('hit_ratio', float('nan')):.3f}", f"{pt.get('imbalance', float('nan')):.2f}")
         Console(width=140).print(table)
@@ -180,7 +186,7 @@ class RoutingBench(TandemSettings):
 class CapacitySearch:
     """Runs and caches DES points for one trace slice; finds each policy's capacity."""
 
-    def __init__(self, bench: RoutingBench, chosen: list, prepared: list[PreparedRequest]) -> None:
+    def __init__(self, bench: RoutingBench, chosen: list[TraceRequest], prepared: list[PreparedRequest]) -> None:
         self.bench = bench
         self.chosen = chosen
         self.prepared = prepared
@@ -188,7 +194,8 @@ class CapacitySearch:
         self.results: dict[str, dict] = {}
         self._points: dict[str, dict[float, Point]] = {}
         self.expected_runs = 12
-        self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha)
+        self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha,
+                                     dispatch_budget_s=bench.dispatch_budget_s)
         self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed)
 
     def point(self, policy: str, qps: float) -> Point:
@@ -200,7 +207,7 @@ class CapacitySearch:
             cache[qps] = summarise(res, qps, self.bench.warmup, self.bench.slo_ttft)
         return cache[qps]
 
-    def capacity(self, policy: str, on_run=None) -> float:
+    def capacity(self, policy: str, on_run: Callable[[float], None] | None = None) -> float:
         b = self.bench
 
         def ok(q: float) -> bool:
@@ -237,7 +244,9 @@ class CapacitySearch:
                 else:
                     hi = mid
         cap = lo or 0.0
-        self.results[policy] = {"capacity_qps": round(cap, 4)}
+        # No failing rate found: the slice is too small to load the pool (its whole burst fits in
+        # the SLO), so the figure is only a lower bound.
+        self.results[policy] = {"capacity_qps": round(cap, 4), "capacity_is_lower_bound": hi is None}
         return cap
 
     def report(self, common: float | None, elapsed: float) -> dict:
@@ -250,7 +259,8 @@ class CapacitySearch:
             "routing": self.routing.model_dump(), "des": self.des.model_dump()}}
         for name, res in self.results.items():
             pts = sorted(self._points.get(name, {}).values(), key=lambda p: p.qps)
-            entry = {"capacity_qps": res["capacity_qps"], "points": [p.model_dump() for p in pts]}
+            entry = {"capacity_qps": res["capacity_qps"], "capacity_is_lower_bound": res["capacity_is_lower_bound"],
+                     "points": [p.model_dump() for p in pts]}
             if common:
                 entry["common"] = self.point(name, common).model_dump()
             base = self.results.get("round_robin", {}).get("capacity_qps")
@@ -323,6 +333,7 @@ class DecisionBench(TandemSettings):
         sizes = [int(x) for x in self.instances.split(",")]
         results = {name: {str(n): time_decisions(name, n, reqs, self.decisions, self.warm, self.seed)
                           for n in sizes} for name in self.policies.split(",")}
+        movement = {str(n): ring_movement(n, self.seed) for n in sizes}
         table = Table(title="routing decision time (us), policy.choose only")
         table.add_column("policy")
         for n in sizes:
@@ -331,10 +342,38 @@ class DecisionBench(TandemSettings):
         for name, per in results.items():
             table.add_row(name, *(f"{per[str(n)][k]:.1f}" for n in sizes for k in ("p50_us", "p99_us")))
         Console(width=140).print(table)
+        moves = Table(title="DualMap candidate pairs that change when one instance joins / leaves")
+        for col in ("instances", "join", "leave", "2/(N+1)"):
+            moves.add_column(col, justify="right")
+        for n in sizes:
+            m = movement[str(n)]
+            moves.add_row(str(n), f"{m['join']:.4f}", f"{m['leave']:.4f}", f"{m['expected']:.4f}")
+        Console(width=140).print(moves)
         if self.json_out:
-            self.json_out.write_text(json.dumps({"policies": results, "config": {
+            self.json_out.write_text(json.dumps({"policies": results, "ring_movement": movement, "config": {
                 "instances": sizes, "decisions": self.decisions, "warm": self.warm, "trace": str(self.trace),
                 "python": sys.version.split()[0]}}, indent=2))
+
+
+def ring_movement(n: int, seed: int, keys: int = 20000) -> dict[str, float]:
+    """Share of keys whose DualMap candidate pair changes when one instance joins, and when one leaves."""
+    rng = random.Random(seed)
+    sample = [rng.getrandbits(64) for _ in range(keys)]
+    ring = DualRing(RoutingConfig().vnodes, seed)
+    ring.sync(f"i{k:04d}" for k in range(n))
+
+    def pairs() -> list[frozenset[str]]:
+        return [frozenset(ring.candidates(k, lambda _: True) or ()) for k in sample]
+
+    base = pairs()
+    ring.add("joined")
+    joined = pairs()
+    ring.remove("joined")
+    ring.remove("i0000")
+    left = pairs()
+    return {"join": sum(a != b for a, b in zip(base, joined, strict=True)) / keys,
+            "leave": sum(a != b for a, b in zip(base, left, strict=True)) / keys,
+            "expected": 2 / (n + 1)}
 
 
 def time_decisions(policy_name: str, n: int, reqs: list[PreparedRequest], decisions: int, warm: int,
