@@ -117,7 +117,7 @@ class Tally:
 
     def report(self) -> dict:
         failed = {k: v for k, v in sorted(self.outcomes.items()) if k not in ("completed", "duplicated", "lost")}
-        return {
+        out = {
             "sent": self.sent,
             "completed": self.outcomes["completed"],
             "failed_by_status": failed,
@@ -127,6 +127,10 @@ class Tally:
                                   for p in phase_labels() if (v := self.ttft.get(p))},
             "failovers": self.failovers,
         }
+        p99 = out["ttft_p99_by_phase"]
+        if p99.get("baseline"):  # the same run's fault-free phase is the yardstick
+            out["ttft_p99_vs_baseline"] = {k: round(v / p99["baseline"], 2) for k, v in p99.items()}
+        return out
 
 
 def classify(status: int | None, check: StreamCheck | None) -> Outcome:

@@ -293,6 +293,7 @@ def test_tally_report_keys_and_phases() -> None:
     assert {"sent", "completed", "failed_by_status", "lost", "duplicated", "ttft_p99_by_phase"} <= rep.keys()
     assert rep["completed"] == 2 and rep["failed_by_status"] == {"503": 1} and rep["lost"] == 1
     assert rep["ttft_p99_by_phase"] == {"baseline": 50.0}  # only completed requests' TTFT
+    assert rep["ttft_p99_vs_baseline"] == {"baseline": 1.0}
 
 
 @pytest.mark.slow
