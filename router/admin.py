@@ -32,7 +32,12 @@ def admin_router(gw: Gateway) -> APIRouter:
     router = APIRouter(prefix="/admin")
 
     def denied(request: Request) -> JSONResponse | None:
-        auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if gw.admin_mode == "open":
+            return None
+        if gw.admin_mode == "disabled":
+            return JSONResponse(status_code=404, content=error_body(
+                "the admin API is disabled (set admin_api_keys to enable it)", type_="NotFoundError"))
+        auth = gw.admin_keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if auth.ok:
             return None
         return JSONResponse(status_code=auth.status, content=error_body(auth.message, type_="authentication_error"))

@@ -260,7 +260,7 @@ class PDRouter:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:
             refused = exc.status in (429, 503) and role == "prefill"
-            if not refused:
+            if not refused and exc.kind != "busy":  # "busy": the gateway's own connection limit, not the engine
                 inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                 inst.refresh_health(time.monotonic())
             gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
