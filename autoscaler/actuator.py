@@ -81,8 +81,9 @@ class GatewayObservationSource:
     mix, prefix hits, queues, TTFT/TPOT per finished request) and the engines' scraped metrics.
     """
 
-    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
-        self._client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s)
+    def __init__(self, url: str, timeout_s: float = 5.0, admin_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
+        self._client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers)
 
     async def report(self, namespace: str, service: str, window_s: float, now: float) -> LoadReport:
         resp = await self._client.get("/admin/observations", params={

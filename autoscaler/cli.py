@@ -21,6 +21,8 @@ class AutoscalerCommand(TandemSettings):
 
     gateway_url: str = Field("http://tandem-gateway:8080",
                              description="gateway whose admin API reports load (/admin/observations)")
+    gateway_admin_key: str | None = Field(None, description="the gateway's admin API key, when it has one "
+                                          "(env TANDEM_AUTOSCALER_GATEWAY_ADMIN_KEY)")
     namespaces: list[str] = Field(default_factory=lambda: ["default"], description="namespaces to watch")
     kubeconfig: Path | None = Field(None, description="kubeconfig (default: in-cluster, then ~/.kube/config)")
     interval_s: float = Field(15.0, gt=0, description="seconds between ticks")
@@ -47,7 +49,7 @@ class AutoscalerCommand(TandemSettings):
         creds = await asyncio.to_thread(load_credentials, self.kubeconfig)
         client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), timeout=self.api_timeout_s,
                             user_agent="tandem-autoscaler")
-        source = GatewayObservationSource(self.gateway_url)
+        source = GatewayObservationSource(self.gateway_url, admin_key=self.gateway_admin_key)
         registry = CollectorRegistry()
         start_http_server(self.metrics_port, registry=registry)
         defaults = AutoscalerSpec(startup_delay_s=self.startup_delay_s, scale_up_cooldown_s=self.scale_up_cooldown_s,

@@ -9,6 +9,7 @@ the same source kopf logs in with (``kubeconfig`` or the in-cluster service acco
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import aiohttp
 from pydantic import BaseModel
 
 from tandem.api.models import GROUP, VERSION
+
+log = logging.getLogger("tandem.operator.kube")
 
 
 class Kind(BaseModel, frozen=True):
@@ -111,15 +114,39 @@ def load_credentials(kubeconfig: Path | None) -> KubeCredentials:
 class ApiError(Exception):
     """A non-2xx answer of the API server, with its Status reason and message."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, retry_after: str | None = None) -> None:
         super().__init__(f"HTTP {status} {reason}: {message}")
+        self.retry_after = retry_after
         self.status = status
         self.reason = reason
         self.message = message
 
 
+# Answers worth another try: the API server (or etcd behind it) is briefly unavailable, throttling,
+# or reports a write conflict. 409 AlreadyExists is not transient (the object is there): callers handle it.
+TRANSIENT_STATUS = frozenset({409, 429, 500, 502, 503, 504})
+
+
+def is_transient(status: int, reason: str) -> bool:
+    return status in TRANSIENT_STATUS and not (status == 409 and reason == "AlreadyExists")
+
+
+def retry_delay(attempt: int, base: float, cap: float, retry_after: str | None = None) -> float:
+    """Seconds before retry number ``attempt`` (1-based): the server's Retry-After when it gives one
+    (capped), else exponential backoff."""
+    if retry_after is not None and retry_after.isdigit():
+        return min(cap, float(retry_after))
+    return min(cap, base * 2 ** (attempt - 1))
+
+
 class KubeClient:
-    """JSON in, JSON out; one aiohttp session, created lazily on the loop that uses it."""
+    """JSON in, JSON out; one aiohttp session, created lazily on the loop that uses it.
+
+    Transient failures (see :func:`is_transient`, and connection errors) are retried with
+    exponential backoff, ``retries`` times; every write the operator makes is idempotent (fixed
+    names, merge patches), and a create retried after its first try did land answers 409
+    AlreadyExists, which the reconciler treats as "compare it on the next pass".
+    """
 
     def __init__(
         self,
@@ -127,7 +154,11 @@ class KubeClient:
         ssl_context: ssl.SSLContext | bool,
         timeout: float = 10.0,
         user_agent: str = "tandem-operator",
+        retries: int = 4,
+        backoff: float = 0.2,
+        backoff_cap: float = 5.0,
     ) -> None:
+        self.retries, self.backoff, self.backoff_cap = retries, backoff, backoff_cap
         self._user_agent = user_agent
         self._credentials = credentials
         self._ssl = ssl_context
@@ -158,6 +189,27 @@ class KubeClient:
         json: Any = None,
         content_type: str = "application/json",
     ) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await self._request_once(method, path, params, json, content_type)
+            except ApiError as exc:
+                if attempt >= self.retries or not is_transient(exc.status, exc.reason):
+                    raise
+                delay = retry_delay(attempt + 1, self.backoff, self.backoff_cap, exc.retry_after)
+                what = f"HTTP {exc.status} {exc.reason}"
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if attempt >= self.retries:
+                    raise
+                delay = retry_delay(attempt + 1, self.backoff, self.backoff_cap)
+                what = type(exc).__name__
+            attempt += 1
+            log.info("%s %s: %s; retry %d/%d in %.2fs", method, path, what, attempt, self.retries, delay)
+            await asyncio.sleep(delay)
+
+    async def _request_once(
+        self, method: str, path: str, params: dict[str, str] | None, json: Any, content_type: str
+    ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         for attempt in range(2):
@@ -185,7 +237,10 @@ class KubeClient:
                         data = {}
                     data = data if isinstance(data, dict) else {}
                     raise ApiError(
-                        resp.status, str(data.get("reason") or resp.reason), str(data.get("message") or "")
+                        resp.status,
+                        str(data.get("reason") or resp.reason),
+                        str(data.get("message") or ""),
+                        retry_after=resp.headers.get("Retry-After"),
                     )
                 return await resp.json(content_type=None)
         raise AssertionError("unreachable: the loop returns or raises")

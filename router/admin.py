@@ -34,7 +34,12 @@ def admin_router(gw: Gateway) -> APIRouter:
     router = APIRouter(prefix="/admin")
 
     def denied(request: Request) -> JSONResponse | None:
-        auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if gw.admin_mode == "open":
+            return None
+        if gw.admin_mode == "disabled":
+            return JSONResponse(status_code=404, content=error_body(
+                "the admin API is disabled (set admin_api_keys to enable it)", type_="NotFoundError"))
+        auth = gw.admin_keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if auth.ok:
             return None
         return JSONResponse(status_code=auth.status, content=error_body(auth.message, type_="authentication_error"))
@@ -68,6 +73,13 @@ def admin_router(gw: Gateway) -> APIRouter:
         rows = [d for pool in gw.pools.values() for d in pool.decisions]
         rows.sort(key=lambda d: d["time"])
         return denied(request) or {"decisions": rows[-max(1, min(limit, 10_000)):]}
+
+    @router.get("/offload")
+    async def offload(request: Request) -> Any:
+        """Per model with a remote prefill pool: the threshold, why (last solve), and the link's use."""
+        return denied(request) or {
+            "remote_link_gbps": gw.settings.remote_link_gbps,
+            "models": {m: st.model_dump() for m, st in gw.pd_router.offload_status().items()}}
 
     @router.post("/drain")
     async def drain(request: Request, instance: str) -> Any:

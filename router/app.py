@@ -57,7 +57,7 @@ from tandem.router.routing.registry import make_policy, policy_names
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
 from tandem.router.scrape import Scraper
-from tandem.router.security import KeyRing
+from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
 
@@ -139,6 +139,10 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
+        self.admin_keys = KeyRing.load(settings.admin_api_keys_file, settings.admin_api_keys)
+        self.admin_mode = admin_mode(settings.admin, self.keys, self.admin_keys)
+        self.engine_tls = engine_ssl_context(settings.engine_tls_ca_file, settings.engine_tls_verify,
+                                             settings.engine_tls_cert_file, settings.engine_tls_key_file)
         profile = load_profile(settings.profile)
         cost = CostModel.from_profile(profile)
         # DualMap's t_prefill: mean marginal cost per uncached token over a typical prompt.
@@ -211,7 +215,7 @@ class Gateway:
         model = ep.model
         while model is None:
             try:
-                async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
                     resp = await client.get(ep.url + "/v1/models")
                     resp.raise_for_status()
                     model = resp.json()["data"][0]["id"]
@@ -299,9 +303,10 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
-                                 first_byte_timeout=s.first_byte_timeout)
+                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
-                               timeout=s.scrape_timeout, stale_after=s.stale_after)
+                               timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
+                               verify=self.engine_tls)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
                                                  s.kubeconfig, s.k8s_watch_timeout)
@@ -345,7 +350,13 @@ class Gateway:
     async def handle(self, request: Request, kind: str) -> Response:
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
-            return _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+            resp = _error(503, "gateway is shutting down", type_="server_error", retry_after=1)
+            resp.headers["connection"] = "close"  # the client's next request opens a connection elsewhere
+            return resp
+        if self.active >= self.settings.max_active_requests:
+            self.metrics.rejected.labels("overloaded").inc()
+            return _error(503, f"gateway at capacity ({self.settings.max_active_requests} requests in progress)",
+                          type_="server_error", retry_after=1)
         auth = self.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
         if not auth.ok:
             self.metrics.rejected.labels("auth").inc()
@@ -387,6 +398,8 @@ class Gateway:
             rreq = await asyncio.to_thread(route_request, body, self.settings.block_size, self.tokenizer)
         else:
             rreq = route_request(body, self.settings.block_size, self.tokenizer)
+        if (too_big := self._too_big(rreq.prompt_tokens, body.output_limit(0))) is not None:
+            return too_big
         limit = self.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
         if not limit.ok:
             self.metrics.rejected.labels("rate_limit").inc()
@@ -401,6 +414,18 @@ class Gateway:
         except BaseException:
             self._leave()
             raise
+
+    def _too_big(self, prompt_tokens: int, max_tokens: int) -> JSONResponse | None:
+        s = self.settings
+        if prompt_tokens > s.max_prompt_tokens:
+            self.metrics.rejected.labels("too_large").inc()
+            return _error(413, f"prompt: {prompt_tokens} tokens exceeds the limit of {s.max_prompt_tokens}",
+                          param="prompt")
+        if max_tokens > s.max_output_tokens:
+            self.metrics.rejected.labels("too_large").inc()
+            return _error(413, f"max_tokens: {max_tokens} exceeds the limit of {s.max_output_tokens}",
+                          param="max_tokens")
+        return None
 
     async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
                     policy: str) -> Response:
@@ -459,6 +484,9 @@ class Gateway:
                 except UpstreamFailure as exc:
                     failure = exc
                     pool.failed(rid)
+                    if exc.kind == "busy":  # the gateway's own connection limit: nothing wrong with the engine
+                        return self._done(policy, reason, "busy", _error(
+                            503, str(exc), type_="server_error", retry_after=1))
                     inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                     inst.refresh_health(time.monotonic())
                     self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
@@ -659,13 +687,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.gateway = gw
     app.state.gateway = gw
 
-    # Also routed through FastAPI so they appear in the OpenAPI schema; GatewayApp serves them directly.
+    # Also routed through FastAPI so they appear in the OpenAPI schema (with their body models, which
+    # the schema fuzz test generates requests from); GatewayApp serves them directly and validates itself.
     @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         return await gw.handle(request, "completion")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await gw.handle(request, "chat")
 
     @app.get("/v1/models")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
+from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -29,6 +32,29 @@ def uvicorn_speedups(choice: str) -> dict[str, str]:
     return out
 
 
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT, keep listening for ``grace`` seconds while the gateway answers
+    every new request 503 "shutting down" with ``Connection: close`` (and /readyz 503), so clients and
+    Kubernetes move to another replica over connections the gateway itself closes; only then does
+    uvicorn stop. Without this, uvicorn closes idle keep-alive connections at once and a client that
+    sends on one at that moment sees a bare disconnect, not knowing whether its request was taken.
+    A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, on_drain: Any, grace: float) -> None:
+        super().__init__(config)
+        self.on_drain, self.grace = on_drain, grace
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._timer is not None or self.grace <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.on_drain()
+        self._timer = threading.Timer(self.grace, super().handle_exit, (sig, frame))
+        self._timer.daemon = True
+        self._timer.start()
+
+
 class GatewayCommand(GatewaySettings):
     """Run the OpenAI-compatible gateway: DualMap routing over discovered engine instances."""
 
@@ -41,6 +67,11 @@ class GatewayCommand(GatewaySettings):
             app = create_app(self)
         except (ApiKeyError, ValueError) as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
-        uvicorn.run(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(self.drain_timeout) or None,
-                    timeout_keep_alive=self.keep_alive_timeout, **uvicorn_speedups(self.loop))
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,
+                                timeout_graceful_shutdown=int(self.drain_timeout) or None,
+                                timeout_keep_alive=self.keep_alive_timeout, **uvicorn_speedups(self.loop))
+
+        def drain() -> None:
+            app.gateway.draining = True
+
+        DrainingServer(config, drain, self.shutdown_grace).run()

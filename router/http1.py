@@ -6,13 +6,14 @@ keep-alive connections, a response parser, and a way to read body chunks as they
 asyncio protocols and the same httptools parser uvicorn uses, it spends a fraction of the CPU per
 request that a general client does (``tandem bench gateway`` measures it).
 
-Not handled on purpose: TLS, redirects, proxies, compression, HTTP/2, 1xx responses; engines
-behind the gateway speak plain HTTP/1.1 on the cluster network.
+TLS is optional (``https://`` engine URLs with an ``ssl.SSLContext`` from the gateway's settings).
+Not handled on purpose: redirects, proxies, compression, HTTP/2, 1xx responses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from urllib.parse import urlsplit
 
@@ -25,6 +26,10 @@ class HTTPConnectionError(ConnectionError):
 
 class HTTPConnectError(Exception):
     """No connection could be opened (refused, unreachable, or not within the connect timeout)."""
+
+
+class HTTPPoolBusy(Exception):
+    """All of the client's connections are in use: the gateway's own limit, not the engine's fault."""
 
 
 class _Connection(asyncio.Protocol):
@@ -109,7 +114,7 @@ class _Connection(asyncio.Protocol):
 class Response:
     """A response whose headers have arrived; read the body with :meth:`read_chunk`."""
 
-    def __init__(self, conn: _Connection, client: HTTP1Client, key: tuple[str, int], read_timeout: float) -> None:
+    def __init__(self, conn: _Connection, client: HTTP1Client, key: tuple[str, str, int], read_timeout: float) -> None:
         self._conn, self._client, self._key, self.read_timeout = conn, client, key, read_timeout
         self.status = conn.status
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in conn.headers}
@@ -163,12 +168,14 @@ class Response:
 
 
 class HTTP1Client:
-    def __init__(self, max_connections: int = 1024, max_idle_per_host: int = 256) -> None:
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+    def __init__(self, max_connections: int = 1024, max_idle_per_host: int = 256,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._ssl = ssl_context
         self._slots = asyncio.Semaphore(max_connections)
         self.max_idle_per_host = max_idle_per_host
 
-    def _put(self, key: tuple[str, int], conn: _Connection) -> None:
+    def _put(self, key: tuple[str, str, int], conn: _Connection) -> None:
         idle = self._idle.setdefault(key, [])
         if len(idle) < self.max_idle_per_host:
             conn._reset()
@@ -176,21 +183,24 @@ class HTTP1Client:
         else:
             conn.close()
 
-    async def _connect(self, key: tuple[str, int], limit_s: float) -> _Connection:
+    async def _connect(self, key: tuple[str, str, int], limit_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
+        scheme, host, port = key
+        tls = (self._ssl or ssl.create_default_context()) if scheme == "https" else None
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(_Connection, key[0], key[1]), limit_s)
-        except (OSError, TimeoutError) as exc:
-            raise HTTPConnectError(f"{key[0]}:{key[1]}: {exc or type(exc).__name__}") from None
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                _Connection, host, port, ssl=tls, server_hostname=host if tls else None), limit_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError (bad certificate) is an OSError
+            raise HTTPConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from None
         return conn
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], *, connect_timeout: float,
                    read_timeout: float) -> Response:
         """Send a POST and wait for the response headers (``read_timeout`` bounds the wait)."""
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"only plain http:// URLs are supported, not {url!r}")
-        key = (parts.hostname, parts.port or 80)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"only http:// and https:// URLs are supported, not {url!r}")
+        key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
@@ -198,7 +208,7 @@ class HTTP1Client:
         try:
             await asyncio.wait_for(self._slots.acquire(), connect_timeout)
         except TimeoutError:
-            raise HTTPConnectError(f"all {self._slots._value} connections busy") from None
+            raise HTTPPoolBusy("all upstream connections are busy") from None
         try:
             conn = self._take_idle(key)
             reused = conn is not None
@@ -227,7 +237,7 @@ class HTTP1Client:
             self._slots.release()
             raise
 
-    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()

@@ -215,8 +215,9 @@ class Observer:
 
     def report(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad],
                time_s: float | None = None) -> dict[str, Any]:
-        """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (pure given the inputs)."""
-        window_s = min(window_s, self.horizon_s)
+        """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (pure given the inputs);
+        the window is clamped to [one bucket, the horizon] and the report says which it used."""
+        window_s = min(max(window_s, self.bucket_s), self.horizon_s)  # whole buckets, within what is kept
         ring = self.rings.get(service)
         buckets = ring.since(now - window_s) if ring else []
         arrivals = sum(b.arrivals for b in buckets)

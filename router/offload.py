@@ -169,6 +169,23 @@ class OffloadSettings(BaseModel):
     min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
     fixed_threshold: int | None = Field(None, ge=0, description="pin t (lengthThreshold) instead of 'auto'")
     max_threshold: int | None = Field(None, ge=0, description="longest uncached prompt kept local (SLO bound)")
+    link_window_s: float = Field(30.0, gt=0, le=3600, description="window over which link egress is measured")
+
+
+class OffloadStatus(BaseModel):
+    """What the controller knows and decided, for the admin API and the gateway's metrics."""
+
+    threshold_tokens: int = Field(description="offload when the uncached length is greater than this")
+    pinned: bool = Field(description="t is fixed (lengthThreshold) rather than re-solved")
+    samples: int = Field(description="uncached lengths in the window")
+    arrival_rps: float | None = Field(description="arrival rate measured over the sample window")
+    link_gbps: float = Field(description="link capacity, Gbit/s")
+    link_egress_gbps: float = Field(description="KV traffic this controller assigned to the link, Gbit/s, "
+                                                "over the last link_window_s")
+    link_utilization: float = Field(description="link_egress_gbps / link_gbps")
+    local_instances: int
+    remote_instances: int
+    last_decision: OffloadDecision | None = Field(description="the last solve (None while pinned or warming up)")
 
 
 class OffloadController:
@@ -190,6 +207,37 @@ class OffloadController:
             else settings.initial_threshold
         self.last: OffloadDecision | None = None
         self._next_solve = 0.0
+        # (time, bytes) of KV sent to the link; trimmed to link_window_s, bounded in count too.
+        self._egress: deque[tuple[float, int]] = deque(maxlen=100_000)
+        self._egress_bytes = 0
+
+    def record_egress(self, nbytes: int, now: float) -> None:
+        """KV bytes this controller's offloads put on the link (counted once the decode accepted the KV handshake)."""
+        if len(self._egress) == self._egress.maxlen:
+            self._egress_bytes -= self._egress[0][1]
+        self._egress.append((now, nbytes))
+        self._egress_bytes += nbytes
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._egress and self._egress[0][0] <= now - self.settings.link_window_s:
+            self._egress_bytes -= self._egress.popleft()[1]
+
+    def egress_gbps(self, now: float) -> float:
+        """Mean egress over the last ``link_window_s`` (a just-started gateway reads low, never high)."""
+        self._trim(now)
+        return self._egress_bytes * 8 / 1e9 / self.settings.link_window_s
+
+    def link_utilization(self, now: float) -> float:
+        return self.egress_gbps(now) / self.link_gbps
+
+    def status(self, now: float) -> OffloadStatus:
+        egress = self.egress_gbps(now)
+        return OffloadStatus(
+            threshold_tokens=self.threshold, pinned=self.settings.fixed_threshold is not None,
+            samples=len(self.samples), arrival_rps=self.arrival_rate(now), link_gbps=self.link_gbps,
+            link_egress_gbps=egress, link_utilization=egress / self.link_gbps,
+            local_instances=self.local.instances, remote_instances=self.remote.instances, last_decision=self.last)
 
     def observe(self, uncached_tokens: int, now: float) -> None:
         self.samples.append(uncached_tokens)

@@ -35,7 +35,13 @@ from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
 from tandem.router.observations import RequestTrace, usage_tokens
-from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
+from tandem.router.offload import (
+    OffloadController,
+    OffloadSettings,
+    OffloadStatus,
+    decode_rps_estimate,
+    pool_speed,
+)
 from tandem.router.pd import (
     DecodeLoad,
     new_bootstrap_room,
@@ -130,6 +136,7 @@ class PDRouter:
         """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
         gw, s = self.gw, self.gw.settings
         route = self.route(rreq)
+        gw.metrics.prefill_routes.labels(rreq.model, route).inc()
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
@@ -192,7 +199,11 @@ class PDRouter:
         remote_pool = self.prefill_pool(model, "remote-prefill")
         backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
         per_token = self.remote_profile.params.per_token_s
-        ctl.maybe_resolve(now, remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
+        # Other models' offloads share the link: their measured egress shrinks this model's budget.
+        others = sum(c.egress_gbps(now) for m, c in self.controllers.items() if m != model)
+        ctl.maybe_resolve(now, link_other_gbps=others,
+                          remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
+        self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
         return "remote" if ctl.should_offload(uncached) else "local"
 
     def controller(self, model: str) -> OffloadController:
@@ -252,7 +263,7 @@ class PDRouter:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:
             refused = exc.status in (429, 503) and role == "prefill"
-            if not refused:
+            if not refused and exc.kind != "busy":  # "busy": the gateway's own connection limit, not the engine
                 inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                 inst.refresh_health(time.monotonic())
             gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
@@ -279,8 +290,11 @@ class PDRouter:
                 raise _Final("client_error", _error(
                     502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
+            remote = p_inst.endpoint.role == "remote-prefill"
+            if remote:
+                self._count_link(rreq)
             headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
-                       "x-tandem-prefill-route": "remote" if p_inst.endpoint.role == "remote-prefill" else "local",
+                       "x-tandem-prefill-route": "remote" if remote else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
             if started.response is None:
                 observer.finished(trace, usage_tokens(started.first), time.monotonic())
@@ -357,9 +371,26 @@ class PDRouter:
 
         return finish
 
+    def _count_link(self, rreq: RouteRequest) -> None:
+        """The decode accepted a remote prefill's KV: the whole prompt's KV crosses the link."""
+        ctl = self.controller(rreq.model)
+        nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
+        now = time.monotonic()
+        ctl.record_egress(nbytes, now)
+        self.gw.metrics.link_bytes.labels(rreq.model).inc(nbytes)
+        self.gw.metrics.link_utilization.labels(rreq.model).set(ctl.link_utilization(now))
+
+    def offload_status(self) -> dict[str, OffloadStatus]:
+        now = time.monotonic()
+        return {model: ctl.status(now) for model, ctl in sorted(self.controllers.items())}
+
     def tick(self) -> None:
         for pool in self.pools.values():
             pool.tick()
+        now = time.monotonic()
+        for model, ctl in self.controllers.items():  # decays to 0 when offloads stop
+            self.gw.metrics.link_utilization.labels(model).set(ctl.link_utilization(now))
+            self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

@@ -8,10 +8,11 @@ failure can only end the stream with an error event.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, Response
+from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, HTTPPoolBusy, Response
 
 # Measured with ``tandem bench gateway`` (short streamed completions, one simulator, 2 shared cores):
 # with httpx the gateway topped out near 100-170 req/s at 64 concurrent streams (its pool's
@@ -49,15 +50,17 @@ _FORWARD = ("content-type", "cache-control")
 
 
 class Upstream:
-    def __init__(self, *, max_connections: int, connect_timeout: float, first_byte_timeout: float) -> None:
+    def __init__(self, *, max_connections: int, connect_timeout: float, first_byte_timeout: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout, self.first_byte_timeout = connect_timeout, first_byte_timeout
         self.max_connections = max_connections
+        self.ssl_context = ssl_context
         self._client: HTTP1Client | None = None
 
     @property
     def client(self) -> HTTP1Client:
         if self._client is None:  # created on the serving loop
-            self._client = HTTP1Client(self.max_connections)
+            self._client = HTTP1Client(self.max_connections, ssl_context=self.ssl_context)
         return self._client
 
     async def close(self) -> None:
@@ -76,6 +79,8 @@ class Upstream:
                                                   read_timeout=read)
             except HTTPConnectError as exc:
                 raise UpstreamFailure("connect", f"cannot connect: {exc}", fatal=True) from None
+            except HTTPPoolBusy as exc:  # our own limit: no mark against the engine, the client retries later
+                raise UpstreamFailure("busy", str(exc), fatal=False) from None
             out_headers = {k: v for k, v in response.headers.items() if k in _FORWARD}
             if response.status >= 400 or not stream:
                 content = await response.read()

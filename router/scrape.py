@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 
@@ -45,11 +46,13 @@ def mark_failure(inst: Instance, now: float, stale_after: float) -> bool:
 
 class Scraper:
     def __init__(self, instances: Callable[[], Iterable[Instance]], metrics: GatewayMetrics, *,
-                 interval: float, timeout: float, stale_after: float) -> None:
+                 interval: float, timeout: float, stale_after: float, max_bytes: int = 4 * 1024 * 1024,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.instances, self.metrics = instances, metrics
         self.interval, self.timeout, self.stale_after = interval, timeout, stale_after
+        self.max_bytes = max_bytes
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=256),
-                                        trust_env=False)
+                                        trust_env=False, verify=verify)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -71,13 +74,27 @@ class Scraper:
         insts = [i for i in self.instances() if not i.removed]
         await asyncio.gather(*(self.scrape(i) for i in insts))
 
+    async def _fetch(self, url: str) -> str:
+        """The body, read up to ``max_bytes`` (a runaway exporter must not grow the gateway's memory)."""
+        async with self.client.stream("GET", url) as resp:
+            resp.raise_for_status()
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise EngineMetricsError(f"/metrics larger than {self.max_bytes} bytes")
+                parts.append(chunk)
+        return b"".join(parts).decode("utf-8", errors="replace")
+
     async def scrape(self, inst: Instance) -> None:
         t0 = time.monotonic()
         try:
-            resp = await self.client.get(inst.endpoint.url + "/metrics")
-            resp.raise_for_status()
-            snap = parse_engine_metrics(resp.text)
-        except (httpx.HTTPError, EngineMetricsError) as exc:
+            # The whole scrape is bounded (httpx bounds each read only): a trickling engine is cut off too.
+            async with asyncio.timeout(self.timeout):
+                text = await self._fetch(inst.endpoint.url + "/metrics")
+            snap = parse_engine_metrics(text)
+        except (httpx.HTTPError, EngineMetricsError, TimeoutError) as exc:
             self.metrics.scrape_errors.labels(inst.id).inc()
             now = time.monotonic()
             if mark_failure(inst, now, self.stale_after):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -145,3 +147,34 @@ class KeyRing:
                 return AuthResult(ok=False, status=429, message=f"rate limit: {p.tpm} tokens/minute for key "
                                   f"'{p.name}'", principal=p.name, retry_after=wait)
         return AuthResult(ok=True, principal=p.name)
+
+
+AdminMode = Literal["open", "keys", "disabled"]
+
+
+def admin_mode(setting: Literal["auto", "disabled"], clients: KeyRing, admins: KeyRing) -> AdminMode:
+    """Who may use /admin. Its own keys when configured; otherwise off as soon as the gateway has client
+    keys (a client key must never open the admin API), and open only on a gateway with no keys at all,
+    where every endpoint is open anyway (local runs, demos)."""
+    if setting == "disabled":
+        return "disabled"
+    if admins.enabled:
+        return "keys"
+    return "disabled" if clients.enabled else "open"
+
+
+def engine_ssl_context(ca_file: Path | None, verify: bool, cert_file: Path | None,
+                       key_file: Path | None) -> ssl.SSLContext:
+    """TLS settings for https:// engines (requests and scrapes). ``verify=False`` is for test clusters
+    with self-signed certificates only."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file:
+            ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        field = "engine_tls_ca_file" if ca_file and not cert_file else "engine_tls_cert_file"
+        raise ValueError(f"{field}: cannot load: {exc}") from None
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -74,7 +74,8 @@ class GatewaySettings(TandemSettings):
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
     shadow_capacity_tokens: int | None = Field(None, gt=0,
                                                description="shadow prefix cache per instance (default: profile KV)")
-    redis_url: str | None = Field(None, description="shared state in Redis (default: in-memory, this process only)")
+    redis_url: str | None = Field(None, description="shared state in Redis (default: in-memory, this process only); "
+                                  "redis://:PASSWORD@host:6379/0, rediss:// for TLS (?ssl_ca_certs=/path/ca.pem)")
     redis_prefix: str = Field("tandem", description="Redis key prefix (one per gateway deployment)")
     state_sync_interval: float = Field(0.2, gt=0, le=10, description="seconds between shared-state syncs")
     scrape_interval: float = Field(0.5, gt=0, le=60, description="seconds between engine /metrics scrapes")
@@ -91,14 +92,33 @@ class GatewaySettings(TandemSettings):
     max_queue: int = Field(2048, gt=0, description="requests waiting in the gateway (all instances) before 429")
     max_queue_per_instance: int = Field(512, gt=0, description="requests waiting per instance before 429")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
+    max_prompt_tokens: int = Field(1_000_000, gt=0, description="longest prompt accepted, in routing tokens (413)")
+    max_output_tokens: int = Field(131_072, gt=0, description="largest max_tokens accepted (413)")
+    max_active_requests: int = Field(10_000, gt=0, description="requests inside the gateway at once (queued, "
+                                     "starting or streaming) before 503 + Retry-After")
+    max_scrape_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest engine /metrics body read (bigger: "
+                                  "a failed scrape)")
     keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
                                     "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")
+    shutdown_grace: float = Field(2.0, ge=0, description="on SIGTERM, seconds to keep listening while new requests "
+                                  "get 503 + Connection: close (clients and Kubernetes move away), before closing")
     rebalance_interval: float = Field(0.25, gt=0, description="seconds between hotspot-migration passes")
     api_keys_file: Path | None = Field(None, description="YAML/JSON file of API keys and per-key limits")
     api_keys: str | None = Field(None, description="comma-separated API keys (env TANDEM_GATEWAY_API_KEYS)")
     rate_limit_rpm: int | None = Field(None, gt=0, description="default requests/minute per key")
     rate_limit_tpm: int | None = Field(None, gt=0, description="default prompt+output tokens/minute per key")
+    admin_api_keys_file: Path | None = Field(None, description="YAML/JSON file of the admin API's own keys")
+    admin_api_keys: str | None = Field(None, description="comma-separated admin API keys (env "
+                                       "TANDEM_GATEWAY_ADMIN_API_KEYS); client API keys never open /admin")
+    admin: Literal["auto", "disabled"] = Field("auto", description="admin API: auto = behind the admin keys when "
+                                               "set, off when only client keys are set, open when the gateway has "
+                                               "no keys at all (local use); disabled = always 404")
+    engine_tls_ca_file: Path | None = Field(None, description="CA bundle that signs the engines' certificates "
+                                            "(https:// instance URLs); default: the system store")
+    engine_tls_verify: bool = Field(True, description="verify engines' TLS certificates and host names")
+    engine_tls_cert_file: Path | None = Field(None, description="client certificate for mutual TLS to engines")
+    engine_tls_key_file: Path | None = Field(None, description="its private key")
     max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
     loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from contextlib import suppress
 from dataclasses import dataclass, field
+
+from tandem.sim.wallclock import WallClockDriver
 
 # A flow whose remaining bytes fall under this is done; absorbs floating-point residue of the
 # piecewise integration without ever finishing a flow measurably early.
@@ -178,32 +179,23 @@ class SharedLink:
         return ba + (bb - ba) * (t - ta) / (tb - ta) if tb > ta else bb
 
 
-class AsyncLink:
+class AsyncLink(WallClockDriver):
     """A :class:`SharedLink` on the event loop's clock: ``await transfer(n)`` returns when done.
 
     The simulator process uses it for KV pulls, so concurrent transfers into one decode engine
     share its link exactly as they would in the discrete-event simulator.
     """
 
+    task_name = "kv-link"
+
     def __init__(self, capacity_gbps: float, per_flow_gbps: float | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._t0 = self._loop.time()
+        super().__init__()
         self.link = SharedLink(capacity_gbps, per_flow_gbps)
         self._waiters: dict[str, asyncio.Future[float]] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._ids = 0
 
-    def now(self) -> float:
-        return self._loop.time() - self._t0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="kv-link")
-
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await super().stop()
         for fut in self._waiters.values():
             fut.cancel()
 
@@ -216,25 +208,18 @@ class AsyncLink:
         fut: asyncio.Future[float] = self._loop.create_future()
         self._waiters[flow_id] = fut
         self.link.start(flow_id, nbytes, now)
-        self._wake.set()
+        self.wake()
         try:
             return await fut
         finally:
             if self._waiters.pop(flow_id, None) is not None:
                 self.link.cancel(flow_id, max(self.now(), self.link.clock))
 
-    async def _run(self) -> None:
-        while True:
-            due = self.link.next_completion()
-            if due is None:
-                await self._wake.wait()
-            else:
-                delay = due - self.now()
-                if delay > 0:
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            self._deliver(self.link.advance(max(self.now(), self.link.clock)))
+    def next_event_time(self) -> float | None:
+        return self.link.next_completion()
+
+    def advance(self, now: float) -> None:
+        self._deliver(self.link.advance(max(now, self.link.clock)))
 
     def _deliver(self, done: list[Completion]) -> None:
         for c in done:

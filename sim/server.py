@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import xxhash
@@ -39,6 +39,7 @@ from tandem.sim.metrics import EngineMetrics
 from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
 from tandem.sim.profile import Profile, load_profile
 from tandem.sim.settings import FaultMode, SimSettings
+from tandem.sim.wallclock import WallClockDriver
 
 _WORDS = ("the", "model", "serves", "tokens", "from", "a", "simulated", "engine", "with", "cached", "prefix",
           "blocks", "and", "continuous", "batching", "on", "time")
@@ -57,60 +58,41 @@ class _Pending:
     last_time: float = 0.0
 
 
-class EngineDriver:
+class EngineDriver(WallClockDriver):
     """Runs the engine against the event loop's clock and routes emissions to waiting handlers."""
 
+    task_name = "engine-driver"
+
     def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
+        super().__init__()
         self.engine = engine
         self.metrics = metrics
         self.pending: dict[str, _Pending] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._t0 = self._loop.time()
-
-    def now(self) -> float:
-        return self._loop.time() - self._t0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="engine-driver")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     def submit(self, req: SimRequest) -> _Pending:
         now = self.now()
         pending = _Pending(req, now, last_time=now)
         self.pending[req.id] = pending
         self.engine.submit(req, now)
-        self._wake.set()
+        self.wake()
         return pending
 
     def kv_arrived(self, request_id: str) -> None:
         """A disaggregated request's prompt KV has landed (see :mod:`tandem.sim.pd`)."""
         if request_id in self.pending:
             self.engine.kv_arrived(request_id, self.now())
-            self._wake.set()
+            self.wake()
 
     def abort(self, request_id: str) -> None:
         if self.pending.pop(request_id, None) is not None:
             self.engine.abort(request_id, self.now())
 
-    async def _run(self) -> None:
-        while True:
-            due = self.engine.next_event_time()
-            if due is None:
-                await self._wake.wait()
-            else:
-                delay = due - self.now()
-                if delay > 0:
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            for emission in self.engine.advance(self.now()):
-                self._deliver(emission)
+    def next_event_time(self) -> float | None:
+        return self.engine.next_event_time()
+
+    def advance(self, now: float) -> None:
+        for emission in self.engine.advance(now):
+            self._deliver(emission)
 
     def _deliver(self, e: Emission) -> None:
         pending = self.pending.get(e.request_id)

@@ -30,6 +30,8 @@ COMMANDS: Registry = {
                    "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "chaos": ("tandem.router.chaos:BenchChaosCommand",
+                  "soak under faults (engines, Redis, a gateway restarted): 0 lost, 0 duplicated"),
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",
                       "replay a trace on an elastic simulated cluster: Tandem vs static vs threshold scaling"),
         "capacity": ("tandem.autoscaler.calibrate:CapacityBench",

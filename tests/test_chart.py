@@ -61,7 +61,8 @@ KINDS = [
 ]
 FULL_VALUES: dict[str, Any] = {
     "engines": {"namespaces": ["llm-a", "llm-b"]},
-    "gateway": {"replicas": 3, "apiKeys": {"existingSecret": "tandem-keys"}, "rateLimitRpm": 600},
+    "gateway": {"replicas": 3, "apiKeys": {"existingSecret": "tandem-keys"}, "rateLimitRpm": 600,
+                "adminKey": {"existingSecret": "tandem-admin"}},
     "redis": {"enabled": True},
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
                    "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
@@ -434,3 +435,18 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
         for ns in (engine_ns, release_ns):
             with contextlib.suppress(Exception):
                 core.delete_namespace(ns)
+
+
+async def test_admin_key_reaches_the_gateway_and_the_autoscaler(tmp_path: Path) -> None:
+    """With client keys, /admin needs its own key (issue 10): the gateway gets it as its admin key and
+    the autoscaler, which reads /admin/observations, as the key it sends; both from the same Secret."""
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    ref = {"secretKeyRef": {"name": "tandem-admin", "key": "admin-key"}}
+    gateway = one(docs, "Deployment", "/tandem-gateway")["spec"]["template"]["spec"]["containers"][0]
+    autoscaler = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "TANDEM_GATEWAY_ADMIN_API_KEYS", "valueFrom": ref} in gateway["env"]
+    assert {"name": "TANDEM_AUTOSCALER_GATEWAY_ADMIN_KEY", "valueFrom": ref} in autoscaler["env"]
+    (tmp_path / "default").mkdir()
+    docs, _ = await render(tmp_path / "default")
+    autoscaler = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["spec"]["containers"][0]
+    assert "env" not in autoscaler or all("ADMIN" not in e["name"] for e in autoscaler["env"])

@@ -149,7 +149,9 @@ async def test_api_keys_and_rate_limit(tmp_path) -> None:
         r = await c.post(gw + "/v1/completions", json=completion_body(), headers=auth)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "alice" in r.json()["error"]["message"] and "sk-test" not in r.text
-        assert (await c.get(gw + "/admin/instances")).status_code == 401
+        # A client key never opens the admin API; with only client keys configured it is off.
+        assert (await c.get(gw + "/admin/instances")).status_code == 404
+        assert (await c.get(gw + "/admin/instances", headers=auth)).status_code == 404
 
 
 async def test_full_queue_answers_429_with_retry_after() -> None:

@@ -157,12 +157,19 @@ async def test_autoscaler_source_reads_exact_values_from_a_live_gateway() -> Non
 
 
 async def test_observations_need_the_admin_key() -> None:
-    async with serve(sim_app(port=0)) as a, serve(gateway_app([a], api_keys="secret-key-1")) as gw, \
+    async with serve(sim_app(port=0)) as a, \
+            serve(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         params = {"service": MODEL, "window": 5}
         assert (await c.get(gw + "/admin/observations", params=params)).status_code == 401
-        ok = await c.get(gw + "/admin/observations", params=params, headers={"Authorization": "Bearer secret-key-1"})
-        assert ok.status_code == 200 and ok.json()["observations"]["arrival_rate"] == 0
+        client = await c.get(gw + "/admin/observations", params=params,
+                             headers={"Authorization": "Bearer client-key-1"})
+        assert client.status_code == 401  # a client key never opens the admin API
+        source = GatewayObservationSource(gw, admin_key="admin-key-1")  # what the autoscaler sends
+        try:
+            assert (await source.report("default", MODEL, 5.0, 1.0)).observations.arrival_rate == 0
+        finally:
+            await source.close()
 
 
 # --- the drain contract ------------------------------------------------------------------------

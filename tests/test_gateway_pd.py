@@ -231,3 +231,64 @@ async def test_long_uncached_prompts_are_offloaded_to_the_remote_prefill_pool() 
         engines = [(r["kv_transfer_params"]["remote_engine_id"], r["transferred_tokens"])
                    for r in (await kv_log(c, d0))["received"]]
         assert engines == [("local", 1000), ("remote", 6000), ("local", 2048), ("remote", 2049)]
+
+
+def series(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics text, keyed by name and sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(exposition) for s in f.samples}
+
+
+def offload_view(exposition: str) -> dict[str, float]:
+    got = series(exposition)
+    m = (("model", MODEL),)
+    return {"local": got.get(("tandem_prefill_route_total", (*m, ("route", "local"))), 0.0),
+            "remote": got.get(("tandem_prefill_route_total", (*m, ("route", "remote"))), 0.0),
+            "bytes": got.get(("tandem_offload_link_bytes_total", m), 0.0),
+            "util": got.get(("tandem_offload_link_utilization", m), 0.0),
+            "threshold": got.get(("tandem_offload_threshold_tokens", m), -1.0)}
+
+
+async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> None:
+    link_gbps = 2.0
+    async with serve(sim_app(role="prefill", engine_id="local")) as p0, \
+            serve(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serve(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
+            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+                              offload_threshold=2048, remote_link_gbps=link_gbps)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
+
+        async def send(tokens: int) -> str:
+            body = {"model": MODEL, "max_tokens": 2, "stream": True,
+                    "x_tandem": {"hash_ids": [tokens, 1], "prompt_tokens": tokens, "block_size": 512}}
+            async with c.stream("POST", gw + "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                await resp.aread()
+                return resp.headers["x-tandem-prefill-route"]
+
+        async def decode_bytes() -> float:
+            return series((await c.get(d0 + "/metrics")).text)[("tandem_sim_kv_transfer_bytes_total", ())]
+
+        assert [await send(t) for t in (1000, 2048)] == ["local", "local"]
+        kept = offload_view((await c.get(gw + "/metrics")).text)
+        assert kept == {"local": 2.0, "remote": 0.0, "bytes": 0.0, "util": 0.0, "threshold": 2048.0}
+        before = await decode_bytes()
+
+        assert [await send(t) for t in (6000, 3000)] == ["remote", "remote"]
+        moved = offload_view((await c.get(gw + "/metrics")).text)
+        # The gateway's count of link bytes is what the decode engine really received over the link.
+        assert moved["bytes"] == await decode_bytes() - before > 0
+        assert (moved["local"], moved["remote"], moved["threshold"]) == (2.0, 2.0, 2048.0)
+        window = 30.0  # OffloadSettings.link_window_s
+        assert moved["util"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window / link_gbps, rel=1e-6)
+        assert 0 < moved["util"] < 1
+
+        admin = (await c.get(gw + "/admin/offload")).json()
+        st = admin["models"][MODEL]
+        assert admin["remote_link_gbps"] == link_gbps
+        assert st["threshold_tokens"] == 2048 and st["pinned"] is True and st["samples"] == 4
+        assert st["local_instances"] == 1 and st["remote_instances"] == 1
+        assert st["link_utilization"] == pytest.approx(moved["util"], rel=1e-3)
+        assert st["link_egress_gbps"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window, rel=1e-3)

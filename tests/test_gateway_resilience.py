@@ -91,7 +91,7 @@ async def test_engine_5xx_is_retried_and_4xx_passed_through() -> None:
         codes = [(await c.post(gw + "/v1/completions", json=completion_body(f"q{i}"))).status_code
                  for i in range(6)]
         assert codes == [200] * 6
-        too_long = {"model": MODEL, "max_tokens": 4, "x_tandem": {"prompt_tokens": 9_000_000}}
+        too_long = {"model": MODEL, "max_tokens": 4, "x_tandem": {"prompt_tokens": 900_000}}
         r = await c.post(gw + "/v1/completions", json=too_long)
         assert r.status_code == 400 and r.json()["error"]["message"]  # the engine's own refusal
 

@@ -2,9 +2,10 @@
 
 The reference is real /metrics output, not a list: a simulated vLLM engine, a simulated SGLang engine
 and a gateway in front of them run in-process on ephemeral 127.0.0.1 ports, serve a few requests
-(streaming and not), and their exposition text is parsed; so is the exposition of the autoscaler's
-metrics registry. Recording rules defined in deploy/prometheus/ and Prometheus' own ``up`` series are
-the only other names allowed.
+(streaming and not), and their exposition text is parsed; so is that of a second gateway serving
+disaggregated (local prefill, remote prefill pool, decode) with requests kept local and offloaded,
+and the exposition of the autoscaler's metrics registry. Recording rules defined in deploy/prometheus/
+and Prometheus' own ``up`` series are the only other names allowed.
 """
 
 from __future__ import annotations
@@ -46,17 +47,25 @@ def exported_names(exposition: str) -> set[str]:
     return names
 
 
-async def _collect() -> dict[str, set[str]]:
+async def _collect() -> dict[str, str]:
     async with serve(sim_app(port=0)) as vllm, serve(sim_app(port=0, metrics="sglang")) as sglang, \
-            serve(gateway_app([vllm, sglang])) as gw, httpx.AsyncClient(timeout=20) as client:
+            serve(gateway_app([vllm, sglang])) as gw, \
+            serve(sim_app(role="prefill")) as p0, serve(sim_app(role="prefill")) as r0, \
+            serve(sim_app(role="decode")) as d0, \
+            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+                              offload_threshold=2048)) as pd_gw, httpx.AsyncClient(timeout=20) as client:
         for i in range(6):
             body = completion_body(f"request {i} " + "shared prefix " * 40, stream=bool(i % 2))
             resp = await client.post(gw + "/v1/completions", json=body)
             assert resp.status_code == 200, resp.text
+        for tokens in (1000, 6000):  # one prefill kept local, one offloaded to the remote pool
+            body = {**completion_body(max_tokens=2), "x_tandem": {"hash_ids": [tokens], "prompt_tokens": tokens,
+                                                                   "block_size": 512}}
+            resp = await client.post(pd_gw + "/v1/completions", json=body)
+            assert resp.status_code == 200, resp.text
         await asyncio.sleep(0.5)  # a scrape and a rebalance pass of the gateway
-        texts = {name: (await client.get(url + "/metrics")).text
-                 for name, url in (("vllm", vllm), ("sglang", sglang), ("gateway", gw))}
-    return {name: exported_names(text) for name, text in texts.items()}
+        return {name: (await client.get(url + "/metrics")).text
+                for name, url in (("vllm", vllm), ("sglang", sglang), ("gateway", gw), ("gateway_pd", pd_gw))}
 
 
 def autoscaler_exposition() -> str:
@@ -66,8 +75,13 @@ def autoscaler_exposition() -> str:
 
 
 @pytest.fixture(scope="module")
-def exported() -> dict[str, set[str]]:
-    return {**asyncio.run(_collect()), "autoscaler": exported_names(autoscaler_exposition())}
+def expositions() -> dict[str, str]:
+    return {**asyncio.run(_collect()), "autoscaler": autoscaler_exposition()}
+
+
+@pytest.fixture(scope="module")
+def exported(expositions: dict[str, str]) -> dict[str, set[str]]:
+    return {name: exported_names(text) for name, text in expositions.items()}
 
 
 def recorded_names() -> set[str]:
@@ -140,8 +154,24 @@ def test_sources_export_what_the_engines_and_gateway_are_known_for(exported: dic
     assert {"sglang:num_queue_reqs", "sglang:cache_hit_rate", "sglang:token_usage"} <= exported["sglang"]
     assert {"tandem_requests_total", "tandem_time_to_first_token_seconds_bucket",
             "tandem_routing_choices_total"} <= exported["gateway"]
+    offload = {"tandem_offload_threshold_tokens", "tandem_prefill_route_total", "tandem_offload_link_utilization",
+               "tandem_offload_link_bytes_total"}
+    assert offload <= exported["gateway_pd"]
     assert {"tandem_autoscaler_desired_replicas", "tandem_autoscaler_scaling_actions_total"} <= exported["autoscaler"]
     assert not exported["vllm"] & {n for n in exported["sglang"] if n.startswith("sglang:")}
+
+
+def test_the_offload_metrics_have_samples_when_offload_is_configured(expositions: dict[str, str]) -> None:
+    """Not just declared: the PD gateway's offload series carry values for the requests it routed."""
+    samples = {(s.name, s.labels.get("route")): s.value
+               for f in text_string_to_metric_families(expositions["gateway_pd"]) for s in f.samples}
+    assert samples[("tandem_prefill_route_total", "local")] == samples[("tandem_prefill_route_total", "remote")] == 1
+    assert samples[("tandem_offload_threshold_tokens", None)] == 2048
+    assert samples[("tandem_offload_link_bytes_total", None)] > 0
+    assert 0 < samples[("tandem_offload_link_utilization", None)] < 1
+    used = set().union(*(metric_names(e) for e in all_expressions().values()))
+    assert {"tandem_offload_threshold_tokens", "tandem_prefill_route_total", "tandem_offload_link_utilization",
+            "tandem_offload_link_bytes_total"} <= used
 
 
 def test_dashboards_and_rules_name_only_exported_metrics(exported: dict[str, set[str]]) -> None:

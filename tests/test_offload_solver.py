@@ -121,3 +121,17 @@ def test_latency_cap_keeps_long_prompts_off_the_local_pool_unless_the_link_forbi
     squeezed = solve_threshold(problem(max_threshold=500, link_gbps=1.0, arrival_rps=20.0))
     assert squeezed.threshold_tokens > 500
     assert squeezed.link_gbps_at_arrival is not None and squeezed.link_gbps_at_arrival <= 0.85
+
+
+def test_controller_measures_link_egress_over_its_window() -> None:
+    ctl = OffloadController(OffloadSettings(link_window_s=10.0, fixed_threshold=100), local=LINEAR, remote=LINEAR,
+                            decode_rps=1.0, link_gbps=8.0, kv_bytes_per_token=1)
+    assert ctl.link_utilization(0.0) == 0.0
+    ctl.record_egress(5_000_000_000, 1.0)  # 5 GB = 40 Gbit in a 10 s window: 4 Gbit/s of 8
+    ctl.record_egress(5_000_000_000, 6.0)
+    assert ctl.egress_gbps(6.0) == pytest.approx(8.0) and ctl.link_utilization(6.0) == pytest.approx(1.0)
+    assert ctl.link_utilization(11.5) == pytest.approx(0.5)  # the first transfer left the window
+    assert ctl.link_utilization(16.0) == 0.0
+    status = ctl.status(16.0)
+    assert status.pinned and status.threshold_tokens == 100 and status.link_egress_gbps == 0.0
+    assert status.last_decision is None and status.samples == 0

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from generated import write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "crd-reference.md"
 CONSTRAINTS = (("minimum", ">="), ("maximum", "<="), ("minLength", "min length"), ("maxLength", "max length"),
@@ -125,15 +127,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        current = OUT.exists() and OUT.read_text() == text
-        if not current:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run make generate")
-        return 0 if current else 1
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    return 0
+    return write_or_check({OUT: render()}, argv)
 
 
 if __name__ == "__main__":

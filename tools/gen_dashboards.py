@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from generated import write_or_check
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "deploy" / "grafana"
 RATE = "$__rate_interval"
@@ -151,6 +153,25 @@ AUTOSCALER = [
     Panel("TTFT SLO attainment (recorded, 5 s SLO)", [("avg(tandem:ttft_slo_attainment:ratio_rate5m)", "5m"),
                                                       ("avg(tandem:ttft_slo_attainment:ratio_rate1h)", "1h")],
           "percentunit"),
+    Panel("Prefill offload threshold t",
+          [("max by (model) (tandem_offload_threshold_tokens)", "{{model}} max over gateways"),
+           ("min by (model) (tandem_offload_threshold_tokens)", "{{model}} min over gateways")],
+          description="Prompts with more uncached tokens than t are prefilled by the remote pool. Each gateway "
+                      "re-solves t from its own traffic, so max and min differ a little; a pinned "
+                      "lengthThreshold shows as a flat line."),
+    Panel("Fraction of prefills offloaded",
+          [(f'sum by (model) (rate(tandem_prefill_route_total{{route="remote"}}[{RATE}])) / '
+            f"sum by (model) (rate(tandem_prefill_route_total[{RATE}]))", "{{model}}"),
+           ("sum by (model) (tandem:prefill_offload_fraction:ratio_rate5m)", "{{model}} 5m (recorded)")],
+          "percentunit", description="Disaggregated requests whose prefill went to the remote pool."),
+    Panel("Remote prefill link utilisation",
+          [("sum(tandem_offload_link_utilization)", "all gateways"),
+           ("sum by (model) (tandem_offload_link_utilization)", "{{model}}")], "percentunit",
+          description="Offloaded KV traffic over the link's capacity, summed over the gateways that share it. "
+                      "The solver keeps it below its high-water mark (0.85); the TandemOffloadLinkSaturated "
+                      "alert fires above 0.9 for 10 minutes."),
+    Panel("Remote prefill link KV traffic",
+          [(f"sum by (model) (rate(tandem_offload_link_bytes_total[{RATE}]))", "{{model}}")], "Bps"),
 ]
 
 DASHBOARDS = {
@@ -218,16 +239,7 @@ def render() -> dict[Path, str]:
 
 
 def main(argv: list[str]) -> int:
-    files = render()
-    if "--check" in argv:
-        stale = [str(p.relative_to(ROOT)) for p, text in files.items() if not p.exists() or p.read_text() != text]
-        if stale:
-            print("out of date (run make generate):", ", ".join(stale))
-        return 1 if stale else 0
-    OUT.mkdir(parents=True, exist_ok=True)
-    for path, text in files.items():
-        path.write_text(text)
-    return 0
+    return write_or_check(render(), argv)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from prometheus_client.metrics import MetricWrapperBase
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "metrics.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generated import write_or_check  # noqa: E402
 from promql_names import metric_names  # noqa: E402
 
 SERIES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",), "info": ("",),
@@ -119,15 +120,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        current = OUT.exists() and OUT.read_text() == text
-        if not current:
-            print(f"{OUT.relative_to(ROOT)} is out of date: run make generate")
-        return 0 if current else 1
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(text)
-    return 0
+    return write_or_check({OUT: render()}, argv)
 
 
 if __name__ == "__main__":
