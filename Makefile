@@ -5,12 +5,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint crds redis-server clean
+.PHONY: demo test lint crds generate redis-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# helm-sdkpy (the real Helm library, for the chart tests) declares Python >= 3.12 but works on 3.11.
+	$(BIN)/pip install --quiet --ignore-requires-python 'helm-sdkpy>=0.1.32'
 	touch $(STAMP)
 
 redis-server:
@@ -27,6 +29,14 @@ test: $(STAMP) redis-server
 
 crds: $(STAMP)
 	$(BIN)/tandem operator crds --out crds
+
+# Everything derived from a source of truth: CRDs (tandem.api), dashboards, the CRD reference, and
+# the chart's copies of CRDs, dashboards and rules. Tests fail when any of them is stale.
+generate: crds
+	$(BIN)/python tools/gen_dashboards.py
+	$(BIN)/python tools/gen_crd_reference.py
+	$(BIN)/python tools/gen_metric_reference.py
+	$(BIN)/python tools/sync_chart.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -67,6 +67,13 @@ def admin_router(gw: Gateway) -> APIRouter:
         rows.sort(key=lambda d: d["time"])
         return denied(request) or {"decisions": rows[-max(1, min(limit, 10_000)):]}
 
+    @router.get("/offload")
+    async def offload(request: Request) -> Any:
+        """Per model with a remote prefill pool: the threshold, why (last solve), and the link's use."""
+        return denied(request) or {
+            "remote_link_gbps": gw.settings.remote_link_gbps,
+            "models": {m: st.model_dump() for m, st in gw.pd_router.offload_status().items()}}
+
     @router.post("/drain")
     async def drain(request: Request, instance: str) -> Any:
         if (resp := denied(request)) is not None:

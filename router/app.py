@@ -40,6 +40,7 @@ from tandem.openai_api import (
 from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
+from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
 from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
 from tandem.router.resilience import CircuitBreaker, backoff_delay
@@ -137,7 +138,8 @@ class Gateway:
         self.prefill_s_per_token = cost.prefill_time(typical) / typical
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.pools: dict[str, Pool] = {}
-        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}}
+        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
+        self.pd_router = PDRouter(self)
         self.endpoints: set[Endpoint] = set()
         self._joining: dict[str, asyncio.Task[None]] = {}
         self.upstream: Upstream | None = None
@@ -223,6 +225,7 @@ class Gateway:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.rebalance_interval)
+            self.pd_router.tick()
             for pool in self.pools.values():
                 pool.tick()
                 for iid, inst in pool.instances.items():
@@ -289,7 +292,8 @@ class Gateway:
                                                  s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
-            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances))
+            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances,
+                                                      s.remote_prefill_instances))
         if self._joining:  # give static instances a moment to answer before serving
             await asyncio.wait(list(self._joining.values()), timeout=5.0)
         self.scraper.start()
@@ -348,11 +352,13 @@ class Gateway:
             message, field = describe_validation_error(RequestValidationError(exc.errors()))
             return _error(400, message, param=field)
         pool = self.pools.get(body.model)
-        if pool is None and any(i.model == body.model for role in self.pd.values() for i in role.values()):
-            self.metrics.rejected.labels("pd_not_routed").inc()
-            return _error(501, f"model '{body.model}' is served only by prefill/decode pools; disaggregated "
-                          "routing is not implemented in this gateway yet", type_="server_error", param="model")
-        if pool is None:
+        disaggregated = pool is None and self.pd_router.serves(body.model)
+        if pool is None and not disaggregated and any(
+                i.model == body.model for role in self.pd.values() for i in role.values()):
+            self.metrics.rejected.labels("pd_incomplete").inc()
+            return _error(503, f"model '{body.model}' is served by prefill/decode pools, but one of the two roles "
+                          "has no instance yet", type_="server_error", param="model", retry_after=2)
+        if pool is None and not disaggregated:
             self.metrics.rejected.labels("unknown_model").inc()
             known = sorted(self.pools) or ["<none yet>"]
             return _error(404, f"model '{body.model}' is not served here; available: {', '.join(known)}",
@@ -373,6 +379,9 @@ class Gateway:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         self._enter()
         try:
+            if pool is None:
+                return await self.pd_router.serve(request, data, replace(rreq, model=body.model), path, body.stream,
+                                                  policy)
             return await self.serve(request, pool, rreq, raw, path, body.stream, policy)
         except BaseException:
             self._leave()
@@ -651,6 +660,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> Response:
         routable = sum(len(p.cluster.routable()) for p in gw.pools.values())
+        if any(i.state.routable for i in gw.pd["decode"].values()):  # disaggregated: prefill + decode
+            routable += sum(1 for i in gw.pd["prefill"].values() if i.state.routable)
         if gw.draining or routable == 0:
             why = "draining" if gw.draining else "no routable instance"
             return JSONResponse(status_code=503, content={"status": why, "routable_instances": routable})

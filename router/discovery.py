@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger("tandem.gateway.discovery")
 
-Role = Literal["unified", "prefill", "decode"]
+Role = Literal["unified", "prefill", "decode", "remote-prefill"]
 LABEL_ROLE = "serving.tandem.dev/role"
 LABEL_MODEL = "serving.tandem.dev/model"
 LABEL_SERVICE = "serving.tandem.dev/service"
@@ -40,10 +40,11 @@ class Endpoint(BaseModel):
 
 
 def static_endpoints(instances: Iterable[str], prefill: Iterable[str] = (),
-                     decode: Iterable[str] = ()) -> set[Endpoint]:
+                     decode: Iterable[str] = (), remote_prefill: Iterable[str] = ()) -> set[Endpoint]:
     out = {Endpoint(url=u, role="unified") for u in instances}
     out |= {Endpoint(url=u, role="prefill") for u in prefill}
     out |= {Endpoint(url=u, role="decode") for u in decode}
+    out |= {Endpoint(url=u, role="remote-prefill") for u in remote_prefill}
     return out
 
 
@@ -87,7 +88,7 @@ def endpoint_from_pod(pod: Any, default_port: int) -> Endpoint | None:
         return None
     labels = _get(pod, "metadata", "labels") or {}
     role = labels.get(LABEL_ROLE, "unified")
-    if role not in ("unified", "prefill", "decode"):
+    if role not in ("unified", "prefill", "decode", "remote-prefill"):
         log.warning("pod %s: unknown %s=%r, ignored", _get(pod, "metadata", "name"), LABEL_ROLE, role)
         return None
     host = f"[{ip}]" if ":" in ip else ip

@@ -51,3 +51,17 @@ class GatewayMetrics:
                                             ["backend"], registry=r)
         self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
                                 ["reason"], registry=r)
+        # Disaggregated serving with a remote prefill pool (router/pdgateway.py, router/offload.py).
+        self.prefill_routes = Counter("tandem_prefill_route", "Disaggregated requests by where their prefill was "
+                                      "sent: local or remote (the offload threshold's decision).",
+                                      ["model", "route"], registry=r)
+        self.offload_threshold = Gauge("tandem_offload_threshold_tokens", "Current offload threshold t: prompts "
+                                       "with more uncached tokens are prefilled by the remote pool.", ["model"],
+                                       registry=r)
+        self.link_bytes = Counter("tandem_offload_link_bytes", "KV-cache bytes of offloaded requests sent over "
+                                  "the remote prefill link (prompt tokens x KV bytes per token).", ["model"],
+                                  registry=r)
+        self.link_utilization = Gauge("tandem_offload_link_utilization", "Share (0-1) of the remote prefill "
+                                      "link's capacity this gateway's offloads used over the controller's "
+                                      "measurement window; sum over gateways for the link's total.", ["model"],
+                                      registry=r)

@@ -37,8 +37,22 @@ class GatewaySettings(TandemSettings):
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0 picks a free one)")
     instances: UrlList = Field(default_factory=list,
                                description="unified engine URLs, comma-separated (static discovery)")
-    prefill_instances: UrlList = Field(default_factory=list, description="prefill engine URLs (stored for PD serving)")
-    decode_instances: UrlList = Field(default_factory=list, description="decode engine URLs (stored for PD serving)")
+    prefill_instances: UrlList = Field(default_factory=list, description="prefill engine URLs (disaggregated serving)")
+    decode_instances: UrlList = Field(default_factory=list, description="decode engine URLs (disaggregated serving)")
+    pd_engine: Literal["vllm", "sglang"] = Field("vllm", description="KV handshake of the prefill/decode engines: "
+                                                 "vllm (kv_transfer_params) or sglang (bootstrap room)")
+    pd_bootstrap_port: int | None = Field(None, gt=0, le=65535, description="sglang: prefill bootstrap port "
+                                          "(default: the prefill's own port, as the simulator serves it)")
+    pd_max_hops: int = Field(2, ge=0, le=16, description="prefill refusals (full queue) forwarded to the next "
+                             "candidate before answering 503")
+    remote_prefill_instances: UrlList = Field(default_factory=list, description="prefill engines of a remote "
+                                              "datacenter (RemotePrefillPool endpoints); KV returns over the link")
+    remote_link_gbps: float = Field(100.0, gt=0, description="RemotePrefillPool link bandwidth, Gbit/s")
+    remote_profile: str | None = Field(None, description="remote prefill engines' profile (default: profile)")
+    offload_threshold: int | None = Field(None, ge=0, description="offload uncached prompts longer than this "
+                                          "(default: solved from the live length distribution)")
+    offload_decode_rps: float | None = Field(None, gt=0, description="decode capacity the offload solver "
+                                             "assumes (req/s; default: estimated from the profile)")
     discovery: Literal["static", "kubernetes"] = Field("static", description="where instances come from")
     k8s_namespace: str = Field("default", description="kubernetes discovery: namespace to watch")
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")
@@ -87,12 +101,14 @@ class GatewaySettings(TandemSettings):
                                                "(when installed) or asyncio+h11")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
 
-    _split = field_validator("instances", "prefill_instances", "decode_instances", mode="before")(
+    _split = field_validator("instances", "prefill_instances", "decode_instances", "remote_prefill_instances",
+                             mode="before")(
         classmethod(lambda cls, v: _split_urls(v)))
 
     @model_validator(mode="after")
     def _has_instances(self) -> GatewaySettings:
-        if self.discovery == "static" and not (self.instances or self.prefill_instances or self.decode_instances):
+        if self.discovery == "static" and not (self.instances or self.prefill_instances or self.decode_instances
+                                               or self.remote_prefill_instances):
             raise ValueError("instances: static discovery needs at least one URL (--instances http://host:port,...)")
         if self.scrape_timeout > self.stale_after:
             raise ValueError("scrape_timeout: must not exceed stale_after")

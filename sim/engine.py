@@ -13,6 +13,11 @@ from the FCFS waiting queue). A request is admitted only when its worst-case KV 
 the cache's layout (blocks shared with running requests, optional host tier) is described in
 :mod:`tandem.sim.kvcache`.
 
+A decode instance of a disaggregated deployment gets requests whose prompt KV comes over a link
+(``SimRequest.kv_ready_at``). As in vLLM's NixlConnector, the request is admitted first (its KV
+blocks are allocated as the pull's destination), waits without being scheduled until the KV has
+landed, and then recomputes only the last prompt token, which yields the first output token.
+
 When an iteration would be pure decode, the engine may plan several iterations at once (until
 the first sequence finishes); a request arriving in the middle cuts that plan at the next
 iteration boundary, so coalescing changes no result, only the number of events.
@@ -20,6 +25,7 @@ iteration boundary, so coalescing changes no result, only the number of events.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,6 +41,9 @@ class SimRequest:
     block_hashes: tuple[int, ...] = ()
     block_size: int = 16
     arrival: float = 0.0
+    # Disaggregated decode: the prompt's KV is pulled from a prefill instance and lands at this time
+    # (math.inf while the transfer's end is not known yet). None: this engine prefills the prompt.
+    kv_ready_at: float | None = None
     # progress, owned by the engine
     cached_tokens: int = 0
     computed_tokens: int = 0  # prompt tokens with KV (cached + prefilled)
@@ -49,6 +58,9 @@ class SimRequest:
     @property
     def prefill_done(self) -> bool:
         return self.computed_tokens >= self.prompt_tokens
+
+    def awaiting_kv(self, now: float) -> bool:
+        return self.kv_ready_at is not None and self.kv_ready_at > now
 
     @property
     def reservation(self) -> int:
@@ -143,8 +155,16 @@ class Engine:
         return self._plan is not None
 
     def next_event_time(self) -> float | None:
-        """When the planned iteration(s) end, or None when idle."""
-        return self._plan.end if self._plan else None
+        """When the planned iteration(s) end or, when idle, when awaited KV lands; None when idle."""
+        if self._plan:
+            return self._plan.end
+        ready = self._next_kv_ready()
+        return ready if ready < math.inf else None
+
+    def _next_kv_ready(self, after: float = -math.inf) -> float:
+        return min((r.kv_ready_at for r in self.running
+                    if r.kv_ready_at is not None and r.kv_ready_at > after and not r.prefill_done),
+                   default=math.inf)
 
     def kv_usage(self) -> float:
         used = sum(r.computed_tokens + r.generated for r in self.running)
@@ -160,6 +180,21 @@ class Engine:
         self._cut_plan(now)
         if self._plan is None:
             self._start_plan(now)
+
+    def kv_arrived(self, request_id: str, now: float) -> bool:
+        """The KV of a request submitted with ``kv_ready_at=math.inf`` has landed at ``now``.
+
+        Used when the transfer's end depends on other traffic (a shared link) and so was not known
+        at submission. False when the request is unknown (aborted meanwhile).
+        """
+        for r in (*self.waiting, *self.running):
+            if r.id == request_id and r.kv_ready_at is not None:
+                r.kv_ready_at = min(r.kv_ready_at, now)
+                self._cut_plan(now)
+                if self._plan is None:
+                    self._start_plan(now)
+                return True
+        return False
 
     def abort(self, request_id: str, now: float) -> bool:
         """Drop a request whose client went away; an iteration already planned still takes its time."""
@@ -180,11 +215,23 @@ class Engine:
     def advance(self, now: float) -> list[Emission]:
         """Complete every planned iteration ending at or before ``now``; start the next one."""
         out: list[Emission] = []
-        while self._plan is not None and self._plan.end <= now:
+        free_since = -math.inf
+        while True:
             plan = self._plan
-            self._plan = None
-            out.extend(self._complete(plan))
-            self._start_plan(plan.end)
+            if plan is not None:
+                if plan.end > now:
+                    break
+                self._plan = None
+                out.extend(self._complete(plan))
+                free_since = plan.end
+                self._start_plan(free_since)
+                continue
+            ready = self._next_kv_ready()
+            if ready > now:
+                break
+            self._start_plan(max(ready, free_since))  # idle until awaited KV landed
+            if self._plan is None:
+                break
         if self._plan is None:
             self._start_plan(now)
         return out
@@ -212,7 +259,7 @@ class Engine:
         for r in self.running:
             if budget <= 0:
                 break
-            if not r.prefill_done:
+            if not r.prefill_done and not r.awaiting_kv(now):
                 chunk = min(budget, r.prompt_tokens - r.computed_tokens)
                 prefill.append((r, chunk))
                 pairs += attention_pairs(chunk, r.computed_tokens)
@@ -223,6 +270,8 @@ class Engine:
                 break
             self.waiting.popleft()
             load_s += self._admit(r, now)
+            if r.awaiting_kv(now):
+                continue
             chunk = min(budget, r.prompt_tokens - r.computed_tokens)
             prefill.append((r, chunk))
             pairs += attention_pairs(chunk, r.computed_tokens)
@@ -237,6 +286,9 @@ class Engine:
             duration = self.cost.step_time(prefill_tokens, pairs, len(decode), context) + load_s
         else:
             steps = min(r.max_tokens - r.generated for r in decode)
+            ready = self._next_kv_ready(after=now)
+            if ready < math.inf:  # stop at the first iteration boundary after awaited KV lands
+                steps = min(steps, self.cost.decode_steps_within(len(decode), context, ready - now) + 1)
             duration = self.cost.decode_steps_time(len(decode), context, steps)
         self.counters.iterations += steps
         self._plan = _Plan(now, now + duration, steps, decode, context, prefill)
@@ -248,6 +300,9 @@ class Engine:
         cached = min(hit.tokens, r.prompt_tokens - 1)
         r.cached_tokens = r.computed_tokens = cached
         r.host_tokens = min(hit.host_tokens, cached)
+        if r.kv_ready_at is not None:
+            r.computed_tokens = r.prompt_tokens - 1  # pulled KV; the last token is recomputed here
+            r.host_tokens = 0  # the whole prompt's KV comes over the link: nothing to load from host
         r.admitted_at = now
         self.running.append(r)
         self.reserved_tokens += r.reservation

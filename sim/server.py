@@ -16,7 +16,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import xxhash
@@ -36,8 +36,10 @@ from tandem.prefix import chain_hashes, text_block_hashes
 from tandem.sim.costmodel import CostModel
 from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
 from tandem.sim.metrics import EngineMetrics
+from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
 from tandem.sim.profile import Profile, load_profile
 from tandem.sim.settings import FaultMode, SimSettings
+from tandem.sim.wallclock import WallClockDriver
 
 _WORDS = ("the", "model", "serves", "tokens", "from", "a", "simulated", "engine", "with", "cached", "prefix",
           "blocks", "and", "continuous", "batching", "on", "time")
@@ -56,54 +58,41 @@ class _Pending:
     last_time: float = 0.0
 
 
-class EngineDriver:
+class EngineDriver(WallClockDriver):
     """Runs the engine against the event loop's clock and routes emissions to waiting handlers."""
 
+    task_name = "engine-driver"
+
     def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
+        super().__init__()
         self.engine = engine
         self.metrics = metrics
         self.pending: dict[str, _Pending] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._t0 = self._loop.time()
-
-    def now(self) -> float:
-        return self._loop.time() - self._t0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="engine-driver")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     def submit(self, req: SimRequest) -> _Pending:
         now = self.now()
         pending = _Pending(req, now, last_time=now)
         self.pending[req.id] = pending
         self.engine.submit(req, now)
-        self._wake.set()
+        self.wake()
         return pending
+
+    def kv_arrived(self, request_id: str) -> None:
+        """A disaggregated request's prompt KV has landed (see :mod:`tandem.sim.pd`)."""
+        if request_id in self.pending:
+            self.engine.kv_arrived(request_id, self.now())
+            self.wake()
 
     def abort(self, request_id: str) -> None:
         if self.pending.pop(request_id, None) is not None:
             self.engine.abort(request_id, self.now())
 
-    async def _run(self) -> None:
-        while True:
-            due = self.engine.next_event_time()
-            if due is None:
-                await self._wake.wait()
-            else:
-                delay = due - self.now()
-                if delay > 0:
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            for emission in self.engine.advance(self.now()):
-                self._deliver(emission)
+    def next_event_time(self) -> float | None:
+        return self.engine.next_event_time()
+
+    def advance(self, now: float) -> None:
+        for emission in self.engine.advance(now):
+            self._deliver(emission)
 
     def _deliver(self, e: Emission) -> None:
         pending = self.pending.get(e.request_id)
@@ -145,6 +134,8 @@ class SimServer:
         self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False)
         self.metrics = EngineMetrics(self.engine, flavor=settings.metrics, model_name=self.model_name,
                                      role=settings.role, block_size=profile.kv_block_size)
+        self.kv = KVTransfers(settings, kv_bytes_per_token=profile.model.kv_bytes_per_token,
+                              block_size=profile.kv_block_size, registry=self.metrics.registry)
         self.fault = FaultUpdate(mode=settings.fault, slowdown=settings.slowdown, error_rate=settings.error_rate)
         self.rng = random.Random(settings.seed)
         self.driver: EngineDriver | None = None
@@ -219,7 +210,9 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.driver = EngineDriver(server.engine, server.metrics)
         server.driver.start()
+        await server.kv.start()
         yield
+        await server.kv.stop()
         await server.driver.stop()
 
     app = FastAPI(title="tandem engine simulator", lifespan=lifespan)
@@ -244,26 +237,56 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             sim_req = server.build_request(body, text)
         except ValueError as exc:
             return JSONResponse(status_code=400, content=error_body(str(exc), param="prompt"))
+        try:
+            handshake = parse_handshake(body.model_extra or {}, settings.role, stream=body.stream)
+        except HandshakeError as exc:
+            return JSONResponse(status_code=400, content=error_body(str(exc), param=exc.param))
+        if handshake is not None:
+            handshake.prepare(sim_req)
         seed = xxhash.xxh32_intdigest(text.encode()) if text else len(sim_req.block_hashes)
         pending = server.driver.submit(sim_req)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + sim_req.id
-        if body.stream:
+        if handshake is not None and handshake.side == "decode":
+            try:
+                await server.kv.receive(handshake, sim_req, server.driver.kv_arrived)
+            except TransferError as exc:
+                server.driver.abort(sim_req.id)
+                return JSONResponse(status_code=exc.status, content=error_body(
+                    str(exc), type_="invalid_request_error" if exc.status == 400 else "server_error",
+                    param=exc.param))
+            except BaseException:
+                server.driver.abort(sim_req.id)
+                raise
+        room = handshake.sglang.bootstrap_room if handshake and handshake.sglang and handshake.side == "prefill" \
+            else None
+        if body.stream and room is None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(server.driver, pending, kind, rid, server.model_name, seed, include_usage),
                                      media_type="text/event-stream")
         try:
             parts = [output_token(seed, i) async for i, _ in _token_stream(server.driver, pending)]
+        except BaseException:
+            if room is not None:
+                server.kv.room_finished(room, None, failure="the prefill request was aborted")
+            raise
         finally:
             server.driver.abort(sim_req.id)
+        if room is not None:
+            server.kv.room_finished(room, sim_req)
         text_out = "".join(parts)
         choice: dict = {"index": 0, "finish_reason": "length", "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text_out}
         else:
             choice["text"] = text_out
-        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": server.model_name, "choices": [choice],
-                "usage": _usage(sim_req)}
+        response = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": int(time.time()), "model": server.model_name, "choices": [choice],
+                    "usage": _usage(sim_req)}
+        if handshake is not None and handshake.protocol == "vllm" and handshake.side == "prefill":
+            # Advertise the address the caller reached us on (the bound one may be 0.0.0.0).
+            _, port = request.scope.get("server") or (settings.host, settings.port)
+            response["kv_transfer_params"] = server.kv.hold(sim_req, request.url.hostname or settings.host, port)
+        return response
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
@@ -288,6 +311,25 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/kv/pull")
+    async def kv_pull(pull: PullRequest) -> JSONResponse:
+        """The prefill side of a vLLM-style KV read (stands in for the NIXL side channel)."""
+        status, content = server.kv.serve_pull(pull.engine_id, pull.block_ids)
+        return JSONResponse(status_code=status, content=content)
+
+    @app.get("/bootstrap/{room}")
+    async def bootstrap(room: int, wait_s: float = 30.0) -> JSONResponse:
+        """SGLang-style bootstrap: a decode server waits here for the prefill of its room."""
+        if not 0 <= room <= 2**63 - 1 or not 0 < wait_s <= 600:
+            return JSONResponse(status_code=400, content=error_body("room or wait_s out of range", param="room"))
+        status, content = await server.kv.serve_bootstrap(room, wait_s)
+        return JSONResponse(status_code=status, content=content)
+
+    @app.get("/admin/kv")
+    async def admin_kv() -> dict:
+        """What KV transfers this engine held, served and received (tests assert handshakes here)."""
+        return server.kv.snapshot()
 
     @app.get("/admin/fault")
     async def get_fault() -> FaultUpdate:

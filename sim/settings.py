@@ -34,3 +34,10 @@ class SimSettings(TandemSettings):
     slowdown: float = Field(1.0, ge=1.0, description="with fault=slow: every iteration takes this many times longer")
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="with fault=error: share of requests answered 500")
     seed: int = Field(0, description="seed of the fault injector's random choices")
+    engine_id: str | None = Field(None, min_length=1, max_length=128,
+                                  description="KV-transfer engine id (vLLM remote_engine_id); default: random")
+    kv_link_gbps: float = Field(100.0, gt=0, description="decode role: Gbit/s of the link KV is pulled over")
+    kv_link_per_flow_gbps: float | None = Field(None, gt=0, description="decode role: cap of one KV transfer")
+    kv_rtt_ms: float = Field(0.5, ge=0, description="decode role: round trip before the first KV byte")
+    kv_hold_s: float = Field(120.0, gt=0, description="prefill role: how long computed KV waits to be pulled")
+    kv_wait_s: float = Field(60.0, gt=0, description="decode role: how long to wait for the prefill's KV")

@@ -1,5 +1,7 @@
 """The engine core in virtual time: batching, prefix caching, admission, abort, coalescing."""
 
+import math
+
 import pytest
 
 from tandem.sim.costmodel import CostModel
@@ -101,3 +103,51 @@ def test_validation_and_abort() -> None:
     e.advance(e.next_event_time())
     assert e.abort("a", 0.1) and not e.abort("zzz", 0.1)
     assert set(run(e)) == {"b"} and e.reserved_tokens == 0
+
+
+def remote(rid: str, prompt: int, out: int, ready: float) -> SimRequest:
+    r = req(rid, prompt=prompt, out=out, blocks=tuple(range(prompt // 512)))
+    r.kv_ready_at = ready
+    return r
+
+
+def test_pulled_kv_skips_prefill_and_waits_for_the_transfer() -> None:
+    cost = CostModel.from_profile(PROFILE)
+    e = make_engine()
+    e.submit(remote("d", prompt=8192, out=4, ready=2.0), 0.0)
+    assert e.reserved_tokens == 8196  # blocks are allocated as the pull's destination, before it lands
+    assert e.next_event_time() == 2.0  # idle until the KV lands
+    first, done = run(e)["d"]
+    one_token = cost.step_time(1, 8192, 0, 0)  # only the last prompt token is recomputed
+    assert first == pytest.approx(2.0 + one_token)
+    assert first - 2.0 < cost.prefill_time(8192) / 20
+    assert done > first and e.reserved_tokens == 0
+    assert e.cache.peek(tuple(range(16))).tokens == 8192  # the pulled prompt is cached locally
+
+
+def test_kv_arrival_announced_later_and_coalescing_agrees() -> None:
+    results = []
+    for coalesce in (True, False):
+        e = make_engine(coalesce=coalesce)
+        e.submit(req("a", prompt=2000, out=300), 0.0)
+        e.submit(remote("d", prompt=4096, out=20, ready=math.inf), 0.0)
+        seen = e.advance(e.next_event_time())
+        seen += e.advance(0.7)
+        assert e.kv_arrived("d", 0.7) and not e.kv_arrived("nope", 0.7)
+        results.append(run(e, seen))
+    assert results[0].keys() == results[1].keys() == {"a", "d"}
+    for k in results[0]:
+        assert results[0][k] == pytest.approx(results[1][k], rel=1e-9)
+    assert 0.7 < results[0]["d"][0] < 0.8
+
+
+def test_known_arrival_cuts_a_coalesced_decode_plan() -> None:
+    results = []
+    for coalesce in (True, False):
+        e = make_engine(coalesce=coalesce)
+        e.submit(req("a", prompt=1000, out=500), 0.0)
+        e.submit(remote("d", prompt=2048, out=10, ready=1.234), 0.0)
+        results.append(run(e))
+    for k in ("a", "d"):
+        assert results[0][k] == pytest.approx(results[1][k], rel=1e-9)
+    assert 1.234 < results[0]["d"][0] < 1.3

@@ -200,13 +200,13 @@ async def test_client_leaving_while_queued_is_forgotten() -> None:
         assert inst["queued_requests"] == 0 and inst["inflight_requests"] == 0
 
 
-async def test_pd_pools_are_listed_but_not_routed_yet() -> None:
+async def test_pd_pools_are_listed_and_routed() -> None:
     async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d, \
             serve(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         models = (await c.get(gw + "/v1/models")).json()["data"]
         assert models == [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tandem", "instances": 2}]
         r = await c.post(gw + "/v1/completions", json=completion_body())
-        assert r.status_code == 501 and "prefill/decode" in r.json()["error"]["message"]
+        assert r.status_code == 200 and r.headers["x-tandem-decision"] == "pd"  # tests/test_gateway_pd.py
         roles = {i["role"] for i in (await c.get(gw + "/admin/instances")).json()["instances"]}
         assert roles == {"prefill", "decode"}

@@ -1,0 +1,197 @@
+"""The autoscaler's inputs and outputs: observations, spec, state and decision.
+
+Everything the pure core (:func:`tandem.autoscaler.core.tick`) reads or returns is one of these
+models, so the live controller, the discrete-event benchmark and the tests drive exactly the same
+decision code with plain values. Times are seconds on whatever monotonic clock the caller uses
+(wall clock live, virtual time in the simulator).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["unified", "prefill", "decode"]
+Mode = Literal["aggregated", "disaggregated"]
+
+ROLES_BY_MODE: dict[str, tuple[Role, ...]] = {
+    "aggregated": ("unified",),
+    "disaggregated": ("prefill", "decode"),
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LengthBucket(_Model):
+    """One class of requests in the observed length mix.
+
+    A mix of buckets rather than a mean, because prefill time is superlinear in the prompt and
+    the queueing delay depends on the second moment of the service time: a few long prompts
+    dominate TTFT even when the mean prompt is short.
+    """
+
+    input_tokens: int = Field(gt=0, description="prompt tokens")
+    output_tokens: int = Field(gt=0, description="generated tokens")
+    weight: float = Field(1.0, gt=0, description="share of requests in this bucket (normalised by the user)")
+
+
+class RoleObservation(_Model):
+    """What the gateway and the engines of one pool report for the last window."""
+
+    ready: int = Field(ge=0, description="instances serving (not starting, not draining)")
+    starting: int = Field(0, ge=0, description="instances scheduled but not ready yet")
+    draining: int = Field(0, ge=0, description="instances marked draining that still hold requests")
+    drained: int = Field(0, ge=0, description="instances marked draining that are now idle (safe to remove)")
+    queue_depth: float = Field(0.0, ge=0, description="requests waiting (gateway queue + engine waiting), pool total")
+    queue_time_s: float = Field(0.0, ge=0, description="mean time requests waited before running")
+    kv_usage: float = Field(0.0, ge=0, le=1, description="mean KV-cache usage over the pool")
+
+    @property
+    def provisioned(self) -> int:
+        """Instances the pool has or will have: ready plus starting (draining ones are leaving)."""
+        return self.ready + self.starting
+
+
+class Observations(_Model):
+    time_s: float = Field(description="when the window ended (monotonic seconds)")
+    window_s: float = Field(gt=0, description="length of the observation window")
+    arrival_rate: float = Field(ge=0, description="requests per second arriving at the gateway")
+    length_mix: list[LengthBucket] = Field(min_length=1, description="input/output length mix")
+    prefix_hit_ratio: float = Field(0.0, ge=0, le=1, description="share of prompt tokens served from prefix caches")
+    roles: dict[Role, RoleObservation] = Field(description="per-role pool observations")
+    ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
+    tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
+    completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
+    ttft_attainable: float = Field(1.0, gt=0, le=1,
+                                   description="share of those whose prompt alone prefills within the TTFT SLO: "
+                                               "the ceiling of TTFT attainment (no pool size lifts it)")
+    offload_threshold: int | None = Field(None, ge=0, description="the offload threshold in force (uncached tokens)")
+    link_other_gbps: float = Field(0.0, ge=0, description="traffic on the offload link that is not KV of offloads")
+    remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote prefill pool, s per instance")
+
+
+class PoolBounds(_Model):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(64, ge=1)
+    gpus_per_replica: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolBounds:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class SLO(_Model):
+    ttft_s: float = Field(5.0, gt=0, description="time-to-first-token objective")
+    tpot_s: float = Field(0.1, gt=0, description="time-per-output-token objective")
+    attainment: float = Field(0.95, gt=0, lt=1, description="share of requests that must meet both")
+
+
+class OffloadSpec(_Model):
+    """A remote prefill pool (Prefill-as-a-Service) whose length threshold the autoscaler re-solves."""
+
+    remote_instances: int = Field(ge=0, description="prefill instances in the remote pool")
+    link_gbps: float = Field(gt=0, description="link capacity to the remote pool, Gbit/s")
+    remote_per_token_s: float | None = Field(None, gt=0, description="remote prefill s/token (default: local)")
+    remote_attn_pair_s: float | None = Field(None, ge=0, description="remote s per attention pair (default: local)")
+    high_water: float = Field(0.85, gt=0, le=1, description="share of the link offload may use")
+    min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
+    initial_threshold: int = Field(16384, ge=0, description="threshold before the first solve")
+
+
+class AutoscalerSpec(_Model):
+    """How one service is scaled: its mode, pool bounds, SLOs and the controller's time constants."""
+
+    mode: Mode = "disaggregated"
+    pools: dict[Role, PoolBounds] = Field(default_factory=dict, description="bounds per role (default 1..64)")
+    slo: SLO = SLO()
+    gpu_budget: int | None = Field(None, ge=1, description="most GPUs this service may hold")
+    startup_delay_s: float = Field(60.0, ge=0, description="pod scheduled -> engine ready; the forecast horizon")
+    scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
+    scale_down_cooldown_s: float = Field(300.0, ge=0,
+                                         description="least time after any change before a role shrinks")
+    scale_down_stabilization_s: float = Field(300.0, ge=0,
+                                              description="shrink only to the largest need seen over this window")
+    hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
+    forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
+    forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
+    forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
+    min_samples: int = Field(20, ge=1, description="completions needed before observed attainment is trusted")
+    max_utilisation: float = Field(0.85, gt=0, lt=1,
+                                   description="no prefill/unified pool is planned above this utilisation")
+    decode_max_utilisation: float = Field(0.9, gt=0, lt=1,
+                                          description="no decode pool is planned above this share of its batch slots")
+    offload: OffloadSpec | None = Field(None, description="remote prefill offload (disaggregated mode only)")
+
+    @model_validator(mode="after")
+    def _roles_match_mode(self) -> AutoscalerSpec:
+        if self.offload is not None and self.mode != "disaggregated":
+            raise ValueError("offload needs disaggregated mode: offloaded prompts decode on the local decode pool")
+        wrong = set(self.pools) - set(ROLES_BY_MODE[self.mode])
+        if wrong:
+            raise ValueError(f"pools {sorted(wrong)} do not exist in {self.mode} mode "
+                             f"(roles: {', '.join(ROLES_BY_MODE[self.mode])})")
+        return self
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return ROLES_BY_MODE[self.mode]
+
+    def bounds(self, role: Role) -> PoolBounds:
+        return self.pools.get(role, PoolBounds())
+
+
+class ForecastState(_Model):
+    """Holt's linear trend on the arrival rate plus an EWMA of the squared one-step error."""
+
+    level: float = 0.0
+    trend: float = 0.0  # requests/s per second
+    variance: float = 0.0
+    time_s: float | None = None
+
+
+class RoleState(_Model):
+    replicas: int = Field(ge=0, description="the role's target after the last tick")
+    last_up_s: float | None = None
+    last_down_s: float | None = None
+    last_direction: int = Field(0, ge=-1, le=1)
+    goodput_scale: float = Field(1.0, gt=0, le=1,
+                                 description="learned correction of the model's goodput (<1: model too optimistic)")
+    observed_since_s: float | None = Field(None, description="first tick that saw this role")
+    recent_attainment: list[tuple[float, float]] = Field(
+        default_factory=list, description="(time, observed attainment) over the stabilization window")
+    recent_needs: list[tuple[float, int]] = Field(
+        default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
+
+
+class AutoscalerState(_Model):
+    forecast: ForecastState = ForecastState()
+    roles: dict[Role, RoleState] = Field(default_factory=dict)
+
+
+class RoleDecision(_Model):
+    replicas: int = Field(ge=0, description="replicas to set now (target + draining instances not yet drained)")
+    target: int = Field(ge=0, description="replicas the role should settle at")
+    drain: int = Field(0, ge=0, description="instances that should be marked draining (removed once drained)")
+    needed: float = Field(ge=0, description="fractional replicas at R-hat: rate / per-instance goodput")
+    goodput_rps: float = Field(ge=0, description="per-instance goodput under the SLOs in a pool of that size")
+    reason: str
+
+
+class Decision(_Model):
+    roles: dict[Role, RoleDecision]
+    offload_threshold: int | None = None
+    forecast_rps: float = Field(ge=0, description="R-hat: the rate the pools were sized for")
+    reason: str
+    state: AutoscalerState
+
+    @property
+    def replicas(self) -> dict[Role, int]:
+        return {role: d.replicas for role, d in self.roles.items()}
+
+    def gpus(self, spec: AutoscalerSpec) -> int:
+        return sum(d.target * spec.bounds(role).gpus_per_replica for role, d in self.roles.items())

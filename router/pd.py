@@ -1,0 +1,101 @@
+"""Prefill/decode disaggregation: the pure pieces the gateway and the DES share.
+
+A disaggregated request runs in two phases. The prompt is prefilled on an instance of the prefill
+pool (chosen by the pool's routing policy, DualMap by default, because prefix-cache affinity
+decides prefill cost), its KV moves to a decode instance, and the decode instance streams the
+output. Decode instances have no useful cache affinity (the KV arrives with the request), so the
+decode choice is by load: least KV usage, then fewest running requests.
+
+The request bodies of the engines' two handshakes are built here too, so the code that talks to
+real vLLM/SGLang engines and the code the tests run against the simulator are one and the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.router.routing.types import NoInstanceError
+
+#: vLLM NixlConnector: what the proxy sends with the prefill request.
+VLLM_PREFILL_KV_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+    "remote_block_ids": None, "remote_host": None, "remote_port": None,
+}
+_VLLM_DECODE_KEYS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLoad:
+    """A decode instance as the decode choice sees it."""
+
+    id: str
+    kv_usage: float  # 0..1, engine metrics (vllm:kv_cache_usage_perc / sglang:token_usage)
+    running: int  # engine running + waiting requests
+    inflight: int = 0  # the gateway's own requests sent there and not finished (fresher than a scrape)
+    routable: bool = True
+
+
+def pick_decode(loads: Iterable[DecodeLoad], exclude: Iterable[str] = ()) -> str:
+    """Least KV usage (in 2% steps, so near-equal usage falls through), then fewest requests."""
+    skip = set(exclude)
+    best: tuple[float, int, str] | None = None
+    for d in loads:
+        if not d.routable or d.id in skip:
+            continue
+        key = (round(d.kv_usage * 50) / 50, d.running + d.inflight, d.id)
+        if best is None or key < best:
+            best = key
+    if best is None:
+        raise NoInstanceError("no routable decode instance")
+    return best[2]
+
+
+# ----- vLLM handshake -----------------------------------------------------------------------------
+def vllm_prefill_body(data: dict[str, Any]) -> dict[str, Any]:
+    """The prefill leg: one token, not streamed, asking the engine to keep the KV for a remote decode."""
+    body = copy.deepcopy(data)
+    body["max_tokens"] = 1
+    if "max_completion_tokens" in body:
+        body["max_completion_tokens"] = 1
+    body["stream"] = False
+    body.pop("stream_options", None)
+    body["kv_transfer_params"] = dict(VLLM_PREFILL_KV_PARAMS)
+    return body
+
+
+def vllm_decode_params(prefill_response: Any) -> dict[str, Any]:
+    """The ``kv_transfer_params`` of a prefill engine's answer, checked before a decode gets them."""
+    if not isinstance(prefill_response, dict) or not isinstance(prefill_response.get("kv_transfer_params"), dict):
+        raise ValueError("the prefill engine's answer carries no kv_transfer_params (is it a KV producer?)")
+    params = prefill_response["kv_transfer_params"]
+    if params.get("do_remote_prefill") is not True:
+        raise ValueError("kv_transfer_params.do_remote_prefill: the prefill engine did not offer its KV")
+    missing = [k for k in _VLLM_DECODE_KEYS if params.get(k) is None]
+    if missing:
+        raise ValueError(f"kv_transfer_params.{missing[0]}: missing in the prefill engine's answer")
+    return params
+
+
+def vllm_decode_body(data: dict[str, Any], kv_params: dict[str, Any]) -> dict[str, Any]:
+    body = copy.deepcopy(data)
+    body["kv_transfer_params"] = kv_params
+    return body
+
+
+# ----- SGLang handshake ---------------------------------------------------------------------------
+def new_bootstrap_room(rng: random.Random) -> int:
+    """A random 63-bit room id, as SGLang's router draws it."""
+    return rng.getrandbits(63)
+
+
+def sglang_bodies(data: dict[str, Any], host: str, port: int, room: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill body, decode body): the same request, both naming the prefill's bootstrap server."""
+    fields = {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
+    prefill = {**copy.deepcopy(data), **fields, "stream": False}
+    prefill.pop("stream_options", None)
+    decode = {**copy.deepcopy(data), **fields}
+    return prefill, decode

@@ -1,0 +1,393 @@
+"""The gateway's disaggregated request path: prefill on one engine, decode (and stream) on another.
+
+For a model served by prefill and decode instances (``--prefill-instances/--decode-instances`` or
+pods labelled with those roles), each request runs the engines' KV-transfer handshake
+(:mod:`tandem.router.pd` builds the bodies): the prefill instance is chosen by the routing policy
+over the prefill pool, with the same late-binding scheduler as the aggregated path; the decode
+instance by :func:`~tandem.router.pd.pick_decode`. Everything before the decode's first byte is
+retried with the failed instances excluded, so a prefill that dies after the handshake (its KV
+gone, the decode's pull fails) costs one retry, and a bounded number of attempts ends in a clear
+error, never a hang. A prefill instance that refuses for a full queue (503/429) is not counted as
+broken: the request is forwarded to the next candidate, at most ``pd_max_hops`` times (P/D-Serve's
+reject-and-forward).
+
+With a remote prefill pool (``--remote-prefill-instances``, a RemotePrefillPool in another
+datacenter), a request whose uncached prompt is longer than the offload threshold is prefilled
+there and its KV crosses the link to a local decode instance; the threshold comes from the
+:class:`~tandem.router.offload.OffloadController` (re-solved from the live length distribution,
+arrival rate and remote backlog) unless pinned with ``--offload-threshold``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from tandem.openai_api import error_body
+from tandem.router.offload import (
+    OffloadController,
+    OffloadSettings,
+    OffloadStatus,
+    decode_rps_estimate,
+    pool_speed,
+)
+from tandem.router.pd import (
+    DecodeLoad,
+    new_bootstrap_room,
+    pick_decode,
+    sglang_bodies,
+    vllm_decode_body,
+    vllm_decode_params,
+    vllm_prefill_body,
+)
+from tandem.router.pool import Instance, Pool, QueueFull
+from tandem.router.proxy import Started, UpstreamFailure
+from tandem.router.routing.scheduler import QueueFullError
+from tandem.router.routing.types import NoInstanceError, RouteRequest
+
+if TYPE_CHECKING:
+    from tandem.router.app import Gateway
+
+
+class _Retry(Exception):
+    """This attempt failed before the client saw a byte; exclude these instances and try again."""
+
+    def __init__(self, message: str, *, prefill: str | None = None, decode: str | None = None,
+                 refused: bool = False) -> None:
+        super().__init__(message)
+        self.prefill, self.decode, self.refused = prefill, decode, refused
+
+
+class _Final(Exception):
+    def __init__(self, outcome: str, response: Response) -> None:
+        super().__init__(outcome)
+        self.outcome, self.response = outcome, response
+
+
+def _error(status: int, message: str, type_: str = "server_error", retry_after: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return JSONResponse(status_code=status, content=error_body(message, type_=type_), headers=headers)
+
+
+class PDRouter:
+    """Prefill pools (one per model, over the gateway's prefill instances) and the two-phase path."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        from tandem.sim.profile import load_profile
+
+        self.gw = gateway
+        s = gateway.settings
+        self.pools: dict[tuple[str, str], Pool] = {}
+        self.controllers: dict[str, OffloadController] = {}
+        self.rng = random.Random()
+        self.local_profile = load_profile(s.profile)
+        self.remote_profile = load_profile(s.remote_profile) if s.remote_profile else self.local_profile
+
+    # --- membership -----------------------------------------------------------------------------
+    def _members(self, role: str, model: str) -> dict[str, Instance]:
+        return {i.id: i for i in self.gw.pd[role].values() if i.model == model}
+
+    def serves(self, model: str) -> bool:
+        return bool(self._members("prefill", model) or self._members("remote-prefill", model)) and \
+            bool(self._members("decode", model))
+
+    def prefill_pool(self, model: str, role: str = "prefill") -> Pool:
+        """The model's (local or remote) prefill pool, kept in step with discovery."""
+        gw = self.gw
+        pool = self.pools.get((role, model))
+        if pool is None:
+            pool = self.pools[(role, model)] = Pool(model, gw.settings.policy, gw.make_scheduler, gw.metrics,
+                                                    gw.settings.max_queue)
+            pool.scheduler(gw.settings.policy)
+        current = self._members(role, model)
+        for iid, inst in current.items():
+            if iid not in pool.instances:
+                pool.add(inst)
+        for iid in [i for i in pool.instances if i not in current and not pool.instances[i].removed]:
+            pool.drain(iid)
+        return pool
+
+    def decode_choice(self, model: str, exclude: list[str]) -> Instance:
+        now = time.monotonic()
+        insts = {i.id: i for i in self.gw.pd["decode"].values() if i.model == model}
+        for inst in insts.values():
+            inst.refresh_health(now)
+        loads = [DecodeLoad(i.id, i.state.kv_usage, i.state.engine_running + i.state.engine_waiting,
+                            i.state.inflight_requests, i.state.routable) for i in insts.values()]
+        try:
+            return insts[pick_decode(loads, exclude)]
+        except NoInstanceError:
+            return insts[pick_decode(loads)]  # every one failed this request: any is better than none
+
+    # --- the request path -----------------------------------------------------------------------
+    async def serve(self, request: Request, data: dict[str, Any], rreq: RouteRequest, path: str, stream: bool,
+                    policy: str) -> Response:
+        """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
+        gw, s = self.gw, self.gw.settings
+        route = self.route(rreq)
+        gw.metrics.prefill_routes.labels(rreq.model, route).inc()
+        pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
+        t0 = time.monotonic()
+        deadline = t0 + s.request_timeout
+        base = uuid.uuid4().hex[:16]
+        excluded_p: list[str] = []
+        excluded_d: list[str] = []
+        attempts = hops = 0
+        last = "no attempt was made"
+        while attempts < s.max_attempts and time.monotonic() < deadline:
+            try:
+                return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
+                                           path, stream, policy, excluded_p, excluded_d, t0, deadline)
+            except _Final as final:
+                response = final.response
+                if final.outcome == "no_instance" and attempts:  # the failures took the last instances
+                    response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
+                                           f"error: {last}", retry_after=2)
+                return gw._done(policy, "pd", final.outcome, response)
+            except _Retry as retry:
+                last = str(retry)
+                if retry.prefill:
+                    excluded_p.append(retry.prefill)
+                if retry.decode:
+                    excluded_d.append(retry.decode)
+                if retry.refused:
+                    hops += 1
+                    if hops > s.pd_max_hops:
+                        return gw._done(policy, "pd", "refused", _error(
+                            503, f"prefill instances refused the request {hops} times (queues full): {last}",
+                            retry_after=1))
+                    continue  # forward to the next candidate at once: a refusal is not a failure
+                attempts += 1
+                gw.metrics.retries.labels("pd").inc()
+                if attempts < s.max_attempts:
+                    await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
+        return gw._done(policy, "pd", "upstream_error", _error(
+            502, f"disaggregated request failed after {attempts} attempts; last error: {last}"))
+
+    def route(self, rreq: RouteRequest) -> str:
+        """'local' or 'remote' prefill: the offload threshold on the prompt's uncached length.
+
+        Uncached = prompt - the best hit among the local prefill instances' shadow caches (the
+        tokens offloading would make someone compute). Without a local pool everything goes remote.
+        """
+        model = rreq.model
+        remote = self._members("remote-prefill", model)
+        local = self.prefill_pool(model, "prefill")
+        if not remote:
+            return "local"
+        if not local.instances:
+            return "remote"
+        hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
+        uncached = rreq.prompt_tokens - hit
+        ctl = self.controller(model)
+        ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
+        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+        now = time.monotonic()
+        ctl.observe(uncached, now)
+        remote_pool = self.prefill_pool(model, "remote-prefill")
+        backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
+        per_token = self.remote_profile.params.per_token_s
+        # Other models' offloads share the link: their measured egress shrinks this model's budget.
+        others = sum(c.egress_gbps(now) for m, c in self.controllers.items() if m != model)
+        ctl.maybe_resolve(now, link_other_gbps=others,
+                          remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
+        self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
+        return "remote" if ctl.should_offload(uncached) else "local"
+
+    def controller(self, model: str) -> OffloadController:
+        ctl = self.controllers.get(model)
+        if ctl is None:
+            s = self.gw.settings
+            n_decode = len(self._members("decode", model))
+            decode_rps = s.offload_decode_rps or decode_rps_estimate(self.local_profile, max(1, n_decode),
+                                                                     8192, 256)
+            ctl = self.controllers[model] = OffloadController(
+                OffloadSettings(fixed_threshold=s.offload_threshold), local=pool_speed(self.local_profile, 1),
+                remote=pool_speed(self.remote_profile, 1), decode_rps=decode_rps, link_gbps=s.remote_link_gbps,
+                kv_bytes_per_token=self.local_profile.model.kv_bytes_per_token)
+        return ctl
+
+    async def _prefill_instance(self, request: Request, pool: Pool, rreq: RouteRequest, policy: str,
+                                excluded: list[str], deadline: float) -> Instance:
+        from tandem.router.app import ClientGone, _unless_disconnected
+
+        s = self.gw.settings
+        try:
+            _, released = pool.submit(replace(rreq, arrival=time.monotonic()), policy, excluded)
+        except (QueueFull, QueueFullError) as exc:
+            raise _Final("queue_full", _error(503, f"too many queued requests: {exc}", "rate_limit_error", 1)) from None
+        except NoInstanceError as exc:
+            raise _Final("no_instance", _error(503, f"no prefill instance for '{pool.model}': {exc}",
+                                               retry_after=2)) from None
+        try:
+            instance_id = await _unless_disconnected(request, pool.wait(
+                rreq.request_id, released, min(s.queue_timeout, max(0.001, deadline - time.monotonic()))))
+        except NoInstanceError as exc:
+            raise _Final("no_instance", _error(503, str(exc), retry_after=2)) from None
+        except TimeoutError:
+            raise _Final("queue_timeout", _error(503, "timed out waiting for a prefill instance", retry_after=2)) \
+                from None
+        except ClientGone:
+            raise _Final("client_gone", Response(status_code=499)) from None
+        inst = pool.instances.get(instance_id)
+        if inst is None:
+            pool.failed(rreq.request_id)
+            raise _Retry(f"prefill instance {instance_id} left")
+        return inst
+
+    async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
+                     deadline: float, role: str) -> Started:
+        """Send one leg; an UpstreamFailure becomes a retry that excludes this instance."""
+        from tandem.router.app import ClientGone, _unless_disconnected
+
+        gw = self.gw
+        assert gw.upstream is not None
+        try:
+            started = await _unless_disconnected(request, gw.upstream.start(
+                inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
+                budget_s=max(0.001, deadline - time.monotonic())))
+        except ClientGone:
+            raise _Final("client_gone", Response(status_code=499)) from None
+        except UpstreamFailure as exc:
+            refused = exc.status in (429, 503) and role == "prefill"
+            if not refused:
+                inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
+                inst.refresh_health(time.monotonic())
+            gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
+            raise _Retry(f"{role} {inst.id}: {exc}", **{role: inst.id}, refused=refused) from None
+        inst.breaker.on_success()
+        return started
+
+    async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
+                       stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
+                       deadline: float) -> Response:
+        p_inst = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
+        rid = rreq.request_id
+        d_inst = self.decode_choice(rreq.model, excluded_d)
+        d_inst.state.inflight_requests += 1
+        handed_off = False
+        try:
+            if self.gw.settings.pd_engine == "vllm":
+                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline)
+            else:
+                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline)
+            if started.status >= 400:
+                raise _Final("client_error", _error(
+                    502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
+                         f"{started.first.decode(errors='replace')[:300]}"))
+            remote = p_inst.endpoint.role == "remote-prefill"
+            if remote:
+                self._count_link(rreq)
+            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
+                       "x-tandem-prefill-route": "remote" if remote else "local",
+                       "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
+            if started.response is None:
+                self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+                raise _Final("ok", Response(started.first, status_code=started.status, headers=headers))
+            self.gw.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            handed_off = True
+            from tandem.router.app import RelayResponse, _Stream  # app imports this module
+
+            return RelayResponse(_Stream(started, self._finisher(d_inst, policy, t0)), started.status, headers)
+        finally:
+            if not handed_off:
+                d_inst.state.inflight_requests -= 1
+
+    async def _vllm(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
+                    data: dict[str, Any], path: str, stream: bool, deadline: float) -> Started:
+        try:
+            pre = await self._start(request, p_inst, path, vllm_prefill_body(data), False, deadline, "prefill")
+        except BaseException:
+            pool.failed(rid)
+            raise
+        if pre.status >= 400:  # the prompt itself is bad: the engine's answer is the client's answer
+            pool.failed(rid)
+            raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
+        pool.first_token(rid)
+        pool.finished(rid)
+        try:
+            kv = vllm_decode_params(json.loads(pre.first))
+        except ValueError as exc:
+            raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
+        try:
+            return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
+        except _Retry as retry:
+            # The decode could not start: if its KV pull failed the prefill's KV is gone too.
+            retry.prefill = p_inst.id
+            raise
+
+    async def _sglang(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
+                      data: dict[str, Any], path: str, stream: bool, deadline: float) -> Started:
+        url = urlsplit(p_inst.endpoint.url)
+        port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
+        prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
+        p_task = asyncio.ensure_future(self._start(request, p_inst, path, prefill_body, False, deadline, "prefill"))
+        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode"))
+        try:
+            pre = await p_task
+        except BaseException:
+            pool.failed(rid)
+            await _cancel(d_task)
+            raise
+        if pre.status >= 400:
+            pool.failed(rid)
+            await _cancel(d_task)
+            raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
+        pool.first_token(rid)
+        pool.finished(rid)
+        try:
+            return await d_task
+        except _Retry as retry:
+            retry.prefill = p_inst.id
+            raise
+
+    def _finisher(self, d_inst: Instance, policy: str, t0: float) -> Callable[[str], None]:
+        """The accounting run exactly once when the relayed decode stream ends, however it ends."""
+        def finish(outcome: str) -> None:
+            d_inst.state.inflight_requests -= 1
+            self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+            self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
+            self.gw._leave()
+
+        return finish
+
+    def _count_link(self, rreq: RouteRequest) -> None:
+        """The decode accepted a remote prefill's KV: the whole prompt's KV crosses the link."""
+        ctl = self.controller(rreq.model)
+        nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
+        now = time.monotonic()
+        ctl.record_egress(nbytes, now)
+        self.gw.metrics.link_bytes.labels(rreq.model).inc(nbytes)
+        self.gw.metrics.link_utilization.labels(rreq.model).set(ctl.link_utilization(now))
+
+    def offload_status(self) -> dict[str, OffloadStatus]:
+        now = time.monotonic()
+        return {model: ctl.status(now) for model, ctl in sorted(self.controllers.items())}
+
+    def tick(self) -> None:
+        for pool in self.pools.values():
+            pool.tick()
+        now = time.monotonic()
+        for model, ctl in self.controllers.items():  # decays to 0 when offloads stop
+            self.gw.metrics.link_utilization.labels(model).set(ctl.link_utilization(now))
+            self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    try:
+        started = await task
+    except BaseException:  # the leg is abandoned: its failure is not the request's
+        return
+    await started.close()  # it had started: drop the upstream stream

@@ -1,0 +1,295 @@
+"""``tandem autoscaler``'s shell against a Kubernetes API: kmock always, a real server on request.
+
+The Kubernetes side is kmock's in-memory API server (no controllers: the test creates the pods a
+Deployment would have, and plays their readiness), or a real API server when
+``TANDEM_TEST_KUBECONFIG`` is set. The load side is a stand-in gateway on a loopback port serving
+the documented ``/admin/observations`` contract over real HTTP (a stand-in because the gateway
+process is not part of this test); everything in between - the observation source, the pure core,
+the patches, status, events, drain annotations and metrics - is the real code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tandem.autoscaler.actuator import (
+    ANN_DELETION_COST,
+    ANN_DRAINING,
+    EVENTS,
+    PODS,
+    Actuator,
+    GatewayObservationSource,
+    LoadReport,
+    count_pods,
+)
+from tandem.autoscaler.models import AutoscalerSpec, LengthBucket, Observations
+from tandem.operator.kube import LLMSERVICES, ApiError, Kind, KubeClient, load_credentials
+from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
+from tandem.serve import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
+CRD_KIND = Kind(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
+                kind="CustomResourceDefinition")
+NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
+MIX = [LengthBucket(input_tokens=2000, output_tokens=200)]
+
+
+def service(name: str = "pd") -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.tandem.dev/v1alpha1", "kind": "LLMService", "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Llama-3.1-8B-Instruct", "servedName": "llama-8b"},
+            "mode": "disaggregated",
+            "replicas": 1,  # the primary (decode) pool: the scale subresource's field
+            "pools": {"prefill": {"replicas": 1, "minReplicas": 1, "maxReplicas": 12},
+                      "decode": {"minReplicas": 1, "maxReplicas": 12}},
+            "slo": {"ttftSeconds": 2.0, "tpotSeconds": 0.08, "attainment": 0.95},
+            "autoscaling": {"enabled": True, "profile": "llama3-8b-h100", "cooldownSeconds": 60},
+        },
+    }
+
+
+class FakeGateway:
+    """The gateway's admin API as the autoscaler sees it; load set by the test."""
+
+    def __init__(self) -> None:
+        self.rate = 1.0
+        self.inflight: dict[str, int] = {}
+        self.app = FastAPI()
+        self.app.get("/admin/observations")(self.observations)
+
+    async def observations(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
+        obs = Observations(time_s=now, window_s=window, arrival_rate=self.rate, length_mix=MIX, roles={})
+        return LoadReport(observations=obs, inflight=self.inflight).model_dump(mode="json")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _kubeconfig_for(url: str, path: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": url}}], "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    return path
+
+
+@pytest.fixture(params=["kmock", pytest.param("real", marks=pytest.mark.realk8s)])
+async def api(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) -> AsyncIterator[tuple[str, KubeClient, str]]:
+    if request.param == "kmock":
+        info = kmock.ResourceInfo
+        kmock.resources["serving.tandem.dev/v1alpha1/llmservices"] = info(
+            kind="LLMService", namespaced=True, subresources={"status", "scale"},
+            verbs={"get", "list", "watch", "patch", "create"})
+        kmock.resources["v1/pods"] = info(kind="Pod", namespaced=True, subresources={"status"},
+                                          verbs={"get", "list", "patch", "create"})
+        kmock.resources["v1/events"] = info(kind="Event", namespaced=True, verbs={"create", "list"})
+        creds = load_credentials(_kubeconfig_for(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig"))
+        client = KubeClient(creds, creds.ssl_context(), user_agent="tandem-tests")
+        try:
+            yield "kmock", client, "default"
+        finally:
+            await client.close()
+        return
+    if not REAL_KUBECONFIG:
+        pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
+    creds = await asyncio.to_thread(load_credentials, Path(REAL_KUBECONFIG))
+    client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent="tandem-tests")
+    ns = f"tandem-as-{uuid.uuid4().hex[:8]}"
+    try:
+        for path in sorted((ROOT / "crds").glob("*.yaml")):
+            crd = yaml.safe_load(path.read_text())
+            existing = await client.get(CRD_KIND, None, crd["metadata"]["name"])  # type: ignore[arg-type]
+            if existing is None:
+                await client.request("POST", CRD_KIND.path(None), json=crd)
+        await client.request("POST", NAMESPACES.path(None), json={"metadata": {"name": ns}})
+        for _ in range(100):
+            with contextlib.suppress(ApiError):
+                await client.request("GET", LLMSERVICES.path(ns))
+                break
+            await asyncio.sleep(0.1)
+        yield "real", client, ns
+    finally:
+        with contextlib.suppress(ApiError):
+            await client.request("DELETE", NAMESPACES.path(None, ns))
+        await client.close()
+
+
+async def add_pod(client: KubeClient, ns: str, svc: str, role: str, i: int, ready: bool = True) -> None:
+    body = {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{svc}-{role}-{i}", "namespace": ns,
+                         "labels": {LABEL_SERVICE: svc, LABEL_ROLE: role},
+                         "creationTimestamp": f"2026-01-01T00:00:{i:02d}Z"},
+            "spec": {"containers": [{"name": "engine", "image": "example.invalid/engine:0"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    await client.create(PODS, ns, body)
+
+
+def spec_defaults() -> AutoscalerSpec:
+    return AutoscalerSpec(startup_delay_s=30, scale_up_cooldown_s=10, scale_down_stabilization_s=60)
+
+
+async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
+    backend, client, ns = api
+    gateway = FakeGateway()
+    gateway.rate = 60.0
+    await client.create(LLMSERVICES, ns, {**service(), "metadata": {"name": "pd", "namespace": ns}})
+    if backend == "kmock":
+        await add_pod(client, ns, "pd", "prefill", 0)
+        await add_pod(client, ns, "pd", "decode", 0)
+    registry = CollectorRegistry()
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=registry,
+                            clock=Clock())
+        decisions = await actuator.tick_once()
+        await source.close()
+    decision = decisions[(ns, "pd")]
+    assert decision.replicas["prefill"] >= 3 and decision.replicas["decode"] >= 2
+    obj = await client.get(LLMSERVICES, ns, "pd")
+    assert obj["spec"]["pools"]["prefill"]["replicas"] == decision.replicas["prefill"]
+    assert obj["spec"]["replicas"] == decision.replicas["decode"]
+    assert "replicas" not in obj["spec"]["pools"]["decode"]
+    last = obj["status"]["lastScalingDecision"]
+    assert last["replicas"] == decision.replicas and "R-hat" in last["reason"]
+    events = (await client.request("GET", EVENTS.path(ns)))["items"]
+    scaled = [e for e in events if e["involvedObject"]["name"] == "pd" and e["reason"] == "Scaled"]
+    assert scaled and "prefill 1->" in scaled[0]["message"]
+    text = generate_latest(registry).decode()
+    assert f'tandem_autoscaler_desired_replicas{{namespace="{ns}",role="prefill",service="pd"}} ' \
+           f'{float(decision.replicas["prefill"])}' in text
+    assert "tandem_autoscaler_scaling_actions_total" in text and "tandem_autoscaler_forecast_rps" in text
+
+
+async def test_scale_down_drains_first(api) -> None:
+    backend, client, ns = api
+    if backend != "kmock":
+        pytest.skip("needs pods with controllable readiness: kmock only")
+    body = service()
+    body["spec"]["replicas"] = 6
+    body["spec"]["pools"]["prefill"]["replicas"] = 6
+    await client.create(LLMSERVICES, ns, {**body, "metadata": {"name": "pd", "namespace": ns}})
+    for role in ("prefill", "decode"):
+        for i in range(6):
+            await add_pod(client, ns, "pd", role, i)
+    gateway = FakeGateway()
+    gateway.rate = 2.0
+    gateway.inflight = {f"pd-prefill-{i}": 3 for i in range(6)}
+    clock = Clock()
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=CollectorRegistry(),
+                            clock=clock)
+        first = (await actuator.tick_once())[(ns, "pd")]
+        assert first.replicas == {"prefill": 6, "decode": 6}  # no shrink before a stabilization window
+        decision = first
+        for _ in range(10):
+            clock.t += 15
+            decision = (await actuator.tick_once())[(ns, "pd")]
+            if decision.roles["prefill"].drain:
+                break
+        p = decision.roles["prefill"]
+        assert p.drain > 0 and p.target < 6
+        # busy draining pods keep the pool at 6 and carry the drain annotations
+        assert p.replicas == 6
+        pods = await client.list(PODS, ns, {LABEL_SERVICE: "pd", LABEL_ROLE: "prefill"})
+        marked = [x for x in pods if ANN_DRAINING in (x["metadata"].get("annotations") or {})]
+        assert len(marked) == p.drain
+        assert all(x["metadata"]["annotations"][ANN_DELETION_COST] == "-1000" for x in marked)
+        obj = await client.get(LLMSERVICES, ns, "pd")
+        assert obj["spec"]["pools"]["prefill"]["replicas"] == 6
+        # the gateway reports them idle: now the pool shrinks by exactly those
+        for x in marked:
+            gateway.inflight[x["metadata"]["name"]] = 0
+        clock.t += 15
+        after = (await actuator.tick_once())[(ns, "pd")]
+        await source.close()
+    assert after.roles["prefill"].replicas == 6 - len(marked)
+    obj = await client.get(LLMSERVICES, ns, "pd")
+    assert obj["spec"]["pools"]["prefill"]["replicas"] == 6 - len(marked)
+
+
+async def test_disabled_services_are_left_alone(api) -> None:
+    _, client, ns = api
+    body = service("off")
+    body["spec"]["autoscaling"]["enabled"] = False
+    await client.create(LLMSERVICES, ns, {**body, "metadata": {"name": "off", "namespace": ns}})
+    gateway = FakeGateway()
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), clock=Clock())
+        assert await actuator.tick_once() == {}
+        await source.close()
+    obj = await client.get(LLMSERVICES, ns, "off")
+    assert "lastScalingDecision" not in (obj.get("status") or {})
+
+
+def test_count_pods_roles() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    old = (now - timedelta(seconds=600)).isoformat()
+    recent = (now - timedelta(seconds=5)).isoformat()
+
+    def pod(name, ready=True, drain=None, deleting=False):
+        meta = {"name": name, "annotations": {ANN_DRAINING: drain} if drain else {}}
+        if deleting:
+            meta["deletionTimestamp"] = recent
+        return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+    pods = [pod("a"), pod("b", ready=False), pod("c", drain=recent), pod("d", drain=recent), pod("e", drain=old),
+            pod("f", deleting=True)]
+    o = count_pods(pods, {"c": 2, "d": 0, "e": 5}, now, drain_timeout_s=300)
+    assert (o.ready, o.starting, o.draining, o.drained) == (1, 1, 1, 2)
+
+
+async def test_global_gpu_budget_across_services(api) -> None:
+    _, client, ns = api
+    for name in ("a", "b"):
+        await client.create(LLMSERVICES, ns, {**service(name), "metadata": {"name": name, "namespace": ns}})
+    gateway = FakeGateway()
+    gateway.rate = 80.0
+    async with serve(gateway.app) as url:
+        source = GatewayObservationSource(url)
+        actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), gpu_budget=8,
+                            registry=CollectorRegistry(), clock=Clock())
+        decisions = await actuator.tick_once()
+        await source.close()
+    assert set(decisions) == {(ns, "a"), (ns, "b")}
+    total = 0
+    for name in ("a", "b"):
+        obj = await client.get(LLMSERVICES, ns, name)
+        pools = obj["spec"]["pools"]
+        assert pools["prefill"]["replicas"] >= 1 and obj["spec"]["replicas"] >= 1
+        total += pools["prefill"]["replicas"] + obj["spec"]["replicas"]
+        assert "GPU budget 8" in obj["status"]["lastScalingDecision"]["reason"]
+    assert total <= 8
+
+
+def test_rbac_manifest_covers_what_the_actuator_does() -> None:
+    """deploy/rbac/autoscaler.yaml grants every (resource, verb) the actuator's calls need."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "autoscaler.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    granted = {(group, res, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for res in rule["resources"] for verb in rule["verbs"]}
+    needed = {("serving.tandem.dev", "llmservices", "list"), ("serving.tandem.dev", "llmservices", "patch"),
+              ("serving.tandem.dev", "llmservices/status", "patch"), ("", "pods", "list"), ("", "pods", "patch"),
+              ("", "events", "create")}
+    assert needed <= granted, needed - granted

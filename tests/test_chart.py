@@ -1,0 +1,436 @@
+"""The Helm chart, through the real Helm library (helm-sdkpy), without a cluster.
+
+* ``helm lint`` (helm-sdkpy's Lint) on the chart as shipped and with every feature on.
+* Rendering: helm-sdkpy has no ``template`` action, so the chart goes through Helm's real install
+  path against kmock, an in-memory Kubernetes API (a mock: no cluster can run here). Helm renders,
+  validates the values against values.schema.json, installs the CRDs and creates every object; the
+  test reads the manifests back from the release and from kmock. Release storage is Helm's
+  ``memory`` driver (kmock cannot decode the protobuf Secrets the default driver writes); Go reads
+  it from the environment only at process start, so installs run in a child process (helmrun.py).
+  The rendered objects are then checked against the Kubernetes OpenAPI schemas (kubernetes-validate)
+  and their command lines against the real ``tandem`` CLIs.
+* With ``TANDEM_TEST_KUBECONFIG`` set, the same install runs against that real API server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_sdkpy", reason="make test installs helm-sdkpy (--ignore-requires-python)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+kmock = pytest.importorskip("kmock")
+from kmock._internal.apps import Server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "tandem"
+sys.path.insert(0, str(ROOT / "tools"))
+import sync_chart  # noqa: E402
+
+KUBE_VERSION = "1.34.0"
+REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
+ALL_VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+# Every kind the chart can create: (apiVersion/plural, kind, namespaced).
+KINDS = [
+    ("v1/secrets", "Secret", True), ("v1/configmaps", "ConfigMap", True), ("v1/services", "Service", True),
+    ("v1/serviceaccounts", "ServiceAccount", True), ("v1/namespaces", "Namespace", False),
+    ("apps/v1/deployments", "Deployment", True), ("apps/v1/statefulsets", "StatefulSet", True),
+    ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True),
+    ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
+    ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False),
+    ("rbac.authorization.k8s.io/v1/clusterrolebindings", "ClusterRoleBinding", False),
+    ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
+    ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
+    ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True),
+    ("monitoring.coreos.com/v1/podmonitors", "PodMonitor", True),
+    ("monitoring.coreos.com/v1/prometheusrules", "PrometheusRule", True),
+]
+FULL_VALUES: dict[str, Any] = {
+    "engines": {"namespaces": ["llm-a", "llm-b"]},
+    "gateway": {"replicas": 3, "apiKeys": {"existingSecret": "tandem-keys"}, "rateLimitRpm": 600},
+    "redis": {"enabled": True},
+    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                   "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+}
+
+
+@contextlib.asynccontextmanager
+async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
+    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator)."""
+    async with kmock.KubernetesEmulator() as k, Server(k):
+        for path, kind, namespaced in KINDS:
+            k.resources[path] = k.ResourceInfo(kind=kind, namespaced=namespaced, verbs=set(ALL_VERBS))
+        major, minor, _ = KUBE_VERSION.split(".")
+        k["get /version"] << {"major": major, "minor": minor, "gitVersion": f"v{KUBE_VERSION}",
+                              "platform": "linux/amd64"}
+        # kmock's own core-group list says groupVersion "/v1", which client-go's REST mapper rejects.
+        k["get /api/v1"] << {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [
+            {"name": p.split("/")[-1], "kind": kind, "namespaced": ns, "singularName": kind.lower(), "verbs": ALL_VERBS}
+            for p, kind, ns in KINDS if p.startswith("v1/")]}
+        kubeconfig = tmp_path / "kubeconfig"
+        server = str(k.url).rstrip("/")
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+            "users": [{"name": "kmock", "user": {}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+        yield kubeconfig, k
+
+
+async def install(kubeconfig: Path, values: dict[str, Any] | None, release: str = "tandem",
+                  namespace: str = "tandem-system") -> dict[str, Any]:
+    """``helm install`` (no wait) in a child process: {"release": ...} or {"error": message}."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "tests" / "helmrun.py"), "install", str(kubeconfig), namespace, release,
+        str(CHART), json.dumps(values or {}), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "HELM_DRIVER": "memory"})
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def render(tmp_path: Path, values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
+    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too)."""
+    async with api_server(tmp_path) as (kubeconfig, k):
+        outcome = await install(kubeconfig, values)
+        assert "error" not in outcome, outcome["error"]
+        release = outcome["release"]
+        assert release["info"]["status"] == "deployed"
+        docs = [d for d in yaml.safe_load_all(release["manifest"]) if d]
+        return docs, [dict(o) for o in k.objects.values()]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {f"{d['metadata'].get('namespace', '')}/{d['metadata']['name']}": d for d in docs if d["kind"] == kind}
+
+
+def one(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
+    found = [d for key, d in by_kind(docs, kind).items() if key.endswith(suffix)]
+    assert len(found) == 1, (kind, suffix, list(by_kind(docs, kind)))
+    return found[0]
+
+
+def pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
+            for d in docs if d["kind"] in {"Deployment", "StatefulSet"}}
+
+
+def args_of(docs: list[dict[str, Any]], name_suffix: str) -> list[str]:
+    return one(docs, "Deployment", name_suffix)["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def lint(chart: Path) -> list[dict[str, Any]]:
+    result = asyncio.run(helm.Lint(helm.Configuration(namespace="tandem-system")).run(str(chart)))
+    return result["Messages"] or []
+
+
+def chart_copy(tmp_path: Path, values: dict[str, Any]) -> Path:
+    """The chart with values.yaml replaced (helm-sdkpy's lint takes no values of its own)."""
+    dest = tmp_path / "tandem"
+    shutil.copytree(CHART, dest)
+    merged = merge(yaml.safe_load((CHART / "values.yaml").read_text()), values)
+    (dest / "values.yaml").write_text(yaml.safe_dump(merged))
+    return dest
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# --- lint -----------------------------------------------------------------------------------------
+
+INFO, WARNING, ERROR = 1, 2, 3  # Helm's support.Severity
+
+
+def test_lint_clean_as_shipped_and_with_everything_on(tmp_path: Path) -> None:
+    for chart in (CHART, chart_copy(tmp_path, FULL_VALUES)):
+        problems = [m for m in lint(chart) if m["Severity"] >= WARNING]
+        assert problems == [], chart
+
+
+def test_lint_reports_values_that_break_the_schema(tmp_path: Path) -> None:
+    messages = lint(chart_copy(tmp_path, {"gateway": {"replicas": "two"}}))
+    assert {(m["Severity"], m["Path"]) for m in messages} >= {(ERROR, "values.yaml")}
+
+
+# --- files the chart carries ----------------------------------------------------------------------
+
+
+def test_chart_copies_are_byte_identical() -> None:
+    assert sync_chart.drift() == []
+    top = {p.name: p.read_bytes() for p in (ROOT / "crds").glob("*.yaml")}
+    assert top and top == {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+
+
+def test_values_are_documented_field_by_field() -> None:
+    """Every key of values.yaml, at any depth, has its own comment line right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    keys = [(i, line.strip().split(":")[0]) for i, line in enumerate(lines)
+            if line.strip() and not line.lstrip().startswith(("#", "-")) and ":" in line]
+    assert len(keys) > 100
+    assert [key for i, key in keys if not lines[i - 1].lstrip().startswith("#")] == []
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(yaml.safe_load((CHART / "values.yaml").read_text())) <= set(schema["properties"])
+
+
+# --- rendering (Helm's install path against kmock) ------------------------------------------------
+
+
+async def test_default_install(tmp_path: Path) -> None:
+    docs, created = await render(tmp_path)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding",
+            "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    assert "StatefulSet" not in kinds and "ServiceMonitor" not in kinds  # Redis and monitoring are opt-in
+    # The CRDs went in first, exactly as in crds/.
+    crds = {o["metadata"]["name"]: o for o in created if o.get("kind") == "CustomResourceDefinition"}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        want = yaml.safe_load(path.read_text())
+        assert crds[want["metadata"]["name"]]["spec"] == want["spec"]
+    # In-memory gateway state: no Redis URL anywhere.
+    gateway = one(docs, "Deployment", "/tandem-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert "TANDEM_GATEWAY_REDIS_URL" not in {e["name"] for e in gateway["env"]}
+    assert gateway["image"] == "ghcr.io/tandem-serving/tandem:0.1.0"
+
+
+async def test_every_pod_is_hardened(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    specs = pods(docs)
+    assert len(specs) == 4  # operator, gateway, autoscaler, redis
+    for name, spec in specs.items():
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], name
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], name
+            # A read-only root needs somewhere to write: every writable path is an emptyDir.
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for mount in c.get("volumeMounts", []):
+                assert "emptyDir" in volumes[mount["name"]] or mount.get("readOnly"), (name, mount)
+
+
+async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path)
+    for component in ("operator", "gateway"):
+        shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
+                   if d and d["kind"] == "ClusterRole"]
+        assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component
+    operator = one(docs, "Deployment", "/tandem-operator")["spec"]
+    assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
+    binding = one(docs, "ClusterRoleBinding", "/tandem-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
+    # The operator's per-service gateways run as the chart's gateway ServiceAccount.
+    assert "--gateway-service-account=tandem-gateway" in args_of(docs, "/tandem-operator")
+    assert "tandem-system/tandem-gateway" in by_kind(docs, "ServiceAccount")
+
+
+async def test_full_install(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    redis = one(docs, "StatefulSet", "/tandem-redis")
+    assert redis["spec"]["replicas"] == 1
+    gateway = one(docs, "Deployment", "/tandem-gateway")
+    assert gateway["spec"]["replicas"] == 3
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TANDEM_GATEWAY_REDIS_URL"] == "redis://tandem-redis.tandem-system.svc:6379/0"
+    assert "--api-keys-file=/etc/tandem/keys/keys.yaml" in container["args"]
+    assert "--rate-limit-rpm=600" in container["args"]
+    assert "--k8s-namespace=llm-a" in container["args"]  # discovers engines where LLMServices live
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "tandem-keys"
+    operator_args = args_of(docs, "/tandem-operator")
+    assert {"--namespace=llm-a", "--namespace=llm-b"} <= set(operator_args)
+    assert "--all-namespaces" not in operator_args
+    # The gateway ServiceAccount, its binding and the engine NetworkPolicy exist where services live.
+    for ns in ("llm-a", "llm-b"):
+        assert f"{ns}/tandem-gateway" in by_kind(docs, "ServiceAccount")
+        assert f"{ns}/tandem-gateway" in by_kind(docs, "RoleBinding")
+        assert f"{ns}/tandem-engines" in by_kind(docs, "NetworkPolicy")
+    # Monitoring: ServiceMonitor for the chart's services, PodMonitors for engines and service gateways.
+    monitor = one(docs, "ServiceMonitor", "/tandem")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    podmonitors = by_kind(docs, "PodMonitor")
+    assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
+    for pm in podmonitors.values():
+        assert pm["spec"]["namespaceSelector"] == {"matchNames": ["llm-a", "llm-b"]}
+        targets = {r["targetLabel"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+        assert {"role", "service"} <= targets  # the dashboards group engine series by role
+    rule = one(docs, "PrometheusRule", "/tandem")
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy" / "prometheus" / "tandem-rules.yaml").read_text())
+
+
+async def test_dashboards_are_configmaps_for_the_grafana_sidecar(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path)
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("tandem-dashboard-")]
+    files = {p.name: p.read_text() for p in (ROOT / "deploy" / "grafana").glob("*.json")}
+    assert len(maps) == len(files) == 3
+    for cm in maps:
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["metadata"]["annotations"]["grafana_folder"] == "Tandem"
+        (name, text), = cm["data"].items()
+        assert json.loads(text) == json.loads(files[name])
+
+
+async def test_network_policies(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    engines = one(docs, "NetworkPolicy", "llm-a/tandem-engines")
+    assert engines["spec"]["podSelector"] == {
+        "matchExpressions": [{"key": "serving.tandem.dev/role", "operator": "Exists"}]}
+    peers = [peer for rule in engines["spec"]["ingress"] for peer in rule["from"]]
+    # Gateways (per-service and the chart's), other engines (KV transfer), Prometheus; nobody else.
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}} in peers
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+    assert all(set(p) <= {"podSelector", "namespaceSelector"} and p for p in peers)
+    assert not any(p == {"podSelector": {}} or p == {"namespaceSelector": {}} for p in peers)
+    gateway = one(docs, "NetworkPolicy", "/tandem-gateway")["spec"]["ingress"]
+    assert gateway == [{"ports": [{"port": "http", "protocol": "TCP"}]}]  # the exposed component
+    control = one(docs, "NetworkPolicy", "/tandem-control")["spec"]
+    assert [list(p) for r in control["ingress"] for p in r["from"]] == [["namespaceSelector"]]
+    redis = one(docs, "NetworkPolicy", "/tandem-redis")["spec"]["ingress"][0]["from"]
+    assert redis == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
+
+
+async def test_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    checked = 0
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # the Prometheus Operator's CRDs are not in kubernetes-validate's schema set
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        checked += 1
+    assert checked >= 20
+    broken = copy.deepcopy(one(docs, "Deployment", "/tandem-gateway"))
+    broken["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBE_VERSION, strict=True)
+
+
+async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
+    """The flags the chart passes parse in `tandem operator run`, `gateway` and `autoscaler` as they are."""
+    from tandem.autoscaler.cli import AutoscalerCommand
+    from tandem.operator.cli import OperatorRunCommand
+    from tandem.router.settings import GatewaySettings
+
+    for i, values in enumerate((None, FULL_VALUES)):
+        (tmp_path / str(i)).mkdir()
+        docs, _ = await render(tmp_path / str(i), values)
+        operator = args_of(docs, "/tandem-operator")
+        assert operator[:2] == ["operator", "run"]
+        parsed = OperatorRunCommand(_cli_parse_args=operator[2:])
+        assert parsed.gateway_image == "ghcr.io/tandem-serving/tandem:0.1.0"
+        gateway = args_of(docs, "/tandem-gateway")
+        assert gateway[0] == "gateway"
+        settings = GatewaySettings(_cli_parse_args=gateway[1:])
+        assert settings.discovery == "kubernetes" and settings.host == "0.0.0.0"
+        autoscaler = args_of(docs, "/tandem-autoscaler")
+        assert autoscaler[0] == "autoscaler"
+        scaler = AutoscalerCommand(_cli_parse_args=autoscaler[1:])
+        assert scaler.gateway_url == "http://tandem-gateway.tandem-system.svc:80"
+        assert scaler.namespaces == (["llm-a", "llm-b"] if values else ["tandem-system"])
+        ports = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["spec"]["containers"][0]["ports"]
+        assert ports == [{"name": "metrics", "containerPort": scaler.metrics_port, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize(("values", "field"), [
+    ({"gateway": {"replicas": "two"}}, "replicas"),
+    ({"gateway": {"replicaz": 2}}, "replicaz"),
+    ({"containerSecurityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"gateway": {"redis": {"url": "http://not-redis"}}}, "url"),
+    ({"gateway": {"replicas": 3}}, "gateway.replicas"),  # several gateways need shared state
+    ({"gateway": {"enabled": False}}, "autoscaler.gatewayUrl"),  # the autoscaler needs a gateway
+    ({"operator": {"replicas": 2}}, "replicas"),  # one operator only (kopf without peering)
+])
+async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, values: dict[str, Any],
+                                                            field: str) -> None:
+    async with api_server(tmp_path) as (kubeconfig, k):
+        outcome = await install(kubeconfig, values)
+        assert "release" not in outcome
+        assert outcome["error"].startswith("InstallError") and field in outcome["error"], outcome["error"]
+        assert not [o for o in k.objects.values() if o.get("kind") == "Deployment"]
+
+
+@pytest.mark.realk8s
+def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
+    """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
+    deploy/examples/aggregated-8b.yaml into Deployments."""
+    if not REAL_KUBECONFIG:
+        pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
+    from kubernetes import client, config
+
+    release_ns, engine_ns = (f"tandem-chart-{uuid.uuid4().hex[:6]}", f"llm-{uuid.uuid4().hex[:6]}")
+    api = config.new_client_from_config(REAL_KUBECONFIG)
+    core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    core.create_namespace({"metadata": {"name": engine_ns}})
+    helm_config = helm.Configuration(namespace=release_ns, kubeconfig=REAL_KUBECONFIG)
+    operator = None
+    try:
+        release = asyncio.run(helm.Install(helm_config).run(
+            "tandem", str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
+            create_namespace=True))
+        assert release["info"]["status"] == "deployed"
+        # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
+        token = core.create_namespaced_service_account_token(
+            "tandem-operator", release_ns, {"spec": {"expirationSeconds": 3600}}).status.token
+        real = yaml.safe_load(Path(REAL_KUBECONFIG).read_text())
+        cluster = next(c["cluster"] for c in real["clusters"])
+        sa_config = tmp_path / "operator-kubeconfig"
+        sa_config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "sa", "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
+        args = args_of([d for d in yaml.safe_load_all(release["manifest"]) if d],
+                       "/tandem-operator")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", *[a for a in args if not a.startswith("--liveness-port")],
+             "--liveness-port=0", f"--kubeconfig={sa_config}"], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        example = yaml.safe_load((ROOT / "deploy" / "examples" / "aggregated-8b.yaml").read_text())
+        example["metadata"]["namespace"] = engine_ns
+        custom.create_namespaced_custom_object("serving.tandem.dev", "v1alpha1", engine_ns, "llmservices", example)
+        name = example["metadata"]["name"]
+        wanted = {f"{name}-unified", f"{name}-gateway"}
+        for _ in range(120):
+            found = {d.metadata.name for d in apps.list_namespaced_deployment(engine_ns).items}
+            if wanted <= found:
+                break
+            time.sleep(0.5)
+        assert wanted <= found
+        unified = apps.read_namespaced_deployment(f"{name}-unified", engine_ns)
+        assert unified.spec.replicas == example["spec"]["pools"]["unified"]["replicas"]
+        gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
+        assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
+        assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
+    finally:
+        if operator is not None and operator.poll() is None:
+            operator.terminate()
+            operator.wait(10)
+        with contextlib.suppress(Exception):
+            asyncio.run(helm.Uninstall(helm_config).run("tandem", wait=False))
+        for ns in (engine_ns, release_ns):
+            with contextlib.suppress(Exception):
+                core.delete_namespace(ns)

@@ -1,0 +1,126 @@
+"""The disaggregated DES: both paths, the link never above capacity, the offload threshold honoured."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.router.offload import OffloadSettings
+from tandem.sim.costmodel import CostModel
+from tandem.sim.des.pd import PDConfig, simulate_pd
+from tandem.sim.des.pdbench import find_capacity, lognormal_mix, plan_split
+from tandem.sim.des.simulator import prepare, with_arrivals
+from tandem.sim.profile import load_profile
+from tandem.traces import TraceRequest, rescale_to_qps
+
+KVB = 131072
+
+
+def mix(n: int = 120, qps: float = 1.0, seed: int = 1):
+    base = lognormal_mix(n, mu=9.0, sigma=1.0, low=128, high=64_000, output_tokens=32, seed=seed)
+    return with_arrivals(prepare(base), [r.arrival for r in rescale_to_qps(base, qps)])
+
+
+def test_local_pd_serves_everything_and_ttft_covers_prefill_and_transfer() -> None:
+    run = simulate_pd(mix(), PDConfig(local_prefill=3, decode=2, local_link_gbps=100.0, local_rtt_ms=1.0))
+    cost = CostModel.from_profile(load_profile("llama3-8b-h100"))
+    assert all(r.finished_at is not None and not r.rejected for r in run.requests)
+    for r in run.requests:
+        assert r.route == "local" and r.decode_instance.startswith("d") and r.prefill_instance.startswith("p")
+        assert r.transfer_tokens == r.prompt_tokens  # no shared prefixes: the whole KV moves
+        floor = cost.prefill_time(r.prompt_tokens) + 0.001 + r.prompt_tokens * KVB * 8 / 100e9
+        assert r.ttft >= floor * (1 - 1e-9)
+        assert r.transfer_s >= 0.001 + r.prompt_tokens * KVB * 8 / 100e9 * (1 - 1e-9)
+    assert run.remote_link.delivered_bytes == 0
+
+
+def test_all_remote_link_is_shared_and_never_exceeds_capacity() -> None:
+    reqs = mix(150, qps=3.0)
+    run = simulate_pd(reqs, PDConfig(local_prefill=0, remote_prefill=6, decode=2, mode="remote", link_gbps=20.0,
+                                     link_rtt_ms=10.0))
+    link = run.remote_link
+    assert all(r.route == "remote" and r.finished_at is not None for r in run.requests)
+    assert link.delivered_bytes == pytest.approx(sum(r.transfer_tokens for r in run.requests) * KVB, rel=1e-9)
+    end = max(r.finished_at for r in run.requests)
+    for window in (0.1, 1.0, 10.0):
+        assert max(link.window_utilisation(0.0, end, window)) <= 1.0 + 1e-9
+    # 20 Gbit/s carries ~19k tokens of KV per second: at 3 req/s of ~13k-token prompts it is the
+    # bottleneck, so transfers queue behind each other and take far longer than alone.
+    alone = [0.01 + r.transfer_tokens * KVB * 8 / 20e9 for r in run.requests]
+    assert sum(r.transfer_s for r in run.requests) > 2 * sum(alone)
+
+
+def test_selective_offload_honours_the_threshold_and_caps_the_link() -> None:
+    reqs = mix(200, qps=2.0)
+    fixed = simulate_pd(reqs, PDConfig(local_prefill=2, remote_prefill=2, decode=2, mode="selective",
+                                       offload=OffloadSettings(fixed_threshold=8192)))
+    for r in fixed.requests:
+        assert (r.route == "remote") == (r.uncached_tokens > 8192)
+    assert 0 < sum(r.route == "remote" for r in fixed.requests) < len(reqs)
+    solved = simulate_pd(reqs, PDConfig(local_prefill=2, remote_prefill=2, decode=2, mode="selective",
+                                        link_gbps=5.0, offload=OffloadSettings(min_samples=20, resolve_every_s=2.0)))
+    assert solved.thresholds, "the controller re-solved t during the run"
+    # A 5 Gbit/s link cannot carry much KV: the solver keeps most prompts local.
+    share = sum(r.route == "remote" for r in solved.requests) / len(reqs)
+    assert share < 0.3
+    end = max(r.finished_at for r in solved.requests)
+    assert max(solved.remote_link.window_utilisation(0.0, end, 1.0)) <= 1.0 + 1e-9
+
+
+def test_decode_pulls_only_what_it_does_not_cache() -> None:
+    shared = tuple(range(8))  # 8 x 512-token blocks shared by every prompt
+    base = [TraceRequest(i * 2.0, 4096 + 512, 8, (*shared, 100 + i)) for i in range(4)]
+    run = simulate_pd(prepare(base), PDConfig(local_prefill=1, decode=1))
+    transfers = [r.transfer_tokens for r in run.requests]
+    assert transfers[0] == 4608 and all(t == 512 for t in transfers[1:])  # the decode caches the prefix
+
+
+def test_planner_and_capacity_search() -> None:
+    lengths = [r.input_tokens for r in lognormal_mix(300, mu=9.9, sigma=1.0, low=128, high=128_000,
+                                                    output_tokens=256, seed=0)]
+    hom = plan_split("homogeneous", 16, lengths, "llama3-8b-h20", "llama3-8b-h200", 100.0, 256, 0.85)
+    sel = plan_split("selective", 16, lengths, "llama3-8b-h20", "llama3-8b-h200", 100.0, 256, 0.85)
+    assert hom[1] == 0 and hom[0] + hom[2] == 16
+    assert sel[0] >= 1 and sel[1] >= 1 and sum(sel[:3]) == 16 and sel[3] > hom[3]
+    assert find_capacity(lambda q: q <= 3.3, 1.0, 0.01) == pytest.approx(3.3, rel=0.02)
+    assert find_capacity(lambda q: False, 1.0, 0.01) == 0.0
+
+
+def test_bad_configuration_is_refused() -> None:
+    with pytest.raises(ValueError, match="remote_prefill"):
+        simulate_pd(mix(5), PDConfig(local_prefill=1, decode=1, mode="selective"))
+
+
+def test_steady_attainment_sees_a_backlog_that_only_late_arrivals_suffer() -> None:
+    from tandem.sim.des.pdbench import steady_attainment
+
+    outcomes = [(float(i), i < 85) for i in range(100)]  # 85% overall, the last 15 all miss
+    assert steady_attainment(outcomes) == pytest.approx(0.25)  # last 20%: 5 of 20 met
+    assert steady_attainment([(float(i), True) for i in range(10)]) == 1.0
+
+
+def test_bench_offload_and_pd_write_the_documented_json(tmp_path) -> None:
+    import json
+
+    from tandem.sim.des.pdbench import OffloadBench, PDBench
+
+    out = tmp_path / "offload.json"
+    OffloadBench(requests=30, warmup=5, gpus=6, json=out).cli_cmd()
+    data = json.loads(out.read_text())
+    assert set(data) == {"scenarios", "config"}
+    assert set(data["scenarios"]) == {"homogeneous", "naive", "selective"}
+    required = {"throughput_rps": float, "ttft_mean": float, "ttft_p90": float, "threshold_tokens": int,
+                "offload_fraction": float, "link_util_max": float, "link_util_mean": float}
+    keys = [set(s) for s in data["scenarios"].values()]
+    assert keys[0] == keys[1] == keys[2] and set(required) <= keys[0]
+    for scenario in data["scenarios"].values():
+        for key, kind in required.items():
+            assert isinstance(scenario[key], kind) or (kind is float and isinstance(scenario[key], int)), key
+        assert scenario["link_util_max_any_run"] <= 1.0 + 1e-9
+    assert data["scenarios"]["naive"]["offload_fraction"] == 1.0
+    assert data["scenarios"]["homogeneous"]["offload_fraction"] == 0.0
+    pd_out = tmp_path / "pd.json"
+    PDBench(requests=30, warmup=5, gpus=3, slo_tpots="0.05", json=pd_out).cli_cmd()
+    pd = json.loads(pd_out.read_text())
+    entry = pd["slo_tpot"]["0.05"]
+    assert {"aggregated", "disaggregated", "disaggregated_vs_aggregated"} <= set(entry)
+    assert entry["disaggregated"]["prefill_instances"] in (1, 2)

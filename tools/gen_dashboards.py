@@ -1,0 +1,246 @@
+"""Generate the Grafana dashboards in deploy/grafana/ (run ``make generate``; a test checks they are current).
+
+The panels are written here as (title, PromQL, legend) rows rather than as hand-edited JSON so every
+dashboard shares one layout, one datasource variable and one set of units, and a reviewer reads the
+queries instead of Grafana's boilerplate. Every metric a query names must exist in the real /metrics
+output of the gateway, the engines (vLLM and SGLang names) or the autoscaler, or be a recording rule
+in deploy/prometheus/: tests/test_observability.py checks that.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generated import write_or_check
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "deploy" / "grafana"
+RATE = "$__rate_interval"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+# The gateway's TTFT histogram boundaries (router/metrics.py LATENCY_BUCKETS) that make sensible SLOs:
+# attainment is read off the bucket whose upper bound equals the SLO.
+SLO_BUCKETS = ("1.0", "2.0", "3.0", "5.0", "7.5", "10.0", "20.0")
+
+
+@dataclass
+class Panel:
+    title: str
+    targets: list[tuple[str, str]]  # (PromQL, legend)
+    unit: str = "short"
+    kind: str = "timeseries"
+    description: str = ""
+    width: int = 12
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def quantiles(metric: str, by: str = "", qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[tuple[str, str]]:
+    group = f"le, {by}" if by else "le"
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return [(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"{prefix}p{q * 100:g}")
+            for q in qs]
+
+
+def attainment(window: str) -> str:
+    return (f'sum(rate(tandem_time_to_first_token_seconds_bucket{{le="$ttft_slo"}}[{window}]))'
+            f" / sum(rate(tandem_time_to_first_token_seconds_count[{window}]))")
+
+
+GATEWAY = [
+    Panel("Requests per second by outcome", [(f"sum by (outcome) (rate(tandem_requests_total[{RATE}]))",
+                                              "{{outcome}}")], "reqps"),
+    Panel("TTFT SLO attainment (TTFT <= $ttft_slo s)",
+          [(attainment(RATE), "attainment"),
+           ("avg(tandem:ttft_slo_attainment:ratio_rate5m)", "5m (recorded, 5 s SLO)")],
+          "percentunit", description="Share of requests whose first token came within the SLO, from the gateway's "
+                                     "TTFT histogram (queueing in the gateway included)."),
+    Panel("Time to first token (client view)", quantiles("tandem_time_to_first_token_seconds"), "s"),
+    Panel("End-to-end latency", quantiles("tandem_request_duration_seconds"), "s"),
+    Panel("Routing decisions by reason",
+          [(f"sum by (reason) (rate(tandem_routing_choices_total[{RATE}]))", "{{reason}}"),
+           (f"sum(rate(tandem_migrations_total[{RATE}]))", "migration")], "ops",
+          description="affinity: DualMap kept the cache-affine candidate; slo_switch: it switched to the "
+                      "less-loaded one to hold the SLO; migration: queued requests moved off a hot instance."),
+    Panel("Prefix-cache hit ratio (engines)",
+          [(f"sum(rate(vllm:prefix_cache_hits_total[{RATE}])) / sum(rate(vllm:prefix_cache_queries_total[{RATE}]))",
+            "vLLM (tokens)"), ("avg(sglang:cache_hit_rate)", "SGLang"),
+           ("avg(tandem:prefix_cache_hit_ratio:rate5m)", "5m (recorded)")], "percentunit"),
+    Panel("Queued in the gateway per instance", [("sum by (instance) (tandem_queue_length)", "{{instance}}")]),
+    Panel("In flight per instance", [("sum by (instance) (tandem_inflight_requests)", "{{instance}}")]),
+    Panel("Gateway queue wait p90 per instance",
+          quantiles("tandem_queue_wait_seconds", "instance", (0.9,)), "s"),
+    Panel("Instances by role and state", [("sum by (role, state) (tandem_instances)", "{{role}} {{state}}")]),
+    Panel("Retries and upstream errors",
+          [(f"sum by (reason) (rate(tandem_retries_total[{RATE}]))", "retry {{reason}}"),
+           (f"sum by (kind) (rate(tandem_upstream_errors_total[{RATE}]))", "error {{kind}}"),
+           (f"sum by (reason) (rate(tandem_rejected_requests_total[{RATE}]))", "rejected {{reason}}")], "ops"),
+    Panel("Open circuit breakers", [("sum by (instance) (tandem_circuit_open)", "{{instance}}")]),
+    Panel("Shared state backend", [("min by (backend) (tandem_state_backend_up)", "{{backend}} up"),
+                                   (f"sum by (backend) (rate(tandem_state_backend_errors_total[{RATE}]))",
+                                    "{{backend}} sync errors/s")]),
+    Panel("Engine /metrics scrapes by the gateway",
+          [(f"sum by (instance) (rate(tandem_scrape_errors_total[{RATE}]))", "errors {{instance}}"),
+           *quantiles("tandem_scrape_duration_seconds", qs=(0.99,))], "short"),
+]
+
+ENGINES = [
+    Panel("Running requests per role", [("sum by (role) (vllm:num_requests_running)", "vLLM {{role}}"),
+                                        ("sum by (role) (sglang:num_running_reqs)", "SGLang {{role}}")]),
+    Panel("Waiting requests per role", [("sum by (role) (vllm:num_requests_waiting)", "vLLM {{role}}"),
+                                        ("sum by (role) (sglang:num_queue_reqs)", "SGLang {{role}}")]),
+    Panel("KV-cache usage per role", [("avg by (role) (vllm:kv_cache_usage_perc)", "vLLM {{role}}"),
+                                      ("max by (role) (vllm:kv_cache_usage_perc)", "vLLM {{role}} max"),
+                                      ("avg by (role) (sglang:token_usage)", "SGLang {{role}}")], "percentunit"),
+    Panel("Prefix-cache hit rate per role",
+          [(f"sum by (role) (rate(vllm:prefix_cache_hits_total[{RATE}])) / "
+            f"sum by (role) (rate(vllm:prefix_cache_queries_total[{RATE}]))", "vLLM {{role}}"),
+           ("avg by (role) (sglang:cache_hit_rate)", "SGLang {{role}}")], "percentunit"),
+    Panel("TTFT per role (engine view)",
+          [*[(q, "vLLM " + legend) for q, legend in quantiles("vllm:time_to_first_token_seconds", "role", (0.5, 0.99))],
+           *[(q, "SGLang " + legend)
+             for q, legend in quantiles("sglang:time_to_first_token_seconds", "role", (0.5, 0.99))]], "s"),
+    Panel("Inter-token latency per role",
+          [*[(q, "vLLM " + legend) for q, legend in quantiles("vllm:inter_token_latency_seconds", "role", (0.5, 0.99))],
+           *[(q, "SGLang " + legend)
+             for q, legend in quantiles("sglang:inter_token_latency_seconds", "role", (0.5, 0.99))]], "s"),
+    Panel("Tokens per second per role",
+          [(f"sum by (role) (rate(vllm:prompt_tokens_total[{RATE}]))", "vLLM prompt {{role}}"),
+           (f"sum by (role) (rate(vllm:generation_tokens_total[{RATE}]))", "vLLM generated {{role}}"),
+           (f"sum by (role) (rate(sglang:prompt_tokens_total[{RATE}]))", "SGLang prompt {{role}}"),
+           (f"sum by (role) (rate(sglang:generation_tokens_total[{RATE}]))", "SGLang generated {{role}}")]),
+    Panel("Engine queue time p90 per role",
+          [*[(q, "vLLM " + legend) for q, legend in quantiles("vllm:request_queue_time_seconds", "role", (0.9,))],
+           *[(q, "SGLang " + legend) for q, legend in quantiles("sglang:queue_time_seconds", "role", (0.9,))]], "s"),
+    Panel("End-to-end latency p90 per role (engine view)",
+          [*[(q, "vLLM " + legend) for q, legend in quantiles("vllm:e2e_request_latency_seconds", "role", (0.9,))],
+           *[(q, "SGLang " + legend)
+             for q, legend in quantiles("sglang:e2e_request_latency_seconds", "role", (0.9,))]], "s"),
+    Panel("vLLM engines and KV blocks",
+          [("count by (role) (vllm:cache_config_info)", "engines {{role}}"),
+           ("sum by (model_name, block_size, num_gpu_blocks) (vllm:cache_config_info)",
+            "{{model_name}} block {{block_size}} x {{num_gpu_blocks}}")], kind="table"),
+]
+
+AUTOSCALER = [
+    Panel("Desired vs ready replicas per role",
+          [("sum by (service, role) (tandem_autoscaler_desired_replicas)", "desired {{service}} {{role}}"),
+           ("sum by (service, role) (tandem_autoscaler_target_replicas)", "target {{service}} {{role}}"),
+           ('sum by (role) (tandem_instances{state="healthy"})', "ready (gateway view) {{role}}"),
+           ("sum by (service, role) (tandem_autoscaler_draining_instances)", "draining {{service}} {{role}}")],
+          width=24, description="desired: replicas set by the last decision (target plus instances still "
+                                "draining); target: where the role settles; ready: healthy instances the "
+                                "gateways route to."),
+    Panel("Scaling actions per role",
+          [(f"sum by (service, role, direction) (increase(tandem_autoscaler_scaling_actions_total[{RATE}]))",
+            "{{service}} {{role}} {{direction}}")], kind="barchart",
+          description="The reason of each decision is in the LLMService's status (kubectl get llms -o yaml: "
+                      "status.lastScalingDecision) and in its Events."),
+    Panel("Capacity model: needed replicas and per-instance goodput",
+          [("sum by (service, role) (tandem_autoscaler_needed_replicas)", "needed {{service}} {{role}}"),
+           ("sum by (service, role) (tandem_autoscaler_goodput_rps)", "goodput rps/instance {{service}} {{role}}")],
+          description="needed = R-hat / goodput; above target for long means the pool is capped "
+                      "(maxReplicas or the GPU budget): see the TandemAutoscalerAtMax alert."),
+    Panel("Arrival rate: forecast vs observed",
+          [("sum by (service) (tandem_autoscaler_forecast_rps)", "forecast R-hat {{service}}"),
+           (f"sum(rate(tandem_requests_total[{RATE}]))", "observed (gateways)")], "reqps"),
+    Panel("Autoscaler ticks and errors",
+          [(f"sum by (service) (rate(tandem_autoscaler_ticks_total[{RATE}]))", "ticks {{service}}"),
+           (f"sum by (service, stage) (rate(tandem_autoscaler_errors_total[{RATE}]))", "errors {{service}} {{stage}}")],
+          "ops"),
+    Panel("TTFT SLO attainment (recorded, 5 s SLO)", [("avg(tandem:ttft_slo_attainment:ratio_rate5m)", "5m"),
+                                                      ("avg(tandem:ttft_slo_attainment:ratio_rate1h)", "1h")],
+          "percentunit"),
+    Panel("Prefill offload threshold t",
+          [("max by (model) (tandem_offload_threshold_tokens)", "{{model}} max over gateways"),
+           ("min by (model) (tandem_offload_threshold_tokens)", "{{model}} min over gateways")],
+          description="Prompts with more uncached tokens than t are prefilled by the remote pool. Each gateway "
+                      "re-solves t from its own traffic, so max and min differ a little; a pinned "
+                      "lengthThreshold shows as a flat line."),
+    Panel("Fraction of prefills offloaded",
+          [(f'sum by (model) (rate(tandem_prefill_route_total{{route="remote"}}[{RATE}])) / '
+            f"sum by (model) (rate(tandem_prefill_route_total[{RATE}]))", "{{model}}"),
+           ("sum by (model) (tandem:prefill_offload_fraction:ratio_rate5m)", "{{model}} 5m (recorded)")],
+          "percentunit", description="Disaggregated requests whose prefill went to the remote pool."),
+    Panel("Remote prefill link utilisation",
+          [("sum(tandem_offload_link_utilization)", "all gateways"),
+           ("sum by (model) (tandem_offload_link_utilization)", "{{model}}")], "percentunit",
+          description="Offloaded KV traffic over the link's capacity, summed over the gateways that share it. "
+                      "The solver keeps it below its high-water mark (0.85); the TandemOffloadLinkSaturated "
+                      "alert fires above 0.9 for 10 minutes."),
+    Panel("Remote prefill link KV traffic",
+          [(f"sum by (model) (rate(tandem_offload_link_bytes_total[{RATE}]))", "{{model}}")], "Bps"),
+]
+
+DASHBOARDS = {
+    "gateway": ("Tandem / Gateway", "tandem-gateway", GATEWAY, ["$ttft_slo"]),
+    "engines": ("Tandem / Engines", "tandem-engines", ENGINES, []),
+    "autoscaler": ("Tandem / Autoscaler", "tandem-autoscaler", AUTOSCALER, []),
+}
+
+
+def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": pid,
+        "type": p.kind,
+        "title": p.title,
+        "datasource": DS,
+        "gridPos": {"h": 8, "w": p.width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, **p.options},
+        "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
+                     **({"instant": True, "format": "table"} if p.kind == "table" else {})}
+                    for i, (expr, legend) in enumerate(p.targets)],
+    }
+    if p.description:
+        out["description"] = p.description
+    return out
+
+
+def _templating(variables: list[str]) -> dict[str, Any]:
+    items: list[dict[str, Any]] = [{"name": "datasource", "label": "Prometheus", "type": "datasource",
+                                    "query": "prometheus", "current": {}, "hide": 0}]
+    if "$ttft_slo" in variables:
+        items.append({"name": "ttft_slo", "label": "TTFT SLO (s)", "type": "custom",
+                      "query": ",".join(SLO_BUCKETS), "current": {"text": "5.0", "value": "5.0"},
+                      "options": [{"text": b, "value": b, "selected": b == "5.0"} for b in SLO_BUCKETS], "hide": 0})
+    return {"list": items}
+
+
+def dashboard(title: str, uid: str, panels: list[Panel], variables: list[str]) -> dict[str, Any]:
+    out, x, y, row_h = [], 0, 0, 8
+    for pid, p in enumerate(panels, start=1):
+        if x + p.width > 24:
+            x, y = 0, y + row_h
+        out.append(_panel(p, pid, x, y))
+        x += p.width
+    return {
+        "title": title,
+        "uid": uid,
+        "tags": ["tandem"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "browser",
+        "templating": _templating(variables),
+        "annotations": {"list": []},
+        "panels": out,
+    }
+
+
+def render() -> dict[Path, str]:
+    """Every dashboard file and its exact content."""
+    return {OUT / f"{name}.json": json.dumps(dashboard(*spec), indent=2, sort_keys=True) + "\n"
+            for name, spec in DASHBOARDS.items()}
+
+
+def main(argv: list[str]) -> int:
+    return write_or_check(render(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
