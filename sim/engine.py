@@ -9,7 +9,9 @@ agree.
 Scheduling follows vLLM v1: every iteration first gives each decoding sequence one token, then
 spends the rest of the token budget on prefill chunks (running prefills first, then admissions
 from the FCFS waiting queue). A request is admitted only when its worst-case KV footprint
-(prompt + max_tokens) fits, so nothing is ever preempted. Prefix-cache hits skip prefill work.
+(prompt + max_tokens) fits, so nothing is ever preempted. Prefix-cache hits skip prefill work;
+the cache's layout (blocks shared with running requests, optional host tier) is described in
+:mod:`tandem.sim.kvcache`.
 
 A decode instance of a disaggregated deployment gets requests whose prompt KV comes over a link
 (``SimRequest.kv_ready_at``). As in vLLM's NixlConnector, the request is admitted first (its KV
@@ -27,8 +29,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from tandem.blockcache import BlockCache
 from tandem.sim.costmodel import CostModel, attention_pairs
+from tandem.sim.kvcache import EngineKVCache
 
 
 @dataclass(slots=True)
@@ -45,6 +47,9 @@ class SimRequest:
     # progress, owned by the engine
     cached_tokens: int = 0
     computed_tokens: int = 0  # prompt tokens with KV (cached + prefilled)
+    host_tokens: int = 0  # of cached_tokens, loaded from the host tier
+    pinned_blocks: int = 0  # leading block_hashes this request pins in the prefix cache
+    pinned_tokens: int = 0  # their tokens: prompt KV that is a cache block, not extra memory
     generated: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -83,6 +88,10 @@ class EngineLimits:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 131072
+    # Host-memory KV tier (0 = none): GPU evictions land there; hits are loaded over PCIe.
+    host_cache_tokens: int = 0
+    # Host -> GPU bandwidth in GB/s (bytes). 25 ~ an effective PCIe Gen5 x16 copy; independent of the profile.
+    host_link_gbytes_s: float = 25.0
 
 
 @dataclass(slots=True)
@@ -103,6 +112,7 @@ class EngineCounters:
     generation_tokens: int = 0
     prefix_query_tokens: int = 0
     prefix_hit_tokens: int = 0
+    host_hit_tokens: int = 0
     finished_requests: int = 0
     aborted_requests: int = 0
     iterations: int = 0
@@ -112,13 +122,16 @@ class Engine:
     def __init__(self, cost: CostModel, limits: EngineLimits, *, coalesce_decode: bool = True) -> None:
         if limits.kv_capacity_tokens <= 0:
             raise ValueError("the model does not fit: KV capacity is zero")
+        if limits.host_link_gbytes_s <= 0:
+            raise ValueError("host_link_gbytes_s must be positive")
         self.cost = cost
         self.limits = limits
         self.coalesce_decode = coalesce_decode
-        self.cache = BlockCache(limits.kv_capacity_tokens)
+        self.cache = EngineKVCache(limits.host_cache_tokens)
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
-        self.reserved_tokens = 0
+        self.reserved_tokens = 0  # sum of running requests' worst-case KV (prompt + max_tokens)
+        self.shared_tokens = 0  # the part of it that is pinned cache blocks (counted once, in the cache)
         self.counters = EngineCounters()
         self._plan: _Plan | None = None
 
@@ -242,6 +255,7 @@ class Engine:
         budget -= len(decode)
         prefill: list[tuple[SimRequest, int]] = []
         pairs = 0.0
+        load_s = 0.0
         for r in self.running:
             if budget <= 0:
                 break
@@ -255,7 +269,7 @@ class Engine:
             if self.reserved_tokens + r.reservation > self.limits.kv_capacity_tokens:
                 break
             self.waiting.popleft()
-            self._admit(r, now)
+            load_s += self._admit(r, now)
             if r.awaiting_kv(now):
                 continue
             chunk = min(budget, r.prompt_tokens - r.computed_tokens)
@@ -268,7 +282,8 @@ class Engine:
         prefill_tokens = sum(c for _, c in prefill)
         if prefill or not self.coalesce_decode:
             steps = 1
-            duration = self.cost.step_time(prefill_tokens, pairs, len(decode), context)
+            # Host-tier hits are copied in before the iteration that admits them can use them.
+            duration = self.cost.step_time(prefill_tokens, pairs, len(decode), context) + load_s
         else:
             steps = min(r.max_tokens - r.generated for r in decode)
             ready = self._next_kv_ready(after=now)
@@ -278,20 +293,39 @@ class Engine:
         self.counters.iterations += steps
         self._plan = _Plan(now, now + duration, steps, decode, context, prefill)
 
-    def _admit(self, r: SimRequest, now: float) -> None:
-        _, hit = self.cache.match_prefix(r.block_hashes)
-        hit = min(hit, r.prompt_tokens - 1)
-        r.cached_tokens = r.computed_tokens = hit
+    def _admit(self, r: SimRequest, now: float) -> float:
+        """Start ``r`` with its cached prefix pinned; returns the seconds to load its host-tier part."""
+        hit = self.cache.acquire(r.block_hashes)
+        r.pinned_blocks, r.pinned_tokens = hit.blocks, hit.tokens
+        cached = min(hit.tokens, r.prompt_tokens - 1)
+        r.cached_tokens = r.computed_tokens = cached
+        r.host_tokens = min(hit.host_tokens, cached)
         if r.kv_ready_at is not None:
             r.computed_tokens = r.prompt_tokens - 1  # pulled KV; the last token is recomputed here
+            r.host_tokens = 0  # the whole prompt's KV comes over the link: nothing to load from host
         r.admitted_at = now
         self.running.append(r)
         self.reserved_tokens += r.reservation
+        self.shared_tokens += r.pinned_tokens
         self.counters.prefix_query_tokens += r.prompt_tokens
-        self.counters.prefix_hit_tokens += hit
+        self.counters.prefix_hit_tokens += cached
+        self.counters.host_hit_tokens += r.host_tokens
         self.counters.prompt_tokens += r.prompt_tokens
-        # Running requests pin their KV; only the rest of the memory holds cached free blocks.
-        self.cache.shrink(self.limits.kv_capacity_tokens - self.reserved_tokens)
+        self._fit_cache()
+        if not r.host_tokens:
+            return 0.0
+        return self.cost.kv_transfer_time(r.host_tokens, self.limits.host_link_gbytes_s * 8)
+
+    def _fit_cache(self) -> None:
+        """Give the free cached blocks whatever GPU memory pinned blocks and reservations leave.
+
+        Memory = pinned cache blocks + free cache blocks + the running requests' reservations
+        minus the part of them that is pinned cache blocks (``shared_tokens``). Admission keeps
+        ``reserved_tokens <= capacity`` and pinned blocks are each used by at least one request
+        (``pinned_tokens <= shared_tokens``), so the free list's room is never negative."""
+        room = (self.limits.kv_capacity_tokens - self.cache.pinned_tokens
+                - (self.reserved_tokens - self.shared_tokens))
+        self.cache.fit(room)
 
     def _complete(self, plan: _Plan) -> list[Emission]:
         out: list[Emission] = []
@@ -310,8 +344,14 @@ class Engine:
                 continue
             r.computed_tokens += chunk
             if r.prefill_done:
-                self.cache.insert(r.block_hashes, r.block_sizes())
-                self.cache.shrink(self.limits.kv_capacity_tokens - self.reserved_tokens)
+                new = r.block_hashes[r.pinned_blocks:]
+                sizes = r.block_sizes()[r.pinned_blocks:]
+                self.cache.add_pinned(new, sizes)
+                added = sum(sizes)
+                r.pinned_blocks += len(new)
+                r.pinned_tokens += added
+                self.shared_tokens += added
+                self._fit_cache()
                 r.generated = 1
                 r.first_token_at = t
                 self.counters.generation_tokens += 1
@@ -328,4 +368,6 @@ class Engine:
 
     def _remove_running(self, r: SimRequest) -> None:
         self.running.remove(r)
+        self.cache.release(r.block_hashes[:r.pinned_blocks])
         self.reserved_tokens -= r.reservation
+        self.shared_tokens -= r.pinned_tokens

@@ -128,6 +128,8 @@ class SimServer:
             max_num_seqs=settings.max_num_seqs or profile.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or profile.max_num_batched_tokens,
             max_model_len=profile.model.max_model_len,
+            host_cache_tokens=settings.host_cache_tokens,
+            host_link_gbytes_s=settings.host_link_gbytes_s,
         )
         self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False)
         self.metrics = EngineMetrics(self.engine, flavor=settings.metrics, model_name=self.model_name,

@@ -24,6 +24,10 @@ class SimSettings(TandemSettings):
     max_num_seqs: int | None = Field(None, gt=0, description="max running sequences (default: profile)")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="token budget per iteration")
     kv_capacity_tokens: int | None = Field(None, gt=0, description="override the KV capacity from the profile")
+    host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier in tokens (0: none); blocks "
+                                   "evicted from GPU go there and hits are loaded over PCIe, not recomputed")
+    host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s "
+                                      "(25 ~ PCIe Gen5 x16 effective)")
     default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none")
     max_pending: int = Field(4096, gt=0, description="requests accepted but unfinished before answering 503")
     fault: FaultMode = Field("none", description="injected fault: crash, hang, slow, error")

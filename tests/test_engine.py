@@ -122,7 +122,7 @@ def test_pulled_kv_skips_prefill_and_waits_for_the_transfer() -> None:
     assert first == pytest.approx(2.0 + one_token)
     assert first - 2.0 < cost.prefill_time(8192) / 20
     assert done > first and e.reserved_tokens == 0
-    assert e.cache.match_prefix(tuple(range(16)))[1] == 8192  # the pulled prompt is cached locally
+    assert e.cache.peek(tuple(range(16))).tokens == 8192  # the pulled prompt is cached locally
 
 
 def test_kv_arrival_announced_later_and_coalescing_agrees() -> None:

@@ -244,7 +244,7 @@ def _hot_pair(b_pending: int) -> tuple[Scheduler, InstanceState, InstanceState]:
     a, b = inst("a", pending=3000), inst("b", pending=b_pending)
     a.unprefilled_requests = b.unprefilled_requests = 1  # nothing gets released: all stays queued
     cluster = ClusterView({"a": a, "b": b})
-    cfg = RoutingConfig(slo_ttft_s=5.0, alpha=0.5, dispatch_budget_s=0.0)  # hot above 2560 pending tokens
+    cfg = RoutingConfig(slo_ttft_s=5.0, alpha=0.75, dispatch_budget_s=0.0)  # hot above 3840 pending tokens
     return Scheduler(TablePolicy({"r": ("a", "b"), "s": ("a", "b")}), cluster, cfg), a, b
 
 
@@ -258,10 +258,23 @@ def test_migration_moves_the_best_gain_first_and_stops_when_gain_is_not_positive
     moves = sched.rebalance(0.0)
     assert [(m.request_id, m.source, m.target) for m in moves] == [("s2", "a", "b")]
     assert moves[0].gain_s == pytest.approx(1312 * T)
-    # after the move r1 would gain 4000 - (3688 + 1000) < 0: it stays
+    # after the move r1 would gain 4000 - (3688 + 1000) < 0 (and push b over the threshold): it stays
     assert sched.instance_of("r1") == "a" and sched.instance_of("s2") == "b"
     assert (a.queued_miss_tokens, b.queued_miss_tokens) == (1000, 488)
     assert sched.rebalance(0.5) == []
+
+
+def test_no_migration_onto_an_instance_that_is_or_would_become_hot() -> None:
+    sched, a, b = _hot_pair(b_pending=3500)
+    cache_blocks(b, [77])
+    sched.submit(req("s2", 1000, [77]), 0.0)  # gain 4000 - 3988 > 0, but b would hold 3988 > 3840
+    assert sched.is_hot(a, 0.0) and not sched.is_hot(b, 0.0)
+    assert sched.rebalance(0.0) == []
+    for b_pending, moved in ((3841, False), (2000, True)):  # b hot by tokens / cold; a hot by wait
+        sched, a, b = _hot_pair(b_pending=b_pending)
+        sched.submit(req("r1", 10), 0.0)
+        assert sched.is_hot(a, 3.0) and sched.is_hot(b, 3.0) != moved
+        assert [m.target for m in sched.rebalance(3.0)] == (["b"] if moved else [])
 
 
 def test_no_migration_at_zero_gain_or_when_not_hot() -> None:

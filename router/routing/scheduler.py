@@ -340,8 +340,13 @@ class Scheduler:
         """(gain, target, hit there) of the best move for one queued request.
 
         Targets are the request's other candidate; a ring neighbour only when that one is hot too.
+        A target must stay under the hotspot threshold with the request added (and not be hot by
+        queue age): moving work onto an instance that is, or thereby becomes, hot does not cure a
+        hotspot, it moves it, and near saturation (every instance hot) such moves cascade, each one
+        giving up the moved request's cache hit and so adding prefill work to a full pool.
         """
         instances = self.cluster.instances
+        limit = self.config.slo_budget_s
         stay = src.pending_miss_tokens * src.prefill_s_per_token
         alts = alternatives(e.decision, self.cluster, (src.id,))
         cands = [t for t in alts if t in e.decision.candidates]
@@ -354,7 +359,10 @@ class Scheduler:
                 continue
             tgt = instances[tid]
             hit = tgt.hit_tokens(e.req)
-            gain = stay - tgt.ttft_estimate(e.req, hit)
+            there = tgt.ttft_estimate(e.req, hit)
+            if there > limit or self.is_hot(tgt, now):
+                continue
+            gain = stay - there
             if gain > best[0]:
                 best = (gain, tgt, hit)
         return best

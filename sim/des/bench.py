@@ -62,6 +62,8 @@ class Point(BaseModel):
     ttft_p90: float
     ttft_p99: float
     hit_ratio: float = Field(description="prompt tokens served from the prefix cache / prompt tokens")
+    host_hit_ratio: float = Field(0.0, description="prompt tokens loaded from the host KV tier / prompt tokens "
+                                  "(part of hit_ratio)")
     imbalance: float = Field(description="max / mean uncached prefill tokens per instance")
     migrations: int = 0
     rejected: int = 0
@@ -85,6 +87,7 @@ def summarise(result: DESResult, qps: float, warmup: int, slo: float) -> Point:
         attainment=sum(1 for t in ttfts if t <= slo) / max(1, len(ttfts)),
         ttft_p50=_quantile(ttfts, 0.5), ttft_p90=_quantile(ttfts, 0.9), ttft_p99=_quantile(ttfts, 0.99),
         hit_ratio=sum(r.hit_tokens for r in measured) / prompt,
+        host_hit_ratio=sum(r.host_hit_tokens for r in measured) / prompt,
         imbalance=max(work) / mean_work if mean_work else 1.0,
         migrations=result.migrations,
         rejected=sum(1 for r in measured if r.rejected),
@@ -115,6 +118,9 @@ class RoutingBench(TandemSettings):
                                             "seconds of prefill (default alpha x SLO; 0: one un-prefilled "
                                             "request per instance)")
     seed: int = Field(0, ge=0, description="DES seed (ring layout)")
+    host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier per instance in tokens (0: none, "
+                                   "GPU prefix cache only); routing shadows follow GPU + host")
+    host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s")
 
     @field_validator("policies")
     @classmethod
@@ -196,7 +202,8 @@ class CapacitySearch:
         self.expected_runs = 12
         self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha,
                                      dispatch_budget_s=bench.dispatch_budget_s)
-        self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed)
+        self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed,
+                             host_cache_tokens=bench.host_cache_tokens, host_link_gbytes_s=bench.host_link_gbytes_s)
 
     def point(self, policy: str, qps: float) -> Point:
         qps = round(qps, 4)
@@ -255,6 +262,7 @@ class CapacitySearch:
             "trace": str(b.trace), "trace_format": detect_format(b.trace), "instances": b.instances,
             "profile": b.profile, "slo_ttft": b.slo_ttft, "attainment": b.attainment, "requests": b.requests,
             "warmup": b.warmup, "tolerance": b.tolerance, "alpha": b.alpha, "seed": b.seed,
+            "host_cache_tokens": b.host_cache_tokens, "host_link_gbytes_s": b.host_link_gbytes_s,
             "common_qps": common, "native_qps": round(self.native, 4), "elapsed_s": round(elapsed, 1),
             "routing": self.routing.model_dump(), "des": self.des.model_dump()}}
         for name, res in self.results.items():

@@ -283,7 +283,7 @@ class PDSimulation:
         res.decode_instance = dpool.ids[d]
         sreq = SimRequest(rid, pr.input_tokens, pr.output_tokens, pr.engine_hashes, pr.block_size,
                           kv_ready_at=math.inf)
-        _, cached = eng.cache.peek_prefix(pr.engine_hashes)
+        cached = eng.cache.peek(pr.engine_hashes).tokens
         res.transfer_tokens = pr.input_tokens - min(cached, pr.input_tokens - 1)
         eng.submit(sreq, now)
         self._decode_of[rid] = d

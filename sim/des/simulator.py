@@ -45,6 +45,9 @@ class DESConfig(BaseModel):
     profiles: list[str] | None = Field(None, description="one profile per instance (heterogeneous pool); "
                                        "overrides `profile`, its length must equal `instances`")
     kv_capacity_tokens: int | None = Field(None, gt=0, description="override the profile's KV capacity")
+    host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier per instance in tokens (0: none); "
+                                   "the routing shadow caches hold GPU + host tokens")
+    host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s")
     scrape_interval_s: float = Field(0.5, gt=0, description="engine metrics reach the routing view this often")
     tick_s: float = Field(0.1, gt=0, description="scheduler tick (rebalance + release) while requests wait")
     estimate_prompt_tokens: int = Field(8192, gt=0, description="prompt length at which the per-token "
@@ -102,6 +105,7 @@ class RequestResult:
     instance: str = ""
     reason: str = ""
     hit_tokens: int = 0
+    host_hit_tokens: int = 0  # of hit_tokens, loaded from the host tier
     dispatched_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -153,10 +157,13 @@ class Simulation:
             cost = CostModel.from_profile(profile)
             kv = self.config.kv_capacity_tokens or profile.kv_capacity_tokens
             limits = EngineLimits(kv, profile.max_num_seqs, profile.max_num_batched_tokens,
-                                  profile.model.max_model_len)
+                                  profile.model.max_model_len, self.config.host_cache_tokens,
+                                  self.config.host_link_gbytes_s)
             self.engines.append(Engine(cost, limits, coalesce_decode=True))
+            # The shadow follows everything the engine can hit: its GPU cache and its host tier.
             cluster.instances[iid] = InstanceState(
-                iid, effective_prefill_s_per_token(cost, self.config.estimate_prompt_tokens), BlockCache(kv))
+                iid, effective_prefill_s_per_token(cost, self.config.estimate_prompt_tokens),
+                BlockCache(kv + self.config.host_cache_tokens))
         self.cluster = cluster
         self.index_of = {iid: k for k, iid in enumerate(self.ids)}
         pol = make_policy(policy, routing) if isinstance(policy, str) else policy
@@ -244,6 +251,7 @@ class Simulation:
                 res.first_token_at = now
                 sreq = self._sim[n]
                 res.hit_tokens = sreq.cached_tokens
+                res.host_hit_tokens = sreq.host_tokens
                 self.prefill_tokens[res.instance] += sreq.prompt_tokens - sreq.cached_tokens
             if em.finished:
                 sched.on_finished(em.request_id)
