@@ -7,7 +7,8 @@ import pytest
 from tandem.router.offload import OffloadSettings
 from tandem.sim.costmodel import CostModel
 from tandem.sim.des.pd import PDConfig, simulate_pd
-from tandem.sim.des.pdbench import find_capacity, lognormal_mix, plan_split
+from tandem.sim.des.pdbench import lognormal_mix, plan_split
+from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import prepare, with_arrivals
 from tandem.sim.profile import load_profile
 from tandem.traces import TraceRequest, rescale_to_qps
@@ -81,8 +82,10 @@ def test_planner_and_capacity_search() -> None:
     sel = plan_split("selective", 16, lengths, "llama3-8b-h20", "llama3-8b-h200", 100.0, 256, 0.85)
     assert hom[1] == 0 and hom[0] + hom[2] == 16
     assert sel[0] >= 1 and sel[1] >= 1 and sum(sel[:3]) == 16 and sel[3] > hom[3]
-    assert find_capacity(lambda q: q <= 3.3, 1.0, 0.01) == pytest.approx(3.3, rel=0.02)
-    assert find_capacity(lambda q: False, 1.0, 0.01) == 0.0
+    cap, bounded = search_capacity(lambda q: q <= 3.3, 1.0, 0.01)
+    assert cap == pytest.approx(3.3, rel=0.02) and bounded
+    assert search_capacity(lambda q: False, 1.0, 0.01) == (0.0, True)
+    assert search_capacity(lambda q: True, 1.0, 0.01)[1] is False  # never failed: a lower bound
 
 
 def test_bad_configuration_is_refused() -> None:

@@ -31,6 +31,7 @@ from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import Scheduler
 from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
+from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import (
     DESConfig,
     DESResult,
@@ -223,37 +224,10 @@ class CapacitySearch:
                 on_run(q)
             return p.attainment >= b.attainment
 
-        q = b.start_qps or self.native
-        lo = hi = None
-        if ok(q):
-            lo = q
-            while hi is None:
-                q *= 1.5
-                if ok(q):
-                    lo = q
-                else:
-                    hi = q
-                if q > 1e4:
-                    break
-        else:
-            hi = q
-            while lo is None and q > 1e-3:
-                q /= 1.5
-                if ok(q):
-                    lo = q
-                else:
-                    hi = q
-        if lo is not None and hi is not None:
-            while (hi - lo) / lo > b.tolerance:
-                mid = (lo + hi) / 2
-                if ok(mid):
-                    lo = mid
-                else:
-                    hi = mid
-        cap = lo or 0.0
+        cap, bounded = search_capacity(ok, b.start_qps or self.native, b.tolerance)
         # No failing rate found: the slice is too small to load the pool (its whole burst fits in
         # the SLO), so the figure is only a lower bound.
-        self.results[policy] = {"capacity_qps": round(cap, 4), "capacity_is_lower_bound": hi is None}
+        self.results[policy] = {"capacity_qps": round(cap, 4), "capacity_is_lower_bound": not bounded}
         return cap
 
     def report(self, common: float | None, elapsed: float) -> dict:

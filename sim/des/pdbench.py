@@ -16,7 +16,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +34,7 @@ from tandem.router.offload import (
 from tandem.router.routing.config import RoutingConfig
 from tandem.sim.costmodel import CostModel
 from tandem.sim.des.pd import PDConfig, PDResult, simulate_pd
+from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import DESConfig, PreparedRequest, prepare, simulate, with_arrivals
 from tandem.sim.profile import load_profile
 from tandem.traces import TRACE_DIR, TraceFormatError, TraceRequest, load_trace, rescale_to_qps, select
@@ -61,37 +62,6 @@ def quantile(values: Sequence[float], q: float) -> float:
     if not ordered:
         return math.nan
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def find_capacity(ok: Callable[[float], bool], start: float, tolerance: float) -> float:
-    """Highest rate with ``ok(rate)``, assuming ok is monotone: geometric ramp, then bisection."""
-    lo: float | None = None
-    hi: float | None = None
-    q = start
-    if ok(q):
-        lo = q
-        while hi is None and q < 1e4:
-            q *= 1.5
-            if ok(q):
-                lo = q
-            else:
-                hi = q
-    else:
-        hi = q
-        while lo is None and q > 1e-3:
-            q /= 1.5
-            if ok(q):
-                lo = q
-            else:
-                hi = q
-    if lo is not None and hi is not None:
-        while (hi - lo) / lo > tolerance:
-            mid = (lo + hi) / 2
-            if ok(mid):
-                lo = mid
-            else:
-                hi = mid
-    return lo or 0.0
 
 
 def steady_attainment(outcomes: Sequence[tuple[float, bool]], tail: float = 0.2) -> float:
@@ -327,7 +297,7 @@ class OffloadRunner:
 
     def capacity(self, scenario: Scenario, split: tuple[int, int, int, float, int], start: float) -> float:
         self.splits[scenario] = split
-        cap = find_capacity(lambda q: self.point(scenario, q)["attainment"] >= self.bench.attainment, start,
+        cap, _ = search_capacity(lambda q: self.point(scenario, q)["attainment"] >= self.bench.attainment, start,
                             self.bench.tolerance)
         self.capacities[scenario] = cap
         return cap
@@ -467,7 +437,7 @@ class PDBench(TandemSettings):
         for tpot in tpots:
             row: dict = {}
             for kind in kinds:
-                row[kind] = find_capacity(lambda q, k=kind, t=tpot: attained(k, q, t) >= self.attainment, start,
+                row[kind], _ = search_capacity(lambda q, k=kind, t=tpot: attained(k, q, t) >= self.attainment, start,
                                           self.tolerance)
             best = max(kinds[1:], key=lambda k: row[k])
             common = min(row["aggregated"], row[best]) or start
