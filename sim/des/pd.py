@@ -34,7 +34,7 @@ from tandem.router.routing.registry import make_policy
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import ClusterView, InstanceState, NoInstanceError, RouteRequest
 from tandem.sim.costmodel import CostModel
-from tandem.sim.des.simulator import PreparedRequest, effective_prefill_s_per_token
+from tandem.sim.des.simulator import PreparedRequest, RequestTiming, effective_prefill_s_per_token
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.link import SharedLink
 from tandem.sim.profile import Profile, load_profile
@@ -70,11 +70,7 @@ class PDConfig(BaseModel):
 
 
 @dataclass(slots=True)
-class PDResult:
-    index: int
-    arrival: float
-    prompt_tokens: int
-    output_tokens: int
+class PDResult(RequestTiming):
     route: str = ""  # "local" or "remote" prefill
     uncached_tokens: int = 0
     prefill_instance: str = ""
@@ -82,19 +78,6 @@ class PDResult:
     prefill_done_at: float | None = None
     transfer_tokens: int = 0
     transfer_s: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    rejected: str = ""
-
-    @property
-    def ttft(self) -> float | None:
-        return None if self.first_token_at is None else self.first_token_at - self.arrival
-
-    @property
-    def tpot(self) -> float | None:
-        if self.finished_at is None or self.first_token_at is None or self.output_tokens <= 1:
-            return None
-        return (self.finished_at - self.first_token_at) / (self.output_tokens - 1)
 
 
 @dataclass(slots=True)

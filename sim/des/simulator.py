@@ -97,16 +97,13 @@ def with_arrivals(reqs: Sequence[PreparedRequest], arrivals: Sequence[float]) ->
 
 
 @dataclass(slots=True)
-class RequestResult:
+class RequestTiming:
+    """When one replayed request got its first token and finished; shared by every DES result type."""
+
     index: int
     arrival: float
     prompt_tokens: int
     output_tokens: int
-    instance: str = ""
-    reason: str = ""
-    hit_tokens: int = 0
-    host_hit_tokens: int = 0  # of hit_tokens, loaded from the host tier
-    dispatched_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
     rejected: str = ""  # why the request never ran ("" when it ran)
@@ -120,6 +117,15 @@ class RequestResult:
         if self.finished_at is None or self.first_token_at is None or self.output_tokens <= 1:
             return None
         return (self.finished_at - self.first_token_at) / (self.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class RequestResult(RequestTiming):
+    instance: str = ""
+    reason: str = ""
+    hit_tokens: int = 0
+    host_hit_tokens: int = 0  # of hit_tokens, loaded from the host tier
+    dispatched_at: float | None = None
 
 
 @dataclass(slots=True)
