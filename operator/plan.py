@@ -368,6 +368,8 @@ def gateway_command(svc: LLMService) -> list[str]:
         f"{LABEL_SERVICE}={svc.metadata.name}",
         "--slo-ttft",
         f"{spec.slo.ttft_seconds:g}",
+        "--service-config",
+        f"{CONFIG_MOUNT}/{CONFIG_FILE}",
     ]
 
 
@@ -378,7 +380,7 @@ def gateway_deployment(
     selector = {LABEL_INSTANCE: name, LABEL_COMPONENT: "gateway"}
     # A config change must restart the gateway (it reads service.json at start): hash it into the template.
     digest = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
-    env: list[dict[str, Any]] = [{"name": "TANDEM_SERVICE_CONFIG", "value": f"{CONFIG_MOUNT}/{CONFIG_FILE}"}]
+    env: list[dict[str, Any]] = []
     if remote is not None and remote.credentials_secret_ref is not None:
         ref = remote.credentials_secret_ref
         env.append(

@@ -61,10 +61,14 @@ class GatewayCommand(GatewaySettings):
     def cli_cmd(self) -> None:
         from tandem.router.app import create_app
         from tandem.router.security import ApiKeyError
+        from tandem.router.service_config import apply_service_description, load_service_description
 
         logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            app = create_app(self)
+            settings: GatewaySettings = self
+            if self.service_config is not None:
+                settings = apply_service_description(self, load_service_description(self.service_config))
+            app = create_app(settings)
         except (ApiKeyError, ValueError) as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
         config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,

@@ -53,6 +53,8 @@ class GatewaySettings(TandemSettings):
                                           "(default: solved from the live length distribution)")
     offload_decode_rps: float | None = Field(None, gt=0, description="decode capacity the offload solver "
                                              "assumes (req/s; default: estimated from the profile)")
+    service_config: Path | None = Field(None, description="the operator's service.json (SLOs, PD engine, remote "
+                                        "prefill pool); explicit flags win over it")
     discovery: Literal["static", "kubernetes"] = Field("static", description="where instances come from")
     k8s_namespace: str = Field("default", description="kubernetes discovery: namespace to watch")
     k8s_selector: str = Field("serving.tandem.dev/service", description="kubernetes discovery: pod label selector")

@@ -36,3 +36,42 @@ def test_every_crd_routing_policy_exists_in_the_gateway() -> None:
     from tandem.router.routing.registry import POLICIES
 
     assert {p.value for p in RoutingPolicy} <= set(POLICIES)
+
+
+def test_operator_service_description_configures_the_gateway(tmp_path) -> None:
+    """The operator's service.json (with a RemotePrefillPool) reaches the gateway's offload settings."""
+    from tandem.api.models import RemotePrefillPool
+    from tandem.operator.plan import CONFIG_FILE, config_map
+    from tandem.router.service_config import apply_service_description, load_service_description
+
+    docs = [d for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d]
+    pool = RemotePrefillPool.model_validate(next(d for d in docs if d["kind"] == "RemotePrefillPool"))
+    svc = LLMService.model_validate(next(d for d in docs if d["kind"] == "LLMService"
+                                         and (d["spec"].get("offload") or {}).get("remotePrefill")))
+    path = tmp_path / CONFIG_FILE
+    path.write_text(config_map(svc, pool.spec)["data"][CONFIG_FILE])
+    argv = gateway_command(svc)
+    assert argv[argv.index("--service-config") + 1].endswith(CONFIG_FILE)
+
+    desc = load_service_description(path)
+    flags = CliApp.run(GatewaySettings, cli_args=argv[2:], cli_cmd_method_name="model_dump")
+    settings = apply_service_description(flags, desc)
+    assert settings.remote_prefill_instances == pool.spec.endpoints
+    assert settings.remote_link_gbps == pool.spec.link_bandwidth_gbps
+    assert settings.pd_engine == svc.spec.model.engine
+    assert settings.slo_tpot == pytest.approx(svc.spec.slo.tpot_seconds)
+    assert settings.offload_threshold is None  # offload.auto: the gateway solves the threshold live
+    tuned = CliApp.run(GatewaySettings, cli_args=[*argv[2:], "--remote-link-gbps", "7"],
+                       cli_cmd_method_name="model_dump")
+    assert apply_service_description(tuned, desc).remote_link_gbps == 7  # an explicit flag wins over the file
+
+
+def test_bad_service_description_is_a_clear_error(tmp_path) -> None:
+    from tandem.router.service_config import ServiceConfigError, load_service_description
+
+    bad = tmp_path / "service.json"
+    bad.write_text('{"offload": {"endpoints": []}}')
+    with pytest.raises(ServiceConfigError, match="endpoints"):
+        load_service_description(bad)
+    with pytest.raises(ServiceConfigError, match=r"missing\.json"):
+        load_service_description(tmp_path / "missing.json")

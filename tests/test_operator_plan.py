@@ -235,6 +235,8 @@ def test_gateway_runs_the_tandem_gateway_with_kubernetes_discovery() -> None:
         "serving.tandem.dev/service=llm",
         "--slo-ttft",
         "2.5",
+        "--service-config",
+        "/etc/tandem/service.json",
     ]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
