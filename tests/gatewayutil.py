@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,11 @@ def sse_text(raw: str) -> str:
             for choice in chunk.get("choices", []):
                 out.append(choice.get("text") or (choice.get("delta") or {}).get("content") or "")
     return "".join(out)
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
+    """Poll ``predicate`` every 50 ms until it holds; fail the test after ``limit`` seconds."""
+    end = time.monotonic() + limit
+    while not await predicate():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.05)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi import FastAPI
+from kubeutil import NAMESPACES, apply_crds
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.autoscaler.actuator import (
@@ -34,15 +35,12 @@ from tandem.autoscaler.actuator import (
     count_pods,
 )
 from tandem.autoscaler.models import AutoscalerSpec, LengthBucket, Observations
-from tandem.operator.kube import LLMSERVICES, ApiError, Kind, KubeClient, load_credentials
+from tandem.operator.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
 from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
 from tandem.serve import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
-CRD_KIND = Kind(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
-                kind="CustomResourceDefinition")
-NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
 MIX = [LengthBucket(input_tokens=2000, output_tokens=200)]
 
 
@@ -114,11 +112,7 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) -> Asy
     client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent="tandem-tests")
     ns = f"tandem-as-{uuid.uuid4().hex[:8]}"
     try:
-        for path in sorted((ROOT / "crds").glob("*.yaml")):
-            crd = yaml.safe_load(path.read_text())
-            existing = await client.get(CRD_KIND, None, crd["metadata"]["name"])  # type: ignore[arg-type]
-            if existing is None:
-                await client.request("POST", CRD_KIND.path(None), json=crd)
+        await apply_crds(client)
         await client.request("POST", NAMESPACES.path(None), json={"metadata": {"name": ns}})
         for _ in range(100):
             with contextlib.suppress(ApiError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from gatewayutil import completion_body, gateway_app, sim_app
+from gatewayutil import completion_body, gateway_app, sim_app, until
 
 from tandem.serve import serve
 
@@ -80,12 +80,6 @@ async def _instances(c: httpx.AsyncClient, gw: str) -> set[str]:
     return {i["url"] for i in data["instances"] if not i["draining"]}
 
 
-async def _until(predicate, limit: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while not await predicate():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_pods_join_and_leave_through_the_watch(tmp_path: Path) -> None:
@@ -105,13 +99,13 @@ async def test_pods_join_and_leave_through_the_watch(tmp_path: Path) -> None:
 
                 async def both() -> bool:
                     return await _instances(c, gw) == {a, b}
-                await _until(both)
+                await until(both)
 
                 api.emit("DELETED", pod("engine-a", port_a))
 
                 async def only_b() -> bool:
                     return await _instances(c, gw) == {b}
-                await _until(only_b)
+                await until(only_b)
                 for i in range(4):
                     r = await c.post(gw + "/v1/completions", json=completion_body(f"after {i}"))
                     assert r.status_code == 200 and r.headers["x-tandem-instance"] == b

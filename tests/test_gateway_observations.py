@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gatewayutil import gateway_app, sim_app
+from gatewayutil import gateway_app, sim_app, until
 from test_gateway_k8s import FakeApiServer, kubeconfig, pod
 
 from tandem.autoscaler.actuator import ANN_DRAINING, GatewayObservationSource, count_pods
@@ -189,11 +189,6 @@ def test_draining_pod_is_no_endpoint_but_its_service_is_known() -> None:
     assert pods.endpoints(8000) == set() and pods.services() == {"svc"}
 
 
-async def _until(predicate, limit: float = 10.0) -> None:
-    end = time.monotonic() + limit
-    while not await predicate():
-        assert time.monotonic() < end, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) -> None:
@@ -229,7 +224,7 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
                         data = (await c.get(gw + "/admin/instances")).json()["instances"]
                         return {i["url"]: i["draining"] for i in data}.get(a) is True and \
                             any(i["url"] == b for i in data)
-                    await _until(a_draining)
+                    await until(a_draining)
                     rep = await report()
                     assert rep["inflight"]["engine-a"] == 1
                     assert counted(rep) == (1, 1, 0)  # b ready; a draining, not drained while it streams
@@ -245,7 +240,7 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
 
                 async def a_idle() -> bool:
                     return (await report())["inflight"].get("engine-a", 0) == 0
-                await _until(a_idle)
+                await until(a_idle)
                 rep = await report()
                 assert counted(rep) == (1, 0, 1)
                 # un-drained (load came back): routable again
@@ -254,7 +249,7 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
                 async def a_back() -> bool:
                     data = (await c.get(gw + "/admin/instances")).json()["instances"]
                     return any(i["url"] == a and not i["draining"] for i in data)
-                await _until(a_back)
+                await until(a_back)
 
 
 async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> None:
@@ -277,12 +272,12 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
 
                     async def is_draining() -> bool:
                         return (await a_state()).get("draining") is True
-                    await _until(is_draining)
+                    await until(is_draining)
                     api.emit("MODIFIED", pod("engine-a", port_a))
 
                     async def is_back() -> bool:
                         return (await a_state()).get("draining") is False
-                    await _until(is_back)
+                    await until(is_back)
                     assert (await a_state())["inflight_requests"] == 1  # the running stream is still counted
                     assert await chunks.__anext__()
                     async for _ in chunks:
@@ -290,7 +285,7 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
 
                 async def released() -> bool:  # released exactly once, not below zero
                     return (await a_state())["inflight_requests"] == 0
-                await _until(released)
+                await until(released)
                 await asyncio.sleep(0.3)
                 assert (await a_state())["inflight_requests"] == 0
                 r = await c.post(gw + "/v1/completions", json=ext_body([2]))
@@ -347,5 +342,5 @@ async def test_a_decode_instance_that_leaves_stays_counted_until_its_stream_ends
 
             async def done() -> bool:
                 return (await inflight()).get(d, 0) == 0
-            await _until(done)
+            await until(done)
             assert app.gateway.leaving == []

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+from kubeutil import NAMESPACES, apply_crds
 
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
@@ -49,13 +50,6 @@ REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
 # ClusterRole of deploy/rbac/operator.yaml (bound to that user by the fixture), which checks the RBAC
 # file against a real authorizer too.
 OPERATOR_KUBECONFIG = os.environ.get("TANDEM_TEST_OPERATOR_KUBECONFIG")
-CRD_KIND = Kind(
-    group="apiextensions.k8s.io",
-    version="v1",
-    plural="customresourcedefinitions",
-    kind="CustomResourceDefinition",
-)
-NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
 SERVICEACCOUNTS = Kind(group="", version="v1", plural="serviceaccounts", kind="ServiceAccount")
 WAIT = 15.0
 TEST_AGENT = "tandem-tests"  # the operator's own requests say "tandem-operator" (and kopf's "kopf/...")
@@ -233,14 +227,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
     client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent=TEST_AGENT)
     ns = f"tandem-test-{uuid.uuid4().hex[:8]}"
     try:
-        for path in sorted((ROOT / "crds").glob("*.yaml")):
-            crd = yaml.safe_load(path.read_text())
-            existing = await client.get(CRD_KIND, None, crd["metadata"]["name"])  # type: ignore[arg-type]
-            if existing is None:
-                await client.request("POST", CRD_KIND.path(None), json=crd)
-            else:
-                crd["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-                await client.request("PUT", CRD_KIND.path(None, crd["metadata"]["name"]), json=crd)
+        await apply_crds(client)
         await client.request(
             "POST",
             NAMESPACES.path(None),
