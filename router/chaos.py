@@ -160,11 +160,29 @@ class InstanceTimes(BaseModel):
 
 
 def _free_port() -> int:
+    """A bindable loopback port below the kernel's ephemeral range.
+
+    The children bind their ports only after start-up; a port taken from the ephemeral range could
+    meanwhile become the source port of some outgoing connection (the clients', the gateways', a
+    neighbouring test's), and a restarted engine must get its old port back. Ports below the range
+    are never handed out that way.
+    """
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise SystemExit("tandem bench chaos: no free loopback port below the ephemeral range")
 
 
 class _Proc:
@@ -294,10 +312,10 @@ class _Chaos:
         try:
             connector = aiohttp.TCPConnector(limit=0, force_close=False)
             async with aiohttp.ClientSession(connector=connector) as session:
-                for url in self.engine_urls:
-                    await _wait_ok(session, url + "/health")
-                for url in self.gw_urls:
-                    await _wait_ok(session, url + "/readyz")
+                for url, engine in zip(self.engine_urls, self.engines, strict=True):
+                    await _wait_ok(session, url + "/health", engine)
+                for url, gateway in zip(self.gw_urls, self.gateways, strict=True):
+                    await _wait_ok(session, url + "/readyz", gateway)
                 model = (await (await session.get(self.engine_urls[0] + "/v1/models")).json())["data"][0]["id"]
                 rss_start = _rss_mb(self.gateways[1].pid)
                 self.t0 = time.monotonic()
@@ -415,7 +433,7 @@ class _Chaos:
         await self._until(end - self.plan[1][0] / 2)  # the fault lasts half the phase; re-admission the rest
         if fault == "crash":
             proc.start()
-            await _wait_ok(session, url + "/health")
+            await _wait_ok(session, url + "/health", proc)
         else:
             async with session.post(url + "/admin/fault", json={"mode": "none"}) as resp:
                 resp.raise_for_status()
@@ -440,7 +458,7 @@ class _Chaos:
         gw.signal(signal.SIGTERM)  # a rolling restart: it drains, its clients fail over to the other
         await gw.wait(self.cfg.timeout + 10)
         gw.start()
-        await _wait_ok(session, self.gw_urls[0] + "/readyz")
+        await _wait_ok(session, self.gw_urls[0] + "/readyz", gw)
 
 
 class _NotTaken(Exception):
@@ -451,11 +469,15 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
-async def _wait_ok(session: object, url: str, limit_s: float = 60.0) -> None:
+async def _wait_ok(session: object, url: str, proc: _Proc, limit_s: float = 60.0) -> None:
+    """Wait for ``url`` to answer 200; fail at once, naming the log, if ``proc`` exits instead."""
     import aiohttp
 
     deadline = time.monotonic() + limit_s
     while True:
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise SystemExit(f"tandem bench chaos: the process behind {url} exited "
+                             f"({proc.proc.returncode}) during start-up; see {proc.log}")
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 if resp.status == 200:
