@@ -1,15 +1,18 @@
-"""``tandem bench gateway``: what the gateway adds, measured against the same engine in the same run.
+"""``tandem bench gateway``: what the gateway adds, measured against the same engines in the same run.
 
-One engine simulator and one gateway (in front of it) run as subprocesses. The same load of short
-streamed completions is sent directly to the simulator and through the gateway:
+Engine simulators and one gateway (in front of all of them) run as subprocesses. The same load of
+short streamed completions is sent directly to the simulators (spread round robin by the client) and
+through the gateway:
 
 * max sustained req/s: closed loop, ``concurrency`` clients sending back to back;
 * latency at fixed offered rates (open loop, arrivals on a fixed schedule whatever the answers):
   TTFT (first SSE chunk) and end-to-end, p50/p99, and the difference gateway - direct.
 
-The load generator is an aiohttp client on uvloop in this process. On a small machine the
-simulator, the gateway and the client share the cores, so every number is relative to the direct
-run measured under the same conditions; the absolute ones say as much about the machine.
+The load generator is aiohttp on uvloop in ``client_processes`` worker processes, and there can be
+several simulators: one Python process of either kind saturates near the gateway's own rate, so a
+single client or engine would measure itself, not the gateway. On a small machine every process
+shares the cores, so every number is relative to the direct run measured under the same
+conditions, and CPU per request (from /proc) is reported because it does not depend on that.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +48,34 @@ class LatencyStats:
     ttft_p99_ms: float
     e2e_p50_ms: float
     e2e_p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """One worker process's share of a measurement; picklable, so it crosses the process boundary.
+
+    Closed loop: ``clients`` back-to-back clients. Open loop: arrivals at ``start_at + (phase + j *
+    stride) / rate`` for j = 0, 1, ... below ``n``, so K workers with phases 0..K-1 and stride K
+    interleave into one schedule of the total rate. ``start_at`` is wall-clock (time.time) so that
+    every worker starts together after its own warm-up.
+    """
+
+    urls: tuple[str, ...]
+    body: bytes
+    duration: float
+    start_at: float
+    clients: int = 0
+    rate: float = 0.0
+    n: int = 0
+    phase: int = 0
+    stride: int = 1
+
+
+@dataclass(slots=True)
+class LoadResult:
+    samples: list[tuple[float, float]]  # (TTFT, e2e) seconds of each completed request
+    errors: int
+    wall: float
 
 
 def _free_port() -> int:
@@ -80,57 +113,89 @@ class BenchGatewayCommand(TandemSettings):
     policy: str = Field("dualmap", description="gateway routing policy")
     gateway_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="gateway event loop + HTTP parser "
                                                        "(uvloop: uvloop+httptools; asyncio: asyncio+h11)")
+    engines: int = Field(1, gt=0, description="simulators behind the gateway (the direct load is spread over "
+                                             "them round robin); more than one so an engine process is not "
+                                             "the limit on a machine with cores to spare")
+    client_processes: int = Field(1, gt=0, description="load-generator worker processes (one Python client "
+                                                      "process saturates near the gateway's own rate)")
     out: Path = Field(Path("out"), description="directory for bench-gateway.json and process logs")
 
     def cli_cmd(self) -> None:
-        try:
-            import uvloop
-        except ImportError:  # the load generator works without it, only slower
-            uvloop = None
         self.out.mkdir(parents=True, exist_ok=True)
-        runner = uvloop.run if uvloop else asyncio.run
-        report = runner(self._run())
+        report = asyncio.run(self._run())
         (self.out / "bench-gateway.json").write_text(json.dumps(report, indent=2))
         self._print(report)
 
     async def _run(self) -> dict:
-        sim_port, gw_port = _free_port(), _free_port()
-        sim, gw = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
-        gw_args = ["gateway", "--port", str(gw_port), "--instances", sim, "--policy", self.policy,
+        ports = [_free_port() for _ in range(self.engines)]
+        sims = tuple(f"http://127.0.0.1:{p}" for p in ports)
+        gw_port = _free_port()
+        gw = (f"http://127.0.0.1:{gw_port}",)
+        gw_args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", self.policy,
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
-        sim_args = ["sim", "--port", str(sim_port), "--max-pending", "100000"]
-        with _process(sim_args, self.out / "bench-sim.log") as sim_proc, \
-                _process(gw_args, self.out / "bench-gateway.log") as gw_proc:
-            import aiohttp
-
-            connector = aiohttp.TCPConnector(limit=4096, limit_per_host=4096, force_close=False)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                await _wait_ready(session, sim + "/health")
-                await _wait_ready(session, gw + "/readyz")
-                model = (await (await session.get(sim + "/v1/models")).json())["data"][0]["id"]
-                body = json.dumps({"model": model, "prompt": "hello tandem", "max_tokens": self.max_tokens,
-                                   "stream": True}).encode()
-                for target in (sim, gw):  # warm connections and code paths
-                    await _closed_loop(session, target, body, 8, 1.0)
-                max_rps: dict[str, float] = {}
-                cpu_ms: dict[str, float] = {}
-                for name, url, proc in (("direct", sim, sim_proc), ("gateway", gw, gw_proc)):
-                    before = _cpu_seconds(proc.pid)
-                    rps, done = await _closed_loop(session, url, body, self.concurrency, self.duration)
-                    max_rps[name] = rps
-                    cpu_ms[name] = (_cpu_seconds(proc.pid) - before) * 1000 / max(1, done)
-                latency: list[LatencyStats] = []
-                skipped: list[float] = []
-                for rate in self.rates:
-                    if rate > 0.8 * max_rps["direct"]:
-                        # Beyond the simulator's own capacity here: it would measure the engine's queue.
-                        skipped.append(rate)
-                        continue
-                    for name, url in (("direct", sim), ("gateway", gw)):
-                        await _wait_idle(session, sim)
-                        latency.append(await _open_loop(session, name, url, body, rate, self.duration))
+        with contextlib.ExitStack() as stack:
+            sim_procs = [stack.enter_context(_process(["sim", "--port", str(p), "--max-pending", "100000"],
+                                                      self.out / f"bench-sim-{i}.log"))
+                         for i, p in enumerate(ports)]
+            gw_proc = stack.enter_context(_process(gw_args, self.out / "bench-gateway.log"))
+            pool = stack.enter_context(ProcessPoolExecutor(self.client_processes,
+                                                           mp_context=multiprocessing.get_context("spawn")))
+            for url in sims:
+                await _wait_ready(url + "/health")
+            await _wait_ready(gw[0] + "/readyz")
+            body = json.dumps({"model": await _model(sims[0]), "prompt": "hello tandem",
+                               "max_tokens": self.max_tokens, "stream": True}).encode()
+            targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc])}
+            for urls, _ in targets.values():  # warm code paths (each measurement warms its connections)
+                await self._closed(pool, urls, body, 8, 1.0)
+            max_rps: dict[str, float] = {}
+            cpu_ms: dict[str, float] = {}
+            for name, (urls, procs) in targets.items():
+                before = sum(_cpu_seconds(p.pid) for p in procs)
+                rps, done = await self._closed(pool, urls, body, self.concurrency, self.duration)
+                max_rps[name] = rps
+                cpu_ms[name] = (sum(_cpu_seconds(p.pid) for p in procs) - before) * 1000 / max(1, done)
+            latency: list[LatencyStats] = []
+            skipped: list[float] = []
+            for rate in self.rates:
+                if rate > 0.8 * max_rps["direct"]:
+                    # Beyond the simulators' own capacity here: it would measure the engines' queues.
+                    skipped.append(rate)
+                    continue
+                for name, (urls, _) in targets.items():
+                    for url in sims:
+                        await _wait_idle(url)
+                    latency.append(await self._open(pool, name, urls, body, rate))
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
+
+    async def _spread(self, pool: ProcessPoolExecutor, specs: list[LoadSpec]) -> list[LoadResult]:
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(pool, _load_worker, s) for s in specs)))
+
+    async def _closed(self, pool: ProcessPoolExecutor, urls: tuple[str, ...], body: bytes, clients: int,
+                      duration: float) -> tuple[float, int]:
+        k = min(self.client_processes, clients)
+        start = time.time() + _WARMUP_S
+        shares = [clients // k + (i < clients % k) for i in range(k)]
+        results = await self._spread(pool, [LoadSpec(urls, body, duration, start, clients=c) for c in shares])
+        done = sum(len(r.samples) for r in results)
+        return done / max(r.wall for r in results), done
+
+    async def _open(self, pool: ProcessPoolExecutor, name: str, urls: tuple[str, ...], body: bytes,
+                    rate: float) -> LatencyStats:
+        n = max(1, int(rate * self.duration))
+        k = min(self.client_processes, n)
+        start = time.time() + _WARMUP_S
+        specs = [LoadSpec(urls, body, self.duration, start, rate=rate, n=n, phase=i, stride=k) for i in range(k)]
+        results = await self._spread(pool, specs)
+        ok = [s for r in results for s in r.samples]
+        errors = sum(r.errors for r in results)
+        ttft = np.array([s[0] for s in ok]) * 1000 if ok else np.array([np.nan])
+        e2e = np.array([s[1] for s in ok]) * 1000 if ok else np.array([np.nan])
+        return LatencyStats(name, rate, len(ok) / max(r.wall for r in results), len(ok), errors,
+                            float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
+                            float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)))
 
     def _print(self, report: dict) -> None:
         from rich.console import Console
@@ -139,11 +204,12 @@ class BenchGatewayCommand(TandemSettings):
         console = Console()
         mr = report["max_rps"]
         cpu = report["cpu_ms_per_request"]
-        console.print(f"max sustained req/s (closed loop, {self.concurrency} clients): direct "
-                      f"{mr['direct']:.0f}, gateway {mr['gateway']:.0f} ({mr['gateway'] / mr['direct']:.2f}x of "
-                      f"direct) [gateway loop: {self.gateway_loop}, policy: {self.policy}]")
+        console.print(f"max sustained req/s (closed loop, {self.concurrency} clients in {self.client_processes} "
+                      f"processes, {self.engines} engines): direct {mr['direct']:.0f}, gateway {mr['gateway']:.0f} "
+                      f"({mr['gateway'] / mr['direct']:.2f}x of direct) [gateway loop: {self.gateway_loop}, "
+                      f"policy: {self.policy}]")
         console.print(f"CPU per request: gateway process {cpu['gateway']:.3f} ms (one core's worth: "
-                      f"{1000 / cpu['gateway']:.0f} req/s), simulator {cpu['direct']:.3f} ms "
+                      f"{1000 / cpu['gateway']:.0f} req/s), simulators {cpu['direct']:.3f} ms "
                       f"(gateway/simulator {cpu['gateway'] / cpu['direct']:.2f}x)")
         table = Table(title="added by the gateway, ms (open loop, short streamed completions)")
         for col in ("req/s", "done d/gw", "TTFT p50", "+p50", "TTFT p99", "+p99", "e2e +p50", "e2e +p99", "err d/gw"):
@@ -157,35 +223,99 @@ class BenchGatewayCommand(TandemSettings):
                           f"{d['errors']}/{g['errors']}")
         console.print(table)
         if report["skipped_rates"]:
-            console.print(f"skipped rates {report['skipped_rates']} req/s: above 0.8x the simulator's own max here")
+            console.print(f"skipped rates {report['skipped_rates']} req/s: above 0.8x the simulators' own max here")
         console.print(f"raw numbers: {self.out / 'bench-gateway.json'}")
 
 
-async def _wait_ready(session: object, url: str, limit_s: float = 60.0) -> None:
+# Time each worker gets to start (spawn + imports) and open its connections before the common start.
+_WARMUP_S = 2.0
+
+
+async def _get(url: str) -> tuple[int, str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
+
+
+async def _model(sim: str) -> str:
+    return json.loads((await _get(sim + "/v1/models"))[1])["data"][0]["id"]
+
+
+async def _wait_ready(url: str, limit_s: float = 60.0) -> None:
     import aiohttp
 
     deadline = time.monotonic() + limit_s
     while True:
         with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(url) as resp:
-                if resp.status == 200:
-                    return
+            if (await _get(url))[0] == 200:
+                return
         if time.monotonic() > deadline:
             raise SystemExit(f"tandem bench gateway: {url} not ready after {limit_s:.0f}s")
         await asyncio.sleep(0.1)
 
 
-async def _wait_idle(session: object, sim: str, limit_s: float = 30.0) -> None:
-    """Let the simulator drain what the previous step left before measuring the next."""
+async def _wait_idle(sim: str, limit_s: float = 30.0) -> None:
+    """Let a simulator drain what the previous step left before measuring the next."""
     from tandem.router.enginemetrics import parse_engine_metrics
 
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        async with session.get(sim + "/metrics") as resp:
-            snap = parse_engine_metrics(await resp.text())
+        snap = parse_engine_metrics((await _get(sim + "/metrics"))[1])
         if not snap.running and not snap.waiting:
             return
         await asyncio.sleep(0.1)
+
+
+def _load_worker(spec: LoadSpec) -> LoadResult:
+    """Entry point of a load-generator process."""
+    try:
+        import uvloop
+    except ImportError:  # the load generator works without it, only slower
+        return asyncio.run(_load(spec))
+    return uvloop.run(_load(spec))
+
+
+async def _load(spec: LoadSpec) -> LoadResult:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=4096, limit_per_host=4096, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        urls = spec.urls
+        warm = max(spec.clients, min(64, spec.n))
+        await asyncio.gather(*(_request(session, urls[i % len(urls)], spec.body) for i in range(warm)))
+        await asyncio.sleep(max(0.0, spec.start_at - time.time()))
+        samples: list[tuple[float, float]] = []
+        errors = 0
+        t0 = time.perf_counter()
+        if spec.clients:
+            stop = t0 + spec.duration
+
+            async def client(c: int) -> None:
+                nonlocal errors
+                i = c
+                while time.perf_counter() < stop:
+                    r = await _request(session, urls[i % len(urls)], spec.body)
+                    i += spec.clients
+                    if r is None:
+                        errors += 1
+                    else:
+                        samples.append(r)
+
+            await asyncio.gather(*(client(c) for c in range(spec.clients)))
+        else:
+            mine = range(spec.phase, spec.n, spec.stride)
+
+            async def at(j: int) -> tuple[float, float] | None:
+                await asyncio.sleep(max(0.0, t0 + j / spec.rate - time.perf_counter()))
+                return await _request(session, urls[j % len(urls)], spec.body)
+
+            for r in await asyncio.gather(*(at(j) for j in mine)):
+                if r is None:
+                    errors += 1
+                else:
+                    samples.append(r)
+        return LoadResult(samples, errors, time.perf_counter() - t0)
 
 
 async def _request(session: object, url: str, body: bytes) -> tuple[float, float] | None:
@@ -206,44 +336,9 @@ async def _request(session: object, url: str, body: bytes) -> tuple[float, float
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0
 
 
-async def _closed_loop(session: object, url: str, body: bytes, clients: int, duration: float) -> tuple[float, int]:
-    done = 0
-    stop = time.perf_counter() + duration
-
-    async def client() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            if await _request(session, url, body) is not None:
-                done += 1
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return done / (time.perf_counter() - t0), done
-
-
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (Linux /proc), independent of machine load."""
     import os
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _open_loop(session: object, name: str, url: str, body: bytes, rate: float, duration: float) -> LatencyStats:
-    n = max(1, int(rate * duration))
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.05
-
-    async def at(i: int) -> tuple[float, float] | None:
-        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
-        return await _request(session, url, body)
-
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(at(i) for i in range(n)))
-    wall = time.perf_counter() - t0
-    ok = [r for r in results if r is not None]
-    ttft = np.array([r[0] for r in ok]) * 1000 if ok else np.array([np.nan])
-    e2e = np.array([r[1] for r in ok]) * 1000 if ok else np.array([np.nan])
-    return LatencyStats(name, rate, len(ok) / wall, len(ok), n - len(ok),
-                        float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
-                        float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)))

@@ -1,7 +1,11 @@
 """An LRU of prefix blocks keyed by chained hash, with a capacity in tokens.
 
-The engine simulator uses it as the engine's prefix cache; the router uses the same structure as
-its shadow of each instance's cache, so both agree on what a hit is.
+The router uses it as its shadow of each instance's prefix cache, the engine simulator as its host
+tier. Hashes are chained (a block's hash covers every block before it), so a block always has the
+same parent. Every touch refreshes a chain tail first and its head last, which keeps each block at
+least as recent as its children: eviction takes tails before the heads other prompts share (the
+order vLLM frees blocks in), and what is cached of any chain is a prefix of it, so a lookup can
+bisect instead of walking every block of a long prompt.
 """
 
 from __future__ import annotations
@@ -38,24 +42,31 @@ class BlockCache:
         return blocks, tokens
 
     def prefix_blocks(self, hashes: Sequence[int]) -> int:
-        """Number of leading blocks cached (no sizes, no recency): the router's hot-path lookup."""
-        n = 0
-        for present in map(self._blocks.__contains__, hashes):
-            if not present:
-                break
-            n += 1
-        return n
+        """Number of leading blocks cached (no sizes, no recency): the router's hot-path lookup.
+
+        A bisection (O(log n) lookups), valid because the cached blocks of a chain form a prefix."""
+        blocks = self._blocks
+        if not hashes or hashes[0] not in blocks:
+            return 0
+        lo, hi = 1, len(hashes)  # hashes[:lo] cached; the answer is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if hashes[mid - 1] in blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def match_prefix(self, hashes: Sequence[int]) -> tuple[int, int]:
         """Like :meth:`peek_prefix`, and marks the matched blocks most recently used."""
         blocks, tokens = self.peek_prefix(hashes)
-        for h in hashes[:blocks]:
+        for h in reversed(hashes[:blocks]):
             self._blocks.move_to_end(h)
         return blocks, tokens
 
     def insert(self, hashes: Sequence[int], sizes: Sequence[int]) -> None:
-        """Insert (or refresh) blocks in prefix order, then evict least recently used to fit."""
-        for h, size in zip(hashes, sizes, strict=True):
+        """Insert (or refresh) a chain's blocks, tail first, then evict least recently used to fit."""
+        for h, size in zip(reversed(hashes), reversed(sizes), strict=True):
             if h in self._blocks:
                 self._blocks.move_to_end(h)
                 continue
