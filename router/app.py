@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -125,6 +126,10 @@ class Gateway:
         from tandem.sim.profile import load_profile
 
         self.settings = settings
+        # Request ids: one random prefix per process and a counter (a uuid4 per request cost a
+        # getrandom syscall on the hot path); unique across replicas through the prefix.
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
         if not self.known_policy(settings.policy):
             raise ValueError(f"policy: unknown routing policy '{settings.policy}'; available: "
                              f"{', '.join(policy_names())}")
@@ -427,6 +432,9 @@ class Gateway:
                           param="max_tokens")
         return None
 
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
+
     async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
                     policy: str) -> Response:
         """Route, wait, start upstream (retrying before the first byte), then answer or relay."""
@@ -434,7 +442,7 @@ class Gateway:
         assert self.upstream is not None
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
-        base = uuid.uuid4().hex[:16]
+        base = self.new_request_id()
         excluded: list[str] = []
         failure: UpstreamFailure | None = None
         reason = "none"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import multiprocessing
 import subprocess
@@ -57,11 +58,14 @@ class LoadSpec:
     Closed loop: ``clients`` back-to-back clients. Open loop: arrivals at ``start_at + (phase + j *
     stride) / rate`` for j = 0, 1, ... below ``n``, so K workers with phases 0..K-1 and stride K
     interleave into one schedule of the total rate. ``start_at`` is wall-clock (time.time) so that
-    every worker starts together after its own warm-up.
+    every worker starts together after its own warm-up. Every prompt is different (as real traffic
+    is), so a prefix-affine policy spreads them as it would real prompts instead of sending one
+    repeated prompt to the same two instances.
     """
 
     urls: tuple[str, ...]
-    body: bytes
+    model: str
+    max_tokens: int
     duration: float
     start_at: float
     clients: int = 0
@@ -143,16 +147,15 @@ class BenchGatewayCommand(TandemSettings):
             for url in sims:
                 await _wait_ready(url + "/health")
             await _wait_ready(gw[0] + "/readyz")
-            body = json.dumps({"model": await _model(sims[0]), "prompt": "hello tandem",
-                               "max_tokens": self.max_tokens, "stream": True}).encode()
+            model = await _model(sims[0])
             targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc])}
             for urls, _ in targets.values():  # warm code paths (each measurement warms its connections)
-                await self._closed(pool, urls, body, 8, 1.0)
+                await self._closed(pool, urls, model, 8, 1.0)
             max_rps: dict[str, float] = {}
             cpu_ms: dict[str, float] = {}
             for name, (urls, procs) in targets.items():
                 before = sum(_cpu_seconds(p.pid) for p in procs)
-                rps, done = await self._closed(pool, urls, body, self.concurrency, self.duration)
+                rps, done = await self._closed(pool, urls, model, self.concurrency, self.duration)
                 max_rps[name] = rps
                 cpu_ms[name] = (sum(_cpu_seconds(p.pid) for p in procs) - before) * 1000 / max(1, done)
             latency: list[LatencyStats] = []
@@ -165,7 +168,7 @@ class BenchGatewayCommand(TandemSettings):
                 for name, (urls, _) in targets.items():
                     for url in sims:
                         await _wait_idle(url)
-                    latency.append(await self._open(pool, name, urls, body, rate))
+                    latency.append(await self._open(pool, name, urls, model, rate))
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
 
@@ -173,21 +176,23 @@ class BenchGatewayCommand(TandemSettings):
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(pool, _load_worker, s) for s in specs)))
 
-    async def _closed(self, pool: ProcessPoolExecutor, urls: tuple[str, ...], body: bytes, clients: int,
+    async def _closed(self, pool: ProcessPoolExecutor, urls: tuple[str, ...], model: str, clients: int,
                       duration: float) -> tuple[float, int]:
         k = min(self.client_processes, clients)
         start = time.time() + _WARMUP_S
         shares = [clients // k + (i < clients % k) for i in range(k)]
-        results = await self._spread(pool, [LoadSpec(urls, body, duration, start, clients=c) for c in shares])
+        results = await self._spread(pool, [LoadSpec(urls, model, self.max_tokens, duration, start, clients=c, phase=i)
+                                                  for i, c in enumerate(shares)])
         done = sum(len(r.samples) for r in results)
         return done / max(r.wall for r in results), done
 
-    async def _open(self, pool: ProcessPoolExecutor, name: str, urls: tuple[str, ...], body: bytes,
+    async def _open(self, pool: ProcessPoolExecutor, name: str, urls: tuple[str, ...], model: str,
                     rate: float) -> LatencyStats:
         n = max(1, int(rate * self.duration))
         k = min(self.client_processes, n)
         start = time.time() + _WARMUP_S
-        specs = [LoadSpec(urls, body, self.duration, start, rate=rate, n=n, phase=i, stride=k) for i in range(k)]
+        specs = [LoadSpec(urls, model, self.max_tokens, self.duration, start, rate=rate, n=n, phase=i, stride=k)
+                 for i in range(k)]
         results = await self._spread(pool, specs)
         ok = [s for r in results for s in r.samples]
         errors = sum(r.errors for r in results)
@@ -280,10 +285,17 @@ async def _load(spec: LoadSpec) -> LoadResult:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=4096, limit_per_host=4096, force_close=False)
+    seq = itertools.count()
+
+    def body() -> bytes:
+        prompt = f"client {spec.phase} request {next(seq)}: hello tandem"
+        return json.dumps({"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
+                           "stream": True}).encode()
+
     async with aiohttp.ClientSession(connector=connector) as session:
         urls = spec.urls
         warm = max(spec.clients, min(64, spec.n))
-        await asyncio.gather(*(_request(session, urls[i % len(urls)], spec.body) for i in range(warm)))
+        await asyncio.gather(*(_request(session, urls[i % len(urls)], body()) for i in range(warm)))
         await asyncio.sleep(max(0.0, spec.start_at - time.time()))
         samples: list[tuple[float, float]] = []
         errors = 0
@@ -295,7 +307,7 @@ async def _load(spec: LoadSpec) -> LoadResult:
                 nonlocal errors
                 i = c
                 while time.perf_counter() < stop:
-                    r = await _request(session, urls[i % len(urls)], spec.body)
+                    r = await _request(session, urls[i % len(urls)], body())
                     i += spec.clients
                     if r is None:
                         errors += 1
@@ -308,7 +320,7 @@ async def _load(spec: LoadSpec) -> LoadResult:
 
             async def at(j: int) -> tuple[float, float] | None:
                 await asyncio.sleep(max(0.0, t0 + j / spec.rate - time.perf_counter()))
-                return await _request(session, urls[j % len(urls)], spec.body)
+                return await _request(session, urls[j % len(urls)], body())
 
             for r in await asyncio.gather(*(at(j) for j in mine)):
                 if r is None:

@@ -24,7 +24,6 @@ import asyncio
 import json
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -140,7 +139,7 @@ class PDRouter:
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
-        base = uuid.uuid4().hex[:16]
+        base = gw.new_request_id()
         excluded_p: list[str] = []
         excluded_d: list[str] = []
         attempts = hops = 0

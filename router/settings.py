@@ -125,6 +125,10 @@ class GatewaySettings(TandemSettings):
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
     loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "
                                                "(when installed) or asyncio+h11")
+    gc_gen0_threshold: int = Field(50_000, ge=0, description="after start-up, freeze the heap out of the cyclic "
+                                   "collector and collect generation 0 every this many allocations (0: "
+                                   "Python's defaults); full collections of the start-up heap paused the "
+                                   "event loop for tens of ms, seen as TTFT p99 (tandem bench gateway)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", "remote_prefill_instances",

@@ -201,3 +201,21 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     assert default.prompt_tokens == 16  # the chunker splits 'hello', ',', 'world'
     with pytest.raises(ValueError, match="tokenizer"):
         load_tokenizer(tmp_path / "missing.json")
+
+
+def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> None:
+    import gc
+
+    from tandem.router.cli import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        tune_gc(0)  # 0 leaves the collector alone
+        assert gc.get_threshold() == (12_345, *before[1:]) and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
