@@ -385,7 +385,7 @@ def gateway_deployment(
         ref = remote.credentials_secret_ref
         env.append(
             {
-                "name": "TANDEM_REMOTE_PREFILL_TOKEN",
+                "name": "TANDEM_GATEWAY_REMOTE_PREFILL_TOKEN",
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )

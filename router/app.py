@@ -214,6 +214,14 @@ class Gateway:
         for ep in added:
             self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
 
+    def engine_headers(self, ep: Endpoint) -> dict[str, str]:
+        """Credentials an engine needs: the remote prefill pool's token, sent to its engines only (it
+        authenticates this gateway to another cluster; local engines never see it)."""
+        token = self.settings.remote_prefill_token
+        if ep.role == "remote-prefill" and token is not None:
+            return {"Authorization": f"Bearer {token.get_secret_value()}"}
+        return {}
+
     async def _join(self, ep: Endpoint) -> None:
         """Learn the instance's model (label, or its /v1/models) and add it; retried until it answers."""
         delay = 0.2
@@ -221,7 +229,7 @@ class Gateway:
         while model is None:
             try:
                 async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
-                    resp = await client.get(ep.url + "/v1/models")
+                    resp = await client.get(ep.url + "/v1/models", headers=self.engine_headers(ep))
                     resp.raise_for_status()
                     model = resp.json()["data"][0]["id"]
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
@@ -311,7 +319,7 @@ class Gateway:
                                  first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
-                               verify=self.engine_tls)
+                               verify=self.engine_tls, headers=self.engine_headers)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
                                                  s.kubeconfig, s.k8s_watch_timeout)

@@ -257,7 +257,7 @@ class PDRouter:
         try:
             started = await _unless_disconnected(request, gw.upstream.start(
                 inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
-                budget_s=max(0.001, deadline - time.monotonic())))
+                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint)))
         except ClientGone:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 import httpx
 
+from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineMetricsError, EngineSnapshot, parse_engine_metrics
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.pool import Instance
@@ -47,8 +48,10 @@ def mark_failure(inst: Instance, now: float, stale_after: float) -> bool:
 class Scraper:
     def __init__(self, instances: Callable[[], Iterable[Instance]], metrics: GatewayMetrics, *,
                  interval: float, timeout: float, stale_after: float, max_bytes: int = 4 * 1024 * 1024,
-                 verify: ssl.SSLContext | bool = True) -> None:
+                 verify: ssl.SSLContext | bool = True,
+                 headers: Callable[[Endpoint], dict[str, str]] = lambda ep: {}) -> None:
         self.instances, self.metrics = instances, metrics
+        self.headers = headers
         self.interval, self.timeout, self.stale_after = interval, timeout, stale_after
         self.max_bytes = max_bytes
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=256),
@@ -74,9 +77,9 @@ class Scraper:
         insts = [i for i in self.instances() if not i.removed]
         await asyncio.gather(*(self.scrape(i) for i in insts))
 
-    async def _fetch(self, url: str) -> str:
+    async def _fetch(self, url: str, headers: dict[str, str]) -> str:
         """The body, read up to ``max_bytes`` (a runaway exporter must not grow the gateway's memory)."""
-        async with self.client.stream("GET", url) as resp:
+        async with self.client.stream("GET", url, headers=headers) as resp:
             resp.raise_for_status()
             parts: list[bytes] = []
             size = 0
@@ -92,7 +95,7 @@ class Scraper:
         try:
             # The whole scrape is bounded (httpx bounds each read only): a trickling engine is cut off too.
             async with asyncio.timeout(self.timeout):
-                text = await self._fetch(inst.endpoint.url + "/metrics")
+                text = await self._fetch(inst.endpoint.url + "/metrics", self.headers(inst.endpoint))
             snap = parse_engine_metrics(text)
         except (httpx.HTTPError, EngineMetricsError, TimeoutError) as exc:
             self.metrics.scrape_errors.labels(inst.id).inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tandem.config import TandemSettings
@@ -48,6 +48,10 @@ class GatewaySettings(TandemSettings):
     remote_prefill_instances: UrlList = Field(default_factory=list, description="prefill engines of a remote "
                                               "datacenter (RemotePrefillPool endpoints); KV returns over the link")
     remote_link_gbps: float = Field(100.0, gt=0, description="RemotePrefillPool link bandwidth, Gbit/s")
+    remote_prefill_token: SecretStr | None = Field(None, description="bearer token for the remote prefill pool's "
+                                                   "engines (env TANDEM_GATEWAY_REMOTE_PREFILL_TOKEN; the operator "
+                                                   "sets it from the RemotePrefillPool's credentials Secret); sent "
+                                                   "only to them, never logged")
     remote_profile: str | None = Field(None, description="remote prefill engines' profile (default: profile)")
     offload_threshold: int | None = Field(None, ge=0, description="offload uncached prompts longer than this "
                                           "(default: solved from the live length distribution)")

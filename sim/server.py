@@ -9,13 +9,14 @@ so a gateway sees them exactly as it would see a failing real engine.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.responses import Response
 
 from tandem.openai_api import (
     ChatCompletionRequest,
@@ -203,6 +205,19 @@ async def _token_stream(driver: EngineDriver, pending: _Pending) -> AsyncIterato
             return
 
 
+def require_api_key(app: FastAPI, key: str) -> None:
+    """Answer 401 to /v1/* requests without ``Authorization: Bearer <key>``, as vLLM's --api-key does
+    (health and metrics stay open, as there)."""
+    expected = f"Bearer {key}".encode()
+
+    @app.middleware("http")
+    async def _check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if request.url.path.startswith("/v1") and not hmac.compare_digest(given, expected):
+            return JSONResponse(status_code=401, content={"error": "Unauthorized"})
+        return await call_next(request)
+
+
 def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI:
     server = SimServer(settings, profile or load_profile(settings.profile))
 
@@ -217,6 +232,8 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
 
     app = FastAPI(title="tandem engine simulator", lifespan=lifespan)
     app.state.sim = server
+    if settings.api_key is not None:
+        require_api_key(app, settings.api_key.get_secret_value())
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str):

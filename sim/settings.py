@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
@@ -41,3 +41,6 @@ class SimSettings(TandemSettings):
     kv_rtt_ms: float = Field(0.5, ge=0, description="decode role: round trip before the first KV byte")
     kv_hold_s: float = Field(120.0, gt=0, description="prefill role: how long computed KV waits to be pulled")
     kv_wait_s: float = Field(60.0, gt=0, description="decode role: how long to wait for the prefill's KV")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* (vLLM's "
+                                      "--api-key; env TANDEM_SIM_API_KEY), as a remote prefill pool behind "
+                                      "credentials does")

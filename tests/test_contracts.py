@@ -75,3 +75,24 @@ def test_bad_service_description_is_a_clear_error(tmp_path) -> None:
         load_service_description(bad)
     with pytest.raises(ServiceConfigError, match=r"missing\.json"):
         load_service_description(tmp_path / "missing.json")
+
+
+def test_operator_gateway_env_reaches_the_gateway_settings(monkeypatch) -> None:
+    """The remote pool's credentials Secret reaches the gateway through the env var the operator sets."""
+    from tandem.api.models import RemotePrefillPool
+    from tandem.operator.plan import OperatorDefaults, config_map, gateway_deployment
+
+    docs = [d for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d]
+    pool = RemotePrefillPool.model_validate(next(d for d in docs if d["kind"] == "RemotePrefillPool"))
+    assert pool.spec.credentials_secret_ref is not None
+    svc = LLMService.model_validate(next(d for d in docs if d["kind"] == "LLMService"
+                                         and (d["spec"].get("offload") or {}).get("remotePrefill")))
+    deployment = gateway_deployment(svc, OperatorDefaults(), config_map(svc, pool.spec), pool.spec)
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env, "the operator sets no env var for the remote pool's credentials"
+    for var in env:  # the kubelet resolves each secretKeyRef into a plain value
+        monkeypatch.setenv(var["name"], "from-the-secret")
+    settings = CliApp.run(GatewaySettings, cli_args=gateway_command(svc)[2:], cli_cmd_method_name="model_dump")
+    assert settings.remote_prefill_token is not None
+    assert settings.remote_prefill_token.get_secret_value() == "from-the-secret"
+    assert "from-the-secret" not in repr(settings)

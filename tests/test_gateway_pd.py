@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from gatewayutil import completion_body, gateway_app, sim_app, sse_text
 
 from tandem.serve import serve
@@ -231,6 +232,38 @@ async def test_long_uncached_prompts_are_offloaded_to_the_remote_prefill_pool() 
         engines = [(r["kv_transfer_params"]["remote_engine_id"], r["transferred_tokens"])
                    for r in (await kv_log(c, d0))["received"]]
         assert engines == [("local", 1000), ("remote", 6000), ("local", 2048), ("remote", 2049)]
+
+
+async def test_remote_prefill_pool_behind_a_token_gets_it_and_local_engines_do_not() -> None:
+    """The remote pool's engines require a bearer token (vLLM --api-key); the gateway sends its
+    RemotePrefillPool token there (requests, model probe, scrapes) and to no local engine."""
+    token = "remote-s3cret"
+    seen: dict[str, set[str]] = {"local": set(), "remote": set()}
+
+    def recording(app: FastAPI, name: str) -> FastAPI:
+        @app.middleware("http")
+        async def record(request, call_next):
+            seen[name].add(request.headers.get("authorization", ""))
+            return await call_next(request)
+        return app
+
+    async with serve(recording(sim_app(role="prefill", engine_id="local"), "local")) as p0, \
+            serve(recording(sim_app(role="prefill", engine_id="remote", api_key=token), "remote")) as r0, \
+            serve(sim_app(role="decode")) as d0, \
+            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+                              offload_threshold=2048, remote_prefill_token=token)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
+        assert (await c.post(r0 + "/v1/completions", json=completion_body())).status_code == 401  # it is guarded
+        for tokens, route in ((6000, "remote"), (1000, "local")):
+            body = {"model": MODEL, "max_tokens": 3, "x_tandem": {"hash_ids": [tokens], "prompt_tokens": tokens,
+                                                                   "block_size": 512}}
+            resp = await c.post(gw + "/v1/completions", json=body)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-tandem-prefill-route"] == route
+        admin = (await c.get(gw + "/admin/instances")).text
+    assert f"Bearer {token}" in seen["remote"]
+    assert all(token not in h for h in seen["local"])
+    assert token not in admin
 
 
 def series(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

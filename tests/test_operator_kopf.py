@@ -630,7 +630,7 @@ async def test_remote_prefill_pool_missing_then_created(cluster: Cluster) -> Non
         assert config["offload"]["lengthThreshold"] == 8192
         gateway = await cluster.get(DEPLOYMENTS, "pd-gateway")
         env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["TANDEM_REMOTE_PREFILL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        assert env["TANDEM_GATEWAY_REMOTE_PREFILL_TOKEN"]["valueFrom"]["secretKeyRef"] == {
             "name": "west-token",
             "key": "token",
         }

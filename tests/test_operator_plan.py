@@ -289,7 +289,7 @@ def test_remote_prefill_pool_present_or_missing() -> None:
     assert config["offload"]["endpoints"] == ["https://p.example"]
     assert config["offload"]["auto"] is True and config["offload"]["linkBandwidthGbps"] == 25
     env = {e["name"]: e for e in container(kids[("Deployment", "llm-gateway")])["env"]}
-    assert env["TANDEM_REMOTE_PREFILL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "token"}
+    assert env["TANDEM_GATEWAY_REMOTE_PREFILL_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "token"}
 
 
 def test_plan_errors_name_the_field() -> None:
