@@ -154,12 +154,14 @@ class KubeClient:
         ssl_context: ssl.SSLContext | bool,
         timeout: float = 10.0,
         user_agent: str = "tandem-operator",
+        field_manager: str = "tandem-operator",
         retries: int = 4,
         backoff: float = 0.2,
         backoff_cap: float = 5.0,
     ) -> None:
         self.retries, self.backoff, self.backoff_cap = retries, backoff, backoff_cap
         self._user_agent = user_agent
+        self._field_manager = field_manager
         self._credentials = credentials
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -269,7 +271,7 @@ class KubeClient:
 
     async def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.request(
-            "POST", kind.path(namespace), json=body, params={"fieldManager": "tandem-operator"}
+            "POST", kind.path(namespace), json=body, params={"fieldManager": self._field_manager}
         )
 
     async def merge_patch(
@@ -280,7 +282,7 @@ class KubeClient:
             kind.path(namespace, name, subresource),
             json=patch,
             content_type="application/merge-patch+json",
-            params={"fieldManager": "tandem-operator"},
+            params={"fieldManager": self._field_manager},
         )
 
     async def delete(self, kind: Kind, namespace: str, name: str) -> None:

@@ -52,6 +52,7 @@ from tandem.router.observations import (
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, QueueFull, new_instance_state
 from tandem.router.proxy import Started, Upstream, UpstreamFailure, relay
+from tandem.router.remote_status import RemotePoolReporter, RemoteView
 from tandem.router.resilience import CircuitBreaker, backoff_delay
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy, policy_names
@@ -173,6 +174,7 @@ class Gateway:
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
         self.discovery: KubernetesDiscovery | None = None
+        self.remote_reporter: RemotePoolReporter | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.draining = False
         self.active = 0
@@ -330,6 +332,8 @@ class Gateway:
         if self._joining:  # give static instances a moment to answer before serving
             await asyncio.wait(list(self._joining.values()), timeout=5.0)
         self.scraper.start()
+        if s.remote_prefill_pool:
+            await self._start_remote_reporter(s.remote_prefill_pool)
         self.tasks = [asyncio.create_task(self._tick_loop(), name="routing-tick"),
                       asyncio.create_task(self._sync_loop(), name="state-sync")]
 
@@ -345,9 +349,36 @@ class Gateway:
             await self.discovery.stop()
         if self.scraper:
             await self.scraper.stop()
+        if self.remote_reporter:
+            await self.remote_reporter.stop()
         if self.upstream:
             await self.upstream.close()
         await self.backend.close()
+
+    async def _start_remote_reporter(self, pool: str) -> None:
+        """Write the RemotePrefillPool's status; without API credentials, serve and say why."""
+        from tandem.operator.kube import KubeClient, load_credentials
+
+        s = self.settings
+        try:
+            creds = await asyncio.to_thread(load_credentials, s.kubeconfig)
+            ssl_context = await asyncio.to_thread(creds.ssl_context)
+        except Exception as exc:  # whatever is wrong with the credentials, serving goes on
+            log.warning("RemotePrefillPool %s: no Kubernetes API credentials, its status is not written (%s)",
+                        pool, exc)
+            return
+        client = KubeClient(creds, ssl_context, user_agent="tandem-gateway", field_manager="tandem-gateway")
+        self.remote_reporter = RemotePoolReporter(client, s.k8s_namespace, pool, self.remote_view,
+                                                  s.remote_status_interval)
+        self.remote_reporter.start()
+
+    def remote_view(self) -> RemoteView:
+        """The remote prefill pool as this gateway sees it (for its RemotePrefillPool status)."""
+        now = time.monotonic()
+        remote = list(self.pd["remote-prefill"].values())
+        return RemoteView(instances=len(remote), healthy=sum(1 for i in remote if i.state.routable),
+                          egress_gbps=sum(c.egress_gbps(now) for c in self.pd_router.controllers.values()),
+                          queue_tokens=sum(i.state.pending_miss_tokens for i in remote))
 
     # --- the request path ------------------------------------------------------------------
 

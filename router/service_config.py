@@ -32,6 +32,7 @@ class _Slo(BaseModel):
 class _Offload(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     endpoints: list[str] = Field(min_length=1)
+    remote_prefill: str | None = Field(None, alias="remotePrefill")
     link_bandwidth_gbps: float = Field(alias="linkBandwidthGbps", gt=0)
     length_threshold: int | None = Field(None, alias="lengthThreshold", ge=0)
     auto: bool = True
@@ -72,6 +73,7 @@ def apply_service_description(settings: GatewaySettings, desc: ServiceDescriptio
     if desc.offload is not None:
         update["remote_prefill_instances"] = list(desc.offload.endpoints)
         update["remote_link_gbps"] = desc.offload.link_bandwidth_gbps
+        update["remote_prefill_pool"] = desc.offload.remote_prefill
         if not desc.offload.auto and desc.offload.length_threshold is not None:
             update["offload_threshold"] = desc.offload.length_threshold
     explicit = settings.model_fields_set

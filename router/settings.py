@@ -48,6 +48,11 @@ class GatewaySettings(TandemSettings):
     remote_prefill_instances: UrlList = Field(default_factory=list, description="prefill engines of a remote "
                                               "datacenter (RemotePrefillPool endpoints); KV returns over the link")
     remote_link_gbps: float = Field(100.0, gt=0, description="RemotePrefillPool link bandwidth, Gbit/s")
+    remote_prefill_pool: str | None = Field(None, description="name of the RemotePrefillPool (in --k8s-namespace) "
+                                            "whose status this gateway writes: reachable, measured link traffic, "
+                                            "queued tokens (set from the operator's service.json)")
+    remote_status_interval: float = Field(15.0, gt=0, le=3600, description="seconds between RemotePrefillPool "
+                                          "status writes")
     remote_prefill_token: SecretStr | None = Field(None, description="bearer token for the remote prefill pool's "
                                                    "engines (env TANDEM_GATEWAY_REMOTE_PREFILL_TOKEN; the operator "
                                                    "sets it from the RemotePrefillPool's credentials Secret); sent "

@@ -58,6 +58,7 @@ def test_operator_service_description_configures_the_gateway(tmp_path) -> None:
     settings = apply_service_description(flags, desc)
     assert settings.remote_prefill_instances == pool.spec.endpoints
     assert settings.remote_link_gbps == pool.spec.link_bandwidth_gbps
+    assert settings.remote_prefill_pool == pool.metadata.name == svc.spec.offload.remote_prefill
     assert settings.pd_engine == svc.spec.model.engine
     assert settings.slo_tpot == pytest.approx(svc.spec.slo.tpot_seconds)
     assert settings.offload_threshold is None  # offload.auto: the gateway solves the threshold live
