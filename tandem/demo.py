@@ -191,9 +191,8 @@ class DemoCommand(TandemSettings):
     max_output_tokens: int = Field(16, ge=1, description="cap on output tokens (keeps the run short)")
     policies: list[str] = Field(["round_robin", "dualmap"], min_length=1, description="policies to compare")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds")
-    kv_capacity_tokens: int | None = Field(2_000_000, gt=0, description="engine prefix-cache capacity in tokens "
-                                           "(default: GPU KV plus a host-memory tier, as in Mooncake; the GPU "
-                                           "alone holds ~30 of these prompts)")
+    host_cache_tokens: int = Field(2_000_000, ge=0, description="host-memory KV tier per engine in tokens, as in "
+                                   "Mooncake (the GPU alone holds ~30 of these prompts); 0: GPU cache only")
     out: Path = Field(Path("out"), description="directory for demo.png and demo.json")
 
     def cli_cmd(self) -> None:
@@ -225,7 +224,7 @@ class DemoCommand(TandemSettings):
 
         capped = [replace(r, output_tokens=max(1, min(r.output_tokens, self.max_output_tokens))) for r in reqs]
         routing = RoutingConfig(slo_ttft_s=self.slo_ttft, max_queued_per_instance=100_000, max_queued_total=100_000)
-        config = DESConfig(instances=self.instances, profile=self.profile, kv_capacity_tokens=self.kv_capacity_tokens,
+        config = DESConfig(instances=self.instances, profile=self.profile, host_cache_tokens=self.host_cache_tokens,
                            tick_s=0.25)
         result = Simulation(prepare(capped), policy, routing, config).run()
         results = [Result(r.ttft is not None, r.ttft or 0.0,
@@ -255,6 +254,7 @@ class DemoCommand(TandemSettings):
     async def _run_policy(self, policy: str, reqs: list[TraceRequest], advance: Callable[[], None]
                           ) -> tuple[list[Result], float]:
         """Fresh engines (cold caches) in this process, the gateway as a subprocess (its own core)."""
+        from tandem.sim.profile import load_profile
         from tandem.sim.server import create_app
         from tandem.sim.settings import SimSettings
 
@@ -264,15 +264,15 @@ class DemoCommand(TandemSettings):
             sims = []
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
-                                             kv_capacity_tokens=self.kv_capacity_tokens))
+                                             host_cache_tokens=self.host_cache_tokens))
                 sims.append(await stack.enter_async_context(serve(app)))
             gw_port = _free_port()
             gw = f"http://127.0.0.1:{gw_port}"
+            # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
+            shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
             args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
                     "--profile", self.profile, "--slo-ttft", str(self.slo_ttft), "--max-queue", "100000",
-                    "--max-queue-per-instance", "100000"]
-            if self.kv_capacity_tokens:
-                args += ["--shadow-capacity-tokens", str(self.kv_capacity_tokens)]
+                    "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow)]
             procs.start("gateway", *args)
             await _wait_ready(gw + "/readyz", procs)
             async with httpx.AsyncClient(trust_env=False) as c:
