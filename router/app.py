@@ -42,6 +42,7 @@ from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import (
+    NOT_SLO_MISSES,
     Observer,
     RequestTrace,
     TokenCounter,
@@ -495,11 +496,11 @@ class Gateway:
                 # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
                 status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
                 return self._done(policy, "none", "queue_full", _error(
-                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1))
+                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1), trace=trace)
             except NoInstanceError as exc:
                 return self._done(policy, "none", "no_instance", _error(
                     503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
-                    retry_after=2))
+                    retry_after=2), trace=trace)
             try:
                 reason = decision.reason
                 remaining = deadline - time.monotonic()
@@ -511,12 +512,12 @@ class Gateway:
                         instance_id = await _unless_disconnected(request, waiting)
                 except NoInstanceError as exc:  # its instance went away and nothing else could take it
                     return self._done(policy, reason, "no_instance", _error(
-                        503, str(exc), type_="server_error", retry_after=2))
+                        503, str(exc), type_="server_error", retry_after=2), trace=trace)
                 except TimeoutError:
                     return self._done(policy, reason, "queue_timeout", _error(
-                        503, "timed out waiting for an instance", type_="server_error", retry_after=2))
+                        503, "timed out waiting for an instance", type_="server_error", retry_after=2), trace=trace)
                 except ClientGone:
-                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                    return self._done(policy, reason, "client_gone", Response(status_code=499), trace=trace)
                 inst = pool.instances.get(instance_id)
                 if inst is None:  # left while the request was queued
                     pool.failed(rid)
@@ -527,13 +528,13 @@ class Gateway:
                         inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
                 except ClientGone:
                     pool.finished(rid)
-                    return self._done(policy, reason, "client_gone", Response(status_code=499))
+                    return self._done(policy, reason, "client_gone", Response(status_code=499), trace=trace)
                 except UpstreamFailure as exc:
                     failure = exc
                     pool.failed(rid)
                     if exc.kind == "busy":  # the gateway's own connection limit: nothing wrong with the engine
                         return self._done(policy, reason, "busy", _error(
-                            503, str(exc), type_="server_error", retry_after=1))
+                            503, str(exc), type_="server_error", retry_after=1), trace=trace)
                     inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                     inst.refresh_health(time.monotonic())
                     self.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
@@ -551,15 +552,15 @@ class Gateway:
             if started.status >= 400:  # the engine refused the request itself: not retryable
                 pool.failed(rid)
                 return self._done(policy, reason, "client_error", Response(
-                    started.first, status_code=started.status, headers=started.headers))
+                    started.first, status_code=started.status, headers=started.headers), trace=trace)
             pool.first_token(rid)
             headers = {**started.headers, "x-tandem-instance": instance_id, "x-tandem-decision": reason}
             if started.response is None:
                 pool.finished(rid)
-                self.observer.finished(trace, usage_tokens(started.first), time.monotonic())
+                self.observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
                 self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
                 return self._done(policy, reason, "ok", Response(started.first, status_code=started.status,
-                                                                  headers=headers))
+                                                                  headers=headers), trace=trace)
             self.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
             self.observer.first_token(trace, time.monotonic())
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -568,10 +569,13 @@ class Gateway:
         message = f"no instance could serve the request after {s.max_attempts} attempts"
         if failure:
             message += f"; last error: {failure}"
-        return self._done(policy, reason, kind, _error(status, message, type_="server_error"))
+        return self._done(policy, reason, kind, _error(status, message, type_="server_error"), trace=trace)
 
-    def _done(self, policy: str, decision: str, outcome: str, response: Response) -> Response:
+    def _done(self, policy: str, decision: str, outcome: str, response: Response,
+              trace: RequestTrace | None = None) -> Response:
         self.metrics.requests.labels(policy, decision, outcome).inc()
+        if trace is not None and outcome not in NOT_SLO_MISSES:
+            self.observer.failed(trace, time.monotonic())
         self._leave()
         return response
 
@@ -581,6 +585,8 @@ class Gateway:
             pool.finished(rid)
             if outcome == "ok":
                 self.observer.finished(trace, output_tokens, time.monotonic())
+            elif outcome not in NOT_SLO_MISSES:
+                self.observer.failed(trace, time.monotonic())
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()
             self._leave()

@@ -34,6 +34,11 @@ ObservedRole = Literal["unified", "prefill", "decode"]
 _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
+# Request outcomes that say nothing about whether the service kept its SLO: the client left, or the
+# request itself was invalid. Every other non-ok outcome is a miss (see Observer.failed).
+NOT_SLO_MISSES = frozenset({"ok", "client_gone", "client_error"})
+
+
 @dataclass(slots=True)
 class RequestTrace:
     """One request as the window sees it; created on arrival, updated O(1) along its path."""
@@ -185,10 +190,15 @@ class Observer:
         if trace.first_token is None:
             trace.first_token = now
 
-    def finished(self, trace: RequestTrace, output_tokens: int | None, now: float) -> None:
-        """A request answered in full: its length class, and its TTFT/TPOT when it was streamed."""
+    def finished(self, trace: RequestTrace, output_tokens: int | None, now: float, *, streamed: bool = True) -> None:
+        """A request answered in full: its length class, and its TTFT/TPOT when it was streamed.
+
+        A non-streamed answer reaches its client whole, so its client's TTFT is its end-to-end time
+        (counted as such) and it has no TPOT to speak of."""
         if trace.done:
             return
+        if not streamed:
+            trace.first_token = now
         trace.done = True
         b = self._ring(trace.service).at(now)
         out = max(1, output_tokens or 1)
@@ -204,9 +214,25 @@ class Observer:
         b.ttft_n += 1
         b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
         b.attainable += trace.attainable
-        if out > 1:
+        if out > 1 and streamed:
             b.tpot_n += 1
             b.tpot_ok += (now - trace.first_token) / (out - 1) <= self.slo_tpot_s
+
+    def failed(self, trace: RequestTrace, now: float) -> None:
+        """A request the service failed (overloaded, no instance, engine errors, a stream cut short):
+        a TTFT miss unless its first token had come in time, and a TPOT miss when it had started
+        streaming. Left out of the length mix
+        (its output is unknown). Not for a client that left or a request the engine rejected as
+        invalid: neither says anything about capacity."""
+        if trace.done:
+            return
+        trace.done = True
+        b = self._ring(trace.service).at(now)
+        b.ttft_n += 1
+        b.attainable += trace.attainable
+        if trace.first_token is not None:
+            b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
+            b.tpot_n += 1
 
     # --- the query ------------------------------------------------------------------------------
 

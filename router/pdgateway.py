@@ -33,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import NOT_SLO_MISSES, RequestTrace, usage_tokens
 from tandem.router.offload import (
     OffloadController,
     OffloadSettings,
@@ -154,7 +154,7 @@ class PDRouter:
                 if final.outcome == "no_instance" and attempts:  # the failures took the last instances
                     response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
                                            f"error: {last}", retry_after=2)
-                return gw._done(policy, "pd", final.outcome, response)
+                return gw._done(policy, "pd", final.outcome, response, trace)
             except _Retry as retry:
                 last = str(retry)
                 if retry.prefill:
@@ -166,14 +166,14 @@ class PDRouter:
                     if hops > s.pd_max_hops:
                         return gw._done(policy, "pd", "refused", _error(
                             503, f"prefill instances refused the request {hops} times (queues full): {last}",
-                            retry_after=1))
+                            retry_after=1), trace)
                     continue  # forward to the next candidate at once: a refusal is not a failure
                 attempts += 1
                 gw.metrics.retries.labels("pd").inc()
                 if attempts < s.max_attempts:
                     await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
         return gw._done(policy, "pd", "upstream_error", _error(
-            502, f"disaggregated request failed after {attempts} attempts; last error: {last}"))
+            502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
 
     def route(self, rreq: RouteRequest) -> str:
         """'local' or 'remote' prefill: the offload threshold on the prompt's uncached length.
@@ -296,7 +296,7 @@ class PDRouter:
                        "x-tandem-prefill-route": "remote" if remote else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
             if started.response is None:
-                observer.finished(trace, usage_tokens(started.first), time.monotonic())
+                observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
                 raise _Final("ok", Response(started.first, status_code=started.status, headers=headers))
             self.gw.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
@@ -364,6 +364,8 @@ class PDRouter:
             d_inst.state.inflight_requests -= 1
             if outcome == "ok":
                 self.gw.observer.finished(trace, output_tokens, time.monotonic())
+            elif outcome not in NOT_SLO_MISSES:
+                self.gw.observer.failed(trace, time.monotonic())
             self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
             self.gw._leave()

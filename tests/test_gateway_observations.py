@@ -79,6 +79,28 @@ def test_window_counts_exactly_and_forgets_old_traffic() -> None:
     assert obs.report("svc", 60.0, 1300.0, [])["observations"]["arrival_rate"] == pytest.approx(1.0, rel=0.05)
 
 
+def test_failures_count_as_misses_and_unstreamed_answers_by_their_end_to_end_time() -> None:
+    obs = Observer(slo_ttft_s=1.0, slo_tpot_s=0.1, attainable_tokens=4096, horizon_s=60)
+    ok = obs.arrived("svc", "unified", 100, 10.0)
+    obs.first_token(ok, 10.2)
+    obs.finished(ok, 11, 10.5)                                  # streamed, on time
+    shed = obs.arrived("svc", "unified", 100, 10.0)
+    obs.failed(shed, 10.1)                                      # 503/429 before any engine: a TTFT miss
+    cut = obs.arrived("svc", "unified", 100, 10.0)
+    obs.first_token(cut, 10.3)
+    obs.failed(cut, 12.0)                                       # stream cut short: TTFT met, TPOT missed
+    obs.failed(cut, 12.5)                                       # counted once
+    slow_whole = obs.arrived("svc", "unified", 100, 10.0)
+    obs.finished(slow_whole, 50, 11.5, streamed=False)          # whole answer after 1.5 s: its TTFT
+    fast_whole = obs.arrived("svc", "unified", 100, 10.0)
+    obs.finished(fast_whole, 50, 10.4, streamed=False)
+    o = Observations.model_validate(obs.report("svc", 30.0, 20.0, [])["observations"])
+    assert o.completed == 5
+    assert o.ttft_attainment == pytest.approx(3 / 5)  # ok, cut, fast_whole
+    assert o.tpot_attainment == pytest.approx(1 / 2)  # ok met it, cut did not; unstreamed have none
+    assert sum(b.weight for b in o.length_mix) == pytest.approx(1.0)
+
+
 def test_idle_service_reports_zero_rate_with_a_valid_mix() -> None:
     obs = Observer(slo_ttft_s=1.0, slo_tpot_s=0.1, attainable_tokens=10, horizon_s=60)
     o = Observations.model_validate(obs.report("svc", 30.0, 50.0, [_load("a", 0)])["observations"])
@@ -137,7 +159,7 @@ async def test_autoscaler_source_reads_exact_values_from_a_live_gateway() -> Non
         prompts = [512 * len(ids) for ids in prefixes * 2] + [1024]
         mean = sum(b.weight * b.input_tokens for b in o.length_mix)
         assert mean == pytest.approx(sum(prompts) / len(prompts), abs=1.0) and len(o.length_mix) == 2
-        assert o.completed == sent - 1  # the non-streamed one has no TTFT sample
+        assert o.completed == sent  # the non-streamed one: its end-to-end time is its client's TTFT
         assert o.ttft_attainment == 1.0 and o.tpot_attainment == 0.0  # 5 s TTFT met; a 1 ns TPOT never
         assert o.roles["unified"].ready == 2
         assert report.inflight == {a: 0, b: 0}
@@ -344,3 +366,18 @@ async def test_a_decode_instance_that_leaves_stays_counted_until_its_stream_ends
                 return (await inflight()).get(d, 0) == 0
             await until(done)
             assert app.gateway.leaving == []
+
+
+async def test_requests_the_gateway_fails_are_observed_as_misses() -> None:
+    """An engine answering 500 to everything: the clients get clear 5xx answers (502 after the
+    retries, then 503 once its circuit is open) and the autoscaler sees a TTFT miss per request, not
+    an empty window that reads as "no load"."""
+    async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as a, \
+            serve(gateway_app([a], slo_ttft=5.0, max_attempts=2, retry_backoff=0.01)) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        for stream in (True, False):
+            r = await c.post(gw + "/v1/completions", json=ext_body([1, 2], stream=stream))
+            assert r.status_code in (502, 503) and r.json()["error"]["type"] == "server_error"
+        o = Observations.model_validate((await c.get(gw + "/admin/observations", params={
+            "service": MODEL, "window": 60})).json()["observations"])
+    assert o.completed == 2 and o.ttft_attainment == 0.0
