@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,6 +13,17 @@ CRD_KIND = Kind(group="apiextensions.k8s.io", version="v1", plural="customresour
                 kind="CustomResourceDefinition")
 NAMESPACES = Kind(group="", version="v1", plural="namespaces", kind="Namespace")
 CRD_DIR = Path(__file__).resolve().parent.parent / "crds"
+
+
+def kmock_kubeconfig(kmock: Any, tmp_path: Path) -> Path:
+    """A kubeconfig for kmock's in-memory API server (no credentials), as a cluster's would be."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(kmock.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+    return path
 
 
 async def apply_crds(client: KubeClient) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi import FastAPI
-from kubeutil import NAMESPACES, apply_crds
+from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.autoscaler.actuator import (
@@ -81,14 +81,6 @@ class Clock:
         return self.t
 
 
-def _kubeconfig_for(url: str, path: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}], "users": [{"name": "kmock", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
-    return path
-
-
 @pytest.fixture(params=["kmock", pytest.param("real", marks=pytest.mark.realk8s)])
 async def api(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) -> AsyncIterator[tuple[str, KubeClient, str]]:
     if request.param == "kmock":
@@ -99,7 +91,7 @@ async def api(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) -> Asy
         kmock.resources["v1/pods"] = info(kind="Pod", namespaced=True, subresources={"status"},
                                           verbs={"get", "list", "patch", "create"})
         kmock.resources["v1/events"] = info(kind="Event", namespaced=True, verbs={"create", "list"})
-        creds = load_credentials(_kubeconfig_for(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig"))
+        creds = load_credentials(kmock_kubeconfig(kmock, tmp_path))
         client = KubeClient(creds, creds.ssl_context(), user_agent="tandem-tests")
         try:
             yield "kmock", client, "default"

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kubeutil import NAMESPACES, apply_crds
+from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
@@ -161,22 +161,6 @@ def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
     return None
 
 
-def _kubeconfig_for(url: str, path: Path) -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "kmock",
-                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-                "users": [{"name": "kmock", "user": {}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-            }
-        )
-    )
-    return path
-
-
 def _declare_kmock_resources(kmock: Any) -> None:
     info = kmock.ResourceInfo
     kmock.resources["serving.tandem.dev/v1alpha1/llmservices"] = info(
@@ -212,7 +196,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
     # kmock starts for both params (it is an in-process server); the real backend ignores it.
     if request.param == "kmock":
         _declare_kmock_resources(kmock)
-        kubeconfig = _kubeconfig_for(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig")
+        kubeconfig = kmock_kubeconfig(kmock, tmp_path)
         creds = load_credentials(kubeconfig)
         client = KubeClient(creds, creds.ssl_context(), user_agent=TEST_AGENT)
         try:

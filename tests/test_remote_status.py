@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
 from gatewayutil import gateway_app, sim_app, until
+from kubeutil import kmock_kubeconfig
 
 from tandem.operator.kube import REMOTEPREFILLPOOLS, KubeClient, load_credentials
 from tandem.router.remote_status import RemoteView, pool_status
@@ -47,18 +47,10 @@ def test_status_reports_what_the_gateway_sees_and_keeps_the_operators_condition(
     assert none["reachable"] is False and reachable(none)["reason"] == "NoEndpoints"
 
 
-def _kubeconfig(url: str, path: Path) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}], "users": [{"name": "kmock", "user": {}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
-    return path
-
-
 async def test_gateway_writes_the_pool_status_through_the_api(kmock: Any, tmp_path: Path) -> None:
     kmock.resources["serving.tandem.dev/v1alpha1/remoteprefillpools"] = kmock.ResourceInfo(
         kind="RemotePrefillPool", namespaced=True, subresources={"status"}, verbs={"get", "list", "patch", "create"})
-    kubeconfig = _kubeconfig(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig")
+    kubeconfig = kmock_kubeconfig(kmock, tmp_path)
     creds = load_credentials(kubeconfig)
     client = KubeClient(creds, creds.ssl_context(), user_agent="tandem-tests")
     try:
