@@ -702,27 +702,32 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`."""
-    task = asyncio.ensure_future(work)
+    """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`.
+
+    ``work`` runs in the caller's task and a watcher cancels that task on disconnect (the watcher's
+    cancel is told apart from any other by ``gone``): one task per call, not two plus an
+    ``asyncio.wait``, on a path every request takes."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone = True
+        task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone from None
+    finally:
         watcher.cancel()
-        raise
-    watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    raise ClientGone
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:

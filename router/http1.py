@@ -99,16 +99,26 @@ class _Connection(asyncio.Protocol):
             w.set_result(None)
 
     async def _wait(self, limit_s: float) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        """Until the parser has news, at most ``limit_s``. One timer handle per wait rather than
+        ``asyncio.wait_for``'s timeout context: this runs once per relayed chunk."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(limit_s, _expire, waiter)
         try:
-            await asyncio.wait_for(self._waiter, limit_s)
+            await waiter
         finally:
+            timer.cancel()
             self._waiter = None
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class Response:
@@ -205,10 +215,13 @@ class HTTP1Client:
         head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        try:
-            await asyncio.wait_for(self._slots.acquire(), connect_timeout)
-        except TimeoutError:
-            raise HTTPPoolBusy("all upstream connections are busy") from None
+        if self._slots.locked():  # only then can acquiring wait (wait_for would cost a task every time)
+            try:
+                await asyncio.wait_for(self._slots.acquire(), connect_timeout)
+            except TimeoutError:
+                raise HTTPPoolBusy("all upstream connections are busy") from None
+        else:
+            await self._slots.acquire()
         try:
             conn = self._take_idle(key)
             reused = conn is not None

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from gatewayutil import completion_body, gateway_app, sim_app, sse_text
+from gatewayutil import completion_body, gateway_app, sim_app, sse_text, until
 
 from tandem.serve import serve
 
@@ -135,6 +135,24 @@ async def test_client_disconnect_cancels_upstream() -> None:
                 break
             await asyncio.sleep(0.02)
         assert sim.state.sim.driver.pending == {}
+
+
+async def test_client_that_leaves_before_the_first_byte_is_let_go() -> None:
+    """The engine never answers; the client gives up: the gateway stops waiting for the engine at
+    once (not at its first-byte timeout), counts the request as client_gone and holds nothing."""
+    async with serve(sim_app(port=0, fault="hang")) as a, \
+            serve(gateway_app([a], first_byte_timeout=60)) as gw, httpx.AsyncClient() as admin:
+        async with httpx.AsyncClient(timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(gw + "/v1/completions", json=completion_body(stream=True))
+
+        async def let_go() -> bool:
+            text = (await admin.get(gw + "/metrics")).text
+            gone = 'outcome="client_gone"' in text and "tandem_requests_total" in text
+            inflight = (await admin.get(gw + "/admin/instances")).json()["instances"][0]
+            return gone and inflight["inflight_requests"] == 0 and inflight["unprefilled_requests"] == 0
+
+        await until(let_go, limit=5.0)
 
 
 async def test_api_keys_and_rate_limit(tmp_path) -> None:
