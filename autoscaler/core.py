@@ -121,12 +121,22 @@ def _attainment(role: Role, obs: Observations) -> float | None:
     TTFT attainment is taken relative to its ceiling (requests whose prompt alone takes longer
     than the SLO miss it at any pool size), as the capacity model does: otherwise a trace with a
     long tail would look short of target forever and every correction would buy nothing.
+
+    Disaggregated, a TTFT miss belongs to the role that lost the time. When the gateway reports the
+    prefill leg on its own, prefill answers for the prefill legs that ended too late and decode for
+    the first tokens that came too late after a prefill leg in time (waiting for a decode slot or
+    KV room); without it, prefill answers for every TTFT miss, as before.
     """
     ttft = None if obs.ttft_attainment is None else min(1.0, obs.ttft_attainment / obs.ttft_attainable)
+    leg = obs.prefill_attainment
     if role == "prefill":
-        return ttft
+        return ttft if leg is None else min(1.0, leg / obs.ttft_attainable)
     if role == "decode":
-        return obs.tpot_attainment
+        values = [obs.tpot_attainment]
+        if leg and obs.ttft_attainment is not None:
+            values.append(min(1.0, obs.ttft_attainment / leg))
+        known = [a for a in values if a is not None]
+        return min(known) if known else None
     values = [a for a in (ttft, obs.tpot_attainment) if a is not None]
     return min(values) if values else None
 
@@ -259,6 +269,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                 why.append("held by stabilization window / hysteresis")
             elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
                 why.append("scale-down cooldown")
+            elif fc.trend > 0:
+                why.append("load rising: no scale-down")
             elif tight:
                 # The model may say fewer would do, but the objective is only just met: removing
                 # capacity now is how a pool walks off the cliff.
