@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from tandem.autoscaler.bench import mix_of
+from tandem.autoscaler.bench import distinct_text_keys, mix_of
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.models import SLO, Role
 from tandem.autoscaler.replay import judge
@@ -49,7 +49,7 @@ def measure(role: Role, n: int, rate: float, trace: list[TraceRequest], cap: Cap
     w = cap.workload(mix_of(trace))
     wide = 2 * (cap.pool_size(other, 1.2 * rate, w, 1024) or 1024)
     pools = {role: n, other: wide}
-    run = simulate_pd(prepare(poisson_draw(trace, rate, requests, seed)),
+    run = simulate_pd(distinct_text_keys(prepare(poisson_draw(trace, rate, requests, seed))),
                       PDConfig(local_prefill=pools["prefill"], decode=pools["decode"], local_profile=profile.name),
                       RoutingConfig(slo_ttft_s=cap.slo.ttft_s), policy)
     measured = run.requests[requests // 8:]

@@ -5,19 +5,24 @@ the target attainment (:mod:`tandem.autoscaler.capacity`), R-hat a high quantile
 rate forecast one start-up delay ahead.
 
 Correction (the queue-time feedback): the model can be optimistic (heavy-tailed prompts, routing
-imbalance, a slow node). When the observed attainment of a role's objective is below target by
+imbalance, a slow node). Each role answers for its own objective: prefill for the TTFT of the
+prefill leg, decode for the TPOT and for the first tokens that came late after a prefill leg in
+time (when the gateway reports the leg; otherwise prefill answers for the whole TTFT). When the
+observed attainment of a role's objective is below target by
 more than its sampling noise although the model said the ready instances were enough for the
 observed rate, the role's learned ``goodput_scale`` shrinks with the shortfall and the role gains
 at least one instance, whatever the model says. A shortfall while the pool lagged the load (or
 while ordered instances are still starting) is left to ordinary sizing. The correction relaxes
 slowly while the pool is loaded and comfortably within target.
 
-Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``; shrink
-only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus ``hysteresis``),
-only ``scale_down_cooldown_s`` after the role last changed, and only when the objective was
-comfortably met over that window (slow). Right after a scale-down, going up again needs the need
-to clear the hysteresis band or an actual SLO miss, which keeps direction changes to about one per
-cooldown window without ever blocking a real overload. Bounds and GPU budgets clamp the result.
+Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``. Shrink
+slowly: only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus
+``hysteresis``), only ``scale_down_cooldown_s`` after the role last changed, only when the
+objective was comfortably met over that window, and never while the forecast's trend is up (the
+window only looks back; a load on its way up would meet a pool just made smaller). Right after a
+scale-down, going up again needs the need to clear the hysteresis band or an actual SLO miss,
+which keeps direction changes to about one per cooldown window without ever blocking a real
+overload. Bounds and GPU budgets clamp the result.
 
 Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
 sized only for the prompts the threshold in force keeps local, and after the pools are decided

@@ -14,6 +14,12 @@ the client's first token, as with vLLM's disaggregated proxy.
 
 Only the blocks the decode instance does not already cache cross the link (as NixlConnector
 pulls only what is missing). Engine metrics reach the routing views only at scrape instants.
+
+Pools can change while the replay runs (the autoscaling benchmark): a :class:`PoolController`
+called at a fixed interval may order instances (ready and routable after a start-up delay), mark
+them draining (routing stops choosing them, what waited for them in the gateway is re-routed,
+what they hold finishes) and remove them once idle; each instance's order, ready and removal
+times come back with the run.
 """
 
 from __future__ import annotations
