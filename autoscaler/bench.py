@@ -38,12 +38,11 @@ from tandem.autoscaler.models import (
     SLO,
     AutoscalerSpec,
     AutoscalerState,
-    LengthBucket,
     Observations,
     PoolBounds,
     Role,
 )
-from tandem.autoscaler.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, replay
+from tandem.autoscaler.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, length_mix, replay
 from tandem.config import TandemSettings
 from tandem.sim.des.simulator import PreparedRequest, prepare
 from tandem.sim.profile import Profile, load_profile
@@ -200,18 +199,6 @@ class ThresholdScaler(Scaler):
         return out
 
 
-def mix_of(reqs: Sequence[TraceRequest] | Sequence[PreparedRequest], buckets: int = 8) -> list[LengthBucket]:
-    ordered = sorted(reqs, key=lambda r: r.input_tokens)
-    size = max(1, math.ceil(len(ordered) / buckets))
-    out = []
-    for i in range(0, len(ordered), size):
-        part = ordered[i:i + size]
-        out.append(LengthBucket(input_tokens=max(1, round(sum(r.input_tokens for r in part) / len(part))),
-                                output_tokens=max(1, round(sum(r.output_tokens for r in part) / len(part))),
-                                weight=len(part)))
-    return out
-
-
 def peak_rate(reqs: Sequence[TraceRequest], window_s: float) -> float:
     """The highest arrival rate over any window of ``window_s``."""
     arrivals = [r.arrival for r in reqs]
@@ -278,7 +265,7 @@ def oracle_gpu_hours(reqs: Sequence[TraceRequest], cap: CapacityModel, spec: Aut
             buckets[int(r.arrival // window_s)].append(r)
     gpu_s = 0.0
     for part in buckets.values():
-        sizes = size_pools(cap, spec, len(part) / window_s, mix_of(part))
+        sizes = size_pools(cap, spec, len(part) / window_s, length_mix(part))
         gpu_s += window_s * sum(max(1, n) * spec.bounds(role).gpus_per_replica for role, n in sizes.items())
     return gpu_s / 3600
 
@@ -403,7 +390,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
                         policy=cfg.policy)
     cap = CapacityModel(profile, slo, max_utilisation=spec.max_utilisation,
                         decode_max_utilisation=spec.decode_max_utilisation)
-    mix = mix_of(reqs)
+    mix = length_mix(reqs)
     first = [r for r in reqs if r.arrival <= 60.0]
     initial = {r: max(1, n) for r, n in size_pools(cap, spec, len(first) / 60.0, mix).items()}
     peak = peak_rate(reqs, PEAK_WINDOW_S)

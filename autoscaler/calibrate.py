@@ -18,10 +18,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from tandem.autoscaler.bench import distinct_text_keys, mix_of
+from tandem.autoscaler.bench import distinct_text_keys
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.models import SLO, Role
-from tandem.autoscaler.replay import judge
+from tandem.autoscaler.replay import judge, length_mix, prefill_alone_s
 from tandem.config import TandemSettings
 from tandem.router.routing.config import RoutingConfig
 from tandem.sim.des.pd import PDConfig, simulate_pd
@@ -44,15 +44,18 @@ def poisson_draw(trace: list[TraceRequest], rate: float, count: int, seed: int) 
 def measure(role: Role, n: int, rate: float, trace: list[TraceRequest], cap: CapacityModel, profile: Profile,
             requests: int, seed: int, policy: str = "dualmap") -> float:
     """Share of requests meeting both SLOs when ``n`` instances of ``role`` serve Poisson arrivals
-    at ``rate`` in the DES; the first eighth is a warm-up."""
+    at ``rate`` in the DES, among those whose prompt alone prefills within the TTFT (the model's
+    target is relative to that ceiling too); the first eighth is a warm-up."""
     other: Role = "decode" if role == "prefill" else "prefill"
-    w = cap.workload(mix_of(trace))
+    w = cap.workload(length_mix(trace))
     wide = 2 * (cap.pool_size(other, 1.2 * rate, w, 1024) or 1024)
     pools = {role: n, other: wide}
     run = simulate_pd(distinct_text_keys(prepare(poisson_draw(trace, rate, requests, seed))),
                       PDConfig(local_prefill=pools["prefill"], decode=pools["decode"], local_profile=profile.name),
                       RoutingConfig(slo_ttft_s=cap.slo.ttft_s), policy)
-    measured = run.requests[requests // 8:]
+    chunk = profile.max_num_batched_tokens
+    measured = [r for r in run.requests[requests // 8:]
+                if prefill_alone_s(cap.cost, chunk, r.prompt_tokens) <= cap.slo.ttft_s]
     return sum(all(judge(r, cap.slo)) for r in measured) / len(measured)
 
 
@@ -83,7 +86,7 @@ class CapacityBench(TandemSettings):
         slo = SLO(ttft_s=self.ttft_s, tpot_s=self.tpot_s, attainment=self.attainment)
         cap = CapacityModel(profile, slo, max_utilisation=self.max_utilisation,
                             decode_max_utilisation=self.decode_max_utilisation)
-        w = cap.workload(mix_of(trace))
+        w = cap.workload(length_mix(trace))
         rows = []
         for role, n in [(r, n) for r in ("prefill", "decode") for n in self.pools]:
             goodput = cap.pool_goodput(role, n, w)  # type: ignore[arg-type]

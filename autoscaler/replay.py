@@ -14,7 +14,7 @@ scaler, and carries out its commands with the Kubernetes actuator's drain contra
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ from tandem.sim.costmodel import CostModel
 from tandem.sim.des.pd import DECODE, LOCAL, PDConfig, PDResult, PDSimulation
 from tandem.sim.des.simulator import PreparedRequest
 from tandem.sim.profile import load_profile
+from tandem.traces import TraceRequest
 
 ROLES: tuple[Role, ...] = ("prefill", "decode")
 POOL_OF: dict[Role, int] = {"prefill": LOCAL, "decode": DECODE}
@@ -65,8 +66,7 @@ class ReplayConfig:
     window_s: float = 30.0
     policy: str = "dualmap"  # the gateway's default routing in front of the prefill pool
     gpus_per_instance: int = 1  # the shipped profiles are one-GPU engines
-    mix_buckets: int = 8
-    mix_window_s: float = 300.0  # the length mix moves slower than the rate; a longer window is steadier
+    mix_window_s: float = 300.0  # the actuator's default: the mix moves slower than the rate and is noisier
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,20 @@ def prefill_alone_s(cost: CostModel, chunk: int, tokens: int) -> float:
         t += cost.prefill_time(step, done)
         done += step
     return t
+
+
+def length_mix(reqs: Iterable[TraceRequest] | Iterable[PreparedRequest]) -> list[LengthBucket]:
+    """Requests in power-of-two classes of (prompt, output) tokens, each at its exact mean: the
+    gateway's classes (``router/observations.py``), fine where the tail is (a few long prompts set
+    the prefill queue's second moment)."""
+    cells: dict[tuple[int, int], list[int]] = {}
+    for r in reqs:
+        cell = cells.setdefault((r.input_tokens.bit_length(), r.output_tokens.bit_length()), [0, 0, 0])
+        cell[0] += 1
+        cell[1] += r.input_tokens
+        cell[2] += r.output_tokens
+    return [LengthBucket(input_tokens=max(1, round(i / n)), output_tokens=max(1, round(o / n)), weight=n)
+            for _, (n, i, o) in sorted(cells.items())]
 
 
 def judge(res: PDResult, slo: SLO) -> tuple[bool, bool]:
@@ -154,17 +168,6 @@ class ElasticController:
             self._done_at.append(t)
             self._done.append((*judge(res, self.cfg.slo), self.attainable[n], leg))
 
-    def _length_mix(self, sim: PDSimulation, lo: int, hi: int) -> list[LengthBucket]:
-        ins = np.array([r.input_tokens for r in sim.requests[lo:hi]])
-        outs = np.array([r.output_tokens for r in sim.requests[lo:hi]])
-        order = np.argsort(ins)
-        out = []
-        for chunk in np.array_split(order, min(self.cfg.mix_buckets, len(order))):
-            if len(chunk):
-                out.append(LengthBucket(input_tokens=max(1, int(ins[chunk].mean())),
-                                        output_tokens=max(1, int(outs[chunk].mean())), weight=len(chunk)))
-        return out
-
     def observe(self, sim: PDSimulation, now: float) -> Observations:
         self._collect(sim)
         cfg = self.cfg
@@ -172,8 +175,9 @@ class ElasticController:
         hi = sim.arrived
         lo = bisect_left(self.arrivals, now - w, 0, hi)
         mix_lo = min(bisect_left(self.arrivals, now - cfg.mix_window_s, 0, hi), max(0, hi - 1))
-        # The gateway's hit ratio: prompt tokens its routing found cached, over the window's arrivals.
-        window = sim.results[lo:hi]
+        # Like the actuator: length mix and hit ratio (prompt tokens routing found cached) over the
+        # longer window, the rest over the short one.
+        window = sim.results[mix_lo:hi]
         prompt = sum(r.prompt_tokens for r in window)
         hit = sum(r.prompt_tokens - r.uncached_tokens for r in window if not r.rejected)
         roles: dict[Role, RoleObservation] = {}
@@ -192,7 +196,7 @@ class ElasticController:
         done = self._done[d:]
         return Observations(
             time_s=now, window_s=w, arrival_rate=(hi - lo) / w,
-            length_mix=self._length_mix(sim, mix_lo, hi) if hi else [LengthBucket(input_tokens=1, output_tokens=1)],
+            length_mix=length_mix(sim.requests[mix_lo:hi]) if hi else [LengthBucket(input_tokens=1, output_tokens=1)],
             prefix_hit_ratio=hit / prompt if prompt else 0.0, roles=roles,
             ttft_attainment=float(np.mean([d[0] for d in done])) if done else None,
             ttft_attainable=max(1e-3, float(np.mean([d[2] for d in done]))) if done else 1.0,
