@@ -339,6 +339,7 @@ class AutoscaleBench(TandemSettings):
     max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned prefill utilisation")
     decode_max_utilisation: float = Field(0.9, gt=0, lt=1, description="Tandem: highest planned decode utilisation")
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="Tandem: quantile of the rate forecast")
+    hysteresis: float = Field(0.05, ge=0, lt=1, description="Tandem: shrink only when the need is this far below")
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
     static_references: bool = Field(True, description="also search the lenient static references (every "
                                                         "5-minute window, whole-trace average)")
@@ -385,7 +386,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         startup_delay_s=cfg.startup_delay_s, scale_down_cooldown_s=cfg.cooldown_s,
         scale_down_stabilization_s=cfg.stabilization_s, scale_up_cooldown_s=cfg.tick_s,
         max_utilisation=cfg.max_utilisation, decode_max_utilisation=cfg.decode_max_utilisation,
-        forecast_quantile=cfg.forecast_quantile)
+        forecast_quantile=cfg.forecast_quantile, hysteresis=cfg.hysteresis)
     rcfg = ReplayConfig(profile=profile.name, slo=slo, startup_delay_s=cfg.startup_delay_s, tick_s=cfg.tick_s,
                         policy=cfg.policy)
     cap = CapacityModel(profile, slo, max_utilisation=spec.max_utilisation,
@@ -443,7 +444,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         "slo": slo.model_dump(), "startup_delay_s": cfg.startup_delay_s, "tick_s": cfg.tick_s,
         "cooldown_s": cfg.cooldown_s, "stabilization_s": cfg.stabilization_s, "warmup_s": cfg.warmup_s,
         "max_utilisation": cfg.max_utilisation, "decode_max_utilisation": cfg.decode_max_utilisation,
-        "forecast_quantile": cfg.forecast_quantile, "initial_replicas": initial,
+        "forecast_quantile": cfg.forecast_quantile, "hysteresis": cfg.hysteresis, "initial_replicas": initial,
         "static_peak_definition": (
             f"fewest instances (then the higher attainment) whose attainment of both SLOs, among the requests "
             f"that can meet the TTFT, is >= {target} in every {PEAK_WINDOW_S:.0f} s window of arrivals of this "
