@@ -192,16 +192,15 @@ class ElasticController:
                 draining=pool.count("draining") - drained, drained=drained,
                 queue_depth=queued + sum(len(pool.engines[k].waiting) for k in live),
                 kv_usage=float(np.mean(kv)) if kv else 0.0)
-        d = bisect_left(self._done_at, now - w)
-        done = self._done[d:]
+        done = self._done[bisect_left(self._done_at, now - w):]
         return Observations(
             time_s=now, window_s=w, arrival_rate=(hi - lo) / w,
             length_mix=length_mix(sim.requests[mix_lo:hi]) if hi else [LengthBucket(input_tokens=1, output_tokens=1)],
             prefix_hit_ratio=hit / prompt if prompt else 0.0, roles=roles,
-            ttft_attainment=float(np.mean([d[0] for d in done])) if done else None,
-            ttft_attainable=max(1e-3, float(np.mean([d[2] for d in done]))) if done else 1.0,
-            tpot_attainment=float(np.mean([d[1] for d in done])) if done else None,
-            prefill_attainment=float(np.mean([d[3] for d in done])) if done else None, completed=len(done))
+            ttft_attainment=float(np.mean([x[0] for x in done])) if done else None,
+            ttft_attainable=max(1e-3, float(np.mean([x[2] for x in done]))) if done else 1.0,
+            tpot_attainment=float(np.mean([x[1] for x in done])) if done else None,
+            prefill_attainment=float(np.mean([x[3] for x in done])) if done else None, completed=len(done))
 
     # ----- actuation -----------------------------------------------------------------------------
     def apply(self, sim: PDSimulation, role: Role, cmd: ScaleCommand, now: float) -> None:
