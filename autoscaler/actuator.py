@@ -183,7 +183,8 @@ class Actuator:
     """One controller over the LLMServices of some namespaces, holding each service's core state."""
 
     def __init__(self, client: KubeClient, source: ObservationSource, *, namespaces: list[str],
-                 defaults: AutoscalerSpec, window_s: float = 30.0, drain_timeout_s: float = 300.0,
+                 defaults: AutoscalerSpec, window_s: float = 30.0, mix_window_s: float = 300.0,
+                 drain_timeout_s: float = 300.0,
                  gpu_budget: int | None = None, registry: CollectorRegistry | None = None,
                  clock=time.monotonic) -> None:
         self.client = client
@@ -191,6 +192,7 @@ class Actuator:
         self.namespaces = namespaces
         self.defaults = defaults
         self.window_s = window_s
+        self.mix_window_s = mix_window_s
         self.drain_timeout_s = drain_timeout_s
         self.gpu_budget = gpu_budget
         self.metrics = AutoscalerMetrics(registry or CollectorRegistry())
@@ -206,6 +208,13 @@ class Actuator:
         name = svc.metadata.name
         spec = spec_from_service(svc, self.defaults)
         report = await self.source.report(ns, name, self.window_s, now)
+        if self.mix_window_s > self.window_s:
+            # The length mix moves slower than the rate and a short window of it is noisy (a few
+            # long requests swing it); the rate, attainment and queues stay those of the short one.
+            longer = await self.source.report(ns, name, self.mix_window_s, now)
+            report = report.model_copy(update={"observations": report.observations.model_copy(
+                update={"length_mix": longer.observations.length_mix,
+                        "prefix_hit_ratio": longer.observations.prefix_hit_ratio})})
         wall = datetime.now(UTC)
         pods = {role: await self._pods(ns, name, role) for role in spec.roles}
         roles = {role: count_pods(pods[role], report.inflight, wall, self.drain_timeout_s)

@@ -15,9 +15,14 @@ sustains while the target share of requests meets the objective. Two refinements
   pool meets the target. With ``c = 1`` this is exactly Pollaczek-Khinchine's M/G/1.
 
 Decode instances are ``slots`` batch places each: the largest batch whose iteration keeps the
-time per output token within the SLO and whose KV reservations fit the cache. A request that
-finds every slot busy waits, and its TPOT is the step time plus that wait spread over its output
-tokens, so the pool is M/M/(n x slots) with a per-bucket slack of ``(TPOT - step) x (out - 1)``.
+time per output token within the SLO and whose KV reservations fit the cache; the pool is
+M/M/(n x slots). Where the wait lands depends on which bound binds. When admission is the limit
+(the engine admits a request once its KV reservation fits and a sequence slot is free), the
+request waits before its first decode step, and in a disaggregated deployment the decode
+instance streams the first token: the wait counts against the TTFT, within the slack that the
+prompt's own prefill and the first step leave. When the TPOT budget is the limit the engine
+admits more and every step slows instead; the wait spread over the output tokens (slack
+``(TPOT - step) x (out - 1)``) stands in for that.
 
 Aggregated (unified) instances do both in one engine: prefill chunks lengthen the iterations the
 decodes ride on and decodes lengthen every prefill chunk; they are checked together under the
@@ -108,6 +113,7 @@ class Workload:
     reserve: float  # time-weighted KV reservation of a decoding sequence
     slots: int  # decode batch places per instance
     step: float  # decode step time with every slot busy
+    admission_bound: bool  # KV cache or max_num_seqs, not the TPOT budget, bounds the batch (waits hit TTFT)
 
 
 class CapacityModel:
@@ -148,9 +154,11 @@ class CapacityModel:
         b = max(1, math.ceil(batch))
         return self.cost.decode_step_time(b, int(b * context_per_seq))
 
-    def max_decode_batch(self, context_per_seq: float, reserve_per_seq: float, tpot_s: float) -> int:
-        """Largest batch whose step fits the TPOT budget and whose KV reservations fit the cache."""
-        kv_bound = int(self.kv_capacity // max(reserve_per_seq, 1.0))
+    def max_decode_batch(self, context_per_seq: float, reserve_per_seq: float, tpot_s: float,
+                         kv_tokens: float | None = None) -> int:
+        """Largest batch whose step fits the TPOT budget and whose KV reservations fit ``kv_tokens``
+        (default: the whole cache)."""
+        kv_bound = int((self.kv_capacity if kv_tokens is None else kv_tokens) // max(reserve_per_seq, 1.0))
         best = 0
         for b in range(1, min(self.max_seqs, kv_bound) + 1):
             if self.decode_step(b, context_per_seq) > tpot_s:
@@ -170,9 +178,16 @@ class CapacityModel:
         mean_out = sum(b.weight * b.output_tokens for b in buckets)
         context = sum(b.weight * b.output_tokens * (b.input_tokens + b.output_tokens / 2) for b in buckets) / mean_out
         reserve = sum(b.weight * b.output_tokens * (b.input_tokens + b.output_tokens) for b in buckets) / mean_out
-        slots = self.max_decode_batch(context, reserve, self.slo.tpot_s * TPOT_MARGIN)
+        # Admission is first come, first served: a head-of-line request whose reservation does not
+        # fit blocks the queue, leaving up to one reservation of the cache unused, and the requests
+        # that block are the big ones (the size-biased mean reservation, E[r^2] / E[r]).
+        held = sum(b.weight * (b.input_tokens + b.output_tokens) for b in buckets)
+        blocking = sum(b.weight * (b.input_tokens + b.output_tokens) ** 2 for b in buckets) / held
+        usable = max(self.kv_capacity - blocking, reserve)
+        slots = self.max_decode_batch(context, reserve, self.slo.tpot_s * TPOT_MARGIN, usable)
+        admission_bound = slots >= min(self.max_seqs, int(usable // max(reserve, 1.0)))
         return Workload(tuple(buckets), es, es2 / (es * es) - 1.0, mean_out, context, reserve, slots,
-                         self.decode_step(max(slots, 1), context))
+                        self.decode_step(max(slots, 1), context), admission_bound)
 
     def workload(self, mix: Sequence[LengthBucket], hit_ratio: float = 0.0) -> Workload:
         return self._workload(tuple(mix), round(hit_ratio, 3))
@@ -192,14 +207,16 @@ class CapacityModel:
         for b in w.buckets:
             # The engine fills an iteration's token budget with other queued prompts, so under load
             # a prompt's own iteration carries others' tokens too (about utilisation x the rest).
+            # The first token is the decode instance's first step.
             batched = busy * self.cost.params.per_token_s * max(0, self.chunk - b.miss)
-            slack = self.slo.ttft_s - b.prefill_s - batched
+            slack = self.slo.ttft_s - b.prefill_s - batched - w.step
             if slack >= 0:
                 met += b.weight * (1 - p_wait * math.exp(-slack / mean_wait))
         return met
 
     def decode_attainment(self, rate: float, n: int, w: Workload) -> float:
-        """Share of requests whose TPOT (step + wait spread over the output) meets the SLO."""
+        """Share of requests whose decode wait fits its slack: before the first token (TTFT) when
+        the KV cache bounds the batch, spread over the output (TPOT) when the step time does."""
         if w.slots == 0:
             return 0.0
         servers = n * w.slots
@@ -211,7 +228,13 @@ class CapacityModel:
         drain = (servers - offered) / service
         met = 0.0
         for b in w.buckets:
-            slack = (self.slo.tpot_s - w.step) * max(b.output_tokens - 1, 0)
+            if w.admission_bound:
+                slack = self.slo.ttft_s - b.prefill_s - w.step
+                if slack < 0:  # misses the TTFT at any pool size: the prefill role's ceiling, not ours
+                    met += b.weight
+                    continue
+            else:
+                slack = (self.slo.tpot_s - w.step) * max(b.output_tokens - 1, 0)
             met += b.weight * (1 - p_wait * math.exp(-drain * slack))
         return met
 
@@ -240,7 +263,7 @@ class CapacityModel:
         es = sum(b.weight * b.prefill_s for b in longer)
         es2 = sum(b.weight * b.prefill_s ** 2 for b in longer)
         inflated = Workload(tuple(longer), es, es2 / (es * es) - 1.0, w.mean_out, w.context, w.reserve,
-                             w.slots, w.step)
+                            w.slots, w.step, w.admission_bound)
         return self.prefill_attainment(rate, 1, inflated) >= self.target
 
     def meets(self, role: Role, rate: float, n: int, w: Workload) -> bool:

@@ -27,6 +27,8 @@ class AutoscalerCommand(TandemSettings):
     kubeconfig: Path | None = Field(None, description="kubeconfig (default: in-cluster, then ~/.kube/config)")
     interval_s: float = Field(15.0, gt=0, description="seconds between ticks")
     window_s: float = Field(30.0, gt=0, description="observation window asked of the gateway")
+    mix_window_s: float = Field(300.0, gt=0, description="window of the length mix and prefix hit ratio "
+                                                           "(slower and noisier than the rate)")
     startup_delay_s: float = Field(120.0, ge=0, description="pod scheduled -> engine ready (forecast horizon)")
     scale_up_cooldown_s: float = Field(30.0, ge=0, description="least time between two scale-ups of a role")
     stabilization_s: float = Field(300.0, ge=0, description="scale-down stabilization window")
@@ -55,7 +57,8 @@ class AutoscalerCommand(TandemSettings):
         defaults = AutoscalerSpec(startup_delay_s=self.startup_delay_s, scale_up_cooldown_s=self.scale_up_cooldown_s,
                                   scale_down_stabilization_s=self.stabilization_s)
         actuator = Actuator(client, source, namespaces=self.namespaces, defaults=defaults, window_s=self.window_s,
-                            drain_timeout_s=self.drain_timeout_s, gpu_budget=self.gpu_budget, registry=registry)
+                            mix_window_s=self.mix_window_s, drain_timeout_s=self.drain_timeout_s,
+                            gpu_budget=self.gpu_budget, registry=registry)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

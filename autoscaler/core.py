@@ -5,19 +5,24 @@ the target attainment (:mod:`tandem.autoscaler.capacity`), R-hat a high quantile
 rate forecast one start-up delay ahead.
 
 Correction (the queue-time feedback): the model can be optimistic (heavy-tailed prompts, routing
-imbalance, a slow node). When the observed attainment of a role's objective is below target by
+imbalance, a slow node). Each role answers for its own objective: prefill for the TTFT of the
+prefill leg, decode for the TPOT and for the first tokens that came late after a prefill leg in
+time (when the gateway reports the leg; otherwise prefill answers for the whole TTFT). When the
+observed attainment of a role's objective is below target by
 more than its sampling noise although the model said the ready instances were enough for the
 observed rate, the role's learned ``goodput_scale`` shrinks with the shortfall and the role gains
 at least one instance, whatever the model says. A shortfall while the pool lagged the load (or
 while ordered instances are still starting) is left to ordinary sizing. The correction relaxes
 slowly while the pool is loaded and comfortably within target.
 
-Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``; shrink
-only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus ``hysteresis``),
-only ``scale_down_cooldown_s`` after the role last changed, and only when the objective was
-comfortably met over that window (slow). Right after a scale-down, going up again needs the need
-to clear the hysteresis band or an actual SLO miss, which keeps direction changes to about one per
-cooldown window without ever blocking a real overload. Bounds and GPU budgets clamp the result.
+Control: scale up at once to the need (fast), at most once per ``scale_up_cooldown_s``. Shrink
+slowly: only to the largest need seen over ``scale_down_stabilization_s`` (at R-hat plus
+``hysteresis``), only ``scale_down_cooldown_s`` after the role last changed, only when the
+objective was comfortably met over that window, and never while the forecast's trend is up (the
+window only looks back; a load on its way up would meet a pool just made smaller). Right after a
+scale-down, going up again needs the need to clear the hysteresis band or an actual SLO miss,
+which keeps direction changes to about one per cooldown window without ever blocking a real
+overload. Bounds and GPU budgets clamp the result.
 
 Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
 sized only for the prompts the threshold in force keeps local, and after the pools are decided
@@ -121,12 +126,22 @@ def _attainment(role: Role, obs: Observations) -> float | None:
     TTFT attainment is taken relative to its ceiling (requests whose prompt alone takes longer
     than the SLO miss it at any pool size), as the capacity model does: otherwise a trace with a
     long tail would look short of target forever and every correction would buy nothing.
+
+    Disaggregated, a TTFT miss belongs to the role that lost the time. When the gateway reports the
+    prefill leg on its own, prefill answers for the prefill legs that ended too late and decode for
+    the first tokens that came too late after a prefill leg in time (waiting for a decode slot or
+    KV room); without it, prefill answers for every TTFT miss, as before.
     """
     ttft = None if obs.ttft_attainment is None else min(1.0, obs.ttft_attainment / obs.ttft_attainable)
+    leg = obs.prefill_attainment
     if role == "prefill":
-        return ttft
+        return ttft if leg is None else min(1.0, leg / obs.ttft_attainable)
     if role == "decode":
-        return obs.tpot_attainment
+        values = [obs.tpot_attainment]
+        if leg and obs.ttft_attainment is not None:
+            values.append(min(1.0, obs.ttft_attainment / leg))
+        known = [a for a in values if a is not None]
+        return min(known) if known else None
     values = [a for a in (ttft, obs.tpot_attainment) if a is not None]
     return min(values) if values else None
 
@@ -259,6 +274,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                 why.append("held by stabilization window / hysteresis")
             elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
                 why.append("scale-down cooldown")
+            elif fc.trend > 0:
+                why.append("load rising: no scale-down")
             elif tight:
                 # The model may say fewer would do, but the objective is only just met: removing
                 # capacity now is how a pool walks off the cliff.

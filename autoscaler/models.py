@@ -64,6 +64,10 @@ class Observations(_Model):
     roles: dict[Role, RoleObservation] = Field(description="per-role pool observations")
     ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
     tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
+    prefill_attainment: float | None = Field(
+        None, ge=0, le=1, description="disaggregated: share of requests whose prefill leg (arrival to the prefill "
+                                      "engine's answer) ended within the TTFT SLO; the rest of a TTFT miss is the "
+                                      "decode side's (waiting to be admitted, KV transfer)")
     completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
     ttft_attainable: float = Field(1.0, gt=0, le=1,
                                    description="share of those whose prompt alone prefills within the TTFT SLO: "

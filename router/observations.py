@@ -14,8 +14,10 @@ each class at its exact mean. A query merges the buckets its window covers.
 
 TTFT and TPOT are judged against the gateway's SLOs when a request finishes (streamed requests
 only: a non-streamed answer arrives in one piece, so the gateway sees neither its first token nor
-its pace). The TTFT ceiling (``ttft_attainable``) is the share of those requests whose uncached
-prompt alone prefills within the SLO on the profile's cost model.
+its pace). A disaggregated request's prefill leg is judged against the TTFT SLO too: a TTFT miss
+whose prefill leg was in time was lost on the decode side, and the autoscaler corrects that role.
+The TTFT ceiling (``ttft_attainable``) is the share of those requests whose uncached prompt alone
+prefills within the SLO on the profile's cost model.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RequestTrace:
     routed: bool = False
     attainable: bool = True
     first_token: float | None = None
+    prefill_done: float | None = None  # disaggregated: the prefill leg's answer arrived
     done: bool = False
 
 
@@ -63,6 +66,8 @@ class _Bucket:
     hit_tokens: int = 0
     ttft_n: int = 0
     ttft_ok: int = 0
+    prefill_n: int = 0
+    prefill_ok: int = 0
     attainable: int = 0
     tpot_n: int = 0
     tpot_ok: int = 0
@@ -186,6 +191,11 @@ class Observer:
         q[0] += max(0.0, now - trace.arrival)
         q[1] += 1
 
+    def prefill_done(self, trace: RequestTrace, now: float) -> None:
+        """Disaggregated: the prefill engine answered; what the TTFT takes after this is the decode side's."""
+        if trace.prefill_done is None:
+            trace.prefill_done = now
+
     def first_token(self, trace: RequestTrace, now: float) -> None:
         if trace.first_token is None:
             trace.first_token = now
@@ -213,6 +223,9 @@ class Observer:
             return
         b.ttft_n += 1
         b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
+        if trace.prefill_done is not None:
+            b.prefill_n += 1
+            b.prefill_ok += trace.prefill_done - trace.arrival <= self.slo_ttft_s
         b.attainable += trace.attainable
         if out > 1 and streamed:
             b.tpot_n += 1
@@ -220,10 +233,10 @@ class Observer:
 
     def failed(self, trace: RequestTrace, now: float) -> None:
         """A request the service failed (overloaded, no instance, engine errors, a stream cut short):
-        a TTFT miss unless its first token had come in time, and a TPOT miss when it had started
-        streaming. Left out of the length mix
-        (its output is unknown). Not for a client that left or a request the engine rejected as
-        invalid: neither says anything about capacity."""
+        a TTFT miss unless its first token had come in time, a TPOT miss when it had started
+        streaming, and (disaggregated) a prefill-leg miss unless that leg had ended in time. Left
+        out of the length mix (its output is unknown). Not for a client that left or a request the
+        engine rejected as invalid: neither says anything about capacity."""
         if trace.done:
             return
         trace.done = True
@@ -233,6 +246,9 @@ class Observer:
         if trace.first_token is not None:
             b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
             b.tpot_n += 1
+        if trace.role == "prefill":
+            b.prefill_n += 1
+            b.prefill_ok += trace.prefill_done is not None and trace.prefill_done - trace.arrival <= self.slo_ttft_s
 
     # --- the query ------------------------------------------------------------------------------
 
@@ -250,6 +266,7 @@ class Observer:
         prompt = sum(b.prompt_tokens for b in buckets)
         hits = sum(b.hit_tokens for b in buckets)
         ttft_n = sum(b.ttft_n for b in buckets)
+        prefill_n = sum(b.prefill_n for b in buckets)
         tpot_n = sum(b.tpot_n for b in buckets)
         mix = _merge_mix(buckets) or (_merge_mix(ring.since(now - self.horizon_s)) if ring else [])
         if not mix:  # nothing finished yet: the prompts seen so far, output unknown (1 token)
@@ -285,6 +302,7 @@ class Observer:
             length_mix=mix, prefix_hit_ratio=hits / prompt if prompt else 0.0, roles=roles,  # type: ignore[arg-type]
             ttft_attainment=sum(b.ttft_ok for b in buckets) / ttft_n if ttft_n else None,
             tpot_attainment=sum(b.tpot_ok for b in buckets) / tpot_n if tpot_n else None,
+            prefill_attainment=sum(b.prefill_ok for b in buckets) / prefill_n if prefill_n else None,
             completed=ttft_n,
             ttft_attainable=max(sum(b.attainable for b in buckets) / ttft_n, 1e-3) if ttft_n else 1.0)
         return {"observations": obs.model_dump(mode="json"), "inflight": inflight}

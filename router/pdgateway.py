@@ -282,9 +282,9 @@ class PDRouter:
         handed_off = False
         try:
             if self.gw.settings.pd_engine == "vllm":
-                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline)
+                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             else:
-                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline)
+                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             if started.status >= 400:
                 raise _Final("client_error", _error(
                     502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
@@ -311,7 +311,7 @@ class PDRouter:
                 d_inst.state.inflight_requests -= 1
 
     async def _vllm(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                    data: dict[str, Any], path: str, stream: bool, deadline: float) -> Started:
+                    data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
         try:
             pre = await self._start(request, p_inst, path, vllm_prefill_body(data), False, deadline, "prefill")
         except BaseException:
@@ -322,6 +322,7 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
+        self.gw.observer.prefill_done(trace, time.monotonic())
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
@@ -334,7 +335,7 @@ class PDRouter:
             raise
 
     async def _sglang(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                      data: dict[str, Any], path: str, stream: bool, deadline: float) -> Started:
+                      data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
         url = urlsplit(p_inst.endpoint.url)
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
@@ -352,6 +353,7 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
+        self.gw.observer.prefill_done(trace, time.monotonic())
         try:
             return await d_task
         except _Retry as retry:

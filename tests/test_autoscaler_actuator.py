@@ -60,16 +60,21 @@ def service(name: str = "pd") -> dict[str, Any]:
 
 
 class FakeGateway:
-    """The gateway's admin API as the autoscaler sees it; load set by the test."""
+    """The gateway's admin API as the autoscaler sees it; load set by the test (the length mix per
+    window asked: ``long_mix`` for windows of 300 s and more)."""
 
     def __init__(self) -> None:
         self.rate = 1.0
         self.inflight: dict[str, int] = {}
+        self.long_mix = MIX
+        self.windows: list[float] = []
         self.app = FastAPI()
         self.app.get("/admin/observations")(self.observations)
 
     async def observations(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
-        obs = Observations(time_s=now, window_s=window, arrival_rate=self.rate, length_mix=MIX, roles={})
+        self.windows.append(window)
+        mix = self.long_mix if window >= 300 else MIX
+        obs = Observations(time_s=now, window_s=window, arrival_rate=self.rate, length_mix=mix, roles={})
         return LoadReport(observations=obs, inflight=self.inflight).model_dump(mode="json")
 
 
@@ -210,6 +215,35 @@ async def test_scale_down_drains_first(api) -> None:
     assert after.roles["prefill"].replicas == 6 - len(marked)
     obj = await client.get(LLMSERVICES, ns, "pd")
     assert obj["spec"]["pools"]["prefill"]["replicas"] == 6 - len(marked)
+
+
+async def test_length_mix_comes_from_the_longer_window(api) -> None:
+    """Rate and attainment from the short window, the length mix from the long one: prompts 4x
+    longer in the long window's mix need more prefill instances than the short window's would."""
+    backend, client, ns = api
+    if backend != "kmock":
+        pytest.skip("kmock only: compares three actuator runs on one service")
+    await client.create(LLMSERVICES, ns, {**service(), "metadata": {"name": "pd", "namespace": ns}})
+    await add_pod(client, ns, "pd", "prefill", 0)
+    await add_pod(client, ns, "pd", "decode", 0)
+
+    async def prefill_after_one_tick(long_mix: list[LengthBucket], mix_window_s: float) -> tuple[int, list[float]]:
+        gateway = FakeGateway()
+        gateway.rate, gateway.long_mix = 10.0, long_mix
+        async with serve(gateway.app) as url:
+            source = GatewayObservationSource(url)
+            actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), window_s=30.0,
+                                mix_window_s=mix_window_s, clock=Clock())
+            decisions = await actuator.tick_once()
+            await source.close()
+        return decisions[(ns, "pd")].roles["prefill"].target, gateway.windows
+
+    long = [LengthBucket(input_tokens=8000, output_tokens=200)]
+    with_long, windows = await prefill_after_one_tick(long, 300.0)
+    assert windows == [30.0, 300.0]
+    short_only, windows = await prefill_after_one_tick(long, 30.0)
+    assert windows == [30.0]
+    assert with_long > short_only
 
 
 async def test_disabled_services_are_left_alone(api) -> None:

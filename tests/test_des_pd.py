@@ -127,3 +127,79 @@ def test_bench_offload_and_pd_write_the_documented_json(tmp_path) -> None:
     entry = pd["slo_tpot"]["0.05"]
     assert {"aggregated", "disaggregated", "disaggregated_vs_aggregated"} <= set(entry)
     assert entry["disaggregated"]["prefill_instances"] in (1, 2)
+
+
+# ----- elastic pools (the autoscaling replay's cluster) --------------------------------------------
+class _Script:
+    """A controller that runs ``(time, action)`` pairs against the simulation and samples it each tick."""
+
+    interval_s = 1.0
+
+    def __init__(self, actions) -> None:
+        self.actions, self.samples = sorted(actions, key=lambda a: a[0]), []
+
+    def __call__(self, sim, now: float) -> None:
+        from tandem.sim.des.pd import LOCAL
+
+        while self.actions and self.actions[0][0] <= now:
+            self.actions.pop(0)[1](sim, now)
+        pool = sim.pools[LOCAL]
+        self.samples.append((now, list(pool.status), sorted(pool.cluster.instances)))
+
+
+def steady(n: int, rate: float, prompt: int = 2048, out: int = 16) -> list:
+    """Equal requests at a steady rate; each its own prefix (distinct routing keys)."""
+    blocks = prompt // 512
+    return prepare([TraceRequest(i / rate, prompt, out, tuple(range(i * blocks, (i + 1) * blocks)))
+                    for i in range(n)])
+
+
+def test_an_ordered_instance_serves_only_after_its_start_up_and_costs_from_the_order() -> None:
+    from tandem.sim.des.pd import LOCAL, PDSimulation
+
+    script = _Script([(10.0, lambda sim, now: sim.add_instance(LOCAL, now, 20.0))])
+    run = PDSimulation(steady(400, 8.0), PDConfig(local_prefill=1, decode=1)).run(script)
+    new = [life for life in run.instances if life.pool == "local" and life.ordered_at > 0]
+    assert len(new) == 1 and new[0].ordered_at == 10.0 and new[0].ready_at == 30.0 and new[0].removed_at is None
+    for now, status, routable in script.samples:
+        if 10.0 <= now < 30.0:
+            assert status[1] == "starting" and routable == ["p000"]  # ordered, not routable yet
+        elif now >= 30.0:
+            assert status[1] == "ready" and routable == ["p000", "p001"]
+    served = {r.prefill_instance for r in run.requests}
+    assert served == {"p000", "p001"}
+    assert min(r.arrival for r in run.requests if r.prefill_instance == "p001") >= 30.0
+    assert all(r.finished_at is not None and not r.rejected for r in run.requests)
+
+
+def test_a_draining_instance_gets_nothing_new_keeps_its_work_and_leaves_once_idle() -> None:
+    from tandem.sim.des.pd import LOCAL, PDSimulation
+
+    removed: list[bool] = []
+    script = _Script([(20.0, lambda sim, now: sim.set_draining(LOCAL, 1, True, now)),
+                      (20.0, lambda sim, now: removed.append(sim.remove_instance(LOCAL, 1, now))),
+                      (40.0, lambda sim, now: removed.append(sim.remove_instance(LOCAL, 1, now)))])
+    # 3 prefill instances near saturation: the drained one holds queued and running work at t=20
+    run = PDSimulation(steady(900, 20.0, prompt=6144), PDConfig(local_prefill=3, decode=3)).run(script)
+    assert removed == [False, True]  # busy at the mark, idle (and removed) 20 s later
+    life = next(x for x in run.instances if x.id == "p001")
+    assert life.removed_at == 40.0
+    late = [r for r in run.requests if r.arrival >= 20.0]
+    assert late and all(r.prefill_instance != "p001" for r in late)
+    assert any(r.prefill_instance == "p001" for r in run.requests)
+    assert all(r.finished_at is not None and not r.rejected for r in run.requests)  # nothing was cut
+    assert next(s for t, s, _ in script.samples if t >= 41.0)[1] == "removed"
+
+
+def test_un_draining_brings_the_same_instance_back_and_decode_pools_grow_too() -> None:
+    from tandem.sim.des.pd import DECODE, LOCAL, PDSimulation
+
+    script = _Script([(5.0, lambda sim, now: sim.set_draining(LOCAL, 0, True, now)),
+                      (15.0, lambda sim, now: sim.set_draining(LOCAL, 0, False, now)),
+                      (5.0, lambda sim, now: sim.add_instance(DECODE, now, 5.0))])
+    run = PDSimulation(steady(300, 10.0), PDConfig(local_prefill=2, decode=1)).run(script)
+    window = [r.prefill_instance for r in run.requests if 6.0 <= r.arrival < 15.0]
+    assert window and set(window) == {"p001"}
+    assert "p000" in {r.prefill_instance for r in run.requests if r.arrival >= 16.0}
+    assert {r.decode_instance for r in run.requests if r.arrival >= 11.0} == {"d000", "d001"}
+    assert all(r.finished_at is not None for r in run.requests)

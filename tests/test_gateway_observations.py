@@ -101,6 +101,28 @@ def test_failures_count_as_misses_and_unstreamed_answers_by_their_end_to_end_tim
     assert sum(b.weight for b in o.length_mix) == pytest.approx(1.0)
 
 
+def test_prefill_leg_is_judged_on_its_own() -> None:
+    """Disaggregated: the prefill leg's end is recorded, so a TTFT miss can be told apart from a
+    prefill leg that already missed (the autoscaler corrects the role that lost the time)."""
+    obs = Observer(slo_ttft_s=1.0, slo_tpot_s=0.1, attainable_tokens=4096, horizon_s=60)
+    for i in range(10):
+        t = obs.arrived("svc", "prefill", 1000, 10.0 + i)
+        obs.routed(t, 0, 10.0 + i)
+        obs.prefill_done(t, 10.0 + i + (1.5 if i < 2 else 0.3))  # 2 prefill legs too slow
+        obs.first_token(t, 10.0 + i + (2.0 if i < 5 else 0.4))  # 3 more lost after the leg
+        obs.finished(t, 20, 12.0 + i + 2.0)
+    unified = obs.arrived("svc", "unified", 1000, 15.0)
+    obs.first_token(unified, 15.5)
+    obs.finished(unified, 20, 16.0)
+    o = Observations.model_validate(obs.report("svc", 30.0, 30.0, [])["observations"])
+    assert o.ttft_attainment == pytest.approx(6 / 11) and o.prefill_attainment == pytest.approx(8 / 10)
+    quiet = Observer(slo_ttft_s=1.0, slo_tpot_s=0.1, attainable_tokens=4096, horizon_s=60)
+    t = quiet.arrived("svc", "unified", 1000, 1.0)
+    quiet.first_token(t, 1.5)
+    quiet.finished(t, 20, 2.0)
+    assert quiet.report("svc", 30.0, 30.0, [])["observations"]["prefill_attainment"] is None
+
+
 def test_idle_service_reports_zero_rate_with_a_valid_mix() -> None:
     obs = Observer(slo_ttft_s=1.0, slo_tpot_s=0.1, attainable_tokens=10, horizon_s=60)
     o = Observations.model_validate(obs.report("svc", 30.0, 50.0, [_load("a", 0)])["observations"])
@@ -336,7 +358,7 @@ async def test_disaggregated_roles_are_observed() -> None:
         assert set(o.roles) == {"prefill", "decode"}
         assert o.roles["prefill"].ready == 1 and o.roles["decode"].ready == 1
         assert o.arrival_rate == pytest.approx(5 / window)  # the in-flight one arrived too
-        assert o.completed == 4 and o.ttft_attainment == 1.0
+        assert o.completed == 4 and o.ttft_attainment == 1.0 and o.prefill_attainment == 1.0
         assert [(b.input_tokens, b.output_tokens) for b in o.length_mix] == [(1536, 8)]
         # 3 hits of the shared 2-block prefix over every routed prompt (the in-flight one included)
         assert o.prefix_hit_ratio == pytest.approx(3 * 1024 / (4 * 1536 + 512))

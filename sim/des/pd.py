@@ -14,6 +14,12 @@ the client's first token, as with vLLM's disaggregated proxy.
 
 Only the blocks the decode instance does not already cache cross the link (as NixlConnector
 pulls only what is missing). Engine metrics reach the routing views only at scrape instants.
+
+Pools can change while the replay runs (the autoscaling benchmark): a :class:`PoolController`
+called at a fixed interval may order instances (ready and routable after a start-up delay), mark
+them draining (routing stops choosing them, what waited for them in the gateway is re-routed,
+what they hold finishes) and remove them once idle; each instance's order, ready and removal
+times come back with the run.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,8 +46,10 @@ from tandem.sim.link import SharedLink
 from tandem.sim.profile import Profile, load_profile
 
 OffloadMode = Literal["local", "remote", "selective"]
-_ENGINE, _LINK, _FLOW, _TICK, _SCRAPE = 0, 1, 2, 3, 4
+InstanceStatus = Literal["starting", "ready", "draining", "removed"]
+_ENGINE, _LINK, _FLOW, _TICK, _SCRAPE, _READY, _CONTROL = 0, 1, 2, 3, 4, 5, 6
 LOCAL, REMOTE, DECODE = 0, 1, 2
+_PER_POOL = 100_000  # event payload: pool x _PER_POOL + instance index
 
 
 class PDConfig(BaseModel):
@@ -80,6 +88,17 @@ class PDResult(RequestTiming):
     transfer_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceLife:
+    """When one instance was ordered, became ready and left (GPU time runs from order to removal)."""
+
+    pool: str
+    id: str
+    ordered_at: float
+    ready_at: float
+    removed_at: float | None
+
+
 @dataclass(slots=True)
 class PDRun:
     requests: list[PDResult]
@@ -87,22 +106,59 @@ class PDRun:
     thresholds: list[tuple[float, int]]  # (time, threshold) after each re-solve
     end_time: float
     events: int
+    instances: list[InstanceLife] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)
+
+
+class PoolController(Protocol):
+    """Called every ``interval_s`` of simulated time with the running simulation (an autoscaler)."""
+
+    interval_s: float
+
+    def __call__(self, sim: PDSimulation, now: float) -> None: ...
 
 
 @dataclass(slots=True)
 class _Pool:
+    """One pool; instances are never re-indexed (an id's number is its index), removed ones stay listed."""
+
     name: str
-    ids: list[str]
-    engines: list[Engine]
-    cluster: ClusterView
-    scheduler: Scheduler | None
-    scheduled: list[float | None]
+    prefix: str
+    profile: Profile
+    cost: CostModel
+    limits: EngineLimits
+    policy: str | None
+    routing: RoutingConfig
+    ids: list[str] = field(default_factory=list)
+    engines: list[Engine] = field(default_factory=list)
+    cluster: ClusterView = field(default_factory=ClusterView)
+    scheduler: Scheduler | None = None
+    scheduled: list[float | None] = field(default_factory=list)
+    status: list[InstanceStatus] = field(default_factory=list)
+    ordered_at: list[float] = field(default_factory=list)
+    ready_at: list[float] = field(default_factory=list)
+    removed_at: list[float | None] = field(default_factory=list)
     tick_pending: bool = False
+
+    def count(self, status: InstanceStatus) -> int:
+        return sum(s == status for s in self.status)
+
+    def idle(self, k: int) -> bool:
+        """Nothing left on the instance: no request queued for it in the gateway or held by its engine."""
+        eng = self.engines[k]
+        if eng.running or eng.waiting:
+            return False
+        return self.scheduler is None or not self.scheduler.queued(self.ids[k])
 
 
 class PDSimulation:
-    """One replay of a trace through the disaggregated deployment. Single use."""
+    """One replay of a trace through the disaggregated deployment. Single use.
+
+    Pools are elastic: a :class:`PoolController` may order instances (ready after a start-up
+    delay, not routable until then), mark them draining (the routing stops sending them requests
+    and re-routes what waited for them in the gateway, as the gateway does for a pod annotated
+    draining), un-drain them and remove them once idle.
+    """
 
     def __init__(self, requests: Sequence[PreparedRequest], config: PDConfig, routing: RoutingConfig | None = None,
                  policy: str = "dualmap") -> None:
@@ -113,19 +169,18 @@ class PDSimulation:
         self.requests = sorted(requests, key=lambda r: (r.arrival, r.index))
         local_p = load_profile(config.local_profile)
         remote_p = load_profile(config.remote_profile or config.local_profile)
-        self.pools = [self._pool("local", "p", config.local_prefill, local_p, policy, routing),
-                      self._pool("remote", "r", config.remote_prefill, remote_p, policy, routing),
-                      self._pool("decode", "d", config.decode, local_p, None, routing)]
         if config.mode == "local" and config.local_prefill == 0:
             raise ValueError("mode local needs local_prefill >= 1")
         if config.mode in ("remote", "selective") and config.remote_prefill == 0:
             raise ValueError(f"mode {config.mode} needs remote_prefill >= 1")
         if config.mode == "selective" and config.local_prefill == 0:
             raise ValueError("mode selective needs local_prefill >= 1")
-        self.local_links = [SharedLink(config.local_link_gbps) for _ in range(config.decode)]
         self.remote_link = SharedLink(config.link_gbps)
-        self.links = [*self.local_links, self.remote_link]
-        self._link_due: list[float | None] = [None] * len(self.links)
+        self.links = [self.remote_link]  # then one local ingress link per decode instance, at 1 + its index
+        self._link_due: list[float | None] = [None]
+        self.pools = [self._pool("local", "p", local_p, policy, routing),
+                      self._pool("remote", "r", remote_p, policy, routing),
+                      self._pool("decode", "d", local_p, None, routing)]
         n = len(self.requests)
         mean_prompt = sum(r.input_tokens for r in self.requests) / max(1, n)
         mean_output = sum(r.output_tokens for r in self.requests) / max(1, n)
@@ -136,27 +191,118 @@ class PDSimulation:
             link_gbps=config.link_gbps, kv_bytes_per_token=local_p.model.kv_bytes_per_token)
         self.remote_s_per_token = effective_prefill_s_per_token(CostModel.from_profile(remote_p),
                                                                 config.estimate_prompt_tokens)
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._seq = 0
+        for p, count in ((LOCAL, config.local_prefill), (REMOTE, config.remote_prefill), (DECODE, config.decode)):
+            for _ in range(count):
+                self.add_instance(p, 0.0, 0.0)
         self.results = [PDResult(r.index, r.arrival, r.input_tokens, r.output_tokens) for r in self.requests]
         self._by_id: dict[str, int] = {}
         self._pool_of: dict[str, int] = {}
         self._decode_of: dict[str, int] = {}
-        self._heap: list[tuple[float, int, int, int]] = []
-        self._seq = 0
         self._outstanding = 0
         self.thresholds: list[tuple[float, int]] = []
         self.events = 0
+        self.arrived = 0  # requests whose arrival has been processed (a prefix of ``results``)
 
-    def _pool(self, name: str, prefix: str, count: int, profile: Profile, policy: str | None,
-              routing: RoutingConfig) -> _Pool:
-        cost = CostModel.from_profile(profile)
+    def _pool(self, name: str, prefix: str, profile: Profile, policy: str | None, routing: RoutingConfig) -> _Pool:
         limits = EngineLimits(profile.kv_capacity_tokens, profile.max_num_seqs, profile.max_num_batched_tokens,
                               profile.model.max_model_len)
-        ids = [f"{prefix}{k:03d}" for k in range(count)]
-        cluster = ClusterView({iid: InstanceState(iid, effective_prefill_s_per_token(
-            cost, self.config.estimate_prompt_tokens), BlockCache(profile.kv_capacity_tokens)) for iid in ids})
-        scheduler = Scheduler(make_policy(policy, routing), cluster, routing) if policy and count else None
-        return _Pool(name, ids, [Engine(cost, limits, coalesce_decode=True) for _ in ids], cluster, scheduler,
-                     [None] * count)
+        return _Pool(name, prefix, profile, CostModel.from_profile(profile), limits, policy, routing)
+
+    # ----- elastic pools (the controller's interface) ----------------------------------------------
+    def add_instance(self, p: int, now: float, delay_s: float) -> int:
+        """Order an instance of pool ``p``; it serves from ``now + delay_s``. Returns its index."""
+        pool = self.pools[p]
+        k = len(pool.ids)
+        pool.ids.append(f"{pool.prefix}{k:03d}")
+        pool.engines.append(Engine(pool.cost, pool.limits, coalesce_decode=True))
+        pool.scheduled.append(None)
+        pool.status.append("starting")
+        pool.ordered_at.append(now)
+        pool.ready_at.append(now + delay_s)
+        pool.removed_at.append(None)
+        if p == DECODE:
+            self.links.append(SharedLink(self.config.local_link_gbps))
+            self._link_due.append(None)
+        if delay_s <= 0:
+            self._ready(p, k)
+        else:
+            self._push(now + delay_s, _READY, p * _PER_POOL + k)
+        return k
+
+    def _ready(self, p: int, k: int) -> None:
+        pool = self.pools[p]
+        if pool.status[k] != "starting":
+            return  # drained away before it started: it stays out of routing
+        pool.status[k] = "ready"
+        iid = pool.ids[k]
+        pool.cluster.instances[iid] = InstanceState(
+            iid, effective_prefill_s_per_token(pool.cost, self.config.estimate_prompt_tokens),
+            BlockCache(pool.profile.kv_capacity_tokens))
+        if pool.policy is not None:
+            if pool.scheduler is None:
+                pool.scheduler = Scheduler(make_policy(pool.policy, pool.routing), pool.cluster, pool.routing)
+            else:
+                pool.scheduler.on_membership()
+        self._membership_changed(p)
+
+    def _membership_changed(self, p: int) -> None:
+        """The offload solver plans with the prefill instances that serve now."""
+        if p != DECODE:
+            pool = self.pools[p]
+            speed = pool_speed(pool.profile, max(1, pool.count("ready")))
+            if p == LOCAL:
+                self.controller.local = speed
+            else:
+                self.controller.remote = speed
+
+    def set_draining(self, p: int, k: int, draining: bool, now: float) -> None:
+        """Mark an instance draining (no new requests; its gateway queue re-routed) or bring it back."""
+        pool = self.pools[p]
+        status = pool.status[k]
+        if status == "removed" or (status == "draining") == draining:
+            return
+        iid = pool.ids[k]
+        if iid not in pool.cluster.instances:  # not started yet: only the mark changes
+            pool.status[k] = "draining" if draining else "starting"
+            if not draining and now >= pool.ready_at[k]:
+                self._ready(p, k)
+            return
+        st = pool.cluster.instances[iid]
+        st.draining = draining
+        pool.status[k] = "draining" if draining else "ready"
+        self._membership_changed(p)
+        if pool.scheduler is None:
+            return
+        pool.scheduler.on_membership()
+        if draining:
+            touched: set[str] = set()
+            for rreq, decision in pool.scheduler.requeue(iid, now):
+                res = self.results[self._by_id[rreq.request_id]]
+                if decision is None:
+                    res.rejected = "no routable instance to re-route to"
+                    self._outstanding -= 1
+                else:
+                    res.prefill_instance = decision.instance_id
+                    touched.add(decision.instance_id)
+            self._dispatch(p, pool.scheduler.release(now, sorted(touched)), now)
+            self._ensure_tick(p, now)
+
+    def remove_instance(self, p: int, k: int, now: float) -> bool:
+        """Remove a draining instance once it is idle (one that never started is); False while it is not."""
+        pool = self.pools[p]
+        if pool.status[k] != "draining" or not pool.idle(k):
+            return False
+        pool.status[k] = "removed"
+        pool.removed_at[k] = now
+        if pool.cluster.instances.pop(pool.ids[k], None) is not None and pool.scheduler is not None:
+            pool.scheduler.on_membership()
+        return True
+
+    def instance_lives(self) -> list[InstanceLife]:
+        return [InstanceLife(pool.name, pool.ids[k], pool.ordered_at[k], pool.ready_at[k], pool.removed_at[k])
+                for pool in self.pools for k in range(len(pool.ids))]
 
     # ----- plumbing ------------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: int) -> None:
@@ -168,7 +314,7 @@ class PDSimulation:
         t = pool.engines[k].next_event_time()
         if t is not None and t != pool.scheduled[k]:
             pool.scheduled[k] = t
-            self._push(t, _ENGINE, p * 100_000 + k)
+            self._push(t, _ENGINE, p * _PER_POOL + k)
 
     def _reschedule_link(self, j: int) -> None:
         t = self.links[j].next_completion()
@@ -196,7 +342,7 @@ class PDSimulation:
         self.controller.observe(uncached, now)
         remote = self.pools[REMOTE]
         backlog = sum(st.pending_miss_tokens for st in remote.cluster.instances.values())
-        queue_s = backlog * self.remote_s_per_token / max(1, len(remote.ids))
+        queue_s = backlog * self.remote_s_per_token / max(1, len(remote.cluster.instances))
         if self.controller.maybe_resolve(now, remote_queue_s=queue_s) is not None:
             self.thresholds.append((now, self.controller.threshold))
         return (REMOTE if self.controller.should_offload(uncached) else LOCAL), uncached
@@ -211,7 +357,9 @@ class PDSimulation:
         p, res.uncached_tokens = self._route_pool(rreq, now)
         res.route = self.pools[p].name
         sched = self.pools[p].scheduler
-        assert sched is not None
+        if sched is None:
+            res.rejected = "no routable instance"
+            return
         try:
             decision = sched.submit(rreq, now)
         except (QueueFullError, NoInstanceError) as exc:
@@ -254,9 +402,14 @@ class PDSimulation:
         res.prefill_done_at = now
         dpool = self.pools[DECODE]
         loads = [DecodeLoad(iid, eng.reserved_tokens / eng.limits.kv_capacity_tokens,
-                            len(eng.running) + len(eng.waiting))
-                 for iid, eng in zip(dpool.ids, dpool.engines, strict=True)]
-        d = int(pick_decode(loads)[1:])
+                            len(eng.running) + len(eng.waiting), routable=status == "ready")
+                 for iid, eng, status in zip(dpool.ids, dpool.engines, dpool.status, strict=True)]
+        try:
+            d = int(pick_decode(loads)[1:])
+        except NoInstanceError as exc:
+            res.rejected = str(exc)
+            self._outstanding -= 1
+            return
         eng = dpool.engines[d]
         why = eng.validate(pr.input_tokens, pr.output_tokens)
         if why:
@@ -277,10 +430,10 @@ class PDSimulation:
     def _start_flow(self, n: int, now: float) -> None:
         pr, res = self.requests[n], self.results[n]
         rid = f"r{pr.index}"
-        j = len(self.local_links) if res.route == "remote" else self._decode_of[rid]
+        j = 0 if res.route == "remote" else 1 + self._decode_of[rid]
         link = self.links[j]
         self._link_done(j, link.advance(now))
-        kvb = self.pools[DECODE].engines[0].cost.kv_bytes_per_token
+        kvb = self.pools[DECODE].cost.kv_bytes_per_token
         link.start(rid, res.transfer_tokens * kvb, now)
         self._reschedule_link(j)
 
@@ -302,7 +455,7 @@ class PDSimulation:
             self._reschedule(DECODE, d)
 
     def _engine_event(self, payload: int, now: float) -> None:
-        p, k = divmod(payload, 100_000)
+        p, k = divmod(payload, _PER_POOL)
         pool = self.pools[p]
         eng = pool.engines[k]
         if pool.scheduled[k] != now or eng.next_event_time() != now:
@@ -333,20 +486,23 @@ class PDSimulation:
 
     def _scrape(self) -> None:
         for pool in self.pools:
-            for iid, eng in zip(pool.ids, pool.engines, strict=True):
-                st = pool.cluster.instances[iid]
+            for iid, st in pool.cluster.instances.items():
+                eng = pool.engines[int(iid[1:])]
                 st.engine_running, st.engine_waiting, st.kv_usage = len(eng.running), len(eng.waiting), eng.kv_usage()
 
-    def run(self) -> PDRun:
+    def run(self, controller: PoolController | None = None) -> PDRun:
         reqs, heap = self.requests, self._heap
         nxt, now = 0, 0.0
         if reqs:
             self._push(reqs[0].arrival, _SCRAPE, 0)
+        if controller is not None:
+            self._push(controller.interval_s, _CONTROL, 0)
         while nxt < len(reqs) or heap:
             if nxt < len(reqs) and (not heap or reqs[nxt].arrival < heap[0][0]):
                 now = reqs[nxt].arrival
                 self._arrive(nxt)
                 nxt += 1
+                self.arrived = nxt
                 self.events += 1
                 continue
             now, _, kind, payload = heapq.heappop(heap)
@@ -359,6 +515,13 @@ class PDSimulation:
                 self._start_flow(payload, now)
             elif kind == _TICK:
                 self._tick(payload, now)
+            elif kind == _READY:
+                self._ready(*divmod(payload, _PER_POOL))
+            elif kind == _CONTROL:
+                assert controller is not None
+                controller(self, now)
+                if nxt < len(reqs) or self._outstanding:
+                    self._push(now + controller.interval_s, _CONTROL, 0)
             else:
                 self._scrape()
                 if nxt < len(reqs) or self._outstanding:
@@ -366,9 +529,8 @@ class PDSimulation:
             if nxt >= len(reqs) and not self._outstanding:
                 break
         self.remote_link.advance(max(now, self.remote_link.clock))
-        return PDRun(self.results, self.remote_link, self.thresholds, now, self.events)
-
+        return PDRun(self.results, self.remote_link, self.thresholds, now, self.events, self.instance_lives())
 
 def simulate_pd(requests: Sequence[PreparedRequest], config: PDConfig, routing: RoutingConfig | None = None,
-                policy: str = "dualmap") -> PDRun:
-    return PDSimulation(requests, config, routing, policy).run()
+                policy: str = "dualmap", controller: PoolController | None = None) -> PDRun:
+    return PDSimulation(requests, config, routing, policy).run(controller)
