@@ -307,7 +307,7 @@ def test_accounting_returns_to_zero_and_release_order_is_longest_hit_then_arriva
     a = inst("a")
     cluster = ClusterView({"a": a})
     cache_blocks(a, [1, 2])
-    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster, RoutingConfig(dispatch_budget_s=0.0))
+    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster, RoutingConfig(dispatch_budget_s=0.0, queue_order="hit"))
     sched.submit(req("r0", 1000, [], arrival=0.0), 0.0)
     sched.submit(req("r1", 3 * BS, [1, 9, 10], arrival=1.0), 1.0)
     sched.submit(req("r2", 3 * BS, [1, 2, 11], arrival=2.0), 2.0)
