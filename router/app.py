@@ -58,7 +58,7 @@ from tandem.router.resilience import CircuitBreaker, backoff_delay
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy, policy_names
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
-from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
+from tandem.router.routing.types import ClusterView, NoInstanceError, PrefillCost, RouteRequest
 from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
@@ -152,9 +152,10 @@ class Gateway:
                                              settings.engine_tls_cert_file, settings.engine_tls_key_file)
         profile = load_profile(settings.profile)
         cost = CostModel.from_profile(profile)
-        # DualMap's t_prefill: mean marginal cost per uncached token over a typical prompt.
-        typical = 8192
-        self.prefill_s_per_token = cost.prefill_time(typical) / typical
+        # The TTFT estimate's coefficients (per prefill token, per attention pair, per running
+        # sequence and context token of a chunk) from the profile, as the DES takes them.
+        self.prefill_s_per_token, self.prefill_cost = PrefillCost.from_cost_model(
+            cost, profile.max_num_batched_tokens, profile.kv_capacity_tokens)
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
                                  attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
@@ -239,7 +240,7 @@ class Gateway:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        state = new_instance_state(ep.url, self.prefill_s_per_token, self.shadow_tokens)
+        state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
         inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
         if ep.role == "unified":
@@ -282,6 +283,7 @@ class Gateway:
                 s = inst.state
                 report.load[iid] = InstanceLoad(
                     pending_miss_tokens=max(0, s.pending_miss_tokens - remote.pending_miss_tokens),
+                    pending_attn_pairs=max(0, s.pending_attn_pairs - remote.pending_attn_pairs),
                     queued_requests=s.queued_requests,
                     inflight_requests=max(0, s.inflight_requests - remote.inflight_requests))
         return report
@@ -293,6 +295,7 @@ class Gateway:
                 new = load.get(iid, InstanceLoad())
                 old = self._remote.get(iid, InstanceLoad())
                 inst.state.inflight_miss_tokens += new.pending_miss_tokens - old.pending_miss_tokens
+                inst.state.inflight_attn_pairs += new.pending_attn_pairs - old.pending_attn_pairs
                 inst.state.inflight_requests += new.inflight_requests - old.inflight_requests
                 self._remote[iid] = new
 

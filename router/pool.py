@@ -23,7 +23,14 @@ from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.resilience import CircuitBreaker
-from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
+from tandem.router.routing.types import (
+    ClusterView,
+    Decision,
+    InstanceState,
+    NoInstanceError,
+    PrefillCost,
+    RouteRequest,
+)
 
 log = logging.getLogger("tandem.gateway.pool")
 
@@ -57,7 +64,9 @@ class Instance:
             "breaker": self.breaker.state, "queued_requests": s.queued_requests,
             "inflight_requests": s.inflight_requests, "unprefilled_requests": s.unprefilled_requests,
             "queued_miss_tokens": s.queued_miss_tokens,
-            "inflight_miss_tokens": s.inflight_miss_tokens, "engine_running": s.engine_running,
+            "inflight_miss_tokens": s.inflight_miss_tokens, "queued_attn_pairs": s.queued_attn_pairs,
+            "inflight_attn_pairs": s.inflight_attn_pairs, "pending_prefill_s": round(s.pending_s, 4),
+            "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
             "shadow_cache_tokens": s.shadow.tokens, "prefill_s_per_token": s.prefill_s_per_token,
             "engine": self.snapshot.model_dump() if self.snapshot else None,
@@ -278,5 +287,7 @@ class Pool:
         return {iid: inst.state.queued_requests for iid, inst in self.instances.items()}
 
 
-def new_instance_state(instance_id: str, prefill_s_per_token: float, shadow_tokens: int) -> InstanceState:
-    return InstanceState(id=instance_id, prefill_s_per_token=prefill_s_per_token, shadow=BlockCache(shadow_tokens))
+def new_instance_state(instance_id: str, prefill_s_per_token: float, cost: PrefillCost,
+                       shadow_tokens: int) -> InstanceState:
+    return InstanceState(id=instance_id, prefill_s_per_token=prefill_s_per_token, shadow=BlockCache(shadow_tokens),
+                         cost=cost)

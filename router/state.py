@@ -1,11 +1,11 @@
 """State shared by gateway replicas: in-memory (one process) or Redis (several replicas agree).
 
 Nothing on a request's path waits for the backend. A background loop periodically *syncs*: it
-publishes this replica's contribution (per-instance pending miss tokens and request counts, the
-endpoints it serves, the block-hash paths it routed since the last sync) and reads back the sum of
-the other live replicas' contributions plus the paths they routed. Each replica then routes on
-local + remote load, and its adaptive key sees every replica's traffic, so all replicas key a hot
-prefix at the same depth.
+publishes this replica's contribution (per-instance pending miss tokens, their attention pairs and
+request counts, the endpoints it serves, the block-hash paths it routed since the last sync) and
+reads back the sum of the other live replicas' contributions plus the paths they routed. Each
+replica then routes on local + remote load, and its adaptive key sees every replica's traffic, so
+all replicas key a hot prefix at the same depth.
 
 If Redis fails, ``sync`` returns ``None``; the caller drops the remote part and routes on local
 state alone (a warning metric says so) until Redis answers again. Requests never fail for it.
@@ -28,11 +28,13 @@ class InstanceLoad(BaseModel):
     """One replica's contribution to one instance's load."""
 
     pending_miss_tokens: int = 0
+    pending_attn_pairs: int = 0  # attention pairs of those tokens (the TTFT estimate's quadratic term)
     queued_requests: int = 0
     inflight_requests: int = 0
 
     def __add__(self, other: InstanceLoad) -> InstanceLoad:
         return InstanceLoad(pending_miss_tokens=self.pending_miss_tokens + other.pending_miss_tokens,
+                            pending_attn_pairs=self.pending_attn_pairs + other.pending_attn_pairs,
                             queued_requests=self.queued_requests + other.queued_requests,
                             inflight_requests=self.inflight_requests + other.inflight_requests)
 

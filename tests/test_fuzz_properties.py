@@ -176,6 +176,7 @@ def test_scheduler_accounting_survives_any_sequence(policy: str, n: int, ops: li
         for inst in cluster.instances.values():
             assert inst.queued_requests >= 0 and inst.inflight_requests >= 0 and inst.queued_miss_tokens >= 0
             assert inst.inflight_miss_tokens >= 0 and inst.unprefilled_requests >= 0
+            assert inst.queued_attn_pairs >= 0 and inst.inflight_attn_pairs >= 0
         assert sched.queued_total <= config.max_queued_total
     for rid in list(live):  # everything ends: the books return to zero
         if rid in sent:
@@ -184,4 +185,4 @@ def test_scheduler_accounting_survives_any_sequence(policy: str, n: int, ops: li
             sched.cancel(rid)
     for inst in cluster.instances.values():
         assert (inst.queued_requests, inst.inflight_requests, inst.queued_miss_tokens, inst.inflight_miss_tokens,
-                inst.unprefilled_requests) == (0, 0, 0, 0, 0)
+                inst.unprefilled_requests, inst.queued_attn_pairs, inst.inflight_attn_pairs) == (0, 0, 0, 0, 0, 0, 0)

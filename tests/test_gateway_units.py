@@ -219,3 +219,45 @@ def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> No
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_pairs() -> None:
+    """The live gateway fills every input of the TTFT estimate the DES uses: same coefficients,
+    the running batch from /metrics, and the attention pairs of peers' pending requests."""
+    from tandem.router.app import Gateway
+    from tandem.router.enginemetrics import EngineSnapshot
+    from tandem.router.routing.types import PrefillCost, RouteRequest, attention_pairs
+    from tandem.router.scrape import apply_snapshot
+    from tandem.router.settings import GatewaySettings
+    from tandem.router.state import InstanceLoad
+    from tandem.sim.costmodel import CostModel
+    from tandem.sim.des.simulator import routing_state
+    from tandem.sim.engine import EngineLimits
+    from tandem.sim.profile import load_profile
+
+    gw = Gateway(GatewaySettings(instances="http://127.0.0.1:1"))
+    await gw._join(Endpoint(url="http://a", model="m"))
+    inst = gw.pools["m"].instances["http://a"]
+    s = inst.state
+    profile = load_profile(gw.settings.profile)
+    cost = CostModel.from_profile(profile)
+    des = routing_state("x", cost, EngineLimits(profile.kv_capacity_tokens, profile.max_num_seqs,
+                                                profile.max_num_batched_tokens), gw.shadow_tokens)
+    assert (s.prefill_s_per_token, s.cost) == (des.prefill_s_per_token, des.cost)
+    assert s.cost.attn_pair_s > 0 and s.cost.decode_context_s > 0
+    assert (s.prefill_s_per_token, s.cost) == PrefillCost.from_cost_model(
+        cost, profile.max_num_batched_tokens, profile.kv_capacity_tokens)
+
+    idle = s.s_per_token()
+    apply_snapshot(inst, EngineSnapshot(running=40, waiting=0, kv_usage=0.8), now=1.0)
+    assert s.s_per_token() > idle  # the scraped batch slows prefill in the estimate
+
+    sched = gw.pools["m"].scheduler("dualmap")
+    sched.submit(RouteRequest("r1", 20_000, (), 512, 0.0, fallback_key=1), 0.0)
+    assert gw.local_report().load["http://a"].pending_attn_pairs == attention_pairs(20_000, 0)
+    own, peers = attention_pairs(20_000, 0), attention_pairs(30_000, 0)
+    gw.apply_remote({"http://a": InstanceLoad(pending_miss_tokens=30_000, pending_attn_pairs=peers)})
+    assert s.pending_attn_pairs == own + peers
+    assert gw.local_report().load["http://a"].pending_attn_pairs == own  # only our own share is published
+    gw.apply_remote({})  # peers gone (or Redis down): their share leaves the estimate
+    assert s.pending_attn_pairs == own

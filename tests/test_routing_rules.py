@@ -14,7 +14,18 @@ from tandem.router.routing.dualmap import DualMapPolicy
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
-from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
+from tandem.router.routing.types import (
+    ClusterView,
+    Decision,
+    InstanceState,
+    NoInstanceError,
+    PrefillCost,
+    RouteRequest,
+    attention_pairs,
+)
+from tandem.sim.costmodel import CostModel
+from tandem.sim.costmodel import attention_pairs as chunk_pairs
+from tandem.sim.profile import load_profile
 
 T = 2.0**-10  # seconds per token: a power of two, so estimates at the threshold are exact
 BS = 512
@@ -64,6 +75,114 @@ def test_larger_hit_wins_and_ties_go_to_less_load() -> None:
     assert (d.instance_id, d.hit_tokens) == ("a", BS)
     cache_blocks(b, [1, 2])
     assert pol.decide(r, 1, a, b).instance_id == "b"
+
+
+# ----- the TTFT estimate's cost-model terms ----------------------------------------------------
+A = 2.0**-20  # seconds per attention pair (a power of two: the sums below are exact)
+
+
+def test_estimate_matches_the_engine_cost_model_for_a_prompt_prefilled_alone() -> None:
+    cost = CostModel.from_profile(load_profile("llama3-8b-h100"))
+    chunk = 8192
+    per_token, extra = PrefillCost.from_cost_model(cost, chunk, 450_000)
+    s = InstanceState("a", per_token, BlockCache(1_000_000), extra)
+    for hit, miss in ((0, 3 * chunk), (5 * BS, 2 * chunk)):
+        # the engine: full chunks, each after the tokens computed so far (cached ones included)
+        engine = sum(cost.step_time(chunk, chunk_pairs(chunk, hit + k * chunk), 0, 0) for k in range(miss // chunk))
+        cache_blocks(s, range(1, hit // BS + 1))
+        est = s.ttft_estimate(req("r", hit + miss, range(1, (hit + miss) // BS + 1)))
+        assert est == pytest.approx(engine, rel=1e-9)
+        assert attention_pairs(miss, hit) == sum(chunk_pairs(chunk, hit + k * chunk) for k in range(miss // chunk))
+
+
+def test_one_long_prompt_pending_weighs_more_than_the_same_tokens_in_short_ones() -> None:
+    """Attention is quadratic: 8 x 8k tokens queued is not the same wait as one 64k prompt."""
+    cfg = RoutingConfig(slo_ttft_s=5.0, alpha=0.5)
+    long_, short = inst("long"), inst("short")
+    long_.cost = short.cost = PrefillCost(attn_pair_s=A)
+    sched = Scheduler(TablePolicy({"l": ("long", "long"), "s": ("short", "short")}),
+                      ClusterView({"long": long_, "short": short}), cfg)
+    sched.submit(req("l0", 64 * 1024), 0.0)
+    for k in range(8):
+        sched.submit(req(f"s{k}", 8 * 1024), 0.0)
+    assert long_.pending_miss_tokens == short.pending_miss_tokens == 64 * 1024
+    assert long_.pending_attn_pairs == attention_pairs(64 * 1024, 0)
+    assert short.pending_attn_pairs == 8 * attention_pairs(8 * 1024, 0)
+    assert long_.pending_s == 64 * 1024 * T + attention_pairs(64 * 1024, 0) * A  # 64 + 2048 s
+    assert short.pending_s == 64 * 1024 * T + 8 * attention_pairs(8 * 1024, 0) * A  # 64 + 256 s
+    # With the published linear estimate (no attention term) the two look the same.
+    assert inst("x", pending=64 * 1024).pending_s == 64 * 1024 * T
+
+
+def test_slo_switch_sees_the_running_batch_that_shares_every_chunk() -> None:
+    """Each chunk also carries a token of every running sequence and reads their KV."""
+    pol = DualMapPolicy(RoutingConfig(slo_ttft_s=5.0, alpha=0.5))  # threshold 2.5 s
+    cost = PrefillCost(chunk_tokens=1024, decode_seq_s=2.0**-12, decode_context_s=2.0**-22, kv_capacity_tokens=2**14)
+    r = req("r", 2 * BS + 1, [11, 12])
+    a, b = inst("a", pending=2559), inst("b", pending=1000)
+    a.cost = b.cost = cost
+    cache_blocks(a, [11, 12])
+    assert pol.decide(r, 1, a, b).reason == "affinity"  # idle engine: 2560 T = exactly 2.5 s
+    a.engine_running = 4  # 4 sequences x 2^-12 s per 1024-token chunk: + 2^-20 s per prefill token
+    assert a.s_per_token() == T + 2.0**-20
+    d = pol.decide(r, 1, a, b)
+    assert (d.instance_id, d.reason) == ("b", "slo_switch") and d.estimates["a"] == 2560 * (T + 2.0**-20)
+    a.engine_running, a.kv_usage = 0, 0.25  # 2^12 context tokens x 2^-22 s per chunk: the same 2^-20 s per token
+    assert pol.decide(r, 1, a, b).estimates["a"] == 2560 * (T + 2.0**-20)
+    assert pol.decide(r, 1, a, b).estimates["b"] == 1000 * T + (2 * BS + 1) * T  # idle b: the linear estimate
+
+
+def test_attention_pairs_follow_requests_through_queue_flight_and_migration() -> None:
+    sched, a, b = _hot_pair(b_pending=0)
+    a.cost = b.cost = PrefillCost(attn_pair_s=A)
+    cache_blocks(b, [77])
+    sched.submit(req("s1", 1000, [77]), 0.0)
+    assert a.queued_attn_pairs == attention_pairs(1000, 0)
+    assert [m.target for m in sched.rebalance(3.0)] == ["b"]  # the queue is 3 s old: a is hot
+    assert (a.queued_attn_pairs, b.queued_attn_pairs) == (0, attention_pairs(1000 - BS, BS))
+    b.unprefilled_requests = 0
+    assert [r.request_id for r, _ in sched.release(3.0)] == ["s1"]
+    assert (b.queued_attn_pairs, b.inflight_attn_pairs) == (0, attention_pairs(1000 - BS, BS))
+    sched.on_first_token("s1")
+    assert b.inflight_attn_pairs == 0
+
+
+def test_dispatch_budget_counts_attention() -> None:
+    a = inst("a")
+    a.cost = PrefillCost(attn_pair_s=A)
+    sched = Scheduler(TablePolicy({"r": ("a", "a")}), ClusterView({"a": a}),
+                      RoutingConfig(dispatch_budget_s=2000 * T + 2 * attention_pairs(800, 0) * A))
+    for k in range(4):
+        sched.submit(req(f"r{k}", 800, arrival=k), k)
+    assert len(sched.release(5.0)) == 2  # 1600 tokens and their pairs fit; a third would not
+    a.cost = PrefillCost(attn_pair_s=2 * A)
+    assert len(sched.release(5.0)) == 0
+
+
+def test_prefill_queue_order_releases_the_shortest_estimated_prefill_first() -> None:
+    a = inst("a")
+    cache_blocks(a, [1, 2, 3])
+    table = TablePolicy({"r": ("a", "a")})
+    reqs = [req("r0", 6 * BS, [1, 2, 3, 4, 5, 6], arrival=0.0),  # hit 3 blocks, miss 3
+            req("r1", 2 * BS, [8, 9], arrival=1.0),  # no hit, miss 2: shortest prefill
+            req("r2", 4 * BS, [1, 2, 3, 7], arrival=2.0),  # hit 3 blocks, miss 1 block: shortest
+            req("r3", 2 * BS, [10, 11], arrival=3.0)]  # ties r1 on cost: arrival breaks it
+    orders = {}
+    for name, order, weight in (("hit", "hit", 10.0), ("prefill", "prefill", 10.0), ("aged", "prefill", 1.0)):
+        cfg = RoutingConfig(queue_order=order, prefill_order_weight=weight, dispatch_budget_s=0.0)
+        s = inst("a")
+        cache_blocks(s, [1, 2, 3])
+        sched = Scheduler(table, ClusterView({"a": s}), cfg)
+        for r in reqs:
+            sched.submit(r, r.arrival)
+        orders[name] = [r.request_id for r in sched.queued("a")]
+        assert [r.request_id for r, _ in sched.release(4.0)] == orders[name][:1]
+    assert orders["hit"] == ["r0", "r2", "r1", "r3"]  # the paper's order: longest hit, then arrival
+    # rank = arrival + 10 x prefill seconds (1536, 1024, 512, 1024 tokens x T): 15.0, 11.0, 7.0, 13.0
+    assert orders["prefill"] == ["r2", "r1", "r3", "r0"]
+    # weight 1: 1.5, 2.0, 2.5, 4.0. r0's 1.5 s prefill is overtaken only by requests arriving < 1.5 s x 1
+    # after it with no prefill at all: none here, so nothing overtakes anything (no starvation)
+    assert orders["aged"] == ["r0", "r1", "r2", "r3"]
 
 
 # ----- adaptive key -----------------------------------------------------------------------------
@@ -188,7 +307,7 @@ def test_accounting_returns_to_zero_and_release_order_is_longest_hit_then_arriva
     a = inst("a")
     cluster = ClusterView({"a": a})
     cache_blocks(a, [1, 2])
-    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster, RoutingConfig(dispatch_budget_s=0.0))
+    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster, RoutingConfig(dispatch_budget_s=0.0, queue_order="hit"))
     sched.submit(req("r0", 1000, [], arrival=0.0), 0.0)
     sched.submit(req("r1", 3 * BS, [1, 9, 10], arrival=1.0), 1.0)
     sched.submit(req("r2", 3 * BS, [1, 2, 11], arrival=2.0), 2.0)

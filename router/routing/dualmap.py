@@ -55,13 +55,12 @@ class DualMapPolicy:
 
     def decide(self, req: RouteRequest, key: int, a: InstanceState, b: InstanceState) -> Decision:
         """The SLO-aware choice between two candidates (separate from the ring walk to be testable)."""
-        prompt = req.prompt_tokens
         hit_a = a.hit_tokens(req)
-        est_a = (a.queued_miss_tokens + a.inflight_miss_tokens + prompt - hit_a) * a.prefill_s_per_token
+        est_a = a.ttft_estimate(req, hit_a)
         if a is b:
             return Decision(a.id, "affinity", (a.id,), {a.id: est_a}, hit_a, key)
         hit_b = b.hit_tokens(req)
-        est_b = (b.queued_miss_tokens + b.inflight_miss_tokens + prompt - hit_b) * b.prefill_s_per_token
+        est_b = b.ttft_estimate(req, hit_b)
         # Larger hit first; on the same hit the less loaded (lower estimate; ring A on an exact tie).
         first_a = hit_a > hit_b if hit_a != hit_b else est_a <= est_b
         pick, est, hit = (a, est_a, hit_a) if first_a else (b, est_b, hit_b)

@@ -12,9 +12,12 @@ Shared by the live gateway and the discrete-event simulator, so both run the sam
   longer move without moving its KV.
 * ``on_first_token`` / ``on_finished`` / ``on_failed`` / ``cancel`` release the accounting.
 
-Per-instance queues are heaps ordered by (longest hit, arrival) with lazy deletion, so submit,
-release and cancel are O(log n); the heaps are compacted when stale items outnumber live ones,
-and both the per-instance and the total queue are bounded (:class:`QueueFullError`).
+Per-instance queues are heaps with lazy deletion, ordered by (longest hit, arrival) as in the paper
+or, with ``queue_order="prefill"``, by arrival + weight x estimated prefill seconds (short prefills
+first, a long one overtaken only by requests arriving within that multiple of its own prefill
+time), so submit, release and cancel are O(log n); the heaps are compacted when stale items
+outnumber live ones, and both the per-instance and the total queue are bounded
+(:class:`QueueFullError`).
 No clock is read: every call takes ``now``.
 """
 
@@ -28,7 +31,14 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from tandem.router.routing.config import RoutingConfig
-from tandem.router.routing.types import ClusterView, Decision, InstanceState, RouteRequest, RoutingPolicy
+from tandem.router.routing.types import (
+    ClusterView,
+    Decision,
+    InstanceState,
+    RouteRequest,
+    RoutingPolicy,
+    attention_pairs,
+)
 
 QUEUED, INFLIGHT, PREFILLED = 0, 1, 2
 
@@ -66,6 +76,8 @@ class _Entry:
     instance: str
     hit: int
     miss: int
+    pairs: int  # attention pairs of the miss: attention_pairs(miss, hit)
+    rank: float  # release order key within the instance's queue (lower first), then arrival
     state: int
     enqueued_at: float
     seq: int
@@ -79,7 +91,7 @@ class _InstanceQueue:
 
     def __init__(self) -> None:
         self.live: dict[str, _Entry] = {}
-        self.by_priority: list[tuple[int, float, int, str]] = []
+        self.by_priority: list[tuple[float, float, int, str]] = []
         self.by_age: list[tuple[float, int, str]] = []
 
     def __len__(self) -> int:
@@ -88,7 +100,7 @@ class _InstanceQueue:
     def push(self, e: _Entry) -> None:
         rid = e.req.request_id
         self.live[rid] = e
-        heapq.heappush(self.by_priority, (-e.hit, e.req.arrival, e.seq, rid))
+        heapq.heappush(self.by_priority, (e.rank, e.req.arrival, e.seq, rid))
         heapq.heappush(self.by_age, (e.enqueued_at, e.seq, rid))
 
     def _current(self, seq: int, rid: str) -> bool:
@@ -123,7 +135,7 @@ class _InstanceQueue:
         """Rebuild the heaps once stale items dominate, so memory stays O(live)."""
         if len(self.by_priority) + len(self.by_age) > 4 * len(self.live) + 64:
             es = self.live.values()
-            self.by_priority = [(-e.hit, e.req.arrival, e.seq, e.req.request_id) for e in es]
+            self.by_priority = [(e.rank, e.req.arrival, e.seq, e.req.request_id) for e in es]
             self.by_age = [(e.enqueued_at, e.seq, e.req.request_id) for e in es]
             heapq.heapify(self.by_priority)
             heapq.heapify(self.by_age)
@@ -157,7 +169,7 @@ class Scheduler:
         q = self._queues.get(instance_id)
         if q is None:
             return []
-        return [e.req for e in sorted(q.live.values(), key=lambda e: (-e.hit, e.req.arrival, e.seq))]
+        return [e.req for e in sorted(q.live.values(), key=lambda e: (e.rank, e.req.arrival, e.seq))]
 
     def instance_of(self, request_id: str) -> str | None:
         e = self._entries.get(request_id)
@@ -211,8 +223,9 @@ class Scheduler:
         if len(q) >= cfg.max_queued_per_instance:
             raise QueueFullError(f"queue of instance {iid} full ({len(q)} requests)", "instance", iid)
         inst = self.cluster.instances[iid]
-        e = _Entry(req, decision, iid, decision.hit_tokens, req.prompt_tokens - decision.hit_tokens, QUEUED,
-                   now, next(self._seq))
+        hit = decision.hit_tokens
+        miss = req.prompt_tokens - hit
+        e = _Entry(req, decision, iid, hit, miss, attention_pairs(miss, hit), 0.0, QUEUED, now, next(self._seq))
         self._enqueue(e, inst, q)
         self._entries[req.request_id] = e
         self.reasons[decision.reason] += 1
@@ -220,9 +233,15 @@ class Scheduler:
 
     def _enqueue(self, e: _Entry, inst: InstanceState, q: _InstanceQueue) -> None:
         req = e.req
+        cfg = self.config
+        if cfg.queue_order == "hit":
+            e.rank = -e.hit
+        else:
+            e.rank = req.arrival + cfg.prefill_order_weight * inst.prefill_s(e.miss, e.pairs)
         if req.block_hashes:
             inst.shadow.insert(req.block_hashes, [req.block_size] * len(req.block_hashes))
         inst.queued_miss_tokens += e.miss
+        inst.queued_attn_pairs += e.pairs
         inst.queued_requests += 1
         self._queued_total += 1
         q.push(e)
@@ -233,6 +252,7 @@ class Scheduler:
         inst = self.cluster.instances.get(e.instance)
         if inst is not None:
             inst.queued_miss_tokens -= e.miss
+            inst.queued_attn_pairs -= e.pairs
             inst.queued_requests -= 1
         self._queued_total -= 1
         q = self._queues[e.instance]
@@ -245,7 +265,8 @@ class Scheduler:
             return True
         if inst.unprefilled_requests < self.config.dispatch_max_unprefilled:
             return True
-        return (inst.inflight_miss_tokens + e.miss) * inst.prefill_s_per_token <= self.config.dispatch_budget
+        return inst.prefill_s(inst.inflight_miss_tokens + e.miss,
+                              inst.inflight_attn_pairs + e.pairs) <= self.config.dispatch_budget
 
     def release(self, now: float, instances: Collection[str] | None = None) -> list[tuple[RouteRequest, str]]:
         """Requests to send now, as (request, instance). ``instances`` limits the check to those."""
@@ -260,8 +281,10 @@ class Scheduler:
                 q.pop()
                 self._queued_total -= 1
                 inst.queued_miss_tokens -= e.miss
+                inst.queued_attn_pairs -= e.pairs
                 inst.queued_requests -= 1
                 inst.inflight_miss_tokens += e.miss
+                inst.inflight_attn_pairs += e.pairs
                 inst.inflight_requests += 1
                 inst.unprefilled_requests += 1
                 e.state = INFLIGHT
@@ -277,6 +300,7 @@ class Scheduler:
         inst = self.cluster.instances.get(e.instance)
         if inst is not None:
             inst.inflight_miss_tokens -= e.miss
+            inst.inflight_attn_pairs -= e.pairs
             inst.unprefilled_requests -= 1
         e.state = PREFILLED
 
@@ -307,13 +331,14 @@ class Scheduler:
             return
         if e.state == INFLIGHT:
             inst.inflight_miss_tokens -= e.miss
+            inst.inflight_attn_pairs -= e.pairs
             inst.unprefilled_requests -= 1
         inst.inflight_requests -= 1
 
     # ----- hotspot migration -----------------------------------------------------------------
     def is_hot(self, inst: InstanceState, now: float) -> bool:
         """Pending uncached prefill above alpha x SLO, or a queued request waiting >= hotspot_wait_s."""
-        if inst.pending_miss_tokens * inst.prefill_s_per_token > self.config.slo_budget_s:
+        if inst.pending_s > self.config.slo_budget_s:
             return True
         q = self._queues.get(inst.id)
         oldest = q.oldest() if q is not None and q.live else None
@@ -347,7 +372,7 @@ class Scheduler:
         """
         instances = self.cluster.instances
         limit = self.config.slo_budget_s
-        stay = src.pending_miss_tokens * src.prefill_s_per_token
+        stay = src.pending_s
         alts = alternatives(e.decision, self.cluster, (src.id,))
         cands = [t for t in alts if t in e.decision.candidates]
         if not cands or all(self.is_hot(instances[t], now) for t in cands):
@@ -400,6 +425,7 @@ class Scheduler:
         e.instance = tgt.id
         e.hit = hit
         e.miss = e.req.prompt_tokens - hit
+        e.pairs = attention_pairs(e.miss, hit)
         e.seq = next(self._seq)
         e.moves += 1
         q = self._queues.get(tgt.id)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tandem.blockcache import BlockCache
+
+if TYPE_CHECKING:
+    from tandem.sim.costmodel import CostModel
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,50 @@ class RouteRequest:
     model: str = ""
 
 
+def attention_pairs(miss: int, hit: int) -> int:
+    """Causal attention query-key pairs of prefilling ``miss`` tokens after ``hit`` cached ones."""
+    return miss * hit + miss * (miss + 1) // 2
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillCost:
+    """The parts of an instance's prefill time that a per-token constant cannot express.
+
+    DualMap's published estimate is pending miss tokens x ``prefill_s_per_token``. On an engine
+    with chunked prefill and continuous batching two more terms are large:
+
+    * attention is quadratic: prefilling m tokens after h cached ones costs ``attn_pair_s`` for
+      each of m*h + m(m+1)/2 query-key pairs, so one 88k-token prompt takes ~3x what a constant
+      fitted at 8k tokens says (Mooncake's long prompts are half of its prefill time);
+    * every chunk of ``chunk_tokens`` prefill tokens shares its iteration with one token of each
+      running sequence, and reads their KV: ``decode_seq_s`` per running sequence plus
+      ``decode_context_s`` per token of their context (``kv_usage`` x ``kv_capacity_tokens``,
+      both scraped from the engine), so a busy engine prefills slower than an idle one.
+
+    All zero (the default) is the published linear estimate. The coefficients come from the
+    engine's performance profile (:meth:`from_cost_model`); the state they multiply (pending
+    tokens and attention pairs, running sequences, KV usage) is what the gateway also has.
+    """
+
+    attn_pair_s: float = 0.0
+    chunk_tokens: int = 8192
+    decode_seq_s: float = 0.0
+    decode_context_s: float = 0.0
+    kv_capacity_tokens: int = 0
+
+    @classmethod
+    def from_cost_model(cls, cost: CostModel, chunk_tokens: int, kv_capacity_tokens: int) -> tuple[float, PrefillCost]:
+        """(seconds per prefill token, the other terms) of an engine timed by ``cost``.
+
+        The per-token figure carries the linear layers and the fixed cost of an iteration spread
+        over a full chunk (a loaded engine runs full chunks).
+        """
+        p, k = cost.params, cost.slowdown
+        per_token = (p.per_token_s + p.step_overhead_s / chunk_tokens) * k
+        return per_token, cls(p.attn_pair_s * k, chunk_tokens, p.per_token_s * k, p.kv_read_s_per_token * k,
+                              kv_capacity_tokens)
+
+
 @dataclass(slots=True)
 class InstanceState:
     """One engine instance as routing sees it. Mutable; owned by the caller's state layer."""
@@ -40,8 +87,11 @@ class InstanceState:
     id: str
     prefill_s_per_token: float
     shadow: BlockCache
+    cost: PrefillCost = PrefillCost()
     queued_miss_tokens: int = 0  # waiting in the gateway's own queue for this instance
     inflight_miss_tokens: int = 0  # sent to the engine, no first token seen yet
+    queued_attn_pairs: int = 0  # attention pairs of the queued misses (see attention_pairs)
+    inflight_attn_pairs: int = 0
     queued_requests: int = 0
     inflight_requests: int = 0  # sent, not finished
     unprefilled_requests: int = 0  # sent, no first token seen yet (the late-binding dispatch budget)
@@ -59,6 +109,25 @@ class InstanceState:
     def pending_miss_tokens(self) -> int:
         return self.queued_miss_tokens + self.inflight_miss_tokens
 
+    @property
+    def pending_attn_pairs(self) -> int:
+        return self.queued_attn_pairs + self.inflight_attn_pairs
+
+    def s_per_token(self) -> float:
+        """Seconds per prefill token now: the linear term plus the running batch's share of each chunk."""
+        c = self.cost
+        drag = c.decode_seq_s * self.engine_running + c.decode_context_s * self.kv_usage * c.kv_capacity_tokens
+        return self.prefill_s_per_token + drag / c.chunk_tokens
+
+    def prefill_s(self, tokens: int, pairs: int) -> float:
+        """Estimated seconds to prefill ``tokens`` uncached tokens spanning ``pairs`` attention pairs here."""
+        return tokens * self.s_per_token() + pairs * self.cost.attn_pair_s
+
+    @property
+    def pending_s(self) -> float:
+        """Estimated seconds of prefill queued and in flight (the hotspot measure)."""
+        return self.prefill_s(self.pending_miss_tokens, self.pending_attn_pairs)
+
     def hit_tokens(self, req: RouteRequest) -> int:
         """Prompt tokens this instance would serve from its prefix cache (per the shadow cache)."""
         # Routing blocks are full blocks of ``req.block_size`` tokens, so a count is enough.
@@ -66,9 +135,15 @@ class InstanceState:
         return min(tokens, max(req.prompt_tokens - 1, 0))
 
     def ttft_estimate(self, req: RouteRequest, hit: int | None = None) -> float:
-        """DualMap's estimate: (pending miss tokens + this request's miss) x prefill seconds per token."""
-        miss = req.prompt_tokens - (self.hit_tokens(req) if hit is None else hit)
-        return (self.pending_miss_tokens + miss) * self.prefill_s_per_token
+        """DualMap's estimate: prefill of the pending misses plus this request's own miss.
+
+        With a zero :class:`PrefillCost` this is the published (pending + own miss tokens) x
+        prefill seconds per token.
+        """
+        if hit is None:
+            hit = self.hit_tokens(req)
+        miss = req.prompt_tokens - hit
+        return self.prefill_s(self.pending_miss_tokens + miss, self.pending_attn_pairs + attention_pairs(miss, hit))
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -118,6 +119,8 @@ class RoutingBench(TandemSettings):
     dispatch_budget_s: float | None = Field(None, ge=0, description="DualMap late-binding token budget in "
                                             "seconds of prefill (default alpha x SLO; 0: one un-prefilled "
                                             "request per instance)")
+    queue_order: Literal["hit", "prefill"] = Field("prefill", description="DualMap's gateway queue order: "
+                                                   "'prefill' (default) or the paper's 'hit' (longest hit first)")
     seed: int = Field(0, ge=0, description="DES seed (ring layout)")
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier per instance in tokens (0: none, "
                                    "GPU prefix cache only); routing shadows follow GPU + host")
@@ -202,7 +205,7 @@ class CapacitySearch:
         self._points: dict[str, dict[float, Point]] = {}
         self.expected_runs = 12
         self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha,
-                                     dispatch_budget_s=bench.dispatch_budget_s)
+                                     dispatch_budget_s=bench.dispatch_budget_s, queue_order=bench.queue_order)
         self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed,
                              host_cache_tokens=bench.host_cache_tokens, host_link_gbytes_s=bench.host_link_gbytes_s)
 

@@ -32,15 +32,14 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.blockcache import BlockCache
 from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
 from tandem.router.pd import DecodeLoad, pick_decode
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
-from tandem.router.routing.types import ClusterView, InstanceState, NoInstanceError, RouteRequest
+from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
 from tandem.sim.costmodel import CostModel
-from tandem.sim.des.simulator import PreparedRequest, RequestTiming, effective_prefill_s_per_token
+from tandem.sim.des.simulator import PreparedRequest, RequestTiming, routing_state
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.link import SharedLink
 from tandem.sim.profile import Profile, load_profile
@@ -189,8 +188,9 @@ class PDSimulation:
             config.offload, local=pool_speed(local_p, config.local_prefill),
             remote=pool_speed(remote_p, config.remote_prefill), decode_rps=decode_rps,
             link_gbps=config.link_gbps, kv_bytes_per_token=local_p.model.kv_bytes_per_token)
-        self.remote_s_per_token = effective_prefill_s_per_token(CostModel.from_profile(remote_p),
-                                                                config.estimate_prompt_tokens)
+        # The offload controller's view of the remote queue: mean seconds per token of a typical prompt.
+        typical = config.estimate_prompt_tokens
+        self.remote_s_per_token = CostModel.from_profile(remote_p).prefill_time(typical) / typical
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
         for p, count in ((LOCAL, config.local_prefill), (REMOTE, config.remote_prefill), (DECODE, config.decode)):
@@ -237,9 +237,7 @@ class PDSimulation:
             return  # drained away before it started: it stays out of routing
         pool.status[k] = "ready"
         iid = pool.ids[k]
-        pool.cluster.instances[iid] = InstanceState(
-            iid, effective_prefill_s_per_token(pool.cost, self.config.estimate_prompt_tokens),
-            BlockCache(pool.profile.kv_capacity_tokens))
+        pool.cluster.instances[iid] = routing_state(iid, pool.cost, pool.limits, pool.profile.kv_capacity_tokens)
         if pool.policy is not None:
             if pool.scheduler is None:
                 pool.scheduler = Scheduler(make_policy(pool.policy, pool.routing), pool.cluster, pool.routing)

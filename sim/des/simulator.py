@@ -26,7 +26,14 @@ from tandem.prefix import chain_hashes
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
-from tandem.router.routing.types import ClusterView, InstanceState, NoInstanceError, RouteRequest, RoutingPolicy
+from tandem.router.routing.types import (
+    ClusterView,
+    InstanceState,
+    NoInstanceError,
+    PrefillCost,
+    RouteRequest,
+    RoutingPolicy,
+)
 from tandem.sim.costmodel import CostModel
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.profile import load_profile
@@ -50,8 +57,6 @@ class DESConfig(BaseModel):
     host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s")
     scrape_interval_s: float = Field(0.5, gt=0, description="engine metrics reach the routing view this often")
     tick_s: float = Field(0.1, gt=0, description="scheduler tick (rebalance + release) while requests wait")
-    estimate_prompt_tokens: int = Field(8192, gt=0, description="prompt length at which the per-token "
-                                        "prefill time of the TTFT estimate is taken")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds the ring layout (the only randomness)")
 
     @model_validator(mode="after")
@@ -139,9 +144,10 @@ class DESResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def effective_prefill_s_per_token(cost: CostModel, prompt_tokens: int) -> float:
-    """Average prefill seconds per token of a ``prompt_tokens`` prompt (linear + attention + overhead)."""
-    return cost.prefill_time(prompt_tokens) / prompt_tokens
+def routing_state(instance_id: str, cost: CostModel, limits: EngineLimits, shadow_tokens: int) -> InstanceState:
+    """Routing's view of a fresh engine: its prefill timing from the cost model, an empty shadow cache."""
+    per_token, extra = PrefillCost.from_cost_model(cost, limits.max_num_batched_tokens, limits.kv_capacity_tokens)
+    return InstanceState(instance_id, per_token, BlockCache(shadow_tokens), extra)
 
 
 class Simulation:
@@ -167,9 +173,7 @@ class Simulation:
                                   self.config.host_link_gbytes_s)
             self.engines.append(Engine(cost, limits, coalesce_decode=True))
             # The shadow follows everything the engine can hit: its GPU cache and its host tier.
-            cluster.instances[iid] = InstanceState(
-                iid, effective_prefill_s_per_token(cost, self.config.estimate_prompt_tokens),
-                BlockCache(kv + self.config.host_cache_tokens))
+            cluster.instances[iid] = routing_state(iid, cost, limits, kv + self.config.host_cache_tokens)
         self.cluster = cluster
         self.index_of = {iid: k for k, iid in enumerate(self.ids)}
         pol = make_policy(policy, routing) if isinstance(policy, str) else policy
