@@ -65,6 +65,20 @@ def test_slo_switch_flips_exactly_above_alpha_times_slo() -> None:
     assert (d.instance_id, d.reason) == ("a", "affinity")
 
 
+def test_slo_switch_uses_the_requests_own_slo_when_it_has_one() -> None:
+    """SLOs that grow with the prompt (2 s + 1 ms per token, as in PrfaaS-style offload): a request
+    is judged against its own, not the pool's one number."""
+    from dataclasses import replace
+
+    pol = DualMapPolicy(RoutingConfig(slo_ttft_s=5.0, alpha=0.5))  # the pool's threshold: 2.5 s
+    r = req("r", 2 * BS + 1, [11, 12])
+    a, b = inst("a", pending=3071), inst("b")
+    cache_blocks(a, [11, 12])  # a's estimate: 3072 T = 3 s, above 2.5 s
+    assert pol.decide(r, 1, a, b).reason == "slo_switch"
+    assert pol.decide(replace(r, slo_ttft_s=6.0), 1, a, b).reason == "affinity"  # 3 s = 0.5 x its 6 s
+    assert pol.decide(replace(r, slo_ttft_s=5.998), 1, a, b).reason == "slo_switch"
+
+
 def test_larger_hit_wins_and_ties_go_to_less_load() -> None:
     pol = DualMapPolicy()
     a, b = inst("a", pending=100), inst("b", pending=50)

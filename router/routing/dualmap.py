@@ -4,7 +4,8 @@ The key (adaptive-depth prefix hash) maps to one instance on each of two indepen
 Requests sharing a prefix therefore share the same two candidates, which concentrates their
 cache hits on two instances, while the choice between the two spreads load (power of two
 choices). The choice is cache-first: the candidate with the longer prefix hit wins (ties: the
-less loaded), unless its estimated TTFT exceeds alpha x SLO, in which case the lower estimate
+less loaded), unless its estimated TTFT exceeds alpha x SLO (the request's own SLO when it carries
+one, e.g. one that grows with the prompt), in which case the lower estimate
 wins. Cache affinity is worth having only while it does not cost the SLO.
 
 A decision touches two instances, never the whole pool: its cost is two bisects, two shadow
@@ -65,7 +66,8 @@ class DualMapPolicy:
         first_a = hit_a > hit_b if hit_a != hit_b else est_a <= est_b
         pick, est, hit = (a, est_a, hit_a) if first_a else (b, est_b, hit_b)
         reason = "affinity"
-        if est > self._budget:
+        budget = self._budget if req.slo_ttft_s is None else self.config.alpha * req.slo_ttft_s
+        if est > budget:
             lower_a = est_a <= est_b
             if lower_a != first_a:
                 pick, hit = (a, hit_a) if lower_a else (b, hit_b)

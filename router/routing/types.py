@@ -34,6 +34,9 @@ class RouteRequest:
     arrival: float
     fallback_key: int = 0
     model: str = ""
+    # This request's own TTFT objective when it has one (SLOs that grow with the prompt, as in
+    # PrfaaS-style offload: 2 s + 1 ms per token); None: the pool's configured SLO.
+    slo_ttft_s: float | None = None
 
 
 def attention_pairs(miss: int, hit: int) -> int:

@@ -73,6 +73,9 @@ class PDConfig(BaseModel):
     scrape_interval_s: float = Field(0.5, gt=0)
     tick_s: float = Field(0.1, gt=0)
     estimate_prompt_tokens: int = Field(8192, gt=0)
+    ttft_slo_s: float | None = Field(None, gt=0, description="each request's own TTFT SLO for routing: this plus "
+                                     "ttft_slo_per_token_s x its prompt tokens; None: routing's fixed SLO")
+    ttft_slo_per_token_s: float = Field(0.0, ge=0, description="per prompt token part of ttft_slo_s")
     seed: int = Field(0, ge=0, lt=2**32)
 
 
@@ -351,7 +354,11 @@ class PDSimulation:
         self._by_id[rid] = n
         res = self.results[n]
         now = pr.arrival
-        rreq = RouteRequest(rid, pr.input_tokens, pr.route_hashes, pr.block_size, now, pr.fallback_key)
+        slo = None
+        if (base := self.config.ttft_slo_s) is not None:
+            slo = base + self.config.ttft_slo_per_token_s * pr.input_tokens
+        rreq = RouteRequest(rid, pr.input_tokens, pr.route_hashes, pr.block_size, now, pr.fallback_key,
+                            slo_ttft_s=slo)
         p, res.uncached_tokens = self._route_pool(rreq, now)
         res.route = self.pools[p].name
         sched = self.pools[p].scheduler

@@ -268,6 +268,7 @@ class OffloadRunner:
         return PDConfig(local_prefill=local_n, remote_prefill=remote_n, decode=decode,
                         local_profile=b.local_profile, remote_profile=b.remote_profile, mode=mode,
                         link_gbps=b.link_gbps, link_rtt_ms=b.link_rtt_ms, seed=b.seed,
+                        ttft_slo_s=self.slo.ttft_base, ttft_slo_per_token_s=self.slo.ttft_per_token,
                         offload=OffloadSettings(high_water=b.high_water, min_samples=50, window=500,
                                                 resolve_every_s=5.0, initial_threshold=planned_t,
                                                 max_threshold=self.local_cap))
