@@ -203,3 +203,24 @@ def test_un_draining_brings_the_same_instance_back_and_decode_pools_grow_too() -
     assert "p000" in {r.prefill_instance for r in run.requests if r.arrival >= 16.0}
     assert {r.decode_instance for r in run.requests if r.arrival >= 11.0} == {"d000", "d001"}
     assert all(r.finished_at is not None for r in run.requests)
+
+
+def test_routing_judges_each_request_against_its_own_slo() -> None:
+    """With ``ttft_slo_s`` (+ per token) every request reaches routing with its own SLO: DualMap's
+    switch then fires where one generous fixed SLO would never let it."""
+    from gatewayutil import ROOT
+
+    from tandem.router.routing.config import RoutingConfig
+    from tandem.sim.des.pd import PDSimulation
+    from tandem.traces import load_trace, select
+
+    base = select(load_trace(ROOT / "data" / "traces" / "conversation_trace.jsonl"), warmup=0, count=300)
+    reqs = with_arrivals(prepare(base), [r.arrival for r in rescale_to_qps(base, 4.0)])
+
+    def switches(**slo: float) -> int:
+        sim = PDSimulation(reqs, PDConfig(local_prefill=3, decode=3, **slo), RoutingConfig(slo_ttft_s=1000.0))
+        sim.run()
+        return sim.pools[0].scheduler.reasons["slo_switch"]
+
+    assert switches() == 0
+    assert switches(ttft_slo_s=0.5, ttft_slo_per_token_s=1e-5) > 0
