@@ -301,7 +301,7 @@ def test_chaos_bench_runs_every_fault_and_loses_nothing(tmp_path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server not installed")
     out = tmp_path / "chaos.json"
-    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "chaos", "--duration", "16", "--clients",
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "chaos", "--duration", "24", "--clients",
                            "24", "--out", str(tmp_path / "logs"), "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
