@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from tandem.sim.profile import CostParams, Profile
 
 
-def attention_pairs(new_tokens: int, cached_tokens: int) -> float:
-    """Causal attention pairs of ``new_tokens`` appended after ``cached_tokens`` of context."""
-    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2
+def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """Causal attention pairs of ``new_tokens`` appended after ``cached_tokens`` of context.
+
+    An exact integer (n(n+1) is even): the router adds and subtracts these per request, and its
+    accounting must return to zero."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens + 1) // 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from tandem.blockcache import BlockCache
-
-if TYPE_CHECKING:
-    from tandem.sim.costmodel import CostModel
+from tandem.sim.costmodel import CostModel, attention_pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +35,6 @@ class RouteRequest:
     # This request's own TTFT objective when it has one (SLOs that grow with the prompt, as in
     # PrfaaS-style offload: 2 s + 1 ms per token); None: the pool's configured SLO.
     slo_ttft_s: float | None = None
-
-
-def attention_pairs(miss: int, hit: int) -> int:
-    """Causal attention query-key pairs of prefilling ``miss`` tokens after ``hit`` cached ones."""
-    return miss * hit + miss * (miss + 1) // 2
 
 
 @dataclass(frozen=True, slots=True)
