@@ -42,7 +42,6 @@ from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import (
-    NOT_SLO_MISSES,
     Observer,
     RequestTrace,
     TokenCounter,
@@ -577,8 +576,8 @@ class Gateway:
     def _done(self, policy: str, decision: str, outcome: str, response: Response,
               trace: RequestTrace | None = None) -> Response:
         self.metrics.requests.labels(policy, decision, outcome).inc()
-        if trace is not None and outcome not in NOT_SLO_MISSES:
-            self.observer.failed(trace, time.monotonic())
+        if trace is not None:  # an ok answer was counted when it finished
+            self.observer.ended(trace, outcome, None, time.monotonic())
         self._leave()
         return response
 
@@ -586,10 +585,7 @@ class Gateway:
                 trace: RequestTrace) -> _Stream:
         def finish(outcome: str, output_tokens: int) -> None:
             pool.finished(rid)
-            if outcome == "ok":
-                self.observer.finished(trace, output_tokens, time.monotonic())
-            elif outcome not in NOT_SLO_MISSES:
-                self.observer.failed(trace, time.monotonic())
+            self.observer.ended(trace, outcome, output_tokens, time.monotonic())
             self.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.metrics.requests.labels(policy, reason, outcome).inc()
             self._leave()

@@ -37,8 +37,8 @@ _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 # Request outcomes that say nothing about whether the service kept its SLO: the client left, or the
-# request itself was invalid. Every other non-ok outcome is a miss (see Observer.failed).
-NOT_SLO_MISSES = frozenset({"ok", "client_gone", "client_error"})
+# request itself was invalid. Every other non-ok outcome is a miss (see Observer.ended).
+_NOT_SLO_MISSES = frozenset({"client_gone", "client_error"})
 
 
 @dataclass(slots=True)
@@ -221,12 +221,7 @@ class Observer:
         cell[2] += out
         if trace.first_token is None:
             return
-        b.ttft_n += 1
-        b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
-        if trace.prefill_done is not None:
-            b.prefill_n += 1
-            b.prefill_ok += trace.prefill_done - trace.arrival <= self.slo_ttft_s
-        b.attainable += trace.attainable
+        self._judge(b, trace, prefill_leg=trace.prefill_done is not None)
         if out > 1 and streamed:
             b.tpot_n += 1
             b.tpot_ok += (now - trace.first_token) / (out - 1) <= self.slo_tpot_s
@@ -241,14 +236,28 @@ class Observer:
             return
         trace.done = True
         b = self._ring(trace.service).at(now)
-        b.ttft_n += 1
-        b.attainable += trace.attainable
+        self._judge(b, trace, prefill_leg=trace.role == "prefill")
         if trace.first_token is not None:
-            b.ttft_ok += trace.first_token - trace.arrival <= self.slo_ttft_s
             b.tpot_n += 1
-        if trace.role == "prefill":
+
+    def ended(self, trace: RequestTrace, outcome: str, output_tokens: int | None, now: float) -> None:
+        """How a request ended, classified in one place: ``ok`` finished it, a client that left or an
+        invalid request says nothing, any other outcome failed it (a no-op once it was counted)."""
+        if outcome == "ok":
+            self.finished(trace, output_tokens, now)
+        elif outcome not in _NOT_SLO_MISSES:
+            self.failed(trace, now)
+
+    def _judge(self, b: _Bucket, trace: RequestTrace, *, prefill_leg: bool) -> None:
+        """One request's TTFT sample (a miss without a first token) and, for a disaggregated one,
+        its prefill leg's (a miss when the leg never ended)."""
+        slo = self.slo_ttft_s
+        b.ttft_n += 1
+        b.ttft_ok += trace.first_token is not None and trace.first_token - trace.arrival <= slo
+        b.attainable += trace.attainable
+        if prefill_leg:
             b.prefill_n += 1
-            b.prefill_ok += trace.prefill_done is not None and trace.prefill_done - trace.arrival <= self.slo_ttft_s
+            b.prefill_ok += trace.prefill_done is not None and trace.prefill_done - trace.arrival <= slo
 
     # --- the query ------------------------------------------------------------------------------
 

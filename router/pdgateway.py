@@ -33,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
-from tandem.router.observations import NOT_SLO_MISSES, RequestTrace, usage_tokens
+from tandem.router.observations import RequestTrace, usage_tokens
 from tandem.router.offload import (
     OffloadController,
     OffloadSettings,
@@ -364,10 +364,7 @@ class PDRouter:
         """The accounting run exactly once when the relayed decode stream ends, however it ends."""
         def finish(outcome: str, output_tokens: int) -> None:
             d_inst.state.inflight_requests -= 1
-            if outcome == "ok":
-                self.gw.observer.finished(trace, output_tokens, time.monotonic())
-            elif outcome not in NOT_SLO_MISSES:
-                self.gw.observer.failed(trace, time.monotonic())
+            self.gw.observer.ended(trace, outcome, output_tokens, time.monotonic())
             self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
             self.gw._leave()
