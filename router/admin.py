@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tandem.openai_api import error_body
 from tandem.router.observations import instance_loads, still_busy
+from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
@@ -28,6 +30,11 @@ def _describe_policy(sched: Any) -> dict[str, Any]:
     if keyer is not None:
         out["expanded_prefixes"] = [str(k) for k in sorted(keyer.expanded)]
     return out
+
+
+def _credentials(request: Request) -> dict[str, str]:
+    """The caller's admin credentials, for a sibling worker to check again."""
+    return {k: v for k in ("authorization", "x-api-key") if (v := request.headers.get(k))}
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -85,10 +92,22 @@ def admin_router(gw: Gateway) -> APIRouter:
     async def drain(request: Request, instance: str) -> Any:
         if (resp := denied(request)) is not None:
             return resp
+        known = False
         for pool in gw.pools.values():
             if instance in pool.instances:
                 pool.drain(instance)
-                return {"draining": instance}
+                known = True
+        if gw.siblings and FORWARDED not in request.headers:  # every worker of this gateway drains it
+            answers = await gw.siblings.call("POST", "/admin/drain", {"instance": instance}, _credentials(request))
+            failed = [str(a) if isinstance(a, Exception) else f"HTTP {a.status_code}" for a in answers
+                      if isinstance(a, Exception) or a.status_code not in (200, 404)]
+            if failed:
+                return JSONResponse(status_code=502, content=error_body(
+                    f"instance: draining on {len(failed)} of {len(answers) + 1} gateway workers not confirmed "
+                    f"({'; '.join(failed)}); retry the call", type_="APIError", param="instance"))
+            known = known or any(isinstance(a, httpx.Response) and a.status_code == 200 for a in answers)
+        if known:
+            return {"draining": instance}
         return JSONResponse(status_code=404, content=error_body(f"instance: unknown instance '{instance}'",
                                                                 param="instance"))
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import httpx
@@ -29,7 +29,7 @@ import xxhash
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from tandem.openai_api import (
@@ -61,7 +61,11 @@ from tandem.router.routing.types import ClusterView, NoInstanceError, PrefillCos
 from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
+from tandem.router.siblings import Siblings
 from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+
+if TYPE_CHECKING:
+    from tandem.router.workers import WorkerContext
 
 log = logging.getLogger("tandem.gateway")
 T = TypeVar("T")
@@ -122,7 +126,7 @@ def _error(status: int, message: str, *, type_: str = "invalid_request_error", p
 class Gateway:
     """Everything one gateway process holds. One per app: no module-level state."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, worker: WorkerContext | None = None) -> None:
         from tandem.sim.costmodel import CostModel
         from tandem.sim.profile import load_profile
 
@@ -142,7 +146,9 @@ class Gateway:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
-        self.metrics = GatewayMetrics()
+        self.worker = worker
+        self.siblings = Siblings(worker.sibling_sockets) if worker else None
+        self.metrics = GatewayMetrics(worker.metrics_dir if worker else None)
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
                                  settings.rate_limit_tpm)
         self.admin_keys = KeyRing.load(settings.admin_api_keys_file, settings.admin_api_keys)
@@ -177,6 +183,7 @@ class Gateway:
         self.discovery: KubernetesDiscovery | None = None
         self.remote_reporter: RemotePoolReporter | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self._instance_series: set[tuple[str, str, str]] = set()
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -267,10 +274,16 @@ class Gateway:
                     self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
                     self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
                     self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
-            self.metrics.instances.clear()
+            counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
             for inst in self.all_instances():
                 st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
-                self.metrics.instances.labels(inst.model, inst.endpoint.role, st).inc()
+                key = (inst.model, inst.endpoint.role, st)
+                counts[key] = counts.get(key, 0) + 1
+            # Set, never cleared and re-counted: a worker's series live in files (--workers) and a
+            # cleared child would come back with its old value.
+            for key, n in counts.items():
+                self.metrics.instances.labels(*key).set(n)
+            self._instance_series = set(counts)
 
     def local_report(self) -> LocalReport:
         report = LocalReport()
@@ -335,7 +348,7 @@ class Gateway:
         if self._joining:  # give static instances a moment to answer before serving
             await asyncio.wait(list(self._joining.values()), timeout=5.0)
         self.scraper.start()
-        if s.remote_prefill_pool:
+        if s.remote_prefill_pool and (self.worker is None or self.worker.index == 0):  # one writer per pod
             await self._start_remote_reporter(s.remote_prefill_pool)
         self.tasks = [asyncio.create_task(self._tick_loop(), name="routing-tick"),
                       asyncio.create_task(self._sync_loop(), name="state-sync")]
@@ -357,6 +370,8 @@ class Gateway:
         if self.upstream:
             await self.upstream.close()
         await self.backend.close()
+        if self.siblings:
+            await self.siblings.close()
 
     async def _start_remote_reporter(self, pool: str) -> None:
         """Write the RemotePrefillPool's status; without API credentials, serve and say why."""
@@ -679,7 +694,19 @@ class GatewayApp(FastAPI):
                 response = await self.gateway.handle(Request(scope, receive), kind)
                 await response(scope, receive, send)
                 return
+        worker = self.gateway.worker
+        if worker is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
+            send = _with_header(send, b"x-tandem-worker", str(worker.index).encode())
         await super().__call__(scope, receive, send)
+
+
+def _with_header(send: Any, name: bytes, value: bytes) -> Any:
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 _FAST_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -729,8 +756,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
-    gw = Gateway(settings)
+def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -> FastAPI:
+    gw = Gateway(settings, worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -779,7 +806,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     from tandem.router.admin import admin_router
 

@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ class LatencyStats:
     ttft_p99_ms: float
     e2e_p50_ms: float
     e2e_p99_ms: float
+    ttft_percentiles_ms: dict[str, float]  # p50 p90 p95 p99 p99.9: where the tail starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,7 @@ class LoadSpec:
     n: int = 0
     phase: int = 0
     stride: int = 1
+    cpus: tuple[int, ...] = ()  # pin the load generator to these CPUs (empty: anywhere)
 
 
 @dataclass(slots=True)
@@ -91,9 +94,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _process(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
+def _process(args: list[str], log: Path, cpus: tuple[int, ...] = ()) -> Iterator[subprocess.Popen]:
+    """``tandem <args>``, pinned to ``cpus`` before its interpreter has started anything (the
+    processes it spawns later, a gateway's workers, inherit the set)."""
     with log.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.DEVNULL, stderr=fh)
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
     try:
         yield proc
     finally:
@@ -122,6 +129,13 @@ class BenchGatewayCommand(TandemSettings):
                                              "the limit on a machine with cores to spare")
     client_processes: int = Field(1, gt=0, description="load-generator worker processes (one Python client "
                                                       "process saturates near the gateway's own rate)")
+    gateway_workers: int = Field(1, ge=1, le=64, description="gateway processes on the one port (tandem gateway "
+                                 "--workers); more than one shares state through a redis-server started here")
+    pin_cpus: bool = Field(False, description="give the simulators, the gateway (its workers and Redis) and "
+                           "the load generators disjoint CPU sets (Linux), so neither path's tail is another "
+                           "process's scheduling noise: one CPU per simulator, one per gateway worker plus one, "
+                           "the rest for the clients")
+    redis_server: str = Field("redis-server", description="redis-server executable (for --gateway-workers > 1)")
     out: Path = Field(Path("out"), description="directory for bench-gateway.json and process logs")
 
     def cli_cmd(self) -> None:
@@ -137,11 +151,15 @@ class BenchGatewayCommand(TandemSettings):
         gw = (f"http://127.0.0.1:{gw_port}",)
         gw_args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", self.policy,
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
+        sim_cpus, gw_cpus, client_cpus = self._cpu_sets()
         with contextlib.ExitStack() as stack:
+            if self.gateway_workers > 1:
+                redis_url = stack.enter_context(_redis(self.redis_server, self.out / "bench-redis.log", gw_cpus))
+                gw_args += ["--workers", str(self.gateway_workers), "--redis-url", redis_url]
             sim_procs = [stack.enter_context(_process(["sim", "--port", str(p), "--max-pending", "100000"],
-                                                      self.out / f"bench-sim-{i}.log"))
+                                                      self.out / f"bench-sim-{i}.log", sim_cpus[i:i + 1]))
                          for i, p in enumerate(ports)]
-            gw_proc = stack.enter_context(_process(gw_args, self.out / "bench-gateway.log"))
+            gw_proc = stack.enter_context(_process(gw_args, self.out / "bench-gateway.log", gw_cpus))
             pool = stack.enter_context(ProcessPoolExecutor(self.client_processes,
                                                            mp_context=multiprocessing.get_context("spawn")))
             for url in sims:
@@ -150,12 +168,12 @@ class BenchGatewayCommand(TandemSettings):
             model = await _model(sims[0])
             targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc])}
             for urls, _ in targets.values():  # warm code paths (each measurement warms its connections)
-                await self._closed(pool, urls, model, 8, 1.0)
+                await self._closed(pool, urls, model, 8, 1.0, client_cpus)
             max_rps: dict[str, float] = {}
             cpu_ms: dict[str, float] = {}
             for name, (urls, procs) in targets.items():
                 before = sum(_cpu_seconds(p.pid) for p in procs)
-                rps, done = await self._closed(pool, urls, model, self.concurrency, self.duration)
+                rps, done = await self._closed(pool, urls, model, self.concurrency, self.duration, client_cpus)
                 max_rps[name] = rps
                 cpu_ms[name] = (sum(_cpu_seconds(p.pid) for p in procs) - before) * 1000 / max(1, done)
             latency: list[LatencyStats] = []
@@ -168,30 +186,44 @@ class BenchGatewayCommand(TandemSettings):
                 for name, (urls, _) in targets.items():
                     for url in sims:
                         await _wait_idle(url)
-                    latency.append(await self._open(pool, name, urls, model, rate))
+                    latency.append(await self._open(pool, name, urls, model, rate, client_cpus))
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
+
+    def _cpu_sets(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """CPUs of the simulators (one each), the gateway's processes and the clients; all empty unpinned."""
+        if not self.pin_cpus:
+            return (), (), ()
+        cpus = sorted(os.sched_getaffinity(0))
+        gw = self.gateway_workers + 1  # the workers, and the supervisor / Redis / scrapes beside them
+        if len(cpus) < self.engines + gw + self.client_processes:
+            raise SystemExit(f"tandem bench gateway: pin_cpus: {len(cpus)} CPUs, need {self.engines} (engines) + "
+                             f"{gw} (gateway workers + 1) + {self.client_processes} (client processes)")
+        return (tuple(cpus[:self.engines]), tuple(cpus[self.engines:self.engines + gw]),
+                tuple(cpus[self.engines + gw:]))
 
     async def _spread(self, pool: ProcessPoolExecutor, specs: list[LoadSpec]) -> list[LoadResult]:
         loop = asyncio.get_running_loop()
         return list(await asyncio.gather(*(loop.run_in_executor(pool, _load_worker, s) for s in specs)))
 
     async def _closed(self, pool: ProcessPoolExecutor, urls: tuple[str, ...], model: str, clients: int,
-                      duration: float) -> tuple[float, int]:
+                      duration: float, cpus: tuple[int, ...]) -> tuple[float, int]:
         k = min(self.client_processes, clients)
         start = time.time() + _WARMUP_S
         shares = [clients // k + (i < clients % k) for i in range(k)]
-        results = await self._spread(pool, [LoadSpec(urls, model, self.max_tokens, duration, start, clients=c, phase=i)
+        results = await self._spread(pool, [LoadSpec(urls, model, self.max_tokens, duration, start, clients=c, phase=i,
+                                                           cpus=cpus)
                                                   for i, c in enumerate(shares)])
         done = sum(len(r.samples) for r in results)
         return done / max(r.wall for r in results), done
 
     async def _open(self, pool: ProcessPoolExecutor, name: str, urls: tuple[str, ...], model: str,
-                    rate: float) -> LatencyStats:
+                    rate: float, cpus: tuple[int, ...]) -> LatencyStats:
         n = max(1, int(rate * self.duration))
         k = min(self.client_processes, n)
         start = time.time() + _WARMUP_S
-        specs = [LoadSpec(urls, model, self.max_tokens, self.duration, start, rate=rate, n=n, phase=i, stride=k)
+        specs = [LoadSpec(urls, model, self.max_tokens, self.duration, start, rate=rate, n=n, phase=i, stride=k,
+                          cpus=cpus)
                  for i in range(k)]
         results = await self._spread(pool, specs)
         ok = [s for r in results for s in r.samples]
@@ -200,7 +232,8 @@ class BenchGatewayCommand(TandemSettings):
         e2e = np.array([s[1] for s in ok]) * 1000 if ok else np.array([np.nan])
         return LatencyStats(name, rate, len(ok) / max(r.wall for r in results), len(ok), errors,
                             float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
-                            float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)))
+                            float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)),
+                            {f"p{q:g}": float(np.nanpercentile(ttft, q)) for q in (50, 90, 95, 99, 99.9)})
 
     def _print(self, report: dict) -> None:
         from rich.console import Console
@@ -211,19 +244,24 @@ class BenchGatewayCommand(TandemSettings):
         cpu = report["cpu_ms_per_request"]
         console.print(f"max sustained req/s (closed loop, {self.concurrency} clients in {self.client_processes} "
                       f"processes, {self.engines} engines): direct {mr['direct']:.0f}, gateway {mr['gateway']:.0f} "
-                      f"({mr['gateway'] / mr['direct']:.2f}x of direct) [gateway loop: {self.gateway_loop}, "
+                      f"({mr['gateway'] / mr['direct']:.2f}x of direct; {mr['gateway'] / self.gateway_workers:.0f} "
+                      f"per gateway process) [gateway workers: {self.gateway_workers}, loop: {self.gateway_loop}, "
                       f"policy: {self.policy}]")
-        console.print(f"CPU per request: gateway process {cpu['gateway']:.3f} ms (one core's worth: "
+        console.print(f"CPU per request: gateway {cpu['gateway']:.3f} ms (one core's worth: "
                       f"{1000 / cpu['gateway']:.0f} req/s), simulators {cpu['direct']:.3f} ms "
                       f"(gateway/simulator {cpu['gateway'] / cpu['direct']:.2f}x)")
         table = Table(title="added by the gateway, ms (open loop, short streamed completions)")
-        for col in ("req/s", "done d/gw", "TTFT p50", "+p50", "TTFT p99", "+p99", "e2e +p50", "e2e +p99", "err d/gw"):
+        for col in ("req/s", "done d/gw", "TTFT p50", "+p50", "+p90", "TTFT p99", "+p99", "+p99.9", "e2e +p50",
+                    "e2e +p99", "err d/gw"):
             table.add_column(col, justify="right")
         rows = report["latency"]
         for d, g in zip(rows[::2], rows[1::2], strict=True):
-            table.add_row(f"{d['offered_rps']:.0f}", f"{d['achieved_rps']:.0f}/{g['achieved_rps']:.0f}",
+            dq, gq = d["ttft_percentiles_ms"], g["ttft_percentiles_ms"]
+            table.add_row(f"{d['offered_rps']:.0f}", f"{d['ok']}/{g['ok']}",
                           f"{d['ttft_p50_ms']:.1f}", f"{g['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f}",
+                          f"{gq['p90'] - dq['p90']:+.1f}",
                           f"{d['ttft_p99_ms']:.1f}", f"{g['ttft_p99_ms'] - d['ttft_p99_ms']:+.1f}",
+                          f"{gq['p99.9'] - dq['p99.9']:+.1f}",
                           f"{g['e2e_p50_ms'] - d['e2e_p50_ms']:+.1f}", f"{g['e2e_p99_ms'] - d['e2e_p99_ms']:+.1f}",
                           f"{d['errors']}/{g['errors']}")
         console.print(table)
@@ -274,6 +312,8 @@ async def _wait_idle(sim: str, limit_s: float = 30.0) -> None:
 
 def _load_worker(spec: LoadSpec) -> LoadResult:
     """Entry point of a load-generator process."""
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
     try:
         import uvloop
     except ImportError:  # the load generator works without it, only slower
@@ -349,8 +389,41 @@ async def _request(session: object, url: str, body: bytes) -> tuple[float, float
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc), independent of machine load."""
-    import os
+    """User + system CPU seconds so far of a process and its live descendants (a gateway's workers),
+    from Linux /proc: independent of how loaded the machine is."""
 
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, fields in stats.items():
+            if int(fields[1]) == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def _redis(exe: str, log: Path, cpus: tuple[int, ...]) -> Iterator[str]:
+    """A throwaway redis-server for the gateway workers' shared state."""
+    import shutil
+
+    path = shutil.which(exe)
+    if path is None:
+        raise SystemExit(f"tandem bench gateway: redis_server: '{exe}' not found (needed for --gateway-workers > 1)")
+    port = _free_port()
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
+import os
+import signal
+import socket
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from tandem.router.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from tandem.router.workers import WorkerContext
 
 
 def uvicorn_speedups(choice: str) -> dict[str, str]:
@@ -76,27 +84,55 @@ class GatewayCommand(GatewaySettings):
     """Run the OpenAI-compatible gateway: DualMap routing over discovered engine instances."""
 
     def cli_cmd(self) -> None:
-        from tandem.router.app import create_app
-        from tandem.router.security import ApiKeyError
         from tandem.router.service_config import apply_service_description, load_service_description
+        from tandem.router.workers import Supervisor
 
         logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        settings: GatewaySettings = self
         try:
-            settings: GatewaySettings = self
             if self.service_config is not None:
                 settings = apply_service_description(self, load_service_description(self.service_config))
-            app = create_app(settings)
-        except (ApiKeyError, ValueError) as exc:
+            if settings.workers == 1:
+                serve(settings)
+                return
+            supervisor = Supervisor(settings)
+        except ValueError as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
-        # No proxy-headers middleware: nothing reads the client address behind a proxy, and it cost a
-        # middleware hop on every request (tandem bench gateway).
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=self.log_level, access_log=False,
-                                proxy_headers=False, server_header=False,
-                                timeout_graceful_shutdown=int(self.drain_timeout) or None,
-                                timeout_keep_alive=self.keep_alive_timeout, **uvicorn_speedups(self.loop))
+        raise SystemExit(supervisor.run())
 
-        def drain() -> None:
-            app.gateway.draining = True
 
-        tune_gc(self.gc_gen0_threshold)
-        DrainingServer(config, drain, self.shutdown_grace).run()
+def serve(settings: GatewaySettings, sockets: list[socket.socket] | None = None,
+          worker: WorkerContext | None = None) -> None:
+    """One gateway process: on ``settings.host:port``, or on ``sockets`` handed over by the supervisor."""
+    from tandem.router.app import create_app
+    from tandem.router.security import ApiKeyError
+
+    try:
+        app = create_app(settings, worker)
+    except (ApiKeyError, ValueError) as exc:
+        raise SystemExit(f"tandem gateway: {exc}") from exc
+    # No proxy-headers middleware: nothing reads the client address behind a proxy, and it cost a
+    # middleware hop on every request (tandem bench gateway).
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, proxy_headers=False, server_header=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout) or None,
+                            timeout_keep_alive=settings.keep_alive_timeout, **uvicorn_speedups(settings.loop))
+
+    def drain() -> None:
+        app.gateway.draining = True
+
+    tune_gc(settings.gc_gen0_threshold)
+    server = DrainingServer(config, drain, settings.shutdown_grace)
+    if worker is not None:
+        # Signals come from the supervisor only (a terminal's Ctrl-C reaches the supervisor, which passes
+        # it on once; had the worker seen it too, the second signal would skip the drain), and the kernel
+        # sends SIGTERM if the supervisor dies without telling it (Linux), so the worker drains by itself.
+        os.setpgrp()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != worker.supervisor_pid:  # it died before the line above
+            return
+    server.run(sockets)
+
+
+_PR_SET_PDEATHSIG = 1

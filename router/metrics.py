@@ -2,11 +2,21 @@
 
 One registry per gateway instance (no module-level singletons), so several gateways can live in one
 process (tests, the demo) without their series mixing.
+
+With ``--workers N`` (router/workers.py) each worker process writes its series to files in a shared
+directory (prometheus_client's multiprocess mode, switched on by the supervisor's environment) and
+any worker answers ``/metrics`` for all: counters and histograms add up; each gauge says how its
+workers' values combine (``multiprocess_mode``): queue lengths, in-flight requests and link use add
+up, instance counts, open circuits and the offload threshold are the same engines seen by every
+worker (the largest), and the state backend is up only if it is up for every worker.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
                    160.0)
@@ -14,7 +24,8 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0
 
 
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("tandem_requests", "Requests finished, by policy, routing decision and outcome.",
                                 ["policy", "decision", "outcome"], registry=r)
@@ -23,11 +34,11 @@ class GatewayMetrics:
         self.e2e = Histogram("tandem_request_duration_seconds", "End-to-end request latency as seen by the client.",
                              ["policy"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_length = Gauge("tandem_queue_length", "Requests waiting in the gateway for an instance.",
-                                  ["instance"], registry=r)
+                                  ["instance"], multiprocess_mode="livesum", registry=r)
         self.queue_wait = Histogram("tandem_queue_wait_seconds", "Time a request waited in the gateway's queue.",
                                     ["instance"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("tandem_inflight_requests", "Requests sent to an instance and not finished.",
-                              ["instance"], registry=r)
+                              ["instance"], multiprocess_mode="livesum", registry=r)
         self.migrations = Counter("tandem_migrations", "Queued requests moved off a hot instance.", registry=r)
         self.choices = Counter("tandem_routing_choices",
                                "Routing decisions by reason (affinity, slo_switch, least_loaded, ...).",
@@ -37,16 +48,16 @@ class GatewayMetrics:
         self.upstream_errors = Counter("tandem_upstream_errors", "Failed upstream attempts by instance and kind.",
                                        ["instance", "kind"], registry=r)
         self.breaker_open = Gauge("tandem_circuit_open", "1 while an instance's circuit breaker is open.",
-                                  ["instance"], registry=r)
+                                  ["instance"], multiprocess_mode="livemax", registry=r)
         self.scrape_errors = Counter("tandem_scrape_errors", "Failed engine /metrics scrapes.", ["instance"],
                                      registry=r)
         self.scrape_duration = Histogram("tandem_scrape_duration_seconds", "Engine /metrics scrape time.",
                                          buckets=OVERHEAD_BUCKETS, registry=r)
         self.instances = Gauge("tandem_instances", "Known instances by pool and state.", ["model", "role", "state"],
-                               registry=r)
+                               multiprocess_mode="livemax", registry=r)
         self.state_backend_up = Gauge("tandem_state_backend_up",
                                       "1 when the shared state backend (Redis) is reachable, 0 when degraded to "
-                                      "local state.", ["backend"], registry=r)
+                                      "local state.", ["backend"], multiprocess_mode="livemin", registry=r)
         self.state_backend_errors = Counter("tandem_state_backend_errors", "Failed shared-state syncs.",
                                             ["backend"], registry=r)
         self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
@@ -57,11 +68,19 @@ class GatewayMetrics:
                                       ["model", "route"], registry=r)
         self.offload_threshold = Gauge("tandem_offload_threshold_tokens", "Current offload threshold t: prompts "
                                        "with more uncached tokens are prefilled by the remote pool.", ["model"],
-                                       registry=r)
+                                       multiprocess_mode="livemax", registry=r)
         self.link_bytes = Counter("tandem_offload_link_bytes", "KV-cache bytes of offloaded requests sent over "
                                   "the remote prefill link (prompt tokens x KV bytes per token).", ["model"],
                                   registry=r)
         self.link_utilization = Gauge("tandem_offload_link_utilization", "Share (0-1) of the remote prefill "
                                       "link's capacity this gateway's offloads used over the controller's "
                                       "measurement window; sum over gateways for the link's total.", ["model"],
-                                      registry=r)
+                                      multiprocess_mode="livesum", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text ``/metrics`` answers: this gateway's series, or every worker's combined."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        MultiProcessCollector(combined, path=str(self.multiprocess_dir))
+        return generate_latest(combined)

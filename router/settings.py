@@ -132,6 +132,9 @@ class GatewaySettings(TandemSettings):
     engine_tls_key_file: Path | None = Field(None, description="its private key")
     max_connections: int = Field(1024, gt=0, description="pooled upstream connections")
     decisions_kept: int = Field(256, gt=0, description="recent routing decisions kept for /admin/decisions")
+    workers: int = Field(1, ge=1, le=256, description="gateway processes accepting on the one port (more than one "
+                         "needs --redis-url: they share load as replicas do); /metrics, drain and observations "
+                         "cover all of them")
     loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="event loop + HTTP parser: uvloop+httptools "
                                                "(when installed) or asyncio+h11")
     gc_gen0_threshold: int = Field(50_000, ge=0, description="after start-up, freeze the heap out of the cyclic "
