@@ -4,11 +4,11 @@ Why: one Python process is one event loop. At 1,000 streamed requests/s the loop
 and a request's first chunk waits behind other requests' callbacks (``tandem bench gateway``,
 docs/gateway.md); a pod with more cores serves the same port from N loops instead.
 
-The supervisor (this module) binds the listening socket once and hands it to N spawned workers, so
-the kernel gives each new connection to whichever worker accepts first (an idle loop accepts
-sooner). Each worker is a whole gateway: its own scrapes, queues and upstream pools; the workers
-agree on load, ring membership and the adaptive prefix keys through Redis exactly as replicas do
-(``--redis-url`` is required, as the Helm chart requires it for more than one replica).
+The supervisor (this module) binds one listening socket per worker on the one port and hands each
+to its spawned worker (see :func:`listen_sockets` for why not one shared socket). Each worker is a
+whole gateway: its own scrapes, queues and upstream pools; the workers agree on load, ring
+membership and the adaptive prefix keys through Redis exactly as replicas do (``--redis-url`` is
+required, as the Helm chart requires it for more than one replica).
 
 What is per worker and what is not:
 
@@ -65,15 +65,26 @@ class WorkerContext(BaseModel):
     metrics_dir: Path = Field(description="prometheus_client multiprocess directory shared by the workers")
 
 
-def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The one listening socket every worker accepts on."""
+def listen_sockets(host: str, port: int, count: int, backlog: int = 2048) -> list[socket.socket]:
+    """One listening socket per worker, all on one port (SO_REUSEPORT; ``port`` 0: a free one).
+
+    The kernel spreads new connections over them by a hash of the client's address and port, so the
+    long-lived keep-alive connections of a client pool split evenly; with one shared socket, whichever
+    worker is awake first takes the next connection, and a burst of connections at a pool's start
+    was seen to pile onto a few workers. The supervisor holds every socket for the gateway's life:
+    connections waiting in a dead worker's queue are taken by its replacement, not reset."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.set_inheritable(True)
-    return sock
+    out: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        port = sock.getsockname()[1]
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+        out.append(sock)
+    return out
 
 
 class Supervisor:
@@ -85,8 +96,8 @@ class Supervisor:
                              "through Redis; set --redis-url (as for several gateway replicas)")
         self.settings = settings
         self.restart_limit = restart_limit
-        self.sock = listen_socket(settings.host, settings.port)
-        self.port: int = self.sock.getsockname()[1]
+        self.listeners = listen_sockets(settings.host, settings.port, settings.workers)
+        self.port: int = self.listeners[0].getsockname()[1]
         self.dir = Path(tempfile.mkdtemp(prefix="tandem-gateway-"))  # 0700: the private sockets live here
         (self.dir / "metrics").mkdir()
         self.sockets = [self.dir / f"worker-{i}.sock" for i in range(settings.workers)]
@@ -103,7 +114,7 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         settings = self.settings.model_copy(update={"port": self.port})
-        proc = self._ctx.Process(target=run_worker, args=(settings, self.context(index), self.sock),
+        proc = self._ctx.Process(target=run_worker, args=(settings, self.context(index), self.listeners[index]),
                                  name=f"tandem-gateway-worker-{index}", daemon=False)
         proc.start()
         self.procs[index] = proc
@@ -124,7 +135,8 @@ class Supervisor:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self._stop_all()
-            self.sock.close()
+            for sock in self.listeners:
+                sock.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def _supervise(self) -> int:
