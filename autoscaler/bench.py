@@ -28,8 +28,9 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.autoscaler.capacity import CapacityModel
@@ -57,11 +58,35 @@ DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+class LoadShape(BaseModel):
+    """A synthetic day-like envelope laid over the trace's own load (``--load-shape diurnal``).
+
+    One hour of the shipped traces has little dynamic range (Azure: mean 22 req/s, 60 s peak 35),
+    so a static pool sized for the peak wastes little and autoscaling has little to save. A
+    production day does: night traffic is a fraction of the afternoon's. The envelope is a raised
+    cosine from ``trough`` at t = 0 (night) up to 1 at ``period_s`` / 2 (the day's peak) and back,
+    multiplying the trace's sliding-window rate, so the trace's mix and its minute-to-minute
+    variation stay while the load also follows a compressed day. Synthetic: results on it are not
+    results on the shipped traces.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["diurnal"] = "diurnal"
+    period_s: float = Field(3600.0, gt=0, description="length of one day of the envelope")
+    trough: float = Field(0.3, ge=0, le=1, description="the night's load as a share of the peak's")
+
+    def factor(self, t: float) -> float:
+        """The envelope at ``t`` seconds, between ``trough`` and 1."""
+        return self.trough + (1 - self.trough) * (1 - math.cos(2 * math.pi * t / self.period_s)) / 2
+
+
 def scale_load(reqs: Sequence[TraceRequest], factor: float, window_s: float = 60.0,
-               seed: int = 0) -> list[TraceRequest]:
+               seed: int = 0, shape: LoadShape | None = None) -> list[TraceRequest]:
     """The trace at ``factor`` times its load, on its own time axis: a Poisson process whose rate is
-    ``factor`` x the trace's arrival rate over a sliding ``window_s``; each arrival is a request drawn
-    at random from the trace's requests in that window.
+    ``factor`` x the trace's arrival rate over a sliding ``window_s`` (times ``shape.factor(t)``
+    with a load shape); each arrival is a request drawn at random from the trace's requests in that
+    window.
 
     This keeps what autoscaling is about, the load curve and the drift of the length mix at their
     real pace relative to start-up delays and cooldowns (compressing time, ``--qps``, would not),
@@ -93,7 +118,8 @@ def scale_load(reqs: Sequence[TraceRequest], factor: float, window_s: float = 60
         t += rng.expovariate(ceiling)
         if t > end:
             return out
-        if rng.random() * ceiling < factor * rate(t):
+        # The shape is at most 1, so the unshaped ceiling still bounds the rate (thinning stays exact).
+        if rng.random() * ceiling < factor * rate(t) * (1.0 if shape is None else shape.factor(t)):
             lo, hi = window(t)
             i = rng.randrange(lo, hi)
             j = uses[i]
@@ -326,6 +352,12 @@ class AutoscaleBench(TandemSettings):
     rate_window_s: float = Field(60.0, gt=0, description="the load curve kept when scaling: arrival rate over this")
     seed: int = Field(0, ge=0, description="seed of the scaled trace's arrivals and draws")
     qps: float | None = Field(None, gt=0, description="instead: compress/stretch time to this mean rate")
+    load_shape: Literal["none", "diurnal"] = Field(
+        "none", description="synthetic envelope over the scaled load: 'diurnal' = a raised cosine from "
+                            "--shape-trough x (at t=0) up to 1x the load factor and back over --shape-period-s")
+    shape_period_s: float | None = Field(None, gt=0, description="diurnal: period of the envelope (s; default 3600)")
+    shape_trough: float | None = Field(None, ge=0, le=1,
+                                       description="diurnal: the trough as a share of the peak (default 0.3)")
     requests: int | None = Field(None, gt=0, description="replay only the first N requests of the trace")
     policy: str = Field("dualmap", description="routing policy in front of the prefill pool (the gateway's)")
     ttft_s: float | None = Field(None, gt=0, description="TTFT SLO (s; default per format: Azure 2, Mooncake 5)")
@@ -343,6 +375,27 @@ class AutoscaleBench(TandemSettings):
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
     static_references: bool = Field(True, description="also search the lenient static references (every "
                                                         "5-minute window, whole-trace average)")
+
+    @field_validator("load_shape")
+    @classmethod
+    def _shape_needs_scaling(cls, v: str, info: ValidationInfo) -> str:
+        if v != "none" and info.data.get("qps") is not None:
+            raise ValueError("a load shape modulates --load-factor scaling; it cannot be combined with --qps")
+        return v
+
+    @field_validator("shape_period_s", "shape_trough")
+    @classmethod
+    def _shape_parameter_needs_shape(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("load_shape", "none") == "none":
+            raise ValueError("applies only with --load-shape diurnal")
+        return v
+
+    def shape(self) -> LoadShape | None:
+        """The load shape asked for, with its defaults filled in; None for the trace's own curve."""
+        if self.load_shape == "none":
+            return None
+        given = {"period_s": self.shape_period_s, "trough": self.shape_trough}
+        return LoadShape(**{k: v for k, v in given.items() if v is not None})
 
     @model_validator(mode="after")
     def _trace_exists(self) -> AutoscaleBench:
@@ -364,7 +417,7 @@ class AutoscaleBench(TandemSettings):
             reqs = rescale_to_qps(reqs, self.qps)
         else:
             reqs = scale_load(reqs, self.load_factor or float(defaults["load_factor"]),  # type: ignore[arg-type]
-                              self.rate_window_s, self.seed)
+                              self.rate_window_s, self.seed, self.shape())
         if self.ttft_s is None:
             self.ttft_s = float(defaults["ttft_s"])  # type: ignore[arg-type]
         result = run_bench(reqs, profile, self, fmt, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -441,6 +494,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         "peak_qps_60s": peak, "duration_s": reqs[-1].arrival if reqs else 0.0, "profile": profile.name,
         "load_factor": None if cfg.qps else cfg.load_factor or DEFAULTS[fmt]["load_factor"],
         "rate_window_s": cfg.rate_window_s, "seed": cfg.seed, "policy": cfg.policy,
+        "load_shape": None if (shape := cfg.shape()) is None else shape.model_dump(),
         "slo": slo.model_dump(), "startup_delay_s": cfg.startup_delay_s, "tick_s": cfg.tick_s,
         "cooldown_s": cfg.cooldown_s, "stabilization_s": cfg.stabilization_s, "warmup_s": cfg.warmup_s,
         "max_utilisation": cfg.max_utilisation, "decode_max_utilisation": cfg.decode_max_utilisation,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from tandem import cli
 from tandem.autoscaler.bench import (
+    AutoscaleBench,
+    LoadShape,
     StaticRun,
     distinct_text_keys,
     peak_rate,
@@ -93,6 +96,59 @@ def test_scale_load_keeps_the_load_curve_and_gives_each_draw_its_own_prefix() ->
     assert out == scale_load(trace, 3.0, window_s=60.0, seed=1) != scale_load(trace, 3.0, window_s=60.0, seed=2)
 
 
+def test_diurnal_shape_multiplies_the_traces_own_rate() -> None:
+    """Counts per 2-minute window follow factor x shape(t) x the trace's rate within Poisson noise
+    (the trace's own step from 4 to 8 rps stays visible under the envelope); a flat shape (trough 1)
+    draws exactly what no shape draws."""
+    trace = [TraceRequest(t / 4, 1000, 10, (0, 100 + t)) for t in range(7200)]  # 4 rps for 1800 s
+    trace += [TraceRequest(1800 + t / 8, 1000, 10, (0, 10_000 + t)) for t in range(14400)]  # then 8 rps
+    shape = LoadShape(period_s=3600.0, trough=0.3)
+    assert shape.factor(0.0) == pytest.approx(0.3) and shape.factor(1800.0) == pytest.approx(1.0)
+    assert shape.factor(900.0) == pytest.approx(0.65) and shape.factor(3600.0) == pytest.approx(0.3)
+    out = scale_load(trace, 2.0, window_s=60.0, seed=3, shape=shape)
+    arrivals = [r.arrival for r in out]
+    for lo in range(60, 3480, 120):
+        if lo + 120 >= 1740 and lo <= 1860:
+            continue  # the trace's own step is smoothed over the 60 s rate window
+        base = 4.0 if lo < 1800 else 8.0
+        expected = 2.0 * base * sum(shape.factor(lo + s + 0.5) for s in range(120))
+        count = sum(1 for a in arrivals if lo <= a < lo + 120)
+        assert abs(count - expected) < 4 * math.sqrt(expected), (lo, count, expected)
+    assert out == scale_load(trace, 2.0, window_s=60.0, seed=3, shape=shape)
+    assert scale_load(trace, 2.0, seed=3, shape=LoadShape(trough=1.0)) == scale_load(trace, 2.0, seed=3)
+
+
+@pytest.mark.parametrize(("args", "field", "message"), [
+    (["--shape-trough", "0.5"], "shape_trough", "applies only with --load-shape diurnal"),
+    (["--shape-period-s", "600"], "shape_period_s", "applies only with --load-shape diurnal"),
+    (["--load-shape", "diurnal", "--shape-trough", "1.5"], "shape_trough", "less than or equal to 1"),
+    (["--load-shape", "diurnal", "--shape-period-s", "0"], "shape_period_s", "greater than 0"),
+    (["--load-shape", "weekly"], "load_shape", "'none' or 'diurnal'"),
+    (["--load-shape", "diurnal", "--qps", "5"], "load_shape", "cannot be combined with --qps"),
+])
+def test_load_shape_options_are_validated(args: list[str], field: str, message: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["bench", "autoscale", "--trace", str(TRACE_DIR / "AzureLLMInferenceTrace_conv.csv"),
+                     "--json", str(tmp_path / "x.json"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{field} (--{field.replace('_', '-')}" in err and message in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_load_shape_defaults_fill_in_what_is_not_given() -> None:
+    trace = TRACE_DIR / "AzureLLMInferenceTrace_conv.csv"
+    shaped = AutoscaleBench(trace=trace, json_out=Path("x.json"), load_shape="diurnal", shape_trough=0.5)
+    assert shaped.shape() == LoadShape(period_s=3600.0, trough=0.5)
+    assert AutoscaleBench(trace=trace, json_out=Path("x.json")).shape() is None
+
+
+def test_load_shape_model_rejects_out_of_range_values() -> None:
+    with pytest.raises(ValueError, match="trough"):
+        LoadShape(trough=-0.1)
+    with pytest.raises(ValueError, match="period_s"):
+        LoadShape(period_s=-1.0)
+
+
 def test_requests_without_prefix_get_their_own_routing_key() -> None:
     reqs = distinct_text_keys(prepare([TraceRequest(float(i), 700, 5) for i in range(5)]))
     assert len({r.fallback_key for r in reqs}) == 5
@@ -150,5 +206,6 @@ def test_bench_cli_writes_json_shape_and_plot(tmp_path: Path) -> None:
         c["replicas"] for c in data["config"]["static_candidates"]
         if c["gpu_hours"] == static["gpu_hours"] and c["worst_minute_attainment"] >= 0.95)
     assert data["config"]["format"] == "azure" and data["config"]["requests"] > 2000
+    assert data["config"]["load_shape"] is None
     assert png.stat().st_size > 10_000
 
