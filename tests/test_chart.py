@@ -61,7 +61,7 @@ KINDS = [
 ]
 FULL_VALUES: dict[str, Any] = {
     "engines": {"namespaces": ["llm-a", "llm-b"]},
-    "gateway": {"replicas": 3, "apiKeys": {"existingSecret": "tandem-keys"}, "rateLimitRpm": 600,
+    "gateway": {"replicas": 3, "workers": 2, "apiKeys": {"existingSecret": "tandem-keys"}, "rateLimitRpm": 600,
                 "adminKey": {"existingSecret": "tandem-admin"}},
     "redis": {"enabled": True},
     "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
@@ -260,6 +260,7 @@ async def test_full_install(tmp_path: Path) -> None:
     assert env["TANDEM_GATEWAY_REDIS_URL"] == "redis://tandem-redis.tandem-system.svc:6379/0"
     assert "--api-keys-file=/etc/tandem/keys/keys.yaml" in container["args"]
     assert "--rate-limit-rpm=600" in container["args"]
+    assert "--workers=2" in container["args"]
     assert "--k8s-namespace=llm-a" in container["args"]  # discovers engines where LLMServices live
     volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
     assert volumes["api-keys"]["secret"]["secretName"] == "tandem-keys"
@@ -363,6 +364,7 @@ async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> Non
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"gateway": {"redis": {"url": "http://not-redis"}}}, "url"),
     ({"gateway": {"replicas": 3}}, "gateway.replicas"),  # several gateways need shared state
+    ({"gateway": {"workers": 4}}, "gateway.workers"),  # so do several workers of one
     ({"gateway": {"enabled": False}}, "autoscaler.gatewayUrl"),  # the autoscaler needs a gateway
     ({"operator": {"replicas": 2}}, "replicas"),  # one operator only (kopf without peering)
 ])
