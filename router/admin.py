@@ -10,11 +10,16 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tandem.openai_api import error_body
-from tandem.router.observations import instance_loads, still_busy
+from tandem.router.observations import InstanceLoad, instance_loads, still_busy
 from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
+
+# How far a caller's ``now`` may be from this gateway's wall clock. NTP keeps nodes within
+# milliseconds; a larger gap means a monotonic time sent by mistake or an unsynchronised node, and a
+# window placed by it would count the wrong seconds without saying so.
+MAX_CLOCK_SKEW_S = 60.0
 
 
 def _describe_policy(sched: Any) -> dict[str, Any]:
@@ -111,6 +116,24 @@ def admin_router(gw: Gateway) -> APIRouter:
         return JSONResponse(status_code=404, content=error_body(f"instance: unknown instance '{instance}'",
                                                                 param="instance"))
 
+    def service_loads(service: str, namespace: str | None, *, own_only: bool) -> list[InstanceLoad] | JSONResponse:
+        """The instances' live state for one service's report, or the 404 saying this gateway cannot
+        speak for it (another namespace, or nothing of the service seen)."""
+        s = gw.settings
+        if s.discovery == "kubernetes" and namespace not in (None, s.k8s_namespace):
+            return JSONResponse(status_code=404, content=error_body(
+                f"namespace: this gateway watches namespace '{s.k8s_namespace}', not '{namespace}'", param="namespace"))
+        gw.leaving = still_busy(gw.leaving)
+        peers = {iid: load.inflight_requests for iid, load in gw._remote.items()} if own_only else None
+        loads = instance_loads([*gw.all_instances(), *gw.leaving,
+                                *(i for p in gw.pd_router.pools.values() for i in p.instances.values())],
+                               time.monotonic(), peers)
+        if not (gw.observer.knows(service) or any(load.service == service for load in loads)
+                or (gw.discovery is not None and service in gw.discovery.pods.services())):
+            return JSONResponse(status_code=404, content=error_body(
+                f"service: no instance or traffic of service '{service}' seen by this gateway", param="service"))
+        return loads
+
     @router.get("/observations")
     async def observations(request: Request, service: str = Query(min_length=1),
                            namespace: str | None = None, window: float = Query(60.0, gt=0, allow_inf_nan=False),
@@ -119,17 +142,31 @@ def admin_router(gw: Gateway) -> APIRouter:
         the in-flight requests per pod; ``now`` (the caller's clock) is echoed as ``time_s``."""
         if (resp := denied(request)) is not None:
             return resp
-        s = gw.settings
-        if s.discovery == "kubernetes" and namespace not in (None, s.k8s_namespace):
-            return JSONResponse(status_code=404, content=error_body(
-                f"namespace: this gateway watches namespace '{s.k8s_namespace}', not '{namespace}'", param="namespace"))
-        gw.leaving = still_busy(gw.leaving)
-        loads = instance_loads([*gw.all_instances(), *gw.leaving,
-                                *(i for p in gw.pd_router.pools.values() for i in p.instances.values())])
-        if not (gw.observer.knows(service) or any(load.service == service for load in loads)
-                or (gw.discovery is not None and service in gw.discovery.pods.services())):
-            return JSONResponse(status_code=404, content=error_body(
-                f"service: no instance or traffic of service '{service}' seen by this gateway", param="service"))
+        loads = service_loads(service, namespace, own_only=False)
+        if isinstance(loads, JSONResponse):
+            return loads
         return gw.observer.report(service, window, time.monotonic(), loads, time_s=now)
+
+    @router.get("/observation-counts")
+    async def observation_counts(request: Request, service: str = Query(min_length=1),
+                                 namespace: str | None = None,
+                                 window: float = Query(60.0, gt=0, allow_inf_nan=False),
+                                 now: float | None = Query(None, allow_inf_nan=False)) -> Any:
+        """This replica's share of a LoadReport, raw (``ObservationCounts``), for a caller that asks
+        every replica and merges (docs/gateway.md). ``now`` is wall-clock (Unix) seconds: every replica
+        asked with the same ``now`` sums the same wall-clock buckets. In-flight requests are this
+        replica's own (not what shared state says of its peers), so that they add up."""
+        if (resp := denied(request)) is not None:
+            return resp
+        wall, mono = time.time(), time.monotonic()
+        if now is not None and abs(now - wall) > MAX_CLOCK_SKEW_S:
+            return JSONResponse(status_code=422, content=error_body(
+                f"now: {now} is {now - wall:+.1f} s from this gateway's wall clock (more than "
+                f"{MAX_CLOCK_SKEW_S:g} s): not a Unix time, or the clocks are not synchronised", param="now"))
+        loads = service_loads(service, namespace, own_only=True)
+        if isinstance(loads, JSONResponse):
+            return loads
+        at = mono if now is None else now - gw.observer.clock_offset_s
+        return gw.observer.counts(service, window, at, loads).model_dump(mode="json")
 
     return router
