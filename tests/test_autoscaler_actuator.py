@@ -3,7 +3,7 @@
 The Kubernetes side is kmock's in-memory API server (no controllers: the test creates the pods a
 Deployment would have, and plays their readiness), or a real API server when
 ``TANDEM_TEST_KUBECONFIG`` is set. The load side is a stand-in gateway on a loopback port serving
-the documented ``/admin/observations`` contract over real HTTP (a stand-in because the gateway
+the documented ``/admin/observation-counts`` contract over real HTTP (a stand-in because the gateway
 process is not part of this test); everything in between - the observation source, the pure core,
 the patches, status, events, drain annotations and metrics - is the real code.
 """
@@ -31,12 +31,12 @@ from tandem.autoscaler.actuator import (
     PODS,
     Actuator,
     GatewayObservationSource,
-    LoadReport,
     count_pods,
 )
-from tandem.autoscaler.models import AutoscalerSpec, LengthBucket, Observations
+from tandem.autoscaler.models import AutoscalerSpec, LengthBucket
 from tandem.operator.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
 from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
+from tandem.router.observations import InstanceLoad, MixCount, ObservationCounts
 from tandem.serve import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,8 @@ def service(name: str = "pd") -> dict[str, Any]:
 
 
 class FakeGateway:
-    """The gateway's admin API as the autoscaler sees it; load set by the test (the length mix per
-    window asked: ``long_mix`` for windows of 300 s and more)."""
+    """One gateway replica's admin API as the autoscaler sees it (``/admin/observation-counts``);
+    load set by the test (the length mix per window asked: ``long_mix`` for windows of 300 s and more)."""
 
     def __init__(self) -> None:
         self.rate = 1.0
@@ -69,13 +69,18 @@ class FakeGateway:
         self.long_mix = MIX
         self.windows: list[float] = []
         self.app = FastAPI()
-        self.app.get("/admin/observations")(self.observations)
+        self.app.get("/admin/observation-counts")(self.counts)
 
-    async def observations(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
+    async def counts(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
         self.windows.append(window)
         mix = self.long_mix if window >= 300 else MIX
-        obs = Observations(time_s=now, window_s=window, arrival_rate=self.rate, length_mix=mix, roles={})
-        return LoadReport(observations=obs, inflight=self.inflight).model_dump(mode="json")
+        cells = [MixCount(prompt_class=b.input_tokens.bit_length(), output_class=b.output_tokens.bit_length(),
+                          count=n, prompt_tokens=n * b.input_tokens, output_tokens=n * b.output_tokens)
+                 for b in mix for n in [round(1000 * b.weight)]]
+        pods = [InstanceLoad(service=service, role="", pod=pod, routable=True, draining=False, queued=0, inflight=n,
+                             engine_waiting=0, kv_usage=0.0) for pod, n in self.inflight.items()]
+        return ObservationCounts(service=service, window_s=window, bucket_s=1.0, arrivals=round(self.rate * window),
+                                 mix=cells, instances=pods).model_dump(mode="json")
 
 
 class Clock:
