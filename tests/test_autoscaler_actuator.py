@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi import FastAPI
+from gatewayutil import free_port
 from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -172,6 +173,32 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
     assert f'tandem_autoscaler_desired_replicas{{namespace="{ns}",role="prefill",service="pd"}} ' \
            f'{float(decision.replicas["prefill"])}' in text
     assert "tandem_autoscaler_scaling_actions_total" in text and "tandem_autoscaler_forecast_rps" in text
+
+
+async def test_replicas_are_added_up_and_a_silent_one_is_counted(api) -> None:
+    """Two gateway replicas with half the load each size the pools as one replica with all of it;
+    a third that is down leaves the decision to the others and shows in the metrics."""
+    _, client, ns = api
+    await client.create(LLMSERVICES, ns, {**service(), "metadata": {"name": "pd", "namespace": ns}})
+    halves, whole = (FakeGateway(), FakeGateway()), FakeGateway()
+    for g in halves:
+        g.rate = 30.0
+    whole.rate = 60.0
+    dead = f"http://127.0.0.1:{free_port()}"
+    registry = CollectorRegistry()
+    async with serve(halves[0].app) as a, serve(halves[1].app) as b, serve(whole.app) as w:
+        decided = {}
+        for key, urls, reg in (("split", [a, dead, b], registry), ("whole", [w], CollectorRegistry())):
+            source = GatewayObservationSource(urls, timeout_s=2.0)
+            actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=reg,
+                                clock=Clock())
+            decided[key] = (await actuator._decide(ns, await client.get(LLMSERVICES, ns, "pd"), 1000.0))[3]
+            await source.close()
+    assert decided["split"].replicas == decided["whole"].replicas
+    assert decided["split"].forecast_rps == decided["whole"].forecast_rps > 0
+    text = generate_latest(registry).decode()
+    for state, n in (("answered", 2), ("failed", 1)):
+        assert f'tandem_autoscaler_gateway_replicas{{namespace="{ns}",service="pd",state="{state}"}} {n:.1f}' in text
 
 
 async def test_scale_down_drains_first(api) -> None:
