@@ -24,7 +24,7 @@ import httpx
 import pytest
 from gatewayutil import RedisServer, free_port, gateway_app, sim_app, until
 from kubeutil import kmock_kubeconfig
-from test_gateway_observations import LONG, MODEL, ext_body
+from test_gateway_observations import MODEL, ext_body
 
 from tandem.autoscaler.actuator import (
     PODS,
@@ -39,6 +39,9 @@ from tandem.autoscaler.models import Observations
 from tandem.operator.kube import KubeClient, load_credentials
 from tandem.router.observations import InstanceLoad, ObservationCounts, Observer, build_report, merge_counts
 from tandem.serve import serve
+
+# Output tokens of a stream that outlasts the test (~40 s; the test leaves it after its first chunk).
+ENDLESS = 5000
 
 # --- pure: split requests, merged counts == one replica that saw them all -----------------------
 
@@ -239,17 +242,20 @@ async def test_source_adds_up_live_gateway_replicas(redis_server: RedisServer, s
             assert rep.observations.completed == 9 and rep.observations.roles["unified"].ready == 1
             assert rep.gateways == GatewayCoverage(answered=2, failed=[])
             # a replica reporting on itself: /admin/observations is the same builder on its own counts
-            own = (await c.get(g1 + "/admin/observations", params={"service": MODEL, "window": window,
-                                                                   "now": 5.0})).json()
-            counts = (await c.get(g1 + "/admin/observation-counts", params={"service": MODEL, "window": window,
-                                                                            "now": time.time()})).json()
-            assert build_report(ObservationCounts.model_validate(counts), 5.0) == own
+            # (asked again when a scrape changed an engine's gauges between the two questions)
+            async def same_report() -> bool:
+                own = (await c.get(g1 + "/admin/observations", params={"service": MODEL, "window": window,
+                                                                       "now": 5.0})).json()
+                counts = (await c.get(g1 + "/admin/observation-counts", params={
+                    "service": MODEL, "window": window, "now": time.time()})).json()
+                return build_report(ObservationCounts.model_validate(counts), 5.0) == own
+            await until(same_report)
 
             # one stream in flight through each replica: Redis tells each replica of the other's, so its
             # /admin/observations says 2; its counts keep its own 1, which add up to the true 2
-            async with c.stream("POST", g1 + "/v1/completions", json=ext_body([7], max_tokens=LONG, stream=True)) \
+            async with c.stream("POST", g1 + "/v1/completions", json=ext_body([7], max_tokens=ENDLESS, stream=True)) \
                     as s1, c.stream("POST", g2 + "/v1/completions",
-                                    json=ext_body([8], max_tokens=LONG, stream=True)) as s2:
+                                    json=ext_body([8], max_tokens=ENDLESS, stream=True)) as s2:
                 kept = [s1.aiter_raw(), s2.aiter_raw()]  # kept: a collected iterator closes the response
                 for chunks in kept:
                     await chunks.__anext__()
