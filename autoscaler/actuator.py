@@ -64,8 +64,9 @@ class GatewayCoverage(BaseModel):
 
     answered: int = Field(ge=0, description="replicas whose counts are in the report (one that had seen "
                                              "nothing of the service counts: it holds none of its load)")
-    failed: list[str] = Field(default_factory=list, description="replicas that did not answer: the report "
-                                                                "lacks their share of the load")
+    failed: list[str] = Field(default_factory=list, description="replicas that did not answer, and worker "
+                                                                "processes of a replica that did not answer it: "
+                                                                "the report lacks their share of the load")
 
 
 class LoadReport(BaseModel):
@@ -206,18 +207,22 @@ class GatewayObservationSource:
             raise ObservationUnavailable(f"no gateway replica to ask about {namespace}/{service}")
         params = {"namespace": namespace, "service": service, "window": window_s, "now": self.wall_clock()}
         answers = await asyncio.gather(*(self._counts(url, params) for url in urls))
-        counts = [a for a in answers if isinstance(a, ObservationCounts)]
+        # a replica's worker processes that did not answer it (--workers) are named under the replica
+        counts = [a.model_copy(update={"missing": [f"{url} {m}" for m in a.missing]})
+                  for url, a in zip(urls, answers, strict=True) if isinstance(a, ObservationCounts)]
         failed = {url: a for url, a in zip(urls, answers, strict=True) if isinstance(a, str)}
         answered = len(urls) - len(failed)
         if not counts:
             why = "; ".join(f"{u}: {w}" for u, w in failed.items()) or "none has seen the service"
             raise ObservationUnavailable(f"no gateway replica reported on {namespace}/{service} "
                                          f"({len(urls)} asked): {why}")
-        for url, why in failed.items():
-            log.warning("autoscaler: %s/%s: gateway replica %s left out of the report (%d of %d answered): %s",
-                        namespace, service, url, answered, len(urls), why)
-        report = LoadReport.model_validate(build_report(merge_counts(counts), now))
-        return report.model_copy(update={"gateways": GatewayCoverage(answered=answered, failed=sorted(failed))})
+        merged = merge_counts(counts)
+        for what, why in [*failed.items(), *((m, "no answer from it") for m in merged.missing)]:
+            log.warning("autoscaler: %s/%s: gateway %s left out of the report (%d of %d replicas answered): %s",
+                        namespace, service, what, answered, len(urls), why)
+        report = LoadReport.model_validate(build_report(merged, now))
+        return report.model_copy(update={"gateways": GatewayCoverage(
+            answered=answered, failed=[*sorted(failed), *merged.missing])})
 
     async def _counts(self, url: str, params: dict[str, Any]) -> ObservationCounts | str | None:
         """One replica's counts; None when it has seen nothing of the service; else why it failed."""

@@ -236,6 +236,8 @@ class ObservationCounts(BaseModel):
         default_factory=list, description="the same over the whole horizon, only when the window finished "
                                           "nothing (the report falls back to it)")
     instances: list[InstanceLoad] = Field(default_factory=list, description="one per (pod, role)")
+    missing: list[str] = Field(default_factory=list, description="gateway processes asked for their share that "
+                                                                 "did not answer: the sums lack it")
 
 
 class Observer:
@@ -455,7 +457,8 @@ def merge_counts(parts: Sequence[ObservationCounts]) -> ObservationCounts:
     return ObservationCounts(
         service=first.service, window_s=first.window_s, bucket_s=first.bucket_s,
         **{name: sum(getattr(p, name) for p in parts) for name in _ADDITIVE},
-        queue=queue, mix=mix, horizon_mix=horizon, instances=_fold(i for p in parts for i in p.instances))
+        queue=queue, mix=mix, horizon_mix=horizon, instances=_fold(i for p in parts for i in p.instances),
+        missing=[m for p in parts for m in p.missing])
 
 
 def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class FakeGateway:
         self.rate = 1.0
         self.inflight: dict[str, int] = {}
         self.long_mix = MIX
+        self.missing: list[str] = []  # worker processes of this replica that did not answer it
         self.windows: list[float] = []
         self.app = FastAPI()
         self.app.get("/admin/observation-counts")(self.counts)
@@ -81,7 +82,7 @@ class FakeGateway:
         pods = [InstanceLoad(service=service, role="", pod=pod, routable=True, draining=False, queued=0, inflight=n,
                              engine_waiting=0, kv_usage=0.0) for pod, n in self.inflight.items()]
         return ObservationCounts(service=service, window_s=window, bucket_s=1.0, arrivals=round(self.rate * window),
-                                 mix=cells, instances=pods).model_dump(mode="json")
+                                 mix=cells, instances=pods, missing=self.missing).model_dump(mode="json")
 
 
 class Clock:
@@ -177,13 +178,14 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
 
 async def test_replicas_are_added_up_and_a_silent_one_is_counted(api) -> None:
     """Two gateway replicas with half the load each size the pools as one replica with all of it;
-    a third that is down leaves the decision to the others and shows in the metrics."""
+    a third that is down, and a worker process one replica could not reach, show in the metrics."""
     _, client, ns = api
     await client.create(LLMSERVICES, ns, {**service(), "metadata": {"name": "pd", "namespace": ns}})
     halves, whole = (FakeGateway(), FakeGateway()), FakeGateway()
     for g in halves:
         g.rate = 30.0
     whole.rate = 60.0
+    halves[1].missing = ["worker worker-1.sock: ReadTimeout"]
     dead = f"http://127.0.0.1:{free_port()}"
     registry = CollectorRegistry()
     async with serve(halves[0].app) as a, serve(halves[1].app) as b, serve(whole.app) as w:
@@ -197,7 +199,7 @@ async def test_replicas_are_added_up_and_a_silent_one_is_counted(api) -> None:
     assert decided["split"].replicas == decided["whole"].replicas
     assert decided["split"].forecast_rps == decided["whole"].forecast_rps > 0
     text = generate_latest(registry).decode()
-    for state, n in (("answered", 2), ("failed", 1)):
+    for state, n in (("answered", 2), ("failed", 2)):
         assert f'tandem_autoscaler_gateway_replicas{{namespace="{ns}",service="pd",state="{state}"}} {n:.1f}' in text
 
 

@@ -7,6 +7,7 @@
   simulated engine; the autoscaler's own source adds their traffic up, takes each one's own
   in-flight requests (not the peers' share Redis folds in), leaves out a replica that is down or
   silent and says so, and fails when none answers.
+* Workers: ``tandem gateway --workers 2`` answers for both workers, whichever takes the call.
 * Discovery: the gateway replicas are found as pods by label selector in kmock's API server.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gatewayutil import RedisServer, free_port, gateway_app, sim_app, until
+from gatewayutil import RedisServer, free_port, gateway_app, sim_app, start_process, until
 from kubeutil import kmock_kubeconfig
 from test_gateway_observations import MODEL, ext_body
 
@@ -190,6 +191,8 @@ def test_engine_gauges_come_from_the_freshest_scrape_and_views_of_one_pod_fold()
     assert (role["ready"], role["queue_depth"], role["kv_usage"]) == (1, 2 + 4, 0.6)
     assert report["inflight"] == {"u-0": 2}
     assert merge_counts([fresh]) == fresh
+    assert merge_counts([fresh.model_copy(update={"missing": ["worker 1"]}), stale,
+                         never.model_copy(update={"missing": ["worker 3"]})]).missing == ["worker 1", "worker 3"]
     with pytest.raises(ValueError, match="window"):
         merge_counts([fresh, fresh.model_copy(update={"window_s": 20.0})])
     with pytest.raises(ValueError, match="nothing"):
@@ -310,6 +313,59 @@ async def test_observation_counts_need_the_admin_key() -> None:
         finally:
             await keyless.close()
             await keyed.close()
+
+
+async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: RedisServer, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tandem gateway --workers 2`` (the real supervisor): requests sent to each worker on its
+    private socket; whichever worker takes the observation call answers for both."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the supervisor puts the workers' private sockets
+    async with serve(sim_app(port=0)) as engine:
+        port = free_port()
+        proc = start_process("gateway", "--port", str(port), "--instances", engine, "--workers", "2",
+                             "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
+        gw = f"http://127.0.0.1:{port}"
+
+        def worker(i: int) -> httpx.AsyncClient:
+            (path,) = tmp_path.glob(f"tandem-gateway-*/worker-{i}.sock")
+            return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://worker",
+                                     timeout=30)
+        try:
+            async def ready() -> bool:
+                assert proc.poll() is None, "the gateway exited"
+                try:
+                    for i in range(2):
+                        async with worker(i) as c:
+                            if (await c.get("/readyz")).status_code != 200:
+                                return False
+                    return True
+                except (httpx.HTTPError, ValueError):  # ValueError: no socket yet
+                    return False
+            await until(ready, limit=60)
+            for i, n in ((0, 2), (1, 5)):
+                async with worker(i) as c:
+                    for k in range(n):
+                        assert (await c.post("/v1/completions", json=ext_body([3, i, k]))).status_code == 200
+            params = {"service": MODEL, "window": 60}
+            for i, n in ((0, 2), (1, 5)):
+                async with worker(i) as c:
+                    alone = (await c.get("/admin/observation-counts", params=params,
+                                         headers={"x-tandem-forwarded": "1"})).json()
+                    assert alone["arrivals"] == n  # each worker saw its own share only
+                    counts = ObservationCounts.model_validate(
+                        (await c.get("/admin/observation-counts", params={**params, "now": time.time()})).json())
+                    assert counts.arrivals == counts.ttft_n == 7 and counts.missing == []
+                    rep = (await c.get("/admin/observations", params=params)).json()
+                    assert rep["observations"]["arrival_rate"] == pytest.approx(7 / 60)
+                    assert rep["gateways"] == {"answered": 2, "failed": []}
+            source = GatewayObservationSource(gw)  # the port, through whichever worker accepts
+            try:
+                assert (await source.report("default", MODEL, 60.0, 1.0)).observations.completed == 7
+            finally:
+                await source.close()
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 # --- discovery: the replicas are pods by label -------------------------------------------------
