@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gatewayutil import RedisServer, free_port, gateway_app, sim_app, start_process, until
+from gatewayutil import ROOT, RedisServer, free_port, gateway_app, sim_app, until
 from kubeutil import kmock_kubeconfig
 from test_gateway_observations import MODEL, ext_body
 
@@ -315,15 +318,27 @@ async def test_observation_counts_need_the_admin_key() -> None:
             await keyed.close()
 
 
-async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: RedisServer, tmp_path: Path,
+def start_logged(log: Path, *args: str) -> subprocess.Popen:
+    """``tandem <args>`` as a subprocess, its output kept in ``log`` (said when it exits early)."""
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: RedisServer,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``tandem gateway --workers 2`` (the real supervisor): requests sent to each worker on its
     private socket; whichever worker takes the observation call answers for both."""
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the supervisor puts the workers' private sockets
+    # Where the supervisor puts the workers' private sockets: short (pytest's tmp_path can exceed the
+    # 108 bytes of a Unix socket path), and only this test's.
+    short = tempfile.TemporaryDirectory(prefix="tw", dir="/tmp")
+    tmp_path = Path(short.name)
+    monkeypatch.setenv("TMPDIR", short.name)
     async with serve(sim_app(port=0)) as engine:
         port = free_port()
-        proc = start_process("gateway", "--port", str(port), "--instances", engine, "--workers", "2",
-                             "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
+        log = tmp_path / "gateway.log"
+        proc = start_logged(log, "gateway", "--port", str(port), "--instances", engine, "--workers", "2",
+                            "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
         gw = f"http://127.0.0.1:{port}"
 
         def worker(i: int) -> httpx.AsyncClient:
@@ -332,7 +347,7 @@ async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: Redi
                                      timeout=30)
         try:
             async def ready() -> bool:
-                assert proc.poll() is None, "the gateway exited"
+                assert proc.poll() is None, f"the gateway exited: {log.read_text()[-2000:]}"
                 try:
                     for i in range(2):
                         async with worker(i) as c:
@@ -366,6 +381,7 @@ async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: Redi
         finally:
             proc.terminate()
             proc.wait(15)
+            short.cleanup()
 
 
 # --- discovery: the replicas are pods by label -------------------------------------------------
