@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ from tandem.autoscaler.models import (
 )
 from tandem.operator.kube import LLMSERVICES, ApiError, Kind, KubeClient
 from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
+from tandem.router.observations import ObservationCounts, build_report, merge_counts
 from tandem.sim.profile import DEFAULT_PROFILE, load_profile
 
 log = logging.getLogger("tandem.autoscaler")
@@ -56,40 +57,186 @@ ANN_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 DRAINING_DELETION_COST = "-1000"  # the ReplicaSet removes the lowest cost first: exactly the drained pods
 
 
+class GatewayCoverage(BaseModel):
+    """Which gateway replicas a report was built from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answered: int = Field(ge=0, description="replicas whose counts are in the report (one that had seen "
+                                             "nothing of the service counts: it holds none of its load)")
+    failed: list[str] = Field(default_factory=list, description="replicas that did not answer, and worker "
+                                                                "processes of a replica that did not answer it: "
+                                                                "the report lacks their share of the load")
+
+
 class LoadReport(BaseModel):
     """What an observation source knows that Kubernetes does not: load, latency, in-flight work.
 
     ``observations.roles`` may be left empty: the actuator fills in the pod counts itself.
     ``inflight`` maps pod names to requests the gateway has sent and not seen finish; a draining
-    pod with none is drained.
+    pod with none is drained. ``gateways``: set by a source that merged several gateway replicas.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     observations: Observations
     inflight: dict[str, int] = Field(default_factory=dict)
+    gateways: GatewayCoverage | None = None
 
 
 class ObservationSource(Protocol):
     async def report(self, namespace: str, service: str, window_s: float, now: float) -> LoadReport: ...
 
 
-class GatewayObservationSource:
-    """The gateway's admin API: ``GET {url}/admin/observations?namespace=&service=&window=&now=``.
+class ObservationUnavailable(Exception):
+    """No gateway replica could report on a service: the tick for it fails (and is retried next tick)."""
 
-    The gateway answers with a :class:`LoadReport` built from its own accounting (arrivals, length
-    mix, prefix hits, queues, TTFT/TPOT per finished request) and the engines' scraped metrics.
+
+class GatewayReplicas(Protocol):
+    """Where the gateway replicas of a namespace's services are (base URLs, one per replica)."""
+
+    async def urls(self, namespace: str) -> list[str]: ...
+
+
+class StaticGateways:
+    """A fixed list of gateway base URLs, one per replica (a Service URL would reach one random replica)."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self._urls = [u.rstrip("/") for u in urls]
+
+    async def urls(self, namespace: str) -> list[str]:
+        return list(self._urls)
+
+
+def parse_label_selector(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (equality only, what :meth:`KubeClient.list` matches) as a mapping."""
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip().lstrip("=")
+        if not sep or not key or key.endswith("!"):
+            raise ValueError(f"label selector '{text}': '{part}' is not key=value (only equality is supported)")
+        out[key] = value
+    if not out:
+        raise ValueError("label selector: empty (it would match every pod)")
+    return out
+
+
+def gateway_urls(pods: list[Mapping[str, Any]], port: str, scheme: str = "http") -> list[str]:
+    """Base URLs of the gateway pods that can answer: running, with an address (pure).
+
+    ``port`` is a number or the name of a container port (as a Service's ``targetPort``); a pod
+    without a port of that name is left out. Terminating pods are kept: until they exit they hold
+    the window's arrivals they received and the streams they still relay (an engine pod they stream
+    from is not drained yet).
+    """
+    out = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ip = status.get("podIP")
+        if status.get("phase") != "Running" or not ip:
+            continue
+        number: Any = int(port) if port.isdigit() else next(
+            (p.get("containerPort") for c in (pod.get("spec") or {}).get("containers") or []
+             for p in c.get("ports") or [] if p.get("name") == port), None)
+        if number is None:
+            log.warning("autoscaler: gateway pod %s has no port named '%s'; not asked",
+                        (pod.get("metadata") or {}).get("name"), port)
+            continue
+        host = f"[{ip}]" if ":" in ip else ip
+        out.append(f"{scheme}://{host}:{number}")
+    return out
+
+
+class KubernetesGateways:
+    """The gateway replicas are the pods matching a label selector, each asked at its own address
+    (not through the Service, which would pick one of them at random).
+
+    ``namespace`` None: the pods are looked for in the namespace of the LLMService observed (where
+    the operator puts a service's own gateway).
     """
 
-    def __init__(self, url: str, timeout_s: float = 5.0, admin_key: str | None = None) -> None:
+    def __init__(self, client: KubeClient, selector: str, port: str = "http", namespace: str | None = None,
+                 scheme: str = "http") -> None:
+        self.client = client
+        self.selector = parse_label_selector(selector)
+        self.port, self.namespace, self.scheme = port, namespace, scheme
+
+    async def urls(self, namespace: str) -> list[str]:
+        return gateway_urls(await self.client.list(PODS, self.namespace or namespace, self.selector), self.port,
+                            self.scheme)
+
+
+def _unseen(resp: httpx.Response) -> bool:
+    """A 404 by which a gateway says it has seen nothing of the service (or watches another namespace),
+    as opposed to a 404 for an admin API that is off or a path that does not exist."""
+    try:
+        return resp.json()["error"]["param"] in ("service", "namespace")
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+class GatewayObservationSource:
+    """Every gateway replica's admin API, merged: ``GET {replica}/admin/observation-counts?namespace=
+    &service=&window=&now=`` asked of each replica concurrently, the answers added up
+    (:func:`~tandem.router.observations.merge_counts`) and built into one :class:`LoadReport`
+    (:func:`~tandem.router.observations.build_report`, the gateway's own single-replica builder).
+
+    Each replica sees only the requests that reached it; asking one behind a Service would size the
+    pools for 1/K of the load. ``now`` sent to the replicas is this process's wall clock, so every
+    replica sums the same wall-clock seconds; the report's ``time_s`` is the caller's ``now``. A
+    replica that does not answer in ``timeout_s`` (or answers wrongly) is logged and left out, and
+    the report says so (:attr:`LoadReport.gateways`); when none answers, :class:`ObservationUnavailable`.
+    """
+
+    def __init__(self, gateways: str | Sequence[str] | GatewayReplicas, timeout_s: float = 5.0,
+                 admin_key: str | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+        if isinstance(gateways, str):
+            gateways = [gateways]
+        self.replicas: GatewayReplicas = StaticGateways(gateways) if isinstance(gateways, Sequence) else gateways
+        self.timeout_s = timeout_s
+        self.wall_clock = wall_clock
         headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
-        self._client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers)
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
 
     async def report(self, namespace: str, service: str, window_s: float, now: float) -> LoadReport:
-        resp = await self._client.get("/admin/observations", params={
-            "namespace": namespace, "service": service, "window": window_s, "now": now})
-        resp.raise_for_status()
-        return LoadReport.model_validate(resp.json())
+        urls = await self.replicas.urls(namespace)
+        if not urls:
+            raise ObservationUnavailable(f"no gateway replica to ask about {namespace}/{service}")
+        params = {"namespace": namespace, "service": service, "window": window_s, "now": self.wall_clock()}
+        answers = await asyncio.gather(*(self._counts(url, params) for url in urls))
+        # a replica's worker processes that did not answer it (--workers) are named under the replica
+        counts = [a.model_copy(update={"missing": [f"{url} {m}" for m in a.missing]})
+                  for url, a in zip(urls, answers, strict=True) if isinstance(a, ObservationCounts)]
+        failed = {url: a for url, a in zip(urls, answers, strict=True) if isinstance(a, str)}
+        answered = len(urls) - len(failed)
+        if not counts:
+            why = "; ".join(f"{u}: {w}" for u, w in failed.items()) or "none has seen the service"
+            raise ObservationUnavailable(f"no gateway replica reported on {namespace}/{service} "
+                                         f"({len(urls)} asked): {why}")
+        merged = merge_counts(counts)
+        for what, why in [*failed.items(), *((m, "no answer from it") for m in merged.missing)]:
+            log.warning("autoscaler: %s/%s: gateway %s left out of the report (%d of %d replicas answered): %s",
+                        namespace, service, what, answered, len(urls), why)
+        report = LoadReport.model_validate(build_report(merged, now))
+        return report.model_copy(update={"gateways": GatewayCoverage(
+            answered=answered, failed=[*sorted(failed), *merged.missing])})
+
+    async def _counts(self, url: str, params: dict[str, Any]) -> ObservationCounts | str | None:
+        """One replica's counts; None when it has seen nothing of the service; else why it failed."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                resp = await self._client.get(f"{url}/admin/observation-counts", params=params)
+            if resp.status_code == 404 and _unseen(resp):
+                return None
+            resp.raise_for_status()
+            return ObservationCounts.model_validate(resp.json())
+        except TimeoutError:
+            return f"no answer within {self.timeout_s:g} s"
+        except (httpx.HTTPError, ValueError) as exc:  # ValueError: not JSON, or not counts
+            return f"{type(exc).__name__}: {str(exc)[:300]}"
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -177,6 +324,10 @@ class AutoscalerMetrics:
                              registry=registry)
         self.errors = Counter("tandem_autoscaler_errors", "Ticks that failed", ["namespace", "service", "stage"],
                               registry=registry)
+        self.gateway_replicas = Gauge(
+            "tandem_autoscaler_gateway_replicas", "Gateway replicas asked for the last observation, by whether "
+            "they answered (state: answered or failed; a failed one's share of the load is missing)",
+            ["namespace", "service", "state"], registry=registry)
 
 
 class Actuator:
@@ -208,6 +359,9 @@ class Actuator:
         name = svc.metadata.name
         spec = spec_from_service(svc, self.defaults)
         report = await self.source.report(ns, name, self.window_s, now)
+        if report.gateways is not None:
+            self.metrics.gateway_replicas.labels(ns, name, "answered").set(report.gateways.answered)
+            self.metrics.gateway_replicas.labels(ns, name, "failed").set(len(report.gateways.failed))
         if self.mix_window_s > self.window_s:
             # The length mix moves slower than the rate and a short window of it is noisy (a few
             # long requests swing it); the rate, attainment and queues stay those of the short one.
@@ -236,7 +390,7 @@ class Actuator:
                 key = f"{ns}/{obj['metadata']['name']}"
                 try:
                     planned[key] = await self._decide(ns, obj, now)
-                except (ApiError, httpx.HTTPError, ValueError) as exc:
+                except (ApiError, httpx.HTTPError, ValueError, ObservationUnavailable) as exc:
                     log.warning("autoscaler: %s: cannot decide: %s", key, exc)
                     self.metrics.errors.labels(ns, obj["metadata"]["name"], "observe").inc()
         decisions = {k: v[3] for k, v in planned.items()}

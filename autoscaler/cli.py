@@ -7,11 +7,12 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from tandem.config import TandemSettings
+from tandem.config import TandemSettings, UrlList, split_urls
 
 
 class AutoscalerCommand(TandemSettings):
@@ -19,8 +20,22 @@ class AutoscalerCommand(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_AUTOSCALER_")
 
-    gateway_url: str = Field("http://tandem-gateway:8080",
-                             description="gateway whose admin API reports load (/admin/observations)")
+    gateway_url: UrlList = Field(["http://tandem-gateway:8080"],
+                                 description="static discovery: gateway base URLs, comma-separated, one per "
+                                 "replica; every one is asked (/admin/observation-counts) and the answers "
+                                 "added up (a Service URL reaches one random replica: 1/K of the load)")
+    gateway_discovery: Literal["static", "kubernetes"] = Field(
+        "static", description="where the gateway replicas are: static (--gateway-url) or kubernetes (every "
+                              "running pod matching --gateway-selector, asked at its own address)")
+    gateway_selector: str = Field("app.kubernetes.io/component=gateway",
+                                  description="kubernetes discovery: label selector of the gateway pods (k=v,...)")
+    gateway_namespace: str | None = Field(None, description="kubernetes discovery: namespace of the gateway pods "
+                                          "(default: the namespace of each LLMService observed)")
+    gateway_port: str = Field("http", min_length=1, description="kubernetes discovery: the gateway pods' port, "
+                              "a number or a container port's name")
+    gateway_timeout_s: float = Field(5.0, gt=0, description="how long each gateway replica may take to answer; "
+                                     "one that does not is left out of the report (logged, "
+                                     "tandem_autoscaler_gateway_replicas{state=\"failed\"})")
     gateway_admin_key: str | None = Field(None, description="the gateway's admin API key, when it has one "
                                           "(env TANDEM_AUTOSCALER_GATEWAY_ADMIN_KEY)")
     namespaces: list[str] = Field(default_factory=lambda: ["default"], description="namespaces to watch")
@@ -37,6 +52,22 @@ class AutoscalerCommand(TandemSettings):
     metrics_port: int = Field(9091, ge=0, le=65535, description="port of /metrics (tandem_autoscaler_*)")
     api_timeout_s: float = Field(10.0, gt=0, description="timeout of each Kubernetes API call")
 
+    _urls = field_validator("gateway_url", mode="before")(classmethod(lambda cls, v: split_urls(v)))
+
+    @field_validator("gateway_selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        from tandem.autoscaler.actuator import parse_label_selector
+
+        parse_label_selector(value)
+        return value
+
+    @model_validator(mode="after")
+    def _has_gateways(self) -> AutoscalerCommand:
+        if self.gateway_discovery == "static" and not self.gateway_url:
+            raise ValueError("gateway_url: static discovery needs at least one gateway URL")
+        return self
+
     def cli_cmd(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         asyncio.run(self._run())
@@ -44,14 +75,16 @@ class AutoscalerCommand(TandemSettings):
     async def _run(self) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
-        from tandem.autoscaler.actuator import Actuator, GatewayObservationSource
+        from tandem.autoscaler.actuator import Actuator, GatewayObservationSource, KubernetesGateways
         from tandem.autoscaler.models import AutoscalerSpec
         from tandem.operator.kube import KubeClient, load_credentials
 
         creds = await asyncio.to_thread(load_credentials, self.kubeconfig)
         client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), timeout=self.api_timeout_s,
                             user_agent="tandem-autoscaler")
-        source = GatewayObservationSource(self.gateway_url, admin_key=self.gateway_admin_key)
+        gateways = self.gateway_url if self.gateway_discovery == "static" else KubernetesGateways(
+            client, self.gateway_selector, port=self.gateway_port, namespace=self.gateway_namespace)
+        source = GatewayObservationSource(gateways, timeout_s=self.gateway_timeout_s, admin_key=self.gateway_admin_key)
         registry = CollectorRegistry()
         start_http_server(self.metrics_port, registry=registry)
         defaults = AutoscalerSpec(startup_delay_s=self.startup_delay_s, scale_up_cooldown_s=self.scale_up_cooldown_s,

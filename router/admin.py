@@ -10,11 +10,22 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from tandem.openai_api import error_body
-from tandem.router.observations import instance_loads, still_busy
+from tandem.router.observations import (
+    ObservationCounts,
+    build_report,
+    instance_loads,
+    merge_counts,
+    still_busy,
+)
 from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
+
+# How far a caller's ``now`` may be from this gateway's wall clock. NTP keeps nodes within
+# milliseconds; a larger gap means a monotonic time sent by mistake or an unsynchronised node, and a
+# window placed by it would count the wrong seconds without saying so.
+MAX_CLOCK_SKEW_S = 60.0
 
 
 def _describe_policy(sched: Any) -> dict[str, Any]:
@@ -35,6 +46,14 @@ def _describe_policy(sched: Any) -> dict[str, Any]:
 def _credentials(request: Request) -> dict[str, str]:
     """The caller's admin credentials, for a sibling worker to check again."""
     return {k: v for k in ("authorization", "x-api-key") if (v := request.headers.get(k))}
+
+
+def _said_unseen(resp: httpx.Response) -> bool:
+    """A sibling's 404 saying it has seen nothing of the service."""
+    try:
+        return resp.status_code == 404 and resp.json()["error"]["param"] == "service"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def admin_router(gw: Gateway) -> APIRouter:
@@ -111,25 +130,98 @@ def admin_router(gw: Gateway) -> APIRouter:
         return JSONResponse(status_code=404, content=error_body(f"instance: unknown instance '{instance}'",
                                                                 param="instance"))
 
-    @router.get("/observations")
-    async def observations(request: Request, service: str = Query(min_length=1),
-                           namespace: str | None = None, window: float = Query(60.0, gt=0, allow_inf_nan=False),
-                           now: float | None = Query(None, allow_inf_nan=False)) -> Any:
-        """The autoscaler's LoadReport (docs/autoscaler.md): the last ``window`` s of one service and
-        the in-flight requests per pod; ``now`` (the caller's clock) is echoed as ``time_s``."""
-        if (resp := denied(request)) is not None:
-            return resp
+    def unseen(service: str) -> JSONResponse:
+        return JSONResponse(status_code=404, content=error_body(
+            f"service: no instance or traffic of service '{service}' seen by this gateway", param="service"))
+
+    async def sibling_counts(request: Request, service: str, namespace: str | None, window: float, wall: float
+                             ) -> tuple[list[ObservationCounts], list[str]]:
+        """With ``--workers``: the other workers' counts of the same wall-clock window (each answers for
+        itself only), and which of them did not answer. A worker that has seen nothing of the service
+        holds none of its load: neither."""
+        if not gw.siblings or gw.worker is None or FORWARDED in request.headers:
+            return [], []
+        params = {"service": service, "window": repr(window), "now": repr(wall),
+                  **({"namespace": namespace} if namespace is not None else {})}
+        answers = await gw.siblings.call("GET", "/admin/observation-counts", params, _credentials(request))
+        counts: list[ObservationCounts] = []
+        missing: list[str] = []
+        for path, answer in zip(gw.worker.sibling_sockets, answers, strict=True):
+            if isinstance(answer, Exception):
+                missing.append(f"worker {path.name}: {type(answer).__name__}: {answer}")
+            elif _said_unseen(answer):
+                continue
+            elif answer.status_code != 200:
+                missing.append(f"worker {path.name}: HTTP {answer.status_code}")
+            else:
+                try:
+                    counts.append(ObservationCounts.model_validate(answer.json()))
+                except ValueError as exc:
+                    missing.append(f"worker {path.name}: {type(exc).__name__}")
+        return counts, missing
+
+    async def gateway_counts(request: Request, service: str, namespace: str | None, window: float,
+                             wall: float | None, *, own_only: bool) -> ObservationCounts | JSONResponse:
+        """This gateway's counts of one service: this process's, merged with its sibling workers'; or
+        the 404 saying it cannot speak for the service (another namespace, nothing of it seen)."""
         s = gw.settings
         if s.discovery == "kubernetes" and namespace not in (None, s.k8s_namespace):
             return JSONResponse(status_code=404, content=error_body(
                 f"namespace: this gateway watches namespace '{s.k8s_namespace}', not '{namespace}'", param="namespace"))
         gw.leaving = still_busy(gw.leaving)
+        peers = {iid: load.inflight_requests for iid, load in gw._remote.items()} if own_only else None
+        mono = time.monotonic()
         loads = instance_loads([*gw.all_instances(), *gw.leaving,
-                                *(i for p in gw.pd_router.pools.values() for i in p.instances.values())])
-        if not (gw.observer.knows(service) or any(load.service == service for load in loads)
-                or (gw.discovery is not None and service in gw.discovery.pods.services())):
-            return JSONResponse(status_code=404, content=error_body(
-                f"service: no instance or traffic of service '{service}' seen by this gateway", param="service"))
-        return gw.observer.report(service, window, time.monotonic(), loads, time_s=now)
+                                *(i for p in gw.pd_router.pools.values() for i in p.instances.values())], mono, peers)
+        known = (gw.observer.knows(service) or any(load.service == service for load in loads)
+                 or (gw.discovery is not None and service in gw.discovery.pods.services()))
+        own = gw.observer.counts(service, window, mono if wall is None else wall - gw.observer.clock_offset_s, loads)
+        others, missing = await sibling_counts(request, service, namespace, window,
+                                               time.time() if wall is None else wall)
+        if not (known or others):
+            if missing:
+                return JSONResponse(status_code=502, content=error_body(
+                    f"service: not seen by the gateway workers that answered; {len(missing)} did not "
+                    f"({'; '.join(missing)})", type_="APIError", param="service"))
+            return unseen(service)
+        merged = merge_counts([own, *others])
+        return merged.model_copy(update={"missing": [*merged.missing, *missing]}) if missing else merged
+
+    @router.get("/observations")
+    async def observations(request: Request, service: str = Query(min_length=1),
+                           namespace: str | None = None, window: float = Query(60.0, gt=0, allow_inf_nan=False),
+                           now: float | None = Query(None, allow_inf_nan=False)) -> Any:
+        """The autoscaler's LoadReport (docs/autoscaler.md): the last ``window`` s of one service and
+        the in-flight requests per pod; ``now`` (the caller's clock) is echoed as ``time_s``. A gateway
+        with ``--workers`` answers for all of them (with their own in-flight requests, which add up)."""
+        if (resp := denied(request)) is not None:
+            return resp
+        counts = await gateway_counts(request, service, namespace, window, None, own_only=gw.siblings is not None)
+        if isinstance(counts, JSONResponse):
+            return counts
+        report = build_report(counts, time.monotonic() if now is None else now)
+        if gw.siblings is not None:  # which workers it covers
+            report["gateways"] = {"answered": len(gw.siblings) + 1 - len(counts.missing), "failed": counts.missing}
+        return report
+
+    @router.get("/observation-counts")
+    async def observation_counts(request: Request, service: str = Query(min_length=1),
+                                 namespace: str | None = None,
+                                 window: float = Query(60.0, gt=0, allow_inf_nan=False),
+                                 now: float | None = Query(None, allow_inf_nan=False)) -> Any:
+        """This gateway's share of a LoadReport, raw (``ObservationCounts``; with ``--workers``, all its
+        workers'), for a caller that asks every replica and merges (docs/gateway.md). ``now`` is
+        wall-clock (Unix) seconds: every replica asked with the same ``now`` sums the same wall-clock
+        buckets. In-flight requests are this gateway's own (not what shared state says of its
+        peers), so that they add up."""
+        if (resp := denied(request)) is not None:
+            return resp
+        wall = time.time()
+        if now is not None and abs(now - wall) > MAX_CLOCK_SKEW_S:
+            return JSONResponse(status_code=422, content=error_body(
+                f"now: {now} is {now - wall:+.1f} s from this gateway's wall clock (more than "
+                f"{MAX_CLOCK_SKEW_S:g} s): not a Unix time, or the clocks are not synchronised", param="now"))
+        counts = await gateway_counts(request, service, namespace, window, now, own_only=True)
+        return counts if isinstance(counts, JSONResponse) else counts.model_dump(mode="json")
 
     return router

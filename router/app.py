@@ -164,7 +164,8 @@ class Gateway:
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
                                  attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
-                                 horizon_s=settings.observation_horizon)
+                                 horizon_s=settings.observation_horizon,
+                                 clock_offset_s=time.time() - time.monotonic())  # wall-clock buckets: mergeable
         self.leaving: list[Instance] = []  # PD instances discovery dropped that may still hold requests
         self.pools: dict[str, Pool] = {}
         self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}

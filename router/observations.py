@@ -18,6 +18,20 @@ its pace). A disaggregated request's prefill leg is judged against the TTFT SLO 
 whose prefill leg was in time was lost on the decode side, and the autoscaler corrects that role.
 The TTFT ceiling (``ttft_attainable``) is the share of those requests whose uncached prompt alone
 prefills within the SLO on the profile's cost model.
+
+Several gateway replicas (pods, or worker processes of one pod) each see only the requests that
+reached them, so a replica's window is also served raw, as :class:`ObservationCounts` (the sums
+behind the report), :func:`merge_counts` adds up the counts of every replica, and
+:func:`build_report` turns counts, one replica's or merged, into the ``LoadReport``. The
+single-replica ``/admin/observations`` is built by the same :func:`build_report`: there is one way
+to build observations.
+
+Clock: the request path passes ``time.monotonic()`` (a TTFT must not jump with the wall clock), but
+merging adds bucket ``i`` of one replica to bucket ``i`` of another, so ``i`` must mean the same
+second everywhere: buckets are indexed by ``floor((t + clock_offset_s) / bucket_s)`` and the gateway
+sets ``clock_offset_s = time.time() - time.monotonic()`` at start, which makes the index wall-clock
+seconds (NTP-synchronised across nodes). Linux slews both clocks together, so that offset only moves
+when the wall clock is stepped; a replica that saw a step keeps its start-up alignment.
 """
 
 from __future__ import annotations
@@ -25,12 +39,16 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.autoscaler.models import LengthBucket, Observations, RoleObservation
-from tandem.router.pool import Instance
+
+if TYPE_CHECKING:
+    from tandem.router.pool import Instance
 
 ObservedRole = Literal["unified", "prefill", "decode"]
 _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
@@ -76,22 +94,22 @@ class _Bucket:
 
 
 class _Ring:
-    """The last ``size`` buckets of one service, indexed by ``floor(t / bucket_s)``."""
+    """The last ``size`` buckets of one service, indexed by ``floor((t + offset_s) / bucket_s)``."""
 
-    __slots__ = ("bucket_s", "buckets")
+    __slots__ = ("bucket_s", "buckets", "offset_s")
 
-    def __init__(self, size: int, bucket_s: float) -> None:
+    def __init__(self, size: int, bucket_s: float, offset_s: float) -> None:
         self.buckets: deque[tuple[int, _Bucket]] = deque(maxlen=size)
-        self.bucket_s = bucket_s
+        self.bucket_s, self.offset_s = bucket_s, offset_s
 
     def at(self, now: float) -> _Bucket:
-        idx = math.floor(now / self.bucket_s)
+        idx = math.floor((now + self.offset_s) / self.bucket_s)
         if not self.buckets or self.buckets[-1][0] < idx:
             self.buckets.append((idx, _Bucket()))
         return self.buckets[-1][1]  # a late event (clock read earlier) lands in the newest bucket
 
     def since(self, start: float) -> list[_Bucket]:
-        first = math.floor(start / self.bucket_s)
+        first = math.floor((start + self.offset_s) / self.bucket_s)
         return [b for idx, b in self.buckets if idx >= first]
 
 
@@ -139,9 +157,17 @@ def max_attainable_prompt(prefill_time: Callable[[int], float], slo_ttft_s: floa
     return lo
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceLoad:
-    """One instance as the report needs it (taken from the gateway's live state at query time)."""
+class InstanceLoad(BaseModel):
+    """One engine instance as one gateway replica sees it at query time.
+
+    ``queued`` is this replica's own queue for the instance; ``inflight`` its requests running there
+    (``/admin/observation-counts``: its own, which add up over replicas; ``/admin/observations``: its
+    view including what the other replicas said through shared state, the best one replica alone can
+    tell). ``engine_waiting`` and ``kv_usage`` are the engine's own gauges as this replica last scraped
+    them, ``scrape_age_s`` ago: every replica scrapes the same engine, so they never add up.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     service: str
     role: str
@@ -152,23 +178,84 @@ class InstanceLoad:
     inflight: int
     engine_waiting: int
     kv_usage: float
+    scrape_age_s: float | None = None  # None: never scraped
+
+
+class MixCount(BaseModel):
+    """One power-of-two (prompt, output) length class: how many requests finished in it, their token sums."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_class: int
+    output_class: int
+    count: int
+    prompt_tokens: int
+    output_tokens: int
+
+
+class QueueWait(BaseModel):
+    """Time the requests of one role waited in the gateway's queue before an engine took them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait_s: float = 0.0
+    count: int = 0
+
+
+# The counters of ObservationCounts that are plain sums over buckets and over replicas.
+_ADDITIVE = ("arrivals", "prompt_tokens", "hit_tokens", "ttft_n", "ttft_ok", "prefill_n", "prefill_ok",
+             "attainable", "tpot_n", "tpot_ok")
+
+
+class ObservationCounts(BaseModel):
+    """The sums behind one service's ``LoadReport`` over one window, as one replica or several saw it.
+
+    Everything but ``instances`` is a sum of per-request counters over the window's buckets, so the
+    counts of several replicas add up (:func:`merge_counts`) and :func:`build_report` turns any of
+    them into observations.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: str
+    window_s: float = Field(gt=0, description="the window the sums cover (the one asked, clamped)")
+    bucket_s: float = Field(gt=0, description="width of the buckets the window is made of")
+    arrivals: int = 0
+    prompt_tokens: int = Field(0, description="prompt tokens of the requests routed in the window")
+    hit_tokens: int = Field(0, description="of those, tokens routing expected in an engine's prefix cache")
+    ttft_n: int = Field(0, description="requests judged against the TTFT SLO (finished or failed)")
+    ttft_ok: int = 0
+    prefill_n: int = Field(0, description="disaggregated requests whose prefill leg was judged")
+    prefill_ok: int = 0
+    attainable: int = Field(0, description="judged requests whose uncached prompt alone fits the TTFT SLO")
+    tpot_n: int = 0
+    tpot_ok: int = 0
+    queue: dict[str, QueueWait] = Field(default_factory=dict, description="per role: gateway queue wait")
+    mix: list[MixCount] = Field(default_factory=list, description="length classes of requests finished")
+    horizon_mix: list[MixCount] = Field(
+        default_factory=list, description="the same over the whole horizon, only when the window finished "
+                                          "nothing (the report falls back to it)")
+    instances: list[InstanceLoad] = Field(default_factory=list, description="one per (pod, role)")
+    missing: list[str] = Field(default_factory=list, description="gateway processes asked for their share that "
+                                                                 "did not answer: the sums lack it")
 
 
 class Observer:
     """Sliding-window accounting per service, fed by the request path, read by the admin API."""
 
     def __init__(self, *, slo_ttft_s: float, slo_tpot_s: float, attainable_tokens: int, horizon_s: float = 900.0,
-                 bucket_s: float = 1.0) -> None:
+                 bucket_s: float = 1.0, clock_offset_s: float = 0.0) -> None:
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s
         self.attainable_tokens = attainable_tokens
         self.horizon_s, self.bucket_s = horizon_s, bucket_s
+        self.clock_offset_s = clock_offset_s  # the callers' clock + this = the buckets' clock (module docstring)
         self._size = math.ceil(horizon_s / bucket_s) + 1
         self.rings: dict[str, _Ring] = {}
 
     def _ring(self, service: str) -> _Ring:
         ring = self.rings.get(service)
         if ring is None:
-            ring = self.rings[service] = _Ring(self._size, self.bucket_s)
+            ring = self.rings[service] = _Ring(self._size, self.bucket_s, self.clock_offset_s)
         return ring
 
     # --- the request path (each O(1)) ---------------------------------------------------------
@@ -264,70 +351,152 @@ class Observer:
     def knows(self, service: str) -> bool:
         return service in self.rings
 
-    def report(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad],
-               time_s: float | None = None) -> dict[str, Any]:
-        """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (pure given the inputs);
-        the window is clamped to [one bucket, the horizon] and the report says which it used."""
+    def counts(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad]
+               ) -> ObservationCounts:
+        """The sums behind the report of ``[now - window_s, now]`` (``now`` on the callers' clock), with
+        the service's instances; the window is clamped to [one bucket, the horizon] and the counts say
+        which it used."""
         window_s = min(max(window_s, self.bucket_s), self.horizon_s)  # whole buckets, within what is kept
         ring = self.rings.get(service)
         buckets = ring.since(now - window_s) if ring else []
-        arrivals = sum(b.arrivals for b in buckets)
-        prompt = sum(b.prompt_tokens for b in buckets)
-        hits = sum(b.hit_tokens for b in buckets)
-        ttft_n = sum(b.ttft_n for b in buckets)
-        prefill_n = sum(b.prefill_n for b in buckets)
-        tpot_n = sum(b.tpot_n for b in buckets)
-        mix = _merge_mix(buckets) or (_merge_mix(ring.since(now - self.horizon_s)) if ring else [])
-        if not mix:  # nothing finished yet: the prompts seen so far, output unknown (1 token)
-            mix = [LengthBucket(input_tokens=max(1, round(prompt / arrivals)) if arrivals else 1, output_tokens=1)]
+        sums = {name: sum(getattr(b, name) for b in buckets) for name in _ADDITIVE}
         waits: dict[str, list[float]] = {}
         for b in buckets:
             for role, (total, n) in b.queue.items():
                 acc = waits.setdefault(role, [0.0, 0])
                 acc[0] += total
                 acc[1] += n
-        roles: dict[str, RoleObservation] = {}
-        inflight: dict[str, int] = {}
-        per_role: dict[str, list[InstanceLoad]] = {}
-        for inst in instances:
-            if inst.service != service:
-                continue
-            inflight[inst.pod] = inflight.get(inst.pod, 0) + max(0, inst.inflight)
-            if inst.role in ("unified", "prefill", "decode"):
-                per_role.setdefault(inst.role, []).append(inst)
-        for role in set(per_role) | set(waits):
-            insts = per_role.get(role, [])
-            live = [i for i in insts if not i.draining]
-            total, n = waits.get(role, (0.0, 0))
-            roles[role] = RoleObservation(
-                ready=sum(1 for i in live if i.routable),
-                draining=sum(1 for i in insts if i.draining and i.inflight > 0),
-                drained=sum(1 for i in insts if i.draining and i.inflight <= 0),
-                queue_depth=float(sum(i.queued + i.engine_waiting for i in live)),
-                queue_time_s=total / n if n else 0.0,
-                kv_usage=min(1.0, sum(i.kv_usage for i in live) / len(live)) if live else 0.0)
-        obs = Observations(
-            time_s=now if time_s is None else time_s, window_s=window_s, arrival_rate=arrivals / window_s,
-            length_mix=mix, prefix_hit_ratio=hits / prompt if prompt else 0.0, roles=roles,  # type: ignore[arg-type]
-            ttft_attainment=sum(b.ttft_ok for b in buckets) / ttft_n if ttft_n else None,
-            tpot_attainment=sum(b.tpot_ok for b in buckets) / tpot_n if tpot_n else None,
-            prefill_attainment=sum(b.prefill_ok for b in buckets) / prefill_n if prefill_n else None,
-            completed=ttft_n,
-            ttft_attainable=max(sum(b.attainable for b in buckets) / ttft_n, 1e-3) if ttft_n else 1.0)
-        return {"observations": obs.model_dump(mode="json"), "inflight": inflight}
+        mix = _mix_table((key, cell) for b in buckets for key, cell in b.mix.items())
+        horizon = [] if mix or ring is None else _mix_table(
+            (key, cell) for b in ring.since(now - self.horizon_s) for key, cell in b.mix.items())
+        return ObservationCounts(
+            service=service, window_s=window_s, bucket_s=self.bucket_s, **sums,
+            queue={role: QueueWait(wait_s=total, count=int(n)) for role, (total, n) in waits.items()},
+            mix=mix, horizon_mix=horizon, instances=_fold(i for i in instances if i.service == service))
+
+    def report(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad],
+               time_s: float | None = None) -> dict[str, Any]:
+        """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (see :meth:`counts`)."""
+        return build_report(self.counts(service, window_s, now, instances), now if time_s is None else time_s)
 
 
-def _merge_mix(buckets: list[_Bucket]) -> list[LengthBucket]:
-    cells: dict[tuple[int, int], list[int]] = {}
-    for b in buckets:
-        for key, (n, ins, outs) in b.mix.items():
-            acc = cells.setdefault(key, [0, 0, 0])
-            acc[0] += n
-            acc[1] += ins
-            acc[2] += outs
-    total = sum(c[0] for c in cells.values())
-    return [LengthBucket(input_tokens=max(1, round(ins / n)), output_tokens=max(1, round(outs / n)), weight=n / total)
-            for _, (n, ins, outs) in sorted(cells.items())]
+def _mix_table(cells: Iterable[tuple[tuple[int, int], Sequence[int]]]) -> list[MixCount]:
+    """Length classes summed over buckets or replicas: ``((prompt class, output class), [n, in, out])``."""
+    acc: dict[tuple[int, int], list[int]] = {}
+    for key, (n, ins, outs) in cells:
+        a = acc.setdefault(key, [0, 0, 0])
+        a[0] += n
+        a[1] += ins
+        a[2] += outs
+    return [MixCount(prompt_class=pc, output_class=oc, count=n, prompt_tokens=ins, output_tokens=outs)
+            for (pc, oc), (n, ins, outs) in sorted(acc.items())]
+
+
+def _length_mix(table: list[MixCount]) -> list[LengthBucket]:
+    """Each length class at its exact mean, weighted by its share of the requests."""
+    total = sum(m.count for m in table)
+    return [LengthBucket(input_tokens=max(1, round(m.prompt_tokens / m.count)),
+                         output_tokens=max(1, round(m.output_tokens / m.count)), weight=m.count / total)
+            for m in table if m.count]
+
+
+def _scrape_age(inst: InstanceLoad) -> float:
+    return math.inf if inst.scrape_age_s is None else inst.scrape_age_s
+
+
+def _fold(instances: Iterable[InstanceLoad]) -> list[InstanceLoad]:
+    """One record per (pod, role) out of several views of it (replicas, or an instance object that
+    left while busy and came back): queues and in-flight requests are each view's own and add up;
+    the engine's gauges are one engine's, taken from the freshest scrape (a sum would count the
+    engine once per view, a mean would mix readings of different ages); draining once any view has
+    seen the annotation (a view that has not is behind), routable when any view can route to it."""
+    out: dict[tuple[str, str], InstanceLoad] = {}
+    for inst in instances:
+        key = (inst.pod, inst.role)
+        prev = out.get(key)
+        if prev is None:
+            out[key] = inst
+            continue
+        fresher = inst if _scrape_age(inst) < _scrape_age(prev) else prev
+        out[key] = fresher.model_copy(update={
+            "queued": prev.queued + inst.queued, "inflight": prev.inflight + inst.inflight,
+            "draining": prev.draining or inst.draining, "routable": prev.routable or inst.routable})
+    return list(out.values())
+
+
+def merge_counts(parts: Sequence[ObservationCounts]) -> ObservationCounts:
+    """The counts one gateway would have had if it had seen every request the ``parts`` saw (pure).
+
+    Each request reached exactly one replica, so the request counters, queue waits and length
+    classes are sums, and so are the gateway-side parts of the instances (each replica's own queue
+    and in-flight requests per engine: a pod is idle only when no replica has a request on it). The
+    engine-side parts are not: every replica scrapes the same engines, so adding their waiting
+    queues or KV usage would count each engine once per replica; per (pod, role) the freshest
+    scrape is kept (:func:`_fold`). Parts must cover the same window in buckets of the same width
+    (the autoscaler asks every replica for the same ``window`` and wall-clock ``now``); replicas
+    configured differently are refused (``ValueError``) rather than added up wrongly.
+    """
+    if not parts:
+        raise ValueError("merge_counts: nothing to merge")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.service, p.window_s, p.bucket_s) != (first.service, first.window_s, first.bucket_s):
+            raise ValueError(f"merge_counts: replicas disagree on the window: service {p.service!r}, "
+                             f"{p.window_s} s in {p.bucket_s} s buckets vs {first.service!r}, "
+                             f"{first.window_s} s in {first.bucket_s} s buckets")
+    queue: dict[str, QueueWait] = {}
+    for p in parts:
+        for role, w in p.queue.items():
+            acc = queue.get(role, QueueWait())
+            queue[role] = QueueWait(wait_s=acc.wait_s + w.wait_s, count=acc.count + w.count)
+    mix = _mix_table(((m.prompt_class, m.output_class), (m.count, m.prompt_tokens, m.output_tokens))
+                     for p in parts for m in p.mix)
+    horizon = [] if mix else _mix_table(((m.prompt_class, m.output_class),
+                                         (m.count, m.prompt_tokens, m.output_tokens))
+                                        for p in parts for m in p.horizon_mix)
+    return ObservationCounts(
+        service=first.service, window_s=first.window_s, bucket_s=first.bucket_s,
+        **{name: sum(getattr(p, name) for p in parts) for name in _ADDITIVE},
+        queue=queue, mix=mix, horizon_mix=horizon, instances=_fold(i for p in parts for i in p.instances),
+        missing=[m for p in parts for m in p.missing])
+
+
+def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:
+    """The ``LoadReport`` JSON of some counts, one replica's or merged (pure): rates over the window,
+    ratios of the sums, and per role the pool's instances, queue and KV usage; ``time_s`` is echoed."""
+    c = counts
+    mix = _length_mix(c.mix) or _length_mix(c.horizon_mix)
+    if not mix:  # nothing finished yet: the prompts seen so far, output unknown (1 token)
+        mix = [LengthBucket(input_tokens=max(1, round(c.prompt_tokens / c.arrivals)) if c.arrivals else 1,
+                            output_tokens=1)]
+    inflight: dict[str, int] = {}
+    per_role: dict[str, list[InstanceLoad]] = {}
+    for inst in c.instances:
+        inflight[inst.pod] = inflight.get(inst.pod, 0) + max(0, inst.inflight)
+        if inst.role in ("unified", "prefill", "decode"):
+            per_role.setdefault(inst.role, []).append(inst)
+    roles: dict[str, RoleObservation] = {}
+    for role in set(per_role) | set(c.queue):
+        insts = per_role.get(role, [])
+        live = [i for i in insts if not i.draining]
+        wait = c.queue.get(role, QueueWait())
+        roles[role] = RoleObservation(
+            ready=sum(1 for i in live if i.routable),
+            draining=sum(1 for i in insts if i.draining and i.inflight > 0),
+            drained=sum(1 for i in insts if i.draining and i.inflight <= 0),
+            queue_depth=float(sum(i.queued + i.engine_waiting for i in live)),
+            queue_time_s=wait.wait_s / wait.count if wait.count else 0.0,
+            kv_usage=min(1.0, sum(i.kv_usage for i in live) / len(live)) if live else 0.0)
+    obs = Observations(
+        time_s=time_s, window_s=c.window_s, arrival_rate=c.arrivals / c.window_s,
+        length_mix=mix, prefix_hit_ratio=c.hit_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
+        roles=roles,  # type: ignore[arg-type]
+        ttft_attainment=c.ttft_ok / c.ttft_n if c.ttft_n else None,
+        tpot_attainment=c.tpot_ok / c.tpot_n if c.tpot_n else None,
+        prefill_attainment=c.prefill_ok / c.prefill_n if c.prefill_n else None,
+        completed=c.ttft_n,
+        ttft_attainable=max(c.attainable / c.ttft_n, 1e-3) if c.ttft_n else 1.0)
+    return {"observations": obs.model_dump(mode="json"), "inflight": inflight}
 
 
 def still_busy(instances: Iterable[Instance]) -> list[Instance]:
@@ -335,8 +504,13 @@ def still_busy(instances: Iterable[Instance]) -> list[Instance]:
     return [i for i in instances if i.state.inflight_requests > 0 or i.state.queued_requests > 0]
 
 
-def instance_loads(instances: Iterable[Instance]) -> list[InstanceLoad]:
-    """The live state of each instance object once (pools and PD roles share objects)."""
+def instance_loads(instances: Iterable[Instance], now: float,
+                   peer_inflight: Mapping[str, int] | None = None) -> list[InstanceLoad]:
+    """The live state of each instance object once (pools and PD roles share objects); ``now`` (the
+    monotonic clock) dates the scraped gauges. ``peer_inflight``: per instance id, the other replicas'
+    requests that shared state folded into this replica's count; given, they are taken out, leaving
+    this replica's own (what adds up over replicas)."""
+    peers = peer_inflight or {}
     seen: set[int] = set()
     out: list[InstanceLoad] = []
     for inst in instances:
@@ -346,6 +520,8 @@ def instance_loads(instances: Iterable[Instance]) -> list[InstanceLoad]:
         s = inst.state
         out.append(InstanceLoad(service=inst.endpoint.service or inst.model, role=inst.endpoint.role,
                                 pod=inst.endpoint.name or inst.id, routable=s.routable, draining=s.draining,
-                                queued=s.queued_requests, inflight=s.inflight_requests,
-                                engine_waiting=s.engine_waiting, kv_usage=s.kv_usage))
+                                queued=s.queued_requests,
+                                inflight=max(0, s.inflight_requests - peers.get(inst.id, 0)),
+                                engine_waiting=s.engine_waiting, kv_usage=s.kv_usage,
+                                scrape_age_s=max(0.0, now - inst.last_scrape_ok) if inst.last_scrape_ok else None))
     return out

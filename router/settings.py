@@ -3,31 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from tandem.config import TandemSettings
-
-UrlList = Annotated[list[str], NoDecode]
-
-
-def _split_urls(value: Any) -> Any:
-    """Accept ``a,b`` (flag, env) as well as a YAML list; strip trailing slashes."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [v for v in value.split(",") if v.strip()]
-    if isinstance(value, list):
-        out = []
-        for v in value:
-            url = str(v).strip().rstrip("/")
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"'{url}' is not an http(s) URL")
-            out.append(url)
-        return out
-    return value
+from tandem.config import TandemSettings, UrlList, split_urls
 
 
 class GatewaySettings(TandemSettings):
@@ -145,7 +126,7 @@ class GatewaySettings(TandemSettings):
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", "remote_prefill_instances",
                              mode="before")(
-        classmethod(lambda cls, v: _split_urls(v)))
+        classmethod(lambda cls, v: split_urls(v)))
 
     @model_validator(mode="after")
     def _has_instances(self) -> GatewaySettings:

@@ -8,14 +8,35 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 config_file: ContextVar[Path | None] = ContextVar("tandem_config_file", default=None)
 config_section: ContextVar[str | None] = ContextVar("tandem_config_section", default=None)
+
+
+def split_urls(value: Any) -> Any:
+    """Accept ``a,b`` (flag, env) as well as a YAML list; strip trailing slashes."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if isinstance(value, list):
+        out = []
+        for v in value:
+            url = str(v).strip().rstrip("/")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"'{url}' is not an http(s) URL")
+            out.append(url)
+        return out
+    return value
+
+
+# A list of http(s) URLs given comma-separated on the command line or in an env var (validate with split_urls).
+UrlList = Annotated[list[str], NoDecode]
 
 
 class ConfigFileError(ValueError):

@@ -3,7 +3,7 @@
 The Kubernetes side is kmock's in-memory API server (no controllers: the test creates the pods a
 Deployment would have, and plays their readiness), or a real API server when
 ``TANDEM_TEST_KUBECONFIG`` is set. The load side is a stand-in gateway on a loopback port serving
-the documented ``/admin/observations`` contract over real HTTP (a stand-in because the gateway
+the documented ``/admin/observation-counts`` contract over real HTTP (a stand-in because the gateway
 process is not part of this test); everything in between - the observation source, the pure core,
 the patches, status, events, drain annotations and metrics - is the real code.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from fastapi import FastAPI
+from gatewayutil import free_port
 from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -31,12 +32,12 @@ from tandem.autoscaler.actuator import (
     PODS,
     Actuator,
     GatewayObservationSource,
-    LoadReport,
     count_pods,
 )
-from tandem.autoscaler.models import AutoscalerSpec, LengthBucket, Observations
+from tandem.autoscaler.models import AutoscalerSpec, LengthBucket
 from tandem.operator.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
 from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
+from tandem.router.observations import InstanceLoad, MixCount, ObservationCounts
 from tandem.serve import serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,22 +61,28 @@ def service(name: str = "pd") -> dict[str, Any]:
 
 
 class FakeGateway:
-    """The gateway's admin API as the autoscaler sees it; load set by the test (the length mix per
-    window asked: ``long_mix`` for windows of 300 s and more)."""
+    """One gateway replica's admin API as the autoscaler sees it (``/admin/observation-counts``);
+    load set by the test (the length mix per window asked: ``long_mix`` for windows of 300 s and more)."""
 
     def __init__(self) -> None:
         self.rate = 1.0
         self.inflight: dict[str, int] = {}
         self.long_mix = MIX
+        self.missing: list[str] = []  # worker processes of this replica that did not answer it
         self.windows: list[float] = []
         self.app = FastAPI()
-        self.app.get("/admin/observations")(self.observations)
+        self.app.get("/admin/observation-counts")(self.counts)
 
-    async def observations(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
+    async def counts(self, namespace: str, service: str, window: float, now: float) -> dict[str, Any]:
         self.windows.append(window)
         mix = self.long_mix if window >= 300 else MIX
-        obs = Observations(time_s=now, window_s=window, arrival_rate=self.rate, length_mix=mix, roles={})
-        return LoadReport(observations=obs, inflight=self.inflight).model_dump(mode="json")
+        cells = [MixCount(prompt_class=b.input_tokens.bit_length(), output_class=b.output_tokens.bit_length(),
+                          count=n, prompt_tokens=n * b.input_tokens, output_tokens=n * b.output_tokens)
+                 for b in mix for n in [round(1000 * b.weight)]]
+        pods = [InstanceLoad(service=service, role="", pod=pod, routable=True, draining=False, queued=0, inflight=n,
+                             engine_waiting=0, kv_usage=0.0) for pod, n in self.inflight.items()]
+        return ObservationCounts(service=service, window_s=window, bucket_s=1.0, arrivals=round(self.rate * window),
+                                 mix=cells, instances=pods, missing=self.missing).model_dump(mode="json")
 
 
 class Clock:
@@ -167,6 +174,33 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
     assert f'tandem_autoscaler_desired_replicas{{namespace="{ns}",role="prefill",service="pd"}} ' \
            f'{float(decision.replicas["prefill"])}' in text
     assert "tandem_autoscaler_scaling_actions_total" in text and "tandem_autoscaler_forecast_rps" in text
+
+
+async def test_replicas_are_added_up_and_a_silent_one_is_counted(api) -> None:
+    """Two gateway replicas with half the load each size the pools as one replica with all of it;
+    a third that is down, and a worker process one replica could not reach, show in the metrics."""
+    _, client, ns = api
+    await client.create(LLMSERVICES, ns, {**service(), "metadata": {"name": "pd", "namespace": ns}})
+    halves, whole = (FakeGateway(), FakeGateway()), FakeGateway()
+    for g in halves:
+        g.rate = 30.0
+    whole.rate = 60.0
+    halves[1].missing = ["worker worker-1.sock: ReadTimeout"]
+    dead = f"http://127.0.0.1:{free_port()}"
+    registry = CollectorRegistry()
+    async with serve(halves[0].app) as a, serve(halves[1].app) as b, serve(whole.app) as w:
+        decided = {}
+        for key, urls, reg in (("split", [a, dead, b], registry), ("whole", [w], CollectorRegistry())):
+            source = GatewayObservationSource(urls, timeout_s=2.0)
+            actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=reg,
+                                clock=Clock())
+            decided[key] = (await actuator._decide(ns, await client.get(LLMSERVICES, ns, "pd"), 1000.0))[3]
+            await source.close()
+    assert decided["split"].replicas == decided["whole"].replicas
+    assert decided["split"].forecast_rps == decided["whole"].forecast_rps > 0
+    text = generate_latest(registry).decode()
+    for state, n in (("answered", 2), ("failed", 2)):
+        assert f'tandem_autoscaler_gateway_replicas{{namespace="{ns}",service="pd",state="{state}"}} {n:.1f}' in text
 
 
 async def test_scale_down_drains_first(api) -> None:

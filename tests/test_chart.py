@@ -316,6 +316,29 @@ async def test_network_policies(tmp_path: Path) -> None:
     assert redis == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
 
 
+async def test_autoscaler_reaches_every_gateway_replica(tmp_path: Path) -> None:
+    """Other gateway pods (per-service ones) by selector, in each LLMService's namespace; fixed URLs;
+    and a gateway whose callers are restricted still lets the autoscaler ask it."""
+    from tandem.autoscaler.cli import AutoscalerCommand
+
+    clients = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}]
+    docs, _ = await render(tmp_path, {"gateway": {"enabled": False},
+                                      "autoscaler": {"gatewaySelector": "app.kubernetes.io/component=gateway"}})
+    scaler = AutoscalerCommand(_cli_parse_args=args_of(docs, "/tandem-autoscaler")[1:])
+    assert (scaler.gateway_discovery, scaler.gateway_selector, scaler.gateway_namespace) == (
+        "kubernetes", "app.kubernetes.io/component=gateway", None)
+    (tmp_path / "urls").mkdir()
+    docs, _ = await render(tmp_path / "urls", {"autoscaler": {"gatewayUrl": "http://gw-0:8080,http://gw-1:8080"},
+                                               "networkPolicy": {"gatewayIngressFrom": clients}})
+    scaler = AutoscalerCommand(_cli_parse_args=args_of(docs, "/tandem-autoscaler")[1:])
+    assert (scaler.gateway_discovery, scaler.gateway_url) == ("static", ["http://gw-0:8080", "http://gw-1:8080"])
+    ingress = one(docs, "NetworkPolicy", "/tandem-gateway")["spec"]["ingress"]
+    autoscaler_labels = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["metadata"]["labels"]
+    assert ingress == [{"ports": [{"port": "http", "protocol": "TCP"}], "from": clients},
+                       {"ports": [{"port": "http", "protocol": "TCP"}],
+                        "from": [{"podSelector": {"matchLabels": autoscaler_labels}}]}]
+
+
 async def test_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
     docs, _ = await render(tmp_path, FULL_VALUES)
     checked = 0
@@ -333,6 +356,7 @@ async def test_manifests_pass_the_kubernetes_schemas(tmp_path: Path) -> None:
 
 async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> None:
     """The flags the chart passes parse in `tandem operator run`, `gateway` and `autoscaler` as they are."""
+    from tandem.autoscaler.actuator import parse_label_selector
     from tandem.autoscaler.cli import AutoscalerCommand
     from tandem.operator.cli import OperatorRunCommand
     from tandem.router.settings import GatewaySettings
@@ -351,7 +375,11 @@ async def test_command_lines_are_accepted_by_the_real_cli(tmp_path: Path) -> Non
         autoscaler = args_of(docs, "/tandem-autoscaler")
         assert autoscaler[0] == "autoscaler"
         scaler = AutoscalerCommand(_cli_parse_args=autoscaler[1:])
-        assert scaler.gateway_url == "http://tandem-gateway.tandem-system.svc:80"
+        # every replica of the chart's gateway is asked: the pods of its Deployment, at their named port
+        gw_pod = one(docs, "Deployment", "/tandem-gateway")["spec"]["template"]
+        assert scaler.gateway_discovery == "kubernetes" and scaler.gateway_namespace == "tandem-system"
+        assert parse_label_selector(scaler.gateway_selector) == gw_pod["metadata"]["labels"]
+        assert scaler.gateway_port in {p["name"] for p in gw_pod["spec"]["containers"][0]["ports"]}
         assert scaler.namespaces == (["llm-a", "llm-b"] if values else ["tandem-system"])
         ports = one(docs, "Deployment", "/tandem-autoscaler")["spec"]["template"]["spec"]["containers"][0]["ports"]
         assert ports == [{"name": "metrics", "containerPort": scaler.metrics_port, "protocol": "TCP"}]
