@@ -98,7 +98,7 @@ class Supervisor:
         self.restart_limit = restart_limit
         self.listeners = listen_sockets(settings.host, settings.port, settings.workers)
         self.port: int = self.listeners[0].getsockname()[1]
-        self.dir = Path(tempfile.mkdtemp(prefix="tandem-gateway-"))  # 0700: the private sockets live here
+        self.dir = _private_dir()
         (self.dir / "metrics").mkdir()
         self.sockets = [self.dir / f"worker-{i}.sock" for i in range(settings.workers)]
         self.procs: list[BaseProcess | None] = [None] * settings.workers
@@ -188,6 +188,20 @@ class Supervisor:
             if proc is not None:
                 proc.join(5)
                 self._forget(proc)
+
+
+def _private_dir() -> Path:
+    """A new 0700 directory for the workers' sockets and metric files. A Unix socket's path must fit
+    in 108 bytes, so a long $TMPDIR (pytest's, say) gives way to /tmp."""
+    for base in (None, "/tmp"):
+        path = Path(tempfile.mkdtemp(prefix="tandem-gw-", dir=base))
+        if len(str(path / "worker-000.sock")) < _UNIX_PATH_MAX:
+            return path
+        path.rmdir()
+    raise ValueError("workers: no temporary directory with a path short enough for a Unix socket")
+
+
+_UNIX_PATH_MAX = 108
 
 
 def run_worker(settings: GatewaySettings, worker: WorkerContext, sock: socket.socket) -> None:
