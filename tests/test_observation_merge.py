@@ -342,7 +342,7 @@ async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: Redi
         gw = f"http://127.0.0.1:{port}"
 
         def worker(i: int) -> httpx.AsyncClient:
-            (path,) = tmp_path.glob(f"tandem-gateway-*/worker-{i}.sock")
+            (path,) = tmp_path.glob(f"tandem-gw-*/worker-{i}.sock")
             return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://worker",
                                      timeout=30)
         try:
