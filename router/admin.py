@@ -176,6 +176,11 @@ def admin_router(gw: Gateway) -> APIRouter:
         known = (gw.observer.knows(service) or any(load.service == service for load in loads)
                  or (gw.discovery is not None and service in gw.discovery.pods.services()))
         own = gw.observer.counts(service, window, mono if wall is None else wall - gw.observer.clock_offset_s, loads)
+        models = {i.model for i in gw.all_instances() if (i.endpoint.service or i.model) == service}
+        for model in sorted(models):  # an LLMService serves one model
+            if (offload := gw.pd_router.offload_counts(model, gw._remote if own_only else None)) is not None:
+                own = own.model_copy(update={"offload": offload})
+                break
         others, missing = await sibling_counts(request, service, namespace, window,
                                                time.time() if wall is None else wall)
         if not (known or others):

@@ -207,6 +207,25 @@ _ADDITIVE = ("arrivals", "prompt_tokens", "hit_tokens", "ttft_n", "ttft_ok", "pr
              "attainable", "tpot_n", "tpot_ok")
 
 
+class OffloadCounts(BaseModel):
+    """What one gateway knows of a service's cross-datacenter prefill offload, for the autoscaler's
+    sizing of the local prefill pool (which prompts stay local) and its re-solve of the threshold.
+
+    Each gateway solves its own threshold from its own share of the same traffic, so replicas agree
+    up to noise; merged, the largest is kept (the most prefill work left local: the safe side for
+    sizing it). The backlog and the other models' link traffic are each gateway's own and add up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold_tokens: int = Field(ge=0, description="offload threshold in force (uncached prompt tokens)")
+    remote_instances: int = Field(ge=0, description="remote prefill engines known")
+    remote_queue_tokens: int = Field(ge=0, description="uncached prompt tokens this gateway has queued or in "
+                                                       "flight at the remote pool")
+    remote_per_token_s: float = Field(gt=0, description="remote prefill seconds per token (its profile)")
+    link_other_gbps: float = Field(ge=0, description="this gateway's traffic of other models' offloads on the "
+                                                     "link, measured")
+
+
 class ObservationCounts(BaseModel):
     """The sums behind one service's ``LoadReport`` over one window, as one replica or several saw it.
 
@@ -238,6 +257,7 @@ class ObservationCounts(BaseModel):
     instances: list[InstanceLoad] = Field(default_factory=list, description="one per (pod, role)")
     missing: list[str] = Field(default_factory=list, description="gateway processes asked for their share that "
                                                                  "did not answer: the sums lack it")
+    offload: OffloadCounts | None = Field(None, description="the service's remote prefill pool, when it has one")
 
 
 class Observer:
@@ -458,7 +478,19 @@ def merge_counts(parts: Sequence[ObservationCounts]) -> ObservationCounts:
         service=first.service, window_s=first.window_s, bucket_s=first.bucket_s,
         **{name: sum(getattr(p, name) for p in parts) for name in _ADDITIVE},
         queue=queue, mix=mix, horizon_mix=horizon, instances=_fold(i for p in parts for i in p.instances),
-        missing=[m for p in parts for m in p.missing])
+        missing=[m for p in parts for m in p.missing],
+        offload=_merge_offload([p.offload for p in parts if p.offload is not None]))
+
+
+def _merge_offload(parts: Sequence[OffloadCounts]) -> OffloadCounts | None:
+    """See :class:`OffloadCounts` for why each field merges as it does."""
+    if not parts:
+        return None
+    return OffloadCounts(threshold_tokens=max(p.threshold_tokens for p in parts),
+                         remote_instances=max(p.remote_instances for p in parts),
+                         remote_queue_tokens=sum(p.remote_queue_tokens for p in parts),
+                         remote_per_token_s=parts[0].remote_per_token_s,
+                         link_other_gbps=sum(p.link_other_gbps for p in parts))
 
 
 def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:
@@ -495,8 +527,18 @@ def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:
         tpot_attainment=c.tpot_ok / c.tpot_n if c.tpot_n else None,
         prefill_attainment=c.prefill_ok / c.prefill_n if c.prefill_n else None,
         completed=c.ttft_n,
-        ttft_attainable=max(c.attainable / c.ttft_n, 1e-3) if c.ttft_n else 1.0)
+        ttft_attainable=max(c.attainable / c.ttft_n, 1e-3) if c.ttft_n else 1.0,
+        **_offload_fields(c.offload))
     return {"observations": obs.model_dump(mode="json"), "inflight": inflight}
+
+
+def _offload_fields(offload: OffloadCounts | None) -> dict[str, Any]:
+    """The threshold in force, the remote backlog in seconds per remote instance, the link's other use."""
+    if offload is None:
+        return {}
+    backlog_s = offload.remote_queue_tokens * offload.remote_per_token_s / max(1, offload.remote_instances)
+    return {"offload_threshold": offload.threshold_tokens, "remote_queue_s": backlog_s,
+            "link_other_gbps": offload.link_other_gbps}
 
 
 def still_busy(instances: Iterable[Instance]) -> list[Instance]:

@@ -24,7 +24,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.openai_api import error_body
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import OffloadCounts, RequestTrace, usage_tokens
 from tandem.router.offload import (
     OffloadController,
     OffloadSettings,
@@ -57,6 +57,7 @@ from tandem.router.routing.types import NoInstanceError, RouteRequest
 
 if TYPE_CHECKING:
     from tandem.router.app import Gateway
+    from tandem.router.state import InstanceLoad as SharedLoad
 
 
 class _Retry(Exception):
@@ -204,6 +205,23 @@ class PDRouter:
                           remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
         self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
         return "remote" if ctl.should_offload(uncached) else "local"
+
+    def offload_counts(self, model: str, peers: Mapping[str, SharedLoad] | None = None) -> OffloadCounts | None:
+        """The model's offload as this gateway sees it (None: no remote prefill pool, or no
+        offload decision made yet). ``peers``: the other replicas' load that shared state folded into
+        the remote instances; given, it is taken out of the backlog, leaving this gateway's own."""
+        ctl = self.controllers.get(model)
+        remote = self._members("remote-prefill", model)
+        if ctl is None or not remote:
+            return None
+        others = peers or {}
+        own = sum(max(0, i.state.pending_miss_tokens - (others[iid].pending_miss_tokens if iid in others else 0))
+                  for iid, i in remote.items())
+        now = time.monotonic()
+        return OffloadCounts(threshold_tokens=ctl.threshold, remote_instances=len(remote), remote_queue_tokens=own,
+                             remote_per_token_s=self.remote_profile.params.per_token_s,
+                             link_other_gbps=sum(c.egress_gbps(now) for m, c in self.controllers.items()
+                                                 if m != model))
 
     def controller(self, model: str) -> OffloadController:
         ctl = self.controllers.get(model)

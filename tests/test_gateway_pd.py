@@ -325,3 +325,8 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
         assert st["local_instances"] == 1 and st["remote_instances"] == 1
         assert st["link_utilization"] == pytest.approx(moved["util"], rel=1e-3)
         assert st["link_egress_gbps"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window, rel=1e-3)
+
+        # The autoscaler sees the threshold in force (it sizes the local prefill pool for what stays
+        # local), an idle remote pool and no other model on the link.
+        obs = (await c.get(gw + "/admin/observations", params={"service": MODEL})).json()["observations"]
+        assert (obs["offload_threshold"], obs["remote_queue_s"], obs["link_other_gbps"]) == (2048, 0.0, 0.0)

@@ -41,7 +41,14 @@ from tandem.autoscaler.actuator import (
 )
 from tandem.autoscaler.models import Observations
 from tandem.operator.kube import KubeClient, load_credentials
-from tandem.router.observations import InstanceLoad, ObservationCounts, Observer, build_report, merge_counts
+from tandem.router.observations import (
+    InstanceLoad,
+    ObservationCounts,
+    Observer,
+    OffloadCounts,
+    build_report,
+    merge_counts,
+)
 from tandem.serve import serve
 
 # Output tokens of a stream that outlasts the test (~40 s; the test leaves it after its first chunk).
@@ -171,6 +178,29 @@ def test_horizon_mix_is_the_fallback_of_the_merge_too() -> None:
     b.finished(t, 10, 39.5)
     mixed = merge_counts([a.counts("svc", 5.0, 40.0, []), b.counts("svc", 5.0, 40.0, [])])
     assert mixed.horizon_mix == [] and [(m.prompt_tokens, m.count) for m in mixed.mix] == [(200, 1)]
+
+
+def test_offload_of_replicas_merges_into_what_the_autoscaler_sizes_with() -> None:
+    """The threshold in force is the largest replica's (most prefill left local); each replica's backlog
+    at the remote pool and other models' link traffic are its own and add up; a replica without a
+    remote pool adds nothing; the report turns the backlog into seconds per remote instance."""
+    new = {"slo_ttft_s": 1.0, "slo_tpot_s": 0.1, "attainable_tokens": 4096}
+    a, b, c = (Observer(**new).counts("svc", 5.0, 40.0, []) for _ in range(3))
+    a = a.model_copy(update={"offload": OffloadCounts(threshold_tokens=8192, remote_instances=4,
+                                                      remote_queue_tokens=30_000, remote_per_token_s=1e-4,
+                                                      link_other_gbps=1.5)})
+    b = b.model_copy(update={"offload": OffloadCounts(threshold_tokens=12288, remote_instances=4,
+                                                      remote_queue_tokens=10_000, remote_per_token_s=1e-4,
+                                                      link_other_gbps=0.5)})
+    merged = merge_counts([a, b, c]).offload
+    assert merged == OffloadCounts(threshold_tokens=12288, remote_instances=4, remote_queue_tokens=40_000,
+                                   remote_per_token_s=1e-4, link_other_gbps=2.0)
+    obs = Observations.model_validate(build_report(merge_counts([a, b, c]), 0.0)["observations"])
+    assert obs.offload_threshold == 12288
+    assert obs.remote_queue_s == pytest.approx(40_000 * 1e-4 / 4)
+    assert obs.link_other_gbps == 2.0
+    plain = Observations.model_validate(build_report(c, 0.0)["observations"])
+    assert (plain.offload_threshold, plain.remote_queue_s, plain.link_other_gbps) == (None, 0.0, 0.0)
 
 
 def test_engine_gauges_come_from_the_freshest_scrape_and_views_of_one_pod_fold() -> None:
