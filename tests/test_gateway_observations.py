@@ -20,7 +20,7 @@ import pytest
 from gatewayutil import gateway_app, sim_app, until
 from test_gateway_k8s import FakeApiServer, kubeconfig, pod
 
-from tandem.autoscaler.actuator import ANN_DRAINING, GatewayObservationSource, count_pods
+from tandem.autoscaler.actuator import ANN_DRAINING, GatewayObservationSource, ObservationUnavailable, count_pods
 from tandem.autoscaler.models import Observations
 from tandem.router.discovery import PodSet, endpoint_from_pod
 from tandem.router.observations import InstanceLoad, Observer, TokenCounter, max_attainable_prompt
@@ -200,20 +200,24 @@ async def test_autoscaler_source_reads_exact_values_from_a_live_gateway() -> Non
         assert unknown.status_code == 404 and "service" in unknown.text
 
 
-async def test_observations_need_the_admin_key() -> None:
+@pytest.mark.parametrize("path", ["/admin/observations", "/admin/observation-counts"])
+async def test_observations_need_the_admin_key(path: str) -> None:
     async with serve(sim_app(port=0)) as a, \
             serve(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         params = {"service": MODEL, "window": 5}
-        assert (await c.get(gw + "/admin/observations", params=params)).status_code == 401
-        client = await c.get(gw + "/admin/observations", params=params,
-                             headers={"Authorization": "Bearer client-key-1"})
+        assert (await c.get(gw + path, params=params)).status_code == 401
+        client = await c.get(gw + path, params=params, headers={"Authorization": "Bearer client-key-1"})
         assert client.status_code == 401  # a client key never opens the admin API
-        source = GatewayObservationSource(gw, admin_key="admin-key-1")  # what the autoscaler sends
+        keyless = GatewayObservationSource(gw)
+        keyed = GatewayObservationSource(gw, admin_key="admin-key-1")  # what the autoscaler sends
         try:
-            assert (await source.report("default", MODEL, 5.0, 1.0)).observations.arrival_rate == 0
+            with pytest.raises(ObservationUnavailable, match="401"):
+                await keyless.report("default", MODEL, 5.0, 1.0)
+            assert (await keyed.report("default", MODEL, 5.0, 1.0)).observations.arrival_rate == 0
         finally:
-            await source.close()
+            await keyless.close()
+            await keyed.close()
 
 
 # --- the drain contract ------------------------------------------------------------------------
