@@ -689,15 +689,15 @@ class GatewayApp(FastAPI):
     gateway: Gateway
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        worker = self.gateway.worker
+        if worker is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
+            send = _with_header(send, b"x-tandem-worker", worker.header)
         if scope["type"] == "http" and scope["method"] == "POST":
             kind = _FAST_PATHS.get(scope["path"])
             if kind is not None:
                 response = await self.gateway.handle(Request(scope, receive), kind)
                 await response(scope, receive, send)
                 return
-        worker = self.gateway.worker
-        if worker is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
-            send = _with_header(send, b"x-tandem-worker", str(worker.index).encode())
         await super().__call__(scope, receive, send)
 
 

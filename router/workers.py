@@ -18,7 +18,7 @@ What is per worker and what is not:
 * ``POST /admin/drain`` and ``GET /admin/observations`` cover all workers: the worker that takes the
   call forwards it to its siblings over their private Unix sockets (:mod:`tandem.router.siblings`).
 * the other admin reads (queues, decisions, rings, instances) describe the worker that answered; its
-  index is in the ``x-tandem-worker`` response header.
+  index is in the ``x-tandem-worker`` header of every response.
 * the RemotePrefillPool status is written by worker 0 only.
 
 A worker that dies is replaced (its live gauges dropped); one that keeps dying (``restart_limit``
@@ -63,6 +63,11 @@ class WorkerContext(BaseModel):
     own_socket: Path = Field(description="this worker's private Unix socket (siblings call it)")
     sibling_sockets: list[Path] = Field(default_factory=list, description="the other workers' private sockets")
     metrics_dir: Path = Field(description="prometheus_client multiprocess directory shared by the workers")
+
+    @property
+    def header(self) -> bytes:
+        """The ``x-tandem-worker`` value of this worker's responses."""
+        return str(self.index).encode()
 
 
 def listen_sockets(host: str, port: int, count: int, backlog: int = 2048) -> list[socket.socket]:

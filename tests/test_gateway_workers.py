@@ -128,6 +128,7 @@ def test_workers_serve_one_port_as_one_gateway(gateway: tuple[str, subprocess.Po
     for i in range(10):
         resp = fresh("POST", url + "/v1/completions", json=completion_body(f"after drain {i}", max_tokens=2))
         assert resp.status_code == 200 and resp.headers["x-tandem-instance"] == b
+        assert resp.headers["x-tandem-worker"] in ("0", "1")
 
     # A worker that dies is replaced, and the port keeps answering.
     before = workers_of(proc.pid)
