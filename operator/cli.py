@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
@@ -53,7 +53,24 @@ class OperatorRunCommand(TandemSettings):
     gateway_service_account: str = Field(
         default="tandem-gateway", min_length=1, description="ServiceAccount of the gateway pods."
     )
+    gateway_redis_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Redis of the per-service gateways' shared state (e.g. the chart's Redis), for services "
+            "without spec.gateway.redisSecretRef; each keeps its keys under tandem/NAMESPACE/NAME. "
+            "It is written as a plain value into their Deployments: a URL with a password belongs in "
+            "a Secret named by each service instead. Unset: such services may have only one gateway "
+            "replica and worker."
+        ),
+    )
     verbose: bool = Field(default=False, description="Debug logging.")
+
+    @field_validator("gateway_redis_url")
+    @classmethod
+    def _redis_url(cls, url: SecretStr | None) -> SecretStr | None:
+        from .plan import check_redis_url
+
+        return check_redis_url(url)
 
     @model_validator(mode="after")
     def _scope(self) -> Self:
@@ -75,6 +92,7 @@ class OperatorRunCommand(TandemSettings):
             vllm_image=self.vllm_image,
             sglang_image=self.sglang_image,
             gateway_service_account=self.gateway_service_account,
+            gateway_redis_url=self.gateway_redis_url,
         )
         reconciler = Reconciler(defaults, timeout=self.reconcile_timeout)
         namespaces: list[str | None] = [None] if self.all_namespaces else list(self.namespace)

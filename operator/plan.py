@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from tandem.api.models import (
     API_VERSION,
@@ -51,6 +51,18 @@ NIXL_SIDE_CHANNEL_PORT = 5600
 SGLANG_BOOTSTRAP_PORT = 8998
 CONFIG_MOUNT = "/etc/tandem"
 CONFIG_FILE = "service.json"
+REDIS_URL_ENV = "TANDEM_GATEWAY_REDIS_URL"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# What one gateway process asks for; --workers N asks for N whole CPUs instead (see gateway_resources).
+GATEWAY_CPU = "500m"
+GATEWAY_MEMORY_MI = 512
+
+
+def check_redis_url(url: SecretStr | None) -> SecretStr | None:
+    """Refuse what redis-py cannot open, without echoing the URL (it may carry a password)."""
+    if url is not None and not url.get_secret_value().startswith(REDIS_SCHEMES):
+        raise ValueError(f"must start with {', '.join(REDIS_SCHEMES)}")
+    return url
 
 
 class OperatorDefaults(BaseModel):
@@ -60,6 +72,10 @@ class OperatorDefaults(BaseModel):
     vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", min_length=1)
     sglang_image: str = Field(default="lmsysorg/sglang:v0.5.4", min_length=1)
     gateway_service_account: str = Field(default="tandem-gateway", min_length=1)
+    # Written as a plain env value into every gateway Deployment without spec.gateway.redisSecretRef.
+    gateway_redis_url: SecretStr | None = None
+
+    _redis_url = field_validator("gateway_redis_url")(classmethod(lambda cls, v: check_redis_url(v)))
 
 
 class Plan(BaseModel):
@@ -351,9 +367,49 @@ def config_map(svc: LLMService, remote: RemotePrefillPoolSpec | None) -> dict[st
     }
 
 
-def gateway_command(svc: LLMService) -> list[str]:
+def redis_prefix(svc: LLMService) -> str:
+    """Where one service's gateways keep their keys in a Redis other gateways may share.
+
+    Namespaces and names contain neither '/' nor ':', so no two services share a prefix. Every key
+    is ``<prefix>:<suffix>`` (router/state.py); the part before its first ':' here contains '/',
+    which neither the gateway's default prefix "tandem" nor the chart gateway's (its release's full
+    name, a DNS label) can: no key of another gateway can equal one of these.
+    """
+    return f"tandem/{svc.metadata.namespace}/{svc.metadata.name}"
+
+
+def gateway_redis_env(svc: LLMService, defaults: OperatorDefaults) -> dict[str, Any] | None:
+    """The gateway's Redis URL: the service's Secret, else the operator's default, else none.
+
+    Several gateway replicas or workers with no Redis would each route on a partial view of the
+    load (the gateway refuses --workers N > 1 outright), so that is a spec error naming the field.
+    """
+    gw = svc.spec.gateway
+    if gw.redis_secret_ref is not None:
+        ref = gw.redis_secret_ref
+        return {"name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    if defaults.gateway_redis_url is not None:
+        return {"name": REDIS_URL_ENV, "value": defaults.gateway_redis_url.get_secret_value()}
+    fix = "set spec.gateway.redisSecretRef or run the operator with --gateway-redis-url"
+    if gw.replicas > 1:
+        raise PlanError("spec.gateway.replicas", f"more than one gateway replica needs shared state in Redis: {fix}")
+    if gw.workers > 1:
+        raise PlanError("spec.gateway.workers", f"more than one gateway worker needs shared state in Redis: {fix}")
+    return None
+
+
+def gateway_resources(workers: int) -> dict[str, Any]:
+    """One process keeps the historical 500m; N workers exist because one loop is not enough, so
+    each gets a whole CPU (a busy event loop is one core) and the memory of one gateway process.
+    No CPU limit: throttling adds latency to every streamed token."""
+    cpu = GATEWAY_CPU if workers == 1 else str(workers)
+    return {"requests": {"cpu": cpu, "memory": f"{GATEWAY_MEMORY_MI * workers}Mi"}}
+
+
+def gateway_command(svc: LLMService, *, shared_state: bool = False) -> list[str]:
+    """argv of the gateway; ``shared_state``: it has a Redis URL (env), so it gets its own key prefix."""
     spec = svc.spec
-    return [
+    argv = [
         "tandem",
         "gateway",
         "--discovery",
@@ -371,6 +427,11 @@ def gateway_command(svc: LLMService) -> list[str]:
         "--service-config",
         f"{CONFIG_MOUNT}/{CONFIG_FILE}",
     ]
+    if shared_state:
+        argv += ["--redis-prefix", redis_prefix(svc)]
+    if spec.gateway.workers > 1:
+        argv += ["--workers", str(spec.gateway.workers)]
+    return argv
 
 
 def gateway_deployment(
@@ -380,7 +441,8 @@ def gateway_deployment(
     selector = {LABEL_INSTANCE: name, LABEL_COMPONENT: "gateway"}
     # A config change must restart the gateway (it reads service.json at start): hash it into the template.
     digest = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
-    env: list[dict[str, Any]] = []
+    redis_env = gateway_redis_env(svc, defaults)
+    env: list[dict[str, Any]] = [redis_env] if redis_env is not None else []
     if remote is not None and remote.credentials_secret_ref is not None:
         ref = remote.credentials_secret_ref
         env.append(
@@ -392,10 +454,10 @@ def gateway_deployment(
     container = {
         "name": "gateway",
         "image": svc.spec.gateway.image or defaults.gateway_image,
-        "command": gateway_command(svc),
+        "command": gateway_command(svc, shared_state=redis_env is not None),
         "env": env,
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}},
+        "resources": gateway_resources(svc.spec.gateway.workers),
         "readinessProbe": _probe("/readyz", "http", 5, 3),
         "livenessProbe": _probe("/healthz", "http", 10, 3),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],

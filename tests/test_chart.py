@@ -312,8 +312,59 @@ async def test_network_policies(tmp_path: Path) -> None:
     assert gateway == [{"ports": [{"port": "http", "protocol": "TCP"}]}]  # the exposed component
     control = one(docs, "NetworkPolicy", "/tandem-control")["spec"]
     assert [list(p) for r in control["ingress"] for p in r["from"]] == [["namespaceSelector"]]
+    # Redis: gateways only; the chart's (release namespace) and the per-service ones where LLMServices live.
     redis = one(docs, "NetworkPolicy", "/tandem-redis")["spec"]["ingress"][0]["from"]
-    assert redis == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}]
+    service_gateways = {"matchLabels": {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": "gateway"}}
+    assert redis == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}},
+                     *[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                        "podSelector": service_gateways} for ns in ("llm-a", "llm-b")]]
+    (tmp_path / "all").mkdir()
+    docs, _ = await render(tmp_path / "all", {"redis": {"enabled": True}, "operator": {"allNamespaces": True}})
+    redis = one(docs, "NetworkPolicy", "/tandem-redis")["spec"]["ingress"][0]["from"]
+    assert redis[1:] == [{"namespaceSelector": {}, "podSelector": service_gateways}]
+    # The per-service gateways' pods carry those labels (the operator's plan).
+    from tandem.api.models import LLMService
+    from tandem.operator.plan import OperatorDefaults, plan_service
+
+    svc = LLMService.model_validate({"metadata": {"name": "s", "namespace": "llm-a", "uid": "u"},
+                                     "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}})
+    gw = next(c for c in plan_service(svc, OperatorDefaults(), {}).children if c["metadata"]["name"] == "s-gateway")
+    assert service_gateways["matchLabels"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
+
+
+async def test_operator_gives_service_gateways_the_charts_redis(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's Redis (redis.enabled, else gateway.redis.url) becomes the operator's default for the
+    per-service gateways, through its environment (not its args); off with operator.shareGatewayRedis."""
+    from tandem.operator.cli import OperatorRunCommand
+
+    def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+        c = one(docs, "Deployment", "/tandem-operator")["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e["value"] for e in c.get("env", [])}
+
+    cases = [
+        ({"redis": {"enabled": True}}, "redis://tandem-redis.tandem-system.svc:6379/0"),
+        ({"gateway": {"redis": {"url": "rediss://cache.example:6380/2"}}}, "rediss://cache.example:6380/2"),
+        ({"redis": {"enabled": True}, "operator": {"shareGatewayRedis": False}}, None),
+        ({}, None),
+    ]
+    for i, (values, url) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        docs, _ = await render(tmp_path / str(i), values)
+        env = operator_env(docs)
+        assert env.get("TANDEM_OPERATOR_GATEWAY_REDIS_URL") == url, values
+        args = args_of(docs, "/tandem-operator")
+        assert not any("redis" in a for a in args)
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            parsed = OperatorRunCommand(_cli_parse_args=args[2:]).gateway_redis_url
+        assert (parsed.get_secret_value() if parsed else None) == url
+    # Extra env of the operator still comes along beside it.
+    (tmp_path / "extra").mkdir()
+    docs, _ = await render(tmp_path / "extra", {"redis": {"enabled": True},
+                                                "operator": {"extraEnv": [{"name": "X", "value": "1"}]}})
+    assert operator_env(docs) == {"TANDEM_OPERATOR_GATEWAY_REDIS_URL": cases[0][1], "X": "1"}
 
 
 async def test_autoscaler_reaches_every_gateway_replica(tmp_path: Path) -> None:

@@ -97,3 +97,21 @@ def test_operator_gateway_env_reaches_the_gateway_settings(monkeypatch) -> None:
     assert settings.remote_prefill_token is not None
     assert settings.remote_prefill_token.get_secret_value() == "from-the-secret"
     assert "from-the-secret" not in repr(settings)
+
+
+@pytest.mark.parametrize("manifest", llm_services(), ids=lambda d: d["metadata"]["name"])
+def test_operator_shared_state_reaches_the_gateway_settings(manifest, monkeypatch) -> None:
+    """Replicas and workers of a per-service gateway: the Redis URL (env) and the service's own key
+    prefix and worker count (flags) are what the gateway parses, so --workers finds its --redis-url."""
+    from tandem.operator.plan import OperatorDefaults, config_map, gateway_deployment
+
+    body = {**manifest, "spec": {**manifest["spec"], "gateway": {"replicas": 2, "workers": 3}}}
+    svc = LLMService.model_validate(body)
+    url = "redis://tandem-redis.tandem-system.svc:6379/0"
+    deployment = gateway_deployment(svc, OperatorDefaults(gateway_redis_url=url), config_map(svc, None), None)
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    for var in c["env"]:
+        monkeypatch.setenv(var["name"], var["value"])
+    settings = CliApp.run(GatewaySettings, cli_args=c["command"][2:], cli_cmd_method_name="model_dump")
+    assert settings.redis_url == url and settings.workers == 3
+    assert settings.redis_prefix == f"tandem/{svc.metadata.namespace}/{svc.metadata.name}"

@@ -56,3 +56,37 @@ async def test_redis_loss_reports_unreachable_then_recovers(redis_server: RedisS
         assert not backend.healthy
     finally:
         await backend.close()
+
+
+async def test_operator_prefixes_keep_services_and_the_chart_gateway_apart(redis_server: RedisServer) -> None:
+    """One Redis, three users: two replicas of service observed/x (the operator's prefix), another
+    service, and the chart's gateway (prefix: the release's full name, here "tandem") serving a model
+    whose name makes its stream key ``tandem:observed:x:replicas``; a "tandem:<ns>:<name>" prefix
+    would give service observed/x's replica set that very key (Redis: WRONGTYPE)."""
+    from tandem.api.models import LLMService
+    from tandem.operator.plan import redis_prefix
+
+    def prefix(namespace: str, name: str) -> str:
+        return redis_prefix(LLMService.model_validate(
+            {"metadata": {"name": name, "namespace": namespace},
+             "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}}))
+
+    svc = [RedisStateBackend(redis_server.url, prefix=prefix("observed", "x")) for _ in range(2)]
+    other = RedisStateBackend(redis_server.url, prefix=prefix("observed", "y"))
+    chart = RedisStateBackend(redis_server.url, prefix="tandem")
+    backends = [*svc, other, chart]
+    try:
+        for _ in range(2):
+            views = [await chart.sync(LocalReport(members={"x:replicas": ["c"]}, observed={"x:replicas": [[7]]})),
+                     *[await b.sync(LocalReport(members={"m": [f"s{i}"]}, observed={"m": [[i]]}))
+                       for i, b in enumerate(svc)],
+                     await other.sync(LocalReport(members={"m": ["o"]}))]
+        assert all(v is not None for v in views) and all(b.healthy for b in backends)
+        chart_view, a_view, b_view, other_view = views
+        assert chart_view.peers == [] and chart_view.members == {"x:replicas": ["c"]}
+        assert a_view.peers == [svc[1].replica_id] and b_view.peers == [svc[0].replica_id]
+        assert b_view.members == {"m": ["s0", "s1"]}
+        assert other_view.peers == [] and other_view.members == {"m": ["o"]}
+    finally:
+        for b in backends:
+            await b.close()

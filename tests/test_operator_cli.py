@@ -59,3 +59,19 @@ def test_scope_from_repeated_flags_or_the_environment(monkeypatch: pytest.Monkey
     assert (cmd.namespace, cmd.all_namespaces, cmd.liveness_port) == (["a", "b"], False, 0)
     monkeypatch.setenv("TANDEM_OPERATOR_ALL_NAMESPACES", "true")
     assert OperatorRunCommand(_cli_parse_args=[]).all_namespaces is True
+
+
+def test_gateway_redis_url_from_flag_or_environment_is_never_echoed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tandem.operator.cli import OperatorRunCommand
+
+    assert main(["operator", "run", "--all-namespaces", "--gateway-redis-url", "http://:hunter2@redis:6379"]) == 2
+    err = capsys.readouterr().err
+    assert "gateway_redis_url (--gateway-redis-url / TANDEM_OPERATOR_GATEWAY_REDIS_URL)" in err
+    assert "hunter2" not in err
+    monkeypatch.setenv("TANDEM_OPERATOR_GATEWAY_REDIS_URL", "redis://:hunter2@redis:6379/0")
+    cmd = OperatorRunCommand(_cli_parse_args=["--all-namespaces"])
+    assert cmd.gateway_redis_url is not None
+    assert cmd.gateway_redis_url.get_secret_value() == "redis://:hunter2@redis:6379/0"
+    assert "hunter2" not in repr(cmd)

@@ -304,6 +304,85 @@ def test_plan_errors_name_the_field() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Gateway shared state (Redis), replicas and workers
+
+REDIS = "redis://tandem-redis.tandem-system.svc:6379/0"
+WITH_REDIS = OperatorDefaults(gateway_redis_url=REDIS)
+
+
+def gateway_of(svc: LLMService, defaults: OperatorDefaults) -> dict[str, Any]:
+    kids = plan_service(svc, defaults, {}).children
+    name = f"{svc.metadata.name}-gateway"
+    return next(c for c in kids if c["kind"] == "Deployment" and c["metadata"]["name"] == name)
+
+
+def test_one_gateway_process_without_redis_is_planned_as_before() -> None:
+    default = gateway_of(service(), OperatorDefaults())
+    assert gateway_of(service(gateway={"replicas": 1, "workers": 1}), OperatorDefaults()) == default
+    c = container(default)
+    assert "env" not in c  # pruned: no Redis URL, no secret
+    assert "--redis-prefix" not in c["command"] and "--workers" not in c["command"]
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"}}
+    assert default["spec"]["replicas"] == 1
+
+
+def test_operator_default_redis_reaches_every_gateway_under_its_own_prefix() -> None:
+    dep = gateway_of(service(gateway={"replicas": 3}), WITH_REDIS)
+    c = container(dep)
+    assert dep["spec"]["replicas"] == 3
+    assert c["env"] == [{"name": "TANDEM_GATEWAY_REDIS_URL", "value": REDIS}]
+    assert c["command"][-2:] == ["--redis-prefix", "tandem/prod/llm"]
+    assert "--workers" not in c["command"]
+    assert c["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"}}  # one process per pod
+    # A single gateway joins the shared Redis too (another replica may come with the next edit).
+    assert container(gateway_of(service(), WITH_REDIS))["env"] == c["env"]
+    other = container(gateway_of(service(name="llm2", namespace="dev"), WITH_REDIS))
+    assert other["command"][-1] == "tandem/dev/llm2"
+
+
+def test_the_services_secret_wins_over_the_operator_default() -> None:
+    svc = service(gateway={"replicas": 2, "redisSecretRef": {"name": "gw-redis"}})
+    for defaults in (OperatorDefaults(), WITH_REDIS):
+        c = container(gateway_of(svc, defaults))
+        assert c["env"] == [{"name": "TANDEM_GATEWAY_REDIS_URL",
+                             "valueFrom": {"secretKeyRef": {"name": "gw-redis", "key": "url"}}}]
+        assert c["command"][-2:] == ["--redis-prefix", "tandem/prod/llm"]
+    keyed = service(gateway={"redisSecretRef": {"name": "gw-redis", "key": "redis-url"}})
+    env = container(gateway_of(keyed, OperatorDefaults()))["env"]
+    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "gw-redis", "key": "redis-url"}
+
+
+def test_workers_flag_and_a_cpu_per_worker() -> None:
+    c = container(gateway_of(service(gateway={"workers": 4}), WITH_REDIS))
+    assert c["command"][-4:] == ["--redis-prefix", "tandem/prod/llm", "--workers", "4"]
+    assert c["resources"] == {"requests": {"cpu": "4", "memory": "2048Mi"}}
+    assert "limits" not in c["resources"]  # a CPU limit would throttle the event loops
+
+
+@pytest.mark.parametrize(("gateway", "field"), [
+    ({"replicas": 2}, "spec.gateway.replicas"),
+    ({"workers": 2}, "spec.gateway.workers"),
+    ({"replicas": 3, "workers": 8}, "spec.gateway.replicas"),
+])
+def test_several_gateways_without_redis_are_refused_naming_the_field(gateway: dict[str, int], field: str) -> None:
+    with pytest.raises(PlanError) as exc:
+        plan_service(service(gateway=gateway), OperatorDefaults(), {})
+    assert exc.value.field == field
+    assert "needs shared state in Redis" in exc.value.reason
+    assert "spec.gateway.redisSecretRef" in exc.value.reason and "--gateway-redis-url" in exc.value.reason
+
+
+def test_operator_redis_url_is_checked_and_never_shown() -> None:
+    secret = "redis://:hunter2@redis.example:6379/0"
+    defaults = OperatorDefaults(gateway_redis_url=secret)
+    assert "hunter2" not in repr(defaults) and "hunter2" not in str(defaults)
+    with pytest.raises(ValueError) as exc:
+        OperatorDefaults(gateway_redis_url="http://:hunter2@redis.example")
+    assert "must start with redis://" in str(exc.value)
+    assert "hunter2" not in "".join(e["msg"] for e in exc.value.errors())
+
+
+# ---------------------------------------------------------------------------------------------
 # Drift
 
 

@@ -1,9 +1,14 @@
-"""Reconciler concurrency: passes for one service are serialised and concurrent triggers coalesce."""
+"""Reconciler concurrency: passes for one service are serialised and concurrent triggers coalesce;
+and one pass against an API server (kmock, or TANDEM_TEST_KUBECONFIG's) for the gateway's shared state."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+from test_operator_kopf import Cluster, aggregated, cluster, condition  # noqa: F401
+
+from tandem.operator.kube import DEPLOYMENTS, LLMSERVICES, KubeClient, load_credentials
 from tandem.operator.plan import OperatorDefaults
 from tandem.operator.reconcile import Reconciler, ReconcileResult
 
@@ -64,3 +69,39 @@ async def test_services_reconcile_in_parallel() -> None:
     await asyncio.gather(*tasks)
     r.forget("ns", "a")
     assert ("ns", "a") not in r._locks
+
+
+@pytest.mark.xdist_group("operator-kopf")
+async def test_several_gateways_need_redis_then_share_the_operators(cluster: Cluster) -> None:  # noqa: F811
+    """Two gateway replicas and no Redis anywhere: InvalidSpec naming the field, nothing created. The
+    same object under an operator with a default Redis: the gateway gets the URL and its own prefix."""
+    await cluster.create(LLMSERVICES, aggregated(gateway={"replicas": 2}))
+    creds = load_credentials(cluster.kubeconfig)
+    plain = Reconciler(OperatorDefaults(), timeout=20)
+    await plain.use_client(KubeClient(creds, creds.ssl_context()))
+    try:
+        result = await plain.reconcile(cluster.ns, "llm")
+    finally:
+        await plain.close()
+    reason = ("more than one gateway replica needs shared state in Redis: set spec.gateway.redisSecretRef "
+              "or run the operator with --gateway-redis-url")
+    assert result.invalid == f"spec.gateway.replicas: {reason}" and result.created == []
+    obj = await cluster.get(LLMSERVICES, "llm")
+    invalid = condition(obj, "InvalidSpec")
+    assert invalid["status"] == "True" and invalid["message"] == f"spec.gateway.replicas: {reason}"
+    assert await cluster.children("llm") == {}
+
+    url = "redis://tandem-redis.tandem-system.svc:6379/0"
+    shared = Reconciler(OperatorDefaults(gateway_redis_url=url), timeout=20)
+    await shared.use_client(KubeClient(creds, creds.ssl_context()))
+    try:
+        result = await shared.reconcile(cluster.ns, "llm")
+    finally:
+        await shared.close()
+    assert result.invalid is None and "Deployment/llm-gateway" in result.created
+    assert condition(await cluster.get(LLMSERVICES, "llm"), "InvalidSpec")["status"] == "False"
+    gateway = await cluster.get(DEPLOYMENTS, "llm-gateway")
+    assert gateway["spec"]["replicas"] == 2
+    c = gateway["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "TANDEM_GATEWAY_REDIS_URL", "value": url} in c["env"]
+    assert c["command"][-2:] == ["--redis-prefix", f"tandem/{cluster.ns}/llm"]

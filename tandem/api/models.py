@@ -255,9 +255,47 @@ class Autoscaling(ApiModel):
     cooldown_seconds: int = Field(default=120, ge=0, le=86400, description="Minimum time between scalings.")
 
 
+class SecretRef(ApiModel):
+    """A key of a Secret in the referring object's namespace (what a pod's secretKeyRef names)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(default="token", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class RedisSecretRef(SecretRef):
+    """A Redis URL can carry a password, so a service names a Secret rather than the URL itself."""
+
+    key: str = Field(
+        default="url", min_length=1, max_length=253, description="Key inside the Secret holding the URL."
+    )
+
+
 class GatewaySpec(ApiModel):
     replicas: int = Field(
-        default=1, ge=1, le=64, description="Gateway replicas (they share state via Redis)."
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Gateway pods. More than one shares load and prefix state through Redis (redisSecretRef or "
+            "the operator's --gateway-redis-url); without either the operator refuses the service."
+        ),
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Gateway processes per pod, all serving its one port, one event loop each; with more than "
+            "one the pod requests one CPU and 512Mi per worker. More than one needs Redis, as replicas do."
+        ),
+    )
+    redis_secret_ref: RedisSecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret (in this namespace) holding the Redis URL of the gateways' shared state, e.g. "
+            "redis://:PASSWORD@host:6379/0; overrides the operator's --gateway-redis-url. The "
+            "gateways keep their keys under tandem/NAMESPACE/NAME."
+        ),
     )
     image: str | None = Field(
         default=None, min_length=1, max_length=512, description="Defaults to the operator's."
@@ -435,11 +473,6 @@ class LLMServiceStatus(ApiModel):
 # RemotePrefillPool
 
 
-class SecretRef(ApiModel):
-    name: str = Field(min_length=1, max_length=253)
-    key: str = Field(default="token", min_length=1, max_length=253)
-
-
 class PoolCapacity(ApiModel):
     instances: int = Field(default=1, ge=1, le=4096, description="Prefill instances behind the endpoints.")
     tokens_per_second: float | None = Field(default=None, gt=0, description="Aggregate prefill throughput.")
@@ -452,7 +485,10 @@ class RemotePrefillPoolSpec(ApiModel):
     link_bandwidth_gbps: float = Field(gt=0, le=100000, description="Link bandwidth to this cluster, Gbit/s.")
     rtt_milliseconds: float = Field(default=0.0, ge=0, le=10000, description="Round-trip time of the link.")
     capacity: PoolCapacity = Field(default_factory=PoolCapacity)
-    credentials_secret_ref: SecretRef | None = None
+    credentials_secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret (in this namespace) holding the bearer token the gateway sends to these endpoints.",
+    )
 
 
 class RemotePrefillPoolStatus(ApiModel):
