@@ -119,6 +119,9 @@ class BenchGatewayCommand(TandemSettings):
 
     rates: list[float] = Field([100.0, 300.0, 1000.0], min_length=1, description="offered req/s (open loop)")
     duration: float = Field(5.0, gt=0, description="seconds per measurement")
+    rounds: int = Field(1, ge=1, le=100, description="split each rate's measurement into this many rounds, "
+                        "direct and gateway alternating, samples pooled per path (drift of the machine then "
+                        "weighs on both alike)")
     concurrency: int = Field(64, gt=0, description="closed-loop clients for the max-throughput test")
     max_tokens: int = Field(4, gt=0, description="output tokens per request (short streamed requests)")
     policy: str = Field("dualmap", description="gateway routing policy")
@@ -183,10 +186,15 @@ class BenchGatewayCommand(TandemSettings):
                     # Beyond the simulators' own capacity here: it would measure the engines' queues.
                     skipped.append(rate)
                     continue
-                for name, (urls, _) in targets.items():
-                    for url in sims:
-                        await _wait_idle(url)
-                    latency.append(await self._open(pool, name, urls, model, rate, client_cpus))
+                # Direct and gateway alternate in short rounds whose samples are pooled per path, so a
+                # drift of the machine during the measurement weighs on both paths alike.
+                pooled: dict[str, list[list[LoadResult]]] = {name: [] for name in targets}
+                for _ in range(self.rounds):
+                    for name, (urls, _) in targets.items():
+                        for url in sims:
+                            await _wait_idle(url)
+                        pooled[name].append(await self._open(pool, urls, model, rate, client_cpus))
+                latency += [_latency(name, rate, results) for name, results in pooled.items()]
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
 
@@ -217,23 +225,17 @@ class BenchGatewayCommand(TandemSettings):
         done = sum(len(r.samples) for r in results)
         return done / max(r.wall for r in results), done
 
-    async def _open(self, pool: ProcessPoolExecutor, name: str, urls: tuple[str, ...], model: str,
-                    rate: float, cpus: tuple[int, ...]) -> LatencyStats:
-        n = max(1, int(rate * self.duration))
+    async def _open(self, pool: ProcessPoolExecutor, urls: tuple[str, ...], model: str, rate: float,
+                    cpus: tuple[int, ...]) -> list[LoadResult]:
+        """One round at a fixed offered rate: ``duration / rounds`` seconds of open-loop arrivals."""
+        duration = self.duration / self.rounds
+        n = max(1, int(rate * duration))
         k = min(self.client_processes, n)
         start = time.time() + _WARMUP_S
-        specs = [LoadSpec(urls, model, self.max_tokens, self.duration, start, rate=rate, n=n, phase=i, stride=k,
+        specs = [LoadSpec(urls, model, self.max_tokens, duration, start, rate=rate, n=n, phase=i, stride=k,
                           cpus=cpus)
                  for i in range(k)]
-        results = await self._spread(pool, specs)
-        ok = [s for r in results for s in r.samples]
-        errors = sum(r.errors for r in results)
-        ttft = np.array([s[0] for s in ok]) * 1000 if ok else np.array([np.nan])
-        e2e = np.array([s[1] for s in ok]) * 1000 if ok else np.array([np.nan])
-        return LatencyStats(name, rate, len(ok) / max(r.wall for r in results), len(ok), errors,
-                            float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
-                            float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)),
-                            {f"p{q:g}": float(np.nanpercentile(ttft, q)) for q in (50, 90, 95, 99, 99.9)})
+        return await self._spread(pool, specs)
 
     def _print(self, report: dict) -> None:
         from rich.console import Console
@@ -386,6 +388,20 @@ async def _request(session: object, url: str, body: bytes) -> tuple[float, float
     except Exception:  # a failed request is counted as an error, whatever broke
         return None
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - t0
+
+
+def _latency(name: str, rate: float, rounds: list[list[LoadResult]]) -> LatencyStats:
+    """Percentiles over every sample of one path's rounds (each round: its load workers' results);
+    the achieved rate over the rounds' summed wall time."""
+    ok = [s for results in rounds for r in results for s in r.samples]
+    errors = sum(r.errors for results in rounds for r in results)
+    wall = sum(max(r.wall for r in results) for results in rounds)
+    ttft = np.array([s[0] for s in ok]) * 1000 if ok else np.array([np.nan])
+    e2e = np.array([s[1] for s in ok]) * 1000 if ok else np.array([np.nan])
+    return LatencyStats(name, rate, len(ok) / wall, len(ok), errors,
+                        float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
+                        float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)),
+                        {f"p{q:g}": float(np.nanpercentile(ttft, q)) for q in (50, 90, 95, 99, 99.9)})
 
 
 def _cpu_seconds(pid: int) -> float:
