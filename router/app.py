@@ -327,6 +327,13 @@ class Gateway:
                 pool.observe_peers(paths)
         return True
 
+    async def _lag_loop(self, period: float = 0.05) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - due))
+
     async def _sync_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.state_sync_interval)
@@ -352,7 +359,8 @@ class Gateway:
         if s.remote_prefill_pool and (self.worker is None or self.worker.index == 0):  # one writer per pod
             await self._start_remote_reporter(s.remote_prefill_pool)
         self.tasks = [asyncio.create_task(self._tick_loop(), name="routing-tick"),
-                      asyncio.create_task(self._sync_loop(), name="state-sync")]
+                      asyncio.create_task(self._sync_loop(), name="state-sync"),
+                      asyncio.create_task(self._lag_loop(), name="loop-lag")]
 
     async def stop(self) -> None:
         """Graceful drain: refuse new work, let in-flight requests finish (bounded), then close."""

@@ -51,6 +51,10 @@ class GatewayMetrics:
                                   ["instance"], multiprocess_mode="livemax", registry=r)
         self.scrape_errors = Counter("tandem_scrape_errors", "Failed engine /metrics scrapes.", ["instance"],
                                      registry=r)
+        self.loop_lag = Histogram("tandem_event_loop_lag_seconds", "How late a timer of the gateway's event loop "
+                                  "fires (sampled every 50 ms): what every request in the loop waits on top of "
+                                  "its own work; sustained lag means the process needs more workers.",
+                                  buckets=OVERHEAD_BUCKETS, registry=r)
         self.scrape_duration = Histogram("tandem_scrape_duration_seconds", "Engine /metrics scrape time.",
                                          buckets=OVERHEAD_BUCKETS, registry=r)
         self.instances = Gauge("tandem_instances", "Known instances by pool and state.", ["model", "role", "state"],

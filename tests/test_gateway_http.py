@@ -230,3 +230,23 @@ async def test_pd_pools_are_listed_and_routed() -> None:
         assert r.status_code == 200 and r.headers["x-tandem-decision"] == "pd"  # tests/test_gateway_pd.py
         roles = {i["role"] for i in (await c.get(gw + "/admin/instances")).json()["instances"]}
         assert roles == {"prefill", "decode"}
+
+
+async def test_event_loop_lag_is_measured_and_shows_a_blocked_loop() -> None:
+    """The gateway samples its own loop every 50 ms: a loop held for 150 ms (here by the test, which
+    shares the loop with the in-process gateway) shows up as one late sample above 50 ms."""
+    import time as wall
+
+    def lag(text: str) -> tuple[float, float]:
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line.startswith("tandem_event_loop_lag_seconds_")}
+        return values["tandem_event_loop_lag_seconds_count"], values['tandem_event_loop_lag_seconds_bucket{le="0.05"}']
+
+    async with serve(sim_app()) as sim, serve(gateway_app([sim])) as gw, httpx.AsyncClient(timeout=10) as c:
+        await asyncio.sleep(0.3)
+        count, fast = lag((await c.get(gw + "/metrics")).text)
+        assert count >= 3
+        wall.sleep(0.15)  # noqa: ASYNC251 - blocking the loop on purpose
+        await asyncio.sleep(0.12)
+        after, fast_after = lag((await c.get(gw + "/metrics")).text)
+        assert (after - fast_after) - (count - fast) >= 1

@@ -81,6 +81,8 @@ GATEWAY = [
     Panel("Shared state backend", [("min by (backend) (tandem_state_backend_up)", "{{backend}} up"),
                                    (f"sum by (backend) (rate(tandem_state_backend_errors_total[{RATE}]))",
                                     "{{backend}} sync errors/s")]),
+    Panel("Gateway event loop lag (add workers when it stays up)",
+          quantiles("tandem_event_loop_lag_seconds", qs=(0.5, 0.99)), "s"),
     Panel("Engine /metrics scrapes by the gateway",
           [(f"sum by (instance) (rate(tandem_scrape_errors_total[{RATE}]))", "errors {{instance}}"),
            *quantiles("tandem_scrape_duration_seconds", qs=(0.99,))], "short"),
