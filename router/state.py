@@ -89,17 +89,19 @@ class RedisStateBackend:
     - ``{p}:replicas``           sorted set replica id -> last sync time (live = seen within ttl)
     - ``{p}:load:{replica}``     hash instance id -> JSON InstanceLoad
     - ``{p}:members:{replica}``  hash pool -> JSON list of instance ids
-    - ``{p}:observed:{pool}``    stream of routed block-hash paths (capped), read incrementally
+    - ``{p}:observed:{pool}``    stream of routed block-hash paths, one entry per replica sync
+                                 (paths ';'-separated, hashes ','-separated; capped), read incrementally
     """
 
     name = "redis"
 
-    def __init__(self, url: str, prefix: str = "tandem", ttl: float = 2.0, stream_len: int = 4096,
-                 timeout: float = 0.5) -> None:
+    def __init__(self, url: str, prefix: str = "tandem", ttl: float = 2.0, stream_len: int = 1024,
+                 timeout: float = 0.5, first_read: int = 16) -> None:
         import redis.asyncio as aioredis
 
         self.replica_id = uuid.uuid4().hex[:12]
         self.prefix, self.ttl, self.stream_len = prefix, ttl, stream_len
+        self.first_read = first_read  # entries (peer syncs) read back on the first sync: what they saw recently
         self._read_from: dict[str, str] = {}  # pool -> last stream id read
         self._redis = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                               health_check_interval=0, decode_responses=True)
@@ -124,8 +126,9 @@ class RedisStateBackend:
                 pipe.hset(members_key, mapping={k: json.dumps(v) for k, v in report.members.items()})
                 pipe.pexpire(members_key, ttl_ms)
             for pool, paths in report.observed.items():
-                for path in paths:
-                    pipe.xadd(f"{p}:observed:{pool}", {"r": me, "h": ",".join(map(str, path))},
+                if paths:  # one entry per sync, not per path: parsing per-path entries cost ms per sync
+                    pipe.xadd(f"{p}:observed:{pool}", {"r": me, "h": ";".join(",".join(map(str, path))
+                                                                                for path in paths)},
                               maxlen=self.stream_len, approximate=True)
             pipe.zrangebyscore(f"{p}:replicas", now - self.ttl, "+inf")
             replicas: list[str] = (await pipe.execute())[-1]
@@ -139,7 +142,7 @@ class RedisStateBackend:
                 # First sync: start from the stream's tail window (what the peers saw recently).
                 start = self._read_from.get(pool)
                 if start is None:
-                    pipe.xrevrange(f"{p}:observed:{pool}", "+", "-", count=256)
+                    pipe.xrevrange(f"{p}:observed:{pool}", "+", "-", count=self.first_read)
                 else:
                     pipe.xrange(f"{p}:observed:{pool}", f"({start}", "+", count=self.stream_len)
             results = await pipe.execute()
@@ -167,8 +170,8 @@ class RedisStateBackend:
                 self._read_from[pool] = entries[-1][0]
             elif pool not in self._read_from:
                 self._read_from[pool] = "0-0"
-            view.peer_observed[pool] = [[int(h) for h in f["h"].split(",") if h] for _, f in entries
-                                        if f.get("r") != me]
+            view.peer_observed[pool] = [[int(h) for h in path.split(",") if h] for _, f in entries
+                                        if f.get("r") != me for path in f["h"].split(";")]
         return view
 
     async def close(self) -> None:
