@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -86,8 +87,6 @@ class LoadResult:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -438,6 +437,16 @@ def _redis(exe: str, log: Path, cpus: tuple[int, ...]) -> Iterator[str]:
                                 stdout=fh, stderr=subprocess.STDOUT)
     if cpus:
         os.sched_setaffinity(proc.pid, cpus)
+    deadline = time.monotonic() + 10.0
+    while True:  # answering PING before anyone counts on it
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(16).startswith(b"+PONG"):
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"tandem bench: redis-server did not start (log: {log})")
+        time.sleep(0.02)
     try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:

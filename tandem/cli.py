@@ -30,6 +30,8 @@ COMMANDS: Registry = {
                    "size each LLMService's pools from load, SLOs and the profile"),
     "bench": {
         "gateway": ("tandem.router.bench:BenchGatewayCommand", "gateway proxy overhead vs direct-to-simulator"),
+        "state-sync": ("tandem.router.statebench:BenchStateSyncCommand",
+                       "event-loop CPU of one shared-state sync (Redis) per gateway replica"),
         "chaos": ("tandem.router.chaos:BenchChaosCommand",
                   "soak under faults (engines, Redis, a gateway restarted): 0 lost, 0 duplicated"),
         "autoscale": ("tandem.autoscaler.bench:AutoscaleBench",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from gatewayutil import RedisServer
 
@@ -90,3 +92,16 @@ async def test_operator_prefixes_keep_services_and_the_chart_gateway_apart(redis
     finally:
         for b in backends:
             await b.close()
+
+
+def test_bench_state_sync_reports_the_loop_cost_of_a_sync(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a redis-server the bench starts: one row without and one with routed paths."""
+    import re
+
+    from tandem.cli import main
+
+    assert main(["bench", "state-sync", "--replicas", "2", "--instances", "3", "--paths", "20", "--syncs", "10",
+                 "--out", str(tmp_path)]) == 0
+    rows = re.findall(r"(\d+) paths/sync: cpu ([0-9.]+) ms", capsys.readouterr().out)
+    assert [int(n) for n, _ in rows] == [0, 20]
+    assert all(float(cpu) > 0 for _, cpu in rows)
