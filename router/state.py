@@ -89,8 +89,11 @@ class RedisStateBackend:
     - ``{p}:replicas``           sorted set replica id -> last sync time (live = seen within ttl)
     - ``{p}:load:{replica}``     hash instance id -> JSON InstanceLoad
     - ``{p}:members:{replica}``  hash pool -> JSON list of instance ids
-    - ``{p}:observed:{pool}``    stream of routed block-hash paths, one entry per replica sync
-                                 (paths ';'-separated, hashes ','-separated; capped), read incrementally
+    - ``{p}:paths:{pool}``       stream of routed block-hash paths, one entry per replica sync
+                                 (paths ';'-separated, hashes ','-separated; capped), read incrementally.
+                                 (Earlier versions wrote one entry per path to ``{p}:observed:{pool}``:
+                                 a new key, so old and new replicas in a rolling update do not parse
+                                 each other's entries; they only share no paths until it ends.)
     """
 
     name = "redis"
@@ -127,7 +130,7 @@ class RedisStateBackend:
                 pipe.pexpire(members_key, ttl_ms)
             for pool, paths in report.observed.items():
                 if paths:  # one entry per sync, not per path: parsing per-path entries cost ms per sync
-                    pipe.xadd(f"{p}:observed:{pool}", {"r": me, "h": ";".join(",".join(map(str, path))
+                    pipe.xadd(f"{p}:paths:{pool}", {"r": me, "h": ";".join(",".join(map(str, path))
                                                                                 for path in paths)},
                               maxlen=self.stream_len, approximate=True)
             pipe.zrangebyscore(f"{p}:replicas", now - self.ttl, "+inf")
@@ -142,9 +145,9 @@ class RedisStateBackend:
                 # First sync: start from the stream's tail window (what the peers saw recently).
                 start = self._read_from.get(pool)
                 if start is None:
-                    pipe.xrevrange(f"{p}:observed:{pool}", "+", "-", count=self.first_read)
+                    pipe.xrevrange(f"{p}:paths:{pool}", "+", "-", count=self.first_read)
                 else:
-                    pipe.xrange(f"{p}:observed:{pool}", f"({start}", "+", count=self.stream_len)
+                    pipe.xrange(f"{p}:paths:{pool}", f"({start}", "+", count=self.stream_len)
             results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             if self.healthy:

@@ -61,10 +61,10 @@ async def test_redis_loss_reports_unreachable_then_recovers(redis_server: RedisS
 
 
 async def test_operator_prefixes_keep_services_and_the_chart_gateway_apart(redis_server: RedisServer) -> None:
-    """One Redis, three users: two replicas of service observed/x (the operator's prefix), another
+    """One Redis, three users: two replicas of service paths/x (the operator's prefix), another
     service, and the chart's gateway (prefix: the release's full name, here "tandem") serving a model
-    whose name makes its stream key ``tandem:observed:x:replicas``; a "tandem:<ns>:<name>" prefix
-    would give service observed/x's replica set that very key (Redis: WRONGTYPE)."""
+    whose name makes its stream key ``tandem:paths:x:replicas``; a "tandem:<ns>:<name>" prefix
+    would give service paths/x's replica set that very key (Redis: WRONGTYPE)."""
     from tandem.api.models import LLMService
     from tandem.operator.plan import redis_prefix
 
@@ -73,8 +73,8 @@ async def test_operator_prefixes_keep_services_and_the_chart_gateway_apart(redis
             {"metadata": {"name": name, "namespace": namespace},
              "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}}))
 
-    svc = [RedisStateBackend(redis_server.url, prefix=prefix("observed", "x")) for _ in range(2)]
-    other = RedisStateBackend(redis_server.url, prefix=prefix("observed", "y"))
+    svc = [RedisStateBackend(redis_server.url, prefix=prefix("paths", "x")) for _ in range(2)]
+    other = RedisStateBackend(redis_server.url, prefix=prefix("paths", "y"))
     chart = RedisStateBackend(redis_server.url, prefix="tandem")
     backends = [*svc, other, chart]
     try:
