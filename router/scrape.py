@@ -1,7 +1,7 @@
 """Polls every instance's ``/metrics`` concurrently on the event loop and feeds routing state.
 
-Scrapes never block requests: each round is one ``gather`` of bounded GETs. A failed or
-unparseable scrape counts an error; an instance without a good scrape for ``stale_after`` seconds
+Scrapes never block requests: each is a bounded GET, their starts spread over the interval. A
+failed or unparseable scrape counts an error; an instance without a good scrape for ``stale_after`` seconds
 is *suspect* and not routable until a scrape succeeds again (a crashed or wedged engine usually
 stops answering /metrics before the circuit breaker has seen enough failed requests).
 """
@@ -68,14 +68,30 @@ class Scraper:
         await self.client.aclose()
 
     async def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            await self.scrape_all()
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        """Each instance once per interval, the starts spread evenly over it.
 
-    async def scrape_all(self) -> None:
-        insts = [i for i in self.instances() if not i.removed]
-        await asyncio.gather(*(self.scrape(i) for i in insts))
+        Started together, the answers came back together and were parsed in one run of the loop:
+        a pause of about a millisecond per engine that every request in flight waited out (seen
+        as TTFT p99 in ``tandem bench gateway``). Spread, the same work comes in small pieces. An
+        instance whose previous scrape is still running (a slow engine) is not asked again."""
+        running: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                insts = [i for i in self.instances() if not i.removed]
+                if not insts:
+                    await asyncio.sleep(self.interval)
+                    continue
+                gap = self.interval / len(insts)
+                for inst in insts:
+                    started = time.monotonic()
+                    if inst.id not in running:
+                        task = running[inst.id] = asyncio.create_task(self.scrape(inst))
+                        task.add_done_callback(lambda _t, iid=inst.id: running.pop(iid, None))
+                    await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
+        finally:
+            for task in list(running.values()):
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
 
     async def _fetch(self, url: str, headers: dict[str, str]) -> str:
         """The body, read up to ``max_bytes`` (a runaway exporter must not grow the gateway's memory)."""

@@ -261,3 +261,33 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     assert gw.local_report().load["http://a"].pending_attn_pairs == own  # only our own share is published
     gw.apply_remote({})  # peers gone (or Redis down): their share leaves the estimate
     assert s.pending_attn_pairs == own
+
+
+async def test_scrapes_are_spread_over_the_interval_and_never_doubled() -> None:
+    """Four instances, a 0.4 s interval: one start every ~0.1 s, not four at once; an instance whose
+    scrape is still running (here: never ends) is not scraped again."""
+    import asyncio
+    import itertools
+    import time
+    from types import SimpleNamespace
+
+    from tandem.router.metrics import GatewayMetrics
+    from tandem.router.scrape import Scraper
+
+    starts: list[tuple[str, float]] = []
+
+    class Recording(Scraper):
+        async def scrape(self, inst: object) -> None:
+            starts.append((inst.id, time.monotonic()))  # type: ignore[attr-defined]
+            if inst.id == "slow":  # type: ignore[attr-defined]
+                await asyncio.sleep(3600)
+
+    insts = [SimpleNamespace(id=name, removed=False) for name in ("a", "b", "c", "slow")]
+    scraper = Recording(lambda: insts, GatewayMetrics(), interval=0.4, timeout=0.3, stale_after=1.0)
+    scraper.start()
+    await asyncio.sleep(1.15)
+    await scraper.stop()
+    names = [n for n, _ in starts]
+    assert names[:4] == ["a", "b", "c", "slow"] and names.count("slow") == 1 and names.count("a") >= 2
+    gaps = [t1 - t0 for (_, t0), (_, t1) in itertools.pairwise(starts)]
+    assert min(gaps) > 0.05  # 0.1 s apart, with slack for a loaded machine
