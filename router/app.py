@@ -345,7 +345,7 @@ class Gateway:
                                  first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
-                               verify=self.engine_tls, headers=self.engine_headers)
+                               ssl_context=self.engine_tls, headers=self.engine_headers)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
                                                  s.kubeconfig, s.k8s_watch_timeout)

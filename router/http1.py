@@ -207,12 +207,22 @@ class HTTP1Client:
     async def post(self, url: str, body: bytes, headers: dict[str, str], *, connect_timeout: float,
                    read_timeout: float) -> Response:
         """Send a POST and wait for the response headers (``read_timeout`` bounds the wait)."""
+        return await self.request("POST", url, body, headers, connect_timeout=connect_timeout,
+                                  read_timeout=read_timeout)
+
+    async def get(self, url: str, headers: dict[str, str], *, connect_timeout: float,
+                  read_timeout: float) -> Response:
+        return await self.request("GET", url, b"", headers, connect_timeout=connect_timeout,
+                                  read_timeout=read_timeout)
+
+    async def request(self, method: str, url: str, body: bytes, headers: dict[str, str], *,
+                      connect_timeout: float, read_timeout: float) -> Response:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"only http:// and https:// URLs are supported, not {url!r}")
         key = (parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
+        head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
         if self._slots.locked():  # only then can acquiring wait (wait_for would cost a task every time)
