@@ -58,7 +58,7 @@ class BenchStateSyncCommand(TandemSettings):
         rng = random.Random(0)
         prefix = f"bench-{name}-{time.time_ns()}"
         backends = [RedisStateBackend(url, prefix=prefix) for _ in range(self.replicas)]
-        instances = [f"http://10.0.0.{i // 250}.{i % 250}:8000" for i in range(self.instances)]
+        instances = [f"http://10.0.{i // 250}.{i % 250}:8000" for i in range(self.instances)]
 
         def report() -> LocalReport:
             return LocalReport(
