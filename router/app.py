@@ -404,7 +404,7 @@ class Gateway:
         now = time.monotonic()
         remote = list(self.pd["remote-prefill"].values())
         return RemoteView(instances=len(remote), healthy=sum(1 for i in remote if i.state.routable),
-                          egress_gbps=sum(c.egress_gbps(now) for c in self.pd_router.controllers.values()),
+                          egress_gbps=self.pd_router.link_egress_gbps(now),
                           queue_tokens=sum(i.state.pending_miss_tokens for i in remote))
 
     # --- the request path ------------------------------------------------------------------

@@ -200,8 +200,7 @@ class PDRouter:
         backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
         per_token = self.remote_profile.params.per_token_s
         # Other models' offloads share the link: their measured egress shrinks this model's budget.
-        others = sum(c.egress_gbps(now) for m, c in self.controllers.items() if m != model)
-        ctl.maybe_resolve(now, link_other_gbps=others,
+        ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model),
                           remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
         self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
         return "remote" if ctl.should_offload(uncached) else "local"
@@ -220,8 +219,11 @@ class PDRouter:
         now = time.monotonic()
         return OffloadCounts(threshold_tokens=ctl.threshold, remote_instances=len(remote), remote_queue_tokens=own,
                              remote_per_token_s=self.remote_profile.params.per_token_s,
-                             link_other_gbps=sum(c.egress_gbps(now) for m, c in self.controllers.items()
-                                                 if m != model))
+                             link_other_gbps=self.link_egress_gbps(now, besides=model))
+
+    def link_egress_gbps(self, now: float, besides: str | None = None) -> float:
+        """KV traffic this gateway's offloads put on the remote link, all models' but ``besides``."""
+        return sum(c.egress_gbps(now) for m, c in self.controllers.items() if m != besides)
 
     def controller(self, model: str) -> OffloadController:
         ctl = self.controllers.get(model)
