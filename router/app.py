@@ -147,6 +147,7 @@ class Gateway:
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
         self.worker = worker
+        self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
         self.siblings = Siblings(worker.sibling_sockets) if worker else None
         self.metrics = GatewayMetrics(worker.metrics_dir if worker else None)
         self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
@@ -697,9 +698,9 @@ class GatewayApp(FastAPI):
     gateway: Gateway
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        worker = self.gateway.worker
-        if worker is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
-            send = _with_header(send, b"x-tandem-worker", worker.header)
+        header = self.gateway.worker_header
+        if header is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
+            send = _with_header(send, b"x-tandem-worker", header)
         if scope["type"] == "http" and scope["method"] == "POST":
             kind = _FAST_PATHS.get(scope["path"])
             if kind is not None:

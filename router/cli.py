@@ -92,13 +92,13 @@ class GatewayCommand(GatewaySettings):
         try:
             if self.service_config is not None:
                 settings = apply_service_description(self, load_service_description(self.service_config))
-            if settings.workers == 1:
-                serve(settings)
-                return
-            supervisor = Supervisor(settings)
+            supervisor = Supervisor(settings) if settings.workers > 1 else None
         except ValueError as exc:
             raise SystemExit(f"tandem gateway: {exc}") from exc
-        raise SystemExit(supervisor.run())
+        if supervisor is None:
+            serve(settings)
+        else:
+            raise SystemExit(supervisor.run())
 
 
 def serve(settings: GatewaySettings, sockets: list[socket.socket] | None = None,

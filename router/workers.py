@@ -58,16 +58,10 @@ class WorkerContext(BaseModel):
     """What one worker knows about the others."""
 
     index: int = Field(ge=0)
-    count: int = Field(ge=1)
     supervisor_pid: int
     own_socket: Path = Field(description="this worker's private Unix socket (siblings call it)")
     sibling_sockets: list[Path] = Field(default_factory=list, description="the other workers' private sockets")
     metrics_dir: Path = Field(description="prometheus_client multiprocess directory shared by the workers")
-
-    @property
-    def header(self) -> bytes:
-        """The ``x-tandem-worker`` value of this worker's responses."""
-        return str(self.index).encode()
 
 
 def listen_sockets(host: str, port: int, count: int, backlog: int = 2048) -> list[socket.socket]:
@@ -84,7 +78,13 @@ def listen_sockets(host: str, port: int, count: int, backlog: int = 2048) -> lis
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            for other in out:
+                other.close()
+            raise ValueError(f"port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         port = sock.getsockname()[1]
         sock.listen(backlog)
         sock.set_inheritable(True)
@@ -103,8 +103,10 @@ class Supervisor:
         self.restart_limit = restart_limit
         self.listeners = listen_sockets(settings.host, settings.port, settings.workers)
         self.port: int = self.listeners[0].getsockname()[1]
+        self.worker_settings = settings.model_copy(update={"port": self.port})  # port 0: the one picked
         self.dir = _private_dir()
-        (self.dir / "metrics").mkdir()
+        self.metrics_dir = self.dir / "metrics"
+        self.metrics_dir.mkdir()
         self.sockets = [self.dir / f"worker-{i}.sock" for i in range(settings.workers)]
         self.procs: list[BaseProcess | None] = [None] * settings.workers
         self._ctx = multiprocessing.get_context("spawn")
@@ -112,14 +114,13 @@ class Supervisor:
         self._deaths: deque[float] = deque(maxlen=restart_limit)
 
     def context(self, index: int) -> WorkerContext:
-        return WorkerContext(index=index, count=len(self.sockets), supervisor_pid=os.getpid(),
-                             own_socket=self.sockets[index],
+        return WorkerContext(index=index, supervisor_pid=os.getpid(), own_socket=self.sockets[index],
                              sibling_sockets=[p for i, p in enumerate(self.sockets) if i != index],
-                             metrics_dir=self.dir / "metrics")
+                             metrics_dir=self.metrics_dir)
 
     def _start(self, index: int) -> None:
-        settings = self.settings.model_copy(update={"port": self.port})
-        proc = self._ctx.Process(target=run_worker, args=(settings, self.context(index), self.listeners[index]),
+        proc = self._ctx.Process(target=run_worker,
+                                 args=(self.worker_settings, self.context(index), self.listeners[index]),
                                  name=f"tandem-gateway-worker-{index}", daemon=False)
         proc.start()
         self.procs[index] = proc
@@ -129,7 +130,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until told to stop; the exit status: 0 after a clean stop, 1 when workers kept dying."""
-        os.environ[METRICS_DIR_ENV] = str(self.dir / "metrics")
+        os.environ[METRICS_DIR_ENV] = str(self.metrics_dir)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for i in range(len(self.procs)):
@@ -184,7 +185,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         if proc.pid is not None:
-            multiprocess.mark_process_dead(proc.pid, str(self.dir / "metrics"))
+            multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
 
     def _stop_all(self) -> None:
         for proc in self._alive():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +151,15 @@ def test_more_than_one_worker_needs_redis() -> None:
                            "--workers", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "workers" in done.stderr and "--redis-url" in done.stderr
+
+
+def test_workers_on_a_taken_port_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "tandem.cli", "gateway", "--instances", "http://127.0.0.1:9",
+                               "--workers", "2", "--redis-url", "redis://127.0.0.1:9/0", "--port", str(port)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"port: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
