@@ -30,29 +30,19 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
+from tandem.api.labels import ANN_DRAINING, LABEL_ROLE, LABEL_SERVICE
 from tandem.api.models import LLMService
 from tandem.api.models import Role as ApiRole
+from tandem.api.observations import ObservationCounts, Observations, RoleObservation, build_report, merge_counts
 from tandem.autoscaler.core import apply_budget, tick
-from tandem.autoscaler.models import (
-    SLO,
-    AutoscalerSpec,
-    AutoscalerState,
-    Decision,
-    Observations,
-    PoolBounds,
-    Role,
-    RoleObservation,
-)
-from tandem.operator.kube import LLMSERVICES, ApiError, Kind, KubeClient
-from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
-from tandem.router.observations import ObservationCounts, build_report, merge_counts
-from tandem.sim.profile import DEFAULT_PROFILE, load_profile
+from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, Decision, PoolBounds, Role
+from tandem.kube import LLMSERVICES, ApiError, Kind, KubeClient
+from tandem.perf.profile import DEFAULT_PROFILE, load_profile
 
 log = logging.getLogger("tandem.autoscaler")
 
 PODS = Kind(group="", version="v1", plural="pods", kind="Pod")
 EVENTS = Kind(group="", version="v1", plural="events", kind="Event")
-ANN_DRAINING = "serving.tandem.dev/draining"  # value: RFC 3339 time the drain started
 ANN_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 DRAINING_DELETION_COST = "-1000"  # the ReplicaSet removes the lowest cost first: exactly the drained pods
 
@@ -181,8 +171,8 @@ def _unseen(resp: httpx.Response) -> bool:
 class GatewayObservationSource:
     """Every gateway replica's admin API, merged: ``GET {replica}/admin/observation-counts?namespace=
     &service=&window=&now=`` asked of each replica concurrently, the answers added up
-    (:func:`~tandem.router.observations.merge_counts`) and built into one :class:`LoadReport`
-    (:func:`~tandem.router.observations.build_report`, the gateway's own single-replica builder).
+    (:func:`~tandem.api.observations.merge_counts`) and built into one :class:`LoadReport`
+    (:func:`~tandem.api.observations.build_report`, the gateway's own single-replica builder).
 
     Each replica sees only the requests that reached it; asking one behind a Service would size the
     pools for 1/K of the load. ``now`` sent to the replicas is this process's wall clock, so every

@@ -36,9 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from tandem.autoscaler.models import SLO, LengthBucket, Role
-from tandem.sim.costmodel import CostModel
-from tandem.sim.profile import Profile
+from tandem.api.observations import LengthBucket
+from tandem.autoscaler.models import SLO, Role
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import Profile
 
 # The model's TPOT must stay this far inside the SLO: individual requests see batches above the
 # mean, so a mean at the objective would fail about half of them.

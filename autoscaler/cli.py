@@ -77,7 +77,7 @@ class AutoscalerCommand(TandemSettings):
 
         from tandem.autoscaler.actuator import Actuator, GatewayObservationSource, KubernetesGateways
         from tandem.autoscaler.models import AutoscalerSpec
-        from tandem.operator.kube import KubeClient, load_credentials
+        from tandem.kube import KubeClient, load_credentials
 
         creds = await asyncio.to_thread(load_credentials, self.kubeconfig)
         client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), timeout=self.api_timeout_s,

@@ -26,7 +26,7 @@ overload. Bounds and GPU budgets clamp the result.
 
 Offload (Prefill-as-a-Service): with a remote prefill pool in the spec, the local prefill pool is
 sized only for the prompts the threshold in force keeps local, and after the pools are decided
-the threshold is re-solved for them by the PD solver (:mod:`tandem.router.offload`) from the
+the threshold is re-solved for them by the PD solver (:mod:`tandem.router.routing.offload`) from the
 length mix, the link's spare capacity and the remote queue; the new threshold applies from the
 next tick, so sizing and threshold converge together without a second solver.
 
@@ -44,21 +44,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from tandem.api.observations import LengthBucket, Observations, RoleObservation
 from tandem.autoscaler import forecast
 from tandem.autoscaler.capacity import CapacityModel, Workload
-from tandem.autoscaler.models import (
-    AutoscalerSpec,
-    AutoscalerState,
-    Decision,
-    LengthBucket,
-    Observations,
-    Role,
-    RoleDecision,
-    RoleObservation,
-    RoleState,
-)
-from tandem.router.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
-from tandem.sim.profile import Profile
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, Role, RoleDecision, RoleState
+from tandem.perf.profile import Profile
+from tandem.router.routing.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
 
 MIN_GOODPUT_SCALE = 0.3
 RELAX_PER_TICK = 1.002
@@ -97,7 +88,7 @@ def _local_prefill(cap: CapacityModel, obs: Observations, threshold: int | None)
 
 def solve_offload(cap: CapacityModel, obs: Observations, spec: AutoscalerSpec, roles: Mapping[Role, RoleDecision],
                   w: Workload) -> int:
-    """Re-solve the offload threshold (PrfaaS, :func:`tandem.router.offload.solve_threshold`) for
+    """Re-solve the offload threshold (PrfaaS, :func:`tandem.router.routing.offload.solve_threshold`) for
     the pools just decided: Λ(t) = min(remote / p, local prefill / (1 - p), decode, link)."""
     off = spec.offload
     assert off is not None

@@ -12,7 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Role = Literal["unified", "prefill", "decode"]
+from tandem.api.models import Role
+
 Mode = Literal["aggregated", "disaggregated"]
 
 ROLES_BY_MODE: dict[str, tuple[Role, ...]] = {
@@ -23,58 +24,6 @@ ROLES_BY_MODE: dict[str, tuple[Role, ...]] = {
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class LengthBucket(_Model):
-    """One class of requests in the observed length mix.
-
-    A mix of buckets rather than a mean, because prefill time is superlinear in the prompt and
-    the queueing delay depends on the second moment of the service time: a few long prompts
-    dominate TTFT even when the mean prompt is short.
-    """
-
-    input_tokens: int = Field(gt=0, description="prompt tokens")
-    output_tokens: int = Field(gt=0, description="generated tokens")
-    weight: float = Field(1.0, gt=0, description="share of requests in this bucket (normalised by the user)")
-
-
-class RoleObservation(_Model):
-    """What the gateway and the engines of one pool report for the last window."""
-
-    ready: int = Field(ge=0, description="instances serving (not starting, not draining)")
-    starting: int = Field(0, ge=0, description="instances scheduled but not ready yet")
-    draining: int = Field(0, ge=0, description="instances marked draining that still hold requests")
-    drained: int = Field(0, ge=0, description="instances marked draining that are now idle (safe to remove)")
-    queue_depth: float = Field(0.0, ge=0, description="requests waiting (gateway queue + engine waiting), pool total")
-    queue_time_s: float = Field(0.0, ge=0, description="mean time requests waited before running")
-    kv_usage: float = Field(0.0, ge=0, le=1, description="mean KV-cache usage over the pool")
-
-    @property
-    def provisioned(self) -> int:
-        """Instances the pool has or will have: ready plus starting (draining ones are leaving)."""
-        return self.ready + self.starting
-
-
-class Observations(_Model):
-    time_s: float = Field(description="when the window ended (monotonic seconds)")
-    window_s: float = Field(gt=0, description="length of the observation window")
-    arrival_rate: float = Field(ge=0, description="requests per second arriving at the gateway")
-    length_mix: list[LengthBucket] = Field(min_length=1, description="input/output length mix")
-    prefix_hit_ratio: float = Field(0.0, ge=0, le=1, description="share of prompt tokens served from prefix caches")
-    roles: dict[Role, RoleObservation] = Field(description="per-role pool observations")
-    ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
-    tpot_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TPOT SLO")
-    prefill_attainment: float | None = Field(
-        None, ge=0, le=1, description="disaggregated: share of requests whose prefill leg (arrival to the prefill "
-                                      "engine's answer) ended within the TTFT SLO; the rest of a TTFT miss is the "
-                                      "decode side's (waiting to be admitted, KV transfer)")
-    completed: int = Field(0, ge=0, description="requests that finished in the window (attainment sample size)")
-    ttft_attainable: float = Field(1.0, gt=0, le=1,
-                                   description="share of those whose prompt alone prefills within the TTFT SLO: "
-                                               "the ceiling of TTFT attainment (no pool size lifts it)")
-    offload_threshold: int | None = Field(None, ge=0, description="the offload threshold in force (uncached tokens)")
-    link_other_gbps: float = Field(0.0, ge=0, description="traffic on the offload link that is not KV of offloads")
-    remote_queue_s: float = Field(0.0, ge=0, description="work queued at the remote prefill pool, s per instance")
 
 
 class PoolBounds(_Model):

@@ -17,8 +17,8 @@ from typing import Any
 import kopf
 
 from tandem.api.models import GROUP, VERSION
+from tandem.kube import CHILD_KINDS, KubeClient, load_credentials
 
-from .kube import CHILD_KINDS, KubeClient, load_credentials
 from .plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER
 from .reconcile import Reconciler
 

@@ -21,6 +21,21 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 
+from tandem.api.labels import (
+    ANN_BOOTSTRAP_PORT,
+    ANN_CONFIG_HASH,
+    ANN_PORT,
+    ANN_SERVED_MODEL,
+    LABEL_COMPONENT,
+    LABEL_ENGINE,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_MODEL,
+    LABEL_NAME,
+    LABEL_ROLE,
+    LABEL_SERVICE,
+    MANAGER,
+)
 from tandem.api.models import (
     API_VERSION,
     MAX_NAME_LENGTH,
@@ -30,20 +45,6 @@ from tandem.api.models import (
     RemotePrefillPoolSpec,
     Role,
 )
-
-LABEL_SERVICE = "serving.tandem.dev/service"
-LABEL_ROLE = "serving.tandem.dev/role"
-LABEL_MODEL = "serving.tandem.dev/model"
-LABEL_ENGINE = "serving.tandem.dev/engine"
-ANN_SERVED_MODEL = "serving.tandem.dev/served-model"
-ANN_PORT = "serving.tandem.dev/port"
-ANN_BOOTSTRAP_PORT = "serving.tandem.dev/bootstrap-port"
-ANN_CONFIG_HASH = "serving.tandem.dev/config-hash"
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "tandem-operator"
 
 ENGINE_PORT = 8000
 GATEWAY_PORT = 8080

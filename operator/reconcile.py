@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 
 from tandem.api.models import LLMService, RemotePrefillPool, RemotePrefillPoolSpec, Role
+from tandem.kube import CHILD_KINDS, KIND_OF, LLMSERVICES, REMOTEPREFILLPOOLS, ApiError, KubeClient
 
-from .kube import CHILD_KINDS, KIND_OF, LLMSERVICES, REMOTEPREFILLPOOLS, ApiError, KubeClient
 from .plan import OperatorDefaults, PlanError, child_selector, plan_service
 from .state import (
     DeploymentCounts,

@@ -9,14 +9,9 @@ import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from tandem.api.observations import merge_counts
 from tandem.openai_api import error_body
-from tandem.router.observations import (
-    ObservationCounts,
-    build_report,
-    instance_loads,
-    merge_counts,
-    still_busy,
-)
+from tandem.router.observations import ObservationCounts, build_report, instance_loads, still_busy
 from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:

@@ -127,8 +127,8 @@ class Gateway:
     """Everything one gateway process holds. One per app: no module-level state."""
 
     def __init__(self, settings: GatewaySettings, worker: WorkerContext | None = None) -> None:
-        from tandem.sim.costmodel import CostModel
-        from tandem.sim.profile import load_profile
+        from tandem.perf.costmodel import CostModel
+        from tandem.perf.profile import load_profile
 
         self.settings = settings
         # Request ids: one random prefix per process and a counter (a uuid4 per request cost a
@@ -385,7 +385,7 @@ class Gateway:
 
     async def _start_remote_reporter(self, pool: str) -> None:
         """Write the RemotePrefillPool's status; without API credentials, serve and say why."""
-        from tandem.operator.kube import KubeClient, load_credentials
+        from tandem.kube import KubeClient, load_credentials
 
         s = self.settings
         try:

@@ -18,16 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tandem.api.labels import ANN_DRAINING, ANN_PORT, LABEL_MODEL, LABEL_ROLE, LABEL_SERVICE
+
 log = logging.getLogger("tandem.gateway.discovery")
 
 Role = Literal["unified", "prefill", "decode", "remote-prefill"]
-LABEL_ROLE = "serving.tandem.dev/role"
-LABEL_MODEL = "serving.tandem.dev/model"
-LABEL_SERVICE = "serving.tandem.dev/service"
-ANNOTATION_PORT = "serving.tandem.dev/port"
-# Set by the autoscaler on pods it is about to remove (value: when the drain began). Such a pod gets
-# no new requests; the gateway reports its in-flight count until it is idle (docs/autoscaler.md).
-ANNOTATION_DRAINING = "serving.tandem.dev/draining"
 
 
 class Endpoint(BaseModel):
@@ -73,8 +68,8 @@ def _pod_ready(pod: Any) -> bool:
 
 def _pod_port(pod: Any, default_port: int) -> int:
     annotations = _get(pod, "metadata", "annotations") or {}
-    if str(annotations.get(ANNOTATION_PORT, "")).isdigit():
-        return int(annotations[ANNOTATION_PORT])
+    if str(annotations.get(ANN_PORT, "")).isdigit():
+        return int(annotations[ANN_PORT])
     for container in _get(pod, "spec", "containers") or ():
         for port in _get(container, "ports") or ():
             if _get(port, "name") == "http" and _get(port, "container_port"):
@@ -84,7 +79,7 @@ def _pod_port(pod: Any, default_port: int) -> int:
 
 def pod_draining(pod: Any) -> bool:
     """The autoscaler marked the pod draining (any non-empty value of the annotation)."""
-    return bool((_get(pod, "metadata", "annotations") or {}).get(ANNOTATION_DRAINING))
+    return bool((_get(pod, "metadata", "annotations") or {}).get(ANN_DRAINING))
 
 
 def endpoint_from_pod(pod: Any, default_port: int) -> Endpoint | None:

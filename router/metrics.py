@@ -66,7 +66,7 @@ class GatewayMetrics:
                                             ["backend"], registry=r)
         self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
                                 ["reason"], registry=r)
-        # Disaggregated serving with a remote prefill pool (router/pdgateway.py, router/offload.py).
+        # Disaggregated serving with a remote prefill pool (router/pdgateway.py, router/routing/offload.py).
         self.prefill_routes = Counter("tandem_prefill_route", "Disaggregated requests by where their prefill was "
                                       "sent: local or remote (the offload threshold's decision).",
                                       ["model", "route"], registry=r)

@@ -39,13 +39,19 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from tandem.autoscaler.models import LengthBucket, Observations, RoleObservation
+from tandem.api.observations import (
+    ADDITIVE_COUNTS,
+    InstanceLoad,
+    ObservationCounts,
+    QueueWait,
+    build_report,
+    fold_instances,
+    mix_table,
+)
 
 if TYPE_CHECKING:
     from tandem.router.pool import Instance
@@ -155,109 +161,6 @@ def max_attainable_prompt(prefill_time: Callable[[int], float], slo_ttft_s: floa
         else:
             hi = mid - 1
     return lo
-
-
-class InstanceLoad(BaseModel):
-    """One engine instance as one gateway replica sees it at query time.
-
-    ``queued`` is this replica's own queue for the instance; ``inflight`` its requests running there
-    (``/admin/observation-counts``: its own, which add up over replicas; ``/admin/observations``: its
-    view including what the other replicas said through shared state, the best one replica alone can
-    tell). ``engine_waiting`` and ``kv_usage`` are the engine's own gauges as this replica last scraped
-    them, ``scrape_age_s`` ago: every replica scrapes the same engine, so they never add up.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    service: str
-    role: str
-    pod: str
-    routable: bool
-    draining: bool
-    queued: int
-    inflight: int
-    engine_waiting: int
-    kv_usage: float
-    scrape_age_s: float | None = None  # None: never scraped
-
-
-class MixCount(BaseModel):
-    """One power-of-two (prompt, output) length class: how many requests finished in it, their token sums."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt_class: int
-    output_class: int
-    count: int
-    prompt_tokens: int
-    output_tokens: int
-
-
-class QueueWait(BaseModel):
-    """Time the requests of one role waited in the gateway's queue before an engine took them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    wait_s: float = 0.0
-    count: int = 0
-
-
-# The counters of ObservationCounts that are plain sums over buckets and over replicas.
-_ADDITIVE = ("arrivals", "prompt_tokens", "hit_tokens", "ttft_n", "ttft_ok", "prefill_n", "prefill_ok",
-             "attainable", "tpot_n", "tpot_ok")
-
-
-class OffloadCounts(BaseModel):
-    """What one gateway knows of a service's cross-datacenter prefill offload, for the autoscaler's
-    sizing of the local prefill pool (which prompts stay local) and its re-solve of the threshold.
-
-    Each gateway solves its own threshold from its own share of the same traffic, so replicas agree
-    up to noise; merged, the largest is kept (the most prefill work left local: the safe side for
-    sizing it). The backlog and the other models' link traffic are each gateway's own and add up."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    threshold_tokens: int = Field(ge=0, description="offload threshold in force (uncached prompt tokens)")
-    remote_instances: int = Field(ge=0, description="remote prefill engines known")
-    remote_queue_tokens: int = Field(ge=0, description="uncached prompt tokens this gateway has queued or in "
-                                                       "flight at the remote pool")
-    remote_per_token_s: float = Field(gt=0, description="remote prefill seconds per token (its profile)")
-    link_other_gbps: float = Field(ge=0, description="this gateway's traffic of other models' offloads on the "
-                                                     "link, measured")
-
-
-class ObservationCounts(BaseModel):
-    """The sums behind one service's ``LoadReport`` over one window, as one replica or several saw it.
-
-    Everything but ``instances`` is a sum of per-request counters over the window's buckets, so the
-    counts of several replicas add up (:func:`merge_counts`) and :func:`build_report` turns any of
-    them into observations.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    service: str
-    window_s: float = Field(gt=0, description="the window the sums cover (the one asked, clamped)")
-    bucket_s: float = Field(gt=0, description="width of the buckets the window is made of")
-    arrivals: int = 0
-    prompt_tokens: int = Field(0, description="prompt tokens of the requests routed in the window")
-    hit_tokens: int = Field(0, description="of those, tokens routing expected in an engine's prefix cache")
-    ttft_n: int = Field(0, description="requests judged against the TTFT SLO (finished or failed)")
-    ttft_ok: int = 0
-    prefill_n: int = Field(0, description="disaggregated requests whose prefill leg was judged")
-    prefill_ok: int = 0
-    attainable: int = Field(0, description="judged requests whose uncached prompt alone fits the TTFT SLO")
-    tpot_n: int = 0
-    tpot_ok: int = 0
-    queue: dict[str, QueueWait] = Field(default_factory=dict, description="per role: gateway queue wait")
-    mix: list[MixCount] = Field(default_factory=list, description="length classes of requests finished")
-    horizon_mix: list[MixCount] = Field(
-        default_factory=list, description="the same over the whole horizon, only when the window finished "
-                                          "nothing (the report falls back to it)")
-    instances: list[InstanceLoad] = Field(default_factory=list, description="one per (pod, role)")
-    missing: list[str] = Field(default_factory=list, description="gateway processes asked for their share that "
-                                                                 "did not answer: the sums lack it")
-    offload: OffloadCounts | None = Field(None, description="the service's remote prefill pool, when it has one")
 
 
 class Observer:
@@ -379,166 +282,25 @@ class Observer:
         window_s = min(max(window_s, self.bucket_s), self.horizon_s)  # whole buckets, within what is kept
         ring = self.rings.get(service)
         buckets = ring.since(now - window_s) if ring else []
-        sums = {name: sum(getattr(b, name) for b in buckets) for name in _ADDITIVE}
+        sums = {name: sum(getattr(b, name) for b in buckets) for name in ADDITIVE_COUNTS}
         waits: dict[str, list[float]] = {}
         for b in buckets:
             for role, (total, n) in b.queue.items():
                 acc = waits.setdefault(role, [0.0, 0])
                 acc[0] += total
                 acc[1] += n
-        mix = _mix_table((key, cell) for b in buckets for key, cell in b.mix.items())
-        horizon = [] if mix or ring is None else _mix_table(
+        mix = mix_table((key, cell) for b in buckets for key, cell in b.mix.items())
+        horizon = [] if mix or ring is None else mix_table(
             (key, cell) for b in ring.since(now - self.horizon_s) for key, cell in b.mix.items())
         return ObservationCounts(
             service=service, window_s=window_s, bucket_s=self.bucket_s, **sums,
             queue={role: QueueWait(wait_s=total, count=int(n)) for role, (total, n) in waits.items()},
-            mix=mix, horizon_mix=horizon, instances=_fold(i for i in instances if i.service == service))
+            mix=mix, horizon_mix=horizon, instances=fold_instances(i for i in instances if i.service == service))
 
     def report(self, service: str, window_s: float, now: float, instances: Iterable[InstanceLoad],
                time_s: float | None = None) -> dict[str, Any]:
         """The ``LoadReport`` JSON for one service over ``[now - window_s, now]`` (see :meth:`counts`)."""
         return build_report(self.counts(service, window_s, now, instances), now if time_s is None else time_s)
-
-
-def _mix_table(cells: Iterable[tuple[tuple[int, int], Sequence[int]]]) -> list[MixCount]:
-    """Length classes summed over buckets or replicas: ``((prompt class, output class), [n, in, out])``."""
-    acc: dict[tuple[int, int], list[int]] = {}
-    for key, (n, ins, outs) in cells:
-        a = acc.setdefault(key, [0, 0, 0])
-        a[0] += n
-        a[1] += ins
-        a[2] += outs
-    return [MixCount(prompt_class=pc, output_class=oc, count=n, prompt_tokens=ins, output_tokens=outs)
-            for (pc, oc), (n, ins, outs) in sorted(acc.items())]
-
-
-def _length_mix(table: list[MixCount]) -> list[LengthBucket]:
-    """Each length class at its exact mean, weighted by its share of the requests."""
-    total = sum(m.count for m in table)
-    return [LengthBucket(input_tokens=max(1, round(m.prompt_tokens / m.count)),
-                         output_tokens=max(1, round(m.output_tokens / m.count)), weight=m.count / total)
-            for m in table if m.count]
-
-
-def _scrape_age(inst: InstanceLoad) -> float:
-    return math.inf if inst.scrape_age_s is None else inst.scrape_age_s
-
-
-def _fold(instances: Iterable[InstanceLoad]) -> list[InstanceLoad]:
-    """One record per (pod, role) out of several views of it (replicas, or an instance object that
-    left while busy and came back): queues and in-flight requests are each view's own and add up;
-    the engine's gauges are one engine's, taken from the freshest scrape (a sum would count the
-    engine once per view, a mean would mix readings of different ages); draining once any view has
-    seen the annotation (a view that has not is behind), routable when any view can route to it."""
-    out: dict[tuple[str, str], InstanceLoad] = {}
-    for inst in instances:
-        key = (inst.pod, inst.role)
-        prev = out.get(key)
-        if prev is None:
-            out[key] = inst
-            continue
-        fresher = inst if _scrape_age(inst) < _scrape_age(prev) else prev
-        out[key] = fresher.model_copy(update={
-            "queued": prev.queued + inst.queued, "inflight": prev.inflight + inst.inflight,
-            "draining": prev.draining or inst.draining, "routable": prev.routable or inst.routable})
-    return list(out.values())
-
-
-def merge_counts(parts: Sequence[ObservationCounts]) -> ObservationCounts:
-    """The counts one gateway would have had if it had seen every request the ``parts`` saw (pure).
-
-    Each request reached exactly one replica, so the request counters, queue waits and length
-    classes are sums, and so are the gateway-side parts of the instances (each replica's own queue
-    and in-flight requests per engine: a pod is idle only when no replica has a request on it). The
-    engine-side parts are not: every replica scrapes the same engines, so adding their waiting
-    queues or KV usage would count each engine once per replica; per (pod, role) the freshest
-    scrape is kept (:func:`_fold`). Parts must cover the same window in buckets of the same width
-    (the autoscaler asks every replica for the same ``window`` and wall-clock ``now``); replicas
-    configured differently are refused (``ValueError``) rather than added up wrongly.
-    """
-    if not parts:
-        raise ValueError("merge_counts: nothing to merge")
-    first = parts[0]
-    for p in parts[1:]:
-        if (p.service, p.window_s, p.bucket_s) != (first.service, first.window_s, first.bucket_s):
-            raise ValueError(f"merge_counts: replicas disagree on the window: service {p.service!r}, "
-                             f"{p.window_s} s in {p.bucket_s} s buckets vs {first.service!r}, "
-                             f"{first.window_s} s in {first.bucket_s} s buckets")
-    queue: dict[str, QueueWait] = {}
-    for p in parts:
-        for role, w in p.queue.items():
-            acc = queue.get(role, QueueWait())
-            queue[role] = QueueWait(wait_s=acc.wait_s + w.wait_s, count=acc.count + w.count)
-    mix = _mix_table(((m.prompt_class, m.output_class), (m.count, m.prompt_tokens, m.output_tokens))
-                     for p in parts for m in p.mix)
-    horizon = [] if mix else _mix_table(((m.prompt_class, m.output_class),
-                                         (m.count, m.prompt_tokens, m.output_tokens))
-                                        for p in parts for m in p.horizon_mix)
-    return ObservationCounts(
-        service=first.service, window_s=first.window_s, bucket_s=first.bucket_s,
-        **{name: sum(getattr(p, name) for p in parts) for name in _ADDITIVE},
-        queue=queue, mix=mix, horizon_mix=horizon, instances=_fold(i for p in parts for i in p.instances),
-        missing=[m for p in parts for m in p.missing],
-        offload=_merge_offload([p.offload for p in parts if p.offload is not None]))
-
-
-def _merge_offload(parts: Sequence[OffloadCounts]) -> OffloadCounts | None:
-    """See :class:`OffloadCounts` for why each field merges as it does."""
-    if not parts:
-        return None
-    return OffloadCounts(threshold_tokens=max(p.threshold_tokens for p in parts),
-                         remote_instances=max(p.remote_instances for p in parts),
-                         remote_queue_tokens=sum(p.remote_queue_tokens for p in parts),
-                         remote_per_token_s=parts[0].remote_per_token_s,
-                         link_other_gbps=sum(p.link_other_gbps for p in parts))
-
-
-def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:
-    """The ``LoadReport`` JSON of some counts, one replica's or merged (pure): rates over the window,
-    ratios of the sums, and per role the pool's instances, queue and KV usage; ``time_s`` is echoed."""
-    c = counts
-    mix = _length_mix(c.mix) or _length_mix(c.horizon_mix)
-    if not mix:  # nothing finished yet: the prompts seen so far, output unknown (1 token)
-        mix = [LengthBucket(input_tokens=max(1, round(c.prompt_tokens / c.arrivals)) if c.arrivals else 1,
-                            output_tokens=1)]
-    inflight: dict[str, int] = {}
-    per_role: dict[str, list[InstanceLoad]] = {}
-    for inst in c.instances:
-        inflight[inst.pod] = inflight.get(inst.pod, 0) + max(0, inst.inflight)
-        if inst.role in ("unified", "prefill", "decode"):
-            per_role.setdefault(inst.role, []).append(inst)
-    roles: dict[str, RoleObservation] = {}
-    for role in set(per_role) | set(c.queue):
-        insts = per_role.get(role, [])
-        live = [i for i in insts if not i.draining]
-        wait = c.queue.get(role, QueueWait())
-        roles[role] = RoleObservation(
-            ready=sum(1 for i in live if i.routable),
-            draining=sum(1 for i in insts if i.draining and i.inflight > 0),
-            drained=sum(1 for i in insts if i.draining and i.inflight <= 0),
-            queue_depth=float(sum(i.queued + i.engine_waiting for i in live)),
-            queue_time_s=wait.wait_s / wait.count if wait.count else 0.0,
-            kv_usage=min(1.0, sum(i.kv_usage for i in live) / len(live)) if live else 0.0)
-    obs = Observations(
-        time_s=time_s, window_s=c.window_s, arrival_rate=c.arrivals / c.window_s,
-        length_mix=mix, prefix_hit_ratio=c.hit_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
-        roles=roles,  # type: ignore[arg-type]
-        ttft_attainment=c.ttft_ok / c.ttft_n if c.ttft_n else None,
-        tpot_attainment=c.tpot_ok / c.tpot_n if c.tpot_n else None,
-        prefill_attainment=c.prefill_ok / c.prefill_n if c.prefill_n else None,
-        completed=c.ttft_n,
-        ttft_attainable=max(c.attainable / c.ttft_n, 1e-3) if c.ttft_n else 1.0,
-        **_offload_fields(c.offload))
-    return {"observations": obs.model_dump(mode="json"), "inflight": inflight}
-
-
-def _offload_fields(offload: OffloadCounts | None) -> dict[str, Any]:
-    """The threshold in force, the remote backlog in seconds per remote instance, the link's other use."""
-    if offload is None:
-        return {}
-    backlog_s = offload.remote_queue_tokens * offload.remote_per_token_s / max(1, offload.remote_instances)
-    return {"offload_threshold": offload.threshold_tokens, "remote_queue_s": backlog_s,
-            "link_other_gbps": offload.link_other_gbps}
 
 
 def still_busy(instances: Iterable[Instance]) -> list[Instance]:

@@ -2,9 +2,9 @@
 
 For a model served by prefill and decode instances (``--prefill-instances/--decode-instances`` or
 pods labelled with those roles), each request runs the engines' KV-transfer handshake
-(:mod:`tandem.router.pd` builds the bodies): the prefill instance is chosen by the routing policy
+(:mod:`tandem.router.pd_bodies` builds the bodies): the prefill instance is chosen by the routing policy
 over the prefill pool, with the same late-binding scheduler as the aggregated path; the decode
-instance by :func:`~tandem.router.pd.pick_decode`. Everything before the decode's first byte is
+instance by :func:`~tandem.router.pd_bodies.pick_decode`. Everything before the decode's first byte is
 retried with the failed instances excluded, so a prefill that dies after the handshake (its KV
 gone, the decode's pull fails) costs one retry, and a bounded number of attempts ends in a clear
 error, never a hang. A prefill instance that refuses for a full queue (503/429) is not counted as
@@ -14,7 +14,7 @@ reject-and-forward).
 With a remote prefill pool (``--remote-prefill-instances``, a RemotePrefillPool in another
 datacenter), a request whose uncached prompt is longer than the offload threshold is prefilled
 there and its KV crosses the link to a local decode instance; the threshold comes from the
-:class:`~tandem.router.offload.OffloadController` (re-solved from the live length distribution,
+:class:`~tandem.router.routing.offload.OffloadController` (re-solved from the live length distribution,
 arrival rate and remote backlog) unless pinned with ``--offload-threshold``.
 """
 
@@ -32,19 +32,11 @@ from urllib.parse import urlsplit
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tandem.api.observations import OffloadCounts
 from tandem.openai_api import error_body
-from tandem.router.observations import OffloadCounts, RequestTrace, usage_tokens
-from tandem.router.offload import (
-    OffloadController,
-    OffloadSettings,
-    OffloadStatus,
-    decode_rps_estimate,
-    pool_speed,
-)
-from tandem.router.pd import (
-    DecodeLoad,
+from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.pd_bodies import (
     new_bootstrap_room,
-    pick_decode,
     sglang_bodies,
     vllm_decode_body,
     vllm_decode_params,
@@ -52,6 +44,14 @@ from tandem.router.pd import (
 )
 from tandem.router.pool import Instance, Pool, QueueFull
 from tandem.router.proxy import Started, UpstreamFailure
+from tandem.router.routing.decode import DecodeLoad, pick_decode
+from tandem.router.routing.offload import (
+    OffloadController,
+    OffloadSettings,
+    OffloadStatus,
+    decode_rps_estimate,
+    pool_speed,
+)
 from tandem.router.routing.scheduler import QueueFullError
 from tandem.router.routing.types import NoInstanceError, RouteRequest
 
@@ -84,7 +84,7 @@ class PDRouter:
     """Prefill pools (one per model, over the gateway's prefill instances) and the two-phase path."""
 
     def __init__(self, gateway: Gateway) -> None:
-        from tandem.sim.profile import load_profile
+        from tandem.perf.profile import load_profile
 
         self.gw = gateway
         s = gateway.settings

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, Field
 
-from tandem.operator.kube import REMOTEPREFILLPOOLS, ApiError, KubeClient
+from tandem.kube import REMOTEPREFILLPOOLS, ApiError, KubeClient
 
 log = logging.getLogger("tandem.gateway.remote_status")
 

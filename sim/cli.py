@@ -11,7 +11,7 @@ class SimCommand(SimSettings):
     """Run one simulated engine that speaks the OpenAI API and exports vLLM or SGLang metrics."""
 
     def cli_cmd(self) -> None:
-        from tandem.sim.profile import load_profile
+        from tandem.perf.profile import load_profile
         from tandem.sim.server import create_app
 
         try:

@@ -29,7 +29,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from tandem.sim.costmodel import CostModel, attention_pairs
+from tandem.perf.costmodel import CostModel, attention_pairs
 from tandem.sim.kvcache import EngineKVCache
 
 

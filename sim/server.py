@@ -34,12 +34,12 @@ from tandem.openai_api import (
     error_body,
     validation_error_handler,
 )
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import Profile, load_profile
 from tandem.prefix import chain_hashes, text_block_hashes
-from tandem.sim.costmodel import CostModel
 from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
 from tandem.sim.metrics import EngineMetrics
 from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
-from tandem.sim.profile import Profile, load_profile
 from tandem.sim.settings import FaultMode, SimSettings
 from tandem.sim.wallclock import WallClockDriver
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tandem.operator.kube import Kind, KubeClient
+from tandem.kube import Kind, KubeClient
 
 CRD_KIND = Kind(group="apiextensions.k8s.io", version="v1", plural="customresourcedefinitions",
                 kind="CustomResourceDefinition")

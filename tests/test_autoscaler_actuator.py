@@ -25,6 +25,8 @@ from gatewayutil import free_port
 from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tandem.api.labels import LABEL_ROLE, LABEL_SERVICE
+from tandem.api.observations import InstanceLoad, LengthBucket, MixCount, ObservationCounts
 from tandem.autoscaler.actuator import (
     ANN_DELETION_COST,
     ANN_DRAINING,
@@ -34,10 +36,8 @@ from tandem.autoscaler.actuator import (
     GatewayObservationSource,
     count_pods,
 )
-from tandem.autoscaler.models import AutoscalerSpec, LengthBucket
-from tandem.operator.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
-from tandem.operator.plan import LABEL_ROLE, LABEL_SERVICE
-from tandem.router.observations import InstanceLoad, MixCount, ObservationCounts
+from tandem.autoscaler.models import AutoscalerSpec
+from tandem.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
 from tandem.serve import serve
 
 ROOT = Path(__file__).resolve().parent.parent

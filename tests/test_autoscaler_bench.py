@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from tandem import cli
-from tandem.autoscaler.bench import (
+from tandem.api.observations import Observations
+from tandem.autoscaler.models import SLO, Role
+from tandem.bench.autoscale import (
     AutoscaleBench,
     LoadShape,
     StaticRun,
@@ -19,8 +21,7 @@ from tandem.autoscaler.bench import (
     search_static,
     worst_window,
 )
-from tandem.autoscaler.models import SLO, Observations, Role
-from tandem.autoscaler.replay import Outcome, ReplayConfig, ReplayResult, ScaleCommand, Scaler, Timeline, replay
+from tandem.bench.replay import Outcome, ReplayConfig, ReplayResult, ScaleCommand, Scaler, Timeline, replay
 from tandem.sim.des.simulator import prepare
 from tandem.traces import TRACE_DIR, TraceRequest
 

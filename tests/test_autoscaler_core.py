@@ -7,7 +7,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from tandem.autoscaler.calibrate import measure
+from tandem.api.observations import LengthBucket, Observations, RoleObservation
 from tandem.autoscaler.capacity import CapacityModel, poisson_cdf
 from tandem.autoscaler.core import apply_budget, share_budget, tick
 from tandem.autoscaler.models import (
@@ -15,14 +15,12 @@ from tandem.autoscaler.models import (
     AutoscalerSpec,
     AutoscalerState,
     ForecastState,
-    LengthBucket,
-    Observations,
     OffloadSpec,
     PoolBounds,
-    RoleObservation,
     RoleState,
 )
-from tandem.sim.profile import load_profile
+from tandem.bench.capacity import measure
+from tandem.perf.profile import load_profile
 from tandem.traces import TraceRequest
 
 PROFILE = load_profile("llama3-8b-h100")

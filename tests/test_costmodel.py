@@ -2,8 +2,8 @@
 
 import pytest
 
-from tandem.sim.costmodel import CostModel, attention_pairs
-from tandem.sim.profile import GIB, GPUSpec, ModelShape, load_profile, roofline_profile
+from tandem.perf.costmodel import CostModel, attention_pairs
+from tandem.perf.profile import GIB, GPUSpec, ModelShape, load_profile, roofline_profile
 
 LLAMA3_8B = ModelShape(name="Llama-3-8B", num_layers=32, hidden_size=4096, num_attention_heads=32, num_kv_heads=8,
                        head_dim=128, intermediate_size=14336, vocab_size=128256)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.router.offload import OffloadSettings
-from tandem.sim.costmodel import CostModel
+from tandem.bench.pd import lognormal_mix, plan_split
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
+from tandem.router.routing.offload import OffloadSettings
 from tandem.sim.des.pd import PDConfig, simulate_pd
-from tandem.sim.des.pdbench import lognormal_mix, plan_split
 from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import prepare, with_arrivals
-from tandem.sim.profile import load_profile
 from tandem.traces import TraceRequest, rescale_to_qps
 
 KVB = 131072
@@ -94,7 +94,7 @@ def test_bad_configuration_is_refused() -> None:
 
 
 def test_steady_attainment_sees_a_backlog_that_only_late_arrivals_suffer() -> None:
-    from tandem.sim.des.pdbench import steady_attainment
+    from tandem.bench.pd import steady_attainment
 
     outcomes = [(float(i), i < 85) for i in range(100)]  # 85% overall, the last 15 all miss
     assert steady_attainment(outcomes) == pytest.approx(0.25)  # last 20%: 5 of 20 met
@@ -104,7 +104,7 @@ def test_steady_attainment_sees_a_backlog_that_only_late_arrivals_suffer() -> No
 def test_bench_offload_and_pd_write_the_documented_json(tmp_path) -> None:
     import json
 
-    from tandem.sim.des.pdbench import OffloadBench, PDBench
+    from tandem.bench.pd import OffloadBench, PDBench
 
     out = tmp_path / "offload.json"
     OffloadBench(requests=30, warmup=5, gpus=6, json=out).cli_cmd()

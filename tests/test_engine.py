@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from tandem.sim.costmodel import CostModel
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
-from tandem.sim.profile import load_profile
 
 PROFILE = load_profile("llama3-8b-h100")
 

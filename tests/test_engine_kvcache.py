@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
-from tandem.sim.costmodel import CostModel
 from tandem.sim.des import DESConfig, Simulation, prepare, simulate
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.kvcache import EngineKVCache
-from tandem.sim.profile import load_profile
 from tandem.traces import TRACE_DIR, load_trace, rescale_to_qps, select
 
 PROFILE = load_profile("llama3-8b-h100")

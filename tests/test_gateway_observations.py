@@ -20,10 +20,10 @@ import pytest
 from gatewayutil import gateway_app, sim_app, until
 from test_gateway_k8s import FakeApiServer, kubeconfig, pod
 
+from tandem.api.observations import InstanceLoad, Observations
 from tandem.autoscaler.actuator import ANN_DRAINING, GatewayObservationSource, ObservationUnavailable, count_pods
-from tandem.autoscaler.models import Observations
 from tandem.router.discovery import PodSet, endpoint_from_pod
-from tandem.router.observations import InstanceLoad, Observer, TokenCounter, max_attainable_prompt
+from tandem.router.observations import Observer, TokenCounter, max_attainable_prompt
 from tandem.serve import serve
 
 MODEL = "Llama-3-8B"

@@ -224,16 +224,16 @@ def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> No
 async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_pairs() -> None:
     """The live gateway fills every input of the TTFT estimate the DES uses: same coefficients,
     the running batch from /metrics, and the attention pairs of peers' pending requests."""
+    from tandem.perf.costmodel import CostModel
+    from tandem.perf.profile import load_profile
     from tandem.router.app import Gateway
     from tandem.router.enginemetrics import EngineSnapshot
     from tandem.router.routing.types import PrefillCost, RouteRequest, attention_pairs
     from tandem.router.scrape import apply_snapshot
     from tandem.router.settings import GatewaySettings
     from tandem.router.state import InstanceLoad
-    from tandem.sim.costmodel import CostModel
     from tandem.sim.des.simulator import routing_state
     from tandem.sim.engine import EngineLimits
-    from tandem.sim.profile import load_profile
 
     gw = Gateway(GatewaySettings(instances="http://127.0.0.1:1"))
     await gw._join(Endpoint(url="http://a", model="m"))

@@ -30,6 +30,14 @@ from gatewayutil import ROOT, RedisServer, free_port, gateway_app, sim_app, unti
 from kubeutil import kmock_kubeconfig
 from test_gateway_observations import MODEL, ext_body
 
+from tandem.api.observations import (
+    InstanceLoad,
+    ObservationCounts,
+    Observations,
+    OffloadCounts,
+    build_report,
+    merge_counts,
+)
 from tandem.autoscaler.actuator import (
     PODS,
     GatewayCoverage,
@@ -39,16 +47,8 @@ from tandem.autoscaler.actuator import (
     gateway_urls,
     parse_label_selector,
 )
-from tandem.autoscaler.models import Observations
-from tandem.operator.kube import KubeClient, load_credentials
-from tandem.router.observations import (
-    InstanceLoad,
-    ObservationCounts,
-    Observer,
-    OffloadCounts,
-    build_report,
-    merge_counts,
-)
+from tandem.kube import KubeClient, load_credentials
+from tandem.router.observations import Observer
 from tandem.serve import serve
 
 # Output tokens of a stream that outlasts the test (~40 s; the test leaves it after its first chunk).

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tandem.router.offload import (
+from tandem.router.routing.offload import (
     OffloadController,
     OffloadProblem,
     OffloadSettings,

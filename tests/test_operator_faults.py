@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from test_operator_kopf import Cluster, aggregated, cluster, disaggregated, eventually  # noqa: F401
 
-from tandem.operator.kube import (
+from tandem.kube import (
     CHILD_KINDS,
     DEPLOYMENTS,
     LLMSERVICES,
@@ -85,7 +85,7 @@ async def test_transient_409_429_500_are_retried_with_backoff(monkeypatch: pytes
         slept.append(delay)
         await real_sleep(0)
 
-    monkeypatch.setattr("tandem.operator.kube.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("tandem.kube.asyncio.sleep", fake_sleep)
     client = KubeClient(KubeCredentials(server=url), False, retries=4, backoff=0.2)
     try:
         got = await client.request("PATCH", "/api/v1/namespaces/d/configmaps/x", json={})
@@ -117,7 +117,7 @@ async def test_connection_refused_is_retried_then_raised(monkeypatch: pytest.Mon
     async def fake_sleep(delay: float) -> None:
         slept.append(delay)
 
-    monkeypatch.setattr("tandem.operator.kube.asyncio.sleep", fake_sleep)
+    monkeypatch.setattr("tandem.kube.asyncio.sleep", fake_sleep)
     client = KubeClient(KubeCredentials(server=f"http://127.0.0.1:{free_port()}"), False, retries=3, backoff=0.1)
     try:
         with pytest.raises(aiohttp.ClientConnectionError):

@@ -27,8 +27,7 @@ import yaml
 from kopf.testing import KopfRunner
 from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
 
-from tandem.operator.handlers import build_registry, build_settings
-from tandem.operator.kube import (
+from tandem.kube import (
     CHILD_KINDS,
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -41,6 +40,7 @@ from tandem.operator.kube import (
     KubeClient,
     load_credentials,
 )
+from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, OperatorDefaults
 from tandem.operator.reconcile import Reconciler
 

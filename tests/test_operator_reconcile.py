@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from test_operator_kopf import Cluster, aggregated, cluster, condition  # noqa: F401
 
-from tandem.operator.kube import DEPLOYMENTS, LLMSERVICES, KubeClient, load_credentials
+from tandem.kube import DEPLOYMENTS, LLMSERVICES, KubeClient, load_credentials
 from tandem.operator.plan import OperatorDefaults
 from tandem.operator.reconcile import Reconciler, ReconcileResult
 

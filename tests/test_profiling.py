@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tandem.cli import main
-from tandem.sim.costmodel import CostModel
-from tandem.sim.profile import (
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import (
     DEFAULT_PROFILE,
     ROOFLINE_EFFICIENCY,
     CostParams,
@@ -40,9 +40,9 @@ from tandem.sim.profiling.measurements import MeasurementFileError, load_raw, to
 from tandem.sim.profiling.report import decode_step_ms, markdown_table, prefill_tokens_per_s
 from tandem.sim.profiling.shapes import NAMED_SHAPES, ShapeError, gpu_key, resolve_shape, shape_key
 
-PROFILES = Path(__file__).resolve().parent.parent / "sim" / "profiles"
+PROFILES = Path(__file__).resolve().parent.parent / "tandem" / "perf" / "profiles"
 MEASURED = ["llama3-8b-h100", "qwen2.5-32b-h100", "llama3-8b-h200", "qwen2.5-32b-h200"]
-# Stated bounds (sim/profiles/README.md): fit error of every shipped measured profile, and the
+# Stated bounds (tandem/perf/profiles/README.md): fit error of every shipped measured profile, and the
 # calibrated roofline's error on the same points (prefill, decode).
 FIT_MAPE_BOUND = 8.0
 ROOFLINE_MAPE_BOUND = (8.0, 15.0)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from gatewayutil import ROOT, RedisServer, completion_body, gateway_app, sim_app
 
-from tandem.router.chaos import Tally, classify, parse_stream, phase_at, phase_labels, phase_plan
+from tandem.bench.chaos import Tally, classify, parse_stream, phase_at, phase_labels, phase_plan
 from tandem.router.http1 import HTTP1Client, HTTPPoolBusy
 from tandem.router.security import KeyRing, admin_mode
 from tandem.serve import serve

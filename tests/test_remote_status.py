@@ -13,7 +13,7 @@ from typing import Any
 from gatewayutil import gateway_app, sim_app, until
 from kubeutil import kmock_kubeconfig
 
-from tandem.operator.kube import REMOTEPREFILLPOOLS, KubeClient, load_credentials
+from tandem.kube import REMOTEPREFILLPOOLS, KubeClient, load_credentials
 from tandem.router.remote_status import RemoteView, pool_status
 from tandem.serve import serve
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tandem.bench.routing import tile_trace
 from tandem.blockcache import BlockCache
 from tandem.cli import main
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
 from tandem.sim.des import DESConfig, prepare, simulate
-from tandem.sim.des.bench import tile_trace
 from tandem.traces import TRACE_DIR, load_trace, rescale_to_qps, select
 
 BS = 512

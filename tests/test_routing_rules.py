@@ -9,6 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from tandem.blockcache import BlockCache
+from tandem.perf.costmodel import CostModel
+from tandem.perf.costmodel import attention_pairs as chunk_pairs
+from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.dualmap import DualMapPolicy
 from tandem.router.routing.keys import AdaptiveKeyer
@@ -23,9 +26,6 @@ from tandem.router.routing.types import (
     RouteRequest,
     attention_pairs,
 )
-from tandem.sim.costmodel import CostModel
-from tandem.sim.costmodel import attention_pairs as chunk_pairs
-from tandem.sim.profile import load_profile
 
 T = 2.0**-10  # seconds per token: a power of two, so estimates at the threshold are exact
 BS = 512

@@ -45,8 +45,8 @@ def _families(registry: CollectorRegistry, *owners: Any) -> list[dict[str, Any]]
 
 def sources() -> dict[str, list[dict[str, Any]]]:
     from tandem.autoscaler.actuator import AutoscalerMetrics
+    from tandem.perf.profile import load_profile
     from tandem.router.metrics import GatewayMetrics
-    from tandem.sim.profile import load_profile
     from tandem.sim.server import SimServer
     from tandem.sim.settings import SimSettings
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tandem.blockcache import BlockCache
-from tandem.sim.costmodel import CostModel, attention_pairs
+from tandem.perf.costmodel import CostModel, attention_pairs
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,11 @@
 
 Three pools of the same :class:`~tandem.sim.engine.Engine` the simulator process serves: local
 prefill, remote prefill (another datacenter) and local decode. A request is routed to a prefill
-pool (all local, all remote, or by the :class:`~tandem.router.offload.OffloadController`'s
+pool (all local, all remote, or by the :class:`~tandem.router.routing.offload.OffloadController`'s
 threshold on its uncached length), then to an instance by that pool's routing
 :class:`~tandem.router.routing.scheduler.Scheduler` (DualMap by default), prefilled there with
 ``max_tokens=1``; at the prefill's end the decode instance is picked by
-:func:`~tandem.router.pd.pick_decode`, which allocates the KV destination at once, and the KV
+:func:`~tandem.router.pd_bodies.pick_decode`, which allocates the KV destination at once, and the KV
 crosses a :class:`~tandem.sim.link.SharedLink` after one RTT: each decode instance's local ingress
 link for local prefills, the one shared cross-datacenter link for remote ones. When the last byte
 lands the decode engine recomputes the last prompt token and streams; that first decode token is
@@ -32,17 +32,17 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.router.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
-from tandem.router.pd import DecodeLoad, pick_decode
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import Profile, load_profile
 from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.decode import DecodeLoad, pick_decode
+from tandem.router.routing.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
 from tandem.router.routing.registry import make_policy
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
-from tandem.sim.costmodel import CostModel
 from tandem.sim.des.simulator import PreparedRequest, RequestTiming, routing_state
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.sim.link import SharedLink
-from tandem.sim.profile import Profile, load_profile
 
 OffloadMode = Literal["local", "remote", "selective"]
 InstanceStatus = Literal["starting", "ready", "draining", "removed"]

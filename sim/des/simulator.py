@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.blockcache import BlockCache
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
 from tandem.prefix import chain_hashes
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy
@@ -34,9 +36,7 @@ from tandem.router.routing.types import (
     RouteRequest,
     RoutingPolicy,
 )
-from tandem.sim.costmodel import CostModel
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
-from tandem.sim.profile import load_profile
 from tandem.traces import TraceRequest
 
 _ENGINE, _TICK, _SCRAPE = 0, 1, 2

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
-from tandem.sim.profile import Profile
+from tandem.perf.profile import Profile
 from tandem.sim.profiling.fit import FitError
 from tandem.sim.profiling.measurements import MeasurementFileError, RawRun, load_raw, to_profile
 from tandem.sim.profiling.report import summary

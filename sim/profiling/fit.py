@@ -1,6 +1,6 @@
 """Least-squares fit of the cost model's coefficients to measured step times, and its error.
 
-The step-time model (:mod:`tandem.sim.costmodel`) is linear in its coefficients except for the
+The step-time model (:mod:`tandem.perf.costmodel`) is linear in its coefficients except for the
 roofline ``max(weight_read, per_token * n)``. Writing ``per_token = weight_read / n*`` with ``n*``
 the batch size where the two meet, the model becomes linear for any fixed ``n*``:
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar, nnls
 
-from tandem.sim.costmodel import CostModel, attention_pairs
-from tandem.sim.profile import CostParams, FitReport, Profile, ProfilePoint, RooflineEfficiency
+from tandem.perf.costmodel import CostModel, attention_pairs
+from tandem.perf.profile import CostParams, FitReport, Profile, ProfilePoint, RooflineEfficiency
 
 # Crossover batch sizes scanned: from weight-bound everywhere to compute-bound everywhere.
 _GRID = np.geomspace(1.0, 1e6, 241)

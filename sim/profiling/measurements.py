@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tandem.sim.profile import GIB, GPUSpec, ModelShape, Profile, ProfilePoint, roofline_params
+from tandem.perf.profile import GIB, GPUSpec, ModelShape, Profile, ProfilePoint, roofline_params
 from tandem.sim.profiling.fit import fit_params, fit_report
 from tandem.sim.profiling.shapes import gpu_key, shape_key
 

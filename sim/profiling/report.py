@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tandem.sim.profile import Profile, ProfilePoint
+from tandem.perf.profile import Profile, ProfilePoint
 
 PREFILL_TOKENS = (1024, 8192, 32768)
 DECODE_BATCHES = (1, 32, 128)

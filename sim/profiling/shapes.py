@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tandem.sim.profile import ModelShape
+from tandem.perf.profile import ModelShape
 
 DTYPE_BYTES = {"bf16": 2}
 

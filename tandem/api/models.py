@@ -250,7 +250,7 @@ class Offload(ApiModel):
 class Autoscaling(ApiModel):
     enabled: bool = Field(default=False, description="Let tandem autoscaler size the pools.")
     profile: str | None = Field(
-        default=None, min_length=1, max_length=128, description="Performance profile name (sim/profiles)."
+        default=None, min_length=1, max_length=128, description="Performance profile name (tandem/perf/profiles)."
     )
     cooldown_seconds: int = Field(default=120, ge=0, le=86400, description="Minimum time between scalings.")
 

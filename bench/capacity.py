@@ -18,15 +18,15 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from tandem.autoscaler.bench import distinct_text_keys
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.models import SLO, Role
-from tandem.autoscaler.replay import judge, length_mix, prefill_alone_s
+from tandem.bench.autoscale import distinct_text_keys
+from tandem.bench.replay import judge, length_mix, prefill_alone_s
 from tandem.config import TandemSettings
+from tandem.perf.profile import Profile, load_profile
 from tandem.router.routing.config import RoutingConfig
 from tandem.sim.des.pd import PDConfig, simulate_pd
 from tandem.sim.des.simulator import prepare
-from tandem.sim.profile import Profile, load_profile
 from tandem.traces import TraceFormatError, TraceRequest, load_trace
 
 

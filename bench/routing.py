@@ -27,6 +27,7 @@ from pydantic_settings import SettingsConfigDict
 
 from tandem.blockcache import BlockCache
 from tandem.config import TandemSettings
+from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.rings import DualRing
@@ -42,7 +43,6 @@ from tandem.sim.des.simulator import (
     simulate,
     with_arrivals,
 )
-from tandem.sim.profile import load_profile
 from tandem.traces import (
     TRACE_DIR,
     TraceFormatError,

@@ -254,7 +254,7 @@ class DemoCommand(TandemSettings):
     async def _run_policy(self, policy: str, reqs: list[TraceRequest], advance: Callable[[], None]
                           ) -> tuple[list[Result], float]:
         """Fresh engines (cold caches) in this process, the gateway as a subprocess (its own core)."""
-        from tandem.sim.profile import load_profile
+        from tandem.perf.profile import load_profile
         from tandem.sim.server import create_app
         from tandem.sim.settings import SimSettings
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from tandem.api.models import GROUP, VERSION
 
-log = logging.getLogger("tandem.operator.kube")
+log = logging.getLogger("tandem.kube")
 
 
 class Kind(BaseModel, frozen=True):

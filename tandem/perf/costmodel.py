@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.sim.profile import CostParams, Profile
+from tandem.perf.profile import CostParams, Profile
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:

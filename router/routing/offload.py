@@ -26,8 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tandem.sim.costmodel import CostModel
-from tandem.sim.profile import Profile
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import Profile
 
 Bottleneck = Literal["local_prefill", "remote_prefill", "decode", "link", "none"]
 

@@ -2,7 +2,7 @@
 the DES and compare the Tandem autoscaler with the best static P:D allocation sized for the peak
 and with a utilisation-threshold scaler (KV usage >= 0.8 or queue >= 5 per instance, HPA-style).
 
-All three run in the same simulator (:mod:`tandem.autoscaler.replay` on
+All three run in the same simulator (:mod:`tandem.bench.replay` on
 :class:`tandem.sim.des.pd.PDSimulation`) with the same engines, routing and drain contract; only
 the scaling policy differs. Numbers are reported as measured plus ratios against the static
 baseline of the same run.
@@ -33,20 +33,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tandem.api.observations import Observations
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.core import role_decision, size_pools, tick
-from tandem.autoscaler.models import (
-    SLO,
-    AutoscalerSpec,
-    AutoscalerState,
-    Observations,
-    PoolBounds,
-    Role,
-)
-from tandem.autoscaler.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, length_mix, replay
+from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, PoolBounds, Role
+from tandem.bench.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, length_mix, replay
 from tandem.config import TandemSettings
+from tandem.perf.profile import Profile, load_profile
 from tandem.sim.des.simulator import PreparedRequest, prepare
-from tandem.sim.profile import Profile, load_profile
 from tandem.traces import TraceFormatError, TraceRequest, detect_format, load_trace, mean_qps, rescale_to_qps
 
 # Per trace format: a profile whose memory fits the trace's prompts, and a mean rate at which the

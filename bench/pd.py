@@ -24,19 +24,19 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
-from tandem.router.offload import (
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
+from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.offload import (
     OffloadProblem,
     OffloadSettings,
     decode_rps_estimate,
     pool_speed,
     solve_threshold,
 )
-from tandem.router.routing.config import RoutingConfig
-from tandem.sim.costmodel import CostModel
 from tandem.sim.des.pd import PDConfig, PDResult, simulate_pd
 from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import DESConfig, PreparedRequest, prepare, simulate, with_arrivals
-from tandem.sim.profile import load_profile
 from tandem.traces import TRACE_DIR, TraceFormatError, TraceRequest, load_trace, rescale_to_qps, select
 
 DEFAULT_TRACE = TRACE_DIR / "conversation_trace.jsonl"

@@ -1,24 +1,14 @@
-"""Prefill/decode disaggregation: the pure pieces the gateway and the DES share.
+"""The request bodies of the engines' prefill/decode handshakes (vLLM NixlConnector, SGLang bootstrap).
 
-A disaggregated request runs in two phases. The prompt is prefilled on an instance of the prefill
-pool (chosen by the pool's routing policy, DualMap by default, because prefix-cache affinity
-decides prefill cost), its KV moves to a decode instance, and the decode instance streams the
-output. Decode instances have no useful cache affinity (the KV arrives with the request), so the
-decode choice is by load: least KV usage, then fewest running requests.
-
-The request bodies of the engines' two handshakes are built here too, so the code that talks to
-real vLLM/SGLang engines and the code the tests run against the simulator are one and the same.
+Built here once, so the code that talks to real vLLM/SGLang engines and the code the tests run
+against the simulator are one and the same. The decode choice is in ``tandem.router.routing.decode``.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
-
-from tandem.router.routing.types import NoInstanceError
 
 #: vLLM NixlConnector: what the proxy sends with the prefill request.
 VLLM_PREFILL_KV_PARAMS: dict[str, Any] = {
@@ -26,32 +16,6 @@ VLLM_PREFILL_KV_PARAMS: dict[str, Any] = {
     "remote_block_ids": None, "remote_host": None, "remote_port": None,
 }
 _VLLM_DECODE_KEYS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeLoad:
-    """A decode instance as the decode choice sees it."""
-
-    id: str
-    kv_usage: float  # 0..1, engine metrics (vllm:kv_cache_usage_perc / sglang:token_usage)
-    running: int  # engine running + waiting requests
-    inflight: int = 0  # the gateway's own requests sent there and not finished (fresher than a scrape)
-    routable: bool = True
-
-
-def pick_decode(loads: Iterable[DecodeLoad], exclude: Iterable[str] = ()) -> str:
-    """Least KV usage (in 2% steps, so near-equal usage falls through), then fewest requests."""
-    skip = set(exclude)
-    best: tuple[float, int, str] | None = None
-    for d in loads:
-        if not d.routable or d.id in skip:
-            continue
-        key = (round(d.kv_usage * 50) / 50, d.running + d.inflight, d.id)
-        if best is None or key < best:
-            best = key
-    if best is None:
-        raise NoInstanceError("no routable decode instance")
-    return best[2]
 
 
 # ----- vLLM handshake -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Engine performance profiles: model shape, GPU, and the fitted cost-model coefficients.
 
-A profile is data (one JSON file per model x GPU under ``sim/profiles/``). It is measured on a
+A profile is data (one JSON file per model x GPU under ``tandem/perf/profiles/``). It is measured on a
 GPU by ``tandem profile`` or, for shapes nobody has measured, derived from a roofline of the
 GPU's FLOP/s and HBM bandwidth (:func:`roofline_profile`).
 """
@@ -83,7 +83,7 @@ class GPUSpec(BaseModel):
 
 
 class CostParams(BaseModel):
-    """Coefficients of the step-time model (seconds); see :mod:`tandem.sim.costmodel`."""
+    """Coefficients of the step-time model (seconds); see :mod:`tandem.perf.costmodel`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -157,7 +157,7 @@ class RooflineEfficiency(BaseModel):
 
 # Calibrated on the measured Llama-3-8B profiles (H100 and H200) against their measured ceilings by
 # tandem.sim.profiling.fit.calibrate_roofline; the Qwen2.5-32B profiles are its out-of-sample check.
-# sim/profiles/README.md has the resulting errors.
+# tandem/perf/profiles/README.md has the resulting errors.
 ROOFLINE_EFFICIENCY = RooflineEfficiency(compute=0.74, attention=0.42, bandwidth=0.83, step_overhead_s=0.0018)
 
 
@@ -179,7 +179,7 @@ def roofline_profile(name: str, model: ModelShape, gpu: GPUSpec, **overrides: ob
                    params=roofline_params(model, gpu), **overrides)
 
 
-PROFILE_DIR = resources.files("tandem.sim.profiles")
+PROFILE_DIR = resources.files("tandem.perf.profiles")
 DEFAULT_PROFILE = "llama3-8b-h100"
 
 

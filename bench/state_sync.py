@@ -39,7 +39,7 @@ class BenchStateSyncCommand(TandemSettings):
     out: Path = Field(Path("out"), description="directory for the redis-server log")
 
     def cli_cmd(self) -> None:
-        from tandem.router.bench import _redis
+        from tandem.bench.gateway import _redis
 
         self.out.mkdir(parents=True, exist_ok=True)
         with _redis(self.redis_server, self.out / "bench-state-redis.log", ()) as url:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tandem.autoscaler.models import SLO, LengthBucket, Observations, Role, RoleObservation
+from tandem.api.observations import LengthBucket, Observations, RoleObservation
+from tandem.autoscaler.models import SLO, Role
+from tandem.perf.costmodel import CostModel
+from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
-from tandem.sim.costmodel import CostModel
 from tandem.sim.des.pd import DECODE, LOCAL, PDConfig, PDResult, PDSimulation
 from tandem.sim.des.simulator import PreparedRequest
-from tandem.sim.profile import load_profile
 from tandem.traces import TraceRequest
 
 ROLES: tuple[Role, ...] = ("prefill", "decode")
