@@ -4,7 +4,7 @@ The panels are written here as (title, PromQL, legend) rows rather than as hand-
 dashboard shares one layout, one datasource variable and one set of units, and a reviewer reads the
 queries instead of Grafana's boilerplate. Every metric a query names must exist in the real /metrics
 output of the gateway, the engines (vLLM and SGLang names) or the autoscaler, or be a recording rule
-in deploy/prometheus/: tests/test_observability.py checks that.
+in deploy/prometheus/: tests/router/test_observability.py checks that.
 """
 
 from __future__ import annotations

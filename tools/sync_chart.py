@@ -2,7 +2,7 @@
 
 Helm can only read files inside the chart directory, so charts/tandem holds byte-identical copies of
 the CRDs (crds/, generated from tandem.api), the Grafana dashboards (deploy/grafana/) and the
-Prometheus rules (deploy/prometheus/). ``--check`` reports copies that drifted (tests/test_chart.py).
+Prometheus rules (deploy/prometheus/). ``--check`` reports copies that drifted (tests/shared/test_chart.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tandem.cli import COMMANDS, Registry
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def targets(group: Registry) -> list[str]:

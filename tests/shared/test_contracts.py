@@ -10,7 +10,7 @@ from tandem.api.models import LLMService
 from tandem.operator.plan import gateway_command
 from tandem.router.settings import GatewaySettings
 
-EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("deploy/examples/*.yaml"))
+EXAMPLES = sorted(Path(__file__).resolve().parents[2].glob("deploy/examples/*.yaml"))
 
 
 def llm_services() -> list[dict]:

@@ -227,7 +227,7 @@ async def test_pd_pools_are_listed_and_routed() -> None:
         models = (await c.get(gw + "/v1/models")).json()["data"]
         assert models == [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tandem", "instances": 2}]
         r = await c.post(gw + "/v1/completions", json=completion_body())
-        assert r.status_code == 200 and r.headers["x-tandem-decision"] == "pd"  # tests/test_gateway_pd.py
+        assert r.status_code == 200 and r.headers["x-tandem-decision"] == "pd"  # tests/router/test_gateway_pd.py
         roles = {i["role"] for i in (await c.get(gw + "/admin/instances")).json()["instances"]}
         assert roles == {"prefill", "decode"}
 

@@ -36,7 +36,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 kmock = pytest.importorskip("kmock")
 from kmock._internal.apps import Server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tandem"
 sys.path.insert(0, str(ROOT / "tools"))
 import sync_chart  # noqa: E402

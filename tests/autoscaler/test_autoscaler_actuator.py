@@ -40,7 +40,7 @@ from tandem.autoscaler.models import AutoscalerSpec
 from tandem.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
 from tandem.serve import serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
 MIX = [LengthBucket(input_tokens=2000, output_tokens=200)]
 

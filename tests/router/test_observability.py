@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.serve import serve
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import gen_dashboards  # noqa: E402
 from promql_names import metric_names  # noqa: E402

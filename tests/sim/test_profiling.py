@@ -40,7 +40,7 @@ from tandem.sim.profiling.measurements import MeasurementFileError, load_raw, to
 from tandem.sim.profiling.report import decode_step_ms, markdown_table, prefill_tokens_per_s
 from tandem.sim.profiling.shapes import NAMED_SHAPES, ShapeError, gpu_key, resolve_shape, shape_key
 
-PROFILES = Path(__file__).resolve().parent.parent / "tandem" / "perf" / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "tandem" / "perf" / "profiles"
 MEASURED = ["llama3-8b-h100", "qwen2.5-32b-h100", "llama3-8b-h200", "qwen2.5-32b-h200"]
 # Stated bounds (tandem/perf/profiles/README.md): fit error of every shipped measured profile, and the
 # calibrated roofline's error on the same points (prefill, decode).

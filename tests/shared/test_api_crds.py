@@ -15,7 +15,7 @@ from tandem.api.crd import crd, render_crds
 from tandem.api.models import LLMService, LLMServiceSpec, RemotePrefillPool
 from tandem.operator.reconcile import validation_message
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "title", "const"}
 
 

@@ -44,7 +44,7 @@ from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.plan import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGER, OperatorDefaults
 from tandem.operator.reconcile import Reconciler
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
 # Optional: credentials of the user "tandem-operator". The operator then runs with nothing but the
 # ClusterRole of deploy/rbac/operator.yaml (bound to that user by the fixture), which checks the RBAC
