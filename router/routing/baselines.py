@@ -2,13 +2,16 @@
 
 They are written to be as good as their designs allow (no handicaps): the load-based ones read
 the same exact gateway accounting DualMap does, ``consistent_hash`` uses DualMap's adaptive key,
-and ``prefix_tree`` reads the same shadow caches as its approximate radix tree.
+and ``prefix_tree`` reads the same shadow caches as its approximate radix tree. None declares
+:class:`~tandem.router.routing.capabilities.LateBinding`: they dispatch at once unless configured
+otherwise, as their designs do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from tandem.router.routing.capabilities import AdaptivelyKeyed
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import XXH64, HashRing
@@ -24,7 +27,6 @@ def _routable(cluster: ClusterView) -> list[InstanceState]:
 
 class RoundRobinPolicy:
     name = "round_robin"
-    late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
@@ -45,7 +47,6 @@ class _MinLoadPolicy:
 
     name = ""
     reason = ""
-    late_binding = False
     load: Callable[[InstanceState], float]
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
@@ -81,11 +82,10 @@ class LeastLoadedPolicy(_MinLoadPolicy):
         return inst.pending_miss_tokens + inst.inflight_requests * 1e-6
 
 
-class ConsistentHashPolicy:
+class ConsistentHashPolicy(AdaptivelyKeyed):
     """One ring, DualMap's adaptive key: affinity without any load awareness."""
 
     name = "consistent_hash"
-    late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
@@ -120,7 +120,6 @@ class PrefixTreePolicy:
     """
 
     name = "prefix_tree"
-    late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()
@@ -155,7 +154,6 @@ class MinTTFTPolicy:
     """Global minimum of DualMap's TTFT estimate over every instance (an O(N) oracle-like choice)."""
 
     name = "min_ttft"
-    late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
         self.config = config or RoutingConfig()

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged, LateBinding, Migrating
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
 
 
-class DualMapPolicy:
+class DualMapPolicy(LateBinding, Migrating, DualRinged, AdaptivelyKeyed):
+    """Late binding by default (its hotspot migration needs queued requests), migrating, on two
+    rings with an adaptive key: every optional capability."""
+
     name = "dualmap"
     late_binding = True
 

@@ -28,8 +28,9 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from tandem.router.routing.capabilities import LateBinding, Migrating
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.types import (
     ClusterView,
@@ -50,12 +51,6 @@ class QueueFullError(RuntimeError):
         super().__init__(message)
         self.scope = scope
         self.instance_id = instance_id
-
-
-class MigratingPolicy(RoutingPolicy, Protocol):
-    def alternatives(self, decision: Decision, cluster: ClusterView, exclude: Collection[str]) -> list[str]:
-        """Instances a queued request may move to, best affinity first."""
-        ...
 
 
 Alternatives = Callable[[Decision, ClusterView, Collection[str]], list[str]]
@@ -149,7 +144,9 @@ class Scheduler:
         self.cluster = cluster
         self.config = config or RoutingConfig()
         lb = self.config.late_binding
-        self.late_binding: bool = bool(getattr(policy, "late_binding", False)) if lb is None else lb
+        if lb is None:
+            lb = isinstance(policy, LateBinding) and bool(policy.late_binding)
+        self.late_binding: bool = lb
         self._entries: dict[str, _Entry] = {}
         self._queues: dict[str, _InstanceQueue] = {}
         self._nonempty: dict[str, None] = {}  # insertion-ordered set: deterministic iteration
@@ -346,10 +343,10 @@ class Scheduler:
 
     def rebalance(self, now: float) -> list[Migration]:
         """Greedily move queued requests off hot instances while the best move's TTFT gain is positive."""
-        alternatives = getattr(self.policy, "alternatives", None)
         cfg = self.config
-        if not (self.late_binding and cfg.migration and alternatives is not None):
+        if not (self.late_binding and cfg.migration and isinstance(self.policy, Migrating)):
             return []
+        alternatives = self.policy.alternatives
         moves: list[Migration] = []
         instances = self.cluster.instances
         for iid in list(self._nonempty):

@@ -12,9 +12,11 @@ from tandem.blockcache import BlockCache
 from tandem.perf.costmodel import CostModel
 from tandem.perf.costmodel import attention_pairs as chunk_pairs
 from tandem.perf.profile import load_profile
+from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged, LateBinding, Migrating
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.dualmap import DualMapPolicy
 from tandem.router.routing.keys import AdaptiveKeyer
+from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import (
@@ -421,3 +423,45 @@ def test_no_migration_at_zero_gain_or_when_not_hot() -> None:
     assert sched2.rebalance(1.0) == []
     assert sched2.is_hot(a2, 3.0)  # the oldest queued request has waited hotspot_wait_s
     assert [m.target for m in sched2.rebalance(3.0)] == ["b"]
+
+
+# ----- optional capabilities ----------------------------------------------------------------------
+class PlainTablePolicy:
+    """TablePolicy without the optional capabilities: no late-binding default, no alternatives."""
+
+    name = "plain_table"
+
+    def __init__(self, table: dict[str, tuple[str, str]]) -> None:
+        self.inner = TablePolicy(table)
+
+    def on_membership(self, instance_ids: Iterable[str]) -> None:
+        pass
+
+    def choose(self, r: RouteRequest, cluster: ClusterView) -> Decision:
+        return self.inner.choose(r, cluster)
+
+
+def test_capabilities_are_declared_and_decide_late_binding_and_migration() -> None:
+    policies = {n: make_policy(n) for n in POLICIES}
+    assert {n for n, p in policies.items() if isinstance(p, LateBinding)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, Migrating)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, DualRinged)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, AdaptivelyKeyed)} == {"dualmap", "consistent_hash"}
+    table = TablePolicy({})  # declares them structurally, by carrying the members
+    assert isinstance(table, LateBinding) and isinstance(table, Migrating) and not isinstance(table, DualRinged)
+    # A policy without LateBinding dispatches at once by default; the configuration can still turn it on.
+    a = inst("a")
+    plain = Scheduler(PlainTablePolicy({"r": ("a", "a")}), ClusterView({"a": a}), RoutingConfig())
+    assert not plain.late_binding
+    assert Scheduler(PlainTablePolicy({}), ClusterView({"a": inst("a")}), RoutingConfig(late_binding=True)).late_binding
+    for k in range(3):
+        plain.submit(req(f"r{k}", 1000), 0.0)
+    assert len(plain.release(0.0)) == 3
+    # Without Migrating a hot instance keeps its queue: the same state that moves s2 with TablePolicy.
+    a, b = inst("a", pending=3000), inst("b", pending=3200)
+    a.unprefilled_requests = b.unprefilled_requests = 1
+    cache_blocks(b, [77])
+    sched = Scheduler(PlainTablePolicy({"s": ("a", "b")}), ClusterView({"a": a, "b": b}),
+                      RoutingConfig(slo_ttft_s=5.0, alpha=0.75, dispatch_budget_s=0.0, late_binding=True))
+    sched.submit(req("s2", 1000, [77]), 0.0)
+    assert sched.is_hot(a, 0.0) and sched.rebalance(0.0) == []
