@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from tandem.router.routing.capabilities import AdaptivelyKeyed
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.config import ConsistentHashParams, NoParams, PrefixTreeParams
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import XXH64, HashRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
@@ -27,9 +27,10 @@ def _routable(cluster: ClusterView) -> list[InstanceState]:
 
 class RoundRobinPolicy:
     name = "round_robin"
+    Params = NoParams
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
         self._next = 0
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
@@ -46,11 +47,12 @@ class _MinLoadPolicy:
     """Pick the routable instance minimising ``load`` (first in cluster order on ties)."""
 
     name = ""
+    Params = NoParams
     reason = ""
     load: Callable[[InstanceState], float]
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """Stateless: reads the live view."""
@@ -86,11 +88,12 @@ class ConsistentHashPolicy(AdaptivelyKeyed):
     """One ring, DualMap's adaptive key: affinity without any load awareness."""
 
     name = "consistent_hash"
+    Params = ConsistentHashParams
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
-        self.keyer = AdaptiveKeyer(self.config)
-        self.ring = HashRing(XXH64, self.config.ring_seed, self.config.vnodes)
+    def __init__(self, params: ConsistentHashParams | None = None) -> None:
+        self.params = params or ConsistentHashParams()
+        self.keyer = AdaptiveKeyer(self.params)
+        self.ring = HashRing(XXH64, self.params.ring_seed, self.params.vnodes)
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         self.ring.sync(instance_ids)
@@ -120,9 +123,10 @@ class PrefixTreePolicy:
     """
 
     name = "prefix_tree"
+    Params = PrefixTreeParams
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: PrefixTreeParams | None = None) -> None:
+        self.params = params or PrefixTreeParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """The per-instance trees are the shadow caches, owned by the state layer."""
@@ -135,7 +139,7 @@ class PrefixTreePolicy:
         live = _routable(cluster)
         loads = [self._load(i) for i in live]
         lo, hi = min(loads), max(loads)
-        cfg = self.config
+        cfg = self.params
         if hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold:
             inst = live[loads.index(lo)]
             return Decision(inst.id, "shortest_queue", hit_tokens=inst.hit_tokens(req))
@@ -154,9 +158,10 @@ class MinTTFTPolicy:
     """Global minimum of DualMap's TTFT estimate over every instance (an O(N) oracle-like choice)."""
 
     name = "min_ttft"
+    Params = NoParams
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """Stateless: reads the live view."""
