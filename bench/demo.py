@@ -26,7 +26,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings
-from tandem.serve import serve
+from tandem.serve import serving
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
 
 
@@ -265,7 +265,7 @@ class DemoCommand(TandemSettings):
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
                                              host_cache_tokens=self.host_cache_tokens))
-                sims.append(await stack.enter_async_context(serve(app)))
+                sims.append(await stack.enter_async_context(serving(app)))
             gw_port = _free_port()
             gw = f"http://127.0.0.1:{gw_port}"
             # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
