@@ -38,7 +38,7 @@ from tandem.autoscaler.actuator import (
 )
 from tandem.autoscaler.models import AutoscalerSpec
 from tandem.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
-from tandem.serve import serve
+from tandem.serve import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_KUBECONFIG = os.environ.get("TANDEM_TEST_KUBECONFIG")
@@ -153,7 +153,7 @@ async def test_scale_up_patches_spec_status_event_and_metrics(api) -> None:
         await add_pod(client, ns, "pd", "prefill", 0)
         await add_pod(client, ns, "pd", "decode", 0)
     registry = CollectorRegistry()
-    async with serve(gateway.app) as url:
+    async with serving(gateway.app) as url:
         source = GatewayObservationSource(url)
         actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=registry,
                             clock=Clock())
@@ -188,7 +188,7 @@ async def test_replicas_are_added_up_and_a_silent_one_is_counted(api) -> None:
     halves[1].missing = ["worker worker-1.sock: ReadTimeout"]
     dead = f"http://127.0.0.1:{free_port()}"
     registry = CollectorRegistry()
-    async with serve(halves[0].app) as a, serve(halves[1].app) as b, serve(whole.app) as w:
+    async with serving(halves[0].app) as a, serving(halves[1].app) as b, serving(whole.app) as w:
         decided = {}
         for key, urls, reg in (("split", [a, dead, b], registry), ("whole", [w], CollectorRegistry())):
             source = GatewayObservationSource(urls, timeout_s=2.0)
@@ -218,7 +218,7 @@ async def test_scale_down_drains_first(api) -> None:
     gateway.rate = 2.0
     gateway.inflight = {f"pd-prefill-{i}": 3 for i in range(6)}
     clock = Clock()
-    async with serve(gateway.app) as url:
+    async with serving(gateway.app) as url:
         source = GatewayObservationSource(url)
         actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), registry=CollectorRegistry(),
                             clock=clock)
@@ -264,7 +264,7 @@ async def test_length_mix_comes_from_the_longer_window(api) -> None:
     async def prefill_after_one_tick(long_mix: list[LengthBucket], mix_window_s: float) -> tuple[int, list[float]]:
         gateway = FakeGateway()
         gateway.rate, gateway.long_mix = 10.0, long_mix
-        async with serve(gateway.app) as url:
+        async with serving(gateway.app) as url:
             source = GatewayObservationSource(url)
             actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), window_s=30.0,
                                 mix_window_s=mix_window_s, clock=Clock())
@@ -286,7 +286,7 @@ async def test_disabled_services_are_left_alone(api) -> None:
     body["spec"]["autoscaling"]["enabled"] = False
     await client.create(LLMSERVICES, ns, {**body, "metadata": {"name": "off", "namespace": ns}})
     gateway = FakeGateway()
-    async with serve(gateway.app) as url:
+    async with serving(gateway.app) as url:
         source = GatewayObservationSource(url)
         actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), clock=Clock())
         assert await actuator.tick_once() == {}
@@ -320,7 +320,7 @@ async def test_global_gpu_budget_across_services(api) -> None:
         await client.create(LLMSERVICES, ns, {**service(name), "metadata": {"name": name, "namespace": ns}})
     gateway = FakeGateway()
     gateway.rate = 80.0
-    async with serve(gateway.app) as url:
+    async with serving(gateway.app) as url:
         source = GatewayObservationSource(url)
         actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(), gpu_budget=8,
                             registry=CollectorRegistry(), clock=Clock())

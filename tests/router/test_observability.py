@@ -23,7 +23,7 @@ from gatewayutil import completion_body, gateway_app, sim_app
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -48,11 +48,11 @@ def exported_names(exposition: str) -> set[str]:
 
 
 async def _collect() -> dict[str, str]:
-    async with serve(sim_app(port=0)) as vllm, serve(sim_app(port=0, metrics="sglang")) as sglang, \
-            serve(gateway_app([vllm, sglang])) as gw, \
-            serve(sim_app(role="prefill")) as p0, serve(sim_app(role="prefill")) as r0, \
-            serve(sim_app(role="decode")) as d0, \
-            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+    async with serving(sim_app(port=0)) as vllm, serving(sim_app(port=0, metrics="sglang")) as sglang, \
+            serving(gateway_app([vllm, sglang])) as gw, \
+            serving(sim_app(role="prefill")) as p0, serving(sim_app(role="prefill")) as r0, \
+            serving(sim_app(role="decode")) as d0, \
+            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048)) as pd_gw, httpx.AsyncClient(timeout=20) as client:
         for i in range(6):
             body = completion_body(f"request {i} " + "shared prefix " * 40, stream=bool(i % 2))

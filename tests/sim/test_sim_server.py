@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.bench.harness import Process, free_port, tandem_argv
-from tandem.serve import serve
+from tandem.serve import serving
 from tandem.sim.server import create_app
 from tandem.sim.settings import SimSettings
 
@@ -22,7 +22,7 @@ async def post(client: httpx.AsyncClient, path: str, **body) -> httpx.Response:
 
 @pytest.fixture
 async def sim():
-    async with serve(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
+    async with serving(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
                                                                                        timeout=10) as client:
         yield client
 
@@ -73,7 +73,7 @@ async def test_metrics_parse_and_show_prefix_hits_after_repeat(sim) -> None:
 
 async def test_sglang_metric_names() -> None:
     app = create_app(SimSettings(metrics="sglang", role="prefill"))
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         await post(client, "/v1/completions", prompt=PROMPT, max_tokens=2)
         text = (await client.get("/metrics")).text
     samples = metric_samples(text)
@@ -128,7 +128,7 @@ async def test_fault_error_and_slow_and_hang(sim) -> None:
 
 async def test_client_disconnect_aborts_the_engine_request() -> None:
     app = create_app(SimSettings())
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         async with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": PROMPT,
                                                                    "max_tokens": 100_000, "stream": True}) as resp:
             async for _ in resp.aiter_lines():
