@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +22,8 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.harness import HarnessError, Process, free_port, tandem_argv
+from tandem.bench.stats import attainment, quantiles
 from tandem.config import TandemSettings
 from tandem.serve import serving
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
@@ -58,71 +57,17 @@ class Summary:
 
 def summarise(policy: str, results: list[Result], slo: float, wall: float) -> Summary:
     ok = [r for r in results if r.ok]
-    ttfts = np.array([r.ttft for r in ok]) if ok else np.array([float("nan")])
+    p50, p90, p99 = quantiles((r.ttft for r in ok), (0.5, 0.9, 0.99))
     prompt = sum(r.prompt_tokens for r in ok)
     return Summary(
         policy=policy, requests=len(results), errors=len(results) - len(ok),
-        ttft_p50=float(np.percentile(ttfts, 50)), ttft_p90=float(np.percentile(ttfts, 90)),
-        ttft_p99=float(np.percentile(ttfts, 99)),
+        ttft_p50=p50, ttft_p90=p90, ttft_p99=p99,
         # A failed request misses the SLO.
-        slo_attainment=sum(1 for r in ok if r.ttft <= slo) / max(1, len(results)),
+        slo_attainment=attainment((r.ttft for r in ok), slo, total=len(results)),
         hit_ratio=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
         throughput_rps=len(ok) / wall if wall > 0 else 0.0,
         output_tps=sum(r.output_tokens for r in ok) / wall if wall > 0 else 0.0,
         wall_s=wall)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Processes:
-    """Subprocesses of one run, logging to files under ``logs``; always terminated, even on Ctrl-C."""
-
-    def __init__(self, logs: Path) -> None:
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
-        self.logs = logs
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, *args: str) -> None:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.DEVNULL,
-                                    stderr=fh)
-        self.procs.append((proc, log))
-
-    def stop(self) -> None:
-        for p, _ in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p, _ in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
-
-    def check(self) -> None:
-        for p, log in self.procs:
-            if p.poll() is not None:
-                err = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{' '.join(map(str, p.args[3:5]))} exited with {p.returncode}:\n{err}")
-
-
-async def _wait_ready(url: str, procs: _Processes, limit_s: float = 60.0) -> None:
-    deadline = time.monotonic() + limit_s
-    async with httpx.AsyncClient(timeout=1.0, trust_env=False) as c:
-        while True:
-            procs.check()
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url)).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {limit_s:.0f}s")
-            await asyncio.sleep(0.1)
 
 
 async def _one(client: httpx.AsyncClient, url: str, model: str, req: TraceRequest, max_out: int) -> Result:
@@ -212,6 +157,8 @@ class DemoCommand(TandemSettings):
             summaries, raw = asyncio.run(self._run_all(reqs))
         except KeyboardInterrupt:
             raise SystemExit(130) from None
+        except HarnessError as exc:
+            raise SystemExit(f"tandem demo: {exc}") from exc
         des = {policy: self._des(policy, reqs) for policy in self.policies}
         self._report(summaries, raw, reqs, des)
 
@@ -258,23 +205,28 @@ class DemoCommand(TandemSettings):
         from tandem.sim.server import create_app
         from tandem.sim.settings import SimSettings
 
-        procs = _Processes(self.out / "logs" / policy)
+        logs = self.out / "logs" / policy
+        logs.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(procs.stop)
             sims = []
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
                                              host_cache_tokens=self.host_cache_tokens))
+<<<<<<< HEAD
+                sims.append(await stack.enter_async_context(serve(app)))
+            gw_port = free_port()
+=======
                 sims.append(await stack.enter_async_context(serving(app)))
             gw_port = _free_port()
+>>>>>>> protocols
             gw = f"http://127.0.0.1:{gw_port}"
             # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
             shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
             args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
                     "--profile", self.profile, "--slo-ttft", str(self.slo_ttft), "--max-queue", "100000",
                     "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow)]
-            procs.start("gateway", *args)
-            await _wait_ready(gw + "/readyz", procs)
+            gateway = stack.enter_context(Process("gateway", tandem_argv(*args), logs / "gateway.log"))
+            await gateway.until_http(gw + "/readyz")
             async with httpx.AsyncClient(trust_env=False) as c:
                 model = (await c.get(gw + "/v1/models")).json()["data"][0]["id"]
             return await replay(gw + "/v1/completions", model, reqs, self.max_output_tokens, advance)

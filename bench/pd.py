@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.stats import quantile, quantiles
 from tandem.config import TandemSettings
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import load_profile
@@ -55,13 +56,6 @@ def lognormal_mix(count: int, *, mu: float, sigma: float, low: int, high: int, o
         length = int(min(high, max(low, rng.lognormvariate(mu, sigma))))
         out.append(TraceRequest(t, length, output_tokens))
     return out
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def steady_attainment(outcomes: Sequence[tuple[float, bool]], tail: float = 0.2) -> float:
@@ -447,10 +441,12 @@ class PDBench(TandemSettings):
                 got = outcomes(kind, common)
                 ttfts = [a if a is not None else math.inf for _, _, a, _ in got]
                 tp = [b for _, _, _, b in got if b is not None]
+                ttft_p50, ttft_p90 = quantiles(ttfts, (0.5, 0.9))
+                tpot_p50, tpot_p90 = quantiles(tp, (0.5, 0.9))
                 entry[name] = {"goodput_rps": round(row[kind], 4), "prefill_instances": int(kind.split(":")[1])
-                               if ":" in kind else None, "ttft_p50": round(quantile(ttfts, 0.5), 3),
-                               "ttft_p90": round(quantile(ttfts, 0.9), 3), "tpot_p50": round(quantile(tp, 0.5), 4),
-                               "tpot_p90": round(quantile(tp, 0.9), 4), "at_rps": round(common, 4)}
+                               if ":" in kind else None, "ttft_p50": round(ttft_p50, 3),
+                               "ttft_p90": round(ttft_p90, 3), "tpot_p50": round(tpot_p50, 4),
+                               "tpot_p90": round(tpot_p90, 4), "at_rps": round(common, 4)}
             entry["disaggregated_vs_aggregated"] = round(row[best] / row["aggregated"], 3) \
                 if row["aggregated"] else None
             out["slo_tpot"][str(tpot)] = entry

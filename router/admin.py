@@ -16,7 +16,7 @@ from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged
 from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:
-    from tandem.router.app import Gateway
+    from tandem.router.gateway import Gateway
 
 # How far a caller's ``now`` may be from this gateway's wall clock. NTP keeps nodes within
 # milliseconds; a larger gap means a monotonic time sent by mistake or an unsynchronised node, and a

@@ -33,7 +33,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tandem.api.observations import OffloadCounts
-from tandem.openai_api import error_body
+from tandem.router.admission import error_response
 from tandem.router.observations import RequestTrace, usage_tokens
 from tandem.router.pd_bodies import (
     new_bootstrap_room,
@@ -43,7 +43,14 @@ from tandem.router.pd_bodies import (
     vllm_prefill_body,
 )
 from tandem.router.pool import Instance, Pool, QueueFull
-from tandem.router.proxy import Started, UpstreamFailure
+from tandem.router.proxy import (
+    ClientGone,
+    RelayedStream,
+    RelayResponse,
+    Started,
+    UpstreamFailure,
+    unless_disconnected,
+)
 from tandem.router.routing.decode import DecodeLoad, pick_decode
 from tandem.router.routing.offload import (
     OffloadController,
@@ -56,7 +63,7 @@ from tandem.router.routing.scheduler import QueueFullError
 from tandem.router.routing.types import NoInstanceError, RouteRequest
 
 if TYPE_CHECKING:
-    from tandem.router.app import Gateway
+    from tandem.router.gateway import Gateway
     from tandem.router.state import InstanceLoad as SharedLoad
 
 
@@ -76,8 +83,8 @@ class _Final(Exception):
 
 
 def _error(status: int, message: str, type_: str = "server_error", retry_after: float | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return JSONResponse(status_code=status, content=error_body(message, type_=type_), headers=headers)
+    """The disaggregated path's errors: the OpenAI shape of ``error_response``, the server's by default."""
+    return error_response(status, message, type_=type_, retry_after=retry_after)
 
 
 class PDRouter:
@@ -155,7 +162,7 @@ class PDRouter:
                 if final.outcome == "no_instance" and attempts:  # the failures took the last instances
                     response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
                                            f"error: {last}", retry_after=2)
-                return gw._done(policy, "pd", final.outcome, response, trace)
+                return gw.done(policy, "pd", final.outcome, response, trace)
             except _Retry as retry:
                 last = str(retry)
                 if retry.prefill:
@@ -165,7 +172,7 @@ class PDRouter:
                 if retry.refused:
                     hops += 1
                     if hops > s.pd_max_hops:
-                        return gw._done(policy, "pd", "refused", _error(
+                        return gw.done(policy, "pd", "refused", _error(
                             503, f"prefill instances refused the request {hops} times (queues full): {last}",
                             retry_after=1), trace)
                     continue  # forward to the next candidate at once: a refusal is not a failure
@@ -173,7 +180,7 @@ class PDRouter:
                 gw.metrics.retries.labels("pd").inc()
                 if attempts < s.max_attempts:
                     await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
-        return gw._done(policy, "pd", "upstream_error", _error(
+        return gw.done(policy, "pd", "upstream_error", _error(
             502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
 
     def route(self, rreq: RouteRequest) -> str:
@@ -241,7 +248,6 @@ class PDRouter:
     async def _prefill_instance(self, request: Request, pool: Pool, rreq: RouteRequest, policy: str,
                                 excluded: list[str], deadline: float) -> tuple[Instance, int]:
         """The prefill instance the request was released to, and the prefix hit routing counted."""
-        from tandem.router.app import ClientGone, _unless_disconnected
 
         s = self.gw.settings
         try:
@@ -252,7 +258,7 @@ class PDRouter:
             raise _Final("no_instance", _error(503, f"no prefill instance for '{pool.model}': {exc}",
                                                retry_after=2)) from None
         try:
-            instance_id = await _unless_disconnected(request, pool.wait(
+            instance_id = await unless_disconnected(request, pool.wait(
                 rreq.request_id, released, min(s.queue_timeout, max(0.001, deadline - time.monotonic()))))
         except NoInstanceError as exc:
             raise _Final("no_instance", _error(503, str(exc), retry_after=2)) from None
@@ -270,12 +276,11 @@ class PDRouter:
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
                      deadline: float, role: str) -> Started:
         """Send one leg; an UpstreamFailure becomes a retry that excludes this instance."""
-        from tandem.router.app import ClientGone, _unless_disconnected
 
         gw = self.gw
         assert gw.upstream is not None
         try:
-            started = await _unless_disconnected(request, gw.upstream.start(
+            started = await unless_disconnected(request, gw.upstream.start(
                 inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
                 budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint)))
         except ClientGone:
@@ -323,9 +328,8 @@ class PDRouter:
             observer.first_token(trace, time.monotonic())
             headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
             handed_off = True
-            from tandem.router.app import RelayResponse, _Stream  # app imports this module
-
-            return RelayResponse(_Stream(started, self._finisher(d_inst, policy, t0, trace)), started.status, headers)
+            stream = RelayedStream(started, self._finisher(d_inst, policy, t0, trace))
+            return RelayResponse(stream, started.status, headers)
         finally:
             if not handed_off:
                 d_inst.state.inflight_requests -= 1
@@ -387,7 +391,7 @@ class PDRouter:
             self.gw.observer.ended(trace, outcome, output_tokens, time.monotonic())
             self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
             self.gw.metrics.requests.labels(policy, "pd", outcome).inc()
-            self.gw._leave()
+            self.gw.leave()
 
         return finish
 

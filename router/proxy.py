@@ -8,11 +8,22 @@ failure can only end the stream with an error event.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import anyio
+from fastapi import Request
+from fastapi.responses import Response as ASGIResponse
+
+from tandem.openai_api import error_body
 from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, HTTPPoolBusy, Response
+from tandem.router.observations import TokenCounter
+
+T = TypeVar("T")
 
 # Measured with ``tandem bench gateway`` (short streamed completions, one simulator, 2 shared cores):
 # with httpx the gateway topped out near 100-170 req/s at 64 concurrent streams (its pool's
@@ -118,3 +129,111 @@ async def relay(started: Started) -> AsyncIterator[bytes]:
     yield started.first
     while chunk := await started.response.read_chunk():
         yield chunk
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was queued or starting."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`.
+
+    ``work`` runs in the caller's task and a watcher cancels that task on disconnect (the watcher's
+    cancel is told apart from any other by ``gone``): one task per call, not two plus an
+    ``asyncio.wait``, on a path every request takes."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientGone from None
+    finally:
+        watcher.cancel()
+
+
+
+
+class RelayedStream:
+    """One relayed stream and its accounting, closed exactly once however it ends."""
+
+    def __init__(self, started: Started, finish: Callable[[str, int], None]) -> None:
+        self.started, self.finish = started, finish
+        self.outcome = "ok"
+        self.closed = False
+        self.tokens = TokenCounter()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in relay(self.started):
+                self.tokens.feed(chunk)
+                yield chunk
+        except (ConnectionError, TimeoutError) as exc:
+            self.outcome = "upstream_error"
+            err = error_body(f"engine connection broke mid-stream: {type(exc).__name__}", type_="server_error")
+            yield f"data: {json.dumps(err)}\n\n".encode()
+
+    async def close(self, outcome: str | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.started.close()  # before the first token reached the end: aborts the engine's work
+        self.finish(outcome or self.outcome, self.tokens.tokens)
+
+
+class RelayResponse(ASGIResponse):
+    """A streamed answer written straight to the ASGI ``send``, chunk by chunk as it comes.
+
+    Starlette's StreamingResponse does the same through an anyio task group per response; this
+    keeps one watcher task that cancels the relay when the client disconnects, after which the
+    stream is closed (the upstream connection too, which aborts the request on the engine).
+    """
+
+    def __init__(self, stream: RelayedStream, status_code: int, headers: dict[str, str]) -> None:
+        self.stream = stream
+        self.status_code = status_code
+        self.media_type = "text/event-stream"
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if task is not None:
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        outcome = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.stream.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()  # our own cancellation: the client left, nothing more to do
+        except OSError:  # the client's socket broke while we were writing
+            outcome = "client_gone"
+        finally:
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await self.stream.close(outcome)

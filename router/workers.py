@@ -212,7 +212,7 @@ _UNIX_PATH_MAX = 108
 
 def run_worker(settings: GatewaySettings, worker: WorkerContext, sock: socket.socket) -> None:
     """Entry point of one spawned worker: a whole gateway on the shared socket plus a private one."""
-    from tandem.router.cli import serve
+    from tandem.router.server import run_gateway_process
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{worker.index}]: %(message)s")
@@ -221,4 +221,4 @@ def run_worker(settings: GatewaySettings, worker: WorkerContext, sock: socket.so
         worker.own_socket.unlink()  # a replaced worker's predecessor left it
     private.bind(str(worker.own_socket))
     private.listen(64)
-    serve(settings, [sock, private], worker)
+    run_gateway_process(settings, [sock, private], worker)

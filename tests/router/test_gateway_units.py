@@ -188,7 +188,7 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
     from tandem.openai_api import CompletionRequest
-    from tandem.router.app import load_tokenizer, route_request
+    from tandem.router.admission import load_tokenizer, route_request
 
     tok = Tokenizer(WordLevel({"[UNK]": 0, "hello,world": 1, "again": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = WhitespaceSplit()
@@ -206,7 +206,7 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
 def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> None:
     import gc
 
-    from tandem.router.cli import tune_gc
+    from tandem.router.server import tune_gc
 
     before = gc.get_threshold()
     try:
@@ -226,8 +226,8 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     the running batch from /metrics, and the attention pairs of peers' pending requests."""
     from tandem.perf.costmodel import CostModel
     from tandem.perf.profile import load_profile
-    from tandem.router.app import Gateway
     from tandem.router.enginemetrics import EngineSnapshot
+    from tandem.router.gateway import Gateway
     from tandem.router.routing.types import PrefillCost, RouteRequest, attention_pairs
     from tandem.router.scrape import apply_snapshot
     from tandem.router.settings import GatewaySettings

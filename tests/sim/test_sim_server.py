@@ -2,16 +2,12 @@
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tandem.bench.harness import Process, free_port, tandem_argv
 from tandem.serve import serving
 from tandem.sim.server import create_app
 from tandem.sim.settings import SimSettings
@@ -145,27 +141,11 @@ async def test_client_disconnect_aborts_the_engine_request() -> None:
         assert app.state.sim.engine.counters.aborted_requests == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_crash_fault_kills_the_process() -> None:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "sim", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    port = free_port()
+    with Process("tandem sim", tandem_argv("sim", "--port", str(port))) as proc:
+        proc.wait_http(f"http://127.0.0.1:{port}/health", limit_s=20)
         httpx.post(f"http://127.0.0.1:{port}/admin/fault", json={"mode": "crash"}, timeout=5)
-        assert proc.wait(timeout=10) == 1
+        assert proc.popen.wait(timeout=10) == 1
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-    finally:
-        proc.kill()

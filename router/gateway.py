@@ -1,0 +1,377 @@
+"""One gateway process's state: membership, engine scraping, the routing tick and shared state.
+
+:class:`Gateway` holds everything a gateway process owns (no module-level state): the pools and
+their schedulers, the instances discovery reports (joined once they answer), the background loops
+(routing tick, shared-state sync through Redis, the event-loop lag probe), start and the graceful
+stop, and the accounting of requests in progress that the drain waits on. A generation request
+goes through :meth:`Gateway.handle`: admission (``tandem.router.admission``), then the unified
+path (``tandem.router.unified``) or the disaggregated one (``tandem.router.pdgateway``), both
+ending in :meth:`Gateway.done` or a relayed stream's own finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from tandem.router.admission import admit, load_tokenizer
+from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
+from tandem.router.metrics import GatewayMetrics
+from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
+from tandem.router.pdgateway import PDRouter
+from tandem.router.pool import Instance, Pool, new_instance_state
+from tandem.router.proxy import Upstream
+from tandem.router.remote_status import RemotePoolReporter, RemoteView
+from tandem.router.resilience import CircuitBreaker
+from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.registry import make_policy, policy_names
+from tandem.router.routing.scheduler import Scheduler
+from tandem.router.routing.types import ClusterView, PrefillCost
+from tandem.router.scrape import Scraper
+from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
+from tandem.router.settings import GatewaySettings
+from tandem.router.siblings import Siblings
+from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+from tandem.router.unified import UnifiedRouter
+
+if TYPE_CHECKING:
+    from tandem.router.workers import WorkerContext
+
+log = logging.getLogger("tandem.gateway")
+
+
+class Gateway:
+    """Everything one gateway process holds. One per app: no module-level state."""
+
+    def __init__(self, settings: GatewaySettings, worker: WorkerContext | None = None) -> None:
+        from tandem.perf.costmodel import CostModel
+        from tandem.perf.profile import load_profile
+
+        self.settings = settings
+        # Request ids: one random prefix per process and a counter (a uuid4 per request cost a
+        # getrandom syscall on the hot path); unique across replicas through the prefix.
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
+        if not self.known_policy(settings.policy):
+            raise ValueError(f"policy: unknown routing policy '{settings.policy}'; available: "
+                             f"{', '.join(policy_names())}")
+        try:
+            self.routing = RoutingConfig(**{"slo_ttft_s": settings.slo_ttft,
+                                            "max_queued_per_instance": settings.max_queue_per_instance,
+                                            "max_queued_total": settings.max_queue, **settings.routing})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        self.worker = worker
+        self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
+        self.siblings = Siblings(worker.sibling_sockets) if worker else None
+        self.metrics = GatewayMetrics(worker.metrics_dir if worker else None)
+        self.keys = KeyRing.load(settings.api_keys_file, settings.api_keys, settings.rate_limit_rpm,
+                                 settings.rate_limit_tpm)
+        self.admin_keys = KeyRing.load(settings.admin_api_keys_file, settings.admin_api_keys)
+        self.admin_mode = admin_mode(settings.admin, self.keys, self.admin_keys)
+        self.engine_tls = engine_ssl_context(settings.engine_tls_ca_file, settings.engine_tls_verify,
+                                             settings.engine_tls_cert_file, settings.engine_tls_key_file)
+        profile = load_profile(settings.profile)
+        cost = CostModel.from_profile(profile)
+        # The TTFT estimate's coefficients (per prefill token, per attention pair, per running
+        # sequence and context token of a chunk) from the profile, as the DES takes them.
+        self.prefill_s_per_token, self.prefill_cost = PrefillCost.from_cost_model(
+            cost, profile.max_num_batched_tokens, profile.kv_capacity_tokens)
+        self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
+        self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
+                                 attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
+                                 horizon_s=settings.observation_horizon,
+                                 clock_offset_s=time.time() - time.monotonic())  # wall-clock buckets: mergeable
+        self.leaving: list[Instance] = []  # PD instances discovery dropped that may still hold requests
+        self.pools: dict[str, Pool] = {}
+        self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
+        self.pd_router = PDRouter(self)
+        self.unified = UnifiedRouter(self)
+        self.endpoints: set[Endpoint] = set()
+        self._joining: dict[str, asyncio.Task[None]] = {}
+        self.upstream: Upstream | None = None
+        self.scraper: Scraper | None = None
+        self.backend: StateBackend = (RedisStateBackend(settings.redis_url, settings.redis_prefix,
+                                                        ttl=max(2.0, 5 * settings.state_sync_interval))
+                                      if settings.redis_url else MemoryStateBackend())
+        self.metrics.state_backend_up.labels(self.backend.name).set(1)
+        self._remote: dict[str, InstanceLoad] = {}  # peers' load folded into our InstanceStates
+        self.shared_members: dict[str, list[str]] = {}
+        self.peers: list[str] = []
+        self.discovery: KubernetesDiscovery | None = None
+        self.remote_reporter: RemotePoolReporter | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self._instance_series: set[tuple[str, str, str]] = set()
+        self.draining = False
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- routing core ----------------------------------------------------------------------
+
+    def make_scheduler(self, policy: str, cluster: ClusterView) -> Scheduler:
+        return Scheduler(make_policy(policy, self.routing), cluster, self.routing)
+
+    @staticmethod
+    def known_policy(name: str) -> bool:
+        return name in policy_names()
+
+    def all_instances(self) -> list[Instance]:
+        out = [i for p in self.pools.values() for i in p.instances.values()]
+        return out + [i for role in self.pd.values() for i in role.values()]
+
+    # --- discovery -------------------------------------------------------------------------
+
+    async def set_endpoints(self, endpoints: set[Endpoint]) -> None:
+        """Reconcile served instances with discovery's full set: new ones join, missing ones drain."""
+        added, removed = endpoints - self.endpoints, self.endpoints - endpoints
+        self.endpoints = set(endpoints)
+        self.leaving = still_busy(self.leaving)
+        for ep in removed:
+            task = self._joining.pop(ep.url, None)
+            if task:
+                task.cancel()
+            for pool in [*self.pools.values(), *self.pd_router.pools.values()]:
+                if ep.url in pool.instances:
+                    log.warning("instance %s left: draining", ep.url)
+                    pool.drain(ep.url)
+            for role in self.pd.values():
+                if (gone := role.pop(ep.url, None)) is not None:
+                    gone.state.draining = gone.removed = True
+                    self.leaving.append(gone)
+        for ep in added:
+            self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
+
+    def engine_headers(self, ep: Endpoint) -> dict[str, str]:
+        """Credentials an engine needs: the remote prefill pool's token, sent to its engines only (it
+        authenticates this gateway to another cluster; local engines never see it)."""
+        token = self.settings.remote_prefill_token
+        if ep.role == "remote-prefill" and token is not None:
+            return {"Authorization": f"Bearer {token.get_secret_value()}"}
+        return {}
+
+    async def _join(self, ep: Endpoint) -> None:
+        """Learn the instance's model (label, or its /v1/models) and add it; retried until it answers."""
+        delay = 0.2
+        model = ep.model
+        while model is None:
+            try:
+                async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
+                    resp = await client.get(ep.url + "/v1/models", headers=self.engine_headers(ep))
+                    resp.raise_for_status()
+                    model = resp.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
+        breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        if ep.role == "unified":
+            pool = self.pools.get(model)
+            if pool is None:
+                pool = self.pools[model] = Pool(model, self.settings.policy, self.make_scheduler, self.metrics,
+                                                self.settings.max_queue)
+                pool.decisions = type(pool.decisions)(maxlen=self.settings.decisions_kept)
+                pool.scheduler(self.settings.policy)
+            pool.add(inst)
+        else:
+            self.pd[ep.role][ep.url] = inst
+        self._joining.pop(ep.url, None)
+        log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
+
+    # --- background loops ------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.rebalance_interval)
+            self.pd_router.tick()
+            for pool in self.pools.values():
+                pool.tick()
+                for iid, inst in pool.instances.items():
+                    self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
+                    self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
+                    self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
+            counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
+            for inst in self.all_instances():
+                st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
+                key = (inst.model, inst.endpoint.role, st)
+                counts[key] = counts.get(key, 0) + 1
+            # Set, never cleared and re-counted: a worker's series live in files (--workers) and a
+            # cleared child would come back with its old value.
+            for key, n in counts.items():
+                self.metrics.instances.labels(*key).set(n)
+            self._instance_series = set(counts)
+
+    def local_report(self) -> LocalReport:
+        report = LocalReport()
+        for name, pool in self.pools.items():
+            report.members[name] = sorted(i.id for i in pool.instances.values() if not i.removed)
+            report.observed[name], pool.observed = pool.observed, []
+            for iid, inst in pool.instances.items():
+                remote = self._remote.get(iid, InstanceLoad())
+                s = inst.state
+                report.load[iid] = InstanceLoad(
+                    pending_miss_tokens=max(0, s.pending_miss_tokens - remote.pending_miss_tokens),
+                    pending_attn_pairs=max(0, s.pending_attn_pairs - remote.pending_attn_pairs),
+                    queued_requests=s.queued_requests,
+                    inflight_requests=max(0, s.inflight_requests - remote.inflight_requests))
+        return report
+
+    def apply_remote(self, load: dict[str, InstanceLoad]) -> None:
+        """Fold the peers' load into our instance states as a delta on top of our own accounting."""
+        for pool in self.pools.values():
+            for iid, inst in pool.instances.items():
+                new = load.get(iid, InstanceLoad())
+                old = self._remote.get(iid, InstanceLoad())
+                inst.state.inflight_miss_tokens += new.pending_miss_tokens - old.pending_miss_tokens
+                inst.state.inflight_attn_pairs += new.pending_attn_pairs - old.pending_attn_pairs
+                inst.state.inflight_requests += new.inflight_requests - old.inflight_requests
+                self._remote[iid] = new
+
+    async def sync_state(self) -> bool:
+        view = await self.backend.sync(self.local_report())
+        up = view is not None
+        self.metrics.state_backend_up.labels(self.backend.name).set(1 if up else 0)
+        if view is None:
+            self.metrics.state_backend_errors.labels(self.backend.name).inc()
+            self.apply_remote({})  # degrade to local state: forget what the peers said
+            return False
+        self.apply_remote(view.load)
+        self.shared_members, self.peers = view.members, view.peers
+        for name, paths in view.peer_observed.items():
+            if (pool := self.pools.get(name)) is not None and paths:
+                pool.observe_peers(paths)
+        return True
+
+    async def _lag_loop(self, period: float = 0.05) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + period
+            await asyncio.sleep(period)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - due))
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.state_sync_interval)
+            await self.sync_state()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
+                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
+        self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
+                               timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
+                               ssl_context=self.engine_tls, headers=self.engine_headers)
+        if s.discovery == "kubernetes":
+            self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
+                                                 s.kubeconfig, s.k8s_watch_timeout)
+            await self.discovery.start()
+        else:
+            await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances,
+                                                      s.remote_prefill_instances))
+        if self._joining:  # give static instances a moment to answer before serving
+            await asyncio.wait(list(self._joining.values()), timeout=5.0)
+        self.scraper.start()
+        if s.remote_prefill_pool and (self.worker is None or self.worker.index == 0):  # one writer per pod
+            await self._start_remote_reporter(s.remote_prefill_pool)
+        self.tasks = [asyncio.create_task(self._tick_loop(), name="routing-tick"),
+                      asyncio.create_task(self._sync_loop(), name="state-sync"),
+                      asyncio.create_task(self._lag_loop(), name="loop-lag")]
+
+    async def stop(self) -> None:
+        """Graceful drain: refuse new work, let in-flight requests finish (bounded), then close."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
+        for task in [*self.tasks, *self._joining.values()]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self._joining.values(), return_exceptions=True)
+        if self.discovery:
+            await self.discovery.stop()
+        if self.scraper:
+            await self.scraper.stop()
+        if self.remote_reporter:
+            await self.remote_reporter.stop()
+        if self.upstream:
+            await self.upstream.close()
+        await self.backend.close()
+        if self.siblings:
+            await self.siblings.close()
+
+    async def _start_remote_reporter(self, pool: str) -> None:
+        """Write the RemotePrefillPool's status; without API credentials, serve and say why."""
+        from tandem.kube import KubeClient, load_credentials
+
+        s = self.settings
+        try:
+            creds = await asyncio.to_thread(load_credentials, s.kubeconfig)
+            ssl_context = await asyncio.to_thread(creds.ssl_context)
+        except Exception as exc:  # whatever is wrong with the credentials, serving goes on
+            log.warning("RemotePrefillPool %s: no Kubernetes API credentials, its status is not written (%s)",
+                        pool, exc)
+            return
+        client = KubeClient(creds, ssl_context, user_agent="tandem-gateway", field_manager="tandem-gateway")
+        self.remote_reporter = RemotePoolReporter(client, s.k8s_namespace, pool, self.remote_view,
+                                                  s.remote_status_interval)
+        self.remote_reporter.start()
+
+    def remote_view(self) -> RemoteView:
+        """The remote prefill pool as this gateway sees it (for its RemotePrefillPool status)."""
+        now = time.monotonic()
+        remote = list(self.pd["remote-prefill"].values())
+        return RemoteView(instances=len(remote), healthy=sum(1 for i in remote if i.state.routable),
+                          egress_gbps=self.pd_router.link_egress_gbps(now),
+                          queue_tokens=sum(i.state.pending_miss_tokens for i in remote))
+
+    # --- requests in progress -------------------------------------------------------------
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def handle(self, request: Request, kind: str) -> Response:
+        """One generation request, from admission to the unified or the disaggregated path."""
+        admitted = await admit(self, request, kind)
+        if isinstance(admitted, Response):
+            return admitted
+        a = admitted
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        self.enter()
+        try:
+            if a.pool is None:
+                return await self.pd_router.serve(request, a.data, replace(a.rreq, model=a.body.model), path,
+                                                  a.body.stream, a.policy)
+            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy)
+        except BaseException:
+            self.leave()
+            raise
+
+    def new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):08x}"
+
+    def done(self, policy: str, decision: str, outcome: str, response: Response,
+              trace: RequestTrace | None = None) -> Response:
+        self.metrics.requests.labels(policy, decision, outcome).inc()
+        if trace is not None:  # an ok answer was counted when it finished
+            self.observer.ended(trace, outcome, None, time.monotonic())
+        self.leave()
+        return response

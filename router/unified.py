@@ -1,0 +1,149 @@
+"""The request path of a unified (aggregated) pool: route, wait, start upstream, answer or relay.
+
+The pool's scheduler picks an instance (late binding: the request waits in the gateway's queue until
+one has budget); the request is started on it, and a failure before the first byte is retried on
+another instance with backoff, excluding the ones that failed; an engine's own 4xx goes back as it
+is. A streamed answer is relayed chunk by chunk (``tandem.router.proxy``); every ending, however it
+comes, releases the request's accounting once (``Gateway.done`` or the stream's ``finish``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from tandem.router.admission import error_response
+from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.pool import Pool, QueueFull
+from tandem.router.proxy import ClientGone, RelayedStream, RelayResponse, Started, UpstreamFailure, unless_disconnected
+from tandem.router.resilience import backoff_delay
+from tandem.router.routing.scheduler import QueueFullError
+from tandem.router.routing.types import NoInstanceError, RouteRequest
+
+if TYPE_CHECKING:
+    from tandem.router.gateway import Gateway
+
+log = logging.getLogger("tandem.gateway")
+
+
+class UnifiedRouter:
+    """Serves the requests of unified pools for one gateway (the disaggregated twin: ``PDRouter``)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
+                    policy: str) -> Response:
+        """Route, wait, start upstream (retrying before the first byte), then answer or relay."""
+        gw = self.gw
+        s = gw.settings
+        assert gw.upstream is not None
+        t0 = time.monotonic()
+        deadline = t0 + s.request_timeout
+        base = gw.new_request_id()
+        excluded: list[str] = []
+        failure: UpstreamFailure | None = None
+        reason = "none"
+        trace = gw.observer.arrived(pool.service, "unified", rreq.prompt_tokens, t0)
+        for attempt in range(1, s.max_attempts + 1):
+            rid = f"{base}-{attempt}"
+            try:
+                decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy,
+                                                 excluded)
+            except (QueueFull, QueueFullError) as exc:
+                # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
+                status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
+                return gw.done(policy, "none", "queue_full", error_response(
+                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1), trace=trace)
+            except NoInstanceError as exc:
+                return gw.done(policy, "none", "no_instance", error_response(
+                    503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
+                    retry_after=2), trace=trace)
+            try:
+                reason = decision.reason
+                remaining = deadline - time.monotonic()
+                try:
+                    if released.done():  # released at once (not saturated): no need to watch the client
+                        instance_id = released.result()
+                    else:
+                        waiting = pool.wait(rid, released, min(s.queue_timeout, remaining))
+                        instance_id = await unless_disconnected(request, waiting)
+                except NoInstanceError as exc:  # its instance went away and nothing else could take it
+                    return gw.done(policy, reason, "no_instance", error_response(
+                        503, str(exc), type_="server_error", retry_after=2), trace=trace)
+                except TimeoutError:
+                    return gw.done(policy, reason, "queue_timeout", error_response(
+                        503, "timed out waiting for an instance", type_="server_error", retry_after=2), trace=trace)
+                except ClientGone:
+                    return gw.done(policy, reason, "client_gone", Response(status_code=499), trace=trace)
+                inst = pool.instances.get(instance_id)
+                if inst is None:  # left while the request was queued
+                    pool.failed(rid)
+                    continue
+                gw.observer.routed(trace, decision.hit_tokens, time.monotonic())
+                try:
+                    started = await unless_disconnected(request, gw.upstream.start(
+                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+                except ClientGone:
+                    pool.finished(rid)
+                    return gw.done(policy, reason, "client_gone", Response(status_code=499), trace=trace)
+                except UpstreamFailure as exc:
+                    failure = exc
+                    pool.failed(rid)
+                    if exc.kind == "busy":  # the gateway's own connection limit: nothing wrong with the engine
+                        return gw.done(policy, reason, "busy", error_response(
+                            503, str(exc), type_="server_error", retry_after=1), trace=trace)
+                    inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
+                    inst.refresh_health(time.monotonic())
+                    gw.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
+                    excluded.append(instance_id)
+                    log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
+                    if attempt < s.max_attempts and deadline - time.monotonic() > 0:
+                        gw.metrics.retries.labels(exc.kind).inc()
+                        await asyncio.sleep(backoff_delay(s.retry_backoff, attempt))
+                        continue
+                    break
+            except BaseException:
+                pool.cancel(rid)  # cancelled mid-attempt (shutdown): leave no accounting behind
+                raise
+            inst.breaker.on_success()
+            if started.status >= 400:  # the engine refused the request itself: not retryable
+                pool.failed(rid)
+                return gw.done(policy, reason, "client_error", Response(
+                               started.first, status_code=started.status, headers=started.headers), trace=trace)
+            pool.first_token(rid)
+            headers = {**started.headers, "x-tandem-instance": instance_id, "x-tandem-decision": reason}
+            if started.response is None:
+                pool.finished(rid)
+                gw.observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
+                gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+                return gw.done(policy, reason, "ok", Response(started.first, status_code=started.status,
+                               headers=headers), trace=trace)
+            gw.metrics.ttft.labels(policy).observe(time.monotonic() - t0)
+            gw.observer.first_token(trace, time.monotonic())
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+            return RelayResponse(self._stream(pool, rid, started, policy, reason, t0, trace), started.status, headers)
+        status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
+        message = f"no instance could serve the request after {s.max_attempts} attempts"
+        if failure:
+            message += f"; last error: {failure}"
+        return gw.done(policy, reason, kind, error_response(status, message, type_="server_error"), trace=trace)
+
+    def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float,
+                trace: RequestTrace) -> RelayedStream:
+        gw = self.gw
+
+        def finish(outcome: str, output_tokens: int) -> None:
+            pool.finished(rid)
+            gw.observer.ended(trace, outcome, output_tokens, time.monotonic())
+            gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
+            gw.metrics.requests.labels(policy, reason, outcome).inc()
+            gw.leave()
+
+        return RelayedStream(started, finish)
