@@ -212,13 +212,8 @@ class DemoCommand(TandemSettings):
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
                                              host_cache_tokens=self.host_cache_tokens))
-<<<<<<< HEAD
-                sims.append(await stack.enter_async_context(serve(app)))
-            gw_port = free_port()
-=======
                 sims.append(await stack.enter_async_context(serving(app)))
-            gw_port = _free_port()
->>>>>>> protocols
+            gw_port = free_port()
             gw = f"http://127.0.0.1:{gw_port}"
             # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
             shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
