@@ -43,7 +43,7 @@ class SharedLoad(BaseModel):
                           inflight_requests=self.inflight_requests + other.inflight_requests)
 
 
-# The old name, still imported by router/app.py and router/pdgateway.py while they are being split:
+# The old name, still imported by router/gateway.py and router/pdgateway.py (not edited in this branch):
 # delete once they import SharedLoad.
 InstanceLoad = SharedLoad
 
