@@ -2,8 +2,8 @@
 
 For each policy the demo starts fresh engine simulators (cold caches, so no policy inherits
 another's cache) and a gateway as subprocesses on ephemeral 127.0.0.1 ports, replays the same
-trace slice through the gateway over real HTTP (prompts as Mooncake block ids, the simulator's
-``x_tandem`` extension; streamed responses), and measures what a client sees. It then prints a
+trace slice through the gateway over real HTTP (prompt text built from the Mooncake block ids,
+``tandem.bench.prompts``; streamed responses), and measures what a client sees. It then prints a
 side-by-side table and writes a plot and the raw numbers under ``out/``.
 """
 
@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -23,103 +22,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.bench.harness import HarnessError, Process, free_port, tandem_argv
-from tandem.bench.stats import attainment, quantiles
+from tandem.bench.trace_client import Result, Summary, replay, summarise
 from tandem.config import TandemSettings
 from tandem.serve import serving
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
-
-
-@dataclass(slots=True)
-class Result:
-    ok: bool
-    ttft: float
-    e2e: float
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    error: str = ""
-
-
-@dataclass(slots=True)
-class Summary:
-    policy: str
-    requests: int
-    errors: int
-    ttft_p50: float
-    ttft_p90: float
-    ttft_p99: float
-    slo_attainment: float
-    hit_ratio: float
-    throughput_rps: float
-    output_tps: float
-    wall_s: float
-
-
-def summarise(policy: str, results: list[Result], slo: float, wall: float) -> Summary:
-    ok = [r for r in results if r.ok]
-    p50, p90, p99 = quantiles((r.ttft for r in ok), (0.5, 0.9, 0.99))
-    prompt = sum(r.prompt_tokens for r in ok)
-    return Summary(
-        policy=policy, requests=len(results), errors=len(results) - len(ok),
-        ttft_p50=p50, ttft_p90=p90, ttft_p99=p99,
-        # A failed request misses the SLO.
-        slo_attainment=attainment((r.ttft for r in ok), slo, total=len(results)),
-        hit_ratio=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
-        throughput_rps=len(ok) / wall if wall > 0 else 0.0,
-        output_tps=sum(r.output_tokens for r in ok) / wall if wall > 0 else 0.0,
-        wall_s=wall)
-
-
-async def _one(client: httpx.AsyncClient, url: str, model: str, req: TraceRequest, max_out: int) -> Result:
-    body = {"model": model, "max_tokens": max(1, min(req.output_tokens, max_out)), "stream": True,
-            "stream_options": {"include_usage": True},
-            "x_tandem": {"hash_ids": list(req.hash_ids), "prompt_tokens": req.input_tokens,
-                         "block_size": req.block_size}}
-    t0 = time.perf_counter()
-    ttft = None
-    usage: dict = {}
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                              f"HTTP {resp.status_code}: {text[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                                  chunk["error"].get("message", "error"))
-                if ttft is None and chunk.get("choices"):
-                    ttft = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    except httpx.HTTPError as exc:
-        return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0, type(exc).__name__)
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return Result(ttft is not None, ttft or 0.0, time.perf_counter() - t0, int(usage.get("prompt_tokens", 0)),
-                  cached, int(usage.get("completion_tokens", 0)))
-
-
-async def replay(url: str, model: str, reqs: list[TraceRequest], max_out: int,
-                 on_done: Callable[[], None] | None = None) -> tuple[list[Result], float]:
-    """Open-loop replay: each request is sent at its (rescaled) arrival time, whatever came before."""
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0), limits=limits,
-                                 trust_env=False) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-
-        async def at(req: TraceRequest) -> Result:
-            await asyncio.sleep(max(0.0, start + req.arrival - loop.time()))
-            result = await _one(client, url, model, req, max_out)
-            if on_done:
-                on_done()
-            return result
-
-        results = await asyncio.gather(*(at(r) for r in reqs))
-        return list(results), loop.time() - start
 
 
 class DemoCommand(TandemSettings):
@@ -224,7 +130,7 @@ class DemoCommand(TandemSettings):
             await gateway.until_http(gw + "/readyz")
             async with httpx.AsyncClient(trust_env=False) as c:
                 model = (await c.get(gw + "/v1/models")).json()["data"][0]["id"]
-            return await replay(gw + "/v1/completions", model, reqs, self.max_output_tokens, advance)
+            return await replay([gw + "/v1/completions"], model, reqs, self.max_output_tokens, advance)
         raise AssertionError("unreachable")
 
     def _report(self, summaries: list[Summary], raw: dict[str, list[Result]], reqs: list[TraceRequest],

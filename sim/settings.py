@@ -35,6 +35,8 @@ class SimSettings(TandemSettings):
     slowdown: float = Field(1.0, ge=1.0, description="with fault=slow: every iteration takes this many times longer")
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="with fault=error: share of requests answered 500")
     seed: int = Field(0, description="seed of the fault injector's random choices")
+    time_scale: float = Field(1.0, gt=0, le=100, description="engine seconds per wall-clock second (benchmarks: "
+                              "replay a trace N times faster; the engine's own metrics are in engine seconds)")
     engine_id: str | None = Field(None, min_length=1, max_length=128,
                                   description="KV-transfer engine id (vLLM remote_engine_id); default: random")
     kv_link_gbps: float = Field(100.0, gt=0, description="decode role: Gbit/s of the link KV is pulled over")
