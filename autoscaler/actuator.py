@@ -31,11 +31,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.api.labels import ANN_DRAINING, LABEL_ROLE, LABEL_SERVICE
-from tandem.api.models import LLMService
-from tandem.api.models import Role as ApiRole
+from tandem.api.models import LLMService, Role
 from tandem.api.observations import ObservationCounts, Observations, RoleObservation, build_report, merge_counts
 from tandem.autoscaler.core import apply_budget, tick
-from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, Decision, PoolBounds, Role
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, PoolBounds, ScalingSLO
 from tandem.kube import LLMSERVICES, ApiError, Kind, KubeClient
 from tandem.perf.profile import DEFAULT_PROFILE, load_profile
 
@@ -237,7 +236,7 @@ def spec_from_service(svc: LLMService, defaults: AutoscalerSpec, gpu_budget: int
     pools: dict[Role, PoolBounds] = {}
     for role in svc.spec.roles():
         pool = svc.spec.pool(role)
-        pools[str(role)] = PoolBounds(  # type: ignore[index]
+        pools[role] = PoolBounds(
             min_replicas=pool.min_replicas if pool.min_replicas is not None else 1,
             max_replicas=pool.max_replicas if pool.max_replicas is not None
             else max(svc.spec.replicas_of(role), 64),
@@ -246,7 +245,7 @@ def spec_from_service(svc: LLMService, defaults: AutoscalerSpec, gpu_budget: int
     return defaults.model_copy(update={
         "mode": str(svc.spec.mode),
         "pools": pools,
-        "slo": SLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_seconds, attainment=min(slo.attainment, 0.999)),
+        "slo": ScalingSLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_seconds, attainment=min(slo.attainment, 0.999)),
         "scale_down_cooldown_s": float(svc.spec.autoscaling.cooldown_seconds),
         "gpu_budget": gpu_budget,
     })
@@ -413,7 +412,7 @@ class Actuator:
         spec_patch: dict[str, Any] = {}
         changed = []
         for role, d in decision.roles.items():
-            current = svc.spec.replicas_of(ApiRole(role))
+            current = svc.spec.replicas_of(Role(role))
             if d.replicas != current:
                 changed.append(f"{role} {current}->{d.replicas}")
                 self.metrics.actions.labels(ns, name, role, "up" if d.replicas > current else "down").inc()
