@@ -43,11 +43,6 @@ class SharedLoad(BaseModel):
                           inflight_requests=self.inflight_requests + other.inflight_requests)
 
 
-# The old name, still imported by router/gateway.py and router/pdgateway.py (not edited in this branch):
-# delete once they import SharedLoad.
-InstanceLoad = SharedLoad
-
-
 class LocalReport(BaseModel):
     load: dict[str, SharedLoad] = Field(default_factory=dict)
     members: dict[str, list[str]] = Field(default_factory=dict)  # pool -> instance ids this replica serves
