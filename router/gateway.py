@@ -42,7 +42,7 @@ from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
-from tandem.router.state import SharedLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
