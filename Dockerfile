@@ -9,6 +9,7 @@ COPY sim sim
 COPY router router
 COPY operator operator
 COPY autoscaler autoscaler
+COPY bench bench
 RUN pip install --no-cache-dir --upgrade pip \
  && pip wheel --no-cache-dir --wheel-dir /wheels .
 
