@@ -85,7 +85,7 @@ class EngineSpec(BaseModel):
     port: int = Field(gt=0, le=65535)
     served_model_name: str = SERVED_NAME
     max_model_len: int = Field(4096, gt=0)
-    kv_cache_gib: int = Field(1, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
+    kv_cache_bytes: int = Field(256 << 20, gt=0, description="KV cache size (--kv-cache-memory-bytes)")
     enforce_eager: bool = Field(True, description="skip torch.compile: a much shorter start on CPU")
     cpu: int | None = Field(None, ge=0, description="pin the engine's compute threads to this core")
     nixl_side_channel_port: int | None = Field(None, gt=0, le=65535,
@@ -106,9 +106,10 @@ def command(spec: EngineSpec, python: Path) -> tuple[list[str], dict[str, str]]:
     argv = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(spec.model_dir),
             "--served-model-name", spec.served_model_name, "--load-format", "dummy", "--dtype", "bfloat16",
             "--enable-prefix-caching", "--max-model-len", str(spec.max_model_len),
-            "--host", "127.0.0.1", "--port", str(spec.port), "--disable-uvicorn-access-log"]
+            "--kv-cache-memory-bytes", str(spec.kv_cache_bytes), "--host", "127.0.0.1", "--port", str(spec.port),
+            "--disable-uvicorn-access-log"]
     # VLLM_HOST_IP: vLLM's internal message queues would use the host's address; loopback only here.
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib), "VLLM_HOST_IP": "127.0.0.1",
+    env = {"VLLM_HOST_IP": "127.0.0.1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     if spec.enforce_eager:
