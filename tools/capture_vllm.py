@@ -218,10 +218,17 @@ bodies (the real-vLLM tests start engines with it and see `cached_tokens`). KV c
   per engine process (it restarts at 0 when the engine restarts), payload = msgpack of
   `KVEventBatch`, an array `[ts (float, unix s), events, data_parallel_rank]`.
 - Each event is a map tagged by `"type"`: `BlockStored` (`block_hashes`, `parent_block_hash`,
-  `token_ids`, `block_size`, `lora_id`, `medium`, `lora_name`, ...), `BlockRemoved`
-  (`block_hashes`, `medium`, ...), `AllBlocksCleared` (nothing else). Fields at their default may be
-  omitted (`omit_defaults`). Block hashes are bytes (sha256-based, seeded per process unless
-  `PYTHONHASHSEED` is fixed), block_size is 128 on CPU. Only full blocks are stored.
+  `token_ids` (all tokens of the blocks), `block_size`, `lora_id`, `medium`, `lora_name`,
+  `extra_keys`, `group_idx`, `kv_cache_spec_kind`), `BlockRemoved` (`block_hashes`, `medium`,
+  `group_idx`; one per evicted block here), `AllBlocksCleared` (no field). Fields at their default
+  may be omitted (`omit_defaults`). `medium` is `"GPU"` even on the CPU build. Block hashes are
+  unsigned 64-bit integers (vLLM's `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1` default: the low 64 bits
+  of the sha256 block hash; bytes when that is 0), chained through `parent_block_hash`, and the
+  same in every process (sha256 with vLLM's fixed seed unless `PYTHONHASHSEED` is set): the same
+  prompt after the reset got the same hashes. block_size is 128 on CPU; only full blocks are stored.
+- A cache hit publishes nothing (`completion_repeat`); a prompt shorter than a block neither.
+- `POST /reset_prefix_cache` publishes nothing by itself: `AllBlocksCleared` comes first in the
+  batch of the next engine step that has events (here `after_reset`'s).
 - Replay: a DEALER sends `[b"", start_seq (8-byte big-endian)]` to the ROUTER and receives one
   `[b"", topic, seq, payload]` per buffered batch with seq >= start, then `[b"", b"", -1 (8 bytes,
   signed), b""]`.
