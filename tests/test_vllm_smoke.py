@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import zmq
 from gatewayutil import ROOT, free_port, gateway_app, sse_text
 from openai import AsyncOpenAI
 from tokenizers import Tokenizer
@@ -164,3 +165,22 @@ async def test_pd_two_phase_moves_the_kv_over_nixl(vllm_fleet: VllmFleet, stream
     # Every full KV block (128 tokens on CPU) came over NIXL; the decode computed at most the partial tail.
     assert transferred >= prompt_tokens - 128 and transferred > 0 and computed < 128
     assert counter(after_d, "vllm:generation_tokens_total") - counter(before_d, "vllm:generation_tokens_total") >= 5
+
+
+def test_unified_engines_publish_kv_cache_events(vllm_fleet: VllmFleet) -> None:
+    """The fleet's engines publish on their ``--kv-events-config`` socket: ``[topic, seq, msgpack batch]``
+    (tests/fixtures/vllm-0.32/README.md), one batch with a BlockStored when a prompt fills a block."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(vllm_fleet.kv_events[1].endpoint)
+        time.sleep(0.5)  # the subscription must reach the publisher before the event is sent
+        body = {"model": MODEL, "prompt": "Events. " + PROMPT, "max_tokens": 1}
+        assert httpx.post(vllm_fleet.unified_urls[1] + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert sub.poll(10_000), "no KV-event message within 10 s"
+        topic, seq, payload = sub.recv_multipart()
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+    assert topic == b"" and len(seq) == 8 and b"BlockStored" in payload

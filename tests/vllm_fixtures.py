@@ -32,6 +32,7 @@ class VllmFleet:
 
     model_dir: Path
     unified: list[vllmcpu.VllmEngine]
+    kv_events: list[vllmcpu.KvEvents]  # the unified engines' KV-event publishers, in the same order
     prefill: vllmcpu.VllmEngine
     decode: vllmcpu.VllmEngine
 
@@ -59,9 +60,15 @@ def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
     require_vllm()
     model_dir = tinymodel.build()
     logs = tmp_path_factory.mktemp("vllm-logs")
-    # Engine i's compute threads on core i mod N: the pair's prefill and decode on different cores.
-    specs = [vllmcpu.unified_spec(model_dir, i, logs, prompt_tokens_details=True) for i in range(2)]
+    # The unified engines publish KV-cache events (ipc sockets in the log folder: no ports to race for)
+    # and serve POST /reset_prefix_cache (dev mode). Engine i computes on core i mod N, so the PD
+    # pair's prefill and decode run on different cores.
+    events = [vllmcpu.KvEvents(endpoint=f"ipc://{logs}/kv{i}.pub", replay_endpoint=f"ipc://{logs}/kv{i}.replay")
+              for i in range(2)]
+    specs = [vllmcpu.unified_spec(model_dir, i, logs, prompt_tokens_details=True, kv_events=events[i],
+                                  dev_mode=True) for i in range(2)]
     specs += vllmcpu.pd_specs(model_dir, 0, logs)
     with vllmcpu.running(specs, timeout=START_TIMEOUT) as engines:
-        yield VllmFleet(model_dir=model_dir, unified=engines[:2], prefill=engines[2], decode=engines[3])
+        yield VllmFleet(model_dir=model_dir, unified=engines[:2], kv_events=events, prefill=engines[2],
+                        decode=engines[3])
 
