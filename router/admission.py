@@ -14,8 +14,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 from fastapi import Request
@@ -23,9 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from tandem.kvindex import PromptTokens
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
-from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.prefix import block_id_tokens, chain_hashes, text_block_hashes, token_block_hashes, word_ids
 from tandem.router.routing.types import RouteRequest
+from tandem.router.tokens import EngineTokenizer
 
 if TYPE_CHECKING:
     from tandem.router.gateway import Gateway
@@ -46,46 +47,30 @@ class Admitted:
     pool: Pool | None
 
 
-class Tokenizer(Protocol):
-    def __call__(self, text: str) -> list[str]: ...
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The engine's own tokenizer (``tokenizer.json``), so routing blocks align with its KV blocks."""
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError:
-        raise ValueError("tokenizer: needs the 'tokenizers' package (pip install 'tandem-serving[tokenizer]')") \
-            from None
-    try:
-        tok = HFTokenizer.from_file(str(path))
-    except Exception as exc:  # the library raises plain Exception for unreadable or malformed files
-        raise ValueError(f"tokenizer: cannot load {path}: {exc}") from None
-
-    def encode(text: str) -> list[str]:
-        return [str(i) for i in tok.encode(text, add_special_tokens=False).ids]
-
-    return encode
-
-
 def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
-                  tokenizer: Tokenizer | None = None) -> RouteRequest:
+                  tokenizer: EngineTokenizer | None = None) -> RouteRequest:
     """The routing key of a request: the simulator's block hashes when given, else the engine's
-    tokenizer when configured, else a cheap text chunking."""
+    tokenizer when configured, else a cheap text chunking. ``tokens`` (the exact cache view's
+    input) are the engine's token ids: the tokenizer's, or the simulator's word ids without one."""
     if body.x_tandem is not None:
         ext = body.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
-                            fallback_key=ext.prompt_tokens, model=body.model)
+                            fallback_key=ext.prompt_tokens, model=body.model,
+                            tokens=PromptTokens(make=lambda: block_id_tokens(ext.hash_ids, ext.block_size,
+                                                                             ext.prompt_tokens)))
     text = body.prompt_text()
     if tokenizer is not None:
-        ids = tokenizer(text)
-        tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+        ids = tokenizer.ids(body)
+        pieces = [str(i) for i in ids] if ids is not None else tokenizer.pieces(text)
+        tokens, hashes = len(pieces), token_block_hashes(pieces, block_size)
+        exact = PromptTokens(ids) if ids is not None else None
     else:
         tokens, hashes = text_block_hashes(text, block_size)
+        exact = PromptTokens(make=lambda: word_ids(text))
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
                         block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
-                        model=body.model)
+                        model=body.model, tokens=exact)
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,

@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from tandem.router.admission import admit, load_tokenizer
+from tandem.router.admission import admit
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
@@ -43,6 +43,7 @@ from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
 from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
+from tandem.router.tokens import EngineTokenizer
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class Gateway:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        self.tokenizer = EngineTokenizer.load(settings.tokenizer) if settings.tokenizer else None
         self.worker = worker
         self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
         self.siblings = Siblings(worker.sibling_sockets) if worker else None

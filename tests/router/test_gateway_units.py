@@ -188,19 +188,21 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
     from tandem.openai_api import CompletionRequest
-    from tandem.router.admission import load_tokenizer, route_request
+    from tandem.router.admission import route_request
+    from tandem.router.tokens import EngineTokenizer
 
     tok = Tokenizer(WordLevel({"[UNK]": 0, "hello,world": 1, "again": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = WhitespaceSplit()
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     body = CompletionRequest(model="m", prompt="hello,world again " * 4)
-    with_tok = route_request(body, block_size=4, tokenizer=load_tokenizer(path))
+    with_tok = route_request(body, block_size=4, tokenizer=EngineTokenizer.load(path))
     default = route_request(body, block_size=4)
     assert with_tok.prompt_tokens == 8 and len(with_tok.block_hashes) == 2  # whitespace words only
+    assert with_tok.tokens is not None and list(with_tok.tokens.ids) == [1, 2] * 4
     assert default.prompt_tokens == 16  # the chunker splits 'hello', ',', 'world'
     with pytest.raises(ValueError, match="tokenizer"):
-        load_tokenizer(tmp_path / "missing.json")
+        EngineTokenizer.load(tmp_path / "missing.json")
 
 
 def test_tune_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> None:
