@@ -48,6 +48,7 @@ class EngineSnapshot(BaseModel):
     ttft_sum: float | None = None
     ttft_count: float | None = None
     block_size: int | None = None
+    start_time: float | None = None  # process_start_time_seconds: the engine process's incarnation
     model_names: list[str] = []
 
     def prefix_hit_ratio(self) -> float | None:
@@ -61,8 +62,9 @@ class EngineMetricsError(ValueError):
     """The text is not a Prometheus exposition, or carries none of the engine metrics we know."""
 
 
+_START = "process_start_time_seconds"
 _WANTED = tuple(sorted({n for names in (*_GAUGES.values(), *_COUNTERS.values()) for n in names}
-                       | set(_TTFT) | {"vllm:cache_config_info"}))
+                       | set(_TTFT) | {"vllm:cache_config_info", _START}))
 
 
 def relevant_lines(text: str) -> str:
@@ -88,7 +90,11 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     counts: dict[str, int] = defaultdict(int)
     models: set[str] = set()
     block_size: int | None = None
+    start_time: float | None = None
     for fam in families:
+        if fam.name == _START:
+            start_time = max((s.value for s in fam.samples), default=None)
+            continue
         for s in fam.samples:
             if "model_name" in s.labels:
                 models.add(s.labels["model_name"])
@@ -126,4 +132,5 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     if not values:
         raise EngineMetricsError("no vLLM or SGLang metrics found in /metrics")
     flavor: EngineFlavor = "vllm" if "vllm" in flavors else "sglang" if "sglang" in flavors else "unknown"
-    return EngineSnapshot(flavor=flavor, block_size=block_size, model_names=sorted(models), **values)
+    return EngineSnapshot(flavor=flavor, block_size=block_size, start_time=start_time, model_names=sorted(models),
+                          **values)

@@ -64,6 +64,17 @@ class GatewayMetrics:
                                       "local state.", ["backend"], multiprocess_mode="livemin", registry=r)
         self.state_backend_errors = Counter("tandem_state_backend_errors", "Failed shared-state syncs.",
                                             ["backend"], registry=r)
+        # The exact cache view (engine KV-cache events, router/kvsubscriber.py) and cache resets.
+        self.kv_batches = Counter("tandem_kv_event_batches", "Engine KV-cache event batches applied to the exact "
+                                  "cache view.", ["instance"], registry=r)
+        self.kv_gaps = Counter("tandem_kv_event_gaps", "Missed event batches (sequence gaps) by outcome: replayed "
+                               "from the engine's replay socket, or the view cleared.", ["instance", "outcome"],
+                               registry=r)
+        self.kv_index_blocks = Gauge("tandem_kv_index_blocks", "Engine KV blocks in an instance's exact cache view.",
+                                     ["instance"], multiprocess_mode="livemax", registry=r)
+        self.cache_resets = Counter("tandem_engine_cache_resets", "Engine cache resets and restarts seen (this "
+                                    "process's own detections and its peers'): the instance's cache views were "
+                                    "cleared.", ["instance", "reason"], registry=r)
         self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
                                 ["reason"], registry=r)
         # Disaggregated serving with a remote prefill pool (router/pdgateway.py, router/routing/offload.py).

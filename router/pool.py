@@ -69,7 +69,8 @@ class Instance:
             "inflight_attn_pairs": s.inflight_attn_pairs, "pending_prefill_s": round(s.pending_s, 4),
             "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
-            "shadow_cache_tokens": s.shadow.tokens, "prefill_s_per_token": s.prefill_s_per_token,
+            "shadow_cache_tokens": s.shadow.tokens, "exact_cache_view": s.exact is not None,
+            "prefill_s_per_token": s.prefill_s_per_token,
             "engine": self.snapshot.model_dump() if self.snapshot else None,
             "last_scrape_age_s": round(time.monotonic() - self.last_scrape_ok, 3) if self.last_scrape_ok else None,
         }
@@ -193,11 +194,18 @@ class Pool:
                                "instance": decision.instance_id, "reason": decision.reason,
                                "candidates": list(decision.candidates), "hit_tokens": decision.hit_tokens,
                                "estimates": {k: round(v, 4) for k, v in decision.estimates.items()},
+                               "cache_views": {c: self.cache_view(c, req) for c in decision.candidates},
                                "prompt_tokens": req.prompt_tokens})
         if req.block_hashes and len(self.observed) < OBSERVED_CAP:
             self.observed.append(list(req.block_hashes[:OBSERVED_DEPTH]))
         self.pump()
         return decision, future
+
+    def cache_view(self, instance_id: str, req: RouteRequest) -> str:
+        """Which view estimated the request's hit on an instance: "exact" (engine events) or "shadow"."""
+        inst = self.instances.get(instance_id)
+        exact = inst.state.exact if inst is not None else None
+        return "exact" if exact is not None and exact.hit_tokens(req) is not None else "shadow"
 
     async def wait(self, request_id: str, future: asyncio.Future[str], limit_s: float) -> str:
         """Wait until the scheduler releases the request; returns the instance id."""

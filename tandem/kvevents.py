@@ -229,3 +229,54 @@ def encode_replay(topic: bytes, seq: int, payload: bytes) -> list[bytes]:
 
 def end_of_replay() -> list[bytes]:
     return [b"", b"", END_SEQ.to_bytes(8, "big", signed=True), b""]
+
+
+# ----- where an engine publishes (static flag, pod annotation) ------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KVEventsSource:
+    """An engine's event sockets: the PUB endpoint, the replay ROUTER (optional) and the topic."""
+
+    endpoint: str
+    replay: str | None = None
+    topic: str = ""
+
+    def spec(self) -> str:
+        out = self.endpoint
+        if self.replay:
+            out += f",replay={self.replay}"
+        if self.topic:
+            out += f",topic={self.topic}"
+        return out
+
+
+def _zmq_endpoint(value: str, host: str, what: str) -> str:
+    if value.isdigit():
+        port = int(value)
+        if not 0 < port < 65536:
+            raise ValueError(f"{what}: port {port} out of range")
+        return f"tcp://{host}:{port}"
+    if not value.startswith(("tcp://", "ipc://", "inproc://")) or "*" in value:
+        raise ValueError(f"{what}: {value!r} is neither a port nor a tcp://, ipc:// endpoint to connect to")
+    return value
+
+
+def parse_kv_events(spec: str, host: str) -> KVEventsSource:
+    """``PUB[,replay=REPLAY][,topic=TOPIC]``; PUB and REPLAY are ZMQ endpoints or bare ports on
+    ``host`` (the engine's address: what an operator-written pod annotation can say before the
+    pod has an IP). E.g. ``5557,replay=5558`` or ``tcp://10.0.0.7:5557,topic=kv-events``."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not parts[0] or "=" in parts[0]:
+        raise ValueError(f"kv-events {spec!r}: starts with the PUB endpoint or port")
+    endpoint = _zmq_endpoint(parts[0], host, "kv-events")
+    replay: str | None = None
+    topic = ""
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if key == "replay" and sep and value:
+            replay = _zmq_endpoint(value, host, "kv-events replay")
+        elif key == "topic" and sep:
+            topic = value
+        else:
+            raise ValueError(f"kv-events {spec!r}: unknown part {part!r} (replay=..., topic=...)")
+    return KVEventsSource(endpoint, replay, topic)
