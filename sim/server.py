@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from tandem.kvevents import KVEvent
 from tandem.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,8 +37,9 @@ from tandem.openai_api import (
 )
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile, load_profile
-from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.prefix import block_id_tokens, chain_hashes, text_block_hashes, word_ids
 from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
+from tandem.sim.kvpublisher import KVEventPublisher
 from tandem.sim.metrics import EngineMetrics
 from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
 from tandem.sim.settings import FaultMode, SimSettings
@@ -65,17 +67,25 @@ class EngineDriver(WallClockDriver):
 
     task_name = "engine-driver"
 
-    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0) -> None:
+    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0,
+                 publish: Callable[[list[KVEvent]], None] | None = None) -> None:
         super().__init__(time_scale)
         self.engine = engine
         self.metrics = metrics
+        self.publish = publish
         self.pending: dict[str, _Pending] = {}
+
+    def flush_events(self) -> None:
+        """Publish what the engine's cache did in the last step (a no-op without --kv-events)."""
+        if self.publish is not None and (events := self.engine.cache.take_events()):
+            self.publish(events)
 
     def submit(self, req: SimRequest) -> _Pending:
         now = self.now()
         pending = _Pending(req, now, last_time=now)
         self.pending[req.id] = pending
         self.engine.submit(req, now)
+        self.flush_events()
         self.wake()
         return pending
 
@@ -83,17 +93,21 @@ class EngineDriver(WallClockDriver):
         """A disaggregated request's prompt KV has landed (see :mod:`tandem.sim.pd`)."""
         if request_id in self.pending:
             self.engine.kv_arrived(request_id, self.now())
+            self.flush_events()
             self.wake()
 
     def abort(self, request_id: str) -> None:
         if self.pending.pop(request_id, None) is not None:
             self.engine.abort(request_id, self.now())
+            self.flush_events()
 
     def next_event_time(self) -> float | None:
         return self.engine.next_event_time()
 
     def advance(self, now: float) -> None:
-        for emission in self.engine.advance(now):
+        emissions = self.engine.advance(now)
+        self.flush_events()  # before the tokens: vLLM publishes a step's events before its output arrives
+        for emission in emissions:
             self._deliver(emission)
 
     def _deliver(self, e: Emission) -> None:
@@ -133,7 +147,10 @@ class SimServer:
             host_cache_tokens=settings.host_cache_tokens,
             host_link_gbytes_s=settings.host_link_gbytes_s,
         )
-        self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False)
+        self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False,
+                             kv_events=settings.kv_events is not None)
+        self.publisher = (KVEventPublisher(settings.kv_events, settings.kv_events_replay, settings.kv_events_topic,
+                                           settings.kv_events_buffer) if settings.kv_events is not None else None)
         self.metrics = EngineMetrics(self.engine, flavor=settings.metrics, model_name=self.model_name,
                                      role=settings.role, block_size=profile.kv_block_size)
         self.kv = KVTransfers(settings, kv_bytes_per_token=profile.model.kv_bytes_per_token,
@@ -171,8 +188,13 @@ class SimServer:
         reason = self.engine.validate(prompt_tokens, max_tokens)
         if reason:
             raise ValueError(reason)
+        token_ids: tuple[int, ...] = ()
+        if self.publisher is not None:  # the ids the gateway matches events with (tandem.prefix)
+            token_ids = tuple(block_id_tokens(body.x_tandem.hash_ids, block_size, prompt_tokens)
+                              if body.x_tandem is not None else word_ids(text))
         return SimRequest(id=f"sim-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_tokens=prompt_tokens,
-                          max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size)
+                          max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size,
+                          token_ids=token_ids)
 
 
 def _chunk(kind: str, rid: str, model: str, text: str, finish: str | None, first: bool) -> dict:
@@ -223,12 +245,18 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale)
+        publisher = server.publisher
+        if publisher is not None:
+            publisher.start()
+        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale,
+                                     publisher.publish if publisher is not None else None)
         server.driver.start()
         await server.kv.start()
         yield
         await server.kv.stop()
         await server.driver.stop()
+        if publisher is not None:
+            await publisher.stop()
 
     app = FastAPI(title="tandem engine simulator", lifespan=lifespan)
     app.state.sim = server
@@ -342,6 +370,16 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             return JSONResponse(status_code=400, content=error_body("room or wait_s out of range", param="room"))
         status, content = await server.kv.serve_bootstrap(room, wait_s)
         return JSONResponse(status_code=status, content=content)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """vLLM's (dev-mode) route: drop the prefix cache; refused while requests are in the engine."""
+        assert server.driver is not None
+        if not server.engine.reset_prefix_cache():
+            return JSONResponse(status_code=409, content=error_body(
+                "requests are running: their blocks are in use", type_="server_error"))
+        server.driver.flush_events()
+        return Response(status_code=200)
 
     @app.get("/admin/kv")
     async def admin_kv() -> dict:
