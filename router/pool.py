@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.blockcache import BlockCache
+from tandem.kvindex import EventCacheView
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
@@ -69,11 +70,19 @@ class Instance:
             "inflight_attn_pairs": s.inflight_attn_pairs, "pending_prefill_s": round(s.pending_s, 4),
             "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
-            "shadow_cache_tokens": s.shadow.tokens, "exact_cache_view": s.exact is not None,
+            "shadow_cache_tokens": s.shadow.tokens, "exact_cache_view": _describe_exact(s.exact),
             "prefill_s_per_token": s.prefill_s_per_token,
             "engine": self.snapshot.model_dump() if self.snapshot else None,
             "last_scrape_age_s": round(time.monotonic() - self.last_scrape_ok, 3) if self.last_scrape_ok else None,
         }
+
+
+def _describe_exact(view: object) -> dict[str, Any] | None:
+    """The exact view's state for /admin/instances: in sync or not, blocks indexed and on their way."""
+    if not isinstance(view, EventCacheView):
+        return None
+    return {"live": view.live, "blocks": len(view.index), "block_size": view.index.block_size,
+            "inflight_blocks": len(view.inflight), "skipped_blocks": view.index.skipped}
 
 
 # Shared-state bounds on what one sync publishes: keys deeper than 16 blocks are rare in practice.

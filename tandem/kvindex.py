@@ -240,9 +240,10 @@ class EventCacheView:
     the blocks of requests on their way there.
 
     ``hit_tokens`` answers None (the caller falls back to its shadow cache) until the event stream
-    is in sync (``live``), while the engine's block size is unknown, and for a request without
-    token ids. Token keys of a routed request are remembered by request id, so settling it removes
-    exactly what routing it added, once.
+    is in sync (``live``) and for a request without token ids. The engine's block size comes with
+    its first ``BlockStored`` (or its /metrics); until then the engine holds nothing known: a miss.
+    Token keys of a routed request are remembered by request id, so settling it removes exactly what
+    routing it added, once.
     """
 
     __slots__ = ("_routed", "index", "inflight", "live")
@@ -260,11 +261,11 @@ class EventCacheView:
         return req.tokens.keys(bs)
 
     def hit_tokens(self, req: RouteRequestLike) -> int | None:
-        if not self.live:
+        if not self.live or req.tokens is None:
             return None
         keys = self._keys(req)
-        if keys is None:
-            return None
+        if keys is None:  # no block size yet: nothing stored, nothing routed with keys: a miss
+            return 0
         index, inflight = self.index, self.inflight
         n = 0
         for k in keys:

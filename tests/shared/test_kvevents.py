@@ -198,7 +198,7 @@ def test_event_view_counts_whole_blocks_and_requests_on_their_way() -> None:
     view = EventCacheView()
     assert view.hit_tokens(req) is None  # not in sync yet: the caller uses its shadow
     view.live = True
-    assert view.hit_tokens(req) is None  # block size unknown until the first BlockStored
+    assert view.hit_tokens(req) == 0  # block size unknown until the first BlockStored: nothing is known cached
     view.index.stored(BlockStored((1,), None, tuple(range(1000, 1008)), 8))
     assert view.hit_tokens(req) == 0
     view.routed(req)
