@@ -159,3 +159,29 @@ async def test_without_a_replay_socket_the_view_is_live_at_once(tmp_path) -> Non
     finally:
         await sub.stop()
         await pub.stop()
+
+
+def test_event_endpoints_from_flags_and_annotations_name_what_is_wrong() -> None:
+    from tandem.kvevents import parse_kv_events
+    from tandem.router.discovery import endpoint_from_pod
+    from tandem.router.settings import GatewaySettings
+
+    assert parse_kv_events("5557,replay=5558,topic=kv", "10.0.0.7") == KVEventsSource(
+        "tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558", "kv")
+    assert parse_kv_events("ipc:///run/kv.pub", "h") == KVEventsSource("ipc:///run/kv.pub")
+    for bad, why in (("tcp://*:5557", "neither a port"), ("70000", "out of range"), ("replay=5", "starts with"),
+                     ("5557,hwm=3", "unknown part")):
+        with pytest.raises(ValueError, match=why):
+            parse_kv_events(bad, "h")
+    s = GatewaySettings(instances=["http://10.0.0.7:8000", "http://10.0.0.8:8000"],
+                        kv_events="http://10.0.0.7:8000=5557,replay=5558")
+    assert s.kv_event_sources() == {"http://10.0.0.7:8000": KVEventsSource("tcp://10.0.0.7:5557",
+                                                                           "tcp://10.0.0.7:5558")}
+    with pytest.raises(ValueError, match="is not one of the instances"):
+        GatewaySettings(instances=["http://10.0.0.7:8000"], kv_events="http://10.9.9.9:1=5557")
+    with pytest.raises(ValueError, match="not URL=ENDPOINT"):
+        GatewaySettings(instances=["http://10.0.0.7:8000"], kv_events="5557")
+    pod = {"metadata": {"name": "p", "annotations": {"serving.tandem.dev/kv-events": "tcp://*:1"}},
+           "status": {"phase": "Running", "podIP": "10.0.0.9", "conditions": [{"type": "Ready", "status": "True"}]}}
+    ep = endpoint_from_pod(pod, 8000)
+    assert ep is not None and ep.kv_events is None  # a bad annotation: served on the shadow view, logged
