@@ -98,7 +98,7 @@ class KVViewBench(TandemSettings):
         events = [vllmcpu.KvEvents(endpoint=f"ipc://{work}/kv{i}.pub", replay_endpoint=f"ipc://{work}/kv{i}.replay")
                   for i in range(self.engines)]
         specs = [vllmcpu.unified_spec(model_dir, i, work, kv_events=events[i], prompt_tokens_details=True,
-                                      dev_mode=True, kv_cache_bytes=self.kv_cache_mib << 20)
+                                      dev_mode=True, kv_cache_bytes=self.kv_cache_mib << 20, max_model_len=2048)
                  for i in range(self.engines)]
         result: dict[str, Any] = {"config": self.model_dump(mode="json", by_alias=True), "views": {}}
         with vllmcpu.running(specs, timeout=self.start_timeout) as engines:

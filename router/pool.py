@@ -142,6 +142,7 @@ class Pool:
             # Back before its drain finished (the autoscaler un-drained it): keep the instance and its
             # in-flight accounting, which the requests still running will release.
             old.endpoint, old.removed, old.state.draining = inst.endpoint, False, False
+            old.state.exact = inst.state.exact  # its event subscription was restarted with the new endpoint
             self._membership_changed()
             return
         self.instances[inst.id] = inst
