@@ -138,15 +138,17 @@ class Setup:
                                                                   "max_tokens": 1})).raise_for_status()
 
     @contextlib.asynccontextmanager
-    async def gateway(self, view: View, pythonpath: Path | None = None):
+    async def gateway(self, view: View, pythonpath: Path | None = None, engines: int | None = None):
+        """A gateway process over the first ``engines`` engines (default all)."""
+        urls = self.urls[:engines]
         port = free_port()
-        argv = [sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port), "--instances", ",".join(self.urls),
+        argv = [sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port), "--instances", ",".join(urls),
                 "--tokenizer", str(self.model_dir / "tokenizer.json"), "--block-size", str(KV_BLOCK),
                 "--shadow-capacity-tokens", str((self.bench.kv_cache_mib << 20) // KV_BYTES_PER_TOKEN),
                 "--scrape-interval", "0.2", "--decisions-kept", "100000", "--log-level", "info"]
         if view == "events":
             argv += ["--kv-events", ";".join(f"{url}={ev.endpoint},replay={ev.replay_endpoint}"
-                                             for url, ev in zip(self.urls, self.events, strict=True))]
+                                             for url, ev in zip(urls, self.events, strict=False))]
         if pythonpath is not None:
             argv = ["env", f"PYTHONPATH={pythonpath}", *argv]
         url = f"http://127.0.0.1:{port}"
@@ -154,12 +156,12 @@ class Setup:
             await proc.until_http(url + "/healthz", 60)
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 if view == "events":
-                    await proc.until(lambda: self._events_live(client), "exact views in sync", 60)
+                    await proc.until(lambda: self._events_live(client, len(urls)), "exact views in sync", 60)
                 yield client
 
-    async def _events_live(self, client: httpx.AsyncClient) -> bool:
+    async def _events_live(self, client: httpx.AsyncClient, count: int) -> bool:
         insts = (await client.get("/admin/instances")).json()["instances"]
-        return len(insts) == len(self.urls) and all((i["exact_cache_view"] or {}).get("live") for i in insts)
+        return len(insts) == count and all((i["exact_cache_view"] or {}).get("live") for i in insts)
 
     async def engine_counters(self) -> tuple[float, float]:
         hits = queries = 0.0
@@ -202,32 +204,33 @@ class Setup:
                 "views": sorted({v for d in decisions for v in d.get("cache_views", {}).values()})}
 
     async def restart_scenario(self, view: View, pythonpath: Path | None) -> dict[str, Any]:
-        """Cache a conversation on one engine, restart that engine, and report the first request the
-        gateway routes to it afterwards: its estimate (decision log) and what the engine served."""
-        turns = conversations(1, 1, 6, self.bench.system_words, self.bench.turn_words)[0]
-        async with self.gateway(view, pythonpath) as gw:
-            first = await gw.post("/v1/completions", json={"model": vllmcpu.SERVED_NAME, "prompt": turns[0],
-                                                           "max_tokens": 4})
-            target = first.headers["x-tandem-instance"]
-            engine = next(e for e in self.engines if e.url == target)
+        """A gateway over one engine: cache a conversation there, restart the engine, and report the
+        first request routed to it afterwards: its estimate (decision log) and what the engine served."""
+        turns = conversations(1, 1, 2, self.bench.system_words, self.bench.turn_words)[0]
+        engine = self.engines[0]
+        body = {"model": vllmcpu.SERVED_NAME, "max_tokens": 4}
+        async with self.gateway(view, pythonpath, engines=1) as gw:
+            (await gw.post("/v1/completions", json={**body, "prompt": turns[0]})).raise_for_status()
             await asyncio.sleep(1.0)  # the engine's events (or the shadow) have the conversation
             t0 = time.monotonic()
             engine.stop()
             engine.start()
             await asyncio.to_thread(engine.wait_ready, self.bench.start_timeout)
             restart_s = time.monotonic() - t0
-            await asyncio.sleep(1.0)  # a scrape or two: the instance is healthy again
-            seen = len((await gw.get("/admin/decisions", params={"limit": 100000})).json()["decisions"])
-            for prompt in turns[1:]:
-                r = await gw.post("/v1/completions", json={"model": vllmcpu.SERVED_NAME, "prompt": prompt,
-                                                           "max_tokens": 4})
-                r.raise_for_status()
-                if r.headers["x-tandem-instance"] == target:
-                    decision = (await gw.get("/admin/decisions", params={"limit": 100000})).json()["decisions"][seen:]
-                    d = next(x for x in decision if x["instance"] == target)
-                    return {"gateway": str(pythonpath or "this checkout"), "view": view, "engine": target,
-                            "restart_s": round(restart_s, 1), "decision": d,
-                            "engine_cached_tokens": r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]}
-            return {"gateway": str(pythonpath or "this checkout"), "view": view, "engine": target,
-                    "restart_s": round(restart_s, 1), "decision": None,
-                    "note": "no request was routed to the restarted engine"}
+
+            async def routable() -> bool:
+                insts = (await gw.get("/admin/instances")).json()["instances"]
+                return all(i["healthy"] for i in insts)
+
+            for _ in range(300):  # up to a minute for a good scrape
+                if await routable():
+                    break
+                await asyncio.sleep(0.2)
+            r = await gw.post("/v1/completions", json={**body, "prompt": turns[1]})  # the conversation's next turn
+            r.raise_for_status()
+            decision = (await gw.get("/admin/decisions", params={"limit": 1})).json()["decisions"][-1]
+            return {"gateway": str(pythonpath or "this checkout"), "view": view, "engine": engine.url,
+                    "restart_s": round(restart_s, 1), "decision": decision,
+                    "engine_cached_tokens": r.json()["usage"]["prompt_tokens_details"]["cached_tokens"],
+                    "resets_seen": [line for line in (await gw.get("/metrics")).text.splitlines()
+                                    if line.startswith("tandem_engine_cache_resets_total")]}
