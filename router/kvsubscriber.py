@@ -19,7 +19,8 @@ Sequence numbers (:class:`Sequencer`, pure) decide what a batch means:
   cleared: it then only misses blocks (under-estimates), it never keeps stale ones.
 
 On start the whole replay buffer is applied (seq 0 on), so a gateway that starts after the engine
-still learns what it cached, as far as the buffer goes back. A batch with ``AllBlocksCleared`` is
+still learns what it cached, as far as the buffer goes back (the resets in it are applied, not
+reported: they happened before this gateway, whose views start empty). A batch with ``AllBlocksCleared`` is
 applied in order (the view clears itself) and reported, so the instance's shadow cache is cleared
 too, here and, through the shared state, in every other gateway process.
 """
@@ -153,7 +154,7 @@ class KVEventSubscriber:
             return
         msgs = await self._replay(0)
         for m in msgs or ():
-            self._apply(m)
+            self._apply(m, report=False)  # resets from before this subscriber are history, not news
 
     async def _handle(self, msg: KVMessage) -> None:
         verdict = self.seq.classify(msg.seq, msg.batch.ts)
@@ -167,7 +168,7 @@ class KVEventSubscriber:
 
     # --- applying ---------------------------------------------------------------------------
 
-    def _apply(self, msg: KVMessage) -> None:
+    def _apply(self, msg: KVMessage, report: bool = True) -> None:
         batch = msg.batch
         if self.oldest_ts is None:
             self.oldest_ts = batch.ts
@@ -178,7 +179,8 @@ class KVEventSubscriber:
         if any(isinstance(e, AllBlocksCleared) for e in batch.events):
             # The view cleared itself in order; what it holds now is from this batch on.
             self.oldest_ts = batch.ts
-            self._report("cleared", batch.ts)
+            if report:
+                self._report("cleared", batch.ts)
 
     def clear(self) -> None:
         """Forget everything: the view's blocks and where the stream stood (the next batch starts it)."""

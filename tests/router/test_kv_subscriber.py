@@ -97,11 +97,12 @@ def counter(metrics: GatewayMetrics, name: str, **labels: str) -> float:
 async def test_initial_replay_gap_repair_clear_and_restart(endpoints: KVEventsSource) -> None:
     pub = KVEventPublisher(endpoints.endpoint, endpoints.replay, endpoints.topic)
     pub.start()
-    pub.publish([stored(1, 1)])  # before the gateway subscribed: only the replay has it
+    pub.publish([stored(2, 1), AllBlocksCleared(), stored(1, 1)])  # before the gateway subscribed: replay only
     sub, resets, metrics = await _subscriber(endpoints)
     view = sub.view
     try:
         await eventually(lambda: view.live and cached_blocks(view) == 1)
+        assert len(view.index) == 1 and resets == []  # a reset from before the gateway is history, not news
         await asyncio.sleep(0.2)  # the subscription is in place
         lose(pub, [stored(2, 1, parent=1)])  # seq 1 never arrives
         pub.publish([stored(3, 1, parent=2)])  # seq 2: a gap, repaired from the replay socket
