@@ -275,6 +275,9 @@ async def test_full_install(tmp_path: Path) -> None:
     # Monitoring: ServiceMonitor for the chart's services, PodMonitors for engines and service gateways.
     monitor = one(docs, "ServiceMonitor", "/tandem")
     assert monitor["metadata"]["labels"]["release"] == "kps"
+    # Both endpoints keep the series' own labels: the gateway's `instance` (an engine), the
+    # autoscaler's `namespace` and `service` (the LLMService, not the autoscaler's own Service).
+    assert {e["port"]: e.get("honorLabels") for e in monitor["spec"]["endpoints"]} == {"http": True, "metrics": True}
     podmonitors = by_kind(docs, "PodMonitor")
     assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
     for pm in podmonitors.values():

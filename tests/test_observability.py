@@ -245,3 +245,39 @@ def test_rules_file_structure() -> None:
     assert {"TandemTTFTSLOFastBurn", "TandemTTFTSLOSlowBurn", "TandemScrapeTargetDown", "TandemRedisDown",
             "TandemAutoscalerAtMax"} <= alerts
     assert {"tandem:ttft_slo_attainment:ratio_rate5m", "tandem:prefix_cache_hit_ratio:rate5m"} <= recorded_names()
+
+
+# --- aggregation of what every gateway replica exports alike ----------------------------------------
+
+# Gauges each gateway (or autoscaler) replica exports with the same value: the instances it sees, its
+# breakers' view of them, the offload threshold, the autoscaler's decision. A `sum` (or `count`) over
+# replicas multiplies them by the replica count.
+PER_REPLICA_GAUGES = ("tandem_instances", "tandem_circuit_open", "tandem_offload_threshold_tokens",
+                      "tandem_state_backend_up", "tandem_autoscaler_desired_replicas",
+                      "tandem_autoscaler_target_replicas", "tandem_autoscaler_draining_instances",
+                      "tandem_autoscaler_goodput_rps", "tandem_autoscaler_needed_replicas",
+                      "tandem_autoscaler_forecast_rps")
+
+
+def summed_over_replicas(expr: str) -> set[str]:
+    """The per-replica gauges an expression adds up directly (``sum``/``count`` applied to the series)."""
+    return {name for name in PER_REPLICA_GAUGES
+            if re.search(rf"\b(?:sum|count)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*{re.escape(name)}\b", expr)}
+
+
+def test_per_replica_gauges_are_never_summed_over_replicas() -> None:
+    assert summed_over_replicas("sum by (role) (tandem_instances)") == {"tandem_instances"}
+    assert summed_over_replicas("sum by (role) (max by (namespace, service, role) (tandem_instances))") == set()
+    offenders = {where: names for where, expr in all_expressions().items() if (names := summed_over_replicas(expr))}
+    assert offenders == {}
+
+
+def test_alerts_do_not_depend_on_kubernetes_only_labels() -> None:
+    """(That they fire at any scrape interval is shown by promtool, tests/test_alert_rules.py.)"""
+    rules = {r.get("alert"): r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    for name, rule in rules.items():
+        if name is None:
+            continue
+        assert "container" not in rule["expr"], name  # only Kubernetes service discovery adds it
+    # A one-minute outage must be able to trip the scrape-down alert.
+    assert rules["TandemScrapeTargetDown"]["for"] in {"0s", "30s", "1m"}

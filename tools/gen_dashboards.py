@@ -24,6 +24,9 @@ DS = {"type": "prometheus", "uid": "${datasource}"}
 # The gateway's TTFT histogram boundaries (router/metrics.py LATENCY_BUCKETS) that make sensible SLOs:
 # attainment is read off the bucket whose upper bound equals the SLO.
 SLO_BUCKETS = ("1.0", "2.0", "3.0", "5.0", "7.5", "10.0", "20.0")
+# What every gateway replica exports alike (the instances it sees): one value per service, the largest
+# over its replicas, never their sum (2 engines behind 2 gateways are 2 engines, not 4).
+PER_SERVICE = "max by (namespace, service, {})"
 
 
 @dataclass
@@ -68,16 +71,23 @@ GATEWAY = [
           [(f"sum(rate(vllm:prefix_cache_hits_total[{RATE}])) / sum(rate(vllm:prefix_cache_queries_total[{RATE}]))",
             "vLLM (tokens)"), ("avg(sglang:cache_hit_rate)", "SGLang"),
            ("avg(tandem:prefix_cache_hit_ratio:rate5m)", "5m (recorded)")], "percentunit"),
-    Panel("Queued in the gateway per instance", [("sum by (instance) (tandem_queue_length)", "{{instance}}")]),
-    Panel("In flight per instance", [("sum by (instance) (tandem_inflight_requests)", "{{instance}}")]),
+    Panel("Queued in the gateway per instance", [("sum by (instance) (tandem_queue_length)", "{{instance}}")],
+          description="Each gateway replica holds its own queue: the sum over replicas."),
+    Panel("In flight per instance", [("sum by (instance) (tandem_inflight_requests)", "{{instance}}")],
+          description="Requests each gateway replica sent to the instance, added up over replicas."),
     Panel("Gateway queue wait p90 per instance",
           quantiles("tandem_queue_wait_seconds", "instance", (0.9,)), "s"),
-    Panel("Instances by role and state", [("sum by (role, state) (tandem_instances)", "{{role}} {{state}}")]),
+    Panel("Instances by role and state",
+          [(f"sum by (role, state) ({PER_SERVICE.format('model, role, state')} (tandem_instances))",
+            "{{role}} {{state}}")],
+          description="Every gateway replica sees the same instances: the largest count over a service's "
+                      "gateways, added up over services."),
     Panel("Retries and upstream errors",
           [(f"sum by (reason) (rate(tandem_retries_total[{RATE}]))", "retry {{reason}}"),
            (f"sum by (kind) (rate(tandem_upstream_errors_total[{RATE}]))", "error {{kind}}"),
            (f"sum by (reason) (rate(tandem_rejected_requests_total[{RATE}]))", "rejected {{reason}}")], "ops"),
-    Panel("Open circuit breakers", [("sum by (instance) (tandem_circuit_open)", "{{instance}}")]),
+    Panel("Open circuit breakers", [("max by (instance) (tandem_circuit_open)", "{{instance}}")],
+          description="1 while any gateway replica's breaker for the instance is open."),
     Panel("Shared state backend", [("min by (backend) (tandem_state_backend_up)", "{{backend}} up"),
                                    (f"sum by (backend) (rate(tandem_state_backend_errors_total[{RATE}]))",
                                     "{{backend}} sync errors/s")]),
@@ -128,10 +138,11 @@ ENGINES = [
 
 AUTOSCALER = [
     Panel("Desired vs ready replicas per role",
-          [("sum by (service, role) (tandem_autoscaler_desired_replicas)", "desired {{service}} {{role}}"),
-           ("sum by (service, role) (tandem_autoscaler_target_replicas)", "target {{service}} {{role}}"),
-           ('sum by (role) (tandem_instances{state="healthy"})', "ready (gateway view) {{role}}"),
-           ("sum by (service, role) (tandem_autoscaler_draining_instances)", "draining {{service}} {{role}}")],
+          [("max by (service, role) (tandem_autoscaler_desired_replicas)", "desired {{service}} {{role}}"),
+           ("max by (service, role) (tandem_autoscaler_target_replicas)", "target {{service}} {{role}}"),
+           (f'sum by (role) ({PER_SERVICE.format("model, role")} (tandem_instances{{state="healthy"}}))',
+            "ready (gateway view) {{role}}"),
+           ("max by (service, role) (tandem_autoscaler_draining_instances)", "draining {{service}} {{role}}")],
           width=24, description="desired: replicas set by the last decision (target plus instances still "
                                 "draining); target: where the role settles; ready: healthy instances the "
                                 "gateways route to."),
@@ -141,12 +152,12 @@ AUTOSCALER = [
           description="The reason of each decision is in the LLMService's status (kubectl get llms -o yaml: "
                       "status.lastScalingDecision) and in its Events."),
     Panel("Capacity model: needed replicas and per-instance goodput",
-          [("sum by (service, role) (tandem_autoscaler_needed_replicas)", "needed {{service}} {{role}}"),
-           ("sum by (service, role) (tandem_autoscaler_goodput_rps)", "goodput rps/instance {{service}} {{role}}")],
+          [("max by (service, role) (tandem_autoscaler_needed_replicas)", "needed {{service}} {{role}}"),
+           ("max by (service, role) (tandem_autoscaler_goodput_rps)", "goodput rps/instance {{service}} {{role}}")],
           description="needed = R-hat / goodput; above target for long means the pool is capped "
                       "(maxReplicas or the GPU budget): see the TandemAutoscalerAtMax alert."),
     Panel("Arrival rate: forecast vs observed",
-          [("sum by (service) (tandem_autoscaler_forecast_rps)", "forecast R-hat {{service}}"),
+          [("max by (service) (tandem_autoscaler_forecast_rps)", "forecast R-hat {{service}}"),
            (f"sum(rate(tandem_requests_total[{RATE}]))", "observed (gateways)")], "reqps"),
     Panel("Autoscaler ticks and errors",
           [(f"sum by (service) (rate(tandem_autoscaler_ticks_total[{RATE}]))", "ticks {{service}}"),

@@ -24,6 +24,7 @@ def _routable(cluster: ClusterView) -> list[InstanceState]:
 
 class RoundRobinPolicy:
     name = "round_robin"
+    reasons = ("round_robin",)
     late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
@@ -45,6 +46,7 @@ class _MinLoadPolicy:
 
     name = ""
     reason = ""
+    reasons: tuple[str, ...] = ()
     late_binding = False
     load: Callable[[InstanceState], float]
 
@@ -64,6 +66,7 @@ class LeastRequestPolicy(_MinLoadPolicy):
 
     name = "least_request"
     reason = "least_request"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
@@ -75,6 +78,7 @@ class LeastLoadedPolicy(_MinLoadPolicy):
 
     name = "least_loaded"
     reason = "least_loaded"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
@@ -85,6 +89,7 @@ class ConsistentHashPolicy:
     """One ring, DualMap's adaptive key: affinity without any load awareness."""
 
     name = "consistent_hash"
+    reasons = ("consistent_hash",)
     late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
@@ -120,6 +125,7 @@ class PrefixTreePolicy:
     """
 
     name = "prefix_tree"
+    reasons = ("prefix_match", "most_free_cache", "shortest_queue")
     late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
@@ -155,6 +161,7 @@ class MinTTFTPolicy:
     """Global minimum of DualMap's TTFT estimate over every instance (an O(N) oracle-like choice)."""
 
     name = "min_ttft"
+    reasons = ("min_ttft",)
     late_binding = False
 
     def __init__(self, config: RoutingConfig | None = None) -> None:

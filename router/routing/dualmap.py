@@ -24,6 +24,7 @@ from tandem.router.routing.types import ClusterView, Decision, InstanceState, No
 
 class DualMapPolicy:
     name = "dualmap"
+    reasons = ("affinity", "slo_switch")
     late_binding = True
 
     def __init__(self, config: RoutingConfig | None = None) -> None:
