@@ -28,7 +28,7 @@ from tandem.serve import serve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import gen_dashboards  # noqa: E402
-from promql_names import metric_names  # noqa: E402
+from promql_names import metric_names, selectors  # noqa: E402
 
 RULES = ROOT / "deploy" / "prometheus" / "tandem-rules.yaml"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
@@ -281,3 +281,55 @@ def test_alerts_do_not_depend_on_kubernetes_only_labels() -> None:
         assert "container" not in rule["expr"], name  # only Kubernetes service discovery adds it
     # A one-minute outage must be able to trip the scrape-down alert.
     assert rules["TandemScrapeTargetDown"]["for"] in {"0s", "30s", "1m"}
+
+
+# --- dashboard variables ---------------------------------------------------------------------------
+
+MODEL_LABELS = ("model", "model_name")
+
+
+def series_labels(expositions: dict[str, str]) -> dict[str, set[str]]:
+    """Label names of every series, from the real expositions and the recording rules' ``by`` clauses."""
+    out: dict[str, set[str]] = {}
+    for text in expositions.values():
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, set()).update(sample.labels)
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                by = re.search(r"by \(([^)]*)\)", rule["expr"])
+                out[rule["record"]] = {label.strip() for label in by.group(1).split(",")} if by else set()
+    return out
+
+
+def test_every_dashboard_has_namespace_service_and_model_variables() -> None:
+    for path in DASHBOARDS:
+        variables = {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
+        for name in ("namespace", "service", "model"):
+            var = variables[name]
+            assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == ".*", \
+                (path.name, name)
+        assert '$namespace' in variables["service"]["definition"]  # services of the chosen namespaces
+        assert '$service' in variables["model"]["definition"]
+
+
+def test_every_panel_query_is_filtered_by_the_variables(expositions: dict[str, str]) -> None:
+    labels = series_labels(expositions)
+    checked = 0
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                for name, matchers in selectors(target["expr"]):
+                    where = f"{path.name} {panel['title']!r}: {name}"
+                    assert matchers.get("namespace") == ("=~", "$namespace"), where
+                    assert matchers.get("service") == ("=~", "$service"), where
+                    for label in set(MODEL_LABELS) & labels.get(name, set()):
+                        assert matchers.get(label) == ("=~", "$model"), where
+                    checked += 1
+    assert checked >= 80
+
+
+def test_the_filter_check_catches_an_unfiltered_selector() -> None:
+    assert selectors('sum(rate(a{namespace=~"$namespace"}[5m])) / sum(b)') == [
+        ("a", {"namespace": ("=~", "$namespace")}), ("b", {})]
