@@ -66,6 +66,12 @@ def m(metric: str, **matchers: str) -> str:
     return f"{metric}{{{', '.join(parts)}}}"
 
 
+def recorded(ratio: str) -> str:
+    """A recorded ratio without its NaN series (0/0: a service without such requests in the window),
+    which would make the average over services NaN."""
+    return f"({m(ratio)} >= 0)"
+
+
 def rate(metric: str, **matchers: str) -> str:
     return f"rate({m(metric, **matchers)}[{RATE}])"
 
@@ -93,7 +99,7 @@ GATEWAY = [
                                               "{{outcome}}")], "reqps"),
     Panel("TTFT SLO attainment (TTFT <= $ttft_slo s)",
           [(attainment(RATE), "attainment"),
-           (f"avg({m('tandem:ttft_slo_attainment:ratio_rate5m')})", "5m (recorded, 5 s SLO)")],
+           (f"avg({recorded('tandem:ttft_slo_attainment:ratio_rate5m')})", "5m (recorded, 5 s SLO)")],
           "percentunit", description="Share of requests whose first token came within the SLO, from the gateway's "
                                      "TTFT histogram (queueing in the gateway included)."),
     Panel("Time to first token (client view)", quantiles("tandem_time_to_first_token_seconds"), "s"),
@@ -106,7 +112,7 @@ GATEWAY = [
     Panel("Prefix-cache hit ratio (engines)",
           [(f"sum({rate('vllm:prefix_cache_hits_total')}) / sum({rate('vllm:prefix_cache_queries_total')})",
             "vLLM (tokens)"), (f"avg({m('sglang:cache_hit_rate')})", "SGLang"),
-           (f"avg({m('tandem:prefix_cache_hit_ratio:rate5m')})", "5m (recorded)")], "percentunit"),
+           (f"avg({recorded('tandem:prefix_cache_hit_ratio:rate5m')})", "5m (recorded)")], "percentunit"),
     Panel("Queued in the gateway per instance", [(f"sum by (instance) ({m('tandem_queue_length')})", "{{instance}}")],
           description="Each gateway replica holds its own queue: the sum over replicas."),
     Panel("In flight per instance", [(f"sum by (instance) ({m('tandem_inflight_requests')})", "{{instance}}")],
@@ -199,8 +205,8 @@ AUTOSCALER = [
            (f"sum by (service, stage) ({rate('tandem_autoscaler_errors_total')})", "errors {{service}} {{stage}}")],
           "ops"),
     Panel("TTFT SLO attainment (recorded, 5 s SLO)",
-          [(f"avg({m('tandem:ttft_slo_attainment:ratio_rate5m')})", "5m"),
-           (f"avg({m('tandem:ttft_slo_attainment:ratio_rate1h')})", "1h")], "percentunit"),
+          [(f"avg({recorded('tandem:ttft_slo_attainment:ratio_rate5m')})", "5m"),
+           (f"avg({recorded('tandem:ttft_slo_attainment:ratio_rate1h')})", "1h")], "percentunit"),
     Panel("Prefill offload threshold t",
           [(f"max by (model) ({m('tandem_offload_threshold_tokens')})", "{{model}} max over gateways"),
            (f"min by (model) ({m('tandem_offload_threshold_tokens')})", "{{model}} min over gateways")],
@@ -210,7 +216,8 @@ AUTOSCALER = [
     Panel("Fraction of prefills offloaded",
           [(f"sum by (model) ({rate('tandem_prefill_route_total', route='remote')}) / "
             f"sum by (model) ({rate('tandem_prefill_route_total')})", "{{model}}"),
-           (f"sum by (model) ({m('tandem:prefill_offload_fraction:ratio_rate5m')})", "{{model}} 5m (recorded)")],
+           (f"sum by (model) ({recorded('tandem:prefill_offload_fraction:ratio_rate5m')})",
+            "{{model}} 5m (recorded)")],
           "percentunit", description="Disaggregated requests whose prefill went to the remote pool."),
     Panel("Remote prefill link utilisation",
           [(f"sum({m('tandem_offload_link_utilization')})", "all gateways"),
