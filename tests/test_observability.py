@@ -310,8 +310,8 @@ def test_every_dashboard_has_namespace_service_and_model_variables() -> None:
             var = variables[name]
             assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == ".*", \
                 (path.name, name)
-        assert '$namespace' in variables["service"]["definition"]  # services of the chosen namespaces
-        assert '$service' in variables["model"]["definition"]
+        assert '$namespace' in variables["service"]["query"]  # services of the chosen namespaces
+        assert '$service' in variables["model"]["query"]
 
 
 def test_every_panel_query_is_filtered_by_the_variables(expositions: dict[str, str]) -> None:

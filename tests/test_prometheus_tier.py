@@ -108,7 +108,7 @@ def test_every_variable_lists_the_stacks_namespace_services_and_models(stack: Pr
     for path in DASHBOARDS:
         variables = {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
         for name, expected in (("namespace", {NAMESPACE}), ("service", {"chat", "pd"}), ("model", {"chat", "pd"})):
-            query = substitute(variables[name]["definition"])
+            query = substitute(variables[name]["query"])
             series, label = query.removeprefix("label_values(").removesuffix(")").rsplit(",", 1)
             assert set(stack.label_values(label.strip(), series)) == expected, (path.name, name, query)
 

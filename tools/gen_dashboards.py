@@ -2,25 +2,34 @@
 
 The panels are written here as (title, PromQL, legend) rows rather than as hand-edited JSON so every
 dashboard shares one layout, one datasource variable and one set of units, and a reviewer reads the
-queries instead of Grafana's boilerplate. Every metric a query names must exist in the real /metrics
-output of the gateway, the engines (vLLM and SGLang names) or the autoscaler, or be a recording rule
-in deploy/prometheus/: tests/test_observability.py checks that.
+queries instead of Grafana's boilerplate. The JSON is built by Grafana's Foundation SDK (typed
+builders of Grafana's own schema, pinned in pyproject.toml so the output is stable). Every metric a
+query names must exist in the real /metrics output of the gateway, the engines (vLLM and SGLang
+names) or the autoscaler, or be a recording rule in deploy/prometheus/: tests/test_observability.py
+checks that; tests/test_prometheus_tier.py checks that every panel draws data from a real Prometheus.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from generated import write_or_check
+from grafana_foundation_sdk.builders import barchart, prometheus, table, timeseries
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders.common import VizLegendOptions
+from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "deploy" / "grafana"
 RATE = "$__rate_interval"
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 # The gateway's TTFT histogram boundaries (router/metrics.py LATENCY_BUCKETS) that make sensible SLOs:
 # attainment is read off the bucket whose upper bound equals the SLO.
 SLO_BUCKETS = ("1.0", "2.0", "3.0", "5.0", "7.5", "10.0", "20.0")
@@ -37,7 +46,6 @@ class Panel:
     kind: str = "timeseries"
     description: str = ""
     width: int = 12
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 # --- selectors filtered by the dashboard variables ---------------------------------------------------
@@ -243,32 +251,6 @@ DASHBOARDS = {
 }
 
 
-def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": pid,
-        "type": p.kind,
-        "title": p.title,
-        "datasource": DS,
-        "gridPos": {"h": 8, "w": p.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": p.unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}, **p.options},
-        "targets": [{"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
-                     **({"instant": True, "format": "table"} if p.kind == "table" else {})}
-                    for i, (expr, legend) in enumerate(p.targets)],
-    }
-    if p.description:
-        out["description"] = p.description
-    return out
-
-
-def _query_variable(name: str, label: str, query: str) -> dict[str, Any]:
-    """A multi-value variable of a label's values (All = the regex .*)."""
-    return {"name": name, "label": label, "type": "query", "datasource": DS, "refresh": 2, "sort": 1,
-            "query": {"query": query, "refId": f"{name}-values"}, "definition": query,
-            "multi": True, "includeAll": True, "allValue": ".*",
-            "current": {"text": "All", "value": "$__all"}, "hide": 0}
-
-
 def narrowed(series: str, matchers: str) -> str:
     """``series`` (a name or a ``{...}`` selector) with more label matchers."""
     return f"{series[:-1]}, {matchers}}}" if series.endswith("}") else f"{series}{{{matchers}}}"
@@ -284,45 +266,47 @@ def variable_queries(sources: tuple[str, str, str]) -> dict[str, str]:
             "model": f"label_values({narrowed(models, in_service)}, {model_label})"}
 
 
-def _templating(sources: tuple[str, str, str], slo: bool) -> dict[str, Any]:
-    items: list[dict[str, Any]] = [{"name": "datasource", "label": "Prometheus", "type": "datasource",
-                                    "query": "prometheus", "current": {}, "hide": 0}]
-    labels = {"namespace": "Namespace", "service": "Service", "model": "Model"}
-    items += [_query_variable(name, labels[name], query) for name, query in variable_queries(sources).items()]
-    if slo:
-        items.append({"name": "ttft_slo", "label": "TTFT SLO (s)", "type": "custom",
-                      "query": ",".join(SLO_BUCKETS), "current": {"text": "5.0", "value": "5.0"},
-                      "options": [{"text": b, "value": b, "selected": b == "5.0"} for b in SLO_BUCKETS], "hide": 0})
-    return {"list": items}
+# --- the dashboards, built with Grafana's Foundation SDK ---------------------------------------------
+
+VARIABLE_LABELS = {"namespace": "Namespace", "service": "Service", "model": "Model"}
+
+
+def _panel(p: Panel, pid: int) -> Builder[dm.Panel]:
+    kind = {"timeseries": timeseries.Panel, "table": table.Panel, "barchart": barchart.Panel}[p.kind]
+    out = kind().id(pid).title(p.title).unit(p.unit).datasource(DS).height(8).span(p.width)
+    if p.description:
+        out = out.description(p.description)
+    if p.kind != "table":
+        out = out.legend(VizLegendOptions().show_legend(True).display_mode(LegendDisplayMode.LIST)
+                         .placement(LegendPlacement.BOTTOM))
+    for i, (expr, legend) in enumerate(p.targets):
+        query = prometheus.Dataquery().ref_id(chr(ord("A") + i)).datasource(DS).expr(expr).legend_format(legend)
+        out = out.with_target(query.instant().format(PromQueryFormat.TABLE) if p.kind == "table" else query)
+    return out
 
 
 def dashboard(title: str, uid: str, panels: list[Panel], sources: tuple[str, str, str], slo: bool
-              ) -> dict[str, Any]:
-    out, x, y, row_h = [], 0, 0, 8
+              ) -> dm.Dashboard:
+    board = (db.Dashboard(title).uid(uid).tags(["tandem"]).editable().refresh("30s").time("now-1h", "now")
+             .timezone("browser").with_variable(db.DatasourceVariable("datasource").label("Prometheus")
+                                                .type("prometheus")))
+    for name, query in variable_queries(sources).items():
+        board = board.with_variable(
+            db.QueryVariable(name).label(VARIABLE_LABELS[name]).datasource(DS).query(query)
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+            .current(dm.VariableOption(text="All", value="$__all", selected=True)))
+    if slo:
+        board = board.with_variable(db.CustomVariable("ttft_slo").label("TTFT SLO (s)").values(",".join(SLO_BUCKETS))
+                                    .current(dm.VariableOption(text="5.0", value="5.0", selected=True)))
     for pid, p in enumerate(panels, start=1):
-        if x + p.width > 24:
-            x, y = 0, y + row_h
-        out.append(_panel(p, pid, x, y))
-        x += p.width
-    return {
-        "title": title,
-        "uid": uid,
-        "tags": ["tandem"],
-        "editable": True,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-1h", "to": "now"},
-        "timezone": "browser",
-        "templating": _templating(sources, slo),
-        "annotations": {"list": []},
-        "panels": out,
-    }
+        board = board.with_panel(_panel(p, pid))
+    return board.build()
 
 
 def render() -> dict[Path, str]:
     """Every dashboard file and its exact content."""
-    return {OUT / f"{name}.json": json.dumps(dashboard(*spec), indent=2, sort_keys=True) + "\n"
+    return {OUT / f"{name}.json": json.dumps(dashboard(*spec), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
             for name, spec in DASHBOARDS.items()}
 
 
