@@ -284,7 +284,7 @@ class PromStack:
         }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def _wait_ready(self, limit_s: float = 45) -> None:
+    def _wait_ready(self, limit_s: float = 90) -> None:  # ~5 s on an idle machine
         deadline = time.monotonic() + limit_s
         checks = {name: url + ("/metrics" if name == "autoscaler" else "/health" if "gateway" not in name
                                else "/readyz") for name, url in self.urls.items()}

@@ -29,6 +29,8 @@ from promstack import NAMESPACE, PromStack
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import render_dashboards  # noqa: E402
+
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
 RULES = ROOT / "deploy" / "prometheus" / "tandem-rules.yaml"
 # Grafana's $__rate_interval at a 1 s scrape interval is 4 s; one more scrape of slack.
@@ -54,7 +56,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PromStack]:
         st.stop()
 
 
-def wait_for_series(st: PromStack, limit_s: float = 20) -> None:
+def wait_for_series(st: PromStack, limit_s: float = 40) -> None:
     """Until the last requests are scraped, recorded and seen by an autoscaler tick."""
     wanted = ['tandem:prefill_offload_fraction:ratio_rate5m{service="pd"} >= 0',
               'tandem:ttft_slo_attainment:ratio_rate5m{service="chat"} >= 0',
@@ -157,3 +159,13 @@ def test_the_check_fails_on_an_empty_panel(stack: PromStack) -> None:
     assert has_data(stack, substitute(expr))
     assert not has_data(stack, substitute(expr.replace("tandem_requests_total", "tandem_request_total")))
     assert not has_data(stack, substitute(expr, service="no-such-service"))
+
+
+def test_dashboards_render_to_png_from_the_stack(stack: PromStack, tmp_path: Path) -> None:
+    """tools/render_dashboards.py draws every panel with data. With TANDEM_RENDER_DASHBOARDS=docs/images
+    this is how the PNGs of docs/metrics.md are made."""
+    out = Path(os.environ.get("TANDEM_RENDER_DASHBOARDS") or tmp_path)
+    drawn = render_dashboards.render_all(stack.prometheus, stack.started_at, time.time(), out)
+    assert [d.path.name for d in drawn] == [f"dashboard-{p.stem}.png" for p in DASHBOARDS]
+    assert [(d.path.name, d.empty) for d in drawn if d.empty] == []
+    assert all(d.path.stat().st_size > 20_000 for d in drawn)

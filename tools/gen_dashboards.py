@@ -244,6 +244,22 @@ ENGINE_VARS = ('{__name__=~"vllm:num_requests_running|sglang:num_running_reqs"}'
                '{__name__=~"vllm:num_requests_running|sglang:num_running_reqs"}', "model_name")
 AUTOSCALER_VARS = ("tandem_autoscaler_ticks_total", "tandem_instances", "model")
 
+# The question each dashboard answers (its description in Grafana, and docs/metrics.md).
+QUESTIONS = {
+    "gateway": "Are requests served within the SLO, and if not, is it the gateway or the engines? Request "
+               "rate by outcome, TTFT attainment and latency as clients see them, how requests were routed "
+               "(affinity or an SLO switch) and whether the prefix caches hit, what waits in the gateway per "
+               "instance, instances by state, retries, errors and open breakers, the shared state and the "
+               "gateway's own event-loop lag and engine scrapes.",
+    "engines": "How loaded is each engine pool, in either engine's own metrics (vLLM and SGLang side by "
+               "side)? Running and waiting requests, KV-cache use, prefix-cache hits, TTFT, inter-token "
+               "latency, token throughput and queue time per role (unified, prefill, decode, remote prefill).",
+    "autoscaler": "Why does each service have the replicas it has? Desired, target, draining and ready "
+                  "replicas per role, the scaling actions, the capacity model's needed replicas and per-instance "
+                  "goodput, the forecast against the observed arrival rate, the ticks and errors; and for "
+                  "disaggregated services the prefill offload: threshold, share offloaded, link use and traffic.",
+}
+
 DASHBOARDS = {
     "gateway": ("Tandem / Gateway", "tandem-gateway", GATEWAY, GATEWAY_VARS, True),
     "engines": ("Tandem / Engines", "tandem-engines", ENGINES, ENGINE_VARS, False),
@@ -285,11 +301,11 @@ def _panel(p: Panel, pid: int) -> Builder[dm.Panel]:
     return out
 
 
-def dashboard(title: str, uid: str, panels: list[Panel], sources: tuple[str, str, str], slo: bool
-              ) -> dm.Dashboard:
-    board = (db.Dashboard(title).uid(uid).tags(["tandem"]).editable().refresh("30s").time("now-1h", "now")
-             .timezone("browser").with_variable(db.DatasourceVariable("datasource").label("Prometheus")
-                                                .type("prometheus")))
+def dashboard(title: str, uid: str, panels: list[Panel], sources: tuple[str, str, str], slo: bool,
+              question: str) -> dm.Dashboard:
+    board = (db.Dashboard(title).uid(uid).description(question).tags(["tandem"]).editable().refresh("30s")
+             .time("now-1h", "now").timezone("browser")
+             .with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus")))
     for name, query in variable_queries(sources).items():
         board = board.with_variable(
             db.QueryVariable(name).label(VARIABLE_LABELS[name]).datasource(DS).query(query)
@@ -306,7 +322,8 @@ def dashboard(title: str, uid: str, panels: list[Panel], sources: tuple[str, str
 
 def render() -> dict[Path, str]:
     """Every dashboard file and its exact content."""
-    return {OUT / f"{name}.json": json.dumps(dashboard(*spec), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+    return {OUT / f"{name}.json": json.dumps(dashboard(*spec, QUESTIONS[name]), cls=JSONEncoder, indent=2,
+                                             sort_keys=True) + "\n"
             for name, spec in DASHBOARDS.items()}
 
 
