@@ -107,6 +107,15 @@ def _pod_target(url: str, pod: str, container: str, labels: dict[str, str], name
     return {"targets": [url.removeprefix("http://")], "labels": meta}
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), so a test worker that is killed (a crash, a timeout) leaves no stack behind."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class KubeApi:
     """kmock's Kubernetes API emulator on a loopback port, in a thread with its own event loop."""
 
@@ -197,7 +206,8 @@ class PromStack:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env))
+        self.procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                           preexec_fn=_die_with_parent))
         log.close()
 
     def _tandem(self, name: str, *args: str) -> str:
