@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
+from promstack import CHART_RELABELINGS
 
 helm = pytest.importorskip("helm_sdkpy", reason="make test installs helm-sdkpy (--ignore-requires-python)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -275,6 +276,13 @@ async def test_full_install(tmp_path: Path) -> None:
     # Monitoring: ServiceMonitor for the chart's services, PodMonitors for engines and service gateways.
     monitor = one(docs, "ServiceMonitor", "/tandem")
     assert monitor["metadata"]["labels"]["release"] == "kps"
+    # Both endpoints keep the series' own labels: the gateway's `instance` (an engine), the
+    # autoscaler's `namespace` and `service` (the LLMService, not the autoscaler's own Service).
+    assert {e["port"]: e.get("honorLabels") for e in monitor["spec"]["endpoints"]} == {"http": True, "metrics": True}
+    # The real-Prometheus tier (tests/promstack.py) reproduces exactly these relabelings.
+    assert {f"servicemonitor/{e['port']}": e["relabelings"] for e in monitor["spec"]["endpoints"]} \
+        | {name.removeprefix("tandem-system/tandem-"): pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
+           for name, pm in by_kind(docs, "PodMonitor").items()} == CHART_RELABELINGS
     podmonitors = by_kind(docs, "PodMonitor")
     assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
     for pm in podmonitors.values():
