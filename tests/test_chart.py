@@ -503,7 +503,7 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
             time.sleep(0.5)
         assert wanted <= found
         unified = apps.read_namespaced_deployment(f"{name}-unified", engine_ns)
-        assert unified.spec.replicas == example["spec"]["pools"]["unified"]["replicas"]
+        assert unified.spec.replicas == example["spec"]["replicas"]  # the primary pool's size: spec.replicas
         gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
         assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
         assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
