@@ -273,3 +273,15 @@ def test_examples_are_valid_resources() -> None:
     assert ("aggregated-8b.yaml", "LLMService", "aggregated") in kinds
     assert ("disaggregated-2p4d.yaml", "LLMService", "disaggregated") in kinds
     assert ("remote-prefill.yaml", "RemotePrefillPool", None) in kinds
+
+
+def test_examples_and_gateway_rbac_leave_the_namespace_to_kubectl() -> None:
+    """`kubectl apply -n X -f F` refuses an object of F that names another namespace (issue 18: the
+    examples said `default`), so the examples and the per-namespace gateway RBAC name none."""
+    paths = [*sorted((ROOT / "deploy" / "examples").glob("*.yaml")), ROOT / "deploy" / "rbac" / "gateway.yaml"]
+    docs = [(p.name, d) for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+    assert {d["kind"] for _, d in docs} >= {"LLMService", "RemotePrefillPool", "ServiceAccount", "RoleBinding"}
+    assert [(name, d["kind"]) for name, d in docs if "namespace" in d["metadata"]] == []
+    # The binding's ServiceAccount subject has no namespace either: RBAC reads it as the binding's own.
+    binding = next(d for _, d in docs if d["kind"] == "RoleBinding")
+    assert [s for s in binding["subjects"] if "namespace" in s] == []
