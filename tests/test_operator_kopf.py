@@ -909,3 +909,21 @@ async def test_real_gateway_without_its_service_account_is_degraded(cluster: Clu
         )
         message = condition(obj, "Degraded")["message"]
         assert message.startswith("llm-gateway: ") and "tandem-gateway" in message
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_name_too_long_is_reported_at_metadata_name(cluster: Cluster) -> None:
+    """The CEL rule on the root carries fieldPath .metadata.name (issue 18: it was reported as `<nil>`)."""
+    from tandem.api.models import MAX_NAME_LENGTH
+
+    await cluster.create(LLMSERVICES, aggregated("x" * MAX_NAME_LENGTH))  # the longest name allowed
+    with pytest.raises(ApiError) as refused:
+        await cluster.create(LLMSERVICES, aggregated("x" * (MAX_NAME_LENGTH + 1)))
+    assert refused.value.status == 422
+    message = refused.value.message
+    # "metadata.name: Invalid value[: "object"]: must be at most 55 ..." (whether the value's type is
+    # printed depends on the Kubernetes version).
+    field, _, detail = message.partition(" is invalid: ")[2].partition(": Invalid value")
+    assert field == "metadata.name", message
+    assert detail.endswith(f"must be at most {MAX_NAME_LENGTH} characters (children append '-gateway')"), message
