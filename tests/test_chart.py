@@ -236,7 +236,7 @@ async def test_every_pod_is_hardened(tmp_path: Path) -> None:
 
 async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
     docs, _ = await render(tmp_path)
-    for component in ("operator", "gateway"):
+    for component in ("operator", "gateway", "autoscaler"):
         shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
                    if d and d["kind"] == "ClusterRole"]
         assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component

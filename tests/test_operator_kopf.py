@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
+from kubeutil import NAMESPACES, apply_crds, cluster_role_rules, kmock_kubeconfig, permissions_used
 
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
@@ -640,40 +640,6 @@ RBAC_NOT_EXERCISED = {
 }
 
 
-def cluster_role_rules() -> set[tuple[str, str, str]]:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    return {
-        (g, r, v)
-        for rule in role["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
-
-
-def request_permission(method: str, path: str, params: dict[str, str]) -> tuple[str, str, str] | None:
-    """The (apiGroup, resource[/subresource], verb) RBAC checks for one request; None: discovery."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:1] == ["api"] and len(parts) >= 3:
-        group, rest = "", parts[2:]
-    elif parts[:1] == ["apis"] and len(parts) >= 4:
-        group, rest = parts[1], parts[3:]
-    else:
-        return None  # /api, /apis, /apis/g/v, /version: non-resource discovery URLs
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]
-    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
-    verb = {
-        "GET": "watch" if params.get("watch") in {"true", "1"} else ("get" if name else "list"),
-        "POST": "create",
-        "PATCH": "patch",
-        "PUT": "update",
-        "DELETE": "delete" if name else "deletecollection",
-    }[method]
-    return group, f"{resource}/{sub}" if sub else resource, verb
-
-
 @pytest.mark.parametrize("cluster", ["kmock"], indirect=True)  # reads kmock's request log
 async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Cluster) -> None:
     async with operator(cluster, resync_seconds=0.3):
@@ -708,13 +674,8 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
             "roles replaced",
         )
         await asyncio.sleep(0.5)  # one periodic pass
-    used = set()
-    for r in cluster.kmock:
-        if r.headers.get("User-Agent", "").startswith(("tandem-operator", "kopf/")):
-            perm = request_permission(r.method, r.url.path, dict(r.params))
-            if perm is not None:
-                used.add(perm)
-    granted = cluster_role_rules()
+    used = permissions_used(cluster.kmock, ("tandem-operator", "kopf/"))
+    granted = cluster_role_rules(ROOT / "deploy" / "rbac" / "operator.yaml")
     assert used - granted == set(), "the operator needs permissions deploy/rbac/operator.yaml lacks"
     unexplained = granted - used - set(RBAC_NOT_EXERCISED)
     assert unexplained == set(), "deploy/rbac/operator.yaml grants more than the operator uses"
