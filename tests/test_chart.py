@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -459,40 +458,41 @@ async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, valu
 @pytest.mark.realk8s
 def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
     """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
-    deploy/examples/aggregated-8b.yaml into Deployments."""
+    deploy/examples/aggregated-8b.yaml into Deployments; helm uninstall leaves no cluster-scoped object.
+
+    The release has a name of its own (its ClusterRoles are named after it), so the test neither
+    collides with another run nor replaces a `tandem` release or deploy/rbac/ installed on the cluster.
+    """
     if not REAL_KUBECONFIG:
         pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
     from kubernetes import client, config
+    from kubeutil import service_account_kubeconfig, unique_name
 
-    release_ns, engine_ns = (f"tandem-chart-{uuid.uuid4().hex[:6]}", f"llm-{uuid.uuid4().hex[:6]}")
+    release, release_ns, engine_ns = unique_name("tandem"), unique_name("tandem-chart"), unique_name("llm")
     api = config.new_client_from_config(REAL_KUBECONFIG)
     core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    rbac = client.RbacAuthorizationV1Api(api)
     core.create_namespace({"metadata": {"name": engine_ns}})
     helm_config = helm.Configuration(namespace=release_ns, kubeconfig=REAL_KUBECONFIG)
     operator = None
+    uninstalled = False
     try:
-        release = asyncio.run(helm.Install(helm_config).run(
-            "tandem", str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
+        outcome = asyncio.run(helm.Install(helm_config).run(
+            release, str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
             create_namespace=True))
-        assert release["info"]["status"] == "deployed"
+        assert outcome["info"]["status"] == "deployed"
+        manifests = [d for d in yaml.safe_load_all(outcome["manifest"]) if d]
+        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "ClusterRole"} == {
+            f"{release}-{c}" for c in ("operator", "gateway", "autoscaler")}
         # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
-        token = core.create_namespaced_service_account_token(
-            "tandem-operator", release_ns, {"spec": {"expirationSeconds": 3600}}).status.token
-        real = yaml.safe_load(Path(REAL_KUBECONFIG).read_text())
-        cluster = next(c["cluster"] for c in real["clusters"])
-        sa_config = tmp_path / "operator-kubeconfig"
-        sa_config.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "sa", "user": {"token": token}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
-        args = args_of([d for d in yaml.safe_load_all(release["manifest"]) if d],
-                       "/tandem-operator")
+        sa_config = service_account_kubeconfig(core, release_ns, f"{release}-operator", Path(REAL_KUBECONFIG),
+                                               tmp_path / "operator-kubeconfig")
+        args = args_of(manifests, f"/{release}-operator")
         operator = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", *[a for a in args if not a.startswith("--liveness-port")],
              "--liveness-port=0", f"--kubeconfig={sa_config}"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         example = yaml.safe_load((ROOT / "deploy" / "examples" / "aggregated-8b.yaml").read_text())
-        example["metadata"]["namespace"] = engine_ns
         custom.create_namespaced_custom_object("serving.tandem.dev", "v1alpha1", engine_ns, "llmservices", example)
         name = example["metadata"]["name"]
         wanted = {f"{name}-unified", f"{name}-gateway"}
@@ -507,12 +507,18 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
         gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
         assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
         assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
+        asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
+        uninstalled = True
+        selector = f"app.kubernetes.io/instance={release}"
+        assert rbac.list_cluster_role(label_selector=selector).items == []
+        assert rbac.list_cluster_role_binding(label_selector=selector).items == []
     finally:
         if operator is not None and operator.poll() is None:
             operator.terminate()
             operator.wait(10)
-        with contextlib.suppress(Exception):
-            asyncio.run(helm.Uninstall(helm_config).run("tandem", wait=False))
+        if not uninstalled:  # a failed install may still have left a release behind
+            with contextlib.suppress(Exception):
+                asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
         for ns in (engine_ns, release_ns):
             with contextlib.suppress(Exception):
                 core.delete_namespace(ns)

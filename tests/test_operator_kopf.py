@@ -25,7 +25,18 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kubeutil import NAMESPACES, apply_crds, cluster_role_rules, kmock_kubeconfig, permissions_used
+from kubeutil import (
+    CLUSTER_ROLE_BINDINGS,
+    CLUSTER_ROLES,
+    NAMESPACES,
+    apply_crds,
+    cluster_role_bound,
+    cluster_role_rules,
+    kmock_kubeconfig,
+    permissions_used,
+    unique_name,
+    until_allowed,
+)
 
 from tandem.operator.handlers import build_registry, build_settings
 from tandem.operator.kube import (
@@ -209,7 +220,8 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
     kubeconfig = Path(REAL_KUBECONFIG)
     creds = await asyncio.to_thread(load_credentials, kubeconfig)
     client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent=TEST_AGENT)
-    ns = f"tandem-test-{uuid.uuid4().hex[:8]}"
+    ns = unique_name("tandem-test")
+    cleanup = contextlib.AsyncExitStack()
     try:
         await apply_crds(client)
         await client.request(
@@ -225,7 +237,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
         )
         await eventually(lambda: client.request("GET", LLMSERVICES.path(ns)), "the CRDs to be served")
         if OPERATOR_KUBECONFIG:
-            await _bind_operator_role(client)
+            await _bind_operator_role(client, cleanup, Path(OPERATOR_KUBECONFIG), ns)
         yield Cluster(
             "real",
             client,
@@ -234,37 +246,64 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
             operator_kubeconfig=Path(OPERATOR_KUBECONFIG) if OPERATOR_KUBECONFIG else None,
         )
     finally:
+        await cleanup.aclose()
         with contextlib.suppress(ApiError):
             await client.request("DELETE", NAMESPACES.path(None, ns))
         await client.close()
 
 
-async def _bind_operator_role(client: KubeClient) -> None:
-    """Install deploy/rbac/operator.yaml's ClusterRole, bound to the user "tandem-operator"."""
-    rbac = Kind(group="rbac.authorization.k8s.io", version="v1", plural="clusterroles", kind="ClusterRole")
-    bindings = Kind(
-        group="rbac.authorization.k8s.io",
-        version="v1",
-        plural="clusterrolebindings",
-        kind="ClusterRoleBinding",
+async def _bind_operator_role(
+    client: KubeClient, cleanup: contextlib.AsyncExitStack, operator_kubeconfig: Path, ns: str
+) -> None:
+    """deploy/rbac/operator.yaml's rules, as a ClusterRole of the test's own bound to the user
+    "tandem-operator" (removed by ``cleanup``); returns once that user may read the test's namespace."""
+    role = next(
+        d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text())
+        if d["kind"] == "ClusterRole"
     )
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": "tandem-operator-tests"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": role["metadata"]["name"],
-        },
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}],
-    }
-    for kind, body in ((rbac, role), (bindings, binding)):
-        with contextlib.suppress(ApiError):
-            await client.request("DELETE", kind.path(None, body["metadata"]["name"]))
-        await client.request("POST", kind.path(None), json=body)
+    user = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}
+    await cleanup.enter_async_context(cluster_role_bound(client, role["rules"], user, "tandem-operator-test"))
+    creds = await asyncio.to_thread(load_credentials, operator_kubeconfig)
+    operator_client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent=TEST_AGENT)
+    try:
+        await until_allowed(operator_client, LLMSERVICES.path(ns))
+    finally:
+        await operator_client.close()
+
+
+async def test_real_tier_rbac_has_names_of_its_own_and_leaves_nothing(kmock: Any, tmp_path: Path) -> None:
+    """Issue 18: the real-server fixture replaced ClusterRole `tandem-operator` (the chart's and
+    deploy/rbac/'s name) and left it and its binding behind. Run here against kmock: two runs side by
+    side get distinct names, the existing `tandem-operator` role is untouched, and both runs clean up."""
+    info = kmock.ResourceInfo
+    verbs = {"get", "list", "create", "delete"}
+    kmock.resources["rbac.authorization.k8s.io/v1/clusterroles"] = info(kind="ClusterRole", namespaced=False,
+                                                                       verbs=verbs)
+    kmock.resources["rbac.authorization.k8s.io/v1/clusterrolebindings"] = info(
+        kind="ClusterRoleBinding", namespaced=False, verbs=verbs)
+    creds = load_credentials(kmock_kubeconfig(kmock, tmp_path))
+    client = KubeClient(creds, creds.ssl_context(), user_agent=TEST_AGENT)
+    roles, bindings = CLUSTER_ROLES.path(None), CLUSTER_ROLE_BINDINGS.path(None)
+
+    async def names(path: str) -> dict[str, Any]:
+        return {o["metadata"]["name"]: o for o in (await client.request("GET", path))["items"]}
+
+    charts = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+              "metadata": {"name": "tandem-operator"}, "rules": [{"apiGroups": [""], "resources": ["pods"],
+                                                                  "verbs": ["get"]}]}
+    await client.request("POST", roles, json=charts)
+    rules = [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list"]}]
+    user = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}
+    try:
+        async with (cluster_role_bound(client, rules, user, "tandem-operator-test") as a,
+                    cluster_role_bound(client, rules, user, "tandem-operator-test") as b):
+            assert a != b and {a, b}.isdisjoint({"tandem-operator"})
+            assert (await names(roles))[a]["rules"] == rules
+            assert (await names(bindings))[b]["roleRef"]["name"] == b
+        assert set(await names(roles)) == {"tandem-operator"} and await names(bindings) == {}
+        assert (await names(roles))["tandem-operator"]["rules"] == charts["rules"]
+    finally:
+        await client.close()
 
 
 @contextlib.asynccontextmanager
