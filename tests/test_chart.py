@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -33,7 +34,10 @@ import yaml
 helm = pytest.importorskip("helm_sdkpy", reason="make test installs helm-sdkpy (--ignore-requires-python)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 kmock = pytest.importorskip("kmock")
+from kmock._internal import parsing as kmock_parsing  # noqa: E402
 from kmock._internal.apps import Server  # noqa: E402
+
+_KMOCK_PARSE_PATH = kmock_parsing.parse_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "tandem"
@@ -68,9 +72,29 @@ FULL_VALUES: dict[str, Any] = {
 }
 
 
+def _parse_path(path: str) -> Any:
+    """kmock's request path parser, except that /api/v1/namespaces[/NAME] is the cluster-scoped
+    Namespace resource (kmock reads it as the prefix of a namespaced path and fails on it)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _KMOCK_PARSE_PATH(path)
+
+
 @contextlib.asynccontextmanager
-async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
-    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator)."""
+async def api_server(tmp_path: Path, namespaces: tuple[str, ...] = ()) -> AsyncIterator[tuple[Path, Any]]:
+    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator).
+
+    ``namespaces`` exist as Namespace objects. Without ``kube-system`` among them Helm's ``lookup``
+    finds nothing, as in ``helm template``; with it, kmock answers like a cluster.
+    """
+    with mock.patch.object(kmock_parsing, "parse_path", _parse_path):
+        async with _emulator(tmp_path, namespaces) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _emulator(tmp_path: Path, namespaces: tuple[str, ...]) -> AsyncIterator[tuple[Path, Any]]:
     async with kmock.KubernetesEmulator() as k, Server(k):
         for path, kind, namespaced in KINDS:
             k.resources[path] = k.ResourceInfo(kind=kind, namespaced=namespaced, verbs=set(ALL_VERBS))
@@ -88,6 +112,9 @@ async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
             "clusters": [{"name": "kmock", "cluster": {"server": server}}],
             "users": [{"name": "kmock", "user": {}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+        for name in namespaces:
+            k.objects[kmock.resource("", "v1", "namespaces"), None, name] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         yield kubeconfig, k
 
 
@@ -109,8 +136,10 @@ async def install(kubeconfig: Path, values: dict[str, Any] | None, release: str 
 
 
 async def render(tmp_path: Path, values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
-    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too)."""
-    async with api_server(tmp_path) as (kubeconfig, k):
+    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too), on
+    a cluster where the namespaces the values name exist (Helm's lookup sees them)."""
+    engines = ((values or {}).get("engines") or {}).get("namespaces") or []
+    async with api_server(tmp_path, ("kube-system", "default", *engines)) as (kubeconfig, k):
         outcome = await install(kubeconfig, values)
         assert "error" not in outcome, outcome["error"]
         release = outcome["release"]
@@ -455,6 +484,45 @@ async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, valu
         assert not [o for o in k.objects.values() if o.get("kind") == "Deployment"]
 
 
+async def test_engine_namespaces_must_exist(tmp_path: Path) -> None:
+    """Issue 18: an upgrade with an engine namespace that did not exist failed half-way (`namespaces
+    "llm-a" not found`) and left a failed revision. The chart now refuses it before creating anything,
+    naming the value and the namespace; where Helm cannot look (`helm template`), it cannot check."""
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        outcome = await install(kubeconfig, FULL_VALUES)  # llm-a and llm-b
+        assert "release" not in outcome
+        assert 'engines.namespaces: namespace "llm-b" does not exist' in outcome["error"], outcome["error"]
+        assert "kubectl create namespace llm-b" in outcome["error"] and "engines.createNamespaces" in outcome["error"]
+        assert [o["kind"] for o in k.objects.values() if o.get("kind") != "Namespace"
+                and o.get("kind") != "CustomResourceDefinition"] == []
+    (tmp_path / "template").mkdir()
+    async with api_server(tmp_path / "template") as (kubeconfig, _):  # no kube-system: lookup sees nothing
+        assert "release" in await install(kubeconfig, FULL_VALUES)
+
+
+async def test_create_namespaces_creates_only_the_missing_ones_and_keeps_them(tmp_path: Path) -> None:
+    values = merge(FULL_VALUES, {"engines": {"createNamespaces": True}})
+    ours = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "llm-c", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "tandem", "meta.helm.sh/release-namespace": "tandem-system"}}}
+    values["engines"]["namespaces"].append("llm-c")
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        k.objects[kmock.resource("", "v1", "namespaces"), None, "llm-c"] = ours  # this release's, from before
+        outcome = await install(kubeconfig, values)
+        assert "error" not in outcome, outcome["error"]
+        docs = [d for d in yaml.safe_load_all(outcome["release"]["manifest"]) if d]
+        namespaces = by_kind(docs, "Namespace")
+        # llm-a is someone else's (used as is), llm-b is missing, llm-c was created by this release;
+        # the release namespace is Helm's own business.
+        assert sorted(namespaces) == ["/llm-b", "/llm-c"]
+        assert all(n["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for n in namespaces.values())
+        created = {o["metadata"]["name"] for o in k.objects.values() if o.get("kind") == "Namespace"}
+        assert created >= {"llm-a", "llm-b", "llm-c"}
+        assert "/llm-b/tandem-gateway" not in by_kind(docs, "ServiceAccount") and "llm-b/tandem-gateway" in by_kind(
+            docs, "ServiceAccount")
+        assert "created where missing" in outcome["release"]["info"]["notes"]
+
+
 @pytest.mark.realk8s
 def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
     """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
@@ -477,6 +545,13 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
     operator = None
     uninstalled = False
     try:
+        # An engine namespace that does not exist is refused before anything is created (issue 18).
+        missing = unique_name("llm-missing")
+        with pytest.raises(helm.HelmError, match=f'engines.namespaces: namespace "{missing}" does not exist'):
+            asyncio.run(helm.Install(helm_config).run(
+                f"{release}-refused", str(CHART), values={"engines": {"namespaces": [missing]}}, wait=False,
+                timeout=120, create_namespace=True))
+        assert rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release}-refused").items == []
         outcome = asyncio.run(helm.Install(helm_config).run(
             release, str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
             create_namespace=True))
