@@ -131,6 +131,7 @@ def test_quick_start_on_a_real_api_server(tmp_path: Path) -> None:
         pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
     from kubernetes import client, config
     from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
     suffix = uuid.uuid4().hex[:8]
     steps = renamed(quick_start(), suffix)
@@ -145,9 +146,11 @@ def test_quick_start_on_a_real_api_server(tmp_path: Path) -> None:
             for obj in step.objects:
                 try:
                     _apply(dynamic, obj)
-                except client.ApiException as exc:
+                except client.ApiException as exc:  # what kubectl would have printed, and stopped
                     pytest.fail(f"{step.command}: {obj['kind']} {obj['metadata']['name']}: "
                                 f"HTTP {exc.status} {exc.body}")
+                except ResourceNotFoundError as exc:  # kubectl: "no matches for kind"
+                    pytest.fail(f"{step.command}: {exc}")
             crds = [o["metadata"]["name"] for o in step.objects if o["kind"] == "CustomResourceDefinition"]
             if crds:  # what kubectl's next command would find: the new kinds served and discovered
                 _wait_established(extensions, crds)
