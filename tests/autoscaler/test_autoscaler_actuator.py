@@ -362,7 +362,7 @@ async def test_rbac_allows_everything_the_autoscaler_does_and_no_more(api, kmock
     gateway.inflight = {f"pd-prefill-{i}": 3 for i in range(6)}
     clock = Clock()
     try:
-        async with serve(gateway.app) as url:
+        async with serving(gateway.app) as url:
             await setup.create(PODS, ns, {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "gw-0", "namespace": ns, "labels": {"app.kubernetes.io/component": "gateway"}},
