@@ -9,7 +9,7 @@ from vllm_fixtures import GROUP, vllm_fleet  # noqa: F401 - a session fixture, f
 VLLM_TIMEOUT = 600
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups to schedule by
+@pytest.hookimpl(tryfirst=True)  # before xdist renames grouped items (nodeid@group) to schedule by
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test marked vllm runs in one xdist group, so one worker starts and owns the engines."""
     for item in items:

@@ -55,8 +55,18 @@ def require_vllm() -> None:
         pytest.skip(str(exc))
 
 
+def require_one_owner(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` xdist renames grouped items ``nodeid@group``; without the suffix the
+    group was lost and every worker would start its own engines (pytest 9.2 with pytest-xdist 3.8)."""
+    if request.config.getoption("loadgroup", False) and any(
+            "@" not in item.nodeid for item in request.session.items if item.get_closest_marker("vllm")):
+        pytest.fail("--dist loadgroup did not group the vllm tests: this pytest/pytest-xdist pair drops "
+                    "xdist_group (see the pytest pin in pyproject.toml)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
-def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
+def vllm_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
+    require_one_owner(request)
     require_vllm()
     model_dir = tinymodel.build()
     logs = tmp_path_factory.mktemp("vllm-logs")
