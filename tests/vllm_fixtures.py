@@ -24,6 +24,7 @@ from tandem.bench import tinymodel, vllmcpu
 GROUP = "vllm"  # the xdist group of every test marked vllm
 START_TIMEOUT = 420.0  # four cold engines on two busy cores; one usually needs ~30-60 s
 MODEL = vllmcpu.SERVED_NAME
+NICE = 10
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,13 @@ def vllm_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     logs = tmp_path_factory.mktemp("vllm-logs")
     # The unified engines publish KV-cache events (ipc sockets in the log folder: no ports to race for)
     # and serve POST /reset_prefix_cache (dev mode). Engine i computes on core i mod N, so the PD
-    # pair's prefill and decode run on different cores.
+    # pair's prefill and decode run on different cores. Niced: their start (tens of CPU-seconds each)
+    # must not starve the timing-sensitive tests the other xdist worker runs meanwhile.
     events = [vllmcpu.KvEvents(endpoint=f"ipc://{logs}/kv{i}.pub", replay_endpoint=f"ipc://{logs}/kv{i}.replay")
               for i in range(2)]
     specs = [vllmcpu.unified_spec(model_dir, i, logs, prompt_tokens_details=True, kv_events=events[i],
-                                  dev_mode=True) for i in range(2)]
-    specs += vllmcpu.pd_specs(model_dir, 0, logs)
+                                  dev_mode=True, nice=NICE) for i in range(2)]
+    specs += vllmcpu.pd_specs(model_dir, 0, logs, nice=NICE)
     with vllmcpu.running(specs, timeout=START_TIMEOUT) as engines:
         yield VllmFleet(model_dir=model_dir, unified=engines[:2], kv_events=events, prefill=engines[2],
                         decode=engines[3])
