@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +44,7 @@ log = logging.getLogger("tandem.autoscaler")
 PODS = Kind(group="", version="v1", plural="pods", kind="Pod")
 EVENTS = Kind(group="", version="v1", plural="events", kind="Event")
 ANN_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+ERROR_STAGES = ("observe", "apply")  # tandem_autoscaler_errors_total{stage}: where a tick failed
 DRAINING_DELETION_COST = "-1000"  # the ReplicaSet removes the lowest cost first: exactly the drained pods
 
 
@@ -318,6 +320,16 @@ class AutoscalerMetrics:
             "they answered (state: answered or failed; a failed one's share of the load is missing)",
             ["namespace", "service", "state"], registry=registry)
 
+    def service_known(self, ns: str, name: str, roles: Iterable[str] = ()) -> None:
+        """Create a service's counters at 0 when it is first seen: a counter born at 1 is invisible to
+        rate() and increase(), so the first failure or scaling action would read 0 on the dashboards."""
+        self.ticks.labels(ns, name)
+        for stage in ERROR_STAGES:
+            self.errors.labels(ns, name, stage)
+        for role in roles:
+            for direction in ("up", "down"):
+                self.actions.labels(ns, name, role, direction)
+
 
 class Actuator:
     """One controller over the LLMServices of some namespaces, holding each service's core state."""
@@ -347,6 +359,7 @@ class Actuator:
         svc = LLMService.model_validate(obj)
         name = svc.metadata.name
         spec = spec_from_service(svc, self.defaults)
+        self.metrics.service_known(ns, name, spec.roles)
         report = await self.source.report(ns, name, self.window_s, now)
         if report.gateways is not None:
             self.metrics.gateway_replicas.labels(ns, name, "answered").set(report.gateways.answered)
@@ -377,9 +390,11 @@ class Actuator:
                 if not ((obj.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
                     continue
                 key = f"{ns}/{obj['metadata']['name']}"
+                self.metrics.service_known(ns, obj["metadata"]["name"])
                 try:
                     planned[key] = await self._decide(ns, obj, now)
-                except (ApiError, httpx.HTTPError, ValueError, ObservationUnavailable) as exc:
+                except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError, ValueError,
+                        ObservationUnavailable) as exc:
                     log.warning("autoscaler: %s: cannot decide: %s", key, exc)
                     self.metrics.errors.labels(ns, obj["metadata"]["name"], "observe").inc()
         decisions = {k: v[3] for k, v in planned.items()}
@@ -391,7 +406,7 @@ class Actuator:
             decision = decisions[key]
             try:
                 await self._apply(ns, svc, spec, decision, pods)
-            except (ApiError, httpx.HTTPError) as exc:
+            except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError) as exc:
                 log.warning("autoscaler: %s: cannot apply: %s", key, exc)
                 self.metrics.errors.labels(ns, name, "apply").inc()
                 continue
@@ -473,8 +488,8 @@ class Actuator:
         while not stop.is_set():
             try:
                 await self.tick_once()
-            except (ApiError, httpx.HTTPError) as exc:
-                log.warning("autoscaler: tick failed: %s", exc)
+            except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError) as exc:
+                log.warning("autoscaler: tick failed: %s: %s", type(exc).__name__, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 

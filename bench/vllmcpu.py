@@ -93,6 +93,8 @@ class EngineSpec(BaseModel):
     kv_events: KvEvents | None = None
     prompt_tokens_details: bool = Field(False, description="--enable-prompt-tokens-details (cached_tokens)")
     dev_mode: bool = Field(False, description="VLLM_SERVER_DEV_MODE: serves POST /reset_prefix_cache")
+    nice: int = Field(0, ge=0, le=19, description="CPU niceness: >0 lets an engine's start (tens of CPU-seconds of "
+                      "imports) yield to timing-sensitive work sharing the cores")
     extra_args: list[str] = Field(default_factory=list)
     log_path: Path | None = None
 
@@ -147,6 +149,8 @@ class VllmEngine:
 
     def start(self) -> None:
         argv, extra_env = command(self.spec, self.python)
+        if self.spec.nice:
+            argv = ["nice", "-n", str(self.spec.nice), *argv]  # exec's in place: the pid stays the engine's
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())

@@ -113,6 +113,7 @@ class Gateway:
                                                         ttl=max(2.0, 5 * settings.state_sync_interval))
                                       if settings.redis_url else MemoryStateBackend())
         self.metrics.state_backend_up.labels(self.backend.name).set(1)
+        self.metrics.backend_known(self.backend.name)
         self._remote: dict[str, SharedLoad] = {}  # peers' load folded into our InstanceStates
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
@@ -197,6 +198,7 @@ class Gateway:
             state.exact = self._subscribe(ep)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
         inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        self.metrics.instance_known(ep.url)
         if ep.role == "unified":
             pool = self.pools.get(model)
             if pool is None:
@@ -207,6 +209,9 @@ class Gateway:
             pool.add(inst)
         else:
             self.pd[ep.role][ep.url] = inst
+            self.metrics.pd_model_known(model, remote=ep.role == "remote-prefill")
+            if ep.role != "decode":  # its prefill pool now, not at the first request: its series exist
+                self.pd_router.prefill_pool(model, ep.role)
         self._joining.pop(ep.url, None)
         log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
 

@@ -126,6 +126,7 @@ class Pool:
         sched = self.schedulers.get(policy)
         if sched is None:
             sched = self.schedulers[policy] = self.make_scheduler(policy, self.cluster)
+            self.metrics.policy_known(policy, sched.policy.reasons)
         return sched
 
     # --- membership -------------------------------------------------------------------------

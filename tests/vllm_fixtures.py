@@ -24,6 +24,7 @@ from tandem.bench import tinymodel, vllmcpu
 GROUP = "vllm"  # the xdist group of every test marked vllm
 START_TIMEOUT = 420.0  # four cold engines on two busy cores; one usually needs ~30-60 s
 MODEL = vllmcpu.SERVED_NAME
+NICE = 10
 
 
 @dataclass(frozen=True)
@@ -55,19 +56,30 @@ def require_vllm() -> None:
         pytest.skip(str(exc))
 
 
+def require_one_owner(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` xdist renames grouped items ``nodeid@group``; without the suffix the
+    group was lost and every worker would start its own engines (pytest 9.2 with pytest-xdist 3.8)."""
+    if request.config.getoption("loadgroup", False) and any(
+            "@" not in item.nodeid for item in request.session.items if item.get_closest_marker("vllm")):
+        pytest.fail("--dist loadgroup did not group the vllm tests: this pytest/pytest-xdist pair drops "
+                    "xdist_group (see the pytest pin in pyproject.toml)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
-def vllm_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
+def vllm_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmFleet]:
+    require_one_owner(request)
     require_vllm()
     model_dir = tinymodel.build()
     logs = tmp_path_factory.mktemp("vllm-logs")
     # The unified engines publish KV-cache events (ipc sockets in the log folder: no ports to race for)
     # and serve POST /reset_prefix_cache (dev mode). Engine i computes on core i mod N, so the PD
-    # pair's prefill and decode run on different cores.
+    # pair's prefill and decode run on different cores. Niced: their start (tens of CPU-seconds each)
+    # must not starve the timing-sensitive tests the other xdist worker runs meanwhile.
     events = [vllmcpu.KvEvents(endpoint=f"ipc://{logs}/kv{i}.pub", replay_endpoint=f"ipc://{logs}/kv{i}.replay")
               for i in range(2)]
     specs = [vllmcpu.unified_spec(model_dir, i, logs, prompt_tokens_details=True, kv_events=events[i],
-                                  dev_mode=True) for i in range(2)]
-    specs += vllmcpu.pd_specs(model_dir, 0, logs)
+                                  dev_mode=True, nice=NICE) for i in range(2)]
+    specs += vllmcpu.pd_specs(model_dir, 0, logs, nice=NICE)
     with vllmcpu.running(specs, timeout=START_TIMEOUT) as engines:
         yield VllmFleet(model_dir=model_dir, unified=engines[:2], kv_events=events, prefill=engines[2],
                         decode=engines[3])
