@@ -227,6 +227,7 @@ class Gateway:
                                 queue_size=self.settings.kv_events_queue,
                                 replay_timeout=self.settings.kv_replay_timeout)
         self.subscribers[ep.url] = sub
+        self.metrics.kv_events_known(ep.url)
         sub.start()
         log.info("instance %s: following its KV-cache events at %s", ep.url, ep.kv_events.endpoint)
         return view

@@ -41,6 +41,10 @@ PREFILL_ROUTES = ("local", "remote")
 NO_DECISION, PD_DECISION = "none", "pd"
 
 
+CACHE_RESET_REASONS = ("restart", "counters", "cleared", "events_restart")  # tandem.router.cachereset.ResetReason
+KV_GAP_OUTCOMES = ("replayed", "cleared")
+
+
 class GatewayMetrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
@@ -128,12 +132,20 @@ class GatewayMetrics:
                 self.requests.labels(policy, decision, outcome)
 
     def instance_known(self, instance: str) -> None:
-        """Create an engine instance's error and queue series (when it joins)."""
+        """Create an engine instance's error, queue and cache-reset series (when it joins)."""
+        for reason in CACHE_RESET_REASONS:
+            self.cache_resets.labels(instance, reason)
         self.scrapes.labels(instance)
         self.scrape_errors.labels(instance)
         self.queue_wait.labels(instance)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(instance, kind)
+
+    def kv_events_known(self, instance: str) -> None:
+        """Create the event-stream series of an instance whose KV-cache events the gateway follows."""
+        self.kv_batches.labels(instance)
+        for outcome in KV_GAP_OUTCOMES:
+            self.kv_gaps.labels(instance, outcome)
 
     def pd_model_known(self, model: str, remote: bool) -> None:
         """Create a disaggregated model's prefill-route series (when one of its instances joins), and

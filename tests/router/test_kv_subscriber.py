@@ -50,6 +50,15 @@ def test_sequencer_tells_next_duplicate_restart_and_gap() -> None:
     assert s.classify(10, 3.0) == "gap"
 
 
+def test_reset_reasons_are_the_metric_series_created_at_join() -> None:
+    from typing import get_args
+
+    from tandem.router.cachereset import ResetReason
+    from tandem.router.metrics import CACHE_RESET_REASONS
+
+    assert set(get_args(ResetReason)) == set(CACHE_RESET_REASONS)
+
+
 def test_restarts_from_metrics_and_which_views_they_make_stale() -> None:
     a = EngineSnapshot(start_time=100.0, prompt_tokens=500, generation_tokens=50)
     assert restart_from_metrics("i", a, a.model_copy(update={"prompt_tokens": 600}), 99.0) is None
