@@ -213,12 +213,15 @@ class KVEventSubscriber:
             for m in msgs:
                 if self.seq.classify(m.seq, m.batch.ts) == "apply":
                     self._apply(m)
-            if self.seq.next_seq is not None and msg.seq >= self.seq.next_seq:
-                self._apply(msg)  # newer than the replay's end
-            self.metrics.kv_gaps.labels(self.instance_id, "replayed").inc()
-            return
-        log.warning("instance %s: KV-event batches %d..%d missed and not replayable: cache view cleared",
-                    self.instance_id, self.seq.next_seq, msg.seq - 1)
+            verdict = self.seq.classify(msg.seq, msg.batch.ts)
+            if verdict in ("duplicate", "apply"):  # the replay brought it (it was buffered before we asked)
+                if verdict == "apply":
+                    self._apply(msg)
+                self.metrics.kv_gaps.labels(self.instance_id, "replayed").inc()
+                return
+        # Not replayable (no replay socket, its buffer no longer holds them, or no answer).
+        log.warning("instance %s: KV-event batches before %d missed and not replayable: cache view cleared",
+                    self.instance_id, msg.seq)
         self.metrics.kv_gaps.labels(self.instance_id, "cleared").inc()
         self.clear()
         self._apply(msg)
