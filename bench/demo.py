@@ -272,7 +272,8 @@ class DemoCommand(TandemSettings):
             shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
             args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
                     "--profile", self.profile, "--slo-ttft", str(self.slo_ttft), "--max-queue", "100000",
-                    "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow)]
+                    "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow),
+                    "--trust-prompt-hints"]  # prompts are Mooncake block ids (x_tandem), until text prompts
             procs.start("gateway", *args)
             await _wait_ready(gw + "/readyz", procs)
             async with httpx.AsyncClient(trust_env=False) as c:

@@ -69,10 +69,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
-                  tokenizer: Tokenizer | None = None) -> RouteRequest:
-    """The routing key of a request: the simulator's block hashes when given, else the engine's
-    tokenizer when configured, else a cheap text chunking."""
-    if body.x_tandem is not None:
+                  tokenizer: Tokenizer | None = None, *, trust_hints: bool = False) -> RouteRequest:
+    """The routing key of a request: the simulator's block hashes when given and trusted (a gateway
+    started for simulator benchmarks), else the engine's tokenizer when configured, else a cheap text
+    chunking. Untrusted hints are never read: the prompt's own text is what limits and budgets see."""
+    if trust_hints and body.x_tandem is not None:
         ext = body.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
@@ -125,6 +126,12 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         gw.metrics.rejected.labels("invalid").inc()
         message, field = describe_validation_error(RequestValidationError(exc.errors()))
         return error_response(400, message, param=field)
+    if body.x_tandem is not None and not gw.settings.trust_prompt_hints:
+        # A client-declared token count and block ids would let it pass the prompt limit and budget
+        # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
+        gw.metrics.rejected.labels("invalid").inc()
+        return error_response(400, "x_tandem: prompt hints are not accepted by this gateway (they are for "
+                              "simulator benchmarks: tandem gateway --trust-prompt-hints)", param="x_tandem")
     pool = gw.pools.get(body.model)
     disaggregated = pool is None and gw.pd_router.serves(body.model)
     if pool is None and not disaggregated and any(
@@ -143,9 +150,10 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked
     if gw.tokenizer is not None and len(raw) > 32_768:  # long prompts: tokenize off the event loop
-        rreq = await asyncio.to_thread(route_request, body, gw.settings.block_size, gw.tokenizer)
+        rreq = await asyncio.to_thread(route_request, body, gw.settings.block_size, gw.tokenizer,
+                                       trust_hints=gw.settings.trust_prompt_hints)
     else:
-        rreq = route_request(body, gw.settings.block_size, gw.tokenizer)
+        rreq = route_request(body, gw.settings.block_size, gw.tokenizer, trust_hints=gw.settings.trust_prompt_hints)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
     limit = gw.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())

@@ -61,6 +61,9 @@ class GatewaySettings(TandemSettings):
     observation_horizon: float = Field(900.0, gt=0, le=86400, description="longest window /admin/observations "
                                        "can report on (s); memory: one 1-second bucket per service per second")
     block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
+    trust_prompt_hints: bool = Field(False, description="simulator benchmarks only: believe the x_tandem prompt "
+                                     "hints a client declares (block ids, token count) for routing, limits and "
+                                     "budgets; off (the default), a request carrying them is refused with 400")
     tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
                                    "for routing keys; default: a cheap, stable word/punctuation chunking")
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")

@@ -174,7 +174,7 @@ async def test_api_keys_and_rate_limit(tmp_path) -> None:
 
 async def test_full_queue_answers_429_with_retry_after() -> None:
     async with serve(sim_app(port=0)) as a:
-        app = gateway_app([a], max_queue_per_instance=1, routing={"dispatch_budget_s": 0.0})
+        app = gateway_app([a], max_queue_per_instance=1, routing={"dispatch_budget_s": 0.0}, trust_prompt_hints=True)
         async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
             body = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 8000}}
             results = await asyncio.gather(*(c.post(gw + "/v1/completions", json=body) for _ in range(5)))
@@ -194,7 +194,7 @@ async def test_client_leaving_while_queued_is_forgotten() -> None:
     """Late binding holds the second request in the gateway; its client leaves; nothing of it remains."""
     sim = sim_app(port=0)
     async with serve(sim) as a, \
-            serve(gateway_app([a], routing={"dispatch_budget_s": 0.0})) as gw, \
+            serve(gateway_app([a], routing={"dispatch_budget_s": 0.0}, trust_prompt_hints=True)) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         big = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 30000}}
         first = asyncio.create_task(c.post(gw + "/v1/completions", json=big))

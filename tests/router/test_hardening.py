@@ -1,0 +1,39 @@
+"""Issue 16 (hardening), the defects an in-process gateway shows: each test fails on the code before
+the fix. Real simulators and a real gateway on ephemeral 127.0.0.1 ports, real HTTP; the defects that
+need separate processes (workers, slow clients, event-loop stalls, the hostile corpus) are in
+``tests/e2e/test_hardening_processes.py``."""
+
+from __future__ import annotations
+
+import httpx
+from gatewayutil import completion_body, gateway_app, sim_app
+
+from tandem.serve import serve
+
+MODEL = "Llama-3-8B"
+
+
+# --- 1: client-declared prompt hints -------------------------------------------------------------------
+
+
+async def test_prompt_hints_are_refused_unless_the_gateway_trusts_them() -> None:
+    """A 2,000-word prompt declaring ``prompt_tokens: 1`` passed a 100-token limit (200); now the hint is
+    refused by default, and only a gateway started for simulator benchmarks believes it."""
+    lying = {**completion_body("word " * 2000, max_tokens=2),
+             "x_tandem": {"hash_ids": [7], "prompt_tokens": 1, "block_size": 1}}
+    async with serve(sim_app(port=0)) as a, \
+            serve(gateway_app([a], max_prompt_tokens=100)) as gw, \
+            serve(gateway_app([a], max_prompt_tokens=100, trust_prompt_hints=True)) as bench_gw, \
+            httpx.AsyncClient(timeout=20) as c:
+        r = await c.post(gw + "/v1/completions", json=lying)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "x_tandem", r.text
+        assert "--trust-prompt-hints" in r.json()["error"]["message"]
+        # Without the hint, the real prompt is what the limit sees.
+        r = await c.post(gw + "/v1/completions", json=completion_body("word " * 2000, max_tokens=2))
+        assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
+        # A simulator-benchmark gateway believes hints, both ways (here: a declared prompt over the limit).
+        declared = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 8000}}
+        r = await c.post(bench_gw + "/v1/completions", json=declared)
+        assert r.status_code == 413 and "8000 tokens" in r.json()["error"]["message"]
+        small = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [1], "prompt_tokens": 50}}
+        assert (await c.post(bench_gw + "/v1/completions", json=small)).status_code == 200
