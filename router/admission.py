@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -156,7 +155,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         rreq = route_request(body, gw.settings.block_size, gw.tokenizer, trust_hints=gw.settings.trust_prompt_hints)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
-    limit = gw.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
+    limit = await gw.limiter.admit(gw.keys.principal(auth.principal), rreq.prompt_tokens + body.output_limit(0))
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)

@@ -32,6 +32,7 @@ from tandem.router.observations import Observer, RequestTrace, max_attainable_pr
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, new_instance_state
 from tandem.router.proxy import Upstream
+from tandem.router.ratelimit import RateLimiter, RedisLimiter
 from tandem.router.remote_status import RemotePoolReporter, RemoteView
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.config import RoutingConfig
@@ -108,6 +109,9 @@ class Gateway:
                                                         ttl=max(2.0, 5 * settings.state_sync_interval))
                                       if settings.redis_url else MemoryStateBackend())
         self.metrics.state_backend_up.labels(self.backend.name).set(1)
+        # Per-key limits: one budget across workers and replicas through Redis (local 1/N when it is down).
+        self.limiter = RateLimiter(RedisLimiter(settings.redis_url, settings.redis_prefix, timeout=0.25)
+                                   if settings.redis_url else None, processes=lambda: 1 + len(self.peers))
         self._remote: dict[str, InstanceLoad] = {}  # peers' load folded into our InstanceStates
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
@@ -309,6 +313,7 @@ class Gateway:
         if self.upstream:
             await self.upstream.close()
         await self.backend.close()
+        await self.limiter.close()
         if self.siblings:
             await self.siblings.close()
 
