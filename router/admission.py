@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +46,14 @@ class Admitted:
     pool: Pool | None
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a body is refused (400), naming the field when there is one."""
+
+    message: str
+    param: str | None = None
+
+
 class Tokenizer(Protocol):
     def __call__(self, text: str) -> list[str]: ...
 
@@ -68,7 +77,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
-                  tokenizer: Tokenizer | None = None, *, trust_hints: bool = False) -> RouteRequest:
+                  tokenizer: Tokenizer | None = None, *, trust_hints: bool = False) -> RouteRequest | Refusal:
     """The routing key of a request: the simulator's block hashes when given and trusted (a gateway
     started for simulator benchmarks), else the engine's tokenizer when configured, else a cheap text
     chunking. Untrusted hints are never read: the prompt's own text is what limits and budgets see."""
@@ -78,14 +87,63 @@ def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: i
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
                             fallback_key=ext.prompt_tokens, model=body.model)
     text = body.prompt_text()
+    try:
+        encoded = text.encode()
+    except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800"): not text any engine can take
+        return Refusal("prompt: not valid Unicode text (a lone surrogate)",
+                       "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
     if tokenizer is not None:
         ids = tokenizer(text)
         tokens, hashes = len(ids), token_block_hashes(ids, block_size)
     else:
         tokens, hashes = text_block_hashes(text, block_size)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
-                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
+                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(encoded),
                         model=body.model)
+
+
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists and objects deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    if not isinstance(data, (dict, list)):
+        return False
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest] | Refusal:
+    """The JSON body and its request model, or why not. Hostile JSON ends here too: a number too long
+    to convert (Python bounds int parsing at 4,300 digits), nesting deeper than the parser's recursion
+    limit, invalid UTF-8 or lone surrogates in the text."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        return Refusal("body is not valid JSON: nested too deeply")
+    except json.JSONDecodeError as exc:
+        return Refusal(f"body is not valid JSON: {exc}")
+    except UnicodeDecodeError:
+        return Refusal("body is not valid JSON: not UTF-8 text")
+    except ValueError:  # the int-string conversion limit (its message names a Python setting: not repeated)
+        return Refusal(f"body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits")
+    if too_deep(data, MAX_JSON_DEPTH):  # re-serialised on some paths (disaggregated bodies): bounded here
+        return Refusal(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        body = cls.model_validate(data)
+    except ValidationError as exc:
+        message, field = describe_validation_error(RequestValidationError(exc.errors()))
+        return Refusal(message, field)
+    except RecursionError:
+        return Refusal("body: nested too deeply")
+    return data, body
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -113,18 +171,11 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
     if raw is None:
         gw.metrics.rejected.labels("too_large").inc()
         return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    parsed = parse_body(raw, kind)
+    if isinstance(parsed, Refusal):
         gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, f"body is not valid JSON: {exc}")
-    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        body = cls.model_validate(data)
-    except ValidationError as exc:
-        gw.metrics.rejected.labels("invalid").inc()
-        message, field = describe_validation_error(RequestValidationError(exc.errors()))
-        return error_response(400, message, param=field)
+        return error_response(400, parsed.message, param=parsed.param)
+    data, body = parsed
     if body.x_tandem is not None and not gw.settings.trust_prompt_hints:
         # A client-declared token count and block ids would let it pass the prompt limit and budget
         # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
@@ -153,6 +204,9 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
                                        trust_hints=gw.settings.trust_prompt_hints)
     else:
         rreq = route_request(body, gw.settings.block_size, gw.tokenizer, trust_hints=gw.settings.trust_prompt_hints)
+    if isinstance(rreq, Refusal):
+        gw.metrics.rejected.labels("invalid").inc()
+        return error_response(400, rreq.message, param=rreq.param)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
     limit = await gw.limiter.admit(gw.keys.principal(auth.principal), rreq.prompt_tokens + body.output_limit(0))

@@ -79,7 +79,8 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content)
+            # Text parts only (a part's "text" is a string; anything else is not prompt text).
+            return "".join(t for part in self.content if isinstance(t := part.get("text"), str))
         return self.content or ""
 
 

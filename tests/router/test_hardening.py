@@ -37,3 +37,30 @@ async def test_prompt_hints_are_refused_unless_the_gateway_trusts_them() -> None
         assert r.status_code == 413 and "8000 tokens" in r.json()["error"]["message"]
         small = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [1], "prompt_tokens": 50}}
         assert (await c.post(bench_gw + "/v1/completions", json=small)).status_code == 200
+
+
+# --- 3: hostile JSON is a 400, not a 500 -----------------------------------------------------------------
+
+
+HOSTILE_BODIES = {
+    "5,000-digit integer": b'{"model": "Llama-3-8B", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+    "100k nested arrays": b'{"model": "Llama-3-8B", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "5k nested objects": b'{"model": "Llama-3-8B", "prompt": "hi", "x": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001,
+    "nesting the parser takes, deeper than the gateway re-serialises": (
+        b'{"model": "Llama-3-8B", "prompt": "hi", "x": ' + b"[" * 900 + b"]" * 900 + b"}"),
+    "lone surrogate in the prompt": b'{"model": "Llama-3-8B", "prompt": "hi \\ud800 there"}',
+    "not UTF-8": b'{"model": "Llama-3-8B", "prompt": "\xff\xfe"}',
+}
+
+
+async def test_hostile_json_ends_in_400_in_the_openai_shape() -> None:
+    async with serve(sim_app(port=0)) as a, serve(gateway_app([a])) as gw, httpx.AsyncClient(timeout=20) as c:
+        for name, raw in HOSTILE_BODIES.items():
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                r = await c.post(gw + path, content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == 400, (name, path, r.status_code, r.text[:200])
+                error = r.json()["error"]
+                assert error["type"] == "invalid_request_error" and error["message"], (name, error)
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": [[["x"]]]}]}]}
+        assert (await c.post(gw + "/v1/chat/completions", json=chat)).status_code == 200  # non-text part: no text
+        assert (await c.get(gw + "/healthz")).status_code == 200
