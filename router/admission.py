@@ -1,7 +1,8 @@
 """Admission: everything a generation request must pass before it is routed.
 
-In order: the gateway is not draining and below its limit of requests in progress, the caller is
-authenticated, the body is bounded and valid JSON of the OpenAI request models, the model is served
+In order: the gateway is not draining and below its limit of requests in progress (:func:`gate`;
+from there the request counts toward that limit), the caller is authenticated, the body is bounded
+in size and in time and valid JSON of the OpenAI request models, the model is served
 here, the prompt is keyed for routing (block hashes), the prompt and output limits hold, and the
 caller's rate limit admits it. Each refusal is an OpenAI-shaped error with its own rejection
 metric; what passes is an :class:`Admitted` request, which the unified or the disaggregated path
@@ -152,8 +153,9 @@ def error_response(status: int, message: str, *, type_: str = "invalid_request_e
     return JSONResponse(status_code=status, content=error_body(message, type_=type_, param=param), headers=headers)
 
 
-async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
-    """The admitted request, or the error response that refuses it (see the module docstring)."""
+def gate(gw: Gateway) -> Response | None:
+    """The refusal of a request the gateway takes no more of (draining, or at its limit), before it
+    reads anything; a request that passes counts toward the limit from then on, body reading included."""
     if gw.draining:
         gw.metrics.rejected.labels("draining").inc()
         resp = error_response(503, "gateway is shutting down", type_="server_error", retry_after=1)
@@ -163,11 +165,22 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         gw.metrics.rejected.labels("overloaded").inc()
         return error_response(503, f"gateway at capacity ({gw.settings.max_active_requests} requests in progress)",
                               type_="server_error", retry_after=1)
+    return None
+
+
+async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
+    """The admitted request, or the error response that refuses it (see the module docstring)."""
     auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if not auth.ok:
         gw.metrics.rejected.labels("auth").inc()
         return error_response(auth.status, auth.message, type_="authentication_error")
-    raw = await read_body(request, gw.settings.max_body_bytes)
+    try:
+        raw = await read_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout)
+    except TimeoutError:
+        gw.metrics.rejected.labels("body_timeout").inc()
+        resp = error_response(408, f"request body not received within {gw.settings.body_timeout:g} s")
+        resp.headers["connection"] = "close"
+        return resp
     if raw is None:
         gw.metrics.rejected.labels("too_large").inc()
         return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
@@ -230,18 +243,18 @@ def too_big(gw: Gateway, prompt_tokens: int, max_tokens: int) -> JSONResponse | 
 
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it exceeds ``limit`` bytes (checked before and while reading)."""
+async def read_body(request: Request, limit: int, deadline_s: float) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` bytes (checked before and while reading); raises
+    TimeoutError when the whole body has not arrived within ``deadline_s`` seconds (slow clients)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return None
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
+    async with asyncio.timeout(deadline_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
     return b"".join(parts)
-
-

@@ -25,7 +25,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from tandem.router.admission import admit, load_tokenizer
+from tandem.router.admission import admit, gate, load_tokenizer
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
@@ -355,13 +355,15 @@ class Gateway:
 
     async def handle(self, request: Request, kind: str) -> Response:
         """One generation request, from admission to the unified or the disaggregated path."""
-        admitted = await admit(self, request, kind)
-        if isinstance(admitted, Response):
-            return admitted
-        a = admitted
-        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        self.enter()
+        if (refused := gate(self)) is not None:
+            return refused
+        self.enter()  # from here on, body reading included: a slow client holds a slot, not a free pass
         try:
+            a = await admit(self, request, kind)
+            if isinstance(a, Response):
+                self.leave()
+                return a
+            path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
             if a.pool is None:
                 return await self.pd_router.serve(request, a.data, replace(a.rreq, model=a.body.model), path,
                                                   a.body.stream, a.policy)

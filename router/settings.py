@@ -93,6 +93,14 @@ class GatewaySettings(TandemSettings):
                                      "starting or streaming) before 503 + Retry-After")
     max_scrape_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest engine /metrics body read (bigger: "
                                   "a failed scrape)")
+    header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a request's "
+                                  "line and headers (from the connection's opening, or from the first byte of "
+                                  "a later request on it); slower: the connection is closed (slowloris)")
+    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send a generation "
+                                "request's whole body once its headers are in; slower: 408 and the connection "
+                                "closed. The request counts toward --max-active-requests meanwhile")
+    max_client_connections: int = Field(16_384, gt=0, description="open client connections per gateway process; "
+                                        "a connection beyond them is closed at once")
     keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
                                     "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")

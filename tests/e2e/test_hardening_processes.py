@@ -6,6 +6,8 @@ fix. Processes are shared per module (one simulator; one gateway per configurati
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -120,3 +122,89 @@ def test_rate_limits_fall_back_to_a_share_per_process_when_redis_is_down(
     refilled = int((time.monotonic() - t0) * 6 / 60) + 1
     assert workers == {"0", "1"}
     assert 3 <= statuses.count(200) <= 6 + refilled, statuses
+
+
+# --- 4: slow clients (slowloris) ------------------------------------------------------------------------
+
+
+HEADER_TIMEOUT, BODY_TIMEOUT = 1.0, 2.0
+
+
+@pytest.fixture(scope="module")
+def slow_gateway(engine: str) -> Iterator[str]:
+    with gateway_process("--instances", engine, "--header-timeout", str(HEADER_TIMEOUT), "--body-timeout",
+                         str(BODY_TIMEOUT), "--max-active-requests", "2") as (url, _):
+        yield url
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def trickle(socks: list[socket.socket], payload: bytes, limit_s: float, every_s: float = 0.2
+            ) -> tuple[dict[socket.socket, float], dict[socket.socket, bytes]]:
+    """Send ``payload`` one byte per ``every_s`` on every socket until the gateway closes each (or
+    ``limit_s`` passes): when each was closed (seconds from the start) and what it answered."""
+    t0 = time.monotonic()
+    closed: dict[socket.socket, float] = {}
+    answers: dict[socket.socket, bytes] = {s: b"" for s in socks}
+    for i in range(len(payload)):
+        live = [s for s in socks if s not in closed]
+        if not live or time.monotonic() - t0 > limit_s:
+            break
+        for s in live:
+            with contextlib.suppress(OSError):  # a closed connection shows on the read below
+                s.send(payload[i:i + 1])
+        end = time.monotonic() + every_s
+        while live and (left := end - time.monotonic()) > 0:
+            readable, _, _ = select.select(live, [], [], left)
+            for s in readable:
+                try:
+                    data = s.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                answers[s] += data
+                if not data:
+                    closed[s] = time.monotonic() - t0
+                    live.remove(s)
+    return closed, answers
+
+
+def test_slow_headers_and_idle_connections_are_closed(slow_gateway: str) -> None:
+    """Connections that send nothing, or trickle their headers, stayed open past 40 s; now each is
+    closed once ``--header-timeout`` has passed, while the gateway keeps answering others."""
+    idle = [connect(slow_gateway) for _ in range(10)]
+    slow = [connect(slow_gateway) for _ in range(40)]
+    header = b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nX-Slow: " + b"a" * 200
+    closed, _ = trickle(slow, header, limit_s=10 * HEADER_TIMEOUT)
+    assert len(closed) == len(slow), f"{len(slow) - len(closed)} of {len(slow)} slow connections still open"
+    assert max(closed.values()) < HEADER_TIMEOUT + 3, sorted(closed.values())
+    assert httpx.get(slow_gateway + "/healthz", timeout=5).status_code == 200
+    for s in idle:  # opened before the trickle started: long past their deadline
+        s.settimeout(1.0)
+        assert s.recv(1) == b"", "an idle connection is still open"
+        s.close()
+    for s in slow:
+        s.close()
+
+
+def test_slow_bodies_get_408_and_count_toward_the_request_limit(slow_gateway: str) -> None:
+    """Requests still sending their body were not counted by --max-active-requests and had no deadline:
+    two of them now fill a limit of 2 (a third request is refused 503), and each ends in 408."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{")
+    stalled = [connect(slow_gateway) for _ in range(2)]
+    for s in stalled:
+        s.sendall(head)
+    time.sleep(0.3)  # both are reading their bodies
+    third = httpx.post(slow_gateway + "/v1/completions", json=completion_body("hi", max_tokens=1), timeout=10)
+    assert third.status_code == 503 and "capacity" in third.json()["error"]["message"], third.text
+    closed, answers = trickle(stalled, b" " * 100, limit_s=BODY_TIMEOUT + 5)
+    assert len(closed) == 2 and max(closed.values()) < BODY_TIMEOUT + 3
+    for s in stalled:
+        assert answers[s].startswith(b"HTTP/1.1 408"), answers[s][:200]
+        assert b'"type":"invalid_request_error"' in answers[s]
+        s.close()
+    r = httpx.post(slow_gateway + "/v1/completions", json=completion_body("hi", max_tokens=1), timeout=10)
+    assert r.status_code == 200, r.text  # the slots came back
