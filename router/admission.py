@@ -12,6 +12,7 @@ serves (``tandem.router.unified``, ``tandem.router.pdgateway``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
 from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.router.cpuwork import CpuBusy
 from tandem.router.routing.types import RouteRequest
 
 if TYPE_CHECKING:
@@ -147,6 +149,28 @@ def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest
     return data, body
 
 
+# Bodies larger than this are parsed and keyed on the admission threads (``tandem.router.cpuwork``);
+# smaller ones take less time on the loop than the hand-over would.
+OFF_LOOP_BYTES = 32_768
+
+
+def prepare(raw: bytes, kind: str, block_size: int, tokenizer: Tokenizer | None, trust_hints: bool
+            ) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest, RouteRequest] | Refusal:
+    """The CPU-bound part of admission, the same on the loop or on a thread: the parsed body, its
+    request model and its routing key (prompt tokens, block hashes), or why the body is refused."""
+    parsed = parse_body(raw, kind)
+    if isinstance(parsed, Refusal):
+        return parsed
+    data, body = parsed
+    if body.x_tandem is not None and not trust_hints:
+        # A client-declared token count and block ids would let it pass the prompt limit and budget
+        # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
+        return Refusal("x_tandem: prompt hints are not accepted by this gateway (they are for simulator "
+                       "benchmarks: tandem gateway --trust-prompt-hints)", "x_tandem")
+    rreq = route_request(body, block_size, tokenizer, trust_hints=trust_hints)
+    return rreq if isinstance(rreq, Refusal) else (data, body, rreq)
+
+
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
                    retry_after: float | None = None) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
@@ -184,17 +208,20 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
     if raw is None:
         gw.metrics.rejected.labels("too_large").inc()
         return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
-    parsed = parse_body(raw, kind)
-    if isinstance(parsed, Refusal):
+    s = gw.settings
+    work = functools.partial(prepare, raw, kind, s.block_size, gw.tokenizer, s.trust_prompt_hints)
+    if len(raw) > OFF_LOOP_BYTES:  # big prompts: parsed, tokenized and hashed off the event loop
+        try:
+            prepared = await gw.cpu.run(work)
+        except CpuBusy as exc:
+            gw.metrics.rejected.labels("overloaded").inc()
+            return error_response(503, f"gateway busy: {exc}", type_="server_error", retry_after=1)
+    else:
+        prepared = work()
+    if isinstance(prepared, Refusal):
         gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, parsed.message, param=parsed.param)
-    data, body = parsed
-    if body.x_tandem is not None and not gw.settings.trust_prompt_hints:
-        # A client-declared token count and block ids would let it pass the prompt limit and budget
-        # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
-        gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, "x_tandem: prompt hints are not accepted by this gateway (they are for "
-                              "simulator benchmarks: tandem gateway --trust-prompt-hints)", param="x_tandem")
+        return error_response(400, prepared.message, param=prepared.param)
+    data, body, rreq = prepared
     pool = gw.pools.get(body.model)
     disaggregated = pool is None and gw.pd_router.serves(body.model)
     if pool is None and not disaggregated and any(
@@ -212,14 +239,6 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         if not gw.known_policy(asked):
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked
-    if gw.tokenizer is not None and len(raw) > 32_768:  # long prompts: tokenize off the event loop
-        rreq = await asyncio.to_thread(route_request, body, gw.settings.block_size, gw.tokenizer,
-                                       trust_hints=gw.settings.trust_prompt_hints)
-    else:
-        rreq = route_request(body, gw.settings.block_size, gw.tokenizer, trust_hints=gw.settings.trust_prompt_hints)
-    if isinstance(rreq, Refusal):
-        gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, rreq.message, param=rreq.param)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
     limit = await gw.limiter.admit(gw.keys.principal(auth.principal), rreq.prompt_tokens + body.output_limit(0))

@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from tandem.router.admission import admit, gate, load_tokenizer
+from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
@@ -75,6 +76,7 @@ class Gateway:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        self.cpu = CpuWork(settings.admission_threads, settings.admission_queue)
         self.worker = worker
         self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
         self.siblings = Siblings(worker.sibling_sockets) if worker else None
@@ -314,6 +316,7 @@ class Gateway:
             await self.upstream.close()
         await self.backend.close()
         await self.limiter.close()
+        self.cpu.close()
         if self.siblings:
             await self.siblings.close()
 

@@ -91,6 +91,10 @@ class GatewaySettings(TandemSettings):
     max_output_tokens: int = Field(131_072, gt=0, description="largest max_tokens accepted (413)")
     max_active_requests: int = Field(10_000, gt=0, description="requests inside the gateway at once (queued, "
                                      "starting or streaming) before 503 + Retry-After")
+    admission_threads: int = Field(2, ge=1, le=64, description="threads that parse, tokenize and hash big request "
+                                   "bodies (over 32 KiB) off the event loop")
+    admission_queue: int = Field(64, ge=0, description="big bodies waiting for an admission thread before 503 + "
+                                 "Retry-After")
     max_scrape_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest engine /metrics body read (bigger: "
                                   "a failed scrape)")
     header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a request's "

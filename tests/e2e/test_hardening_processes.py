@@ -6,16 +6,21 @@ fix. Processes are shared per module (one simulator; one gateway per configurati
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from gatewayutil import ROOT, RedisServer, completion_body, free_port, sim_process
+
+from tandem.prefix import text_block_hashes
 
 
 @contextlib.contextmanager
@@ -208,3 +213,59 @@ def test_slow_bodies_get_408_and_count_toward_the_request_limit(slow_gateway: st
         s.close()
     r = httpx.post(slow_gateway + "/v1/completions", json=completion_body("hi", max_tokens=1), timeout=10)
     assert r.status_code == 200, r.text  # the slots came back
+
+
+# --- 5: big prompts off the event loop ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(engine: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A gateway with production defaults, but a small prompt limit (big prompts are tokenized, then 413)."""
+    with gateway_process("--instances", engine, "--max-prompt-tokens", "20000") as (url, proc):
+        yield url, proc
+
+
+def probe(url: str, seconds: float) -> list[float]:
+    """``/healthz`` latencies, one call after another on one connection, for ``seconds``."""
+    out = []
+    with httpx.Client(timeout=30) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            assert c.get(url + "/healthz").status_code == 200
+            out.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    return out
+
+
+def test_big_prompts_are_tokenized_off_the_event_loop(gateway: tuple[str, subprocess.Popen]) -> None:
+    """Six 3.6 MB prompts stalled /healthz for 2.25 s (tokenized and hashed on the event loop); now
+    they are parsed and keyed on the admission threads and the loop keeps answering."""
+    url, _ = gateway
+    baseline = probe(url, 1.0)
+    body = json.dumps(completion_body("word " * 720_000, max_tokens=1)).encode()  # 3.6 MB, 720k tokens
+    statuses: list[int] = []
+    started = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(timeout=60) as c:
+            started.set()
+            for _ in range(2):
+                statuses.append(c.post(url + "/v1/completions", content=body,
+                                       headers={"content-type": "application/json"}).status_code)
+
+    senders = [threading.Thread(target=send) for _ in range(6)]
+    for t in senders:
+        t.start()
+    started.wait()
+    during = probe(url, 3.0)
+    for t in senders:
+        t.join()
+    assert statuses == [413] * 12  # tokenized for real: 720k tokens over the 20k limit
+    t0 = time.perf_counter()
+    text_block_hashes("word " * 720_000, 512)  # what one prompt cost the loop before, on this machine now
+    one_prompt = time.perf_counter() - t0
+    base, worst = statistics.median(baseline), max(during)
+    print(f"/healthz: baseline median {base * 1000:.1f} ms, max while big prompts are keyed {worst * 1000:.1f} ms; "
+          f"keying one prompt takes {one_prompt * 1000:.0f} ms")
+    assert worst < max(one_prompt, 20 * base), (base, one_prompt, sorted(during)[-5:])
