@@ -236,6 +236,12 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
                               type_="NotFoundError", param="model")
     policy = gw.settings.policy
     if gw.settings.policy_header and (asked := request.headers.get("x-tandem-policy")):
+        # A policy such as consistent_hash pins an engine: the operator's choice, never a client's.
+        if gw.admin_mode != "open" and not (gw.admin_mode == "keys" and gw.admin_keys.authenticate(
+                None, request.headers.get("x-tandem-admin-key")).ok):
+            gw.metrics.rejected.labels("auth").inc()
+            return error_response(403, "x-tandem-policy: choosing the routing policy needs an admin key "
+                                  "(X-Tandem-Admin-Key)", type_="permission_error", param="x-tandem-policy")
         if not gw.known_policy(asked):
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked

@@ -53,7 +53,9 @@ class GatewaySettings(TandemSettings):
     k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
-    policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
+    policy_header: bool = Field(False, description="let the X-Tandem-Policy request header pick the routing policy "
+                                "(experiments); honoured only with an admin key in X-Tandem-Admin-Key, or on a "
+                                "gateway with no keys at all")
     routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
     slo_tpot: float = Field(0.1, gt=0, description="TPOT SLO in seconds (the TPOT attainment /admin/observations "

@@ -61,7 +61,8 @@ async def test_upstream_connection_limit_is_503_and_not_held_against_the_engine(
     """All pooled upstream connections busy: the client gets 503 + Retry-After, the engine's circuit
     stays closed (before, the pool's own limit counted as a refused connection and ejected it)."""
     async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], max_connections=1, connect_timeout=0.2)) as gw, httpx.AsyncClient(timeout=20) as c:
+            serve(gateway_app([a], max_connections=1, connect_timeout=0.2, policy_header=True)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
         async with c.stream("POST", gw + "/v1/completions", json=completion_body("long", max_tokens=5000,
                                                                                  stream=True)) as first:
             lines = first.aiter_lines()  # kept referenced: a collected iterator closes the connection

@@ -64,3 +64,28 @@ async def test_hostile_json_ends_in_400_in_the_openai_shape() -> None:
         chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": [[["x"]]]}]}]}
         assert (await c.post(gw + "/v1/chat/completions", json=chat)).status_code == 200  # non-text part: no text
         assert (await c.get(gw + "/healthz")).status_code == 200
+
+
+# --- 6: the routing policy is the operator's ------------------------------------------------------------
+
+
+async def test_policy_header_is_off_by_default_and_admin_only_when_on() -> None:
+    pin = {"x-tandem-policy": "nope"}  # an unknown policy: honoured means 400, ignored means 200
+    async with serve(sim_app(port=0)) as a, serve(gateway_app([a])) as default_gw, \
+            serve(gateway_app([a], policy_header=True, api_keys="client-key-1",
+                              admin_api_keys="admin-key-1")) as keyed_gw, \
+            serve(gateway_app([a], policy_header=True, api_keys="client-key-1")) as no_admin_gw, \
+            httpx.AsyncClient(timeout=20) as c:
+        assert (await c.post(default_gw + "/v1/completions", json=completion_body(), headers=pin)).status_code == 200
+        client = {"authorization": "Bearer client-key-1"}
+        for gw in (keyed_gw, no_admin_gw):
+            r = await c.post(gw + "/v1/completions", json=completion_body(), headers={**client, **pin})
+            assert r.status_code == 403 and r.json()["error"]["param"] == "x-tandem-policy", r.text
+            wrong = {**client, **pin, "x-tandem-admin-key": "client-key-1"}  # a client key is not an admin key
+            assert (await c.post(gw + "/v1/completions", json=completion_body(), headers=wrong)).status_code == 403
+        admin = {**client, "x-tandem-admin-key": "admin-key-1"}
+        r = await c.post(keyed_gw + "/v1/completions", json=completion_body(), headers={**admin, **pin})
+        assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
+        r = await c.post(keyed_gw + "/v1/completions", json=completion_body(),
+                         headers={**admin, "x-tandem-policy": "round_robin"})
+        assert r.status_code == 200
