@@ -278,7 +278,8 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
-                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
+                                 first_byte_timeout=s.first_byte_timeout, stream_idle_timeout=s.stream_idle_timeout,
+                                 max_stream_s=s.max_stream_duration, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
                                ssl_context=self.engine_tls, headers=self.engine_headers)
@@ -374,6 +375,13 @@ class Gateway:
         except BaseException:
             self.leave()
             raise
+
+    def first_byte_s(self, prompt_tokens: int) -> float:
+        """How long an engine has to start a stream of ``prompt_tokens``: the first-byte timeout plus a
+        multiple of the profile's prefill estimate (linear and attention terms), so that a hung engine is
+        left after seconds while a long prompt still gets its prefill."""
+        estimate = prompt_tokens * self.prefill_s_per_token + prompt_tokens ** 2 / 2 * self.prefill_cost.attn_pair_s
+        return self.settings.first_byte_timeout + self.settings.first_byte_prefill_factor * estimate
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):08x}"

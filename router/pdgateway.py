@@ -274,7 +274,7 @@ class PDRouter:
         return inst, decision.hit_tokens
 
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
-                     deadline: float, role: str) -> Started:
+                     deadline: float, role: str, first_byte_s: float | None = None) -> Started:
         """Send one leg; an UpstreamFailure becomes a retry that excludes this instance."""
 
         gw = self.gw
@@ -282,7 +282,8 @@ class PDRouter:
         try:
             started = await unless_disconnected(request, gw.upstream.start(
                 inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
-                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint)))
+                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint),
+                first_byte_s=first_byte_s))
         except ClientGone:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:
@@ -364,7 +365,9 @@ class PDRouter:
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
         p_task = asyncio.ensure_future(self._start(request, p_inst, path, prefill_body, False, deadline, "prefill"))
-        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode"))
+        # The decode stream starts with the prefill (its first byte follows the whole prefill): the prompt's budget.
+        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode",
+                                                   self.gw.first_byte_s(trace.prompt_tokens)))
         try:
             pre = await p_task
         except BaseException:

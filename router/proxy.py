@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -46,6 +47,7 @@ class Started:
     headers: dict[str, str]
     first: bytes  # the first body chunk (streaming) or the whole body (non-streaming)
     response: Response | None  # open streaming response; None when ``first`` is the whole body
+    ends_by: float = float("inf")  # monotonic time past which a stream is cut (a trickling engine)
 
     async def close(self) -> None:
         """Release the connection when the body was read to its end, else drop it: a connection
@@ -61,9 +63,15 @@ _FORWARD = ("content-type", "cache-control")
 
 
 class Upstream:
+    """Timeouts: ``connect_timeout`` to open a connection; a stream's headers and first chunk within its
+    first-byte budget, then at most ``stream_idle_timeout`` between two chunks and ``max_stream_s`` in
+    all; a non-streamed answer within the request's own budget (its deadline)."""
+
     def __init__(self, *, max_connections: int, connect_timeout: float, first_byte_timeout: float,
+                 stream_idle_timeout: float = 30.0, max_stream_s: float = 3600.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout, self.first_byte_timeout = connect_timeout, first_byte_timeout
+        self.stream_idle_timeout, self.max_stream_s = stream_idle_timeout, max_stream_s
         self.max_connections = max_connections
         self.ssl_context = ssl_context
         self._client: HTTP1Client | None = None
@@ -79,9 +87,11 @@ class Upstream:
             await self._client.close()
 
     async def start(self, url: str, body: bytes, *, stream: bool, budget_s: float,
-                    headers: dict[str, str] | None = None) -> Started:
-        """Send and wait for the start; ``budget_s`` bounds the whole wait (the request's deadline)."""
-        read = min(self.first_byte_timeout, budget_s) if stream else budget_s
+                    headers: dict[str, str] | None = None, first_byte_s: float | None = None) -> Started:
+        """Send and wait for the start; ``budget_s`` bounds the whole wait (the request's deadline), and a
+        stream's first byte comes within ``first_byte_s`` (default: the first-byte timeout)."""
+        first_byte = self.first_byte_timeout if first_byte_s is None else first_byte_s
+        read = min(first_byte, budget_s) if stream else budget_s
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         response: Response | None = None
         try:
@@ -102,7 +112,8 @@ class Upstream:
             first = await response.read_chunk()
             if not first:
                 raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True)
-            return Started(response.status, out_headers, first, response)
+            response.read_timeout = self.stream_idle_timeout  # from here on: the longest silence in a stream
+            return Started(response.status, out_headers, first, response, time.monotonic() + self.max_stream_s)
         except UpstreamFailure:
             _abort(response)
             raise
@@ -129,6 +140,8 @@ async def relay(started: Started) -> AsyncIterator[bytes]:
     yield started.first
     while chunk := await started.response.read_chunk():
         yield chunk
+        if time.monotonic() > started.ends_by:
+            raise TimeoutError("stream longer than the longest allowed")
 
 
 class ClientGone(Exception):

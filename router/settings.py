@@ -79,8 +79,18 @@ class GatewaySettings(TandemSettings):
     scrape_timeout: float = Field(1.0, gt=0, le=60, description="timeout of one scrape")
     stale_after: float = Field(3.0, gt=0, description="an instance with no good scrape for this long is suspect")
     connect_timeout: float = Field(2.0, gt=0, description="upstream connect timeout (s)")
-    first_byte_timeout: float = Field(60.0, gt=0, description="upstream response headers + first chunk timeout (s)")
-    request_timeout: float = Field(600.0, gt=0, description="whole-request timeout, queueing included (s)")
+    first_byte_timeout: float = Field(15.0, gt=0, description="seconds an engine has to start a stream (response "
+                                      "headers and first chunk), plus the prompt's prefill (next); slower: "
+                                      "retried on another engine")
+    first_byte_prefill_factor: float = Field(4.0, ge=0, description="the first-byte timeout grows by this many "
+                                             "times the profile's prefill estimate of the prompt, so that long "
+                                             "prompts get their prefill (0: a flat timeout)")
+    stream_idle_timeout: float = Field(30.0, gt=0, description="longest silence between two chunks of a started "
+                                       "stream (s); longer: the stream ends with an error event")
+    max_stream_duration: float = Field(3600.0, gt=0, description="longest a stream may last once started (s; an "
+                                       "engine trickling tokens forever); longer: ended with an error event")
+    request_timeout: float = Field(300.0, gt=0, description="whole-request timeout (s): queueing, the start on "
+                                   "an engine and, for a non-streamed request, its whole answer")
     queue_timeout: float = Field(60.0, gt=0, description="longest wait in the gateway's queue before 503 (s)")
     max_attempts: int = Field(3, ge=1, le=10, description="tries per request before the first byte (retries on others)")
     retry_backoff: float = Field(0.05, ge=0, description="base backoff between tries (s), doubled each retry")

@@ -89,7 +89,8 @@ class UnifiedRouter:
                 gw.observer.routed(trace, decision.hit_tokens, time.monotonic())
                 try:
                     started = await unless_disconnected(request, gw.upstream.start(
-                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic()),
+                        first_byte_s=gw.first_byte_s(rreq.prompt_tokens)))
                 except ClientGone:
                     pool.finished(rid)
                     return gw.done(policy, reason, "client_gone", Response(status_code=499), trace=trace)

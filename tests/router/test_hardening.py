@@ -6,6 +6,7 @@ need separate processes (workers, slow clients, event-loop stalls, the hostile c
 from __future__ import annotations
 
 import httpx
+import pytest
 from gatewayutil import completion_body, gateway_app, sim_app
 
 from tandem.serve import serve
@@ -89,3 +90,80 @@ async def test_policy_header_is_off_by_default_and_admin_only_when_on() -> None:
         r = await c.post(keyed_gw + "/v1/completions", json=completion_body(),
                          headers={**admin, "x-tandem-policy": "round_robin"})
         assert r.status_code == 200
+
+
+# --- 7: a hung engine cannot hold a request long by default ------------------------------------------------
+
+
+def stalling_engine(chunks_before_stall: int, every_s: float = 0.0):
+    """An engine that streams ``chunks_before_stall`` SSE chunks (one per ``every_s``), then goes silent
+    without closing (a hung engine); ``every_s`` > 0 and a huge count: an engine trickling forever."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse, StreamingResponse
+
+    engine = FastAPI()
+
+    @engine.get("/v1/models")
+    async def models() -> dict:
+        return {"data": [{"id": MODEL}]}
+
+    @engine.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse("vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n")
+
+    @engine.post("/v1/completions")
+    async def completions() -> StreamingResponse:
+        async def body():
+            for i in range(chunks_before_stall):
+                yield f'data: {{"choices": [{{"index": 0, "text": "t{i}", "finish_reason": null}}]}}\n\n'
+                await asyncio.sleep(every_s)
+            await asyncio.Event().wait()
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return engine
+
+
+def test_production_timeout_defaults() -> None:
+    """The defaults were 60 s per chunk, streams unbounded once started, and 600 s for a non-streamed answer."""
+    from tandem.router.settings import GatewaySettings
+
+    s = GatewaySettings(instances=["http://127.0.0.1:1"])
+    assert s.first_byte_timeout <= 15 and s.stream_idle_timeout <= 30 and s.request_timeout <= 300
+    assert s.max_stream_duration <= 3600 and s.connect_timeout <= 2
+
+
+async def test_a_stalled_stream_is_ended_after_the_idle_timeout() -> None:
+    import time
+
+    async with serve(stalling_engine(2)) as e, \
+            serve(gateway_app([e], stream_idle_timeout=0.5, first_byte_timeout=5)) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        t0 = time.monotonic()
+        r = await c.post(gw + "/v1/completions", json=completion_body(stream=True))
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and '"t1"' in r.text
+        assert "engine connection broke mid-stream" in r.text  # the error event ends the stream
+        assert took < 5, took
+
+
+async def test_a_trickling_stream_is_cut_at_the_longest_stream_duration() -> None:
+    import time
+
+    async with serve(stalling_engine(10**6, every_s=0.1)) as e, \
+            serve(gateway_app([e], max_stream_duration=1.0)) as gw, httpx.AsyncClient(timeout=30) as c:
+        t0 = time.monotonic()
+        r = await c.post(gw + "/v1/completions", json=completion_body(stream=True))
+        assert r.status_code == 200 and "engine connection broke mid-stream" in r.text
+        assert time.monotonic() - t0 < 5
+
+
+def test_first_byte_budget_grows_with_the_prompt() -> None:
+    from tandem.router.gateway import Gateway
+    from tandem.router.settings import GatewaySettings
+
+    gw = Gateway(GatewaySettings(instances=["http://127.0.0.1:1"]))
+    assert gw.first_byte_s(10) == pytest.approx(gw.settings.first_byte_timeout, abs=0.01)
+    assert gw.first_byte_s(128_000) > gw.settings.first_byte_timeout + 10  # a long prefill is not a hang
