@@ -108,7 +108,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if not errors:
         return "invalid request", None
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # where it was, not which field
+        loc = loc[1:]
     field = ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{field}: {msg}" if field and not msg.startswith(f"{field}:") else msg), field

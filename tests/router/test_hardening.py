@@ -167,3 +167,26 @@ def test_first_byte_budget_grows_with_the_prompt() -> None:
     gw = Gateway(GatewaySettings(instances=["http://127.0.0.1:1"]))
     assert gw.first_byte_s(10) == pytest.approx(gw.settings.first_byte_timeout, abs=0.01)
     assert gw.first_byte_s(128_000) > gw.settings.first_byte_timeout + 10  # a long prefill is not a hang
+
+
+# --- 8: admin routes check the key before their parameters ------------------------------------------------
+
+
+async def test_admin_routes_authenticate_before_validating() -> None:
+    calls = [("POST", "/admin/drain"), ("GET", "/admin/observations"), ("GET", "/admin/observation-counts")]
+    async with serve(sim_app(port=0)) as a, \
+            serve(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as keyed, \
+            serve(gateway_app([a], api_keys="client-key-1")) as admin_off, httpx.AsyncClient(timeout=20) as c:
+        for method, path in calls:
+            for headers in ({}, {"authorization": "Bearer wrong-key-123"}, {"authorization": "Bearer client-key-1"}):
+                r = await c.request(method, keyed + path, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+                r = await c.request(method, admin_off + path, headers=headers)
+                assert r.status_code == 404 and "error" in r.json(), (path, r.text)
+            r = await c.request(method, keyed + path, headers={"authorization": "Bearer admin-key-1"})
+            assert r.status_code == 422, r.text  # with the key: the missing parameter, in the OpenAI shape
+            error = r.json()["error"]
+            assert error["param"] in ("instance", "service") and error["type"] == "invalid_request_error", error
+        r = await c.get(keyed + "/admin/decisions", params={"limit": "many"},
+                        headers={"authorization": "Bearer admin-key-1"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "limit"
