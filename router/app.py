@@ -115,7 +115,7 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
     async def metrics() -> Response:
         return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(admin_router(gw))
+    app.include_router(admin_router(gw), include_in_schema=settings.expose_topology)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     return app
 

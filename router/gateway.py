@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -161,6 +162,13 @@ class Gateway:
         for ep in added:
             self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
 
+    def instance_label(self, ep: Endpoint) -> str:
+        """What clients and /metrics call an engine: its URL only with --expose-topology; otherwise an
+        opaque id, stable across gateway replicas and restarts (the pod name, else a hash of the URL)."""
+        if self.settings.expose_topology:
+            return ep.url
+        return ep.name or "i-" + hashlib.sha256(ep.url.encode()).hexdigest()[:12]
+
     def engine_headers(self, ep: Endpoint) -> dict[str, str]:
         """Credentials an engine needs: the remote prefill pool's token, sent to its engines only (it
         authenticates this gateway to another cluster; local engines never see it)."""
@@ -185,7 +193,7 @@ class Gateway:
                 delay = min(delay * 2, 5.0)
         state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
-        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=self.instance_label(ep))
         if ep.role == "unified":
             pool = self.pools.get(model)
             if pool is None:
@@ -207,10 +215,10 @@ class Gateway:
             self.pd_router.tick()
             for pool in self.pools.values():
                 pool.tick()
-                for iid, inst in pool.instances.items():
-                    self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
-                    self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
-                    self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
+                for inst in pool.instances.values():
+                    self.metrics.queue_length.labels(inst.label).set(inst.state.queued_requests)
+                    self.metrics.inflight.labels(inst.label).set(inst.state.inflight_requests)
+                    self.metrics.breaker_open.labels(inst.label).set(1 if inst.breaker.state == "open" else 0)
             counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
             for inst in self.all_instances():
                 st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"

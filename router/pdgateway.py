@@ -270,7 +270,7 @@ class PDRouter:
         inst = pool.instances.get(instance_id)
         if inst is None:
             pool.failed(rreq.request_id)
-            raise _Retry(f"prefill instance {instance_id} left")
+            raise _Retry("the prefill instance left")
         return inst, decision.hit_tokens
 
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
@@ -291,8 +291,9 @@ class PDRouter:
             if not refused and exc.kind != "busy":  # "busy": the gateway's own connection limit, not the engine
                 inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                 inst.refresh_health(time.monotonic())
-            gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
-            raise _Retry(f"{role} {inst.id}: {exc}", **{role: inst.id}, refused=refused) from None
+            gw.metrics.upstream_errors.labels(inst.label, exc.kind).inc()
+            said = exc if gw.settings.expose_topology else exc.summary  # the engine's address stays inside
+            raise _Retry(f"{role} {inst.label}: {said}", **{role: inst.id}, refused=refused) from None
         inst.breaker.on_success()
         return started
 
@@ -313,14 +314,14 @@ class PDRouter:
                 started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             if started.status >= 400:
                 raise _Final("client_error", _error(
-                    502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
+                    502, f"decode instance {d_inst.label} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
             remote = p_inst.endpoint.role == "remote-prefill"
             if remote:
                 self._count_link(rreq)
-            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
+            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.label,
                        "x-tandem-prefill-route": "remote" if remote else "local",
-                       "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
+                       "x-tandem-decode-instance": d_inst.label, "x-tandem-decision": "pd"}
             if started.response is None:
                 observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
@@ -351,7 +352,7 @@ class PDRouter:
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
-            raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
+            raise _Retry(f"prefill {p_inst.label}: {exc}", prefill=p_inst.id) from None
         try:
             return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
         except _Retry as retry:

@@ -34,11 +34,12 @@ T = TypeVar("T")
 
 class UpstreamFailure(Exception):
     """The engine did not start the request. ``fatal``: the instance itself looks broken
-    (refused, reset, silent), which opens its circuit at once."""
+    (refused, reset, silent), which opens its circuit at once. ``summary`` says what happened without
+    the engine's address (``detail``, the underlying error, may name it): what a client may be told."""
 
-    def __init__(self, kind: str, message: str, *, fatal: bool, status: int | None = None) -> None:
-        super().__init__(message)
-        self.kind, self.fatal, self.status = kind, fatal, status
+    def __init__(self, kind: str, summary: str, *, fatal: bool, status: int | None = None, detail: str = "") -> None:
+        super().__init__(f"{summary}: {detail}" if detail else summary)
+        self.kind, self.fatal, self.status, self.summary = kind, fatal, status, summary
 
 
 @dataclass(slots=True)
@@ -99,7 +100,7 @@ class Upstream:
                 response = await self.client.post(url, body, hdrs, connect_timeout=min(self.connect_timeout, budget_s),
                                                   read_timeout=read)
             except HTTPConnectError as exc:
-                raise UpstreamFailure("connect", f"cannot connect: {exc}", fatal=True) from None
+                raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
             except HTTPPoolBusy as exc:  # our own limit: no mark against the engine, the client retries later
                 raise UpstreamFailure("busy", str(exc), fatal=False) from None
             out_headers = {k: v for k, v in response.headers.items() if k in _FORWARD}
@@ -123,7 +124,7 @@ class Upstream:
             raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
         except HTTPConnectionError as exc:
             _abort(response)
-            raise UpstreamFailure("protocol", f"connection broke: {exc}", fatal=True) from None
+            raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
         except BaseException:
             _abort(response)  # cancelled (client went away): close the upstream connection
             raise

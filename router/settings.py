@@ -53,6 +53,10 @@ class GatewaySettings(TandemSettings):
     k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
+    expose_topology: bool = Field(False, description="name engines by their URLs in /metrics labels and the "
+                                  "x-tandem-*instance response headers and error messages, and list the admin "
+                                  "routes in /openapi.json and /docs (debugging); off: an opaque stable id per "
+                                  "engine (its pod name under Kubernetes discovery, else i-<hash of its URL>)")
     policy_header: bool = Field(False, description="let the X-Tandem-Policy request header pick the routing policy "
                                 "(experiments); honoured only with an admin key in X-Tandem-Admin-Key, or on a "
                                 "gateway with no keys at all")

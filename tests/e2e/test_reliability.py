@@ -212,7 +212,8 @@ async def test_tls_to_engines_verified_against_the_ca(tls_cert) -> None:
     cert, key = tls_cert
     url, server, task = await _tls_sim(cert, key)
     try:
-        async with serve(gateway_app([url], engine_tls_ca_file=cert)) as gw, httpx.AsyncClient(timeout=20) as c:
+        async with serve(gateway_app([url], engine_tls_ca_file=cert, expose_topology=True)) as gw, \
+                httpx.AsyncClient(timeout=20) as c:
             for stream in (False, True):
                 r = await c.post(gw + "/v1/completions", json=completion_body("hello tls", stream=stream))
                 assert r.status_code == 200 and r.headers["x-tandem-instance"] == url

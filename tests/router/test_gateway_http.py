@@ -15,9 +15,9 @@ MODEL = "Llama-3-8B"
 
 @pytest.fixture
 async def cluster():
-    """Two simulated engines behind one gateway (DualMap)."""
+    """Two simulated engines behind one gateway (DualMap), naming them by URL (--expose-topology)."""
     async with serve(sim_app(port=0)) as a, serve(sim_app(port=0, metrics="sglang")) as b, \
-            serve(gateway_app([a, b])) as gw:
+            serve(gateway_app([a, b], expose_topology=True)) as gw:
         yield gw, [a, b]
 
 

@@ -34,8 +34,9 @@ LONG = 500
 
 
 def gateway_app(instances: list[str], **kw: object):
-    """The gateways here are sent prompts as simulator block ids (``x_tandem``): they must trust them."""
-    return plain_gateway_app(instances, trust_prompt_hints=True, **kw)
+    """The gateways here are sent prompts as simulator block ids (``x_tandem``): they must trust them; and
+    the tests match the instance that served a request to its URL (--expose-topology)."""
+    return plain_gateway_app(instances, trust_prompt_hints=True, expose_topology=True, **kw)
 
 
 def ext_body(hash_ids: list[int], max_tokens: int = 8, **kw: object) -> dict:

@@ -21,8 +21,9 @@ PROMPT = "Disaggregated serving moves the prompt's KV cache from a prefill engin
 
 
 def hint_gateway(instances: list[str], **kw: object):
-    """A gateway that believes the ``x_tandem`` prompts these tests send (simulator block ids)."""
-    return gateway_app(instances, trust_prompt_hints=True, **kw)
+    """A gateway that believes the ``x_tandem`` prompts these tests send (simulator block ids) and names
+    the engines that served a request by their URLs (--expose-topology)."""
+    return gateway_app(instances, trust_prompt_hints=True, expose_topology=True, **kw)
 
 
 def pd_gateway(prefill: list[str], decode: list[str], **kw: object):

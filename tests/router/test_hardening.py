@@ -190,3 +190,41 @@ async def test_admin_routes_authenticate_before_validating() -> None:
         r = await c.get(keyed + "/admin/decisions", params={"limit": "many"},
                         headers={"authorization": "Bearer admin-key-1"})
         assert r.status_code == 422 and r.json()["error"]["param"] == "limit"
+
+
+# --- 9: no topology without a flag -------------------------------------------------------------------------
+
+
+async def test_engine_addresses_stay_inside_by_default() -> None:
+    """Engine URLs were in /metrics labels, the x-tandem-instance header and error messages, and
+    /openapi.json listed the admin routes; by default engines are now named by an opaque stable id."""
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(serve(sim_app(port=0)))
+        b_server = contextlib.AsyncExitStack()
+        b = await b_server.enter_async_context(serve(sim_app(port=0)))
+        gw = await stack.enter_async_context(serve(gateway_app([a, b], policy="round_robin", retry_backoff=0)))
+        lone_gw = await stack.enter_async_context(serve(gateway_app([b], max_attempts=1)))
+        debug_gw = await stack.enter_async_context(serve(gateway_app([a], expose_topology=True)))
+        c = await stack.enter_async_context(httpx.AsyncClient(timeout=20))
+        for g in (gw, lone_gw):  # both engines joined
+            assert (await c.get(g + "/readyz")).json()["routable_instances"] >= 1
+        await b_server.aclose()  # engine b dies: its tries fail and are retried on a
+        labels = set()
+        for i in range(4):
+            r = await c.post(gw + "/v1/completions", json=completion_body(f"q{i}", stream=bool(i % 2)))
+            assert r.status_code == 200, r.text
+            labels.add(r.headers["x-tandem-instance"])
+        assert len(labels) == 1 and labels.pop().startswith("i-")
+        metrics = (await c.get(gw + "/metrics")).text
+        assert "tandem_upstream_errors_total{" in metrics and "tandem_inflight_requests{" in metrics
+        assert "127.0.0.1" not in metrics
+        schema = (await c.get(gw + "/openapi.json")).json()
+        assert "/v1/completions" in schema["paths"] and not any(p.startswith("/admin") for p in schema["paths"])
+        r = await c.post(lone_gw + "/v1/completions", json=completion_body())  # every try fails: no address either
+        assert r.status_code == 502 and "127.0.0.1" not in r.text and "cannot connect" in r.text, r.text
+        # --expose-topology (debugging): URLs, and the admin routes in the schema.
+        r = await c.post(debug_gw + "/v1/completions", json=completion_body())
+        assert r.headers["x-tandem-instance"] == a
+        assert any(p.startswith("/admin") for p in (await c.get(debug_gw + "/openapi.json")).json()["paths"])
