@@ -247,7 +247,13 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         policy = asked
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
-    limit = await gw.limiter.admit(gw.keys.principal(auth.principal), rreq.prompt_tokens + body.output_limit(0))
+    choices = body.n or 1
+    if choices > s.max_n:
+        gw.metrics.rejected.labels("invalid").inc()
+        return error_response(400, f"n: {choices} exceeds the limit of {s.max_n}", param="n")
+    # Charged with what the request may produce: every choice's output limit (the one in force when it set none).
+    charge = rreq.prompt_tokens + choices * gw.output_in_force(body.model, body.output_limit(0), rreq.prompt_tokens)
+    limit = await gw.limiter.admit(gw.keys.principal(auth.principal), charge)
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)

@@ -104,6 +104,7 @@ class Gateway:
         self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
         self.pd_router = PDRouter(self)
         self.unified = UnifiedRouter(self)
+        self.context_len: dict[str, int] = {}  # model -> max_model_len its engines reported (/v1/models)
         self.endpoints: set[Endpoint] = set()
         self._joining: dict[str, asyncio.Task[None]] = {}
         self.upstream: Upstream | None = None
@@ -186,7 +187,10 @@ class Gateway:
                 async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
                     resp = await client.get(ep.url + "/v1/models", headers=self.engine_headers(ep))
                     resp.raise_for_status()
-                    model = resp.json()["data"][0]["id"]
+                    card = resp.json()["data"][0]
+                    model = card["id"]
+                    if isinstance(limit := card.get("max_model_len"), int) and limit > 0:  # vLLM, sglang
+                        self.context_len[model] = limit
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
@@ -383,6 +387,18 @@ class Gateway:
         except BaseException:
             self.leave()
             raise
+
+    def output_in_force(self, model: str, asked: int, prompt_tokens: int) -> int:
+        """The output tokens a request may produce: what it asked for, or, when it set no limit, the
+        configured default, the model's context length less the prompt, or the gateway's output limit
+        (``asked`` 0: no limit set)."""
+        if asked:
+            return asked
+        if self.settings.default_output_tokens:
+            return self.settings.default_output_tokens
+        if (context := self.context_len.get(model)) is not None:
+            return max(1, context - prompt_tokens)
+        return self.settings.max_output_tokens
 
     def first_byte_s(self, prompt_tokens: int) -> float:
         """How long an engine has to start a stream of ``prompt_tokens``: the first-byte timeout plus a

@@ -105,6 +105,11 @@ class GatewaySettings(TandemSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_prompt_tokens: int = Field(1_000_000, gt=0, description="longest prompt accepted, in routing tokens (413)")
     max_output_tokens: int = Field(131_072, gt=0, description="largest max_tokens accepted (413)")
+    max_n: int = Field(128, ge=1, description="largest n (choices per request) accepted (400 above)")
+    default_output_tokens: int | None = Field(None, gt=0, description="output tokens a request without max_tokens "
+                                              "is charged against its key's tokens/minute (default: the model's "
+                                              "context length as its engines report it, less the prompt; else "
+                                              "max_output_tokens)")
     max_active_requests: int = Field(10_000, gt=0, description="requests inside the gateway at once (queued, "
                                      "starting or streaming) before 503 + Retry-After")
     admission_threads: int = Field(2, ge=1, le=64, description="threads that parse, tokenize and hash big request "

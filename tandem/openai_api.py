@@ -45,6 +45,7 @@ class _GenerationRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    n: int | None = Field(None, ge=1, description="choices to generate (each costs its output tokens)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)

@@ -228,3 +228,35 @@ async def test_engine_addresses_stay_inside_by_default() -> None:
         r = await c.post(debug_gw + "/v1/completions", json=completion_body())
         assert r.headers["x-tandem-instance"] == a
         assert any(p.startswith("/admin") for p in (await c.get(debug_gw + "/openapi.json")).json()["paths"])
+
+
+# --- 10: n and the output tokens a request is charged ------------------------------------------------------
+
+
+async def test_n_is_bounded_and_the_budget_charges_the_output_in_force() -> None:
+    """n = -1 and 1000 were forwarded, and a request without max_tokens was charged 0 output tokens."""
+    key = {"authorization": "Bearer client-key-1"}
+    async with serve(sim_app(port=0)) as a, \
+            serve(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=200_000)) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        for n, status in ((-1, 400), (0, 400), (1000, 400), (2, 200)):
+            r = await c.post(gw + "/v1/completions", json=completion_body(n=n, max_tokens=2), headers=key)
+            assert r.status_code == status, (n, r.text)
+            if status == 400:
+                assert r.json()["error"]["param"] == "n"
+        # The simulated model's context is 131,072 tokens: a request with no max_tokens may produce
+        # nearly all of it, and is charged so: one fits in 200k tokens/minute, the second does not.
+        body = {"model": MODEL, "prompt": "hello"}
+        assert (await c.post(gw + "/v1/completions", json=body, headers=key)).status_code == 200
+        r = await c.post(gw + "/v1/completions", json=body, headers=key)
+        assert r.status_code == 429 and "tokens/minute" in r.json()["error"]["message"]
+
+
+async def test_n_choices_are_charged_each() -> None:
+    key = {"authorization": "Bearer client-key-1"}
+    async with serve(sim_app(port=0)) as a, \
+            serve(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=10_000)) as gw, \
+            httpx.AsyncClient(timeout=30) as c:
+        body = completion_body("hi", max_tokens=3000, n=3)  # 9,002 tokens of 10,000
+        assert (await c.post(gw + "/v1/completions", json=body, headers=key)).status_code == 200
+        assert (await c.post(gw + "/v1/completions", json=body, headers=key)).status_code == 429
