@@ -7,8 +7,11 @@ descriptor (slowloris). :func:`bounded_protocol` wraps uvicorn's HTTP protocol c
 h11) with a deadline for the headers: from the connection's opening, and from the first byte of each
 later request on it, the request line and headers must be complete within ``header_timeout`` or the
 connection is closed. Once the headers are in, the body is the application's to bound (admission
-reads it under its own deadline, ``--body-timeout``). Beyond ``max_connections`` open connections in
-this process, a new one is closed at once.
+reads it under its own deadline, ``--body-timeout``). The headers are bounded in size too (httptools
+takes any number of header bytes; h11 is bounded by uvicorn's ``h11_max_incomplete_event_size``):
+past ``max_header_bytes``, counted as they are parsed and as they arrive, the client gets 431 and the
+connection is closed. Beyond ``max_connections`` open connections in this process, a new one is
+closed at once.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class _HeaderDeadline:
     """Mixed in before uvicorn's protocol class (which provides ``cycle``, ``loop``, ``connections``)."""
 
     header_timeout: float
+    max_header_bytes: int
     max_connections: int
     on_close: Callable[[str], None]
     cycle: Any
@@ -29,6 +33,9 @@ class _HeaderDeadline:
     connections: set[Any]
     transport: asyncio.Transport
     _deadline: asyncio.TimerHandle | None = None
+    _header_bytes = 0  # bytes received of the request whose headers are not complete yet
+    _parsed_header_bytes = 0  # header names and values parsed so far (httptools)
+    _too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -43,9 +50,35 @@ class _HeaderDeadline:
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not before:  # a request's headers are complete
             self._disarm()
-        elif (self.cycle is None or self.cycle.response_complete) and self._deadline is None:
-            # The first bytes of a new request on a kept-alive connection: its headers start now.
-            self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.transport)
+            self._header_bytes = self._parsed_header_bytes = 0
+        elif self.cycle is None or self.cycle.response_complete:  # still reading a request's headers
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse_headers()
+            elif self._deadline is None:
+                # The first bytes of a new request on a kept-alive connection: its headers start now.
+                self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.transport)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """httptools, per header: past the bound, parsing stops (uvicorn then calls send_400_response)."""
+        self._parsed_header_bytes += len(name) + len(value) + 4
+        if self._parsed_header_bytes > self.max_header_bytes:
+            self._too_large = True
+            raise ValueError("request headers too large")
+        super().on_header(name, value)  # type: ignore[misc]
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            self._refuse_headers()
+        else:
+            super().send_400_response(msg)  # type: ignore[misc]
+
+    def _refuse_headers(self) -> None:
+        if not self.transport.is_closing():
+            self.on_close("headers_too_large")
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                                 b"connection: close\r\n\r\n")
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -63,13 +96,13 @@ class _HeaderDeadline:
             transport.close()
 
 
-def bounded_protocol(http: str, header_timeout: float, max_connections: int,
+def bounded_protocol(http: str, header_timeout: float, max_header_bytes: int, max_connections: int,
                      on_close: Callable[[str], None]) -> type[asyncio.Protocol]:
     """uvicorn's protocol class for ``http`` ("httptools" or "h11") with the bounds above."""
     if http == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     else:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    attrs = {"header_timeout": header_timeout, "max_connections": max_connections,
+    attrs = {"header_timeout": header_timeout, "max_header_bytes": max_header_bytes, "max_connections": max_connections,
              "on_close": staticmethod(on_close)}
     return type(f"Bounded{base.__name__}", (_HeaderDeadline, base), attrs)

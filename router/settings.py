@@ -124,6 +124,8 @@ class GatewaySettings(TandemSettings):
     body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send a generation "
                                 "request's whole body once its headers are in; slower: 408 and the connection "
                                 "closed. The request counts toward --max-active-requests meanwhile")
+    max_header_bytes: int = Field(65_536, ge=1024, description="largest request line + headers in bytes; larger: "
+                                  "431 and the connection closed")
     max_client_connections: int = Field(16_384, gt=0, description="open client connections per gateway process; "
                                         "a connection beyond them is closed at once")
     keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "

@@ -15,19 +15,23 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from gatewayutil import ROOT, RedisServer, completion_body, free_port, sim_process
 
 from tandem.prefix import text_block_hashes
 
 
 @contextlib.contextmanager
-def gateway_process(*args: str, ready: str = "/readyz") -> Iterator[tuple[str, subprocess.Popen]]:
-    """``tandem gateway <args>`` on a free port, once it answers ``ready``; killed afterwards."""
+def gateway_process(*args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``tandem gateway <args>`` on a free port, once ready (its engines joined); stopped afterwards."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port), *args],
+    # No drain at the end: these gateways are stopped at once, nothing of theirs must finish.
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port),
+                             "--shutdown-grace", "0", "--drain-timeout", "1", *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -36,7 +40,7 @@ def gateway_process(*args: str, ready: str = "/readyz") -> Iterator[tuple[str, s
             if proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {proc.stderr.read().decode() if proc.stderr else ''}")
             try:
-                if httpx.get(url + ready, timeout=1.0).status_code == 200:
+                if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -218,10 +222,16 @@ def test_slow_bodies_get_408_and_count_toward_the_request_limit(slow_gateway: st
 # --- 5: big prompts off the event loop ------------------------------------------------------------------
 
 
+CLIENT_KEY, ADMIN_KEY = "client-key-hostile-1", "admin-key-hostile-1"
+
+
 @pytest.fixture(scope="module")
 def gateway(engine: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A gateway with production defaults, but a small prompt limit (big prompts are tokenized, then 413)."""
-    with gateway_process("--instances", engine, "--max-prompt-tokens", "20000") as (url, proc):
+    """Production defaults but for keys, a prompt limit of 50k tokens (big prompts are tokenized, then
+    413), 4 MiB bodies and 2 s for a request's headers and body: the corpus's gateway too."""
+    with gateway_process("--instances", engine, "--api-keys", CLIENT_KEY, "--admin-api-keys", ADMIN_KEY,
+                         "--max-body-bytes", str(4 * 1024 * 1024), "--max-prompt-tokens", "50000",
+                         "--header-timeout", "2", "--body-timeout", "2") as (url, proc):
         yield url, proc
 
 
@@ -251,8 +261,8 @@ def test_big_prompts_are_tokenized_off_the_event_loop(gateway: tuple[str, subpro
         with httpx.Client(timeout=60) as c:
             started.set()
             for _ in range(2):
-                statuses.append(c.post(url + "/v1/completions", content=body,
-                                       headers={"content-type": "application/json"}).status_code)
+                statuses.append(c.post(url + "/v1/completions", content=body, headers={
+                    "content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}"}).status_code)
 
     senders = [threading.Thread(target=send) for _ in range(6)]
     for t in senders:
@@ -261,7 +271,7 @@ def test_big_prompts_are_tokenized_off_the_event_loop(gateway: tuple[str, subpro
     during = probe(url, 3.0)
     for t in senders:
         t.join()
-    assert statuses == [413] * 12  # tokenized for real: 720k tokens over the 20k limit
+    assert statuses == [413] * 12  # tokenized for real: 720k tokens over the 50k limit
     t0 = time.perf_counter()
     text_block_hashes("word " * 720_000, 512)  # what one prompt cost the loop before, on this machine now
     one_prompt = time.perf_counter() - t0
@@ -269,3 +279,93 @@ def test_big_prompts_are_tokenized_off_the_event_loop(gateway: tuple[str, subpro
     print(f"/healthz: baseline median {base * 1000:.1f} ms, max while big prompts are keyed {worst * 1000:.1f} ms; "
           f"keying one prompt takes {one_prompt * 1000:.0f} ms")
     assert worst < max(one_prompt, 20 * base), (base, one_prompt, sorted(during)[-5:])
+
+
+# --- the hostile-input corpus (tests/fixtures/hostile/cases.yaml) ------------------------------------------
+
+
+CORPUS = ROOT / "tests" / "fixtures" / "hostile" / "cases.yaml"
+
+
+def _text(value: str) -> str:
+    """``%PADn%`` stands for n filler characters (long values without long fixture lines)."""
+    head, sep, rest = value.partition("%PAD")
+    if not sep:
+        return value
+    count, _, tail = rest.partition("%")
+    return head + "a" * int(count) + _text(tail)
+
+
+def request_bytes(case: dict) -> bytes:
+    """The bytes one corpus case sends (see the fixture's header for the fields)."""
+    if "raw" in case:
+        return case["raw"].encode("latin-1").decode("unicode_escape").encode("latin-1")
+    if "body_hex" in case:
+        body = bytes.fromhex(case["body_hex"])
+    elif "body_parts" in case:
+        body = "".join(text * times for text, times in case["body_parts"]).encode()
+    else:
+        body = case.get("body", "").encode()
+    method, path = case.get("method", "POST"), case.get("path", "/v1/completions")
+    headers = {"Host": "gateway", "Content-Type": "application/json"}
+    if case.get("auth") != "none":
+        headers["Authorization"] = f"Bearer {CLIENT_KEY}"
+    if method != "GET":
+        headers["Content-Length"] = str(case.get("content_length", len(body)))
+    headers.update({k: _text(str(v)) for k, v in case.get("headers", {}).items()})
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    return head.encode("latin-1") + body
+
+
+def status_of(url: str, data: bytes, timeout_s: float) -> int | str:
+    """The final status the gateway answers ``data`` with (1xx skipped), or why there is none."""
+    end = time.monotonic() + timeout_s
+    with connect(url) as s:
+        s.settimeout(timeout_s)
+        with contextlib.suppress(OSError):  # the gateway may answer (and close) before taking it all
+            s.sendall(data)
+        buf = b""
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            s.settimeout(left)
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                return "timeout"
+            except OSError as exc:
+                return f"connection error {exc}"
+            if not chunk:
+                return "closed without an answer"
+            buf += chunk
+            while b"\r\n\r\n" in buf:
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                status = int(head.split(b" ", 2)[1])
+                if status >= 200:
+                    return status
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_hostile_corpus(gateway: tuple[str, subprocess.Popen]) -> None:
+    url, proc = gateway
+    cases = yaml.safe_load(CORPUS.read_text())
+    assert len(cases) >= 40 and len({c["name"] for c in cases}) == len(cases)
+    rss = []
+    for _ in range(2):  # twice: whatever a pass leaves behind must not grow with the next one
+        failures = []
+        for case in cases:
+            got = status_of(url, request_bytes(case), case.get("timeout_s", 10))
+            if got not in case["expect"]:
+                failures.append(f"{case['name']}: {got}, expected {case['expect']}")
+        assert failures == [], "\n".join(failures)
+        assert proc.poll() is None and httpx.get(url + "/healthz", timeout=5).status_code == 200
+        rss.append(rss_mb(proc.pid))
+    print(f"gateway RSS after each pass of {len(cases)} cases: {rss[0]:.1f} MB, {rss[1]:.1f} MB")
+    assert rss[1] < 400 and rss[1] - rss[0] < 50, rss
