@@ -8,10 +8,10 @@ h11) with a deadline for the headers: from the connection's opening, and from th
 later request on it, the request line and headers must be complete within ``header_timeout`` or the
 connection is closed. Once the headers are in, the body is the application's to bound (admission
 reads it under its own deadline, ``--body-timeout``). The headers are bounded in size too (httptools
-takes any number of header bytes; h11 is bounded by uvicorn's ``h11_max_incomplete_event_size``):
-past ``max_header_bytes``, counted as they are parsed and as they arrive, the client gets 431 and the
-connection is closed. Beyond ``max_connections`` open connections in this process, a new one is
-closed at once.
+takes any number of header bytes, h11 only bounds what arrives in pieces): past ``max_header_bytes``,
+counted as they arrive (up to the blank line that ends them) and as httptools parses them, the client
+gets 431 and the connection is closed. Beyond ``max_connections`` open connections in this process, a
+new one is closed at once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class _HeaderDeadline:
     _deadline: asyncio.TimerHandle | None = None
     _header_bytes = 0  # bytes received of the request whose headers are not complete yet
     _parsed_header_bytes = 0  # header names and values parsed so far (httptools)
+    _tail = b""  # the last bytes of the headers so far (a terminator split over two reads)
     _too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -47,15 +48,24 @@ class _HeaderDeadline:
 
     def data_received(self, data: bytes) -> None:
         before = self.cycle
+        if before is None or before.response_complete:  # reading a request's headers
+            # Measured before the parser sees them: headers arriving whole in one read never look
+            # incomplete to h11's own bound.
+            window = self._tail + data
+            ends = [i for i in (window.find(b"\r\n\r\n"), window.find(b"\n\n")) if i >= 0]
+            head = min(ends) - len(self._tail) if ends else len(data)
+            if self._header_bytes + max(0, head) > self.max_header_bytes:
+                self._refuse_headers()
+                return
+            self._tail = window[-3:]
         super().data_received(data)  # type: ignore[misc]
         if self.cycle is not before:  # a request's headers are complete
             self._disarm()
             self._header_bytes = self._parsed_header_bytes = 0
+            self._tail = b""
         elif self.cycle is None or self.cycle.response_complete:  # still reading a request's headers
             self._header_bytes += len(data)
-            if self._header_bytes > self.max_header_bytes:
-                self._refuse_headers()
-            elif self._deadline is None:
+            if self._deadline is None:
                 # The first bytes of a new request on a kept-alive connection: its headers start now.
                 self._deadline = self.loop.call_later(self.header_timeout, self._expire, self.transport)
 

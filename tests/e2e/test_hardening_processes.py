@@ -219,6 +219,21 @@ def test_slow_bodies_get_408_and_count_toward_the_request_limit(slow_gateway: st
     assert r.status_code == 200, r.text  # the slots came back
 
 
+def test_the_same_bounds_with_h11(engine: str) -> None:
+    """--loop asyncio serves with h11, not httptools: the header deadline and size bound hold there too."""
+    with gateway_process("--instances", engine, "--loop", "asyncio", "--header-timeout", str(HEADER_TIMEOUT)
+                         ) as (url, _):
+        slow = [connect(url) for _ in range(5)]
+        closed, _ = trickle(slow, b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 100, limit_s=10 * HEADER_TIMEOUT)
+        assert len(closed) == 5 and max(closed.values()) < HEADER_TIMEOUT + 3
+        for s in slow:
+            s.close()
+        with connect(url) as s:  # whole in one read: h11's own bound (incomplete events only) misses it
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 431")
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+
+
 # --- 5: big prompts off the event loop ------------------------------------------------------------------
 
 
