@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` (main job) and `make test` (the whole suite).
-# Both set up everything they need on a fresh machine: a virtualenv, the package, redis-server.
+# Both set up everything they need on a fresh machine: a virtualenv, the package, redis-server,
+# prometheus and promtool (the alert-rule tests and the real-Prometheus tier).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint crds generate redis-server clean
+.PHONY: demo test lint crds generate redis-server prometheus clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +21,15 @@ redis-server:
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+prometheus:
+	@{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || { \
+	  echo "installing prometheus and promtool (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
 demo: $(STAMP)
 	$(BIN)/tandem demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 

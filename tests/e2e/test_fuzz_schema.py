@@ -7,17 +7,17 @@ failure) and the processes must stay up. Bounded: 25 examples per operation and 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 import schemathesis
-from gatewayutil import free_port, sim_process, start_process
+from gatewayutil import ROOT, free_port, sim_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
+
+from tandem.bench.harness import Process, tandem_argv
 
 CLIENT_KEY, ADMIN_KEY = "client-key-fuzz-1", "admin-key-fuzz-1"
 AUTH = {"off": [], "on": ["--api-keys", CLIENT_KEY, "--admin-api-keys", ADMIN_KEY]}
@@ -32,27 +32,15 @@ def engine() -> Iterator[str]:
 @pytest.fixture(scope="module", params=sorted(AUTH))
 def gateway_url(request: pytest.FixtureRequest, engine: str) -> Iterator[tuple[str, str]]:
     port = free_port()
-    # --expose-topology: the admin routes are in the schema (and fuzzed; drain of an unknown instance is a 404).
-    proc = start_process("gateway", "--port", str(port), "--instances", engine, "--max-body-bytes", "65536",
-                         "--max-output-tokens", "64", "--expose-topology", "--shutdown-grace", "0",
-                         *AUTH[request.param])
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=0.5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.05)
+    # --expose-topology: the admin routes are in the schema (and fuzzed; drain of an unknown instance is a 404).
+    with Process("tandem gateway", tandem_argv("gateway", "--port", str(port), "--instances", engine,
+                                               "--max-body-bytes", "65536", "--max-output-tokens", "64",
+                                               "--expose-topology", "--shutdown-grace", "0", *AUTH[request.param]),
+                 cwd=ROOT) as proc:
+        proc.wait_http(url + "/readyz", limit_s=30)
         yield url, request.param
-        assert proc.poll() is None, "the gateway died during the fuzz run"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        assert proc.running, "the gateway died during the fuzz run"
 
 
 EXAMPLES = 25  # per operation and generation mode

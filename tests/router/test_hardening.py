@@ -9,7 +9,7 @@ import httpx
 import pytest
 from gatewayutil import completion_body, gateway_app, sim_app
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 
@@ -22,9 +22,9 @@ async def test_prompt_hints_are_refused_unless_the_gateway_trusts_them() -> None
     refused by default, and only a gateway started for simulator benchmarks believes it."""
     lying = {**completion_body("word " * 2000, max_tokens=2),
              "x_tandem": {"hash_ids": [7], "prompt_tokens": 1, "block_size": 1}}
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], max_prompt_tokens=100)) as gw, \
-            serve(gateway_app([a], max_prompt_tokens=100, trust_prompt_hints=True)) as bench_gw, \
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], max_prompt_tokens=100)) as gw, \
+            serving(gateway_app([a], max_prompt_tokens=100, trust_prompt_hints=True)) as bench_gw, \
             httpx.AsyncClient(timeout=20) as c:
         r = await c.post(gw + "/v1/completions", json=lying)
         assert r.status_code == 400 and r.json()["error"]["param"] == "x_tandem", r.text
@@ -55,7 +55,7 @@ HOSTILE_BODIES = {
 
 
 async def test_hostile_json_ends_in_400_in_the_openai_shape() -> None:
-    async with serve(sim_app(port=0)) as a, serve(gateway_app([a])) as gw, httpx.AsyncClient(timeout=20) as c:
+    async with serving(sim_app(port=0)) as a, serving(gateway_app([a])) as gw, httpx.AsyncClient(timeout=20) as c:
         for name, raw in HOSTILE_BODIES.items():
             for path in ("/v1/completions", "/v1/chat/completions"):
                 r = await c.post(gw + path, content=raw, headers={"content-type": "application/json"})
@@ -72,10 +72,10 @@ async def test_hostile_json_ends_in_400_in_the_openai_shape() -> None:
 
 async def test_policy_header_is_off_by_default_and_admin_only_when_on() -> None:
     pin = {"x-tandem-policy": "nope"}  # an unknown policy: honoured means 400, ignored means 200
-    async with serve(sim_app(port=0)) as a, serve(gateway_app([a])) as default_gw, \
-            serve(gateway_app([a], policy_header=True, api_keys="client-key-1",
+    async with serving(sim_app(port=0)) as a, serving(gateway_app([a])) as default_gw, \
+            serving(gateway_app([a], policy_header=True, api_keys="client-key-1",
                               admin_api_keys="admin-key-1")) as keyed_gw, \
-            serve(gateway_app([a], policy_header=True, api_keys="client-key-1")) as no_admin_gw, \
+            serving(gateway_app([a], policy_header=True, api_keys="client-key-1")) as no_admin_gw, \
             httpx.AsyncClient(timeout=20) as c:
         assert (await c.post(default_gw + "/v1/completions", json=completion_body(), headers=pin)).status_code == 200
         client = {"authorization": "Bearer client-key-1"}
@@ -138,8 +138,8 @@ def test_production_timeout_defaults() -> None:
 async def test_a_stalled_stream_is_ended_after_the_idle_timeout() -> None:
     import time
 
-    async with serve(stalling_engine(2)) as e, \
-            serve(gateway_app([e], stream_idle_timeout=0.5, first_byte_timeout=5)) as gw, \
+    async with serving(stalling_engine(2)) as e, \
+            serving(gateway_app([e], stream_idle_timeout=0.5, first_byte_timeout=5)) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         t0 = time.monotonic()
         r = await c.post(gw + "/v1/completions", json=completion_body(stream=True))
@@ -152,8 +152,8 @@ async def test_a_stalled_stream_is_ended_after_the_idle_timeout() -> None:
 async def test_a_trickling_stream_is_cut_at_the_longest_stream_duration() -> None:
     import time
 
-    async with serve(stalling_engine(10**6, every_s=0.1)) as e, \
-            serve(gateway_app([e], max_stream_duration=1.0)) as gw, httpx.AsyncClient(timeout=30) as c:
+    async with serving(stalling_engine(10**6, every_s=0.1)) as e, \
+            serving(gateway_app([e], max_stream_duration=1.0)) as gw, httpx.AsyncClient(timeout=30) as c:
         t0 = time.monotonic()
         r = await c.post(gw + "/v1/completions", json=completion_body(stream=True))
         assert r.status_code == 200 and "engine connection broke mid-stream" in r.text
@@ -174,9 +174,9 @@ def test_first_byte_budget_grows_with_the_prompt() -> None:
 
 async def test_admin_routes_authenticate_before_validating() -> None:
     calls = [("POST", "/admin/drain"), ("GET", "/admin/observations"), ("GET", "/admin/observation-counts")]
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as keyed, \
-            serve(gateway_app([a], api_keys="client-key-1")) as admin_off, httpx.AsyncClient(timeout=20) as c:
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as keyed, \
+            serving(gateway_app([a], api_keys="client-key-1")) as admin_off, httpx.AsyncClient(timeout=20) as c:
         for method, path in calls:
             for headers in ({}, {"authorization": "Bearer wrong-key-123"}, {"authorization": "Bearer client-key-1"}):
                 r = await c.request(method, keyed + path, headers=headers)
@@ -201,12 +201,12 @@ async def test_engine_addresses_stay_inside_by_default() -> None:
     import contextlib
 
     async with contextlib.AsyncExitStack() as stack:
-        a = await stack.enter_async_context(serve(sim_app(port=0)))
+        a = await stack.enter_async_context(serving(sim_app(port=0)))
         b_server = contextlib.AsyncExitStack()
-        b = await b_server.enter_async_context(serve(sim_app(port=0)))
-        gw = await stack.enter_async_context(serve(gateway_app([a, b], policy="round_robin", retry_backoff=0)))
-        lone_gw = await stack.enter_async_context(serve(gateway_app([b], max_attempts=1)))
-        debug_gw = await stack.enter_async_context(serve(gateway_app([a], expose_topology=True)))
+        b = await b_server.enter_async_context(serving(sim_app(port=0)))
+        gw = await stack.enter_async_context(serving(gateway_app([a, b], policy="round_robin", retry_backoff=0)))
+        lone_gw = await stack.enter_async_context(serving(gateway_app([b], max_attempts=1)))
+        debug_gw = await stack.enter_async_context(serving(gateway_app([a], expose_topology=True)))
         c = await stack.enter_async_context(httpx.AsyncClient(timeout=20))
         for g in (gw, lone_gw):  # both engines joined
             assert (await c.get(g + "/readyz")).json()["routable_instances"] >= 1
@@ -236,8 +236,8 @@ async def test_engine_addresses_stay_inside_by_default() -> None:
 async def test_n_is_bounded_and_the_budget_charges_the_output_in_force() -> None:
     """n = -1 and 1000 were forwarded, and a request without max_tokens was charged 0 output tokens."""
     key = {"authorization": "Bearer client-key-1"}
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=200_000)) as gw, \
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=200_000)) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         for n, status in ((-1, 400), (0, 400), (1000, 400), (2, 200)):
             r = await c.post(gw + "/v1/completions", json=completion_body(n=n, max_tokens=2), headers=key)
@@ -254,8 +254,8 @@ async def test_n_is_bounded_and_the_budget_charges_the_output_in_force() -> None
 
 async def test_n_choices_are_charged_each() -> None:
     key = {"authorization": "Bearer client-key-1"}
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=10_000)) as gw, \
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], api_keys="client-key-1", rate_limit_tpm=10_000)) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         body = completion_body("hi", max_tokens=3000, n=3)  # 9,002 tokens of 10,000
         assert (await c.post(gw + "/v1/completions", json=body, headers=key)).status_code == 200
