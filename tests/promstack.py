@@ -235,7 +235,7 @@ class PromStack:
             self._tandem(replica, "gateway", "--instances", f"{u['chat-vllm']},{u['chat-sglang']}", *common)
         self._tandem("pd-gateway-0", "gateway", "--prefill-instances", u["pd-prefill"], "--decode-instances",
                      u["pd-decode"], "--remote-prefill-instances", u["pd-remote-prefill"],
-                     "--offload-threshold", "2048", *common)
+                     "--offload-threshold", "2048", "--trust-prompt-hints", *common)  # its prompts: x_tandem
         self.kube = KubeApi([
             (f"/apis/serving.tandem.dev/v1alpha1/namespaces/{NAMESPACE}/llmservices",
              _llmservice("chat", "aggregated", {"unified": {"maxReplicas": 4}})),
