@@ -1,7 +1,8 @@
 """Admission: everything a generation request must pass before it is routed.
 
-In order: the gateway is not draining and below its limit of requests in progress, the caller is
-authenticated, the body is bounded and valid JSON of the OpenAI request models, the model is served
+In order: the gateway is not draining and below its limit of requests in progress (:func:`gate`;
+from there the request counts toward that limit), the caller is authenticated, the body is bounded
+in size and in time and valid JSON of the OpenAI request models, the model is served
 here, the prompt is keyed for routing (block hashes), the prompt and output limits hold, and the
 caller's rate limit admits it. Each refusal is an OpenAI-shaped error with its own rejection
 metric; what passes is an :class:`Admitted` request, which the unified or the disaggregated path
@@ -11,8 +12,9 @@ serves (``tandem.router.unified``, ``tandem.router.pdgateway``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +27,7 @@ from pydantic import ValidationError
 
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
 from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.router.cpuwork import CpuBusy
 from tandem.router.routing.types import RouteRequest
 
 if TYPE_CHECKING:
@@ -44,6 +47,14 @@ class Admitted:
     rreq: RouteRequest
     policy: str
     pool: Pool | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a body is refused (400), naming the field when there is one."""
+
+    message: str
+    param: str | None = None
 
 
 class Tokenizer(Protocol):
@@ -69,23 +80,95 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
-                  tokenizer: Tokenizer | None = None) -> RouteRequest:
-    """The routing key of a request: the simulator's block hashes when given, else the engine's
-    tokenizer when configured, else a cheap text chunking."""
-    if body.x_tandem is not None:
+                  tokenizer: Tokenizer | None = None, *, trust_hints: bool = False) -> RouteRequest | Refusal:
+    """The routing key of a request: the simulator's block hashes when given and trusted (a gateway
+    started for simulator benchmarks), else the engine's tokenizer when configured, else a cheap text
+    chunking. Untrusted hints are never read: the prompt's own text is what limits and budgets see."""
+    if trust_hints and body.x_tandem is not None:
         ext = body.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
                             fallback_key=ext.prompt_tokens, model=body.model)
     text = body.prompt_text()
+    try:
+        encoded = text.encode()
+    except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800"): not text any engine can take
+        return Refusal("prompt: not valid Unicode text (a lone surrogate)",
+                       "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
     if tokenizer is not None:
         ids = tokenizer(text)
         tokens, hashes = len(ids), token_block_hashes(ids, block_size)
     else:
         tokens, hashes = text_block_hashes(text, block_size)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
-                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(text.encode()),
+                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(encoded),
                         model=body.model)
+
+
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists and objects deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    if not isinstance(data, (dict, list)):
+        return False
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest] | Refusal:
+    """The JSON body and its request model, or why not. Hostile JSON ends here too: a number too long
+    to convert (Python bounds int parsing at 4,300 digits), nesting deeper than the parser's recursion
+    limit, invalid UTF-8 or lone surrogates in the text."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        return Refusal("body is not valid JSON: nested too deeply")
+    except json.JSONDecodeError as exc:
+        return Refusal(f"body is not valid JSON: {exc}")
+    except UnicodeDecodeError:
+        return Refusal("body is not valid JSON: not UTF-8 text")
+    except ValueError:  # the int-string conversion limit (its message names a Python setting: not repeated)
+        return Refusal(f"body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits")
+    if too_deep(data, MAX_JSON_DEPTH):  # re-serialised on some paths (disaggregated bodies): bounded here
+        return Refusal(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    try:
+        body = cls.model_validate(data)
+    except ValidationError as exc:
+        message, field = describe_validation_error(RequestValidationError(exc.errors()))
+        return Refusal(message, field)
+    except RecursionError:
+        return Refusal("body: nested too deeply")
+    return data, body
+
+
+# Bodies larger than this are parsed and keyed on the admission threads (``tandem.router.cpuwork``);
+# smaller ones take less time on the loop than the hand-over would.
+OFF_LOOP_BYTES = 32_768
+
+
+def prepare(raw: bytes, kind: str, block_size: int, tokenizer: Tokenizer | None, trust_hints: bool
+            ) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest, RouteRequest] | Refusal:
+    """The CPU-bound part of admission, the same on the loop or on a thread: the parsed body, its
+    request model and its routing key (prompt tokens, block hashes), or why the body is refused."""
+    parsed = parse_body(raw, kind)
+    if isinstance(parsed, Refusal):
+        return parsed
+    data, body = parsed
+    if body.x_tandem is not None and not trust_hints:
+        # A client-declared token count and block ids would let it pass the prompt limit and budget
+        # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
+        return Refusal("x_tandem: prompt hints are not accepted by this gateway (they are for simulator "
+                       "benchmarks: tandem gateway --trust-prompt-hints)", "x_tandem")
+    rreq = route_request(body, block_size, tokenizer, trust_hints=trust_hints)
+    return rreq if isinstance(rreq, Refusal) else (data, body, rreq)
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -94,8 +177,9 @@ def error_response(status: int, message: str, *, type_: str = "invalid_request_e
     return JSONResponse(status_code=status, content=error_body(message, type_=type_, param=param), headers=headers)
 
 
-async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
-    """The admitted request, or the error response that refuses it (see the module docstring)."""
+def gate(gw: Gateway) -> Response | None:
+    """The refusal of a request the gateway takes no more of (draining, or at its limit), before it
+    reads anything; a request that passes counts toward the limit from then on, body reading included."""
     if gw.draining:
         gw.metrics.rejected.labels("draining").inc()
         resp = error_response(503, "gateway is shutting down", type_="server_error", retry_after=1)
@@ -105,26 +189,39 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         gw.metrics.rejected.labels("overloaded").inc()
         return error_response(503, f"gateway at capacity ({gw.settings.max_active_requests} requests in progress)",
                               type_="server_error", retry_after=1)
+    return None
+
+
+async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
+    """The admitted request, or the error response that refuses it (see the module docstring)."""
     auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if not auth.ok:
         gw.metrics.rejected.labels("auth").inc()
         return error_response(auth.status, auth.message, type_="authentication_error")
-    raw = await read_body(request, gw.settings.max_body_bytes)
+    try:
+        raw = await read_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout)
+    except TimeoutError:
+        gw.metrics.rejected.labels("body_timeout").inc()
+        resp = error_response(408, f"request body not received within {gw.settings.body_timeout:g} s")
+        resp.headers["connection"] = "close"
+        return resp
     if raw is None:
         gw.metrics.rejected.labels("too_large").inc()
         return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    s = gw.settings
+    work = functools.partial(prepare, raw, kind, s.block_size, gw.tokenizer, s.trust_prompt_hints)
+    if len(raw) > OFF_LOOP_BYTES:  # big prompts: parsed, tokenized and hashed off the event loop
+        try:
+            prepared = await gw.cpu.run(work)
+        except CpuBusy as exc:
+            gw.metrics.rejected.labels("overloaded").inc()
+            return error_response(503, f"gateway busy: {exc}", type_="server_error", retry_after=1)
+    else:
+        prepared = work()
+    if isinstance(prepared, Refusal):
         gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, f"body is not valid JSON: {exc}")
-    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        body = cls.model_validate(data)
-    except ValidationError as exc:
-        gw.metrics.rejected.labels("invalid").inc()
-        message, field = describe_validation_error(RequestValidationError(exc.errors()))
-        return error_response(400, message, param=field)
+        return error_response(400, prepared.message, param=prepared.param)
+    data, body, rreq = prepared
     pool = gw.pools.get(body.model)
     disaggregated = pool is None and gw.pd_router.serves(body.model)
     if pool is None and not disaggregated and any(
@@ -139,16 +236,24 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
                               type_="NotFoundError", param="model")
     policy = gw.settings.policy
     if gw.settings.policy_header and (asked := request.headers.get("x-tandem-policy")):
+        # A policy such as consistent_hash pins an engine: the operator's choice, never a client's.
+        if gw.admin_mode != "open" and not (gw.admin_mode == "keys" and gw.admin_keys.authenticate(
+                None, request.headers.get("x-tandem-admin-key")).ok):
+            gw.metrics.rejected.labels("auth").inc()
+            return error_response(403, "x-tandem-policy: choosing the routing policy needs an admin key "
+                                  "(X-Tandem-Admin-Key)", type_="permission_error", param="x-tandem-policy")
         if not gw.known_policy(asked):
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked
-    if gw.tokenizer is not None and len(raw) > 32_768:  # long prompts: tokenize off the event loop
-        rreq = await asyncio.to_thread(route_request, body, gw.settings.block_size, gw.tokenizer)
-    else:
-        rreq = route_request(body, gw.settings.block_size, gw.tokenizer)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
-    limit = gw.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
+    choices = body.n or 1
+    if choices > s.max_n:
+        gw.metrics.rejected.labels("invalid").inc()
+        return error_response(400, f"n: {choices} exceeds the limit of {s.max_n}", param="n")
+    # Charged with what the request may produce: every choice's output limit (the one in force when it set none).
+    charge = rreq.prompt_tokens + choices * gw.output_in_force(body.model, body.output_limit(0), rreq.prompt_tokens)
+    limit = await gw.limiter.admit(gw.keys.principal(auth.principal), charge)
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)
@@ -169,18 +274,18 @@ def too_big(gw: Gateway, prompt_tokens: int, max_tokens: int) -> JSONResponse | 
 
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None once it exceeds ``limit`` bytes (checked before and while reading)."""
+async def read_body(request: Request, limit: int, deadline_s: float) -> bytes | None:
+    """The body, or None once it exceeds ``limit`` bytes (checked before and while reading); raises
+    TimeoutError when the whole body has not arrived within ``deadline_s`` seconds (slow clients)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return None
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
+    async with asyncio.timeout(deadline_s):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
     return b"".join(parts)
-
-

@@ -270,11 +270,11 @@ class PDRouter:
         inst = pool.instances.get(instance_id)
         if inst is None:
             pool.failed(rreq.request_id)
-            raise _Retry(f"prefill instance {instance_id} left")
+            raise _Retry("the prefill instance left")
         return inst, decision.hit_tokens
 
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
-                     deadline: float, role: str) -> Started:
+                     deadline: float, role: str, first_byte_s: float | None = None) -> Started:
         """Send one leg; an UpstreamFailure becomes a retry that excludes this instance."""
 
         gw = self.gw
@@ -282,7 +282,8 @@ class PDRouter:
         try:
             started = await unless_disconnected(request, gw.upstream.start(
                 inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
-                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint)))
+                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint),
+                first_byte_s=first_byte_s))
         except ClientGone:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:
@@ -290,8 +291,9 @@ class PDRouter:
             if not refused and exc.kind != "busy":  # "busy": the gateway's own connection limit, not the engine
                 inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                 inst.refresh_health(time.monotonic())
-            gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
-            raise _Retry(f"{role} {inst.id}: {exc}", **{role: inst.id}, refused=refused) from None
+            gw.metrics.upstream_errors.labels(inst.label, exc.kind).inc()
+            said = exc if gw.settings.expose_topology else exc.summary  # the engine's address stays inside
+            raise _Retry(f"{role} {inst.label}: {said}", **{role: inst.id}, refused=refused) from None
         inst.breaker.on_success()
         return started
 
@@ -312,14 +314,14 @@ class PDRouter:
                 started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             if started.status >= 400:
                 raise _Final("client_error", _error(
-                    502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
+                    502, f"decode instance {d_inst.label} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
             remote = p_inst.endpoint.role == "remote-prefill"
             if remote:
                 self._count_link(rreq)
-            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
+            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.label,
                        "x-tandem-prefill-route": "remote" if remote else "local",
-                       "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
+                       "x-tandem-decode-instance": d_inst.label, "x-tandem-decision": "pd"}
             if started.response is None:
                 observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
@@ -350,7 +352,7 @@ class PDRouter:
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
-            raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
+            raise _Retry(f"prefill {p_inst.label}: {exc}", prefill=p_inst.id) from None
         try:
             return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
         except _Retry as retry:
@@ -364,7 +366,9 @@ class PDRouter:
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
         p_task = asyncio.ensure_future(self._start(request, p_inst, path, prefill_body, False, deadline, "prefill"))
-        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode"))
+        # The decode stream starts with the prefill (its first byte follows the whole prefill): the prompt's budget.
+        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode",
+                                                   self.gw.first_byte_s(trace.prompt_tokens)))
         try:
             pre = await p_task
         except BaseException:

@@ -50,6 +50,8 @@ class Instance:
     suspect: bool = False
     removed: bool = False
 
+    label: str = ""  # what clients and /metrics call it (an opaque id unless topology is exposed)
+
     @property
     def id(self) -> str:
         return self.endpoint.url
@@ -171,7 +173,8 @@ class Pool:
                     self.owner.pop(req.request_id, None)
                     waiter = self.waiters.pop(req.request_id, None)
                     if waiter is not None and not waiter.future.done():
-                        waiter.future.set_exception(NoInstanceError(f"instance {instance_id} went away"))
+                        inst = self.instances.get(instance_id)
+                        waiter.future.set_exception(NoInstanceError(f"instance {inst.label if inst else ''} went away"))
 
     # --- request lifecycle ------------------------------------------------------------------
 
@@ -219,7 +222,8 @@ class Pool:
                     sched.cancel(req.request_id)
                     self.owner.pop(req.request_id, None)
                     continue
-                self.metrics.queue_wait.labels(instance_id).observe(now - waiter.enqueued)
+                inst = self.instances.get(instance_id)
+                self.metrics.queue_wait.labels(inst.label if inst else "").observe(now - waiter.enqueued)
                 inst = self.instances.get(instance_id)
                 if inst is not None:
                     inst.breaker.on_dispatch()

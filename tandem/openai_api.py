@@ -45,6 +45,7 @@ class _GenerationRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    n: int | None = Field(None, ge=1, description="choices to generate (each costs its output tokens)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -79,7 +80,8 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content)
+            # Text parts only (a part's "text" is a string; anything else is not prompt text).
+            return "".join(t for part in self.content if isinstance(t := part.get("text"), str))
         return self.content or ""
 
 
@@ -107,7 +109,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if not errors:
         return "invalid request", None
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # where it was, not which field
+        loc = loc[1:]
     field = ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{field}: {msg}" if field and not msg.startswith(f"{field}:") else msg), field

@@ -16,7 +16,7 @@ import pytest
 from gatewayutil import gateway_app
 from vllm_fixtures import MODEL, VllmFleet
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 pytestmark = pytest.mark.vllm
 
@@ -52,7 +52,7 @@ CASES = [
 @pytest.fixture
 async def gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
     # One engine behind it: the direct answer and the routed one come from the same process.
-    async with serve(gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw:
+    async with serving(gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw:
         yield gw
 
 
@@ -77,7 +77,7 @@ async def test_the_engine_decides(vllm_fleet: VllmFleet, gateway: str, method: s
 async def pd_gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
     app = gateway_app([], prefill_instances=[vllm_fleet.prefill.url], decode_instances=[vllm_fleet.decode.url],
                       pd_engine="vllm", tokenizer=vllm_fleet.tokenizer)
-    async with serve(app) as gw:
+    async with serving(app) as gw:
         yield gw
 
 

@@ -23,7 +23,7 @@ from openai import AsyncOpenAI
 from tokenizers import Tokenizer
 from vllm_fixtures import MODEL, VllmFleet
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 pytestmark = pytest.mark.vllm
 
@@ -46,7 +46,7 @@ async def metrics(client: httpx.AsyncClient, url: str) -> str:
 
 @pytest.fixture
 async def unified_gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
-    async with serve(gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer)) as gw:
+    async with serving(gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer)) as gw:
         yield gw
 
 
@@ -138,7 +138,7 @@ async def test_pd_two_phase_moves_the_kv_over_nixl(vllm_fleet: VllmFleet, stream
             "temperature": 0, "ignore_eos": True}
     app = gateway_app([], prefill_instances=[prefill], decode_instances=[decode], pd_engine="vllm",
                       tokenizer=vllm_fleet.tokenizer)
-    async with serve(app) as gw, httpx.AsyncClient(timeout=60) as c:
+    async with serving(app) as gw, httpx.AsyncClient(timeout=60) as c:
         before_p, before_d = await metrics(c, prefill), await metrics(c, decode)
         if stream:
             async with c.stream("POST", gw + "/v1/completions", json={
