@@ -117,6 +117,7 @@ class DemoCommand(TandemSettings):
             sims = []
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
+                                             enable_prompt_tokens_details=True,  # the cached tokens it reports
                                              host_cache_tokens=self.host_cache_tokens))
                 sims.append(await stack.enter_async_context(serving(app)))
             gw_port = free_port()

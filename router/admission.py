@@ -15,20 +15,21 @@ import asyncio
 import functools
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
 
-from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
-from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.openai_api import error_body
+from tandem.prefix import chain_hashes, token_block_hashes, tokenize
 from tandem.router.cpuwork import CpuBusy
+from tandem.router.observations import EngineKey
+from tandem.router.requestview import Kind, RequestView, Unroutable, batch_size, prompt_texts, read_view
 from tandem.router.routing.types import RouteRequest
+from tandem.router.tokenizer import EngineTokenizer, approximate_chat
 
 if TYPE_CHECKING:
     from tandem.router.gateway import Gateway
@@ -37,14 +38,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A request that passed admission: its parsed body, raw bytes, routing key and policy.
+    """A request that passed admission: what the gateway reads of it, its JSON, raw bytes, routing key,
+    engine-block key (for the observations' hit estimate) and policy.
 
     ``pool`` is the model's unified pool, or None when prefill/decode pools serve the model."""
 
-    body: CompletionRequest | ChatCompletionRequest
+    body: RequestView
     data: dict[str, Any]
     raw: bytes
     rreq: RouteRequest
+    engine_key: EngineKey | None
     policy: str
     pool: Pool | None
 
@@ -57,52 +60,70 @@ class Refusal:
     param: str | None = None
 
 
-class Tokenizer(Protocol):
-    def __call__(self, text: str) -> list[str]: ...
+@dataclass(frozen=True, slots=True)
+class _Keyed:
+    """One prompt's tokens (the engine's, or the gateway's word pieces) and its routing hashes."""
+
+    tokens: list[str] | None  # None: keyed from a trace's hints, no tokens to hash at another block size
+    count: int
+    hashes: list[int]
+    fallback: int
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """The engine's own tokenizer (``tokenizer.json``), so routing blocks align with its KV blocks."""
-    try:
-        from tokenizers import Tokenizer as HFTokenizer
-    except ImportError:
-        raise ValueError("tokenizer: needs the 'tokenizers' package (pip install 'tandem-serving[tokenizer]')") \
-            from None
-    try:
-        tok = HFTokenizer.from_file(str(path))
-    except Exception as exc:  # the library raises plain Exception for unreadable or malformed files
-        raise ValueError(f"tokenizer: cannot load {path}: {exc}") from None
-
-    def encode(text: str) -> list[str]:
-        return [str(i) for i in tok.encode(text, add_special_tokens=False).ids]
-
-    return encode
+def _key_text(text: str, block_size: int, tokenizer: EngineTokenizer | None, *, special: bool) -> _Keyed:
+    tokens = tokenizer.encode(text, special=special) if tokenizer is not None else tokenize(text)
+    return _Keyed(tokens, len(tokens), token_block_hashes(tokens, block_size), xxhash.xxh64_intdigest(text.encode()))
 
 
-def route_request(body: CompletionRequest | ChatCompletionRequest, block_size: int,
-                  tokenizer: Tokenizer | None = None, *, trust_hints: bool = False) -> RouteRequest | Refusal:
+def _key_ids(ids: tuple[int, ...], block_size: int) -> _Keyed:
+    tokens = [str(i) for i in ids]  # as the tokenizer path spells them: a text and its ids key alike
+    return _Keyed(tokens, len(tokens), token_block_hashes(tokens, block_size),
+                  xxhash.xxh64_intdigest("\x1f".join(tokens).encode()))
+
+
+def _unicode_refusal(view: RequestView) -> Refusal | None:
+    for text in prompt_texts(view):
+        try:
+            text.encode()
+        except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800"): not text any engine can take
+            return Refusal("prompt: not valid Unicode text (a lone surrogate)",
+                           "prompt" if view.kind == "completion" else "messages" if view.kind == "chat" else "input")
+    return None
+
+
+def route_request(view: RequestView, block_size: int, tokenizer: EngineTokenizer | None = None, *,
+                  trust_hints: bool = False, engine_block: int | None = None
+                  ) -> tuple[RouteRequest, EngineKey | None] | Refusal:
     """The routing key of a request: the simulator's block hashes when given and trusted (a gateway
-    started for simulator benchmarks), else the engine's tokenizer when configured, else a cheap text
-    chunking. Untrusted hints are never read: the prompt's own text is what limits and budgets see."""
-    if trust_hints and body.x_tandem is not None:
-        ext = body.x_tandem
+    started for simulator benchmarks), else its prompt's tokens (token ids as given; text through the
+    engine's tokenizer and chat template when configured, else a cheap word chunking). A batch of
+    prompts is keyed on its first (a batch usually shares its prefix) and counts every prompt's tokens.
+    Untrusted hints are never read: the prompt's own text is what limits and budgets see.
+
+    ``engine_block``: the engines' KV block size, when scraped; the first prompt is then also hashed
+    in those blocks (:class:`EngineKey`), for the observations' estimate of the engine's own hits."""
+    if trust_hints and view.x_tandem is not None:
+        ext = view.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
-                            fallback_key=ext.prompt_tokens, model=body.model)
-    text = body.prompt_text()
-    try:
-        encoded = text.encode()
-    except UnicodeEncodeError:  # JSON may carry lone surrogates ("\\ud800"): not text any engine can take
-        return Refusal("prompt: not valid Unicode text (a lone surrogate)",
-                       "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
-    if tokenizer is not None:
-        ids = tokenizer(text)
-        tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+                            fallback_key=ext.prompt_tokens, model=view.model), None
+    if (refused := _unicode_refusal(view)) is not None:
+        return refused
+    if view.messages is not None:
+        rendered = tokenizer.chat.render(view.messages) if tokenizer is not None and tokenizer.chat else None
+        keyed = [_key_text(rendered if rendered is not None else approximate_chat(view.messages), block_size,
+                           tokenizer, special=False)]
     else:
-        tokens, hashes = text_block_hashes(text, block_size)
+        keyed = [_key_text(p, block_size, tokenizer, special=True) if isinstance(p, str) else _key_ids(p, block_size)
+                 for p in view.prompts] or [_key_text("", block_size, tokenizer, special=False)]
+    first = keyed[0]
+    engine_key = None
+    if engine_block and first.tokens is not None:
+        engine_key = EngineKey(engine_block, tuple(token_block_hashes(first.tokens, engine_block)))
+    tokens = sum(k.count for k in keyed)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
-                        block_hashes=tuple(hashes), arrival=0.0, fallback_key=xxhash.xxh64_intdigest(encoded),
-                        model=body.model)
+                        block_hashes=tuple(first.hashes), arrival=0.0, fallback_key=first.fallback,
+                        model=view.model), engine_key
 
 
 MAX_JSON_DEPTH = 64
@@ -122,10 +143,11 @@ def too_deep(data: Any, limit: int) -> bool:
     return False
 
 
-def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest] | Refusal:
-    """The JSON body and its request model, or why not. Hostile JSON ends here too: a number too long
-    to convert (Python bounds int parsing at 4,300 digits), nesting deeper than the parser's recursion
-    limit, invalid UTF-8 or lone surrogates in the text."""
+def parse_body(raw: bytes, kind: Kind) -> tuple[dict[str, Any], RequestView] | Refusal:
+    """The JSON body and what the gateway reads of it (:mod:`tandem.router.requestview`), or why the
+    gateway cannot route it. Hostile JSON ends here too: a number too long to convert (Python bounds
+    int parsing at 4,300 digits), nesting deeper than the parser's recursion limit, invalid UTF-8 or
+    lone surrogates in the text. Everything else about the body is the engine's to judge."""
     try:
         data = json.loads(raw)
     except RecursionError:
@@ -138,15 +160,10 @@ def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest
         return Refusal(f"body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits")
     if too_deep(data, MAX_JSON_DEPTH):  # re-serialised on some paths (disaggregated bodies): bounded here
         return Refusal(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    try:
-        body = cls.model_validate(data)
-    except ValidationError as exc:
-        message, field = describe_validation_error(RequestValidationError(exc.errors()))
-        return Refusal(message, field)
-    except RecursionError:
-        return Refusal("body: nested too deeply")
-    return data, body
+    view = read_view(data, kind)
+    if isinstance(view, Unroutable):
+        return Refusal(view.message, view.param)
+    return data, view
 
 
 # Bodies larger than this are parsed and keyed on the admission threads (``tandem.router.cpuwork``);
@@ -154,21 +171,24 @@ def parse_body(raw: bytes, kind: str) -> tuple[dict[str, Any], CompletionRequest
 OFF_LOOP_BYTES = 32_768
 
 
-def prepare(raw: bytes, kind: str, block_size: int, tokenizer: Tokenizer | None, trust_hints: bool
-            ) -> tuple[dict[str, Any], CompletionRequest | ChatCompletionRequest, RouteRequest] | Refusal:
-    """The CPU-bound part of admission, the same on the loop or on a thread: the parsed body, its
-    request model and its routing key (prompt tokens, block hashes), or why the body is refused."""
+def prepare(raw: bytes, kind: Kind, block_size: int, tokenizer: EngineTokenizer | None, trust_hints: bool,
+            engine_blocks: Mapping[str, int] | None = None
+            ) -> tuple[dict[str, Any], RequestView, RouteRequest, EngineKey | None] | Refusal:
+    """The CPU-bound part of admission, the same on the loop or on a thread: the parsed body, what the
+    gateway reads of it and its routing key (prompt tokens, block hashes), or why the body is refused.
+    ``engine_blocks``: model -> the engines' KV block size, where scraped (read once: thread-safe)."""
     parsed = parse_body(raw, kind)
     if isinstance(parsed, Refusal):
         return parsed
-    data, body = parsed
-    if body.x_tandem is not None and not trust_hints:
+    data, view = parsed
+    if view.x_tandem is not None and not trust_hints:
         # A client-declared token count and block ids would let it pass the prompt limit and budget
         # with any prompt and pin any engine: believed only by a gateway started to benchmark simulators.
         return Refusal("x_tandem: prompt hints are not accepted by this gateway (they are for simulator "
                        "benchmarks: tandem gateway --trust-prompt-hints)", "x_tandem")
-    rreq = route_request(body, block_size, tokenizer, trust_hints=trust_hints)
-    return rreq if isinstance(rreq, Refusal) else (data, body, rreq)
+    keyed = route_request(view, block_size, tokenizer, trust_hints=trust_hints,
+                          engine_block=(engine_blocks or {}).get(view.model))
+    return keyed if isinstance(keyed, Refusal) else (data, view, *keyed)
 
 
 def error_response(status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -192,7 +212,7 @@ def gate(gw: Gateway) -> Response | None:
     return None
 
 
-async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
+async def admit(gw: Gateway, request: Request, kind: Kind) -> Admitted | Response:
     """The admitted request, or the error response that refuses it (see the module docstring)."""
     auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
     if not auth.ok:
@@ -209,7 +229,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         gw.metrics.rejected.labels("too_large").inc()
         return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
     s = gw.settings
-    work = functools.partial(prepare, raw, kind, s.block_size, gw.tokenizer, s.trust_prompt_hints)
+    work = functools.partial(prepare, raw, kind, s.block_size, gw.tokenizer, s.trust_prompt_hints, gw.engine_blocks)
     if len(raw) > OFF_LOOP_BYTES:  # big prompts: parsed, tokenized and hashed off the event loop
         try:
             prepared = await gw.cpu.run(work)
@@ -221,7 +241,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
     if isinstance(prepared, Refusal):
         gw.metrics.rejected.labels("invalid").inc()
         return error_response(400, prepared.message, param=prepared.param)
-    data, body, rreq = prepared
+    data, body, rreq, engine_key = prepared
     pool = gw.pools.get(body.model)
     disaggregated = pool is None and gw.pd_router.serves(body.model)
     if pool is None and not disaggregated and any(
@@ -231,7 +251,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
                               "has no instance yet", type_="server_error", param="model", retry_after=2)
     if pool is None and not disaggregated:
         gw.metrics.rejected.labels("unknown_model").inc()
-        known = sorted(gw.pools) or ["<none yet>"]
+        known = gw.served_models() or ["<none yet>"]
         return error_response(404, f"model '{body.model}' is not served here; available: {', '.join(known)}",
                               type_="NotFoundError", param="model")
     policy = gw.settings.policy
@@ -245,19 +265,20 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         if not gw.known_policy(asked):
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked
-    if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
+    if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit)) is not None:
         return too_big_answer
-    choices = body.n or 1
-    if choices > s.max_n:
+    if body.n > s.max_n:
         gw.metrics.rejected.labels("invalid").inc()
-        return error_response(400, f"n: {choices} exceeds the limit of {s.max_n}", param="n")
-    # Charged with what the request may produce: every choice's output limit (the one in force when it set none).
-    charge = rreq.prompt_tokens + choices * gw.output_in_force(body.model, body.output_limit(0), rreq.prompt_tokens)
+        return error_response(400, f"n: {body.n} exceeds the limit of {s.max_n}", param="n")
+    # Charged with what the request may produce: every choice's output limit (the one in force when it set
+    # none), n choices for each prompt of a batch.
+    choices = body.n * batch_size(body)
+    charge = rreq.prompt_tokens + choices * gw.output_in_force(body.model, body.output_limit, rreq.prompt_tokens)
     limit = await gw.limiter.admit(gw.keys.principal(auth.principal), charge)
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)
-    return Admitted(body=body, data=data, raw=raw, rreq=rreq, policy=policy, pool=pool)
+    return Admitted(body=body, data=data, raw=raw, rreq=rreq, engine_key=engine_key, policy=policy, pool=pool)
 
 
 def too_big(gw: Gateway, prompt_tokens: int, max_tokens: int) -> JSONResponse | None:

@@ -21,6 +21,8 @@ from starlette.datastructures import Headers
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
 from tandem.router.admin import admin_denied, admin_router
 from tandem.router.gateway import Gateway
+from tandem.router.passthrough import PROBES, TOKENIZER_ROUTES, Passthrough
+from tandem.router.requestview import PATHS, Kind
 from tandem.router.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -60,7 +62,7 @@ def _with_header(send: Any, name: bytes, value: bytes) -> Any:
     return sending
 
 
-_FAST_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_FAST_PATHS: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
 
 
 def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -> FastAPI:
@@ -87,6 +89,23 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await gw.handle(request, "chat")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        """The Responses API, routed as a chat (instructions and input messages key the prompt)."""
+        return await gw.handle(request, "responses")
+
+    # The engine's other routes clients and probes use: to one engine, answered as it answers.
+    passthrough = Passthrough(gw)
+
+    async def forward(request: Request) -> Response:
+        return await passthrough.forward(request, request.url.path)
+
+    routes = [(path, "GET", "from one engine") for path in PROBES] + [("/ping", "POST", "from one engine")]
+    routes += [(path, "POST", "from an engine of the body's model (any without one)") for path in TOKENIZER_ROUTES]
+    for path, method, where in routes:
+        app.add_api_route(path, forward, methods=[method], summary=f"the engine's {path}, {where}",
+                          operation_id=f"engine{path.replace('/', '_')}_{method.lower()}")
 
     @app.get("/v1/models")
     async def models() -> dict:

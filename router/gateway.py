@@ -26,7 +26,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from tandem.router.admission import admit, gate, load_tokenizer
+from tandem.router.admission import admit, gate
 from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
@@ -36,6 +36,7 @@ from tandem.router.pool import Instance, Pool, new_instance_state
 from tandem.router.proxy import Upstream
 from tandem.router.ratelimit import RateLimiter, RedisLimiter
 from tandem.router.remote_status import RemotePoolReporter, RemoteView
+from tandem.router.requestview import PATHS, Kind
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy, policy_names
@@ -46,6 +47,7 @@ from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
 from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
+from tandem.router.tokenizer import load_tokenizer
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
@@ -77,6 +79,9 @@ class Gateway:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        # model -> its engines' KV block size (vLLM cache_config_info), kept by the tick from the scrapes:
+        # admission hashes prompts in these blocks too, for the observations' hit estimate.
+        self.engine_blocks: dict[str, int] = {}
         self.cpu = CpuWork(settings.admission_threads, settings.admission_queue)
         self.worker = worker
         self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
@@ -230,6 +235,8 @@ class Gateway:
                     self.metrics.breaker_open.labels(inst.label).set(1 if inst.breaker.state == "open" else 0)
             counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
             for inst in self.all_instances():
+                if inst.snapshot is not None and inst.snapshot.block_size:
+                    self.engine_blocks[inst.model] = inst.snapshot.block_size
                 st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
                 key = (inst.model, inst.endpoint.role, st)
                 counts[key] = counts.get(key, 0) + 1
@@ -374,7 +381,11 @@ class Gateway:
         if self.active == 0:
             self._idle.set()
 
-    async def handle(self, request: Request, kind: str) -> Response:
+    def served_models(self) -> list[str]:
+        """Every model an instance of this gateway serves, unified or disaggregated."""
+        return sorted({i.model for i in self.all_instances() if not i.removed})
+
+    async def handle(self, request: Request, kind: Kind) -> Response:
         """One generation request, from admission to the unified or the disaggregated path."""
         if (refused := gate(self)) is not None:
             return refused
@@ -384,11 +395,12 @@ class Gateway:
             if isinstance(a, Response):
                 self.leave()
                 return a
-            path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+            path = PATHS[kind]
             if a.pool is None:
                 return await self.pd_router.serve(request, a.data, replace(a.rreq, model=a.body.model), path,
-                                                  a.body.stream, a.policy)
-            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy)
+                                                  a.body, a.policy, a.engine_key)
+            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy,
+                                            a.engine_key)
         except BaseException:
             self.leave()
             raise

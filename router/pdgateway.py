@@ -34,9 +34,10 @@ from fastapi.responses import JSONResponse, Response
 
 from tandem.api.observations import OffloadCounts
 from tandem.router.admission import error_response
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import EngineKey, RequestTrace, usage_tokens
 from tandem.router.pd_bodies import (
     new_bootstrap_room,
+    prefill_blind_spots,
     sglang_bodies,
     vllm_decode_body,
     vllm_decode_params,
@@ -51,6 +52,7 @@ from tandem.router.proxy import (
     UpstreamFailure,
     unless_disconnected,
 )
+from tandem.router.requestview import RequestView
 from tandem.router.routing.decode import DecodeLoad, pick_decode
 from tandem.router.routing.offload import (
     OffloadController,
@@ -138,10 +140,14 @@ class PDRouter:
             return insts[pick_decode(loads)]  # every one failed this request: any is better than none
 
     # --- the request path -----------------------------------------------------------------------
-    async def serve(self, request: Request, data: dict[str, Any], rreq: RouteRequest, path: str, stream: bool,
-                    policy: str) -> Response:
+    async def serve(self, request: Request, data: dict[str, Any], rreq: RouteRequest, path: str, view: RequestView,
+                    policy: str, engine_key: EngineKey | None = None) -> Response:
         """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
         gw, s = self.gw, self.gw.settings
+        stream = view.stream
+        if s.pd_engine == "vllm" and (blind := prefill_blind_spots(data, gw.context_len.get(rreq.model))):
+            message, field = blind  # what only the decode leg would see: refused before a prefill is spent
+            return gw.done(policy, "pd", "client_error", error_response(400, message, param=field))
         route = self.route(rreq)
         gw.metrics.prefill_routes.labels(rreq.model, route).inc()
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
@@ -156,7 +162,8 @@ class PDRouter:
         while attempts < s.max_attempts and time.monotonic() < deadline:
             try:
                 return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
-                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace)
+                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace,
+                                           engine_key)
             except _Final as final:
                 response = final.response
                 if final.outcome == "no_instance" and attempts:  # the failures took the last instances
@@ -299,10 +306,11 @@ class PDRouter:
 
     async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
                        stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
-                       deadline: float, trace: RequestTrace) -> Response:
+                       deadline: float, trace: RequestTrace, engine_key: EngineKey | None) -> Response:
         observer = self.gw.observer
         p_inst, hit = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
-        observer.routed(trace, hit, time.monotonic())
+        observer.routed(trace, p_inst.engine_hit(engine_key, rreq.prompt_tokens, hit, self.gw.shadow_tokens),
+                        time.monotonic())
         rid = rreq.request_id
         d_inst = self.decode_choice(rreq.model, excluded_d)
         d_inst.state.inflight_requests += 1
@@ -312,10 +320,9 @@ class PDRouter:
                 started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             else:
                 started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
-            if started.status >= 400:
-                raise _Final("client_error", _error(
-                    502, f"decode instance {d_inst.label} refused the KV handshake ({started.status}): "
-                         f"{started.first.decode(errors='replace')[:300]}"))
+            if started.status >= 400:  # the decode engine refused the request itself: its answer, as in unified mode
+                raise _Final("client_error", Response(started.first, status_code=started.status,
+                                                      headers=started.headers))
             remote = p_inst.endpoint.role == "remote-prefill"
             if remote:
                 self._count_link(rreq)

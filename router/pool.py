@@ -22,6 +22,7 @@ from tandem.blockcache import BlockCache
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
+from tandem.router.observations import EngineKey, engine_hit_tokens
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.capabilities import AdaptivelyKeyed
 from tandem.router.routing.types import (
@@ -51,6 +52,21 @@ class Instance:
     removed: bool = False
 
     label: str = ""  # what clients and /metrics call it (an opaque id unless topology is exposed)
+    engine_cache: BlockCache | None = None  # the observations' replica of its prefix cache, in its own blocks
+    engine_block: int = 0  # the block size of that replica
+
+    def engine_hit(self, key: EngineKey | None, prompt_tokens: int, routed_hit: int, capacity_tokens: int) -> int:
+        """Prompt tokens this engine will serve from its own prefix cache, as the observations count them:
+        in the engine's KV blocks when its block size is known (``key``), else the routing estimate.
+        The replica holds as many blocks as the engine reports (``num_gpu_blocks``), else ``capacity_tokens``."""
+        if key is None:
+            return routed_hit
+        cache = self.engine_cache
+        if cache is None or self.engine_block != key.block:
+            blocks = self.snapshot.kv_blocks if self.snapshot is not None else None
+            cache = self.engine_cache = BlockCache(blocks * key.block if blocks else capacity_tokens)
+            self.engine_block = key.block
+        return engine_hit_tokens(cache, key, prompt_tokens)
 
     @property
     def id(self) -> str:

@@ -110,8 +110,13 @@ class Upstream:
                     raise UpstreamFailure("status", f"engine answered {response.status}", fatal=False,
                                           status=response.status)
                 return Started(response.status, out_headers, content, None)
-            first = await response.read_chunk()
-            if not first:
+            async with asyncio.timeout(read):  # the first event, however many keep-alive comments come first
+                first = await response.read_chunk()
+                while first and sse_comments_only(first):  # ": keep-alive" while it waits: no answer yet
+                    if not (more := await response.read_chunk()):
+                        break
+                    first += more
+            if not first or sse_comments_only(first):
                 raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True)
             response.read_timeout = self.stream_idle_timeout  # from here on: the longest silence in a stream
             return Started(response.status, out_headers, first, response, time.monotonic() + self.max_stream_s)
@@ -128,6 +133,40 @@ class Upstream:
         except BaseException:
             _abort(response)  # cancelled (client went away): close the upstream connection
             raise
+
+
+    async def exchange(self, method: str, url: str, body: bytes, *, budget_s: float,
+                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One whole request and answer, whatever its status (the engine's routes besides generation:
+        probes, tokenizer): (status, forwarded headers, body), or an :class:`UpstreamFailure`."""
+        hdrs = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
+        response: Response | None = None
+        try:
+            async with asyncio.timeout(budget_s):
+                response = await self.client.request(method, url, body, hdrs, read_timeout=budget_s,
+                                                     connect_timeout=min(self.connect_timeout, budget_s))
+                content = await response.read()
+            return response.status, {k: v for k, v in response.headers.items() if k in _FORWARD}, content
+        except HTTPConnectError as exc:
+            raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
+        except HTTPPoolBusy as exc:
+            raise UpstreamFailure("busy", str(exc), fatal=False) from None
+        except TimeoutError:
+            _abort(response)
+            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
+        except HTTPConnectionError as exc:
+            _abort(response)
+            raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
+        except BaseException:
+            _abort(response)
+            raise
+
+
+def sse_comments_only(data: bytes) -> bool:
+    """Whether stream bytes hold nothing but SSE comment lines (``: keep-alive``, which vLLM's
+    ``--sse-keep-alive-interval`` sends while a request waits) and blank lines. Such bytes are not the
+    answer's start: neither the first token's time nor the point after which a failure is not retried."""
+    return all(not line.strip() or line.startswith(b":") for line in data.split(b"\n"))
 
 
 def _abort(response: Response | None) -> None:

@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tandem.router.admission import error_response
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import EngineKey, RequestTrace, usage_tokens
 from tandem.router.pool import Pool, QueueFull
 from tandem.router.proxy import ClientGone, RelayedStream, RelayResponse, Started, UpstreamFailure, unless_disconnected
 from tandem.router.resilience import backoff_delay
@@ -39,7 +39,7 @@ class UnifiedRouter:
         self.gw = gw
 
     async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
-                    policy: str) -> Response:
+                    policy: str, engine_key: EngineKey | None = None) -> Response:
         """Route, wait, start upstream (retrying before the first byte), then answer or relay."""
         gw = self.gw
         s = gw.settings
@@ -92,7 +92,8 @@ class UnifiedRouter:
                 if inst is None:  # left while the request was queued
                     pool.failed(rid)
                     continue
-                gw.observer.routed(trace, decision.hit_tokens, time.monotonic())
+                gw.observer.routed(trace, inst.engine_hit(engine_key, rreq.prompt_tokens, decision.hit_tokens,
+                                                          gw.shadow_tokens), time.monotonic())
                 try:
                     started = await unless_disconnected(request, gw.upstream.start(
                         inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic()),

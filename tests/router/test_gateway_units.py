@@ -197,16 +197,17 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    from tandem.openai_api import CompletionRequest
-    from tandem.router.admission import load_tokenizer, route_request
+    from tandem.router.admission import route_request
+    from tandem.router.requestview import read_view
+    from tandem.router.tokenizer import load_tokenizer
 
     tok = Tokenizer(WordLevel({"[UNK]": 0, "hello,world": 1, "again": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = WhitespaceSplit()
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    body = CompletionRequest(model="m", prompt="hello,world again " * 4)
-    with_tok = route_request(body, block_size=4, tokenizer=load_tokenizer(path))
-    default = route_request(body, block_size=4)
+    view = read_view({"model": "m", "prompt": "hello,world again " * 4}, "completion")
+    with_tok, _ = route_request(view, block_size=4, tokenizer=load_tokenizer(path))
+    default, _ = route_request(view, block_size=4)
     assert with_tok.prompt_tokens == 8 and len(with_tok.block_hashes) == 2  # whitespace words only
     assert default.prompt_tokens == 16  # the chunker splits 'hello', ',', 'world'
     with pytest.raises(ValueError, match="tokenizer"):

