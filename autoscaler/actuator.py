@@ -481,7 +481,9 @@ class Actuator:
 
 
 def _load_fields(o: RoleObservation | None) -> dict[str, Any]:
-    """The load part of a source's per-role observation (queue, KV); pod counts come from Kubernetes."""
+    """The load part of a source's per-role observation (queue, concurrency, KV); pod counts come from
+    Kubernetes."""
     if o is None:
         return {}
-    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "kv_usage": o.kv_usage}
+    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "in_flight": o.in_flight,
+            "kv_usage": o.kv_usage}
