@@ -66,10 +66,27 @@ class AutoscalerSpec(_Model):
     startup_delay_s: float = Field(60.0, ge=0, description="pod scheduled -> engine ready; the forecast horizon")
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
     scale_down_cooldown_s: float = Field(300.0, ge=0,
-                                         description="least time after any change before a role shrinks")
+                                         description="least time after a scale-up before the role shrinks")
+    scale_down_interval_s: float = Field(60.0, ge=0, description="least time between two scale-down steps of a role")
+    scale_down_step: float = Field(0.25, gt=0, le=1,
+                                   description="the most of a pool one scale-down step removes (at least one)")
     scale_down_stabilization_s: float = Field(300.0, ge=0,
                                               description="shrink only to the largest need seen over this window")
+    flip_window_s: float = Field(600.0, ge=0,
+                                 description="a role reverses direction at most once in this window, unless the "
+                                             "SLO is missed or the need clears the hysteresis band")
     hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
+    burst_lookback_s: float = Field(1800.0, ge=0, description="history searched for recurring bursts")
+    burst_threshold: float = Field(0.3, gt=0, description="a tick is in a burst when its rate exceeds the "
+                                                          "look-back median by this share")
+    burst_max_s: float = Field(300.0, ge=0, description="bursts up to this long are held rather than followed "
+                                                         "(a few start-up delays: following them does not pay)")
+    burst_min_gap_s: float = Field(60.0, ge=0, description="episodes above the line closer than this are one burst")
+    burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back before their peak is held")
+    mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for a role when "
+                                                      "it brings more work per request by this many standard errors")
+    backlog_drain_s: float = Field(60.0, ge=0, description="scale-up sizes for the queue beyond one request per "
+                                                           "instance drained over this long (0: off)")
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
@@ -119,11 +136,17 @@ class RoleState(_Model):
         default_factory=list, description="(time, observed attainment) over the stabilization window")
     recent_needs: list[tuple[float, int]] = Field(
         default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
+    last_flip_s: float | None = Field(None, description="when the role last reversed direction")
+    last_backlog_s: float | None = Field(None, description="when the role last had a queue beyond one request "
+                                                           "per instance")
 
 
 class AutoscalerState(_Model):
     forecast: ForecastState = ForecastState()
     roles: dict[Role, RoleState] = Field(default_factory=dict)
+    history: list[tuple[float, float, dict[Role, int]]] = Field(
+        default_factory=list, description="(time, observed rate, replicas each role needed at it) over the burst "
+                                          "look-back")
 
 
 class RoleDecision(_Model):

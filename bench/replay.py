@@ -208,6 +208,7 @@ class ElasticController:
         return Observations(
             time_s=now, window_s=w, arrival_rate=(hi - lo) / w,
             length_mix=length_mix(sim.requests[mix_lo:hi]) if hi else [LengthBucket(input_tokens=1, output_tokens=1)],
+            recent_length_mix=length_mix(sim.requests[lo:hi]) if hi > lo else None, recent_mix_requests=hi - lo,
             prefix_hit_ratio=hit / prompt if prompt else 0.0, roles=roles,
             ttft_attainment=float(np.mean([x[0] for x in done])) if done else None,
             ttft_attainable=max(1e-3, float(np.mean([x[2] for x in done]))) if done else 1.0,

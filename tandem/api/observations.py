@@ -60,6 +60,10 @@ class Observations(_Model):
     window_s: float = Field(gt=0, description="length of the observation window")
     arrival_rate: float = Field(ge=0, description="requests per second arriving at the gateway")
     length_mix: list[LengthBucket] = Field(min_length=1, description="input/output length mix")
+    recent_length_mix: list[LengthBucket] | None = Field(
+        None, description="the length mix over the rate window alone (length_mix may cover a longer one): what "
+                          "the autoscaler tests for a change of mix that the longer window has not caught up with")
+    recent_mix_requests: int = Field(0, ge=0, description="requests behind recent_length_mix (its sample size)")
     prefix_hit_ratio: float = Field(0.0, ge=0, le=1, description="share of prompt tokens served from prefix caches")
     roles: dict[Role, RoleObservation] = Field(description="per-role pool observations")
     ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")

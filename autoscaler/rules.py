@@ -1,0 +1,139 @@
+"""The controller's rules that look at more than one tick: bursts, a change of mix, scale-down steps.
+
+Pure functions of plain values (the tick's history and the spec), each tested with hand-built
+inputs (``tests/autoscaler/test_autoscaler_rules.py``):
+
+* :func:`bursts` finds the load's recurring short bursts in the tick history and the pool each role
+  needed at their peaks. A burst shorter than a few start-up delays is over, or nearly, before an
+  instance ordered at its start serves; following it buys capacity after it is needed and gives it
+  back before the next one. When such bursts recur, holding the pool their peaks need is the cheaper
+  way to meet the SLO (and never more than sizing for the peak): the tick keeps that pool as a
+  floor for as long as bursts keep coming.
+* :func:`mix_shift` tests whether the length mix of the last rate window differs from the slower
+  mix window's by more than sampling noise, in the work a role does per request; only a shift to
+  more work counts (the longer window catches up with a shift to less within its length, and the
+  scale-down look-back would hold the pool that long anyway). A pool then follows the new mix at
+  once instead of a mix window later, and noise in a short window never moves the P:D ratio.
+* :func:`scale_down_step` is where one scale-down may take a pool: to the largest need of the
+  look-back, by at most a share of the pool per step (asymmetric: up at once, down in steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import median
+
+from tandem.api.observations import LengthBucket
+from tandem.autoscaler.capacity import CapacityModel
+from tandem.autoscaler.models import Role
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One episode of the load above its look-back median by the burst threshold."""
+
+    start_s: float
+    end_s: float  # the last tick inside it
+    peak_rps: float
+    needs: dict[Role, int]  # per role, the most instances a tick inside it needed at the observed rate
+
+    @property
+    def length_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True, slots=True)
+class BurstView:
+    base_rps: float
+    episodes: tuple[Burst, ...]
+    short: tuple[Burst, ...]  # the episodes short enough that following them does not pay
+    floor: dict[Role, int]  # the pool held for recurring short bursts (empty: none held)
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.floor)
+
+
+def bursts(history: Sequence[tuple[float, float, dict[Role, int]]], *, threshold: float, min_gap_s: float,
+           max_length_s: float, min_episodes: int, min_points: int = 8) -> BurstView:
+    """Burst episodes in ``history`` ((time, observed rate, needs per role at that rate), oldest first).
+
+    A tick is in a burst when its rate exceeds the history's median by ``threshold`` (a share);
+    episodes closer than ``min_gap_s`` are one (noise around the threshold on a slow ramp would
+    otherwise look like many). Episodes up to ``max_length_s`` long are short; when at least
+    ``min_episodes`` short ones are in the history, the floor per role is the most any of them
+    needed. Fewer than ``min_points`` ticks of history: nothing is known yet, nothing is held.
+    """
+    if len(history) < min_points:
+        return BurstView(0.0, (), (), {})
+    base = median(r for _, r, _ in history)
+    line = base * (1 + threshold)
+    episodes: list[Burst] = []
+    current: list[tuple[float, float, dict[Role, int]]] = []
+
+    def close() -> None:
+        if current:
+            needs: dict[Role, int] = {}
+            for _, _, n in current:
+                for role, k in n.items():
+                    needs[role] = max(needs.get(role, 0), k)
+            episodes.append(Burst(current[0][0], current[-1][0], max(r for _, r, _ in current), needs))
+            current.clear()
+
+    last_in: float | None = None
+    for t, r, n in history:
+        if r > line:
+            if current and last_in is not None and t - last_in > min_gap_s:
+                close()
+            current.append((t, r, n))
+            last_in = t
+    close()
+    short = tuple(e for e in episodes if e.length_s <= max_length_s)
+    floor: dict[Role, int] = {}
+    if len(short) >= min_episodes:
+        for e in short:
+            for role, k in e.needs.items():
+                floor[role] = max(floor.get(role, 0), k)
+    return BurstView(base, tuple(episodes), short, floor)
+
+
+def _per_request_work(cap: CapacityModel, role: Role, mix: Sequence[LengthBucket], hit_ratio: float
+                      ) -> tuple[float, float]:
+    """Mean and variance over requests of the work one request brings to ``role``: prefill seconds for
+    prefill (and unified), KV-token-steps held while decoding (output x context) for decode."""
+    total = sum(b.weight for b in mix)
+    values: list[tuple[float, float]] = []
+    for b in mix:
+        if role == "decode":
+            x = b.output_tokens * (b.input_tokens + b.output_tokens / 2)
+        else:
+            x = cap.prefill_seconds(b.input_tokens, hit_ratio)[0]
+        values.append((b.weight / total, x))
+    mean = sum(w * x for w, x in values)
+    return mean, sum(w * (x - mean) ** 2 for w, x in values)
+
+
+def mix_shift(cap: CapacityModel, role: Role, long_mix: Sequence[LengthBucket],
+              recent_mix: Sequence[LengthBucket] | None, recent_requests: int, hit_ratio: float, z: float
+              ) -> bool:
+    """Whether the recent mix brings ``role`` more work per request than the long mix, by more than
+    ``z`` standard errors of a mean over ``recent_requests`` requests drawn from the long mix."""
+    if not recent_mix or recent_requests < 2:
+        return False
+    mean, var = _per_request_work(cap, role, long_mix, hit_ratio)
+    recent, _ = _per_request_work(cap, role, recent_mix, hit_ratio)
+    se = math.sqrt(var / recent_requests) if var > 0 else 0.0
+    return recent > mean + z * se and recent > mean * (1 + 1e-9)
+
+
+def scale_down_step(current: int, lookback_need: int, floor: int, minimum: int, max_step: float) -> int:
+    """Where one scale-down takes a pool of ``current``: to the largest need of the look-back (and
+    never below the burst floor or the minimum), removing at most ``max_step`` of the pool (at least
+    one instance). ``current`` when nothing may go."""
+    goal = max(lookback_need, floor, minimum)
+    if goal >= current:
+        return current
+    most = max(1, math.floor(current * max_step))
+    return max(goal, current - most)
