@@ -2,6 +2,7 @@
 recurring bursts, the mix-shift test behind the P:D ratio, the scale-down step and look-back, and
 how the tick combines them (no wall clock anywhere: every time is a plain number)."""
 
+import itertools
 import random
 
 import pytest
@@ -181,7 +182,7 @@ def test_scale_down_is_stepped_rate_limited_and_looks_back() -> None:
     assert downs[0][0] * 15.0 >= (drop_at * 15.0) + 300 - 15
     # each step removes at most a quarter of the pool, and steps are at least 60 s apart
     assert all(a - b <= max(1, a // 4) for _, a, b in downs)
-    assert all((j - i) * 15.0 >= 60 for (i, _, _), (j, _, _) in zip(downs, downs[1:], strict=False))
+    assert all((j - i) * 15.0 >= 60 for (i, _, _), (j, _, _) in itertools.pairwise(downs))
     assert targets[-1] < high / 2
 
 
