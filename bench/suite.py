@@ -191,6 +191,8 @@ def run_suite(scenarios: list[Scenario], cfg: AutoscaleBench, workers: int, budg
                 t = (r.get("scalers") or {}).get("tandem")
                 tail = f"{t['goodput_per_gpu_hour_vs_static']:.2f}x, att {t['slo_attainment']:.3f}" if t else "error"
                 progress.update(task, advance=1, last=f"{s.name}: {tail} ({r['seconds']:.0f} s)")
+                if not console.is_terminal:  # a log file gets one line per scenario instead of a bar
+                    console.print(f"{s.name}: {tail} ({r['seconds']:.0f} s, {r['cpu_seconds']:.0f} s CPU)")
     return [results[s.name] for s in scenarios if s.name in results]
 
 
