@@ -164,7 +164,8 @@ def _settled(rs: RoleState, o: RoleObservation, now: float, spec: AutoscalerSpec
     waited out a backlog miss whatever the pool now is; counting them would bias the correction)."""
     if o.starting or (rs.last_up_s is not None and now - rs.last_up_s < spec.startup_delay_s + window_s):
         return False
-    return rs.last_backlog_s is None or now - rs.last_backlog_s >= window_s
+    # A request that waited in the backlog completes up to about a window after it drained.
+    return rs.last_backlog_s is None or now - rs.last_backlog_s >= 2 * window_s
 
 
 def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: AutoscalerState | None = None,
@@ -193,12 +194,15 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     # Nor above the highest rate of the look-back unless the trend heads there: a large one-step
     # error in either direction widens the spread, and a load that just dropped must not look like
     # one that may triple (sizing up on the way down is a change of direction for nothing).
-    seen = max([r for t, r, _ in history if t > now - spec.scale_down_stabilization_s] + [obs.arrival_rate])
+    seen = max([r for t, r in history if t > now - spec.scale_down_stabilization_s] + [obs.arrival_rate])
     r_hat = min(r_hat, max(seen, expected))
+    # A step up since the last tick: size for the new level now, not as the window fills.
+    jump = rules.jump_rps(history, now, obs.arrival_rate, obs.window_s, spec.jump_z)
+    if jump is not None and jump > r_hat:
+        r_hat = jump
 
     roles: dict[Role, RoleDecision] = {}
     new_states: dict[Role, RoleState] = {}
-    observed_needs: dict[Role, int] = {}
     for role in spec.roles:
         o = obs.roles.get(role)
         if o is None:
@@ -243,6 +247,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if short and settled and model_said_enough:
             assert att is not None
             scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(MAX_CUT, target_att - att)))
+            # The ready pool fell short at the rate observed, so the corrected model must not call it
+            # enough there: at least one instance more, and kept (the look-back and the burst floor
+            # size with the same correction, so they do not release it a window later).
+            carried = cap.pool_goodput(role, o.ready, role_w)
+            if carried > 0 and o.ready:
+                scale = max(MIN_GOODPUT_SCALE, min(scale, 0.98 * obs.arrival_rate * share / carried))
             why.append(f"attainment {att:.3f} < {target_att:.3f} where the model saw enough: "
                        f"goodput corrected to x{scale:.2f}")
         elif comfortable and scale < 1.0 and o.ready:
@@ -252,10 +262,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             if obs.arrival_rate * share >= RELAX_MIN_LOAD * carried:
                 scale = min(1.0, scale * RELAX_PER_TICK)
 
-        # The need at the rate observed (for the burst history) and at R-hat inflated by the learned
-        # correction, plus a backlog to drain (what scale-up orders).
-        observed = cap.pool_size(role, obs.arrival_rate * share / scale, role_w, bounds.max_replicas)
-        observed_needs[role] = bounds.max_replicas if observed is None else observed
+        # The need at R-hat inflated by the learned correction, plus a backlog to drain (what
+        # scale-up orders).
         rate = r_hat * share / scale
         drain = backlog / spec.backlog_drain_s if spec.backlog_drain_s > 0 else 0.0
         sized = cap.pool_size(role, rate + drain, role_w, bounds.max_replicas)
@@ -270,11 +278,13 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if short and settled and model_said_enough and want <= current:
             want = current + 1
             why.append("+1 despite the model")
-        floor = view.floor.get(role, 0)
-        if floor > want:
-            want = floor
-            why.append(f"held for {len(view.short)} recurring bursts (peak {max(e.peak_rps for e in view.short):.1f} "
-                       f"rps): {floor}")
+        floor = 0
+        if view.hold_rps is not None:
+            held = cap.pool_size(role, view.hold_rps * share / scale, role_w, bounds.max_replicas)
+            floor = bounds.max_replicas if held is None else held
+            if floor > want:
+                want = floor
+                why.append(f"held for {len(view.short)} recurring bursts (peak {view.hold_rps:.1f} rps): {floor}")
 
         # Scale-down look-back: the largest pool that the recent ticks needed with the hysteresis
         # headroom (rate and length mix both vary, so the need is kept, not the rate).
@@ -340,7 +350,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         )
         roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))
 
-    history.append((now, obs.arrival_rate, observed_needs))
+    history.append((now, obs.arrival_rate))
     new_state = AutoscalerState(forecast=fc, roles=new_states, history=history)
     decision = Decision(
         roles=roles,

@@ -65,8 +65,9 @@ class AutoscalerSpec(_Model):
     gpu_budget: int | None = Field(None, ge=1, description="most GPUs this service may hold")
     startup_delay_s: float = Field(60.0, ge=0, description="pod scheduled -> engine ready; the forecast horizon")
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
-    scale_down_cooldown_s: float = Field(300.0, ge=0,
-                                         description="least time after a scale-up before the role shrinks")
+    scale_down_cooldown_s: float = Field(120.0, ge=0,
+                                         description="least time after a scale-up before the role shrinks (the "
+                                                     "look-back still keeps what the recent ticks needed)")
     scale_down_interval_s: float = Field(60.0, ge=0, description="least time between two scale-down steps of a role")
     scale_down_step: float = Field(0.25, gt=0, le=1,
                                    description="the most of a pool one scale-down step removes (at least one)")
@@ -85,8 +86,10 @@ class AutoscalerSpec(_Model):
     burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back before their peak is held")
     mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for a role when "
                                                       "it brings more work per request by this many standard errors")
-    backlog_drain_s: float = Field(60.0, ge=0, description="scale-up sizes for the queue beyond one request per "
-                                                           "instance drained over this long (0: off)")
+    backlog_drain_s: float = Field(120.0, ge=0, description="scale-up sizes for the queue beyond one request per "
+                                                            "instance drained over this long (0: off)")
+    jump_z: float = Field(3.0, gt=0, description="a rise of the window rate since the last tick beyond this many "
+                                                 "Poisson standard deviations is a step: R-hat takes the new level")
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
@@ -144,9 +147,8 @@ class RoleState(_Model):
 class AutoscalerState(_Model):
     forecast: ForecastState = ForecastState()
     roles: dict[Role, RoleState] = Field(default_factory=dict)
-    history: list[tuple[float, float, dict[Role, int]]] = Field(
-        default_factory=list, description="(time, observed rate, replicas each role needed at it) over the burst "
-                                          "look-back")
+    history: list[tuple[float, float]] = Field(default_factory=list,
+                                               description="(time, observed rate) over the burst look-back")
 
 
 class RoleDecision(_Model):

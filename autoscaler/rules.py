@@ -3,12 +3,14 @@
 Pure functions of plain values (the tick's history and the spec), each tested with hand-built
 inputs (``tests/autoscaler/test_autoscaler_rules.py``):
 
-* :func:`bursts` finds the load's recurring short bursts in the tick history and the pool each role
-  needed at their peaks. A burst shorter than a few start-up delays is over, or nearly, before an
+* :func:`bursts` finds the load's recurring short bursts in the tick history and the rate of their
+  peaks. A burst shorter than a few start-up delays is over, or nearly, before an
   instance ordered at its start serves; following it buys capacity after it is needed and gives it
   back before the next one. When such bursts recur, holding the pool their peaks need is the cheaper
-  way to meet the SLO (and never more than sizing for the peak): the tick keeps that pool as a
-  floor for as long as bursts keep coming.
+  way to meet the SLO (and never more than sizing for the peak): the tick keeps the pool that rate
+  needs as a floor for as long as bursts keep coming.
+* :func:`jump_rps` reads a step up in the load from two overlapping windows one tick apart, so the
+  new level's pool is ordered at once rather than over the ticks it takes the window to fill.
 * :func:`mix_shift` tests whether the length mix of the last rate window differs from the slower
   mix window's by more than sampling noise, in the work a role does per request; only a shift to
   more work counts (the longer window catches up with a shift to less within its length, and the
@@ -37,7 +39,6 @@ class Burst:
     start_s: float
     end_s: float  # the last tick inside it
     peak_rps: float
-    needs: dict[Role, int]  # per role, the most instances a tick inside it needed at the observed rate
 
     @property
     def length_s(self) -> float:
@@ -49,54 +50,67 @@ class BurstView:
     base_rps: float
     episodes: tuple[Burst, ...]
     short: tuple[Burst, ...]  # the episodes short enough that following them does not pay
-    floor: dict[Role, int]  # the pool held for recurring short bursts (empty: none held)
+    hold_rps: float | None  # the rate the pools are held for (the short bursts' peak), None: nothing held
 
     @property
     def holding(self) -> bool:
-        return bool(self.floor)
+        return self.hold_rps is not None
 
 
-def bursts(history: Sequence[tuple[float, float, dict[Role, int]]], *, threshold: float, min_gap_s: float,
-           max_length_s: float, min_episodes: int, min_points: int = 8) -> BurstView:
-    """Burst episodes in ``history`` ((time, observed rate, needs per role at that rate), oldest first).
+def bursts(history: Sequence[tuple[float, float]], *, threshold: float, min_gap_s: float, max_length_s: float,
+           min_episodes: int, min_points: int = 8) -> BurstView:
+    """Burst episodes in ``history`` ((time, observed rate), oldest first).
 
     A tick is in a burst when its rate exceeds the history's median by ``threshold`` (a share);
     episodes closer than ``min_gap_s`` are one (noise around the threshold on a slow ramp would
     otherwise look like many). Episodes up to ``max_length_s`` long are short; when at least
-    ``min_episodes`` short ones are in the history, the floor per role is the most any of them
-    needed. Fewer than ``min_points`` ticks of history: nothing is known yet, nothing is held.
+    ``min_episodes`` short ones are in the history, the pools are held for the highest rate any of
+    them reached (the caller sizes each role for it with what it knows now: the mix, the learned
+    correction). Fewer than ``min_points`` ticks of history: nothing is known yet, nothing is held.
     """
     if len(history) < min_points:
-        return BurstView(0.0, (), (), {})
-    base = median(r for _, r, _ in history)
+        return BurstView(0.0, (), (), None)
+    base = median(r for _, r in history)
     line = base * (1 + threshold)
     episodes: list[Burst] = []
-    current: list[tuple[float, float, dict[Role, int]]] = []
-
-    def close() -> None:
-        if current:
-            needs: dict[Role, int] = {}
-            for _, _, n in current:
-                for role, k in n.items():
-                    needs[role] = max(needs.get(role, 0), k)
-            episodes.append(Burst(current[0][0], current[-1][0], max(r for _, r, _ in current), needs))
-            current.clear()
-
-    last_in: float | None = None
-    for t, r, n in history:
+    current: list[tuple[float, float]] = []
+    for t, r in history:
         if r > line:
-            if current and last_in is not None and t - last_in > min_gap_s:
-                close()
-            current.append((t, r, n))
-            last_in = t
-    close()
+            if current and t - current[-1][0] > min_gap_s:
+                episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
+                current = []
+            current.append((t, r))
+    if current:
+        episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
     short = tuple(e for e in episodes if e.length_s <= max_length_s)
-    floor: dict[Role, int] = {}
-    if len(short) >= min_episodes:
-        for e in short:
-            for role, k in e.needs.items():
-                floor[role] = max(floor.get(role, 0), k)
-    return BurstView(base, tuple(episodes), short, floor)
+    hold = max(e.peak_rps for e in short) if len(short) >= min_episodes else None
+    return BurstView(base, tuple(episodes), short, hold)
+
+
+def jump_rps(history: Sequence[tuple[float, float]], now: float, rate: float, window_s: float, z: float
+             ) -> float | None:
+    """The rate of the last tick's interval when the window's rate rose beyond Poisson noise since then.
+
+    Windows of ``window_s`` observed every tick overlap: since the last tick, the window gained the
+    newest interval and lost the oldest, so new = left + rise x window / tick, ``left`` being the
+    rate of the interval that left (the window that ended one window ago, when it is in the history,
+    else the last tick's). A scaler sizing on the window rate would order the new level's pool over
+    the ticks it takes the window to fill, each order one start-up delay away. None when there is no
+    previous tick, the windows do not overlap, or the rise is noise.
+    """
+    if not history:
+        return None
+    t0, r0 = history[-1]
+    dt = now - t0
+    if dt <= 0 or dt >= window_s:
+        return None
+    rise = rate - r0
+    sd = math.sqrt(max(rate + r0, 1e-9) * dt) / window_s  # the two windows differ by dt's arrivals at each end
+    if rise <= z * sd:
+        return None
+    before = [r for t, r in history if t <= now - window_s + 1e-9]
+    left = before[-1] if before else r0
+    return left + rise * window_s / dt
 
 
 def _per_request_work(cap: CapacityModel, role: Role, mix: Sequence[LengthBucket], hit_ratio: float

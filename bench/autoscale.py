@@ -236,7 +236,7 @@ class ThresholdScaler(Scaler):
             elif desired < current:
                 stable = max(n for _, n in hist)
                 if stable < current and obs.time_s - self.last_change.get(role, -math.inf) >= \
-                        self.spec.scale_down_cooldown_s:
+                        self.spec.scale_down_stabilization_s:
                     self.targets[role] = stable
                     self.last_change[role] = obs.time_s
             out[role] = _command(self.targets[role], obs, role)
@@ -456,7 +456,7 @@ class AutoscaleBench(TandemSettings):
     attainment: float = Field(0.95, gt=0, lt=1, description="target share of requests meeting both SLOs")
     startup_delay_s: float = Field(60.0, ge=0, description="instance start-up delay (pod + weights)")
     tick_s: float = Field(15.0, gt=0, description="autoscaler tick")
-    cooldown_s: float = Field(300.0, ge=0, description="scale-down cooldown (also the oscillation window)")
+    cooldown_s: float = Field(120.0, ge=0, description="Tandem: least time after a scale-up before a scale-down")
     stabilization_s: float = Field(300.0, ge=0, description="scale-down stabilization window")
     max_replicas: int = Field(64, ge=1, description="upper bound per role")
     max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned prefill utilisation")
@@ -586,7 +586,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
             raise OverBudget(f"budget spent before {scaler.name}{what}")
         start = time.monotonic()
         res = replay(prepared, scaler, rcfg, measure_from_s=cfg.warmup_s)
-        log(f"{scaler.name}{what}: {time.monotonic() - start:.1f}s, {summarise(res, slo, cfg.cooldown_s)}")
+        log(f"{scaler.name}{what}: {time.monotonic() - start:.1f}s, {summarise(res, slo, cfg.stabilization_s)}")
         return res
 
     static_runs: dict[tuple[int, int], tuple[StaticRun, ReplayResult]] = {}
@@ -594,7 +594,8 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
     def run_static(p: int, d: int) -> StaticRun:
         if (p, d) not in static_runs:
             res = run(StaticScaler({"prefill": p, "decode": d}), f" {p}P+{d}D")
-            static_runs[(p, d)] = (StaticRun({"prefill": p, "decode": d}, summarise(res, slo, cfg.cooldown_s)), res)
+            summary = summarise(res, slo, cfg.stabilization_s)
+            static_runs[(p, d)] = (StaticRun({"prefill": p, "decode": d}, summary), res)
         return static_runs[(p, d)][0]
 
     target = slo.attainment
@@ -619,7 +620,7 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
         results["reactive_oracle"] = run(ReactiveOracleScaler(calibrate(every, best.replicas, spec, peak_sizes),
                                                               PEAK_WINDOW_S))
     order = ["tandem", "static_peak", *(n for n in ("dynamo", "kpa", "threshold", "reactive_oracle") if n in results)]
-    scalers = {name: summarise(results[name], slo, cfg.cooldown_s) for name in order}
+    scalers = {name: summarise(results[name], slo, cfg.stabilization_s) for name in order}
     base = scalers["static_peak"]
     for s in scalers.values():
         s["goodput_per_gpu_hour_vs_static"] = s["goodput_per_gpu_hour"] / base["goodput_per_gpu_hour"] \

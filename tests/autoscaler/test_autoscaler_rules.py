@@ -24,9 +24,8 @@ CODE = [LengthBucket(input_tokens=2500, output_tokens=20, weight=0.6),
         LengthBucket(input_tokens=6000, output_tokens=30, weight=0.4)]
 
 
-def hist(rates: list[float], tick_s: float = 15.0, need_per_rps: float = 0.5) -> list:
-    return [(i * tick_s, r, {"prefill": round(r * need_per_rps), "decode": round(r * need_per_rps * 2)})
-            for i, r in enumerate(rates)]
+def hist(rates: list[float], tick_s: float = 15.0) -> list[tuple[float, float]]:
+    return [(i * tick_s, r) for i, r in enumerate(rates)]
 
 
 BURSTS = dict(threshold=0.3, min_gap_s=60.0, max_length_s=300.0, min_episodes=2)
@@ -37,10 +36,10 @@ def test_flat_noisy_load_has_no_bursts_and_no_floor() -> None:
     rng = random.Random(1)
     view = rules.bursts(hist([10 + rng.gauss(0, 0.8) for _ in range(120)]), **BURSTS)
     assert view.base_rps == pytest.approx(10, abs=0.5)
-    assert view.episodes == () and view.floor == {} and not view.holding
+    assert view.episodes == () and view.hold_rps is None and not view.holding
 
 
-def test_recurring_short_bursts_hold_their_peak_need() -> None:
+def test_recurring_short_bursts_hold_their_peak_rate() -> None:
     # every 5 minutes a 45 s burst at 3x the base (4 ticks of 15 s: the fourth at 30 rps)
     rates = []
     for _ in range(6):
@@ -48,13 +47,13 @@ def test_recurring_short_bursts_hold_their_peak_need() -> None:
     view = rules.bursts(hist(rates), **BURSTS)
     assert len(view.episodes) == 6 and len(view.short) == 6
     assert all(e.length_s == 45.0 for e in view.short)
-    assert view.floor == {"prefill": 15, "decode": 30}  # the need at 30 rps, the highest tick inside one
+    assert view.hold_rps == 30.0  # the highest tick inside one
 
 
 def test_one_burst_is_not_held_until_it_recurs() -> None:
     once = [10.0] * 40 + [30.0] * 3 + [10.0] * 40
     view = rules.bursts(hist(once), **BURSTS)
-    assert len(view.short) == 1 and view.floor == {}
+    assert len(view.short) == 1 and view.hold_rps is None
 
 
 def test_a_long_plateau_is_followed_not_held() -> None:
@@ -62,7 +61,7 @@ def test_a_long_plateau_is_followed_not_held() -> None:
     rates = [10.0] * 60 + [10 + i for i in range(10)] + [20.0] * 80 + [20 - i for i in range(10)] + [10.0] * 40
     view = rules.bursts(hist(rates), **BURSTS)
     assert len(view.episodes) == 1 and view.episodes[0].length_s > 300
-    assert view.short == () and view.floor == {}
+    assert view.short == () and view.hold_rps is None
 
 
 def test_chatter_around_the_threshold_is_one_episode() -> None:
@@ -75,6 +74,21 @@ def test_chatter_around_the_threshold_is_one_episode() -> None:
 def test_too_little_history_holds_nothing() -> None:
     view = rules.bursts(hist([10.0, 30.0, 10.0, 30.0]), **BURSTS)
     assert view.episodes == () and not view.holding
+
+
+# ----- a step up read from two overlapping windows ---------------------------------------------
+def test_a_step_up_is_read_at_its_new_level() -> None:
+    # 10 rps, then 20 rps for the last 15 s of a 30 s window: the window says 15, the level is 20
+    assert rules.jump_rps([(0.0, 10.0)], 15.0, 15.0, 30.0, 3.0) == pytest.approx(20.0)
+    steady = [(-30.0, 10.0), (-15.0, 10.0), (0.0, 10.0)]
+    assert rules.jump_rps(steady, 15.0, 15.0, 30.0, 3.0) == pytest.approx(20.0)
+    # one tick later the window is full of the new level: still 20, not extrapolated further
+    assert rules.jump_rps([*steady, (15.0, 15.0)], 30.0, 20.0, 30.0, 3.0) == pytest.approx(20.0)
+    # Poisson noise of the window (10 rps over 30 s: sd ~0.8 for the 15 s that differ) is no step
+    assert rules.jump_rps([(0.0, 10.0)], 15.0, 11.0, 30.0, 3.0) is None
+    assert rules.jump_rps([(0.0, 10.0)], 15.0, 8.0, 30.0, 3.0) is None  # a drop is not a step up
+    assert rules.jump_rps([], 15.0, 30.0, 30.0, 3.0) is None
+    assert rules.jump_rps([(0.0, 10.0)], 45.0, 30.0, 30.0, 3.0) is None  # windows no longer overlap
 
 
 # ----- mix shift (P:D ratio following the mix) ---------------------------------------------------
@@ -147,8 +161,8 @@ def run(sp: AutoscalerSpec, rates: list[float], tick_s: float = 15.0, **kw) -> l
 def test_recurring_bursts_are_held_between_bursts() -> None:
     sp = spec()
     rates = []
-    for _ in range(8):  # a 30 s burst at 3x every 4 minutes
-        rates += [8.0] * 14 + [24.0, 24.0]
+    for _ in range(8):  # a 30 s burst at 3x every 4 minutes, as 30 s windows one tick apart see it
+        rates += [8.0] * 13 + [16.0, 24.0, 16.0]
     decisions = run(sp, rates)
     burst_need = CAP.pool_size("prefill", 24.0, CAP.workload(CHAT), 64)
     # once the bursts recur, the pool stays at the burst level between them: no up-down cycles
@@ -218,7 +232,7 @@ def test_backlog_is_drained_by_the_scale_up() -> None:
     base = run(sp, [10.0] * 40)[-1]
     ready = {r: d.target for r, d in base.roles.items()}
     plain = tick(observe(600.0, 10.0, ready), PROFILE, sp, base.state)
-    queued = tick(observe(600.0, 10.0, ready, queue={"prefill": 300.0}), PROFILE, sp, base.state)
+    queued = tick(observe(600.0, 10.0, ready, queue={"prefill": 900.0}), PROFILE, sp, base.state)
     assert queued.roles["prefill"].target > plain.roles["prefill"].target
     assert "backlog" in queued.roles["prefill"].reason
 
