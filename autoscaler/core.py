@@ -247,12 +247,6 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if short and settled and model_said_enough:
             assert att is not None
             scale = max(MIN_GOODPUT_SCALE, scale * (1 - min(MAX_CUT, target_att - att)))
-            # The ready pool fell short at the rate observed, so the corrected model must not call it
-            # enough there: at least one instance more, and kept (the look-back and the burst floor
-            # size with the same correction, so they do not release it a window later).
-            carried = cap.pool_goodput(role, o.ready, role_w)
-            if carried > 0 and o.ready:
-                scale = max(MIN_GOODPUT_SCALE, min(scale, 0.98 * obs.arrival_rate * share / carried))
             why.append(f"attainment {att:.3f} < {target_att:.3f} where the model saw enough: "
                        f"goodput corrected to x{scale:.2f}")
         elif comfortable and scale < 1.0 and o.ready:
@@ -275,8 +269,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                    f"(goodput {goodput:.2f} rps per instance)")
         if drain > 0:
             why.append(f"backlog {backlog:.0f} drained over {spec.backlog_drain_s:.0f} s")
+        despite = 0
         if short and settled and model_said_enough and want <= current:
-            want = current + 1
+            want = despite = current + 1
             why.append("+1 despite the model")
         floor = 0
         if view.hold_rps is not None:
@@ -290,7 +285,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         # headroom (rate and length mix both vary, so the need is kept, not the rate).
         headroom = cap.pool_size(role, rate * (1 + spec.hysteresis), role_w, bounds.max_replicas)
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
-        recent.append((now, bounds.max_replicas if headroom is None else headroom))
+        # An instance added despite the model is a need too: the look-back keeps it, or the next
+        # scale-down would release it into the same shortfall.
+        recent.append((now, max(despite, bounds.max_replicas if headroom is None else headroom)))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0

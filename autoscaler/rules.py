@@ -74,12 +74,16 @@ def bursts(history: Sequence[tuple[float, float]], *, threshold: float, min_gap_
     line = base * (1 + threshold)
     episodes: list[Burst] = []
     current: list[tuple[float, float]] = []
-    for t, r in history:
+    seen_below = False  # a burst rises from the base: ticks above the line from the history's start are
+    for t, r in history:  # an older, higher level (a load that has since come down), not a burst
         if r > line:
             if current and t - current[-1][0] > min_gap_s:
                 episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
                 current = []
-            current.append((t, r))
+            if seen_below:
+                current.append((t, r))
+        else:
+            seen_below = True
     if current:
         episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
     short = tuple(e for e in episodes if e.length_s <= max_length_s)

@@ -64,6 +64,13 @@ def test_a_long_plateau_is_followed_not_held() -> None:
     assert view.short == () and view.hold_rps is None
 
 
+def test_a_load_that_came_down_is_not_a_burst() -> None:
+    # a ramp down from 3x: the early ticks are above the (now lower) median, but nothing rose from it
+    rates = [30.0] * 20 + [30 - i * 0.4 for i in range(50)] + [10.0] * 50
+    view = rules.bursts(hist(rates), **BURSTS)
+    assert view.episodes == () and not view.holding
+
+
 def test_chatter_around_the_threshold_is_one_episode() -> None:
     # a slow ramp crossing the line with noise: below/above/below within a minute is one episode
     rates = [10.0] * 40 + [12.9, 13.2, 12.8, 13.4, 12.7, 13.5] + [14 + i * 0.1 for i in range(60)]
