@@ -182,8 +182,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         threshold = obs.offload_threshold if obs.offload_threshold is not None else spec.offload.initial_threshold
     target_att = spec.slo.attainment
     history = [h for h in state.history if h[0] > now - spec.burst_lookback_s]
-    view = rules.bursts(history, threshold=spec.burst_threshold, min_gap_s=spec.burst_min_gap_s,
-                        max_length_s=spec.burst_max_s, min_episodes=spec.burst_min_episodes)
+    view = rules.bursts(history, threshold=spec.burst_threshold, max_length_s=spec.burst_max_s,
+                        min_episodes=spec.burst_min_episodes)
     # R-hat: a high quantile of the rate one start-up ahead. While recurring bursts are held, the pool
     # their peaks needed is the headroom; the forecast's spread (mostly those same bursts) would buy
     # it a second time, so only the level and a rising trend are kept.

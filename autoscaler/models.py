@@ -78,11 +78,10 @@ class AutoscalerSpec(_Model):
                                              "SLO is missed or the need clears the hysteresis band")
     hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
     burst_lookback_s: float = Field(1800.0, ge=0, description="history searched for recurring bursts")
-    burst_threshold: float = Field(0.3, gt=0, description="a tick is in a burst when its rate exceeds the "
-                                                          "look-back median by this share")
+    burst_threshold: float = Field(0.3, gt=0, description="a burst begins when the rate exceeds the look-back "
+                                                          "median by this share (and ends below half of it)")
     burst_max_s: float = Field(300.0, ge=0, description="bursts up to this long are held rather than followed "
                                                          "(a few start-up delays: following them does not pay)")
-    burst_min_gap_s: float = Field(60.0, ge=0, description="episodes above the line closer than this are one burst")
     burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back before their peak is held")
     mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for a role when "
                                                       "it brings more work per request by this many standard errors")

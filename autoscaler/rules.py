@@ -57,13 +57,13 @@ class BurstView:
         return self.hold_rps is not None
 
 
-def bursts(history: Sequence[tuple[float, float]], *, threshold: float, min_gap_s: float, max_length_s: float,
-           min_episodes: int, min_points: int = 8) -> BurstView:
+def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_length_s: float, min_episodes: int,
+           min_points: int = 8) -> BurstView:
     """Burst episodes in ``history`` ((time, observed rate), oldest first).
 
-    A tick is in a burst when its rate exceeds the history's median by ``threshold`` (a share);
-    episodes closer than ``min_gap_s`` are one (noise around the threshold on a slow ramp would
-    otherwise look like many). Episodes up to ``max_length_s`` long are short; when at least
+    A burst begins at a tick whose rate exceeds the history's median by ``threshold`` (a share) and
+    ends at one below the median plus half of that (noise around one line on a slow ramp would
+    otherwise look like many bursts). Episodes up to ``max_length_s`` long are short; when at least
     ``min_episodes`` short ones are in the history, the pools are held for the highest rate any of
     them reached (the caller sizes each role for it with what it knows now: the mix, the learned
     correction). Fewer than ``min_points`` ticks of history: nothing is known yet, nothing is held.
@@ -71,19 +71,24 @@ def bursts(history: Sequence[tuple[float, float]], *, threshold: float, min_gap_
     if len(history) < min_points:
         return BurstView(0.0, (), (), None)
     base = median(r for _, r in history)
-    line = base * (1 + threshold)
+    high, low = base * (1 + threshold), base * (1 + threshold / 2)
     episodes: list[Burst] = []
     current: list[tuple[float, float]] = []
-    seen_below = False  # a burst rises from the base: ticks above the line from the history's start are
-    for t, r in history:  # an older, higher level (a load that has since come down), not a burst
-        if r > line:
-            if current and t - current[-1][0] > min_gap_s:
+    # Two lines: a burst begins above the high one and ends below the low one, so a load that hovers
+    # around the high line is one episode, not many. A burst rises from the base: ticks above the
+    # line before any tick below the low one are an older, higher level (a load that has since come
+    # down), not a burst.
+    armed = False
+    for t, r in history:
+        if r > high and armed:
+            current.append((t, r))
+        elif r < low:
+            armed = True
+            if current:
                 episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
                 current = []
-            if seen_below:
-                current.append((t, r))
-        else:
-            seen_below = True
+        elif current:  # between the lines inside a burst: still the burst
+            current.append((t, r))
     if current:
         episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
     short = tuple(e for e in episodes if e.length_s <= max_length_s)
