@@ -182,8 +182,10 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         threshold = obs.offload_threshold if obs.offload_threshold is not None else spec.offload.initial_threshold
     target_att = spec.slo.attainment
     history = [h for h in state.history if h[0] > now - spec.burst_lookback_s]
+    misses = [t for t in state.misses if t > now - spec.burst_lookback_s]
     view = rules.bursts(history, threshold=spec.burst_threshold, max_length_s=spec.burst_max_s,
-                        min_episodes=spec.burst_min_episodes)
+                        min_episodes=spec.burst_min_episodes, misses=misses,
+                        miss_lag_s=spec.startup_delay_s + obs.window_s)
     # R-hat: a high quantile of the rate one start-up ahead. While recurring bursts are held, the pool
     # their peaks needed is the headroom; the forecast's spread (mostly those same bursts) would buy
     # it a second time, so only the level and a rising trend are kept.
@@ -196,13 +198,15 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     # one that may triple (sizing up on the way down is a change of direction for nothing).
     seen = max([r for t, r in history if t > now - spec.scale_down_stabilization_s] + [obs.arrival_rate])
     r_hat = min(r_hat, max(seen, expected))
-    # A step up since the last tick: size for the new level now, not as the window fills.
-    jump = rules.jump_rps(history, now, obs.arrival_rate, obs.window_s, spec.jump_z)
+    # A step up since the last tick: size for the new level now, not as the window fills. Not while
+    # recurring bursts are held: such a rise is one of them, and the floor is sized for it.
+    jump = None if view.holding else rules.jump_rps(history, now, obs.arrival_rate, obs.window_s, spec.jump_z)
     if jump is not None and jump > r_hat:
         r_hat = jump
 
     roles: dict[Role, RoleDecision] = {}
     new_states: dict[Role, RoleState] = {}
+    missed = False  # any role's objective short in this window (beyond sampling noise)
     for role in spec.roles:
         o = obs.roles.get(role)
         if o is None:
@@ -213,11 +217,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         scale = rs.goodput_scale
         why: list[str] = []
 
-        # The mix this role is sized on: the mix window's, unless the rate window's brings
+        # The mix this role is sized on: the mix window's, unless (prefill) the rate window's brings
         # significantly more work per request (a shift the mix window has not caught up with).
         mix = obs.length_mix
-        if rules.mix_shift(cap, role, obs.length_mix, obs.recent_length_mix, obs.recent_mix_requests,
-                           obs.prefix_hit_ratio, spec.mix_shift_z):
+        if role != "decode" and rules.mix_shift(cap, role, obs.length_mix, obs.recent_length_mix,
+                                                obs.recent_mix_requests, obs.prefix_hit_ratio, spec.mix_shift_z,
+                                                spec.mix_shift_min_ratio):
             assert obs.recent_length_mix is not None
             mix = obs.recent_length_mix
             why.append("mix shift: sized on the recent mix")
@@ -230,6 +235,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         # a 0.949 over a hundred requests is not evidence against a 0.95 target.
         noise = math.sqrt(target_att * (1 - target_att) / max(obs.completed, 1))
         short = att is not None and obs.completed >= spec.min_samples and att < target_att - noise
+        missed = missed or short
         comfortable = att is not None and obs.completed >= spec.min_samples and att >= (1 + target_att) / 2
         # Scale-down needs the objective comfortably met over the whole stabilization window, not
         # in one lucky window: a 30-second attainment swings by several points.
@@ -273,17 +279,23 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if short and settled and model_said_enough and want <= current:
             want = despite = current + 1
             why.append("+1 despite the model")
-        floor = 0
+        floor, held = 0, 0
         if view.hold_rps is not None:
-            held = cap.pool_size(role, view.hold_rps * share / scale, role_w, bounds.max_replicas)
-            floor = bounds.max_replicas if held is None else held
+            sized_hold = cap.pool_size(role, view.hold_rps * share / scale, role_w, bounds.max_replicas)
+            # A miss in a burst at n instances proves n + 1 needed whatever the model says of the
+            # bursts' peak (their rate within a window can exceed the window's): kept while held.
+            held = max(rs.held, despite)
+            floor = max(bounds.max_replicas if sized_hold is None else sized_hold, held)
             if floor > want:
                 want = floor
                 why.append(f"held for {len(view.short)} recurring bursts (peak {view.hold_rps:.1f} rps): {floor}")
 
         # Scale-down look-back: the largest pool that the recent ticks needed with the hysteresis
-        # headroom (rate and length mix both vary, so the need is kept, not the rate).
-        headroom = cap.pool_size(role, rate * (1 + spec.hysteresis), role_w, bounds.max_replicas)
+        # headroom (rate and length mix both vary, so the need is kept, not the rate). While bursts
+        # are held the floor is the headroom: the band on top of the bursts' own need would hold
+        # one instance more than they ever needed.
+        band = 0.0 if view.holding else spec.hysteresis
+        headroom = cap.pool_size(role, rate * (1 + band), role_w, bounds.max_replicas)
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
         # An instance added despite the model is a need too: the look-back keeps it, or the next
         # scale-down would release it into the same shortfall.
@@ -317,7 +329,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
                 why.append("scale-down step interval")
             elif rs.last_direction > 0 and flipped_lately:
                 why.append("a change of direction within the flip window")
-            elif fc.trend > 0:
+            elif fc.trend > 0 and not view.holding:  # (held bursts: the floor is what a rise needs)
                 why.append("load rising: no scale-down")
             elif tight:
                 # The model may say fewer would do, but the objective is only just met: removing
@@ -343,12 +355,15 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             recent_attainment=recent_att,
             recent_needs=recent,
             last_flip_s=now if flip else rs.last_flip_s,
+            held=held,
             last_backlog_s=last_backlog,
         )
         roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))
 
     history.append((now, obs.arrival_rate))
-    new_state = AutoscalerState(forecast=fc, roles=new_states, history=history)
+    if missed:
+        misses.append(now)
+    new_state = AutoscalerState(forecast=fc, roles=new_states, history=history, misses=misses)
     decision = Decision(
         roles=roles,
         offload_threshold=None if threshold is None else solve_offload(cap, obs, spec, roles, w),

@@ -82,9 +82,11 @@ class AutoscalerSpec(_Model):
                                                           "median by this share (and ends below half of it)")
     burst_max_s: float = Field(300.0, ge=0, description="bursts up to this long are held rather than followed "
                                                          "(a few start-up delays: following them does not pay)")
-    burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back before their peak is held")
-    mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for a role when "
+    burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back (one of them missing the "
+                                                         "SLO) before their peak is held")
+    mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for prefill when "
                                                       "it brings more work per request by this many standard errors")
+    mix_shift_min_ratio: float = Field(1.3, ge=1, description="... and by at least this factor")
     backlog_drain_s: float = Field(120.0, ge=0, description="scale-up sizes for the queue beyond one request per "
                                                             "instance drained over this long (0: off)")
     jump_z: float = Field(3.0, gt=0, description="a rise of the window rate since the last tick beyond this many "
@@ -139,6 +141,8 @@ class RoleState(_Model):
     recent_needs: list[tuple[float, int]] = Field(
         default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
     last_flip_s: float | None = Field(None, description="when the role last reversed direction")
+    held: int = Field(0, ge=0, description="while bursts are held: the pool that proved needed in them (a miss "
+                                           "at one instance fewer); 0 when nothing is held")
     last_backlog_s: float | None = Field(None, description="when the role last had a queue beyond one request "
                                                            "per instance")
 
@@ -148,6 +152,8 @@ class AutoscalerState(_Model):
     roles: dict[Role, RoleState] = Field(default_factory=dict)
     history: list[tuple[float, float]] = Field(default_factory=list,
                                                description="(time, observed rate) over the burst look-back")
+    misses: list[float] = Field(default_factory=list,
+                                description="ticks over the burst look-back whose window missed the SLO target")
 
 
 class RoleDecision(_Model):

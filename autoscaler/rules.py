@@ -12,10 +12,12 @@ inputs (``tests/autoscaler/test_autoscaler_rules.py``):
 * :func:`jump_rps` reads a step up in the load from two overlapping windows one tick apart, so the
   new level's pool is ordered at once rather than over the ticks it takes the window to fill.
 * :func:`mix_shift` tests whether the length mix of the last rate window differs from the slower
-  mix window's by more than sampling noise, in the work a role does per request; only a shift to
-  more work counts (the longer window catches up with a shift to less within its length, and the
-  scale-down look-back would hold the pool that long anyway). A pool then follows the new mix at
-  once instead of a mix window later, and noise in a short window never moves the P:D ratio.
+  mix window's by more than sampling noise and by a margin, in the work a role does per request;
+  only a shift to more work counts (the longer window catches up with a shift to less within its
+  length, and the scale-down look-back would hold the pool that long anyway). The prefill pool then
+  follows a new mix at once instead of a mix window later, and noise in a short window never moves
+  the P:D ratio. Decode follows the mix window alone: its work per request (output x context) is
+  heavy-tailed, and on the Azure trace a test of it fired on one tick in six without a shift.
 * :func:`scale_down_step` is where one scale-down may take a pool: to the largest need of the
   look-back, by at most a share of the pool per step (asymmetric: up at once, down in steps).
 """
@@ -39,6 +41,7 @@ class Burst:
     start_s: float
     end_s: float  # the last tick inside it
     peak_rps: float
+    missed: bool = False  # the SLO was missed during it or right after (following it did not work)
 
     @property
     def length_s(self) -> float:
@@ -58,15 +61,18 @@ class BurstView:
 
 
 def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_length_s: float, min_episodes: int,
-           min_points: int = 8) -> BurstView:
+           misses: Sequence[float] = (), miss_lag_s: float = 0.0, min_points: int = 8) -> BurstView:
     """Burst episodes in ``history`` ((time, observed rate), oldest first).
 
     A burst begins at a tick whose rate exceeds the history's median by ``threshold`` (a share) and
     ends at one below the median plus half of that (noise around one line on a slow ramp would
-    otherwise look like many bursts). Episodes up to ``max_length_s`` long are short; when at least
-    ``min_episodes`` short ones are in the history, the pools are held for the highest rate any of
+    otherwise look like many bursts). Episodes up to ``max_length_s`` long are short. An episode is
+    missed when a time in ``misses`` (ticks whose window missed the SLO) falls inside it or up to
+    ``miss_lag_s`` after it (its requests finish after it). When at least ``min_episodes`` short ones
+    are in the history and one of them was missed, the pools are held for the highest rate any of
     them reached (the caller sizes each role for it with what it knows now: the mix, the learned
-    correction). Fewer than ``min_points`` ticks of history: nothing is known yet, nothing is held.
+    correction); bursts that the pools absorbed as they were need no holding. Fewer than
+    ``min_points`` ticks of history: nothing is known yet, nothing is held.
     """
     if len(history) < min_points:
         return BurstView(0.0, (), (), None)
@@ -91,8 +97,12 @@ def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_leng
             current.append((t, r))
     if current:
         episodes.append(Burst(current[0][0], current[-1][0], max(x for _, x in current)))
+    episodes = [Burst(e.start_s, e.end_s, e.peak_rps, any(e.start_s <= m <= e.end_s + miss_lag_s for m in misses))
+                for e in episodes]
     short = tuple(e for e in episodes if e.length_s <= max_length_s)
-    hold = max(e.peak_rps for e in short) if len(short) >= min_episodes else None
+    hold = None
+    if len(short) >= min_episodes and any(e.missed for e in short):
+        hold = max(e.peak_rps for e in short)
     return BurstView(base, tuple(episodes), short, hold)
 
 
@@ -139,16 +149,18 @@ def _per_request_work(cap: CapacityModel, role: Role, mix: Sequence[LengthBucket
 
 
 def mix_shift(cap: CapacityModel, role: Role, long_mix: Sequence[LengthBucket],
-              recent_mix: Sequence[LengthBucket] | None, recent_requests: int, hit_ratio: float, z: float
-              ) -> bool:
-    """Whether the recent mix brings ``role`` more work per request than the long mix, by more than
-    ``z`` standard errors of a mean over ``recent_requests`` requests drawn from the long mix."""
+              recent_mix: Sequence[LengthBucket] | None, recent_requests: int, hit_ratio: float, z: float,
+              min_ratio: float = 1.0) -> bool:
+    """Whether the recent mix brings ``role`` more work per request than the long mix: by more than
+    ``z`` standard errors of a mean over ``recent_requests`` requests drawn from the long mix, and by
+    at least ``min_ratio`` (a real mix moves within minutes too: Azure's conversation trace has its
+    30 s prefill work up to 1.3x its 5-minute mean, which a static pool absorbs)."""
     if not recent_mix or recent_requests < 2:
         return False
     mean, var = _per_request_work(cap, role, long_mix, hit_ratio)
     recent, _ = _per_request_work(cap, role, recent_mix, hit_ratio)
     se = math.sqrt(var / recent_requests) if var > 0 else 0.0
-    return recent > mean + z * se and recent > mean * (1 + 1e-9)
+    return recent > mean + z * se and recent > mean * max(min_ratio, 1 + 1e-9)
 
 
 def scale_down_step(current: int, lookback_need: int, floor: int, minimum: int, max_step: float) -> int:

@@ -44,15 +44,21 @@ def test_recurring_short_bursts_hold_their_peak_rate() -> None:
     rates = []
     for _ in range(6):
         rates += [10.0] * 16 + [25.0, 30.0, 28.0, 22.0]
-    view = rules.bursts(hist(rates), **BURSTS)
+    misses = [t for t, r in hist(rates) if r == 30.0][:1]  # the first burst missed the SLO
+    view = rules.bursts(hist(rates), misses=misses, miss_lag_s=90.0, **BURSTS)
     assert len(view.episodes) == 6 and len(view.short) == 6
     assert all(e.length_s == 45.0 for e in view.short)
+    assert view.short[0].missed and not any(e.missed for e in view.short[1:])
     assert view.hold_rps == 30.0  # the highest tick inside one
+    # the same bursts absorbed by the pools as they were (no miss): nothing to hold
+    assert rules.bursts(hist(rates), **BURSTS).hold_rps is None
+    # a miss long after every burst is not theirs
+    assert rules.bursts(hist(rates), misses=[hist(rates)[-1][0] + 500], miss_lag_s=90.0, **BURSTS).hold_rps is None
 
 
 def test_one_burst_is_not_held_until_it_recurs() -> None:
     once = [10.0] * 40 + [30.0] * 3 + [10.0] * 40
-    view = rules.bursts(hist(once), **BURSTS)
+    view = rules.bursts(hist(once), misses=[600.0], miss_lag_s=90.0, **BURSTS)
     assert len(view.short) == 1 and view.hold_rps is None
 
 
@@ -146,7 +152,7 @@ def spec(**kw) -> AutoscalerSpec:
 
 
 def observe(t: float, rate: float, ready: dict, *, mix=CHAT, recent=None, recent_n=0, queue=None,
-            att: float | None = 1.0, completed: int = 500) -> Observations:
+            att: float | None = 1.0, completed: int = 500, **_: object) -> Observations:
     queue = queue or {}
     return Observations(
         time_s=t, window_s=30, arrival_rate=rate, length_mix=mix, recent_length_mix=recent,
@@ -155,10 +161,13 @@ def observe(t: float, rate: float, ready: dict, *, mix=CHAT, recent=None, recent
         ttft_attainment=att, tpot_attainment=att, prefill_attainment=att, completed=completed)
 
 
-def run(sp: AutoscalerSpec, rates: list[float], tick_s: float = 15.0, **kw) -> list:
-    """Feed the rates one tick each; the pool is what the last decision asked for (no start-up)."""
+def run(sp: AutoscalerSpec, rates: list[float], tick_s: float = 15.0, attainment=None, **kw) -> list:
+    """Feed the rates one tick each; the pool is what the last decision asked for (no start-up).
+    ``attainment(i, rate)`` gives each window's attainment (default: always met)."""
     state, ready, out = None, {}, []
     for i, r in enumerate(rates):
+        if attainment is not None:
+            kw["att"] = attainment(i, r)
         d = tick(observe(i * tick_s, r, ready, **kw), PROFILE, sp, state)
         state, ready = d.state, {role: rd.target for role, rd in d.roles.items()}
         out.append(d)
@@ -170,8 +179,10 @@ def test_recurring_bursts_are_held_between_bursts() -> None:
     rates = []
     for _ in range(8):  # a 30 s burst at 3x every 4 minutes, as 30 s windows one tick apart see it
         rates += [8.0] * 13 + [16.0, 24.0, 16.0]
-    decisions = run(sp, rates)
-    burst_need = CAP.pool_size("prefill", 24.0, CAP.workload(CHAT), 64)
+    # the first two bursts miss the SLO (the pool lagged them), later ones are held and met
+    decisions = run(sp, rates, attainment=lambda i, r: 0.7 if r == 24.0 and i < 40 else 1.0)
+    scale = decisions[-1].state.roles["prefill"].goodput_scale  # what the misses taught the model
+    burst_need = CAP.pool_size("prefill", 24.0 / scale, CAP.workload(CHAT), 64)
     # once the bursts recur, the pool stays at the burst level between them: no up-down cycles
     for role in ("prefill", "decode"):
         late = [d.roles[role].target for d in decisions[-48:]]
@@ -180,6 +191,15 @@ def test_recurring_bursts_are_held_between_bursts() -> None:
     assert "recurring bursts" in decisions[-5].roles["prefill"].reason
     # and the bursts are not bought twice: the forecast's spread is dropped while they are held
     assert decisions[-1].roles["prefill"].target <= burst_need + 1
+
+
+def test_bursts_the_pool_absorbs_are_not_held() -> None:
+    sp = spec()
+    rates = []
+    for _ in range(8):
+        rates += [8.0] * 13 + [16.0, 24.0, 16.0]
+    decisions = run(sp, rates)  # every window met the SLO
+    assert not any("recurring bursts" in d.roles["prefill"].reason for d in decisions)
 
 
 def test_without_recurrence_a_burst_is_released_after_the_look_back() -> None:
