@@ -543,7 +543,7 @@ class OverBudget(RuntimeError):
     """The suite's wall-clock budget ran out before this scenario's replays were done."""
 
 
-def build_spec(cfg: AutoscaleBench, slo: SLO) -> AutoscalerSpec:
+def build_spec(cfg: AutoscaleBench, slo: ScalingSLO) -> AutoscalerSpec:
     """Tandem's spec for a replay: the bench's flags, then ``--controller`` overrides of any field."""
     roles: tuple[Role, ...] = ("prefill", "decode")
     fields: dict[str, Any] = dict(
