@@ -98,9 +98,10 @@ class _EngineCollector(Collector):
                       "effective_attention_block_size": str(self.block_size), "num_gpu_blocks": str(blocks),
                       "kv_cache_size_tokens": str(blocks * self.block_size),
                       "kv_cache_max_concurrency": str(round(blocks * self.block_size / e.limits.max_model_len, 2))}
+            # Labelled with the engine index and the configuration, not the model (as vLLM labels it).
             info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                                     labels=[*names, *config])
-            info.add_metric([*values, *config.values()], 1.0)
+                                     labels=["engine", *config])
+            info.add_metric([self.labels["engine"], *config.values()], 1.0)
             yield info
         else:
             yield gauge("sglang:num_running_reqs", "The number of running requests.", len(e.running))
