@@ -98,9 +98,10 @@ class _EngineCollector(Collector):
                       "effective_attention_block_size": str(self.block_size), "num_gpu_blocks": str(blocks),
                       "kv_cache_size_tokens": str(blocks * self.block_size),
                       "kv_cache_max_concurrency": str(round(blocks * self.block_size / e.limits.max_model_len, 2))}
+            # Labelled with the engine index and the configuration, not the model (as vLLM labels it).
             info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                                     labels=[*names, *config])
-            info.add_metric([*values, *config.values()], 1.0)
+                                     labels=["engine", *config])
+            info.add_metric([self.labels["engine"], *config.values()], 1.0)
             yield info
         else:
             yield gauge("sglang:num_running_reqs", "The number of running requests.", len(e.running))
@@ -136,17 +137,17 @@ class EngineMetrics:
         self.e2e = hist("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                         VLLM_E2E_BUCKETS)
         self.queue = hist("request_queue_time_seconds" if flavor == "vllm" else "queue_time_seconds",
-                          "Histogram of time spent in WAITING phase for request.", VLLM_E2E_BUCKETS)
-        self.phases: tuple[Histogram, Histogram, Histogram] | None = None
-        self.iteration: Histogram | None = None
+                          "Histogram of time spent in WAITING phase for request." if flavor == "vllm" else
+                          "Histogram of time spent waiting in the queue in seconds.", VLLM_E2E_BUCKETS)
+        # vLLM only: a request's running time split at its first token, and the tokens of each engine step.
+        self.prefill_time = self.decode_time = self.inference_time = self.iteration = None
         if flavor == "vllm":
-            self.phases = (
-                hist("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                     VLLM_E2E_BUCKETS),
-                hist("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                     VLLM_E2E_BUCKETS),
-                hist("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
-                     VLLM_E2E_BUCKETS))
+            self.prefill_time = hist("request_prefill_time_seconds",
+                                     "Histogram of time spent in PREFILL phase for request.", VLLM_E2E_BUCKETS)
+            self.decode_time = hist("request_decode_time_seconds",
+                                    "Histogram of time spent in DECODE phase for request.", VLLM_E2E_BUCKETS)
+            self.inference_time = hist("request_inference_time_seconds",
+                                       "Histogram of time spent in RUNNING phase for request.", VLLM_E2E_BUCKETS)
             self.iteration = hist("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                   VLLM_ITERATION_TOKEN_BUCKETS)
             engine.on_iteration = self.observe_iteration
@@ -164,11 +165,12 @@ class EngineMetrics:
         """A finished request: its end-to-end time and, when known, its prefill (scheduled -> first
         token) and decode (first token -> end) phases, as vLLM splits its running time."""
         self.e2e.labels(**self._labels).observe(e2e)
-        if self.phases is not None and prefill_s is not None and decode_s is not None:
-            prefill, decode, inference = self.phases
-            prefill.labels(**self._labels).observe(prefill_s)
-            decode.labels(**self._labels).observe(decode_s)
-            inference.labels(**self._labels).observe(prefill_s + decode_s)
+        if prefill_s is None or decode_s is None:
+            return
+        for hist, seconds in ((self.prefill_time, prefill_s), (self.decode_time, decode_s),
+                              (self.inference_time, prefill_s + decode_s)):
+            if hist is not None:
+                hist.labels(**self._labels).observe(seconds)
 
     def observe_iteration(self, tokens: int, steps: int) -> None:
         """``steps`` engine iterations of ``tokens`` tokens each (a decode plan covers several)."""

@@ -129,7 +129,7 @@ class SimServer:
             kv_capacity_tokens=settings.kv_capacity_tokens or profile.kv_capacity_tokens,
             max_num_seqs=settings.max_num_seqs or profile.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or profile.max_num_batched_tokens,
-            max_model_len=profile.model.max_model_len,
+            max_model_len=settings.max_model_len or profile.model.max_model_len,
             host_cache_tokens=settings.host_cache_tokens,
             host_link_gbytes_s=settings.host_link_gbytes_s,
         )
@@ -241,6 +241,8 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             await asyncio.Event().wait()  # accepted, never answered: the caller's timeout must fire
         if (err := server.injected_error()) is not None:
             return err
+        if isinstance(body, ChatCompletionRequest) and not body.messages and body.x_tandem is None:
+            return wire.missing_field("messages")
         if body.model != server.model_name:
             return wire.unknown_model(body.model, server.model_name)
         if len(server.driver.pending) >= settings.max_pending:
@@ -406,7 +408,8 @@ async def _sse(server: SimServer, pending: _Pending, kind: str, rid: str, seed: 
         async for i, last in _token_stream(server.driver, pending):
             if i == 0 and kind == "chat":
                 yield f"data: {json.dumps(wire.role_chunk(rid, model))}\n\n"
-            chunk = wire.token_chunk(kind, rid, model, output_token(seed, i), "length" if last else None)
+            chunk = wire.token_chunk(kind, rid, model, output_token(seed, i), "length" if last else None,
+                                     closing=last and not include_usage)
             yield f"data: {json.dumps(chunk)}\n\n"
         if include_usage:
             usage_chunk = wire.usage_chunk(kind, rid, model, server.usage(pending.req, stream=True))

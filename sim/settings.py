@@ -24,6 +24,8 @@ class SimSettings(TandemSettings):
     metrics: Literal["vllm", "sglang"] = Field("vllm", description="metric names to export")
     max_num_seqs: int | None = Field(None, gt=0, description="max running sequences (default: profile)")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="token budget per iteration")
+    max_model_len: int | None = Field(None, gt=0, description="context length in tokens (vLLM's --max-model-len; "
+                                      "default: the profile's model)")
     kv_capacity_tokens: int | None = Field(None, gt=0, description="override the KV capacity from the profile")
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier in tokens (0: none); blocks "
                                    "evicted from GPU go there and hits are loaded over PCIe, not recomputed")

@@ -58,6 +58,12 @@ def unknown_model(model: str, served: str) -> JSONResponse:
     return error(404, f"The model `{model}` does not exist. Valid aliases: {served}.", "model")
 
 
+def missing_field(name: str) -> JSONResponse:
+    """What vLLM's request model answers for a required field the body lacks."""
+    detail = {"type": "missing", "loc": f"body.{name}", "msg": "Field required"}
+    return error(400, f"1 validation error:\n  {detail}", f"body.{name}", "Bad Request")
+
+
 def check_parameters(body: CompletionRequest | ChatCompletionRequest, max_model_len: int) -> None:
     """vLLM's checks of the sampling parameters the simulator reads (raises :class:`EngineRefusal`)."""
     if body.stream_options is not None and not body.stream:
@@ -98,14 +104,16 @@ def output_limit(asked: int | None, default: int, prompt_tokens: int, max_model_
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, details: bool) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens} if details else None}
+            "prompt_tokens_details": {"cached_tokens": cached_tokens} if details else None,
+            "completion_tokens_details": None}
 
 
 def stream_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, details: bool) -> dict[str, Any]:
-    """A stream's usage chunk leaves the details out entirely unless enabled."""
-    out = usage(prompt_tokens, completion_tokens, cached_tokens, details)
-    if not details:
-        del out["prompt_tokens_details"]
+    """A stream's usage chunk: the counts, and the details only when enabled."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+                           "completion_tokens": completion_tokens}
+    if details:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return out
 
 
@@ -140,17 +148,24 @@ def role_chunk(rid: str, model: str) -> dict[str, Any]:
                          "finish_reason": None}], "prompt_token_ids": None, "prompt_text": None}
 
 
-def token_chunk(kind: str, rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
+def token_chunk(kind: str, rid: str, model: str, text: str, finish: str | None, *, closing: bool = False
+                ) -> dict[str, Any]:
+    """One token's chunk; ``closing``: the stream's last chunk (no usage chunk follows), which carries
+    the system fingerprint."""
     created = int(time.time())
     if kind == "chat":
         choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = None
         choice["token_ids"] = None
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
-                         "prompt_token_ids": None, "token_ids": None}]}
+        out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    else:
+        out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None,
+                            "prompt_token_ids": None, "token_ids": None}]}
+    if closing:
+        out["system_fingerprint"] = fingerprint()
+    return out
 
 
 def usage_chunk(kind: str, rid: str, model: str, use: dict[str, Any]) -> dict[str, Any]:

@@ -97,16 +97,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(default_factory=list, max_length=10_000)
-
-    @model_validator(mode="after")
-    def _has_messages(self) -> ChatCompletionRequest:
-        if not self.messages and self.x_tandem is None:
-            raise ValueError("messages: at least one message is required")
-        return self
+    messages: list[ChatMessage] | None = Field(None, max_length=10_000, description="required unless x_tandem")
 
     def prompt_text(self) -> str:
-        return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages)
+        return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages or ())
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
