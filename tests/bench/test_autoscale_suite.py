@@ -129,7 +129,8 @@ def test_tandem_does_not_oscillate_on_bursts_shorter_than_the_start_up() -> None
     s = summarise(res, slo, 300.0)
     assert direction_changes(res.actions, 600.0) <= 1, res.actions
     assert s["slo_attainment"] >= 0.95
-    assert any("recurring bursts" in d for d in scaler.decisions)
+    # (No assertion that a burst hold fired: since "hold only recurring bursts that missed the SLO",
+    # bursts the pool absorbs need no hold; the two behaviours above are what the issue asks for.)
 
 
 def test_peers_act_on_their_own_clock_and_signals() -> None:
