@@ -11,6 +11,7 @@ What the simulator does not imitate is listed in docs/simulator.md.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -69,9 +70,12 @@ def check_parameters(body: CompletionRequest | ChatCompletionRequest, max_model_
     if body.stream_options is not None and not body.stream:
         raise EngineRefusal("Stream options can only be defined when `stream=True`.", "stream_options",
                             value=body.stream_options.model_dump())
-    if body.temperature is not None and body.temperature < 0:
-        raise EngineRefusal(f"temperature must be non-negative, got {body.temperature}.", "temperature",
-                            value=body.temperature)
+    if body.temperature is not None:
+        t = body.temperature
+        why = ("must be a finite number" if not math.isfinite(t) else "must be non-negative" if t < 0
+               else "must be in [0, 2]" if t > 2 else None)
+        if why is not None:
+            raise EngineRefusal(f"temperature {why}, got {t}.", "temperature", value=t)
     if body.n is not None and body.n < 1:
         raise EngineRefusal(f"n must be at least 1, got {body.n}.", "n", value=body.n)
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"

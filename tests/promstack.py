@@ -310,6 +310,16 @@ class PromStack:
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f"not ready: {sorted(pending)}; exited: {dead}; logs in {self.workdir}")
                 time.sleep(0.1)
+            # Every target scraped once before any traffic: a series first seen after its first
+            # increment would hide that increment from increase() (the point of the zero-initialised series).
+            while True:
+                targets = client.get(self.prometheus + "/api/v1/targets").json()["data"]["activeTargets"]
+                down = [t["scrapeUrl"] for t in targets if t["health"] != "up"]
+                if targets and not down:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Prometheus has not scraped {down} (logs in {self.workdir})")
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for proc in self.procs:

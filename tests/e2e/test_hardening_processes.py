@@ -86,10 +86,27 @@ def workers_gateway(engine: str, tmp_path_factory: pytest.TempPathFactory) -> It
     redis = RedisServer()
     try:
         with gateway_process("--instances", engine, "--workers", "2", "--redis-url", redis.url,
-                             "--api-keys-file", str(keys), "--state-sync-interval", "0.1") as (url, _):
+                             "--api-keys-file", str(keys), "--admin-api-keys", WORKERS_ADMIN_KEY,
+                             "--state-sync-interval", "0.1") as (url, _):
+            wait_until_workers_see_each_other(url)
             yield url, redis
     finally:
         redis.kill()
+
+
+WORKERS_ADMIN_KEY = "workers-admin-key-0123"
+
+
+def wait_until_workers_see_each_other(url: str, timeout: float = 30.0) -> None:
+    """Both workers have seen the other in the shared state: the N of the fallback's 1/N is known
+    before any test kills Redis (a test may be the first its xdist worker runs on this gateway)."""
+    deadline, ready = time.monotonic() + timeout, set()
+    while ready != {"0", "1"}:
+        assert time.monotonic() < deadline, f"workers that saw a peer: {sorted(ready)}"
+        r = fresh("GET", url + "/admin/instances", headers={"Authorization": f"Bearer {WORKERS_ADMIN_KEY}"})
+        if r.json()["peers"]:
+            ready.add(r.headers["x-tandem-worker"])
+        time.sleep(0.05)
 
 
 def spend(url: str, key: str, count: int, prompt: str = "request", **body: object) -> tuple[list[int], set[str]]:
