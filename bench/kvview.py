@@ -69,9 +69,9 @@ class KVViewBench(TandemSettings):
     groups: int = Field(4, ge=1, description="system prompts")
     per_group: int = Field(3, ge=1, description="conversations per system prompt")
     turns: int = Field(5, ge=1, le=20, description="turns per conversation")
-    system_words: int = Field(80, ge=1, description="system prompt length in words (~3.5 tokens each for the tiny "
-                              "model)")
-    turn_words: int = Field(40, ge=1, description="words each turn adds")
+    system_words: int = Field(280, ge=1, description="system prompt length in words (one token each for the tiny "
+                              "model: its tokenizer learned every prompt word)")
+    turn_words: int = Field(140, ge=1, description="words each turn adds")
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight")
     views: str = Field("shadow,events", description="cache views to compare: shadow, events")
     restart: bool = Field(True, description="run the engine-restart scenario (events view)")

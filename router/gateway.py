@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -27,8 +28,9 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from tandem.kvindex import EventCacheView
-from tandem.router.admission import admit
+from tandem.router.admission import admit, gate
 from tandem.router.cachereset import CacheReset, exact_view_stale
+from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.kvsubscriber import KVEventSubscriber
 from tandem.router.metrics import GatewayMetrics
@@ -36,7 +38,9 @@ from tandem.router.observations import Observer, RequestTrace, max_attainable_pr
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, new_instance_state
 from tandem.router.proxy import Upstream
+from tandem.router.ratelimit import RateLimiter, RedisLimiter
 from tandem.router.remote_status import RemotePoolReporter, RemoteView
+from tandem.router.requestview import PATHS, Kind
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy, policy_names
@@ -47,7 +51,7 @@ from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
 from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
-from tandem.router.tokens import EngineTokenizer
+from tandem.router.tokenizer import load_tokenizer
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
@@ -78,7 +82,11 @@ class Gateway:
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        self.tokenizer = EngineTokenizer.load(settings.tokenizer) if settings.tokenizer else None
+        self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        # model -> its engines' KV block size (vLLM cache_config_info), kept by the tick from the scrapes:
+        # admission hashes prompts in these blocks too, for the observations' hit estimate.
+        self.engine_blocks: dict[str, int] = {}
+        self.cpu = CpuWork(settings.admission_threads, settings.admission_queue)
         self.worker = worker
         self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
         self.siblings = Siblings(worker.sibling_sockets) if worker else None
@@ -105,6 +113,7 @@ class Gateway:
         self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
         self.pd_router = PDRouter(self)
         self.unified = UnifiedRouter(self)
+        self.context_len: dict[str, int] = {}  # model -> max_model_len its engines reported (/v1/models)
         self.endpoints: set[Endpoint] = set()
         self._joining: dict[str, asyncio.Task[None]] = {}
         self.upstream: Upstream | None = None
@@ -114,6 +123,9 @@ class Gateway:
                                       if settings.redis_url else MemoryStateBackend())
         self.metrics.state_backend_up.labels(self.backend.name).set(1)
         self.metrics.backend_known(self.backend.name)
+        # Per-key limits: one budget across workers and replicas through Redis (local 1/N when it is down).
+        self.limiter = RateLimiter(RedisLimiter(settings.redis_url, settings.redis_prefix, timeout=0.25)
+                                   if settings.redis_url else None, processes=lambda: 1 + len(self.peers))
         self._remote: dict[str, SharedLoad] = {}  # peers' load folded into our InstanceStates
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
@@ -171,6 +183,13 @@ class Gateway:
         for ep in added:
             self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
 
+    def instance_label(self, ep: Endpoint) -> str:
+        """What clients and /metrics call an engine: its URL only with --expose-topology; otherwise an
+        opaque id, stable across gateway replicas and restarts (the pod name, else a hash of the URL)."""
+        if self.settings.expose_topology:
+            return ep.url
+        return ep.name or "i-" + hashlib.sha256(ep.url.encode()).hexdigest()[:12]
+
     def engine_headers(self, ep: Endpoint) -> dict[str, str]:
         """Credentials an engine needs: the remote prefill pool's token, sent to its engines only (it
         authenticates this gateway to another cluster; local engines never see it)."""
@@ -188,17 +207,21 @@ class Gateway:
                 async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
                     resp = await client.get(ep.url + "/v1/models", headers=self.engine_headers(ep))
                     resp.raise_for_status()
-                    model = resp.json()["data"][0]["id"]
+                    card = resp.json()["data"][0]
+                    model = card["id"]
+                    if isinstance(limit := card.get("max_model_len"), int) and limit > 0:  # vLLM, sglang
+                        self.context_len[model] = limit
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        label = self.instance_label(ep)
         state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
         if ep.kv_events is not None:
-            state.exact = self._subscribe(ep)
+            state.exact = self._subscribe(ep, label)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
-        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
-        self.metrics.instance_known(ep.url)
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=label)
+        self.metrics.instance_known(inst.label)
         if ep.role == "unified":
             pool = self.pools.get(model)
             if pool is None:
@@ -217,17 +240,18 @@ class Gateway:
 
     # --- the exact cache view and cache resets ----------------------------------------------
 
-    def _subscribe(self, ep: Endpoint) -> EventCacheView:
-        """Start following the engine's KV-cache events; its view answers once in sync."""
+    def _subscribe(self, ep: Endpoint, label: str) -> EventCacheView:
+        """Start following the engine's KV-cache events; its view answers once in sync. ``label``: what
+        /metrics calls the instance (:meth:`instance_label`)."""
         assert ep.kv_events is not None
         if self._zmq is None:
             self._zmq = zmq.asyncio.Context()
         view = EventCacheView(self.settings.kv_index_blocks)
         sub = KVEventSubscriber(ep.url, ep.kv_events, view, self._zmq, self.cache_reset, self.metrics,
-                                queue_size=self.settings.kv_events_queue,
+                                label=label, queue_size=self.settings.kv_events_queue,
                                 replay_timeout=self.settings.kv_replay_timeout)
         self.subscribers[ep.url] = sub
-        self.metrics.kv_events_known(ep.url)
+        self.metrics.kv_events_known(label)
         sub.start()
         log.info("instance %s: following its KV-cache events at %s", ep.url, ep.kv_events.endpoint)
         return view
@@ -242,12 +266,13 @@ class Gateway:
         self._reset_tokens[iid] = reset.token
         sub = self.subscribers.get(iid)
         stale = sub is not None and exact_view_stale(reset, sub.view.live, sub.oldest_ts)
-        for inst in self.all_instances():
-            if inst.id == iid:
-                inst.state.shadow.clear()
+        known = [inst for inst in self.all_instances() if inst.id == iid]
+        for inst in known:
+            inst.state.shadow.clear()
         if stale and sub is not None:
             sub.clear()
-        self.metrics.cache_resets.labels(iid, reset.reason).inc()
+        if known:  # a peer's reset of an engine this process does not serve has no series here
+            self.metrics.cache_resets.labels(known[0].label, reset.reason).inc()
         log.warning("instance %s: engine cache %s (%s%s): cache views cleared", iid, reset.reason, reset.source,
                     "" if local else ", seen by a peer")
         if local:
@@ -272,12 +297,14 @@ class Gateway:
             self.pd_router.tick()
             for pool in self.pools.values():
                 pool.tick()
-                for iid, inst in pool.instances.items():
-                    self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
-                    self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
-                    self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
+                for inst in pool.instances.values():
+                    self.metrics.queue_length.labels(inst.label).set(inst.state.queued_requests)
+                    self.metrics.inflight.labels(inst.label).set(inst.state.inflight_requests)
+                    self.metrics.breaker_open.labels(inst.label).set(1 if inst.breaker.state == "open" else 0)
             counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
             for inst in self.all_instances():
+                if inst.snapshot is not None and inst.snapshot.block_size:
+                    self.engine_blocks[inst.model] = inst.snapshot.block_size
                 st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
                 key = (inst.model, inst.endpoint.role, st)
                 counts[key] = counts.get(key, 0) + 1
@@ -350,7 +377,8 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
-                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
+                                 first_byte_timeout=s.first_byte_timeout, stream_idle_timeout=s.stream_idle_timeout,
+                                 max_stream_s=s.max_stream_duration, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
                                ssl_context=self.engine_tls, headers=self.engine_headers, on_restart=self.cache_reset)
@@ -390,6 +418,8 @@ class Gateway:
         if self.upstream:
             await self.upstream.close()
         await self.backend.close()
+        await self.limiter.close()
+        self.cpu.close()
         if self.siblings:
             await self.siblings.close()
 
@@ -429,22 +459,48 @@ class Gateway:
         if self.active == 0:
             self._idle.set()
 
-    async def handle(self, request: Request, kind: str) -> Response:
+    def served_models(self) -> list[str]:
+        """Every model an instance of this gateway serves, unified or disaggregated."""
+        return sorted({i.model for i in self.all_instances() if not i.removed})
+
+    async def handle(self, request: Request, kind: Kind) -> Response:
         """One generation request, from admission to the unified or the disaggregated path."""
-        admitted = await admit(self, request, kind)
-        if isinstance(admitted, Response):
-            return admitted
-        a = admitted
-        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        self.enter()
+        if (refused := gate(self)) is not None:
+            return refused
+        self.enter()  # from here on, body reading included: a slow client holds a slot, not a free pass
         try:
+            a = await admit(self, request, kind)
+            if isinstance(a, Response):
+                self.leave()
+                return a
+            path = PATHS[kind]
             if a.pool is None:
                 return await self.pd_router.serve(request, a.data, replace(a.rreq, model=a.body.model), path,
-                                                  a.body.stream, a.policy)
-            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy)
+                                                  a.body, a.policy, a.engine_key)
+            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy,
+                                            a.engine_key)
         except BaseException:
             self.leave()
             raise
+
+    def output_in_force(self, model: str, asked: int, prompt_tokens: int) -> int:
+        """The output tokens a request may produce: what it asked for, or, when it set no limit, the
+        configured default, the model's context length less the prompt, or the gateway's output limit
+        (``asked`` 0: no limit set)."""
+        if asked:
+            return asked
+        if self.settings.default_output_tokens:
+            return self.settings.default_output_tokens
+        if (context := self.context_len.get(model)) is not None:
+            return max(1, context - prompt_tokens)
+        return self.settings.max_output_tokens
+
+    def first_byte_s(self, prompt_tokens: int) -> float:
+        """How long an engine has to start a stream of ``prompt_tokens``: the first-byte timeout plus a
+        multiple of the profile's prefill estimate (linear and attention terms), so that a hung engine is
+        left after seconds while a long prompt still gets its prefill."""
+        estimate = prompt_tokens * self.prefill_s_per_token + prompt_tokens ** 2 / 2 * self.prefill_cost.attn_pair_s
+        return self.settings.first_byte_timeout + self.settings.first_byte_prefill_factor * estimate
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):08x}"

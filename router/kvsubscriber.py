@@ -82,10 +82,14 @@ OnReset = Callable[[CacheReset], None]
 
 
 class KVEventSubscriber:
+    """``instance_id`` names the instance in its resets (the shared state's key); ``label`` in /metrics
+    (an opaque id unless the gateway exposes its topology; the instance id when not given)."""
+
     def __init__(self, instance_id: str, source: KVEventsSource, view: EventCacheView, ctx: zmq.asyncio.Context,
-                 on_reset: OnReset, metrics: GatewayMetrics, *, queue_size: int = 4096,
+                 on_reset: OnReset, metrics: GatewayMetrics, *, label: str | None = None, queue_size: int = 4096,
                  replay_timeout: float = 2.0) -> None:
         self.instance_id, self.source, self.view, self.ctx = instance_id, source, view, ctx
+        self.label = label or instance_id
         self.on_reset, self.metrics = on_reset, metrics
         self.replay_timeout = replay_timeout
         self.seq = Sequencer()
@@ -93,8 +97,8 @@ class KVEventSubscriber:
         self.queue: asyncio.Queue[list[bytes]] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._batches = metrics.kv_batches.labels(instance_id)
-        self._blocks = metrics.kv_index_blocks.labels(instance_id)
+        self._batches = metrics.kv_batches.labels(self.label)
+        self._blocks = metrics.kv_index_blocks.labels(self.label)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -217,12 +221,12 @@ class KVEventSubscriber:
             if verdict in ("duplicate", "apply"):  # the replay brought it (it was buffered before we asked)
                 if verdict == "apply":
                     self._apply(msg)
-                self.metrics.kv_gaps.labels(self.instance_id, "replayed").inc()
+                self.metrics.kv_gaps.labels(self.label, "replayed").inc()
                 return
         # Not replayable (no replay socket, its buffer no longer holds them, or no answer).
         log.warning("instance %s: KV-event batches before %d missed and not replayable: cache view cleared",
                     self.instance_id, msg.seq)
-        self.metrics.kv_gaps.labels(self.instance_id, "cleared").inc()
+        self.metrics.kv_gaps.labels(self.label, "cleared").inc()
         self.clear()
         self._apply(msg)
 

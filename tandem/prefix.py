@@ -17,8 +17,26 @@ _PIECE = re.compile(r"\w+|[^\w\s]")
 _SEED = 0x7A3D
 
 
+_SPACE = re.compile(r"\s")
+_WINDOW = 1 << 14
+
+
 def tokenize(text: str) -> list[str]:
-    return _PIECE.findall(text)
+    """Word and punctuation pieces. A long text is cut into ~16 KiB windows at whitespace (no piece
+    spans whitespace: the pieces are the same), because one regex call holds the interpreter lock
+    throughout: between windows, other threads (a gateway's event loop) get their turn."""
+    if len(text) <= _WINDOW:
+        return _PIECE.findall(text)
+    out: list[str] = []
+    start, n = 0, len(text)
+    while start < n:
+        end = start + _WINDOW
+        if end < n:
+            space = _SPACE.search(text, end)
+            end = space.start() if space else n
+        out.extend(_PIECE.findall(text, start, end))
+        start = end
+    return out
 
 
 def count_tokens(text: str) -> int:
@@ -52,12 +70,20 @@ def text_block_hashes(text: str, block_size: int) -> tuple[int, list[int]]:
 
 
 _ID_MASK = (1 << 63) - 1
+PIECE_ID_BITS = 31  # a piece's id: non-negative in a signed 32-bit int, as a vocabulary's token ids are
+
+
+def piece_ids(pieces: Iterable[str]) -> list[int]:
+    """Token ids of :func:`tokenize`'s pieces (a hash of each, the same in every process): ``tandem sim``'s
+    vocabulary (its ``/tokenize``, the ids in its KV-cache events), and what the gateway, without the
+    engine's tokenizer, matches those events with."""
+    mask = (1 << PIECE_ID_BITS) - 1
+    return [xxhash.xxh32_intdigest(piece.encode()) & mask for piece in pieces]
 
 
 def word_ids(text: str) -> list[int]:
-    """Token ids of the word/punctuation split: what ``tandem sim`` reports in its KV-cache events and
-    what the gateway, without the engine's tokenizer, matches them with (a 32-bit hash per piece)."""
-    return [xxhash.xxh32_intdigest(piece.encode()) for piece in _PIECE.findall(text)]
+    """:func:`piece_ids` of a text."""
+    return piece_ids(tokenize(text))
 
 
 def block_id_tokens(hash_ids: Sequence[int], block_size: int, prompt_tokens: int) -> list[int]:

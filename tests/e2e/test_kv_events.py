@@ -28,7 +28,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog . " * 40 + "end"
 
 
 def sim_settings(tmp: Path, name: str, **kw: object) -> SimSettings:
-    return SimSettings(kv_events=f"ipc://{tmp}/{name}.pub", kv_events_replay=f"ipc://{tmp}/{name}.replay", **kw)
+    return SimSettings(kv_events=f"ipc://{tmp}/{name}.pub", kv_events_replay=f"ipc://{tmp}/{name}.replay",
+                       enable_prompt_tokens_details=True, **kw)
 
 
 async def complete(client: httpx.AsyncClient, prompt: str) -> tuple[str, int]:
@@ -52,10 +53,10 @@ async def exact_state(client: httpx.AsyncClient, url: str) -> dict | None:
 async def test_exact_view_estimates_what_the_engine_serves_and_resets_at_once(tmp_path: Path) -> None:
     async with serving(create_app(sim_settings(tmp_path, "a"))) as a, \
             serving(create_app(sim_settings(tmp_path, "b"))) as b, \
-            serving(create_app(SimSettings())) as c:
+            serving(create_app(SimSettings(enable_prompt_tokens_details=True))) as c:
         events = {a: f"ipc://{tmp_path}/a.pub,replay=ipc://{tmp_path}/a.replay",
                   b: f"ipc://{tmp_path}/b.pub,replay=ipc://{tmp_path}/b.replay"}
-        app = gateway_app([a, b, c], kv_events=events)
+        app = gateway_app([a, b, c], kv_events=events, expose_topology=True)  # engine URLs in headers, metrics
         async with serving(app) as gw, httpx.AsyncClient(base_url=gw, timeout=10) as client:
             async def live() -> bool:
                 return all([(await exact_state(client, u) or {}).get("live") for u in (a, b)])
@@ -95,13 +96,14 @@ async def test_exact_view_estimates_what_the_engine_serves_and_resets_at_once(tm
 
 def ring_candidates(app, prompt: str) -> tuple[str, ...]:
     """The two instances DualMap's rings give a prompt (routing's own functions, no request sent)."""
-    from tandem.openai_api import CompletionRequest
     from tandem.router.admission import route_request
+    from tandem.router.requestview import read_view
 
     gw = app.state.gateway
     pool = gw.pools[MODEL]
     policy = pool.scheduler(gw.settings.policy).policy
-    rreq = route_request(CompletionRequest(model=MODEL, prompt=prompt), gw.settings.block_size, gw.tokenizer)
+    rreq, _ = route_request(read_view({"model": MODEL, "prompt": prompt}, "completion"), gw.settings.block_size,
+                            gw.tokenizer)
     pair = policy.rings.candidates(policy.keyer.key(rreq)[0], lambda iid: True)
     return tuple(pair) if pair else ()
 
@@ -123,8 +125,8 @@ async def test_replicas_agree_after_a_reset_only_one_of_them_saw(tmp_path: Path)
     pub, replay = f"ipc://{tmp_path}/e.pub", f"ipc://{tmp_path}/e.replay"
     pa, pb = free_port(), free_port()
     try:
-        with Process("sim", tandem_argv("sim", "--port", str(port), "--kv-events", pub, "--kv-events-replay", replay),
-                     cwd=ROOT) as sim, \
+        with Process("sim", tandem_argv("sim", "--port", str(port), "--kv-events", pub, "--kv-events-replay", replay,
+                                        "--enable-prompt-tokens-details"), cwd=ROOT) as sim, \
                 gateway_process(pa, engine, redis.url, "--kv-events", f"{engine}={pub},replay={replay}") as ga, \
                 gateway_process(pb, engine, redis.url) as gb:
             sim.wait_http(engine + "/health", 30)
@@ -162,7 +164,7 @@ async def test_engine_restart_seen_in_metrics_clears_the_view(flavor: str, reaso
     view of the restarted engine is cleared and its next request estimated as a miss."""
     port = restartable_port()
     engine = f"http://127.0.0.1:{port}"
-    argv = tandem_argv("sim", "--port", str(port), "--metrics", flavor)
+    argv = tandem_argv("sim", "--port", str(port), "--metrics", flavor, "--enable-prompt-tokens-details")
     app = gateway_app([engine], stale_after=30.0, block_size=16)  # routing blocks as the engine's: shadow hits
     with Process("sim", argv, cwd=ROOT) as sim:
         sim.wait_http(engine + "/health", 30)

@@ -20,8 +20,9 @@ from vllm_fixtures import MODEL, VllmFleet
 
 from tandem.bench.prompts import block_text
 from tandem.kvindex import chain_keys
-from tandem.openai_api import ChatCompletionRequest, CompletionRequest
-from tandem.router.tokens import EngineTokenizer
+from tandem.router.admission import route_request
+from tandem.router.requestview import Kind, read_view
+from tandem.router.tokenizer import EngineTokenizer, load_tokenizer
 from tandem.serve import serving
 
 pytestmark = pytest.mark.vllm
@@ -34,16 +35,24 @@ async def eventually(check, limit: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def engine_ids(body: dict, kind: Kind, tokenizer: EngineTokenizer) -> list[int]:
+    """The token ids the gateway gives the exact view for ``body`` (the engine's, through its tokenizer)."""
+    keyed = route_request(read_view(body, kind), 128, tokenizer)  # type: ignore[arg-type]
+    assert isinstance(keyed, tuple) and keyed[0].tokens is not None
+    return list(keyed[0].tokens.ids)
+
+
 async def test_gateway_estimates_real_vllm_hits_from_its_events_and_sees_resets(vllm_fleet: VllmFleet) -> None:
     urls = vllm_fleet.unified_urls
     events = {u: f"{ev.endpoint},replay={ev.replay_endpoint}" for u, ev in zip(urls, vllm_fleet.kv_events, strict=True)}
-    app = gateway_app(urls, tokenizer=vllm_fleet.tokenizer, kv_events=events, block_size=128)
-    tokenizer = EngineTokenizer.load(vllm_fleet.tokenizer)
+    # Engine URLs in x-tandem-instance: the test talks to the engine that served a request.
+    app = gateway_app(urls, tokenizer=vllm_fleet.tokenizer, kv_events=events, block_size=128, expose_topology=True)
+    tokenizer = load_tokenizer(vllm_fleet.tokenizer)
     seed = random.getrandbits(40)
-    prompt = block_text(seed, 150)  # ~3.5 tokens a word for the tiny model: several 128-token blocks
+    prompt = block_text(seed, 400)  # one token a word for the tiny model: several 128-token blocks
     chat = {"model": MODEL, "max_tokens": 2, "temperature": 0,
-            "messages": [{"role": "system", "content": block_text(seed + 1, 60)},
-                         {"role": "user", "content": block_text(seed + 2, 60)}]}
+            "messages": [{"role": "system", "content": block_text(seed + 1, 150)},
+                         {"role": "user", "content": block_text(seed + 2, 150)}]}
     async with serving(app) as gw, httpx.AsyncClient(base_url=gw, timeout=60) as client:
         gateway = app.state.gateway
         await eventually(lambda: all(s.view.live for s in gateway.subscribers.values()))
@@ -62,11 +71,11 @@ async def test_gateway_estimates_real_vllm_hits_from_its_events_and_sees_resets(
             assert again.headers["x-tandem-instance"] == instance and decision["cache_views"][instance] == "exact"
             return instance, decision["hit_tokens"], again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-        ids = tokenizer.ids(CompletionRequest(model=MODEL, prompt=prompt))
+        ids = engine_ids({"model": MODEL, "prompt": prompt}, "completion", tokenizer)
         instance, estimated, served = await twice({"model": MODEL, "prompt": prompt, "max_tokens": 2,
                                                    "temperature": 0}, "/v1/completions", ids)
         assert estimated == served == (len(ids) - 1) // 128 * 128 > 0  # whole blocks, never the last token
-        chat_ids = tokenizer.ids(ChatCompletionRequest.model_validate(chat))
+        chat_ids = engine_ids(chat, "chat", tokenizer)
         _, estimated, served = await twice(chat, "/v1/chat/completions", chat_ids)
         assert estimated == served == (len(chat_ids) - 1) // 128 * 128 > 0  # the chat template, as vLLM renders it
 

@@ -54,10 +54,10 @@ def vllm_decoded() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tokenize():
+    """The recorded engine's tokenizer (saved with the recording: the tiny model's has changed since)."""
     tokenizers = pytest.importorskip("tokenizers")
-    from tandem.bench import tinymodel
 
-    tok = tokenizers.Tokenizer.from_file(str(tinymodel.build() / "tokenizer.json"))
+    tok = tokenizers.Tokenizer.from_file(str(FIXTURES / "tokenizer" / "tokenizer.json"))
     return lambda text: tok.encode(text, add_special_tokens=True).ids
 
 
