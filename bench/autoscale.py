@@ -679,9 +679,9 @@ def plot_timelines(results: dict[str, ReplayResult], path: Path, ttft_s: float, 
     for name, res in results.items():
         tl = res.timeline
         for role, counts in tl.replicas.items():
-            axes[1].step(tl.time, counts, styles[name], where="post", label=f"{name} {role}")
+            axes[1].step(tl.time, counts, linestyle=styles[name], where="post", label=f"{name} {role}")
         axes[2].plot(tl.time, [min(a, b) for a, b in zip(tl.ttft_attainment, tl.tpot_attainment, strict=True)],
-                     styles[name], label=name)
+                     linestyle=styles[name], label=name)
     axes[1].set_ylabel("instances")
     axes[1].legend(fontsize=7, ncol=3)
     axes[2].set_ylabel(f"SLO attainment (window, TTFT<={ttft_s}s & TPOT)")
