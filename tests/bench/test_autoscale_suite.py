@@ -103,7 +103,8 @@ def test_suite_lists_every_family_with_unique_names() -> None:
     full, quick = suite(seeds=2), suite(quick=True)
     assert {s.family for s in full} == {"trace", "diurnal", *SYNTHETIC}
     assert len({s.name for s in full}) == len(full) and len({s.name for s in quick}) == len(quick)
-    assert {s.family for s in quick} == {"diurnal", *SYNTHETIC} and all(s.duration_s == 1200.0 for s in quick)
+    assert {s.family for s in quick} == {"diurnal", *SYNTHETIC}
+    assert all(s.duration_s == (3600.0 if s.family == "diurnal" else 1200.0) for s in quick)
     assert {float(s.params["on_s"]) for s in full if s.family == "onoff"} == {15.0, 60.0, 240.0}
 
 
