@@ -13,6 +13,14 @@ prompts cost quadratically (attention), which is why offloading the tail relieve
 much more than p suggests. The best t balances the two producers; the link term and the arrival
 rate (when known) push t up as the link nears its high-water mark, so offload never saturates it.
 
+The threshold is what maximises throughput; which side serves *one* request also depends on
+what is queued now. :meth:`OffloadController.choose` starts from the threshold and departs from it
+when the request's own first token would come sooner on the other side (queue-aware estimates of
+the local pool, the remote pool *and* the link, whose backlog is the KV committed to it and not yet
+delivered), or when only the other side meets its TTFT SLO. The link itself is measured, not taken
+from the configuration: :class:`LinkMeter` divides the bytes transfers delivered by the time the
+link was busy carrying them, so the threshold follows the bandwidth the link really has.
+
 Everything here is pure: the gateway and the autoscaler feed samples and measurements in and get a
 decision out (:class:`OffloadController` adds the sliding window and the re-solve period).
 """
@@ -20,16 +28,19 @@ decision out (:class:`OffloadController` adds the sliding window and the re-solv
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile
+from tandem.router.routing.types import ClusterView, RouteRequest
 
 Bottleneck = Literal["local_prefill", "remote_prefill", "decode", "link", "none"]
+Side = Literal["local", "remote"]
 
 
 class PrefillPoolSpeed(BaseModel):
@@ -166,10 +177,17 @@ class OffloadSettings(BaseModel):
     initial_threshold: int = Field(16384, ge=0, description="threshold before enough samples exist")
     min_samples: int = Field(50, ge=1, description="samples needed before the first solve")
     high_water: float = Field(0.85, gt=0, le=1)
-    min_threshold: int = Field(1024, ge=0, description="never offload shorter uncached prompts")
+    min_threshold: int = Field(0, ge=0, description="never offload shorter uncached prompts")
     fixed_threshold: int | None = Field(None, ge=0, description="pin t (lengthThreshold) instead of 'auto'")
     max_threshold: int | None = Field(None, ge=0, description="longest uncached prompt kept local (SLO bound)")
-    link_window_s: float = Field(30.0, gt=0, le=3600, description="window over which link egress is measured")
+    link_window_s: float = Field(30.0, gt=0, le=3600, description="window over which link egress and the "
+                                 "link's capacity are measured")
+    link_rtt_s: float = Field(0.0, ge=0, le=10, description="link round trip: taken off each transfer's "
+                              "time before the capacity is measured, added to the remote side's estimate")
+    side_choice: Literal["threshold", "queue_aware"] = Field(
+        "queue_aware", description="threshold: the solved t alone decides; queue_aware: t is the default and a "
+        "request moves to the other side when its first token comes sooner there (queues on both pools and "
+        "the link) or when only that side meets its TTFT SLO")
 
 
 class OffloadStatus(BaseModel):
@@ -179,65 +197,211 @@ class OffloadStatus(BaseModel):
     pinned: bool = Field(description="t is fixed (lengthThreshold) rather than re-solved")
     samples: int = Field(description="uncached lengths in the window")
     arrival_rps: float | None = Field(description="arrival rate measured over the sample window")
-    link_gbps: float = Field(description="link capacity, Gbit/s")
-    link_egress_gbps: float = Field(description="KV traffic this controller assigned to the link, Gbit/s, "
-                                                "over the last link_window_s")
+    link_gbps: float = Field(description="link capacity in use: measured when transfers were seen, else nominal")
+    link_nominal_gbps: float = Field(description="configured link capacity")
+    link_measured_gbps: float | None = Field(description="bytes delivered / time the link was busy, over the "
+                                             "last link_window_s (None: too few transfers yet)")
+    link_egress_gbps: float = Field(description="KV traffic this controller's offloads delivered over the link, "
+                                                "Gbit/s, over the last link_window_s")
     link_utilization: float = Field(description="link_egress_gbps / link_gbps")
+    link_committed_bytes: int = Field(description="KV bytes of requests routed remote whose KV has not arrived")
     local_instances: int
     remote_instances: int
+    side_choices: dict[str, int] = Field(description="requests routed per side and reason since start")
     last_decision: OffloadDecision | None = Field(description="the last solve (None while pinned or warming up)")
 
 
+@dataclass(frozen=True, slots=True)
+class SideChoice:
+    """Where one request's prefill runs, why, and the estimates behind it (seconds to the KV at
+    decode, calibrated); ``prefill_s``: the routing estimate of the chosen side's prefill leg as
+    given (uncalibrated), to be reported back with the measured leg (:meth:`OffloadController.learn`)."""
+
+    side: Side
+    reason: str  # threshold | faster | slo | no_remote | no_local
+    local_s: float | None
+    remote_s: float | None
+    prefill_s: float | None = None
+
+
+class Calibration:
+    """How far a pool's routing estimate is from the prefill legs measured: a running mean of
+    log(measured / estimated), so a pool whose requests take 1.3x what routing estimated (the
+    instance the policy picked is not the best one; the late-binding queue) is compared at 1.3x."""
+
+    def __init__(self, weight: float = 0.05, low: float = 0.25, high: float = 4.0) -> None:
+        self.weight, self.low, self.high = weight, math.log(low), math.log(high)
+        self._log = 0.0
+        self.samples = 0
+
+    def learn(self, estimated_s: float, measured_s: float) -> None:
+        if estimated_s <= 0 or measured_s <= 0:
+            return
+        x = min(self.high, max(self.low, math.log(measured_s / estimated_s)))
+        self.samples += 1
+        w = max(self.weight, 1 / self.samples)  # a plain mean until there are 1/weight samples
+        self._log += w * (x - self._log)
+
+    @property
+    def factor(self) -> float:
+        return math.exp(self._log)
+
+
+class LinkMeter:
+    """The cross-datacenter link as the transfers over it show it.
+
+    * **Capacity**: bytes delivered / time the link was busy, over the last ``window_s``. Busy time
+      is the union of the transfers' intervals (each shortened by the RTT, which is latency, not
+      bandwidth), so overlapping transfers are not counted twice and idle gaps not at all: a link
+      that carries whatever it is given at R bytes/s reads R whether one transfer or ten were in
+      flight. A transfer's interval is what the caller can see (the gateway: from sending the
+      decode its KV handshake to the decode's first byte), so anything else in it (the decode's first
+      step, an admission wait) makes the reading low, never high: offload errs towards less.
+    * **Committed bytes**: KV of requests routed to the remote pool whose transfer has not ended;
+      the link must carry all of it before a request routed now gets its own KV across.
+    * **Egress**: bytes delivered over the last ``window_s`` (what the link carried for us).
+    """
+
+    def __init__(self, nominal_gbps: float, window_s: float, rtt_s: float = 0.0, *, min_busy_s: float = 0.2,
+                 max_entries: int = 20_000) -> None:
+        self.nominal_gbps, self.window_s, self.rtt_s = nominal_gbps, window_s, rtt_s
+        self.min_busy_s = min_busy_s
+        self._done: deque[tuple[float, float, int]] = deque(maxlen=max_entries)  # (start, end, bytes)
+        self._done_bytes = 0
+        self._committed: OrderedDict[str, int] = OrderedDict()
+        self._max_committed = max_entries
+        self.committed_bytes = 0
+        self._measured: float | None = None
+        self._measured_at = -math.inf
+
+    def commit(self, key: str, nbytes: int) -> None:
+        """A request was routed remote: its KV will cross the link."""
+        self.release(key)
+        if len(self._committed) >= self._max_committed:  # bounded: the oldest (surely lost) goes
+            self.committed_bytes -= self._committed.popitem(last=False)[1]
+        self._committed[key] = nbytes
+        self.committed_bytes += nbytes
+
+    def release(self, key: str) -> None:
+        """The request will not transfer (failed, cancelled) or its transfer ended."""
+        self.committed_bytes -= self._committed.pop(key, 0)
+
+    def transferred(self, nbytes: int, started: float, now: float, key: str | None = None) -> None:
+        """A transfer of ``nbytes`` that began at ``started`` has ended at ``now``."""
+        if key is not None:
+            self.release(key)
+        if len(self._done) == self._done.maxlen:
+            self._done_bytes -= self._done[0][2]
+        self._done.append((min(now, started + self.rtt_s), now, nbytes))
+        self._done_bytes += nbytes
+        self._measured_at = -math.inf  # re-measure at the next read
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._done and self._done[0][1] <= now - self.window_s:
+            self._done_bytes -= self._done.popleft()[2]
+
+    def egress_gbps(self, now: float) -> float:
+        """Mean egress over the last ``window_s`` (a just-started gateway reads low, never high)."""
+        self._trim(now)
+        return self._done_bytes * 8 / 1e9 / self.window_s
+
+    def measured_gbps(self, now: float) -> float | None:
+        """Bytes / busy time over the window; None until the window holds ``min_busy_s`` of busy link.
+
+        Re-measured at most every 0.5 s of ``now`` (routing asks on every request); with no
+        transfer in the window the last reading stands (an idle link has not changed speed)."""
+        if now - self._measured_at < 0.5:
+            return self._measured
+        self._measured_at = now
+        self._trim(now)
+        busy, edge, nbytes = 0.0, -math.inf, 0
+        for start, end, b in sorted(self._done):
+            nbytes += b
+            if end > edge:
+                busy += end - max(start, edge)
+                edge = end
+        if busy >= self.min_busy_s and nbytes > 0:
+            self._measured = nbytes * 8 / 1e9 / busy
+        return self._measured
+
+    def capacity_gbps(self, now: float) -> float:
+        measured = self.measured_gbps(now)
+        return measured if measured is not None else self.nominal_gbps
+
+    def ahead_s(self, nbytes: int, now: float) -> float:
+        """Seconds of link time the committed transfers take from a transfer of ``nbytes``.
+
+        The link is shared fairly (processor sharing; TCP flows through one bottleneck roughly are),
+        so a transfer waits for each other transfer only up to its own size: a short KV slips past
+        a long one, a long one waits for everything committed. Committed transfers still being
+        prefilled are counted as if on the link (conservative)."""
+        ahead = sum(min(b, nbytes) for b in self._committed.values())
+        return ahead * 8 / 1e9 / self.capacity_gbps(now)
+
+    def headroom(self, nbytes: int, now: float, high_water: float) -> bool:
+        """Would ``nbytes`` more keep the link's delivered traffic over the window under
+        ``high_water`` of its capacity? A long-run budget: requests the threshold did not send use
+        only capacity the threshold's own traffic leaves free."""
+        projected = self.egress_gbps(now) + nbytes * 8 / 1e9 / self.window_s
+        return projected <= high_water * self.capacity_gbps(now)
+
+
+def best_estimate(cluster: ClusterView, req: RouteRequest) -> float | None:
+    """The lowest TTFT estimate over the pool's routable instances (queued work + this prompt's miss)."""
+    return min((st.ttft_estimate(req) for st in cluster.routable()), default=None)
+
+
 class OffloadController:
-    """Keeps the recent uncached-length window and re-solves t every ``resolve_every_s``.
+    """Keeps the recent uncached-length window, re-solves t every ``resolve_every_s``, and picks
+    each request's side.
 
     Pure: the caller passes the time and the measurements; nothing here reads a clock or a socket.
-    The link term uses the measured arrival rate, so when traffic grows the threshold rises
-    before the link saturates, and measured link traffic that is not ours shrinks the budget.
+    The link term uses the measured arrival rate and the *measured* link capacity, so when traffic
+    grows or the link slows the threshold rises before the link saturates, and measured link
+    traffic that is not ours shrinks the budget.
     """
 
     def __init__(self, settings: OffloadSettings, *, local: PrefillPoolSpeed, remote: PrefillPoolSpeed,
                  decode_rps: float, link_gbps: float, kv_bytes_per_token: int) -> None:
         self.settings = settings
         self.local, self.remote = local, remote
-        self.decode_rps, self.link_gbps, self.kv_bytes_per_token = decode_rps, link_gbps, kv_bytes_per_token
+        self.decode_rps, self.kv_bytes_per_token = decode_rps, kv_bytes_per_token
+        self.link = LinkMeter(link_gbps, settings.link_window_s, settings.link_rtt_s)
         self.samples: deque[int] = deque(maxlen=settings.window)
         self._arrivals: deque[float] = deque(maxlen=settings.window)
         self.threshold = settings.fixed_threshold if settings.fixed_threshold is not None \
             else settings.initial_threshold
         self.last: OffloadDecision | None = None
         self._next_solve = 0.0
-        # (time, bytes) of KV sent to the link; trimmed to link_window_s, bounded in count too.
-        self._egress: deque[tuple[float, int]] = deque(maxlen=100_000)
-        self._egress_bytes = 0
+        self.choices: dict[str, int] = {}
+        self.calibration: dict[Side, Calibration] = {"local": Calibration(), "remote": Calibration()}
 
-    def record_egress(self, nbytes: int, now: float) -> None:
-        """KV bytes this controller's offloads put on the link (counted once the decode accepted the KV handshake)."""
-        if len(self._egress) == self._egress.maxlen:
-            self._egress_bytes -= self._egress[0][1]
-        self._egress.append((now, nbytes))
-        self._egress_bytes += nbytes
-        self._trim(now)
+    @property
+    def link_gbps(self) -> float:
+        """The configured (nominal) link capacity."""
+        return self.link.nominal_gbps
 
-    def _trim(self, now: float) -> None:
-        while self._egress and self._egress[0][0] <= now - self.settings.link_window_s:
-            self._egress_bytes -= self._egress.popleft()[1]
+    def record_transfer(self, nbytes: int, started: float, now: float, key: str | None = None) -> None:
+        """KV bytes of one offload crossed the link between ``started`` and ``now``."""
+        self.link.transferred(nbytes, started, now, key)
 
     def egress_gbps(self, now: float) -> float:
-        """Mean egress over the last ``link_window_s`` (a just-started gateway reads low, never high)."""
-        self._trim(now)
-        return self._egress_bytes * 8 / 1e9 / self.settings.link_window_s
+        return self.link.egress_gbps(now)
 
     def link_utilization(self, now: float) -> float:
-        return self.egress_gbps(now) / self.link_gbps
+        return self.egress_gbps(now) / self.link.capacity_gbps(now)
 
     def status(self, now: float) -> OffloadStatus:
         egress = self.egress_gbps(now)
+        capacity = self.link.capacity_gbps(now)
         return OffloadStatus(
             threshold_tokens=self.threshold, pinned=self.settings.fixed_threshold is not None,
-            samples=len(self.samples), arrival_rps=self.arrival_rate(now), link_gbps=self.link_gbps,
-            link_egress_gbps=egress, link_utilization=egress / self.link_gbps,
-            local_instances=self.local.instances, remote_instances=self.remote.instances, last_decision=self.last)
+            samples=len(self.samples), arrival_rps=self.arrival_rate(now), link_gbps=capacity,
+            link_nominal_gbps=self.link.nominal_gbps, link_measured_gbps=self.link.measured_gbps(now),
+            link_egress_gbps=egress, link_utilization=egress / capacity,
+            link_committed_bytes=self.link.committed_bytes, local_instances=self.local.instances,
+            remote_instances=self.remote.instances, side_choices=dict(self.choices), last_decision=self.last)
 
     def observe(self, uncached_tokens: int, now: float) -> None:
         self.samples.append(uncached_tokens)
@@ -250,11 +414,69 @@ class OffloadController:
         return (len(self._arrivals) - 1) / span if span > 0 else None
 
     def should_offload(self, uncached_tokens: int) -> bool:
+        """The threshold alone: is this uncached length above t (and is there a remote pool)?"""
         return uncached_tokens > self.threshold and self.remote.instances > 0
 
-    def maybe_resolve(self, now: float, *, link_other_gbps: float = 0.0, remote_queue_s: float = 0.0,
-                      ) -> OffloadDecision | None:
-        """Re-solve when the period has passed and enough samples exist; returns the new decision."""
+    def choose(self, uncached_tokens: int, *, local_s: float | None, remote_prefill_s: float | None,
+               kv_bytes: int, now: float, slo_s: float | None = None) -> SideChoice:
+        """The side one request's prefill runs on.
+
+        ``local_s``/``remote_prefill_s``: the best instance's TTFT estimate in each pool, this
+        request included (queued work and its own miss; None: the pool has no routable instance).
+        The remote side's estimate adds the link: the KV cannot arrive before the prefill ends
+        (plus the RTT), nor before the link has given the committed transfers their fair share
+        (:meth:`LinkMeter.ahead_s`), and then needs its own bytes' time. With
+        ``side_choice="threshold"`` the threshold alone decides.
+
+        Starting from the threshold (which sizes the split for throughput), a request moves:
+        * above t to local, only if the remote side would miss its SLO and the local one would not;
+        * at or below t to remote, when its KV would reach decode sooner from there and the link's
+          delivered traffic leaves room under the high-water mark (the threshold's traffic first),
+          or, past the high-water mark but under the link's capacity, when only the remote side
+          meets its SLO.
+        """
+        raw = {"local": local_s, "remote": remote_prefill_s}
+        if remote_prefill_s is None or self.remote.instances <= 0:
+            return self._chose("local", "no_remote", local_s, None, raw)
+        link = self.link
+        remote_prefill_s *= self.calibration["remote"].factor
+        remote_s = max(remote_prefill_s + link.rtt_s, link.ahead_s(kv_bytes, now)) \
+            + kv_bytes * 8 / 1e9 / link.capacity_gbps(now)
+        if local_s is None:
+            return self._chose("remote", "no_local", None, remote_s, raw)
+        local_s *= self.calibration["local"].factor
+        above = uncached_tokens > self.threshold and uncached_tokens > self.settings.min_threshold
+        if self.settings.side_choice == "threshold":
+            return self._chose("remote" if above else "local", "threshold", local_s, remote_s, raw)
+        if above:
+            if slo_s is not None and remote_s > slo_s >= local_s:
+                return self._chose("local", "slo", local_s, remote_s, raw)
+            return self._chose("remote", "threshold", local_s, remote_s, raw)
+        if uncached_tokens > self.settings.min_threshold and remote_s < local_s:
+            if self.link.headroom(kv_bytes, now, self.settings.high_water):
+                return self._chose("remote", "faster", local_s, remote_s, raw)
+            if slo_s is not None and local_s > slo_s >= remote_s and self.link.headroom(kv_bytes, now, 1.0):
+                return self._chose("remote", "slo", local_s, remote_s, raw)
+        return self._chose("local", "threshold", local_s, remote_s, raw)
+
+    def _chose(self, side: Side, reason: str, local_s: float | None, remote_s: float | None,
+               raw: dict[str, float | None]) -> SideChoice:
+        key = f"{side}:{reason}"
+        self.choices[key] = self.choices.get(key, 0) + 1
+        return SideChoice(side, reason, local_s, remote_s, raw[side])
+
+    def learn(self, choice: SideChoice, measured_prefill_s: float) -> None:
+        """The chosen side's prefill leg (routing to the prefill's answer) took ``measured_prefill_s``."""
+        if choice.prefill_s is not None:
+            self.calibration[choice.side].learn(choice.prefill_s, measured_prefill_s)
+
+    def maybe_resolve(self, now: float, *, link_other_gbps: float = 0.0) -> OffloadDecision | None:
+        """Re-solve when the period has passed and enough samples exist; returns the new decision.
+
+        The solve plans the steady state: the measured link, arrival rate and length mix. What is
+        queued now (at the remote pool, on the link) is left to :meth:`choose`, request by request:
+        a remote backlog of long prompts is the normal state of a busy remote pool, and counting it
+        against the pool's capacity would keep raising t until the local pool is swamped."""
         if self.settings.fixed_threshold is not None or now < self._next_solve:
             return None
         if len(self.samples) < self.settings.min_samples:
@@ -262,9 +484,9 @@ class OffloadController:
         self._next_solve = now + self.settings.resolve_every_s
         decision = solve_threshold(OffloadProblem(
             uncached_lengths=list(self.samples), local=self.local, remote=self.remote,
-            decode_rps=self.decode_rps, link_gbps=self.link_gbps, kv_bytes_per_token=self.kv_bytes_per_token,
-            high_water=self.settings.high_water, arrival_rps=self.arrival_rate(now),
-            link_other_gbps=link_other_gbps, remote_queue_s=remote_queue_s,
+            decode_rps=self.decode_rps, link_gbps=self.link.capacity_gbps(now),
+            kv_bytes_per_token=self.kv_bytes_per_token, high_water=self.settings.high_water,
+            arrival_rps=self.arrival_rate(now), link_other_gbps=link_other_gbps,
             min_threshold=self.settings.min_threshold, max_threshold=self.settings.max_threshold))
         self.threshold = max(decision.threshold_tokens, self.settings.min_threshold)
         self.last = decision
@@ -276,11 +498,14 @@ def pool_speed(profile: Profile, instances: int) -> PrefillPoolSpeed:
                             attn_pair_s=profile.params.attn_pair_s)
 
 
-def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float) -> float:
+def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float,
+                        kv_capacity_tokens: int | None = None) -> float:
     """Requests/s a decode pool sustains: as many sequences as KV (or max_num_seqs) allows, each
-    emitting one token per decode step of that batch at its mean context."""
+    emitting one token per decode step of that batch at its mean context. ``kv_capacity_tokens``:
+    the KV a decode instance admits, when less than the profile's (a TPOT bound)."""
     per_request = mean_prompt + mean_output
-    batch = max(1, min(profile.max_num_seqs, int(profile.kv_capacity_tokens // per_request)))
+    kv = min(kv_capacity_tokens or profile.kv_capacity_tokens, profile.kv_capacity_tokens)
+    batch = max(1, min(profile.max_num_seqs, int(kv // per_request)))
     cost = CostModel.from_profile(profile)
     step = cost.decode_step_time(batch, int(batch * (mean_prompt + mean_output / 2)))
     return instances * batch / (step * mean_output)
