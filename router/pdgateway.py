@@ -54,8 +54,9 @@ from tandem.router.proxy import (
 from tandem.router.routing.decode import DecodeLoad, pick_decode
 from tandem.router.routing.offload import (
     OffloadController,
-    OffloadSettings,
     OffloadStatus,
+    SideChoice,
+    best_estimate,
     decode_rps_estimate,
     pool_speed,
 )
@@ -142,75 +143,89 @@ class PDRouter:
                     policy: str) -> Response:
         """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
         gw, s = self.gw, self.gw.settings
-        route = self.route(rreq)
+        base = gw.new_request_id()
+        choice = self.route(rreq, base)
+        route = "remote" if choice is not None and choice.side == "remote" else "local"
         gw.metrics.prefill_routes.labels(rreq.model, route).inc()
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
-        base = gw.new_request_id()
         excluded_p: list[str] = []
         excluded_d: list[str] = []
         attempts = hops = 0
         trace = gw.observer.arrived(pool.service, "prefill", rreq.prompt_tokens, t0)
         last = "no attempt was made"
-        while attempts < s.max_attempts and time.monotonic() < deadline:
-            try:
-                return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
-                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace)
-            except _Final as final:
-                response = final.response
-                if final.outcome == "no_instance" and attempts:  # the failures took the last instances
-                    response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
-                                           f"error: {last}", retry_after=2)
-                return gw.done(policy, "pd", final.outcome, response, trace)
-            except _Retry as retry:
-                last = str(retry)
-                if retry.prefill:
-                    excluded_p.append(retry.prefill)
-                if retry.decode:
-                    excluded_d.append(retry.decode)
-                if retry.refused:
-                    hops += 1
-                    if hops > s.pd_max_hops:
-                        return gw.done(policy, "pd", "refused", _error(
-                            503, f"prefill instances refused the request {hops} times (queues full): {last}",
-                            retry_after=1), trace)
-                    continue  # forward to the next candidate at once: a refusal is not a failure
-                attempts += 1
-                gw.metrics.retries.labels("pd").inc()
-                if attempts < s.max_attempts:
-                    await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
-        return gw.done(policy, "pd", "upstream_error", _error(
-            502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
+        try:
+            while attempts < s.max_attempts and time.monotonic() < deadline:
+                try:
+                    return await self._attempt(request, pool, data,
+                                               replace(rreq, request_id=f"{base}-{attempts + hops}"), path, stream,
+                                               policy, excluded_p, excluded_d, t0, deadline, trace, (base, choice))
+                except _Final as final:
+                    response = final.response
+                    if final.outcome == "no_instance" and attempts:  # the failures took the last instances
+                        response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
+                                               f"error: {last}", retry_after=2)
+                    return gw.done(policy, "pd", final.outcome, response, trace)
+                except _Retry as retry:
+                    last = str(retry)
+                    if retry.prefill:
+                        excluded_p.append(retry.prefill)
+                    if retry.decode:
+                        excluded_d.append(retry.decode)
+                    if retry.refused:
+                        hops += 1
+                        if hops > s.pd_max_hops:
+                            return gw.done(policy, "pd", "refused", _error(
+                                503, f"prefill instances refused the request {hops} times (queues full): {last}",
+                                retry_after=1), trace)
+                        continue  # forward to the next candidate at once: a refusal is not a failure
+                    attempts += 1
+                    gw.metrics.retries.labels("pd").inc()
+                    if attempts < s.max_attempts:
+                        await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
+            return gw.done(policy, "pd", "upstream_error", _error(
+                502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
+        finally:
+            if route == "remote":  # delivered (already released) or not: nothing of it is committed any more
+                self.controller(rreq.model).link.release(base)
 
-    def route(self, rreq: RouteRequest) -> str:
-        """'local' or 'remote' prefill: the offload threshold on the prompt's uncached length.
+    def route(self, rreq: RouteRequest, key: str) -> SideChoice | None:
+        """Local or remote prefill (None: the model has no remote pool, so local).
 
         Uncached = prompt - the best hit among the local prefill instances' shadow caches (the
-        tokens offloading would make someone compute). Without a local pool everything goes remote.
+        tokens offloading would make someone compute). The controller starts from the threshold on
+        that length and moves the request when the other side's estimate (its best instance's
+        queued work and this request's miss there, plus the link's committed traffic for the
+        remote side) is sooner or alone meets the TTFT SLO. A remote choice commits the prompt's KV
+        to the link under ``key``. Without a local pool everything goes remote.
         """
         model = rreq.model
         remote = self._members("remote-prefill", model)
         local = self.prefill_pool(model, "prefill")
         if not remote:
-            return "local"
-        if not local.instances:
-            return "remote"
-        hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
-        uncached = rreq.prompt_tokens - hit
+            return None
         ctl = self.controller(model)
-        ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
-        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
-        now = time.monotonic()
-        ctl.observe(uncached, now)
         remote_pool = self.prefill_pool(model, "remote-prefill")
-        backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
-        per_token = self.remote_profile.params.per_token_s
-        # Other models' offloads share the link: their measured egress shrinks this model's budget.
-        ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model),
-                          remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
-        self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
-        return "remote" if ctl.should_offload(uncached) else "local"
+        now = time.monotonic()
+        nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
+        if not local.instances:
+            choice = SideChoice("remote", "no_local", None, None)
+        else:
+            hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
+            uncached = rreq.prompt_tokens - hit
+            ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
+            ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+            ctl.observe(uncached, now)
+            # Other models' offloads share the link: their measured egress shrinks this model's budget.
+            ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model))
+            self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
+            choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
+                                remote_prefill_s=best_estimate(remote_pool.cluster, rreq), kv_bytes=nbytes, now=now,
+                                slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft)
+        if choice.side == "remote":
+            ctl.link.commit(key, nbytes)
+        return choice
 
     def offload_counts(self, model: str, peers: Mapping[str, SharedLoad] | None = None) -> OffloadCounts | None:
         """The model's offload as this gateway sees it (None: no remote prefill pool, or no
@@ -240,7 +255,7 @@ class PDRouter:
             decode_rps = s.offload_decode_rps or decode_rps_estimate(self.local_profile, max(1, n_decode),
                                                                      8192, 256)
             ctl = self.controllers[model] = OffloadController(
-                OffloadSettings(fixed_threshold=s.offload_threshold), local=pool_speed(self.local_profile, 1),
+                s.offload_settings(), local=pool_speed(self.local_profile, 1),
                 remote=pool_speed(self.remote_profile, 1), decode_rps=decode_rps, link_gbps=s.remote_link_gbps,
                 kv_bytes_per_token=self.local_profile.model.kv_bytes_per_token)
         return ctl
@@ -297,7 +312,7 @@ class PDRouter:
 
     async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
                        stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
-                       deadline: float, trace: RequestTrace) -> Response:
+                       deadline: float, trace: RequestTrace, offload: tuple[str, SideChoice | None]) -> Response:
         observer = self.gw.observer
         p_inst, hit = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
         observer.routed(trace, hit, time.monotonic())
@@ -307,16 +322,21 @@ class PDRouter:
         handed_off = False
         try:
             if self.gw.settings.pd_engine == "vllm":
-                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
+                started, handoff = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline,
+                                                    trace)
             else:
-                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
+                started, handoff = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream,
+                                                      deadline, trace)
+            key, choice = offload
+            if choice is not None:
+                self.controller(rreq.model).learn(choice, handoff - t0)
             if started.status >= 400:
                 raise _Final("client_error", _error(
                     502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
             remote = p_inst.endpoint.role == "remote-prefill"
             if remote:
-                self._count_link(rreq)
+                self._count_link(rreq, key, handoff, timed=started.response is not None)
             headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
                        "x-tandem-prefill-route": "remote" if remote else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
@@ -335,7 +355,9 @@ class PDRouter:
                 d_inst.state.inflight_requests -= 1
 
     async def _vllm(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                    data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
+                    data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
+                    ) -> tuple[Started, float]:
+        """The two legs in turn; with the decode's start, the time the prefill answered (the KV hand-off)."""
         try:
             pre = await self._start(request, p_inst, path, vllm_prefill_body(data), False, deadline, "prefill")
         except BaseException:
@@ -346,20 +368,25 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
-        self.gw.observer.prefill_done(trace, time.monotonic())
+        handoff = time.monotonic()
+        self.gw.observer.prefill_done(trace, handoff)
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
             raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
         try:
-            return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
+            return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline,
+                                     "decode"), handoff
         except _Retry as retry:
             # The decode could not start: if its KV pull failed the prefill's KV is gone too.
             retry.prefill = p_inst.id
             raise
 
     async def _sglang(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                      data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
+                      data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
+                      ) -> tuple[Started, float]:
+        """Both legs at once (the decode waits for the room); with the decode's start, the time the
+        prefill answered (the KV hand-off)."""
         url = urlsplit(p_inst.endpoint.url)
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
@@ -377,9 +404,10 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
-        self.gw.observer.prefill_done(trace, time.monotonic())
+        handoff = time.monotonic()
+        self.gw.observer.prefill_done(trace, handoff)
         try:
-            return await d_task
+            return await d_task, handoff
         except _Retry as retry:
             retry.prefill = p_inst.id
             raise
@@ -395,12 +423,14 @@ class PDRouter:
 
         return finish
 
-    def _count_link(self, rreq: RouteRequest) -> None:
-        """The decode accepted a remote prefill's KV: the whole prompt's KV crosses the link."""
+    def _count_link(self, rreq: RouteRequest, key: str, handoff: float, *, timed: bool) -> None:
+        """The decode accepted a remote prefill's KV: the whole prompt's KV crossed the link between
+        the hand-off and the decode's first byte (``timed``: that byte was the first token, not a
+        whole non-streamed answer, so the interval measures the link)."""
         ctl = self.controller(rreq.model)
         nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
         now = time.monotonic()
-        ctl.record_egress(nbytes, now)
+        ctl.record_transfer(nbytes, handoff, now, key=key, timed=timed)
         self.gw.metrics.link_bytes.labels(rreq.model).inc(nbytes)
         self.gw.metrics.link_utilization.labels(rreq.model).set(ctl.link_utilization(now))
 

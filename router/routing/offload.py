@@ -266,7 +266,7 @@ class LinkMeter:
                  max_entries: int = 20_000) -> None:
         self.nominal_gbps, self.window_s, self.rtt_s = nominal_gbps, window_s, rtt_s
         self.min_busy_s = min_busy_s
-        self._done: deque[tuple[float, float, int]] = deque(maxlen=max_entries)  # (start, end, bytes)
+        self._done: deque[tuple[float, float, int, bool]] = deque(maxlen=max_entries)  # (start, end, bytes, timed)
         self._done_bytes = 0
         self._committed: OrderedDict[str, int] = OrderedDict()
         self._max_committed = max_entries
@@ -286,13 +286,15 @@ class LinkMeter:
         """The request will not transfer (failed, cancelled) or its transfer ended."""
         self.committed_bytes -= self._committed.pop(key, 0)
 
-    def transferred(self, nbytes: int, started: float, now: float, key: str | None = None) -> None:
-        """A transfer of ``nbytes`` that began at ``started`` has ended at ``now``."""
+    def transferred(self, nbytes: int, started: float, now: float, key: str | None = None, *,
+                    timed: bool = True) -> None:
+        """A transfer of ``nbytes`` that began at ``started`` has ended at ``now`` (``timed``: the
+        interval is the transfer's; False: only the bytes count, e.g. when the end was seen late)."""
         if key is not None:
             self.release(key)
         if len(self._done) == self._done.maxlen:
             self._done_bytes -= self._done[0][2]
-        self._done.append((min(now, started + self.rtt_s), now, nbytes))
+        self._done.append((min(now, started + self.rtt_s), now, nbytes, timed))
         self._done_bytes += nbytes
         self._measured_at = -math.inf  # re-measure at the next read
         self._trim(now)
@@ -316,7 +318,9 @@ class LinkMeter:
         self._measured_at = now
         self._trim(now)
         busy, edge, nbytes = 0.0, -math.inf, 0
-        for start, end, b in sorted(self._done):
+        for start, end, b, timed in sorted(self._done):
+            if not timed:
+                continue
             nbytes += b
             if end > edge:
                 busy += end - max(start, edge)
@@ -382,9 +386,10 @@ class OffloadController:
         """The configured (nominal) link capacity."""
         return self.link.nominal_gbps
 
-    def record_transfer(self, nbytes: int, started: float, now: float, key: str | None = None) -> None:
+    def record_transfer(self, nbytes: int, started: float, now: float, key: str | None = None, *,
+                        timed: bool = True) -> None:
         """KV bytes of one offload crossed the link between ``started`` and ``now``."""
-        self.link.transferred(nbytes, started, now, key)
+        self.link.transferred(nbytes, started, now, key, timed=timed)
 
     def egress_gbps(self, now: float) -> float:
         return self.link.egress_gbps(now)
@@ -426,7 +431,7 @@ class OffloadController:
         The remote side's estimate adds the link: the KV cannot arrive before the prefill ends
         (plus the RTT), nor before the link has given the committed transfers their fair share
         (:meth:`LinkMeter.ahead_s`), and then needs its own bytes' time. With
-        ``side_choice="threshold"`` the threshold alone decides.
+        ``side_choice="threshold"`` or a pinned threshold (``fixed_threshold``) t alone decides.
 
         Starting from the threshold (which sizes the split for throughput), a request moves:
         * above t to local, only if the remote side would miss its SLO and the local one would not;
@@ -446,7 +451,7 @@ class OffloadController:
             return self._chose("remote", "no_local", None, remote_s, raw)
         local_s *= self.calibration["local"].factor
         above = uncached_tokens > self.threshold and uncached_tokens > self.settings.min_threshold
-        if self.settings.side_choice == "threshold":
+        if self.settings.side_choice == "threshold" or self.settings.fixed_threshold is not None:
             return self._chose("remote" if above else "local", "threshold", local_s, remote_s, raw)
         if above:
             if slo_s is not None and remote_s > slo_s >= local_s:
