@@ -250,15 +250,17 @@ class Calibration:
 class LinkMeter:
     """The cross-datacenter link as the transfers over it show it.
 
-    * **Capacity**: bytes delivered / time the link was busy, over the last ``window_s``. Busy time
-      is the union of the transfers' intervals (each shortened by the RTT, which is latency, not
-      bandwidth), so overlapping transfers are not counted twice and idle gaps not at all: a link
-      that carries whatever it is given at R bytes/s reads R whether one transfer or ten were in
-      flight. A transfer's interval is what the caller can see (the gateway: from sending the
-      decode its KV handshake to the decode's first byte), so anything else in it (the decode's first
-      step, an admission wait) makes the reading low, never high: offload errs towards less.
+    * **Capacity**: the link is shared fairly among the transfers in flight (processor sharing;
+      TCP flows through one bottleneck roughly are), so while n transfers are in flight each gets
+      1/n of it. A transfer of b bytes that took the fair-share time S = the integral of 1/n(t)
+      over its life says the link moves b / S bytes per second; over the window the reading is
+      the sum of bytes over the sum of S. One transfer alone reads bytes / duration; ten at once
+      read the same link, not a tenth of it. The caller marks when each transfer starts
+      (:meth:`started`: the gateway at the KV hand-off, the RTT later it is on the wire) and ends
+      (the decode's first byte). Time in an interval that is not transfer (the decode's first
+      step) makes the reading a little low.
     * **Committed bytes**: KV of requests routed to the remote pool whose transfer has not ended;
-      the link must carry all of it before a request routed now gets its own KV across.
+      the link must carry them before (or, sharing, beside) a request routed now.
     * **Egress**: bytes delivered over the last ``window_s`` (what the link carried for us).
     """
 
@@ -266,42 +268,68 @@ class LinkMeter:
                  max_entries: int = 20_000) -> None:
         self.nominal_gbps, self.window_s, self.rtt_s = nominal_gbps, window_s, rtt_s
         self.min_busy_s = min_busy_s
-        self._done: deque[tuple[float, float, int, bool]] = deque(maxlen=max_entries)  # (start, end, bytes, timed)
+        self._max = max_entries
+        self._done: deque[tuple[float, int, float | None]] = deque(maxlen=max_entries)  # (end, bytes, fair s)
         self._done_bytes = 0
         self._committed: OrderedDict[str, int] = OrderedDict()
-        self._max_committed = max_entries
         self.committed_bytes = 0
+        self._pending: deque[tuple[float, str]] = deque()  # (on the wire from, key): started, RTT not yet over
+        self._inflight: dict[str, list[float]] = {}  # key -> [fair-share seconds so far]
+        self._clock = -math.inf
         self._measured: float | None = None
         self._measured_at = -math.inf
 
     def commit(self, key: str, nbytes: int) -> None:
         """A request was routed remote: its KV will cross the link."""
         self.release(key)
-        if len(self._committed) >= self._max_committed:  # bounded: the oldest (surely lost) goes
+        if len(self._committed) >= self._max:  # bounded: the oldest (surely lost) goes
             self.committed_bytes -= self._committed.popitem(last=False)[1]
         self._committed[key] = nbytes
         self.committed_bytes += nbytes
 
     def release(self, key: str) -> None:
-        """The request will not transfer (failed, cancelled) or its transfer ended."""
+        """The request will not transfer (failed, cancelled): nothing of it is committed or in flight."""
         self.committed_bytes -= self._committed.pop(key, 0)
+        self._inflight.pop(key, None)
 
-    def transferred(self, nbytes: int, started: float, now: float, key: str | None = None, *,
-                    timed: bool = True) -> None:
-        """A transfer of ``nbytes`` that began at ``started`` has ended at ``now`` (``timed``: the
-        interval is the transfer's; False: only the bytes count, e.g. when the end was seen late)."""
+    def started(self, key: str, now: float) -> None:
+        """The transfer of ``key`` begins: the KV hand-off; it is on the wire one RTT later."""
+        self._advance(now)
+        if len(self._pending) + len(self._inflight) < self._max:
+            self._pending.append((now + self.rtt_s, key))
+
+    def transferred(self, nbytes: int, now: float, key: str | None = None) -> None:
+        """``nbytes`` of a transfer arrived at ``now``; timed if :meth:`started` marked its start."""
+        self._advance(now)
+        fair = self._inflight.pop(key, None) if key is not None else None
         if key is not None:
             self.release(key)
         if len(self._done) == self._done.maxlen:
-            self._done_bytes -= self._done[0][2]
-        self._done.append((min(now, started + self.rtt_s), now, nbytes, timed))
+            self._done_bytes -= self._done[0][1]
+        self._done.append((now, nbytes, fair[0] if fair is not None else None))
         self._done_bytes += nbytes
         self._measured_at = -math.inf  # re-measure at the next read
         self._trim(now)
 
+    def _advance(self, now: float) -> None:
+        """Credit every transfer in flight with its fair share of the time up to ``now``."""
+        while self._pending and self._pending[0][0] <= now:
+            at, key = self._pending.popleft()
+            self._credit(at)
+            if key in self._committed:  # not released meanwhile
+                self._inflight[key] = [0.0]
+        self._credit(now)
+
+    def _credit(self, t: float) -> None:
+        if t > self._clock and self._inflight:
+            share = (t - self._clock) / len(self._inflight)
+            for f in self._inflight.values():
+                f[0] += share
+        self._clock = max(self._clock, t)
+
     def _trim(self, now: float) -> None:
-        while self._done and self._done[0][1] <= now - self.window_s:
-            self._done_bytes -= self._done.popleft()[2]
+        while self._done and self._done[0][0] <= now - self.window_s:
+            self._done_bytes -= self._done.popleft()[1]
 
     def egress_gbps(self, now: float) -> float:
         """Mean egress over the last ``window_s`` (a just-started gateway reads low, never high)."""
@@ -309,24 +337,18 @@ class LinkMeter:
         return self._done_bytes * 8 / 1e9 / self.window_s
 
     def measured_gbps(self, now: float) -> float | None:
-        """Bytes / busy time over the window; None until the window holds ``min_busy_s`` of busy link.
-
-        Re-measured at most every 0.5 s of ``now`` (routing asks on every request); with no
-        transfer in the window the last reading stands (an idle link has not changed speed)."""
+        """Bytes / fair-share seconds of the timed transfers that ended in the window; None until
+        they add up to ``min_busy_s``. Re-measured at most every 0.5 s of ``now`` (routing asks on
+        every request); with no transfer in the window the last reading stands (an idle link has
+        not changed speed)."""
         if now - self._measured_at < 0.5:
             return self._measured
         self._measured_at = now
         self._trim(now)
-        busy, edge, nbytes = 0.0, -math.inf, 0
-        for start, end, b, timed in sorted(self._done):
-            if not timed:
-                continue
-            nbytes += b
-            if end > edge:
-                busy += end - max(start, edge)
-                edge = end
-        if busy >= self.min_busy_s and nbytes > 0:
-            self._measured = nbytes * 8 / 1e9 / busy
+        fair = sum(f for _, _, f in self._done if f is not None)
+        nbytes = sum(b for _, b, f in self._done if f is not None)
+        if fair >= self.min_busy_s and nbytes > 0:
+            self._measured = nbytes * 8 / 1e9 / fair
         return self._measured
 
     def capacity_gbps(self, now: float) -> float:
@@ -386,10 +408,13 @@ class OffloadController:
         """The configured (nominal) link capacity."""
         return self.link.nominal_gbps
 
-    def record_transfer(self, nbytes: int, started: float, now: float, key: str | None = None, *,
-                        timed: bool = True) -> None:
-        """KV bytes of one offload crossed the link between ``started`` and ``now``."""
-        self.link.transferred(nbytes, started, now, key, timed=timed)
+    def transfer_started(self, key: str, now: float) -> None:
+        """The KV of the request routed remote under ``key`` starts across the link (its hand-off)."""
+        self.link.started(key, now)
+
+    def record_transfer(self, nbytes: int, now: float, key: str | None = None) -> None:
+        """KV bytes of one offload have crossed the link (the decode's first byte came)."""
+        self.link.transferred(nbytes, now, key)
 
     def egress_gbps(self, now: float) -> float:
         return self.link.egress_gbps(now)

@@ -462,6 +462,8 @@ class PDSimulation:
         self._decode_of[rid] = d
         self._reschedule(DECODE, d)
         rtt = (self.config.link_rtt_ms if p == REMOTE else self.config.local_rtt_ms) / 1000
+        if p == REMOTE and self.config.mode == "selective":
+            self.controller.transfer_started(rid, now)
         self._push(now + rtt, _FLOW, n)
 
     def _start_flow(self, n: int, now: float) -> None:
@@ -488,7 +490,7 @@ class PDSimulation:
             assert res.prefill_done_at is not None
             res.transfer_s = c.time - res.prefill_done_at
             if j == 0:  # the cross-datacenter link: the controller measures it as the gateway does
-                self.controller.record_transfer(int(c.size), res.prefill_done_at, c.time, key=c.flow_id)
+                self.controller.record_transfer(int(c.size), c.time, key=c.flow_id)
             d = self._decode_of[c.flow_id]
             self.pools[DECODE].engines[d].kv_arrived(c.flow_id, c.time)
             self._reschedule(DECODE, d)
