@@ -320,23 +320,35 @@ class PDRouter:
         d_inst = self.decode_choice(rreq.model, excluded_d)
         d_inst.state.inflight_requests += 1
         handed_off = False
+        key, choice = offload
+        remote = p_inst.endpoint.role == "remote-prefill"
+        ctl = self.controller(rreq.model) if remote else None
+
+        def handoff_at(t: float) -> None:
+            if choice is not None:
+                self.controller(rreq.model).learn(choice, t - t0)
+            if ctl is not None and stream:  # the decode's first byte will end the transfer: time it
+                ctl.transfer_started(key, t)
+
         try:
             if self.gw.settings.pd_engine == "vllm":
-                started, handoff = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline,
-                                                    trace)
+                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace,
+                                           handoff_at)
             else:
-                started, handoff = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream,
-                                                      deadline, trace)
-            key, choice = offload
-            if choice is not None:
-                self.controller(rreq.model).learn(choice, handoff - t0)
+                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline,
+                                             trace, handoff_at)
             if started.status >= 400:
                 raise _Final("client_error", _error(
                     502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
                          f"{started.first.decode(errors='replace')[:300]}"))
-            remote = p_inst.endpoint.role == "remote-prefill"
-            if remote:
-                self._count_link(rreq, key, handoff, timed=started.response is not None)
+            if ctl is not None:
+                self._count_link(rreq, key)
+        except BaseException:
+            if ctl is not None:
+                ctl.link.abort(key)  # a retry starts its own transfer
+            d_inst.state.inflight_requests -= 1
+            raise
+        try:
             headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
                        "x-tandem-prefill-route": "remote" if remote else "local",
                        "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
@@ -356,8 +368,8 @@ class PDRouter:
 
     async def _vllm(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
                     data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
-                    ) -> tuple[Started, float]:
-        """The two legs in turn; with the decode's start, the time the prefill answered (the KV hand-off)."""
+                    handoff_at: Callable[[float], None]) -> Started:
+        """The two legs in turn; ``handoff_at`` hears when the prefill answered (the KV hand-off)."""
         try:
             pre = await self._start(request, p_inst, path, vllm_prefill_body(data), False, deadline, "prefill")
         except BaseException:
@@ -370,13 +382,13 @@ class PDRouter:
         pool.finished(rid)
         handoff = time.monotonic()
         self.gw.observer.prefill_done(trace, handoff)
+        handoff_at(handoff)
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
             raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
         try:
-            return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline,
-                                     "decode"), handoff
+            return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
         except _Retry as retry:
             # The decode could not start: if its KV pull failed the prefill's KV is gone too.
             retry.prefill = p_inst.id
@@ -384,9 +396,9 @@ class PDRouter:
 
     async def _sglang(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
                       data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
-                      ) -> tuple[Started, float]:
-        """Both legs at once (the decode waits for the room); with the decode's start, the time the
-        prefill answered (the KV hand-off)."""
+                      handoff_at: Callable[[float], None]) -> Started:
+        """Both legs at once (the decode waits for the room); ``handoff_at`` hears when the prefill
+        answered (the KV hand-off)."""
         url = urlsplit(p_inst.endpoint.url)
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
@@ -406,8 +418,9 @@ class PDRouter:
         pool.finished(rid)
         handoff = time.monotonic()
         self.gw.observer.prefill_done(trace, handoff)
+        handoff_at(handoff)
         try:
-            return await d_task, handoff
+            return await d_task
         except _Retry as retry:
             retry.prefill = p_inst.id
             raise
@@ -423,14 +436,13 @@ class PDRouter:
 
         return finish
 
-    def _count_link(self, rreq: RouteRequest, key: str, handoff: float, *, timed: bool) -> None:
-        """The decode accepted a remote prefill's KV: the whole prompt's KV crossed the link between
-        the hand-off and the decode's first byte (``timed``: that byte was the first token, not a
-        whole non-streamed answer, so the interval measures the link)."""
+    def _count_link(self, rreq: RouteRequest, key: str) -> None:
+        """The decode accepted a remote prefill's KV: the whole prompt's KV crossed the link (timed
+        from the hand-off when the decode's first byte was the first token, not a whole answer)."""
         ctl = self.controller(rreq.model)
         nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
         now = time.monotonic()
-        ctl.record_transfer(nbytes, handoff, now, key=key, timed=timed)
+        ctl.record_transfer(nbytes, now, key=key)
         self.gw.metrics.link_bytes.labels(rreq.model).inc(nbytes)
         self.gw.metrics.link_utilization.labels(rreq.model).set(ctl.link_utilization(now))
 

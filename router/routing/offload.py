@@ -273,7 +273,9 @@ class LinkMeter:
         self._done_bytes = 0
         self._committed: OrderedDict[str, int] = OrderedDict()
         self.committed_bytes = 0
-        self._pending: deque[tuple[float, str]] = deque()  # (on the wire from, key): started, RTT not yet over
+        self._pending: deque[tuple[float, str, int]] = deque()  # (on the wire from, key, start number)
+        self._starts: dict[str, int] = {}  # key -> its live start (an abandoned one stays out of flight)
+        self._seq = 0
         self._inflight: dict[str, list[float]] = {}  # key -> [fair-share seconds so far]
         self._clock = -math.inf
         self._measured: float | None = None
@@ -290,23 +292,30 @@ class LinkMeter:
     def release(self, key: str) -> None:
         """The request will not transfer (failed, cancelled): nothing of it is committed or in flight."""
         self.committed_bytes -= self._committed.pop(key, 0)
-        self._inflight.pop(key, None)
+        self.abort(key)
 
     def started(self, key: str, now: float) -> None:
         """The transfer of ``key`` begins: the KV hand-off; it is on the wire one RTT later."""
         self._advance(now)
         if len(self._pending) + len(self._inflight) < self._max:
-            self._pending.append((now + self.rtt_s, key))
+            self._seq += 1
+            self._starts[key] = self._seq
+            self._pending.append((now + self.rtt_s, key, self._seq))
+
+    def abort(self, key: str) -> None:
+        """The transfer of ``key`` broke off (the request may be retried: it stays committed)."""
+        self._starts.pop(key, None)
+        self._inflight.pop(key, None)
 
     def transferred(self, nbytes: int, now: float, key: str | None = None) -> None:
         """``nbytes`` of a transfer arrived at ``now``; timed if :meth:`started` marked its start."""
         self._advance(now)
-        fair = self._inflight.pop(key, None) if key is not None else None
+        fair = self._inflight.get(key) if key is not None else None
         if key is not None:
             self.release(key)
         if len(self._done) == self._done.maxlen:
             self._done_bytes -= self._done[0][1]
-        self._done.append((now, nbytes, fair[0] if fair is not None else None))
+        self._done.append((now, nbytes, fair[0] if fair is not None and fair[0] > 0 else None))
         self._done_bytes += nbytes
         self._measured_at = -math.inf  # re-measure at the next read
         self._trim(now)
@@ -314,9 +323,9 @@ class LinkMeter:
     def _advance(self, now: float) -> None:
         """Credit every transfer in flight with its fair share of the time up to ``now``."""
         while self._pending and self._pending[0][0] <= now:
-            at, key = self._pending.popleft()
+            at, key, seq = self._pending.popleft()
             self._credit(at)
-            if key in self._committed:  # not released meanwhile
+            if self._starts.get(key) == seq:  # not ended, aborted or restarted meanwhile
                 self._inflight[key] = [0.0]
         self._credit(now)
 

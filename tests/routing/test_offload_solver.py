@@ -128,8 +128,8 @@ def test_controller_measures_link_egress_over_its_window() -> None:
                             decode_rps=1.0, link_gbps=8.0, kv_bytes_per_token=1)
     assert ctl.link_utilization(0.0) == 0.0
     # 5 GB = 40 Gbit in a 10 s window: 4 Gbit/s of 8 (untimed: only the bytes count, the capacity stays nominal)
-    ctl.record_transfer(5_000_000_000, 0.0, 1.0, timed=False)
-    ctl.record_transfer(5_000_000_000, 0.0, 6.0, timed=False)
+    ctl.record_transfer(5_000_000_000, 1.0)
+    ctl.record_transfer(5_000_000_000, 6.0)
     assert ctl.egress_gbps(6.0) == pytest.approx(8.0) and ctl.link_utilization(6.0) == pytest.approx(1.0)
     assert ctl.link_utilization(11.5) == pytest.approx(0.5)  # the first transfer left the window
     assert ctl.link_utilization(16.0) == 0.0
