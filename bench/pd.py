@@ -419,11 +419,18 @@ class OffloadRunner:
     def candidates(self, scenario: Scenario, planned: tuple[int, int, int, float, int]
                    ) -> list[tuple[int, int, int, float, int]]:
         """The planned split, then the same with up to ``split_search`` GPUs moved between local
-        prefill and decode each way (naive has no local prefill to trade)."""
+        prefill and decode each way; naive, which has no local prefill, trades remote GPUs for
+        decode ones instead (unless the remote share is fixed)."""
         out = [planned]
-        if scenario == "naive":
-            return out
         local_n, remote_n, decode, lam, t = planned
+        if scenario == "naive":
+            if self.bench.remote_share is None:
+                budget = self.bench.budget()
+                for r in sorted({o[0] for o in budget.splits()}, key=lambda x: abs(x - remote_n)):
+                    if 0 < abs(r - remote_n) <= self.bench.split_search:
+                        d = int(budget.units - r * budget.remote_cost + 1e-9)
+                        out.append((0, r, d, lam, t))
+            return out
         for k in range(1, self.bench.split_search + 1):
             for d in (decode + k, decode - k):
                 if d >= 1 and local_n + decode - d >= 1:
