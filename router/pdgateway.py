@@ -209,20 +209,18 @@ class PDRouter:
         remote_pool = self.prefill_pool(model, "remote-prefill")
         now = time.monotonic()
         nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
-        if not local.instances:
-            choice = SideChoice("remote", "no_local", None, None)
-        else:
-            hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
-            uncached = rreq.prompt_tokens - hit
+        uncached = rreq.prompt_tokens
+        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+        if local.instances:  # the threshold splits the load between two pools: without a local one, moot
+            uncached -= max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
             ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
-            ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
             ctl.observe(uncached, now)
             # Other models' offloads share the link: their measured egress shrinks this model's budget.
             ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model))
             self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
-            choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
-                                remote_prefill_s=best_estimate(remote_pool.cluster, rreq), kv_bytes=nbytes, now=now,
-                                slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft)
+        choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
+                            remote_prefill_s=best_estimate(remote_pool.cluster, rreq), kv_bytes=nbytes, now=now,
+                            slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft)
         if choice.side == "remote":
             ctl.link.commit(key, nbytes)
         return choice

@@ -335,3 +335,17 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
         # local), an idle remote pool and no other model on the link.
         obs = (await c.get(gw + "/admin/observations", params={"service": MODEL})).json()["observations"]
         assert (obs["offload_threshold"], obs["remote_queue_s"], obs["link_other_gbps"]) == (2048, 0.0, 0.0)
+
+
+async def test_a_remote_prefill_pool_alone_makes_the_gateway_ready_and_serves_everything() -> None:
+    """Naive offload (no local prefill pool): ready, and every prompt prefilled remote."""
+    async with serve(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serve(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
+            serve(gateway_app([], remote_prefill_instances=[r0], decode_instances=[d0])) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
+        ready = await c.get(gw + "/readyz")
+        assert ready.status_code == 200 and ready.json()["routable_instances"] == 1
+        resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT, max_tokens=3))
+        assert resp.status_code == 200 and resp.headers["x-tandem-prefill-route"] == "remote"
+        st = (await c.get(gw + "/admin/offload")).json()["models"][MODEL]
+        assert st["side_choices"] == {"remote:no_local": 1}
