@@ -97,14 +97,14 @@ class OffloadLiveBench(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_OFFLOAD_LIVE_")
 
-    rate_mbit: float = Field(24.0, gt=0, le=10_000, description="shaped link rate (remote to local), Mbit/s")
-    change_to_mbit: float = Field(8.0, gt=0, le=10_000, description="tracking phase: rate set halfway through")
-    qps: float = Field(3.5, gt=0, le=100, description="Poisson arrival rate of every phase")
+    rate_mbit: float = Field(50.0, gt=0, le=10_000, description="shaped link rate (remote to local), Mbit/s")
+    change_to_mbit: float = Field(16.0, gt=0, le=10_000, description="tracking phase: rate set halfway through")
+    qps: float = Field(4.0, gt=0, le=100, description="Poisson arrival rate of every phase")
     duration_s: float = Field(30.0, gt=1, le=600, description="seconds of arrivals per phase")
-    mu: float = Field(7.6, description="log-normal prompt length: mu (truncated to the range)")
+    mu: float = Field(8.3, description="log-normal prompt length: mu (truncated to the range)")
     sigma: float = Field(1.0, gt=0, description="log-normal prompt length: sigma")
     min_tokens: int = Field(128, gt=0, description="shortest prompt")
-    max_tokens: int = Field(16_384, gt=0, description="longest prompt")
+    max_tokens: int = Field(32_768, gt=0, description="longest prompt")
     output_tokens: int = Field(8, gt=0, le=4096, description="tokens decoded per request")
     budget: int = Field(4, ge=2, le=64, description="prefill engines of the homogeneous phase (local units)")
     remote_cost: float = Field(2.0, gt=0, description="a remote engine costs this many local ones")
@@ -278,24 +278,28 @@ async def run_phase(name: str, gw: str, reqs: list[tuple[float, int]], bench: Of
         changed: list[float] = []
 
         async def watch() -> None:
-            last_t, last_b = t0, bytes0
+            last_t, last_b, last_rate = t0, bytes0, link.rate_mbit
             while not stop.is_set():
                 await asyncio.sleep(0.5)
                 before = time.monotonic()
                 sent = link.sent_bytes()
                 now = (before + time.monotonic()) / 2  # the counter was read during the call
-                if now - last_t >= 1.0:  # 1 s windows of the qdisc's counter
-                    windows.append((sent - last_b) * 8 / 1e6 / link.rate_mbit / (now - last_t))
-                    last_t, last_b = now, sent
+                if now - last_t >= 1.0:  # ~1 s windows of the qdisc's counter, against the rate(s) in force
+                    at = t0 + changed[0] if changed else now
+                    capacity = last_rate * max(0.0, min(at, now) - last_t) \
+                        + link.rate_mbit * max(0.0, now - max(at, last_t))
+                    windows.append((sent - last_b) * 8 / 1e6 / capacity)
+                    last_t, last_b, last_rate = now, sent, link.rate_mbit
                 if change is not None and not changed and now - t0 >= change[0]:
                     link.set_rate(change[1])
-                    changed.append(now - t0)
+                    changed.append(time.monotonic() - t0)
                 with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
                     st = (await client.get(gw + "/admin/offload")).json()["models"][model]
                     offload.append({"t": round(now - t0, 2), "rate_mbit": link.rate_mbit,
                                     "threshold": st["threshold_tokens"], "link_gbps": st["link_gbps"],
                                     "measured_gbps": st["link_measured_gbps"], "egress_gbps": st["link_egress_gbps"],
-                                    "committed_bytes": st["link_committed_bytes"], "choices": st["side_choices"]})
+                                    "committed_bytes": st["link_committed_bytes"], "choices": st["side_choices"],
+                                    "transfers": st["link_transfers"]})
 
         watcher = asyncio.create_task(watch())
         tasks = []

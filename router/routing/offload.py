@@ -205,6 +205,9 @@ class OffloadStatus(BaseModel):
                                                 "Gbit/s, over the last link_window_s")
     link_utilization: float = Field(description="link_egress_gbps / link_gbps")
     link_committed_bytes: int = Field(description="KV bytes of requests routed remote whose KV has not arrived")
+    link_transfers: list[dict[str, float | int | None]] = Field(
+        default_factory=list, description="the last transfers: bytes, seconds on the wire, fair-share seconds, "
+        "transfers in flight when each began, and the capacity each one reads")
     local_instances: int
     remote_instances: int
     side_choices: dict[str, int] = Field(description="requests routed per side and reason since start")
@@ -253,12 +256,18 @@ class LinkMeter:
     * **Capacity**: the link is shared fairly among the transfers in flight (processor sharing;
       TCP flows through one bottleneck roughly are), so while n transfers are in flight each gets
       1/n of it. A transfer of b bytes that took the fair-share time S = the integral of 1/n(t)
-      over its life says the link moves b / S bytes per second; over the window the reading is
-      the sum of bytes over the sum of S. One transfer alone reads bytes / duration; ten at once
-      read the same link, not a tenth of it. The caller marks when each transfer starts
-      (:meth:`started`: the gateway at the KV hand-off, the RTT later it is on the wire) and ends
-      (the decode's first byte). Time in an interval that is not transfer (the decode's first
-      step) makes the reading a little low.
+      over its life says the link moves b / S bytes per second; the reading is the sum of bytes
+      over the sum of S of the transfers that ended in the window. One transfer alone reads
+      bytes / duration; ten at once read the same link, not a tenth of it. The caller marks when
+      each transfer starts (:meth:`started`: the gateway at the KV hand-off, the RTT later it is on
+      the wire) and ends (the decode's first byte). Sharing is only roughly fair: under a deep
+      backlog TCP flows in retransmission back-off starve while new ones pass (measured on a tbf
+      link: 0.15 MB taking 3 s beside 1.7 MB in 1.5 s), so single readings scatter widely and
+      the sum would read high while starved transfers are still in flight: a transfer in flight
+      past its fair-share time counts its overdue time as link time that moved nothing. And
+      :meth:`OffloadController.choose` never lets requests the threshold did not send build a
+      backlog longer than the window. Time in an interval that is not transfer (the decode's
+      first step) reads low.
     * **Committed bytes**: KV of requests routed to the remote pool whose transfer has not ended;
       the link must carry them before (or, sharing, beside) a request routed now.
     * **Egress**: bytes delivered over the last ``window_s`` (what the link carried for us).
@@ -269,14 +278,15 @@ class LinkMeter:
         self.nominal_gbps, self.window_s, self.rtt_s = nominal_gbps, window_s, rtt_s
         self.min_busy_s = min_busy_s
         self._max = max_entries
-        self._done: deque[tuple[float, int, float | None]] = deque(maxlen=max_entries)  # (end, bytes, fair s)
+        # (end, bytes, fair-share seconds, seconds on the wire, transfers in flight at its start); None: untimed
+        self._done: deque[tuple[float, int, float | None, float | None, int]] = deque(maxlen=max_entries)
         self._done_bytes = 0
         self._committed: OrderedDict[str, int] = OrderedDict()
         self.committed_bytes = 0
         self._pending: deque[tuple[float, str, int]] = deque()  # (on the wire from, key, start number)
         self._starts: dict[str, int] = {}  # key -> its live start (an abandoned one stays out of flight)
         self._seq = 0
-        self._inflight: dict[str, list[float]] = {}  # key -> [fair-share seconds so far]
+        self._inflight: dict[str, list[float]] = {}  # key -> [fair-share seconds so far, on the wire since, peers]
         self._clock = -math.inf
         self._measured: float | None = None
         self._measured_at = -math.inf
@@ -315,7 +325,10 @@ class LinkMeter:
             self.release(key)
         if len(self._done) == self._done.maxlen:
             self._done_bytes -= self._done[0][1]
-        self._done.append((now, nbytes, fair[0] if fair is not None and fair[0] > 0 else None))
+        if fair is not None and fair[0] > 0:
+            self._done.append((now, nbytes, fair[0], now - fair[1], int(fair[2])))
+        else:
+            self._done.append((now, nbytes, None, None, 0))
         self._done_bytes += nbytes
         self._measured_at = -math.inf  # re-measure at the next read
         self._trim(now)
@@ -326,7 +339,7 @@ class LinkMeter:
             at, key, seq = self._pending.popleft()
             self._credit(at)
             if self._starts.get(key) == seq:  # not ended, aborted or restarted meanwhile
-                self._inflight[key] = [0.0]
+                self._inflight[key] = [0.0, at, len(self._inflight)]
         self._credit(now)
 
     def _credit(self, t: float) -> None:
@@ -354,11 +367,26 @@ class LinkMeter:
             return self._measured
         self._measured_at = now
         self._trim(now)
-        fair = sum(f for _, _, f in self._done if f is not None)
-        nbytes = sum(b for _, b, f in self._done if f is not None)
+        self._advance(now)
+        fair = sum(f for _, _, f, _, _ in self._done if f is not None)
+        nbytes = sum(b for _, b, f, _, _ in self._done if f is not None)
         if fair >= self.min_busy_s and nbytes > 0:
-            self._measured = nbytes * 8 / 1e9 / fair
+            rate = nbytes / fair
+            # Transfers still in flight past their fair-share time (b / rate) are starving: the time
+            # they were owed went to the transfers that ended, whose readings it inflated. Count it
+            # as link time that moved nothing (a few rounds settle the fixed point).
+            inflight = [(f[0], self._committed.get(k, 0)) for k, f in self._inflight.items()]
+            for _ in range(3):
+                owed = sum(max(0.0, f - b / rate) for f, b in inflight)
+                rate = nbytes / (fair + owed)
+            self._measured = rate * 8 / 1e9
         return self._measured
+
+    def recent(self, count: int = 10) -> list[dict[str, float | int | None]]:
+        """The last ``count`` transfers: bytes, seconds on the wire, fair-share seconds, what each says."""
+        return [{"bytes": b, "seconds": None if d is None else round(d, 4), "fair_seconds": None if f is None
+                 else round(f, 4), "peers": peers, "gbps": None if f is None else round(b * 8 / 1e9 / f, 6)}
+                for _, b, f, d, peers in list(self._done)[-count:]]
 
     def capacity_gbps(self, now: float) -> float:
         measured = self.measured_gbps(now)
@@ -376,10 +404,14 @@ class LinkMeter:
 
     def headroom(self, nbytes: int, now: float, high_water: float) -> bool:
         """Would ``nbytes`` more keep the link's delivered traffic over the window under
-        ``high_water`` of its capacity? A long-run budget: requests the threshold did not send use
-        only capacity the threshold's own traffic leaves free."""
+        ``high_water`` of its capacity, and its backlog (everything committed) within what it
+        carries in one window? A long-run budget and a bound on the queue: requests the threshold
+        did not send use only capacity the threshold's own traffic leaves free, and never pile up
+        behind a link that is slower than it was."""
+        capacity = self.capacity_gbps(now)
         projected = self.egress_gbps(now) + nbytes * 8 / 1e9 / self.window_s
-        return projected <= high_water * self.capacity_gbps(now)
+        backlog_s = (self.committed_bytes + nbytes) * 8 / 1e9 / capacity
+        return projected <= high_water * capacity and backlog_s <= self.window_s
 
 
 def best_estimate(cluster: ClusterView, req: RouteRequest) -> float | None:
@@ -439,7 +471,8 @@ class OffloadController:
             samples=len(self.samples), arrival_rps=self.arrival_rate(now), link_gbps=capacity,
             link_nominal_gbps=self.link.nominal_gbps, link_measured_gbps=self.link.measured_gbps(now),
             link_egress_gbps=egress, link_utilization=egress / capacity,
-            link_committed_bytes=self.link.committed_bytes, local_instances=self.local.instances,
+            link_committed_bytes=self.link.committed_bytes, link_transfers=self.link.recent(),
+            local_instances=self.local.instances,
             remote_instances=self.remote.instances, side_choices=dict(self.choices), last_decision=self.last)
 
     def observe(self, uncached_tokens: int, now: float) -> None:

@@ -125,7 +125,7 @@ def test_a_short_prompt_goes_remote_when_sooner_there_and_the_link_has_room() ->
 
 
 def test_committed_link_traffic_keeps_a_prompt_local_when_the_link_is_the_queue() -> None:
-    ctl = controller()
+    ctl = controller(link_window_s=30.0)
     for i in range(4):  # 4 long transfers of 4 GB committed: a 5 MB one shares 4 x 5 MB of link time
         ctl.link.commit(f"r{i}", 4 * GB)
     slipped = ctl.choose(5_000, local_s=4.5, remote_prefill_s=0.5, kv_bytes=5_000_000, now=0.0)
@@ -133,6 +133,12 @@ def test_committed_link_traffic_keeps_a_prompt_local_when_the_link_is_the_queue(
     # A 5 GB one waits for 4 x its share (16 GB) at 1 GB/s: 16 s + 5 s, far later than local.
     big = ctl.choose(9_000, local_s=4.5, remote_prefill_s=0.9, kv_bytes=5 * GB, now=0.0)
     assert big.side == "local" and big.remote_s == pytest.approx(21.0)
+    # 16 GB more committed: 32 s of backlog, longer than the 30 s window. Fair sharing would let the
+    # 5 MB one slip past again, but a backlog that deep is where TCP sharing stops being fair.
+    for i in range(4):
+        ctl.link.commit(f"s{i}", 4 * GB)
+    kept = ctl.choose(5_000, local_s=4.5, remote_prefill_s=0.5, kv_bytes=5_000_000, now=0.0)
+    assert kept.side == "local" and kept.remote_s == pytest.approx(0.5 + 0.005)
 
 
 def test_a_long_prompt_stays_local_only_when_the_remote_side_misses_its_slo_and_local_does_not() -> None:
