@@ -87,7 +87,7 @@ class PhaseResult:
     samples: list[Sample]
     wall_s: float
     link_bytes: int
-    link_windows: list[float]  # utilisation of each ~1 s window, from the qdisc's byte counter
+    link_windows: list[float]  # utilisation of each ~2 s window, from the qdisc's byte counter
     offload: list[dict[str, Any]] = field(default_factory=list)  # /admin/offload samples
     changed_at: float | None = None
 
@@ -99,7 +99,7 @@ class OffloadLiveBench(TandemSettings):
 
     rate_mbit: float = Field(50.0, gt=0, le=10_000, description="shaped link rate (remote to local), Mbit/s")
     change_to_mbit: float = Field(16.0, gt=0, le=10_000, description="tracking phase: rate set halfway through")
-    qps: float = Field(4.0, gt=0, le=100, description="Poisson arrival rate of every phase")
+    qps: float = Field(5.0, gt=0, le=100, description="Poisson arrival rate of every phase")
     duration_s: float = Field(30.0, gt=1, le=600, description="seconds of arrivals per phase")
     mu: float = Field(8.3, description="log-normal prompt length: mu (truncated to the range)")
     sigma: float = Field(1.0, gt=0, description="log-normal prompt length: sigma")
@@ -284,7 +284,7 @@ async def run_phase(name: str, gw: str, reqs: list[tuple[float, int]], bench: Of
                 before = time.monotonic()
                 sent = link.sent_bytes()
                 now = (before + time.monotonic()) / 2  # the counter was read during the call
-                if now - last_t >= 1.0:  # ~1 s windows of the qdisc's counter, against the rate(s) in force
+                if now - last_t >= 2.0:  # ~2 s windows of the qdisc's counter, against the rate(s) in force
                     at = t0 + changed[0] if changed else now
                     capacity = last_rate * max(0.0, min(at, now) - last_t) \
                         + link.rate_mbit * max(0.0, now - max(at, last_t))
@@ -436,4 +436,4 @@ def print_table(out: dict[str, Any], bench: OffloadLiveBench) -> None:
             f"{tr['changed_at_s']:.1f}s; gateway measured {tr['measured_before_mbit']} -> {tr['measured_after_mbit']} "
             f"Mbit/s (settled {tr['measured_settled_after_s']} s after); threshold {tr['threshold_before']} -> "
             f"{tr['threshold_after']} (moved {tr['threshold_moved_after_s']} s after); link max "
-            f"{tr['link_util_max']:.2f} of the rate in 1 s windows")
+            f"{tr['link_util_max']:.2f} of the rate in 2 s windows")

@@ -136,12 +136,13 @@ SCENARIOS: tuple[Scenario, ...] = ("homogeneous", "naive", "selective")
 # solved threshold alone, the policy before queue-aware choice; kept to measure the difference).
 _MODE = {"homogeneous": "local", "naive": "remote", "selective": "selective", "selective_threshold": "selective"}
 # The PrfaaS setting (issue #19): its workload, a compute-dense remote prefill pool and a local PD
-# pool of equal cost (an H200 priced at 2 H20s), a 100 Gbit/s link that binds naive offload.
+# pool of equal cost (an H200 priced at 2 H20s: 8 H200 + 16 H20, homogeneous 32 H20), and a link that
+# binds: 60 Gbit/s carries the KV of about half of what the 8 H200s can prefill of this mix.
 PRFAAS: dict[str, object] = {
     "workload": "lognormal", "mu": 9.90, "sigma": 1.0, "min_tokens": 128, "max_tokens": 128_000,
     "tail": "truncate", "output_tokens": 1024, "slo_tpot": 0.025, "gpus": 32, "remote_gpu_cost": 2.0,
     "remote_share": 0.5, "local_profile": "llama3-8b-h20", "remote_profile": "llama3-8b-h200",
-    "link_gbps": 100.0, "link_rtt_ms": 10.0,
+    "link_gbps": 60.0, "link_rtt_ms": 10.0,
 }
 
 
@@ -216,7 +217,7 @@ class OffloadBench(TandemSettings):
     scenario: Literal["custom", "prfaas"] = Field("custom", description="prfaas: the PrfaaS setting (truncated "
                                                   "log-normal mu 9.90 sigma 1.00 over 128..128k, 1,024 output "
                                                   "tokens, TPOT 25 ms, 16 H20 local + 8 H200 remote at an H200 "
-                                                  "cost of 2, 100 Gbit/s); flags given explicitly win")
+                                                  "cost of 2, 60 Gbit/s); flags given explicitly win")
     workload: Literal["lognormal", "mooncake", "azure"] = Field("lognormal", description="log-normal long-context "
                                                                  "mix, or a shipped trace")
     trace: Path | None = Field(None, description="trace file (default: the shipped Mooncake / Azure trace)")
