@@ -197,8 +197,9 @@ class PDRouter:
         tokens offloading would make someone compute). The controller starts from the threshold on
         that length and moves the request when the other side's estimate (its best instance's
         queued work and this request's miss there, plus the link's committed traffic for the
-        remote side) is sooner or alone meets the TTFT SLO. A remote choice commits the prompt's KV
-        to the link under ``key``. Without a local pool everything goes remote.
+        remote side) is sooner and the link has room, or keeps a long one local when only the local
+        side meets its TTFT SLO. A remote choice commits the prompt's KV to the link under ``key``.
+        Without a local pool everything goes remote.
         """
         model = rreq.model
         remote = self._members("remote-prefill", model)
@@ -210,17 +211,18 @@ class PDRouter:
         now = time.monotonic()
         nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
         uncached = rreq.prompt_tokens
+        # Other models' offloads share the link: their measured egress shrinks this model's budget.
+        others = self.link_egress_gbps(now, besides=model)
         ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
         if local.instances:  # the threshold splits the load between two pools: without a local one, moot
             uncached -= max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
             ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
             ctl.observe(uncached, now)
-            # Other models' offloads share the link: their measured egress shrinks this model's budget.
-            ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model))
+            ctl.maybe_resolve(now, link_other_gbps=others)
             self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
         choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
                             remote_prefill_s=best_estimate(remote_pool.cluster, rreq), kv_bytes=nbytes, now=now,
-                            slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft)
+                            slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft, link_other_gbps=others)
         if choice.side == "remote":
             ctl.link.commit(key, nbytes)
         return choice

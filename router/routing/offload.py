@@ -221,7 +221,7 @@ class SideChoice:
     given (uncalibrated), to be reported back with the measured leg (:meth:`OffloadController.learn`)."""
 
     side: Side
-    reason: str  # threshold | faster | slo | no_remote | no_local
+    reason: str  # threshold | faster | slo (above t, kept local) | no_remote | no_local
     local_s: float | None
     remote_s: float | None
     prefill_s: float | None = None
@@ -402,16 +402,17 @@ class LinkMeter:
         ahead = sum(min(b, nbytes) for b in self._committed.values())
         return ahead * 8 / 1e9 / self.capacity_gbps(now)
 
-    def headroom(self, nbytes: int, now: float, high_water: float) -> bool:
-        """Would ``nbytes`` more keep the link's delivered traffic over the window under
-        ``high_water`` of its capacity, and its backlog (everything committed) within what it
-        carries in one window? A long-run budget and a bound on the queue: requests the threshold
-        did not send use only capacity the threshold's own traffic leaves free, and never pile up
-        behind a link that is slower than it was."""
+    def headroom(self, nbytes: int, now: float, other_gbps: float = 0.0) -> bool:
+        """Would ``nbytes`` more keep the link's delivered traffic over the window (plus ``other_gbps``
+        that is not ours) under its capacity, and its backlog (everything committed) within what it
+        carries in one window?
+        A long-run budget and a bound on the queue: requests the threshold did not send use only
+        capacity the threshold's own traffic leaves free, and never pile up behind a link that is
+        slower than it was."""
         capacity = self.capacity_gbps(now)
-        projected = self.egress_gbps(now) + nbytes * 8 / 1e9 / self.window_s
+        projected = self.egress_gbps(now) + other_gbps + nbytes * 8 / 1e9 / self.window_s
         backlog_s = (self.committed_bytes + nbytes) * 8 / 1e9 / capacity
-        return projected <= high_water * capacity and backlog_s <= self.window_s
+        return projected <= capacity and backlog_s <= self.window_s
 
 
 def best_estimate(cluster: ClusterView, req: RouteRequest) -> float | None:
@@ -490,7 +491,7 @@ class OffloadController:
         return uncached_tokens > self.threshold and self.remote.instances > 0
 
     def choose(self, uncached_tokens: int, *, local_s: float | None, remote_prefill_s: float | None,
-               kv_bytes: int, now: float, slo_s: float | None = None) -> SideChoice:
+               kv_bytes: int, now: float, slo_s: float | None = None, link_other_gbps: float = 0.0) -> SideChoice:
         """The side one request's prefill runs on.
 
         ``local_s``/``remote_prefill_s``: the best instance's TTFT estimate in each pool, this
@@ -500,12 +501,12 @@ class OffloadController:
         (:meth:`LinkMeter.ahead_s`), and then needs its own bytes' time. With
         ``side_choice="threshold"`` or a pinned threshold (``fixed_threshold``) t alone decides.
 
-        Starting from the threshold (which sizes the split for throughput), a request moves:
+        Starting from the threshold (which sizes the split for throughput and plans the link up to
+        its high-water mark), a request moves:
         * above t to local, only if the remote side would miss its SLO and the local one would not;
-        * at or below t to remote, when its KV would reach decode sooner from there and the link's
-          delivered traffic leaves room under the high-water mark (the threshold's traffic first),
-          or, past the high-water mark but under the link's capacity, when only the remote side
-          meets its SLO.
+        * at or below t to remote, when its KV would reach decode sooner from there and the link
+          has room for it (:meth:`LinkMeter.headroom`: the delivered traffic under capacity, the
+          committed backlog within one window).
         """
         raw = {"local": local_s, "remote": remote_prefill_s}
         if remote_prefill_s is None or self.remote.instances <= 0:
@@ -524,11 +525,9 @@ class OffloadController:
             if slo_s is not None and remote_s > slo_s >= local_s:
                 return self._chose("local", "slo", local_s, remote_s, raw)
             return self._chose("remote", "threshold", local_s, remote_s, raw)
-        if uncached_tokens > self.settings.min_threshold and remote_s < local_s:
-            if self.link.headroom(kv_bytes, now, self.settings.high_water):
-                return self._chose("remote", "faster", local_s, remote_s, raw)
-            if slo_s is not None and local_s > slo_s >= remote_s and self.link.headroom(kv_bytes, now, 1.0):
-                return self._chose("remote", "slo", local_s, remote_s, raw)
+        if uncached_tokens > self.settings.min_threshold and remote_s < local_s \
+                and self.link.headroom(kv_bytes, now, link_other_gbps):
+            return self._chose("remote", "faster", local_s, remote_s, raw)
         return self._chose("local", "threshold", local_s, remote_s, raw)
 
     def _chose(self, side: Side, reason: str, local_s: float | None, remote_s: float | None,
