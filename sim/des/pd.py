@@ -82,7 +82,6 @@ class PDConfig(BaseModel):
                                                   "the context one decode step can read")
     scrape_interval_s: float = Field(0.5, gt=0)
     tick_s: float = Field(0.1, gt=0)
-    estimate_prompt_tokens: int = Field(8192, gt=0)
     ttft_slo_s: float | None = Field(None, gt=0, description="each request's own TTFT SLO for routing: this plus "
                                      "ttft_slo_per_token_s x its prompt tokens; None: routing's fixed SLO")
     ttft_slo_per_token_s: float = Field(0.0, ge=0, description="per prompt token part of ttft_slo_s")
