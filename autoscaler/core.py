@@ -44,10 +44,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from tandem.api.models import Role
 from tandem.api.observations import LengthBucket, Observations, RoleObservation
 from tandem.autoscaler import forecast
 from tandem.autoscaler.capacity import CapacityModel, Workload
-from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, Role, RoleDecision, RoleState
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, RoleDecision, RoleState
 from tandem.perf.profile import Profile
 from tandem.router.routing.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
 

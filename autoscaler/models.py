@@ -38,7 +38,14 @@ class PoolBounds(_Model):
         return self
 
 
-class SLO(_Model):
+class ScalingSLO(_Model):
+    """The SLO the autoscaler plans pool sizes for.
+
+    Built from an LLMService's ``spec.slo`` (:class:`tandem.api.models.SLO`, the CRD's wire shape)
+    by the actuator, and set directly by the benchmarks. Kept apart from it because the capacity
+    model solves for an attainment quantile, which must be below 1 (the CRD allows 1).
+    """
+
     ttft_s: float = Field(5.0, gt=0, description="time-to-first-token objective")
     tpot_s: float = Field(0.1, gt=0, description="time-per-output-token objective")
     attainment: float = Field(0.95, gt=0, lt=1, description="share of requests that must meet both")
@@ -61,7 +68,7 @@ class AutoscalerSpec(_Model):
 
     mode: Mode = "disaggregated"
     pools: dict[Role, PoolBounds] = Field(default_factory=dict, description="bounds per role (default 1..64)")
-    slo: SLO = SLO()
+    slo: ScalingSLO = ScalingSLO()
     gpu_budget: int | None = Field(None, ge=1, description="most GPUs this service may hold")
     startup_delay_s: float = Field(60.0, ge=0, description="pod scheduled -> engine ready; the forecast horizon")
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")

@@ -33,10 +33,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tandem.api.models import Role
 from tandem.api.observations import Observations
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.core import role_decision, size_pools, tick
-from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, PoolBounds, Role
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, PoolBounds, ScalingSLO
 from tandem.bench.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, length_mix, replay
 from tandem.config import TandemSettings
 from tandem.perf.profile import Profile, load_profile
@@ -303,7 +304,7 @@ def worst_window(res: ReplayResult, window_s: float, min_requests: int = MIN_WIN
     return min(values) if values else 1.0
 
 
-def summarise(res: ReplayResult, slo: SLO, cooldown_s: float) -> dict[str, float | int]:
+def summarise(res: ReplayResult, slo: ScalingSLO, cooldown_s: float) -> dict[str, float | int]:
     outs = res.outcomes
     n = len(outs)
     good = sum(o.met for o in outs)
@@ -425,7 +426,7 @@ class AutoscaleBench(TandemSettings):
 def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, fmt: str,
               log: Callable[[str], None] = lambda m: None) -> dict:
     assert cfg.ttft_s is not None
-    slo = SLO(ttft_s=cfg.ttft_s, tpot_s=cfg.tpot_s, attainment=cfg.attainment)
+    slo = ScalingSLO(ttft_s=cfg.ttft_s, tpot_s=cfg.tpot_s, attainment=cfg.attainment)
     roles: tuple[Role, ...] = ("prefill", "decode")
     spec = AutoscalerSpec(
         mode="disaggregated", slo=slo,

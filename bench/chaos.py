@@ -25,17 +25,16 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.harness import HarnessError, Process, RedisServer, restartable_port, tandem_argv
+from tandem.bench.stats import quantile
 from tandem.config import TandemSettings
 
 PHASES = ("baseline", "engine_killed", "engine_hung", "engine_slow", "engine_5xx", "redis_restart",
@@ -123,7 +122,7 @@ class Tally:
             "failed_by_status": failed,
             "lost": self.outcomes["lost"],
             "duplicated": self.outcomes["duplicated"],
-            "ttft_p99_by_phase": {p: round(float(np.percentile(v, 99)) * 1000, 1)
+            "ttft_p99_by_phase": {p: round(quantile(v, 0.99) * 1000, 1)
                                   for p in phase_labels() if (v := self.ttft.get(p))},
             "failovers": self.failovers,
         }
@@ -159,73 +158,6 @@ class InstanceTimes(BaseModel):
 # --- the I/O shell -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    """A bindable loopback port below the kernel's ephemeral range.
-
-    The children bind their ports only after start-up; a port taken from the ephemeral range could
-    meanwhile become the source port of some outgoing connection (the clients', the gateways', a
-    neighbouring test's), and a restarted engine must get its old port back. Ports below the range
-    are never handed out that way.
-    """
-    import socket
-
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise SystemExit("tandem bench chaos: no free loopback port below the ephemeral range")
-
-
-class _Proc:
-    """A child process that can be stopped and started again with the same arguments."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        self.argv, self.log = argv, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as fh:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=fh)
-
-    def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    async def wait(self, limit: float) -> None:
-        deadline = time.monotonic() + limit
-        while self.proc is not None and self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-            await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-
-def _tandem(*args: str) -> list[str]:
-    return [sys.executable, "-m", "tandem.cli", *args]
-
-
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -258,7 +190,10 @@ class BenchChaosCommand(TandemSettings):
         except ImportError:
             uvloop = None
         self.out.mkdir(parents=True, exist_ok=True)
-        report = (uvloop.run if uvloop else asyncio.run)(_Chaos(self).run())
+        try:
+            report = (uvloop.run if uvloop else asyncio.run)(_Chaos(self).run())
+        except HarnessError as exc:
+            raise SystemExit(f"tandem bench chaos: {exc}") from exc
         text = json.dumps(report, indent=2)
         if self.json_out:
             self.json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -277,26 +212,24 @@ class _Chaos:
         self.ids = itertools.count()
         self.routable: dict[str, bool] = {}
         self.times: list[InstanceTimes] = []
-        redis_port = _free_port()
-        self.redis = _Proc([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--bind",
-                            "127.0.0.1", "--save", "", "--appendonly", "no"], cfg.out / "redis.log")
-        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        # Every process is restarted on its port during the run: ports below the ephemeral range.
+        self.redis = RedisServer(cfg.out / "redis.log", port=restartable_port())
         self.engine_urls: list[str] = []
-        self.engines: list[_Proc] = []
+        self.engines: list[Process] = []
         for i in range(cfg.engines):
-            port = _free_port()
+            port = restartable_port()
             self.engine_urls.append(f"http://127.0.0.1:{port}")
-            self.engines.append(_Proc(_tandem("sim", "--port", str(port), "--seed", str(i),
-                                              "--metrics", "sglang" if i % 2 else "vllm"),
-                                      cfg.out / f"engine-{i}.log"))
+            self.engines.append(Process(f"engine {i}", tandem_argv("sim", "--port", str(port), "--seed", str(i),
+                                                                   "--metrics", "sglang" if i % 2 else "vllm"),
+                                        cfg.out / f"engine-{i}.log"))
         self.gw_urls: list[str] = []
-        self.gateways: list[_Proc] = []
+        self.gateways: list[Process] = []
         for i in range(2):
-            port = _free_port()
+            port = restartable_port()
             self.gw_urls.append(f"http://127.0.0.1:{port}")
-            self.gateways.append(_Proc(_tandem(
+            self.gateways.append(Process(f"gateway {i}", tandem_argv(
                 "gateway", "--port", str(port), "--instances", ",".join(self.engine_urls),
-                "--redis-url", self.redis_url, "--first-byte-timeout", str(cfg.first_byte_timeout),
+                "--redis-url", self.redis.url, "--first-byte-timeout", str(cfg.first_byte_timeout),
                 "--breaker-cooldown", "2", "--drain-timeout", str(cfg.timeout), "--max-queue", "100000",
                 "--max-queue-per-instance", "100000"), cfg.out / f"gateway-{i}.log"))
 
@@ -313,9 +246,9 @@ class _Chaos:
             connector = aiohttp.TCPConnector(limit=0, force_close=False)
             async with aiohttp.ClientSession(connector=connector) as session:
                 for url, engine in zip(self.engine_urls, self.engines, strict=True):
-                    await _wait_ok(session, url + "/health", engine)
+                    await engine.until_http(url + "/health")
                 for url, gateway in zip(self.gw_urls, self.gateways, strict=True):
-                    await _wait_ok(session, url + "/readyz", gateway)
+                    await gateway.until_http(url + "/readyz")
                 model = (await (await session.get(self.engine_urls[0] + "/v1/models")).json())["data"][0]["id"]
                 rss_start = _rss_mb(self.gateways[1].pid)
                 self.t0 = time.monotonic()
@@ -323,8 +256,16 @@ class _Chaos:
                 monitor = asyncio.create_task(self._monitor(session))
                 faults = asyncio.create_task(self._faults(session))
                 rng = random.Random(self.cfg.seed)
-                await asyncio.gather(*(self._client(session, model, i, stop, random.Random(rng.random()))
-                                       for i in range(self.cfg.clients)))
+                clients = asyncio.gather(*(self._client(session, model, i, stop, random.Random(rng.random()))
+                                           for i in range(self.cfg.clients)))
+                await asyncio.wait((clients, faults), return_when=asyncio.FIRST_COMPLETED)
+                if faults.done() and not faults.cancelled() and faults.exception() is not None:
+                    # A fault was not applied or not undone (a restarted process did not come back): void run.
+                    clients.cancel()
+                    monitor.cancel()
+                    await asyncio.gather(clients, monitor, return_exceptions=True)
+                    raise faults.exception()
+                await clients
                 faults.cancel()
                 monitor.cancel()
                 await asyncio.gather(faults, monitor, return_exceptions=True)
@@ -433,7 +374,7 @@ class _Chaos:
         await self._until(end - self.plan[1][0] / 2)  # the fault lasts half the phase; re-admission the rest
         if fault == "crash":
             proc.start()
-            await _wait_ok(session, url + "/health", proc)
+            await proc.until_http(url + "/health")
         else:
             async with session.post(url + "/admin/fault", json={"mode": "none"}) as resp:
                 resp.raise_for_status()
@@ -450,15 +391,15 @@ class _Chaos:
             await self._engine_fault(session, idx, fault, starts[phase] + step)
         await self._until(starts["redis_restart"])
         self.redis.signal(signal.SIGKILL)
-        await self.redis.wait(5)
+        await self.redis.exit_within(5)
         await asyncio.sleep(min(2.0, step / 3))
         self.redis.start()
         await self._until(starts["gateway_restart"])
         gw = self.gateways[0]
         gw.signal(signal.SIGTERM)  # a rolling restart: it drains, its clients fail over to the other
-        await gw.wait(self.cfg.timeout + 10)
+        await gw.exit_within(self.cfg.timeout + 10)
         gw.start()
-        await _wait_ok(session, self.gw_urls[0] + "/readyz", gw)
+        await gw.until_http(self.gw_urls[0] + "/readyz")
 
 
 class _NotTaken(Exception):
@@ -467,21 +408,3 @@ class _NotTaken(Exception):
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
-
-
-async def _wait_ok(session: object, url: str, proc: _Proc, limit_s: float = 60.0) -> None:
-    """Wait for ``url`` to answer 200; fail at once, naming the log, if ``proc`` exits instead."""
-    import aiohttp
-
-    deadline = time.monotonic() + limit_s
-    while True:
-        if proc.proc is not None and proc.proc.poll() is not None:
-            raise SystemExit(f"tandem bench chaos: the process behind {url} exited "
-                             f"({proc.proc.returncode}) during start-up; see {proc.log}")
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status == 200:
-                    return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"tandem bench chaos: {url} not ready after {limit_s:.0f}s")
-        await asyncio.sleep(0.1)

@@ -2,8 +2,8 @@
 
 For each policy the demo starts fresh engine simulators (cold caches, so no policy inherits
 another's cache) and a gateway as subprocesses on ephemeral 127.0.0.1 ports, replays the same
-trace slice through the gateway over real HTTP (prompts as Mooncake block ids, the simulator's
-``x_tandem`` extension; streamed responses), and measures what a client sees. It then prints a
+trace slice through the gateway over real HTTP (prompt text built from the Mooncake block ids,
+``tandem.bench.prompts``; streamed responses), and measures what a client sees. It then prints a
 side-by-side table and writes a plot and the raw numbers under ``out/``.
 """
 
@@ -12,12 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -25,156 +21,11 @@ import numpy as np
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.harness import HarnessError, Process, free_port, tandem_argv
+from tandem.bench.trace_client import Result, Summary, replay, summarise
 from tandem.config import TandemSettings
-from tandem.serve import serve
+from tandem.serve import serving
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
-
-
-@dataclass(slots=True)
-class Result:
-    ok: bool
-    ttft: float
-    e2e: float
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    error: str = ""
-
-
-@dataclass(slots=True)
-class Summary:
-    policy: str
-    requests: int
-    errors: int
-    ttft_p50: float
-    ttft_p90: float
-    ttft_p99: float
-    slo_attainment: float
-    hit_ratio: float
-    throughput_rps: float
-    output_tps: float
-    wall_s: float
-
-
-def summarise(policy: str, results: list[Result], slo: float, wall: float) -> Summary:
-    ok = [r for r in results if r.ok]
-    ttfts = np.array([r.ttft for r in ok]) if ok else np.array([float("nan")])
-    prompt = sum(r.prompt_tokens for r in ok)
-    return Summary(
-        policy=policy, requests=len(results), errors=len(results) - len(ok),
-        ttft_p50=float(np.percentile(ttfts, 50)), ttft_p90=float(np.percentile(ttfts, 90)),
-        ttft_p99=float(np.percentile(ttfts, 99)),
-        # A failed request misses the SLO.
-        slo_attainment=sum(1 for r in ok if r.ttft <= slo) / max(1, len(results)),
-        hit_ratio=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
-        throughput_rps=len(ok) / wall if wall > 0 else 0.0,
-        output_tps=sum(r.output_tokens for r in ok) / wall if wall > 0 else 0.0,
-        wall_s=wall)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Processes:
-    """Subprocesses of one run, logging to files under ``logs``; always terminated, even on Ctrl-C."""
-
-    def __init__(self, logs: Path) -> None:
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
-        self.logs = logs
-        logs.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, *args: str) -> None:
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.DEVNULL,
-                                    stderr=fh)
-        self.procs.append((proc, log))
-
-    def stop(self) -> None:
-        for p, _ in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p, _ in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.procs.clear()
-
-    def check(self) -> None:
-        for p, log in self.procs:
-            if p.poll() is not None:
-                err = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{' '.join(map(str, p.args[3:5]))} exited with {p.returncode}:\n{err}")
-
-
-async def _wait_ready(url: str, procs: _Processes, limit_s: float = 60.0) -> None:
-    deadline = time.monotonic() + limit_s
-    async with httpx.AsyncClient(timeout=1.0, trust_env=False) as c:
-        while True:
-            procs.check()
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url)).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} not ready after {limit_s:.0f}s")
-            await asyncio.sleep(0.1)
-
-
-async def _one(client: httpx.AsyncClient, url: str, model: str, req: TraceRequest, max_out: int) -> Result:
-    body = {"model": model, "max_tokens": max(1, min(req.output_tokens, max_out)), "stream": True,
-            "stream_options": {"include_usage": True},
-            "x_tandem": {"hash_ids": list(req.hash_ids), "prompt_tokens": req.input_tokens,
-                         "block_size": req.block_size}}
-    t0 = time.perf_counter()
-    ttft = None
-    usage: dict = {}
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                              f"HTTP {resp.status_code}: {text[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                                  chunk["error"].get("message", "error"))
-                if ttft is None and chunk.get("choices"):
-                    ttft = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    except httpx.HTTPError as exc:
-        return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0, type(exc).__name__)
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return Result(ttft is not None, ttft or 0.0, time.perf_counter() - t0, int(usage.get("prompt_tokens", 0)),
-                  cached, int(usage.get("completion_tokens", 0)))
-
-
-async def replay(url: str, model: str, reqs: list[TraceRequest], max_out: int,
-                 on_done: Callable[[], None] | None = None) -> tuple[list[Result], float]:
-    """Open-loop replay: each request is sent at its (rescaled) arrival time, whatever came before."""
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0), limits=limits,
-                                 trust_env=False) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-
-        async def at(req: TraceRequest) -> Result:
-            await asyncio.sleep(max(0.0, start + req.arrival - loop.time()))
-            result = await _one(client, url, model, req, max_out)
-            if on_done:
-                on_done()
-            return result
-
-        results = await asyncio.gather(*(at(r) for r in reqs))
-        return list(results), loop.time() - start
 
 
 class DemoCommand(TandemSettings):
@@ -212,6 +63,8 @@ class DemoCommand(TandemSettings):
             summaries, raw = asyncio.run(self._run_all(reqs))
         except KeyboardInterrupt:
             raise SystemExit(130) from None
+        except HarnessError as exc:
+            raise SystemExit(f"tandem demo: {exc}") from exc
         des = {policy: self._des(policy, reqs) for policy in self.policies}
         self._report(summaries, raw, reqs, des)
 
@@ -258,26 +111,26 @@ class DemoCommand(TandemSettings):
         from tandem.sim.server import create_app
         from tandem.sim.settings import SimSettings
 
-        procs = _Processes(self.out / "logs" / policy)
+        logs = self.out / "logs" / policy
+        logs.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(procs.stop)
             sims = []
             for _ in range(self.instances):
                 app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
                                              host_cache_tokens=self.host_cache_tokens))
-                sims.append(await stack.enter_async_context(serve(app)))
-            gw_port = _free_port()
+                sims.append(await stack.enter_async_context(serving(app)))
+            gw_port = free_port()
             gw = f"http://127.0.0.1:{gw_port}"
             # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
             shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
             args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
                     "--profile", self.profile, "--slo-ttft", str(self.slo_ttft), "--max-queue", "100000",
                     "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow)]
-            procs.start("gateway", *args)
-            await _wait_ready(gw + "/readyz", procs)
+            gateway = stack.enter_context(Process("gateway", tandem_argv(*args), logs / "gateway.log"))
+            await gateway.until_http(gw + "/readyz")
             async with httpx.AsyncClient(trust_env=False) as c:
                 model = (await c.get(gw + "/v1/models")).json()["data"][0]["id"]
-            return await replay(gw + "/v1/completions", model, reqs, self.max_output_tokens, advance)
+            return await replay([gw + "/v1/completions"], model, reqs, self.max_output_tokens, advance)
         raise AssertionError("unreachable")
 
     def _report(self, summaries: list[Summary], raw: dict[str, list[Result]], reqs: list[TraceRequest],

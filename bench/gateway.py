@@ -21,22 +21,20 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.harness import HarnessError, Process, RedisServer, free_port, tandem_argv
+from tandem.bench.stats import quantiles
 from tandem.config import TandemSettings
 
 
@@ -51,7 +49,10 @@ class LatencyStats:
     ttft_p99_ms: float
     e2e_p50_ms: float
     e2e_p99_ms: float
-    ttft_percentiles_ms: dict[str, float]  # p50 p90 p95 p99 p99.9: where the tail starts
+    ttft_percentiles_ms: dict[str, float]  # TTFT_TAIL: where the tail starts
+
+
+TTFT_TAIL = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99.9": 0.999}  # name -> quantile
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,31 +87,6 @@ class LoadResult:
     wall: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _process(args: list[str], log: Path, cpus: tuple[int, ...] = ()) -> Iterator[subprocess.Popen]:
-    """``tandem <args>``, pinned to ``cpus`` before its interpreter has started anything (the
-    processes it spawns later, a gateway's workers, inherit the set)."""
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", *args], stdout=subprocess.DEVNULL, stderr=fh)
-    if cpus:
-        os.sched_setaffinity(proc.pid, cpus)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class BenchGatewayCommand(TandemSettings):
     """Proxy overhead of the gateway vs direct-to-simulator: added TTFT/e2e p50/p99 and max req/s."""
 
@@ -142,31 +118,44 @@ class BenchGatewayCommand(TandemSettings):
 
     def cli_cmd(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        report = asyncio.run(self._run())
+        cpu_sets = self._cpu_sets()
+        try:
+            with contextlib.ExitStack() as stack:
+                redis_url = None
+                if self.gateway_workers > 1:  # the workers' shared state
+                    redis = stack.enter_context(RedisServer(self.out / "bench-redis.log", exe=self.redis_server,
+                                                            cpus=cpu_sets[1]))
+                    redis.wait_ready()
+                    redis_url = redis.url
+                report = asyncio.run(self._run(cpu_sets, redis_url))
+        except HarnessError as exc:
+            raise SystemExit(f"tandem bench gateway: {exc}") from exc
         (self.out / "bench-gateway.json").write_text(json.dumps(report, indent=2))
         self._print(report)
 
-    async def _run(self) -> dict:
-        ports = [_free_port() for _ in range(self.engines)]
+    async def _run(self, cpu_sets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
+                   redis_url: str | None) -> dict:
+        ports = [free_port() for _ in range(self.engines)]
         sims = tuple(f"http://127.0.0.1:{p}" for p in ports)
-        gw_port = _free_port()
+        gw_port = free_port()
         gw = (f"http://127.0.0.1:{gw_port}",)
         gw_args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", self.policy,
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
-        sim_cpus, gw_cpus, client_cpus = self._cpu_sets()
+        if redis_url is not None:
+            gw_args += ["--workers", str(self.gateway_workers), "--redis-url", redis_url]
+        sim_cpus, gw_cpus, client_cpus = cpu_sets
         with contextlib.ExitStack() as stack:
-            if self.gateway_workers > 1:
-                redis_url = stack.enter_context(_redis(self.redis_server, self.out / "bench-redis.log", gw_cpus))
-                gw_args += ["--workers", str(self.gateway_workers), "--redis-url", redis_url]
-            sim_procs = [stack.enter_context(_process(["sim", "--port", str(p), "--max-pending", "100000"],
-                                                      self.out / f"bench-sim-{i}.log", sim_cpus[i:i + 1]))
+            sim_procs = [stack.enter_context(Process(f"tandem sim {i}", tandem_argv("sim", "--port", str(p),
+                                                                                   "--max-pending", "100000"),
+                                                     self.out / f"bench-sim-{i}.log", cpus=sim_cpus[i:i + 1]))
                          for i, p in enumerate(ports)]
-            gw_proc = stack.enter_context(_process(gw_args, self.out / "bench-gateway.log", gw_cpus))
+            gw_proc = stack.enter_context(Process("tandem gateway", tandem_argv(*gw_args),
+                                                  self.out / "bench-gateway.log", cpus=gw_cpus))
             pool = stack.enter_context(ProcessPoolExecutor(self.client_processes,
                                                            mp_context=multiprocessing.get_context("spawn")))
-            for url in sims:
-                await _wait_ready(url + "/health")
-            await _wait_ready(gw[0] + "/readyz")
+            for url, proc in zip(sims, sim_procs, strict=True):
+                await proc.until_http(url + "/health")
+            await gw_proc.until_http(gw[0] + "/readyz")
             model = await _model(sims[0])
             targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc])}
             for urls, _ in targets.values():  # warm code paths (each measurement warms its connections)
@@ -286,19 +275,6 @@ async def _model(sim: str) -> str:
     return json.loads((await _get(sim + "/v1/models"))[1])["data"][0]["id"]
 
 
-async def _wait_ready(url: str, limit_s: float = 60.0) -> None:
-    import aiohttp
-
-    deadline = time.monotonic() + limit_s
-    while True:
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            if (await _get(url))[0] == 200:
-                return
-        if time.monotonic() > deadline:
-            raise SystemExit(f"tandem bench gateway: {url} not ready after {limit_s:.0f}s")
-        await asyncio.sleep(0.1)
-
-
 async def _wait_idle(sim: str, limit_s: float = 30.0) -> None:
     """Let a simulator drain what the previous step left before measuring the next."""
     from tandem.router.enginemetrics import parse_engine_metrics
@@ -395,12 +371,10 @@ def _latency(name: str, rate: float, rounds: list[list[LoadResult]]) -> LatencyS
     ok = [s for results in rounds for r in results for s in r.samples]
     errors = sum(r.errors for results in rounds for r in results)
     wall = sum(max(r.wall for r in results) for results in rounds)
-    ttft = np.array([s[0] for s in ok]) * 1000 if ok else np.array([np.nan])
-    e2e = np.array([s[1] for s in ok]) * 1000 if ok else np.array([np.nan])
-    return LatencyStats(name, rate, len(ok) / wall, len(ok), errors,
-                        float(np.nanpercentile(ttft, 50)), float(np.nanpercentile(ttft, 99)),
-                        float(np.nanpercentile(e2e, 50)), float(np.nanpercentile(e2e, 99)),
-                        {f"p{q:g}": float(np.nanpercentile(ttft, q)) for q in (50, 90, 95, 99, 99.9)})
+    ttfts = [s[0] * 1000 for s in ok if not math.isnan(s[0])]  # NaN: the stream sent no chunk, so no TTFT
+    ttft = dict(zip(TTFT_TAIL, quantiles(ttfts, tuple(TTFT_TAIL.values())), strict=True))
+    e2e_p50, e2e_p99 = quantiles((s[1] * 1000 for s in ok), (0.5, 0.99))
+    return LatencyStats(name, rate, len(ok) / wall, len(ok), errors, ttft["p50"], ttft["p99"], e2e_p50, e2e_p99, ttft)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -422,33 +396,3 @@ def _cpu_seconds(pid: int) -> float:
     ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
     return ticks / os.sysconf("SC_CLK_TCK")
 
-
-@contextlib.contextmanager
-def _redis(exe: str, log: Path, cpus: tuple[int, ...]) -> Iterator[str]:
-    """A throwaway redis-server for the gateway workers' shared state."""
-    import shutil
-
-    path = shutil.which(exe)
-    if path is None:
-        raise SystemExit(f"tandem bench gateway: redis_server: '{exe}' not found (needed for --gateway-workers > 1)")
-    port = _free_port()
-    with log.open("wb") as fh:
-        proc = subprocess.Popen([path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                                stdout=fh, stderr=subprocess.STDOUT)
-    if cpus:
-        os.sched_setaffinity(proc.pid, cpus)
-    deadline = time.monotonic() + 10.0
-    while True:  # answering PING before anyone counts on it
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
-            conn.sendall(b"PING\r\n")
-            if conn.recv(16).startswith(b"+PONG"):
-                break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"tandem bench: redis-server did not start (log: {log})")
-        time.sleep(0.02)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)

@@ -44,8 +44,9 @@ import httpx
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from tandem.bench.pd import lognormal_mix, quantile
+from tandem.bench.pd import lognormal_mix
 from tandem.bench.shaped_link import LinkUnavailable, ShapedLink, unavailable
+from tandem.bench.stats import quantile
 from tandem.config import TandemSettings
 from tandem.perf.profile import ModelShape, Profile, load_profile
 

@@ -24,6 +24,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from tandem.bench.autoscale import distinct_text_keys
+from tandem.bench.stats import quantile, quantiles
 from tandem.config import TandemSettings
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import load_profile
@@ -64,13 +65,6 @@ def lognormal_mix(count: int, *, mu: float, sigma: float, low: int, high: int, o
     return out
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def steady_attainment(outcomes: Sequence[tuple[float, bool]], tail: float = 0.2) -> float:
     """Attainment over all (arrival, met) outcomes, and over the last ``tail`` of arrivals; the lower.
 
@@ -85,7 +79,7 @@ def steady_attainment(outcomes: Sequence[tuple[float, bool]], tail: float = 0.2)
     return min(sum(m for _, m in ordered) / len(ordered), sum(m for _, m in late) / len(late))
 
 
-class SLO:
+class PromptScaledSLO:
     """TTFT within ``base + per_token x prompt`` (long prompts are allowed their prefill) and TPOT."""
 
     def __init__(self, ttft_base: float, ttft_per_token: float, tpot: float) -> None:
@@ -97,7 +91,7 @@ class SLO:
         return tpot is None or tpot <= self.tpot
 
 
-def slo_local_cap(profile: str, slo: SLO, share: float) -> int:
+def slo_local_cap(profile: str, slo: PromptScaledSLO, share: float) -> int:
     """Longest prompt the profile prefills alone within ``share`` of its TTFT SLO (binary search)."""
     cost = CostModel.from_profile(load_profile(profile))
     lo, hi = 0, 10_000_000
@@ -302,7 +296,7 @@ class OffloadBench(TandemSettings):
         prepared = distinct_text_keys(prepare(base))
         lengths = [r.input_tokens for r in base]
         mean_out = statistics.fmean(r.output_tokens for r in base)
-        slo = SLO(self.slo_ttft, self.slo_ttft_per_token, self.slo_tpot)
+        slo = PromptScaledSLO(self.slo_ttft, self.slo_ttft_per_token, self.slo_tpot)
         scenarios = self.scenario_list()
         t0 = time.perf_counter()
         runner = OffloadRunner(self, base, prepared, slo)
@@ -367,7 +361,7 @@ class OffloadRunner:
     """Runs and caches DES points per (scenario, pool split, rate)."""
 
     def __init__(self, bench: OffloadBench, base: list[TraceRequest], prepared: list[PreparedRequest],
-                 slo: SLO) -> None:
+                 slo: PromptScaledSLO) -> None:
         self.bench, self.base, self.prepared, self.slo = bench, base, prepared, slo
         self.splits: dict[str, tuple[int, int, int, float, int]] = {}
         self.capacities: dict[str, float] = {}
@@ -586,7 +580,7 @@ class PDBench(TandemSettings):
             return cache[(kind, qps)]
 
         def attained(kind: str, qps: float, tpot: float) -> float:
-            slo = SLO(self.slo_ttft, 0.0, tpot)
+            slo = PromptScaledSLO(self.slo_ttft, 0.0, tpot)
             return steady_attainment([(t, slo.met(p, a, b)) for t, p, a, b in outcomes(kind, qps)])
 
         t0 = time.perf_counter()
@@ -605,10 +599,12 @@ class PDBench(TandemSettings):
                 got = outcomes(kind, common)
                 ttfts = [a if a is not None else math.inf for _, _, a, _ in got]
                 tp = [b for _, _, _, b in got if b is not None]
+                ttft_p50, ttft_p90 = quantiles(ttfts, (0.5, 0.9))
+                tpot_p50, tpot_p90 = quantiles(tp, (0.5, 0.9))
                 entry[name] = {"goodput_rps": round(row[kind], 4), "prefill_instances": int(kind.split(":")[1])
-                               if ":" in kind else None, "ttft_p50": round(quantile(ttfts, 0.5), 3),
-                               "ttft_p90": round(quantile(ttfts, 0.9), 3), "tpot_p50": round(quantile(tp, 0.5), 4),
-                               "tpot_p90": round(quantile(tp, 0.9), 4), "at_rps": round(common, 4)}
+                               if ":" in kind else None, "ttft_p50": round(ttft_p50, 3),
+                               "ttft_p90": round(ttft_p90, 3), "tpot_p50": round(tpot_p50, 4),
+                               "tpot_p90": round(tpot_p90, 4), "at_rps": round(common, 4)}
             entry["disaggregated_vs_aggregated"] = round(row[best] / row["aggregated"], 3) \
                 if row["aggregated"] else None
             out["slo_tpot"][str(tpot)] = entry

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tandem.api.models import Role
 from tandem.api.observations import LengthBucket, Observations, RoleObservation
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
@@ -61,7 +62,7 @@ class Scaler:
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
     profile: str
-    slo: SLO
+    slo: ScalingSLO
     startup_delay_s: float = 60.0
     tick_s: float = 15.0
     window_s: float = 30.0
@@ -126,7 +127,7 @@ def length_mix(reqs: Iterable[TraceRequest] | Iterable[PreparedRequest]) -> list
             for _, (n, i, o) in sorted(cells.items())]
 
 
-def judge(res: PDResult, slo: SLO) -> tuple[bool, bool]:
+def judge(res: PDResult, slo: ScalingSLO) -> tuple[bool, bool]:
     """(TTFT met, TPOT met); a request that never ran meets neither, a one-token answer has no TPOT."""
     ttft, tpot = res.ttft, res.tpot
     ran = not res.rejected and res.finished_at is not None

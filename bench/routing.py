@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.stats import attainment, quantiles
 from tandem.blockcache import BlockCache
 from tandem.config import TandemSettings
 from tandem.perf.profile import load_profile
@@ -71,23 +72,18 @@ class Point(BaseModel):
     rejected: int = 0
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
 def summarise(result: DESResult, qps: float, warmup: int, slo: float) -> Point:
     """Attainment and latency over the measured requests (trace order >= warmup); unserved ones miss."""
     measured = [r for r in result.requests if r.index >= warmup]
-    ttfts = sorted(r.ttft if r.ttft is not None else float("inf") for r in measured)
+    ttfts = [r.ttft if r.ttft is not None else float("inf") for r in measured]
+    p50, p90, p99 = quantiles(ttfts, (0.5, 0.9, 0.99))
     prompt = sum(r.prompt_tokens for r in measured) or 1
     work = list(result.prefill_tokens.values())
     mean_work = sum(work) / len(work) if work else 0.0
     return Point(
         qps=round(qps, 4),
-        attainment=sum(1 for t in ttfts if t <= slo) / max(1, len(ttfts)),
-        ttft_p50=_quantile(ttfts, 0.5), ttft_p90=_quantile(ttfts, 0.9), ttft_p99=_quantile(ttfts, 0.99),
+        attainment=attainment(ttfts, slo),
+        ttft_p50=p50, ttft_p90=p90, ttft_p99=p99,
         hit_ratio=sum(r.hit_tokens for r in measured) / prompt,
         host_hit_ratio=sum(r.host_hit_tokens for r in measured) / prompt,
         imbalance=max(work) / mean_work if mean_work else 1.0,
@@ -393,8 +389,8 @@ def time_decisions(policy_name: str, n: int, reqs: list[PreparedRequest], decisi
         policy.choose(req, cluster)
         samples.append((clock() - t0) / 1000)
     gc.unfreeze()
-    samples.sort()
-    return {"p50_us": round(statistics.median(samples), 2), "p99_us": round(_quantile(samples, 0.99), 2),
+    p50, p99 = quantiles(samples, (0.5, 0.99))
+    return {"p50_us": round(p50, 2), "p99_us": round(p99, 2),
             "mean_us": round(statistics.fmean(samples), 2)}
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import statistics
 import time
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench.harness import HarnessError, RedisServer
+from tandem.bench.stats import quantiles
 from tandem.config import TandemSettings
 
 
@@ -39,12 +40,14 @@ class BenchStateSyncCommand(TandemSettings):
     out: Path = Field(Path("out"), description="directory for the redis-server log")
 
     def cli_cmd(self) -> None:
-        from tandem.bench.gateway import _redis
-
         self.out.mkdir(parents=True, exist_ok=True)
-        with _redis(self.redis_server, self.out / "bench-state-redis.log", ()) as url:
-            floor = asyncio.run(self._measure(url, "floor", 0))
-            routed = asyncio.run(self._measure(url, "routed", self.paths))
+        try:
+            with RedisServer(self.out / "bench-state-redis.log", exe=self.redis_server) as redis:
+                redis.wait_ready()
+                floor = asyncio.run(self._measure(redis.url, "floor", 0))
+                routed = asyncio.run(self._measure(redis.url, "routed", self.paths))
+        except HarnessError as exc:
+            raise SystemExit(f"tandem bench state-sync: {exc}") from exc
         print(f"shared-state sync, {self.replicas} replicas x {self.instances} instances, one replica's view "
               f"(CPU ms of its event loop per sync; share of a {self.interval:g} s interval)")
         for name, paths, (cpu, wall_p50, wall_p99) in (("load only", 0, floor), ("routed", self.paths, routed)):
@@ -53,7 +56,7 @@ class BenchStateSyncCommand(TandemSettings):
         print(f"  routed / load only: {routed[0] / floor[0]:.2f}x CPU")
 
     async def _measure(self, url: str, name: str, paths: int) -> tuple[float, float, float]:
-        from tandem.router.state import InstanceLoad, LocalReport, RedisStateBackend
+        from tandem.router.state import LocalReport, RedisStateBackend, SharedLoad
 
         rng = random.Random(0)
         prefix = f"bench-{name}-{time.time_ns()}"
@@ -62,7 +65,7 @@ class BenchStateSyncCommand(TandemSettings):
 
         def report() -> LocalReport:
             return LocalReport(
-                load={i: InstanceLoad(pending_miss_tokens=rng.randrange(10_000),
+                load={i: SharedLoad(pending_miss_tokens=rng.randrange(10_000),
                                       pending_attn_pairs=rng.randrange(10**8),
                                       queued_requests=rng.randrange(8), inflight_requests=rng.randrange(32))
                       for i in instances},
@@ -83,9 +86,8 @@ class BenchStateSyncCommand(TandemSettings):
                     await b.sync(r)
                     cpu += time.process_time() - c0
                     walls.append(time.perf_counter() - w0)
-            walls.sort()
-            n = len(walls)
-            return cpu * 1000 / n, statistics.median(walls) * 1000, walls[min(n - 1, int(n * 0.99))] * 1000
+            p50, p99 = quantiles(walls, (0.5, 0.99))
+            return cpu * 1000 / len(walls), p50 * 1000, p99 * 1000
         finally:
             for b in backends:
                 with contextlib.suppress(Exception):

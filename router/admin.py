@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from tandem.api.observations import merge_counts
 from tandem.openai_api import error_body
 from tandem.router.observations import ObservationCounts, build_report, instance_loads, still_busy
+from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged
 from tandem.router.siblings import FORWARDED
 
 if TYPE_CHECKING:
@@ -28,13 +29,12 @@ def _describe_policy(sched: Any) -> dict[str, Any]:
     policy = sched.policy
     out: dict[str, Any] = {"policy": policy.name, "late_binding": sched.late_binding,
                            "reasons": dict(sched.reasons), "migrations": sched.migrations}
-    rings = getattr(policy, "rings", None)
-    if rings is not None:
+    if isinstance(policy, DualRinged):
+        rings = policy.rings
         out["rings"] = {name: {"members": sorted(ring.members), "vnodes": ring.vnodes}
                         for name, ring in (("a", rings.a), ("b", rings.b))}
-    keyer = getattr(policy, "keyer", None)
-    if keyer is not None:
-        out["expanded_prefixes"] = [str(k) for k in sorted(keyer.expanded)]
+    if isinstance(policy, AdaptivelyKeyed):
+        out["expanded_prefixes"] = [str(k) for k in sorted(policy.keyer.expanded)]
     return out
 
 

@@ -42,7 +42,7 @@ from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
-from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
@@ -112,7 +112,8 @@ class Gateway:
                                                         ttl=max(2.0, 5 * settings.state_sync_interval))
                                       if settings.redis_url else MemoryStateBackend())
         self.metrics.state_backend_up.labels(self.backend.name).set(1)
-        self._remote: dict[str, InstanceLoad] = {}  # peers' load folded into our InstanceStates
+        self.metrics.backend_known(self.backend.name)
+        self._remote: dict[str, SharedLoad] = {}  # peers' load folded into our InstanceStates
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
         self.discovery: KubernetesDiscovery | None = None
@@ -186,6 +187,7 @@ class Gateway:
         state = new_instance_state(ep.url, per_token, extra, self.shadow_tokens)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
         inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        self.metrics.instance_known(ep.url)
         if ep.role == "unified":
             pool = self.pools.get(model)
             if pool is None:
@@ -196,6 +198,9 @@ class Gateway:
             pool.add(inst)
         else:
             self.pd[ep.role][ep.url] = inst
+            self.metrics.pd_model_known(model, remote=ep.role == "remote-prefill")
+            if ep.role != "decode":  # its prefill pool now, not at the first request: its series exist
+                self.pd_router.prefill_pool(model, ep.role)
         self._joining.pop(ep.url, None)
         log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
 
@@ -228,21 +233,21 @@ class Gateway:
             report.members[name] = sorted(i.id for i in pool.instances.values() if not i.removed)
             report.observed[name], pool.observed = pool.observed, []
             for iid, inst in pool.instances.items():
-                remote = self._remote.get(iid, InstanceLoad())
+                remote = self._remote.get(iid, SharedLoad())
                 s = inst.state
-                report.load[iid] = InstanceLoad(
+                report.load[iid] = SharedLoad(
                     pending_miss_tokens=max(0, s.pending_miss_tokens - remote.pending_miss_tokens),
                     pending_attn_pairs=max(0, s.pending_attn_pairs - remote.pending_attn_pairs),
                     queued_requests=s.queued_requests,
                     inflight_requests=max(0, s.inflight_requests - remote.inflight_requests))
         return report
 
-    def apply_remote(self, load: dict[str, InstanceLoad]) -> None:
+    def apply_remote(self, load: dict[str, SharedLoad]) -> None:
         """Fold the peers' load into our instance states as a delta on top of our own accounting."""
         for pool in self.pools.values():
             for iid, inst in pool.instances.items():
-                new = load.get(iid, InstanceLoad())
-                old = self._remote.get(iid, InstanceLoad())
+                new = load.get(iid, SharedLoad())
+                old = self._remote.get(iid, SharedLoad())
                 inst.state.inflight_miss_tokens += new.pending_miss_tokens - old.pending_miss_tokens
                 inst.state.inflight_attn_pairs += new.pending_attn_pairs - old.pending_attn_pairs
                 inst.state.inflight_requests += new.inflight_requests - old.inflight_requests

@@ -41,8 +41,9 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from tandem.api.models import Role
 from tandem.api.observations import (
     ADDITIVE_COUNTS,
     InstanceLoad,
@@ -56,7 +57,6 @@ from tandem.api.observations import (
 if TYPE_CHECKING:
     from tandem.router.pool import Instance
 
-ObservedRole = Literal["unified", "prefill", "decode"]
 _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
@@ -70,7 +70,7 @@ class RequestTrace:
     """One request as the window sees it; created on arrival, updated O(1) along its path."""
 
     service: str
-    role: ObservedRole
+    role: Role
     arrival: float
     prompt_tokens: int
     hit_tokens: int = 0
@@ -183,7 +183,7 @@ class Observer:
 
     # --- the request path (each O(1)) ---------------------------------------------------------
 
-    def arrived(self, service: str, role: ObservedRole, prompt_tokens: int, now: float) -> RequestTrace:
+    def arrived(self, service: str, role: Role, prompt_tokens: int, now: float) -> RequestTrace:
         self._ring(service).at(now).arrivals += 1
         return RequestTrace(service, role, now, max(1, prompt_tokens))
 

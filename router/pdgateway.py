@@ -65,7 +65,7 @@ from tandem.router.routing.types import NoInstanceError, RouteRequest
 
 if TYPE_CHECKING:
     from tandem.router.gateway import Gateway
-    from tandem.router.state import InstanceLoad as SharedLoad
+    from tandem.router.state import SharedLoad
 
 
 class _Retry(Exception):

@@ -23,6 +23,7 @@ from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.resilience import CircuitBreaker
+from tandem.router.routing.capabilities import AdaptivelyKeyed
 from tandem.router.routing.types import (
     ClusterView,
     Decision,
@@ -115,6 +116,7 @@ class Pool:
         sched = self.schedulers.get(policy)
         if sched is None:
             sched = self.schedulers[policy] = self.make_scheduler(policy, self.cluster)
+            self.metrics.policy_known(policy, sched.policy.reasons)
         return sched
 
     # --- membership -------------------------------------------------------------------------
@@ -275,8 +277,7 @@ class Pool:
 
     def observe_peers(self, paths: list[list[int]]) -> None:
         """Feed the requests other replicas routed to our policies' adaptive keys (shared state)."""
-        keyers = [k for s in self.schedulers.values()
-                  if (k := getattr(getattr(s, "policy", None), "keyer", None)) is not None]
+        keyers = [s.policy.keyer for s in self.schedulers.values() if isinstance(s.policy, AdaptivelyKeyed)]
         for path in paths:
             req = RouteRequest(request_id="peer", prompt_tokens=len(path), block_hashes=tuple(path), block_size=1,
                                arrival=0.0)

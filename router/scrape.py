@@ -112,6 +112,7 @@ class Scraper:
 
     async def scrape(self, inst: Instance) -> None:
         t0 = time.monotonic()
+        self.metrics.scrapes.labels(inst.id).inc()
         try:
             # The whole scrape is bounded (the client bounds each read only): a trickling engine is cut off too.
             async with asyncio.timeout(self.timeout):

@@ -37,6 +37,7 @@ import httpx
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tandem.api.models import Role
 from tandem.sim.link import AsyncLink
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from tandem.sim.engine import SimRequest
     from tandem.sim.settings import SimSettings
 
-Role = Literal["unified", "prefill", "decode"]
 MAX_ROOM = 2**63 - 1
 _MAX_HELD = 10_000  # prefill: KV records awaiting a pull (vLLM frees them after a timeout too)
 _CHUNK = bytes(256 * 1024)  # wire transport: the KV is sent in pieces of this size
@@ -159,7 +159,7 @@ def parse_handshake(extra: dict[str, Any], role: Role, *, stream: bool) -> Hands
         if role == "unified":
             raise HandshakeError("bootstrap_room: sent to a unified engine (no disaggregation role)",
                                  "bootstrap_room")
-        return Handshake("sglang", role, sglang=fields)
+        return Handshake("sglang", "prefill" if role == Role.prefill else "decode", sglang=fields)
     return None
 
 

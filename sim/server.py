@@ -65,8 +65,8 @@ class EngineDriver(WallClockDriver):
 
     task_name = "engine-driver"
 
-    def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0) -> None:
+        super().__init__(time_scale)
         self.engine = engine
         self.metrics = metrics
         self.pending: dict[str, _Pending] = {}
@@ -223,7 +223,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.driver = EngineDriver(server.engine, server.metrics)
+        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale)
         server.driver.start()
         await server.kv.start()
         yield

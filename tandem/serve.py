@@ -15,9 +15,10 @@ from starlette.types import ASGIApp
 
 
 @asynccontextmanager
-async def serve(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 10.0,
-                ) -> AsyncIterator[str]:
-    """Serve ``app``; yields its base URL and shuts it down (gracefully) on exit."""
+async def serving(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 10.0,
+                  ) -> AsyncIterator[str]:
+    """Serve ``app`` in this event loop while the ``async with`` block runs; yields its base URL and
+    shuts it down (gracefully) on exit."""
     # A bounded graceful shutdown: a hung handler (an injected fault) must not keep the server alive.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=2)

@@ -2,14 +2,17 @@
 
 They are written to be as good as their designs allow (no handicaps): the load-based ones read
 the same exact gateway accounting DualMap does, ``consistent_hash`` uses DualMap's adaptive key,
-and ``prefix_tree`` reads the same shadow caches as its approximate radix tree.
+and ``prefix_tree`` reads the same shadow caches as its approximate radix tree. None declares
+:class:`~tandem.router.routing.capabilities.LateBinding`: they dispatch at once unless configured
+otherwise, as their designs do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.capabilities import AdaptivelyKeyed
+from tandem.router.routing.config import ConsistentHashParams, NoParams, PrefixTreeParams
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import XXH64, HashRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
@@ -24,10 +27,11 @@ def _routable(cluster: ClusterView) -> list[InstanceState]:
 
 class RoundRobinPolicy:
     name = "round_robin"
-    late_binding = False
+    Params = NoParams
+    reasons = ("round_robin",)
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
         self._next = 0
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
@@ -44,12 +48,13 @@ class _MinLoadPolicy:
     """Pick the routable instance minimising ``load`` (first in cluster order on ties)."""
 
     name = ""
+    Params = NoParams
     reason = ""
-    late_binding = False
+    reasons: tuple[str, ...] = ()
     load: Callable[[InstanceState], float]
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """Stateless: reads the live view."""
@@ -64,6 +69,7 @@ class LeastRequestPolicy(_MinLoadPolicy):
 
     name = "least_request"
     reason = "least_request"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
@@ -75,22 +81,24 @@ class LeastLoadedPolicy(_MinLoadPolicy):
 
     name = "least_loaded"
     reason = "least_loaded"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
         return inst.pending_miss_tokens + inst.inflight_requests * 1e-6
 
 
-class ConsistentHashPolicy:
+class ConsistentHashPolicy(AdaptivelyKeyed):
     """One ring, DualMap's adaptive key: affinity without any load awareness."""
 
     name = "consistent_hash"
-    late_binding = False
+    Params = ConsistentHashParams
+    reasons = ("consistent_hash",)
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
-        self.keyer = AdaptiveKeyer(self.config)
-        self.ring = HashRing(XXH64, self.config.ring_seed, self.config.vnodes)
+    def __init__(self, params: ConsistentHashParams | None = None) -> None:
+        self.params = params or ConsistentHashParams()
+        self.keyer = AdaptiveKeyer(self.params)
+        self.ring = HashRing(XXH64, self.params.ring_seed, self.params.vnodes)
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         self.ring.sync(instance_ids)
@@ -120,10 +128,11 @@ class PrefixTreePolicy:
     """
 
     name = "prefix_tree"
-    late_binding = False
+    Params = PrefixTreeParams
+    reasons = ("prefix_match", "most_free_cache", "shortest_queue")
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: PrefixTreeParams | None = None) -> None:
+        self.params = params or PrefixTreeParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """The per-instance trees are the shadow caches, owned by the state layer."""
@@ -136,7 +145,7 @@ class PrefixTreePolicy:
         live = _routable(cluster)
         loads = [self._load(i) for i in live]
         lo, hi = min(loads), max(loads)
-        cfg = self.config
+        cfg = self.params
         if hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold:
             inst = live[loads.index(lo)]
             return Decision(inst.id, "shortest_queue", hit_tokens=inst.hit_tokens(req))
@@ -155,10 +164,11 @@ class MinTTFTPolicy:
     """Global minimum of DualMap's TTFT estimate over every instance (an O(N) oracle-like choice)."""
 
     name = "min_ttft"
-    late_binding = False
+    Params = NoParams
+    reasons = ("min_ttft",)
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
+    def __init__(self, params: NoParams | None = None) -> None:
+        self.params = params or NoParams()
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         """Stateless: reads the live view."""

@@ -16,21 +16,27 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged, LateBinding, Migrating
+from tandem.router.routing.config import DualMapParams
 from tandem.router.routing.keys import AdaptiveKeyer
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.types import ClusterView, Decision, InstanceState, NoInstanceError, RouteRequest
 
 
-class DualMapPolicy:
+class DualMapPolicy(LateBinding, Migrating, DualRinged, AdaptivelyKeyed):
+    """Late binding by default (its hotspot migration needs queued requests), migrating, on two
+    rings with an adaptive key: every optional capability."""
+
     name = "dualmap"
+    Params = DualMapParams
+    reasons = ("affinity", "slo_switch")
     late_binding = True
 
-    def __init__(self, config: RoutingConfig | None = None) -> None:
-        self.config = config or RoutingConfig()
-        self.keyer = AdaptiveKeyer(self.config)
-        self.rings = DualRing(self.config.vnodes, self.config.ring_seed)
-        self._budget = self.config.slo_budget_s
+    def __init__(self, params: DualMapParams | None = None) -> None:
+        self.params = params or DualMapParams()
+        self.keyer = AdaptiveKeyer(self.params)
+        self.rings = DualRing(self.params.vnodes, self.params.ring_seed)
+        self._budget = self.params.slo_budget_s
 
     def on_membership(self, instance_ids: Iterable[str]) -> None:
         self.rings.sync(instance_ids)
@@ -66,7 +72,7 @@ class DualMapPolicy:
         first_a = hit_a > hit_b if hit_a != hit_b else est_a <= est_b
         pick, est, hit = (a, est_a, hit_a) if first_a else (b, est_b, hit_b)
         reason = "affinity"
-        budget = self._budget if req.slo_ttft_s is None else self.config.alpha * req.slo_ttft_s
+        budget = self._budget if req.slo_ttft_s is None else self.params.alpha * req.slo_ttft_s
         if est > budget:
             lower_a = est_a <= est_b
             if lower_a != first_a:

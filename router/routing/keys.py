@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.config import KeyParams
 from tandem.router.routing.types import RouteRequest
 
 _MASK64 = (1 << 64) - 1
@@ -28,13 +28,13 @@ class AdaptiveKeyer:
     __slots__ = ("_counts", "_expand_above", "_expanded", "_min_depth", "_shrink_below", "_window",
                  "_window_size")
 
-    def __init__(self, config: RoutingConfig) -> None:
-        self._min_depth = config.key_min_depth
-        self._window_size = config.key_window
+    def __init__(self, params: KeyParams) -> None:
+        self._min_depth = params.key_min_depth
+        self._window_size = params.key_window
         # Thresholds in requests against the full window, so a half-empty window at start-up does
         # not read one request as a 100% share.
-        self._expand_above = config.key_expand_share * config.key_window
-        self._shrink_below = config.key_shrink_share * config.key_window
+        self._expand_above = params.key_expand_share * params.key_window
+        self._shrink_below = params.key_shrink_share * params.key_window
         self._window: deque[tuple[int, ...]] = deque()
         self._counts: dict[int, int] = {}  # prefix hash -> window requests whose key path passes it
         self._expanded: set[int] = set()

@@ -25,8 +25,11 @@ def policy_names() -> list[str]:
 
 
 def make_policy(name: str, config: RoutingConfig | None = None) -> RoutingPolicy:
-    """A fresh policy object (each keeps its own rings and key window: never share one between pools)."""
+    """A fresh policy object (each keeps its own rings and key window: never share one between pools).
+
+    The policy gets only its own parameters (its class's ``Params`` model) cut from the flat ``config``.
+    """
     cls = POLICIES.get(name)
     if cls is None:
         raise ValueError(f"unknown routing policy {name!r}; available: {', '.join(POLICIES)}")
-    return cls(config or RoutingConfig())
+    return cls((config or RoutingConfig()).scoped(cls.Params))

@@ -28,9 +28,10 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.capabilities import LateBinding, Migrating
+from tandem.router.routing.config import SchedulerParams
 from tandem.router.routing.types import (
     ClusterView,
     Decision,
@@ -50,12 +51,6 @@ class QueueFullError(RuntimeError):
         super().__init__(message)
         self.scope = scope
         self.instance_id = instance_id
-
-
-class MigratingPolicy(RoutingPolicy, Protocol):
-    def alternatives(self, decision: Decision, cluster: ClusterView, exclude: Collection[str]) -> list[str]:
-        """Instances a queued request may move to, best affinity first."""
-        ...
 
 
 Alternatives = Callable[[Decision, ClusterView, Collection[str]], list[str]]
@@ -144,12 +139,14 @@ class _InstanceQueue:
 class Scheduler:
     """Policy + per-instance queues + accounting for one pool. Not thread-safe: one event loop owns it."""
 
-    def __init__(self, policy: RoutingPolicy, cluster: ClusterView, config: RoutingConfig | None = None) -> None:
+    def __init__(self, policy: RoutingPolicy, cluster: ClusterView, params: SchedulerParams | None = None) -> None:
         self.policy = policy
         self.cluster = cluster
-        self.config = config or RoutingConfig()
-        lb = self.config.late_binding
-        self.late_binding: bool = bool(getattr(policy, "late_binding", False)) if lb is None else lb
+        self.params = params or SchedulerParams()
+        lb = self.params.late_binding
+        if lb is None:
+            lb = isinstance(policy, LateBinding) and bool(policy.late_binding)
+        self.late_binding: bool = lb
         self._entries: dict[str, _Entry] = {}
         self._queues: dict[str, _InstanceQueue] = {}
         self._nonempty: dict[str, None] = {}  # insertion-ordered set: deterministic iteration
@@ -209,7 +206,7 @@ class Scheduler:
         """Route and queue a request; ``exclude`` names instances that already failed it."""
         if req.request_id in self._entries:
             raise ValueError(f"request_id {req.request_id!r} is already scheduled")
-        cfg = self.config
+        cfg = self.params
         if self._queued_total >= cfg.max_queued_total:
             raise QueueFullError(f"gateway queue full ({self._queued_total} requests)", "total")
         cluster = self.cluster
@@ -233,7 +230,7 @@ class Scheduler:
 
     def _enqueue(self, e: _Entry, inst: InstanceState, q: _InstanceQueue) -> None:
         req = e.req
-        cfg = self.config
+        cfg = self.params
         if cfg.queue_order == "hit":
             e.rank = -e.hit
         else:
@@ -263,10 +260,10 @@ class Scheduler:
     def _has_budget(self, inst: InstanceState, e: _Entry) -> bool:
         if not self.late_binding:
             return True
-        if inst.unprefilled_requests < self.config.dispatch_max_unprefilled:
+        if inst.unprefilled_requests < self.params.dispatch_max_unprefilled:
             return True
         return inst.prefill_s(inst.inflight_miss_tokens + e.miss,
-                              inst.inflight_attn_pairs + e.pairs) <= self.config.dispatch_budget
+                              inst.inflight_attn_pairs + e.pairs) <= self.params.dispatch_budget
 
     def release(self, now: float, instances: Collection[str] | None = None) -> list[tuple[RouteRequest, str]]:
         """Requests to send now, as (request, instance). ``instances`` limits the check to those."""
@@ -338,18 +335,18 @@ class Scheduler:
     # ----- hotspot migration -----------------------------------------------------------------
     def is_hot(self, inst: InstanceState, now: float) -> bool:
         """Pending uncached prefill above alpha x SLO, or a queued request waiting >= hotspot_wait_s."""
-        if inst.pending_s > self.config.slo_budget_s:
+        if inst.pending_s > self.params.slo_budget_s:
             return True
         q = self._queues.get(inst.id)
         oldest = q.oldest() if q is not None and q.live else None
-        return oldest is not None and now - oldest >= self.config.hotspot_wait_s
+        return oldest is not None and now - oldest >= self.params.hotspot_wait_s
 
     def rebalance(self, now: float) -> list[Migration]:
         """Greedily move queued requests off hot instances while the best move's TTFT gain is positive."""
-        alternatives = getattr(self.policy, "alternatives", None)
-        cfg = self.config
-        if not (self.late_binding and cfg.migration and alternatives is not None):
+        cfg = self.params
+        if not (self.late_binding and cfg.migration and isinstance(self.policy, Migrating)):
             return []
+        alternatives = self.policy.alternatives
         moves: list[Migration] = []
         instances = self.cluster.instances
         for iid in list(self._nonempty):
@@ -371,7 +368,7 @@ class Scheduler:
         giving up the moved request's cache hit and so adding prefill work to a full pool.
         """
         instances = self.cluster.instances
-        limit = self.config.slo_budget_s
+        limit = self.params.slo_budget_s
         stay = src.pending_s
         alts = alternatives(e.decision, self.cluster, (src.id,))
         cands = [t for t in alts if t in e.decision.candidates]
@@ -380,7 +377,7 @@ class Scheduler:
         best: tuple[float, InstanceState | None, int] = (0.0, None, 0)
         for tid in cands:
             q = self._queues.get(tid)
-            if q is not None and len(q) >= self.config.max_queued_per_instance:
+            if q is not None and len(q) >= self.params.max_queued_per_instance:
                 continue
             tgt = instances[tid]
             hit = tgt.hit_tokens(e.req)
@@ -398,7 +395,7 @@ class Scheduler:
         # Lazy greedy: gains only shrink as moves load the targets and unload the source, so a
         # stale gain is an upper bound; re-evaluate the top item and apply it if it still leads.
         heap: list[tuple[float, int, str]] = []
-        cap = self.config.max_moves_per_request
+        cap = self.params.max_moves_per_request
         for e in q.live.values():
             if e.moves >= cap:
                 continue
@@ -406,7 +403,7 @@ class Scheduler:
             if gain > 0:
                 heap.append((-gain, e.seq, e.req.request_id))
         heapq.heapify(heap)
-        while heap and len(moves) < self.config.max_migrations_per_tick:
+        while heap and len(moves) < self.params.max_migrations_per_tick:
             _, seq, rid = heapq.heappop(heap)
             e = q.live.get(rid)
             if e is None or e.seq != seq:

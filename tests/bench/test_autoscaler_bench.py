@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tandem import cli
+from tandem.api.models import Role
 from tandem.api.observations import Observations
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.bench.autoscale import (
     AutoscaleBench,
     LoadShape,
@@ -25,7 +26,7 @@ from tandem.bench.replay import Outcome, ReplayConfig, ReplayResult, ScaleComman
 from tandem.sim.des.simulator import prepare
 from tandem.traces import TRACE_DIR, TraceRequest
 
-SLO_ = SLO(ttft_s=2.0, tpot_s=0.1, attainment=0.95)
+SLO_ = ScalingSLO(ttft_s=2.0, tpot_s=0.1, attainment=0.95)
 CFG = ReplayConfig(profile="llama3-8b-h100", slo=SLO_, startup_delay_s=20.0, tick_s=5.0)
 
 

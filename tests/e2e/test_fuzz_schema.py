@@ -6,16 +6,16 @@ and the process must stay up. The number of examples per endpoint is bounded to 
 from __future__ import annotations
 
 import itertools
-import time
 
-import httpx
 import pytest
 import schemathesis
-from gatewayutil import free_port, sim_process, start_process
+from gatewayutil import ROOT, free_port, sim_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
+
+from tandem.bench.harness import Process, tandem_argv
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +23,13 @@ def gateway_url():
     with sim_process() as (sim, _):
         port = free_port()
         # The admin API is open on a gateway without keys: fuzzed too (drain of an unknown instance is a 404).
-        proc = start_process("gateway", "--port", str(port), "--instances", sim, "--max-body-bytes", "65536",
-                             "--max-output-tokens", "64")
         url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(url + "/readyz", timeout=0.5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("gateway did not start")
-                time.sleep(0.05)
+        with Process("tandem gateway", tandem_argv("gateway", "--port", str(port), "--instances", sim,
+                                                   "--max-body-bytes", "65536", "--max-output-tokens", "64"),
+                     cwd=ROOT) as proc:
+            proc.wait_http(url + "/readyz", limit_s=30)
             yield url
-            assert proc.poll() is None, "the gateway died during the fuzz run"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+            assert proc.running, "the gateway died during the fuzz run"
 
 
 EXAMPLES = 40  # per endpoint and generation mode

@@ -20,7 +20,7 @@ from gatewayutil import (
     start_process,
 )
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 
@@ -50,7 +50,7 @@ async def _stream_outcome(c: httpx.AsyncClient, url: str, body: dict) -> str:
 async def test_killing_a_simulator_mid_load_loses_no_request() -> None:
     with sim_process() as (a, _), sim_process() as (b, _), sim_process() as (c_url, proc_c):
         app = gateway_app([a, b, c_url], policy="round_robin", connect_timeout=0.5, retry_backoff=0.01)
-        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+        async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
             async def one(i: int) -> str:
                 await asyncio.sleep(i * 0.01)
                 return await _stream_outcome(c, gw + "/v1/completions",
@@ -70,8 +70,8 @@ async def test_killing_a_simulator_mid_load_loses_no_request() -> None:
 
 async def test_hung_engine_times_out_and_is_retried_elsewhere() -> None:
     hung = sim_app(port=0)
-    async with serve(hung) as a, serve(sim_app(port=0)) as b, \
-            serve(gateway_app([a, b], policy="round_robin", first_byte_timeout=0.3)) as gw, \
+    async with serving(hung) as a, serving(sim_app(port=0)) as b, \
+            serving(gateway_app([a, b], policy="round_robin", first_byte_timeout=0.3)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         await c.post(a + "/admin/fault", json={"mode": "hang"})
         outcomes = await asyncio.gather(*(_stream_outcome(c, gw + "/v1/completions", completion_body(
@@ -85,8 +85,8 @@ async def test_hung_engine_times_out_and_is_retried_elsewhere() -> None:
 
 
 async def test_engine_5xx_is_retried_and_4xx_passed_through() -> None:
-    async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as a, serve(sim_app(port=0)) as b, \
-            serve(gateway_app([a, b], policy="round_robin", retry_backoff=0.0)) as gw, \
+    async with serving(sim_app(port=0, fault="error", error_rate=1.0)) as a, serving(sim_app(port=0)) as b, \
+            serving(gateway_app([a, b], policy="round_robin", retry_backoff=0.0)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         codes = [(await c.post(gw + "/v1/completions", json=completion_body(f"q{i}"))).status_code
                  for i in range(6)]
@@ -104,8 +104,8 @@ def redis_server():
 
 
 async def test_redis_killed_mid_run_requests_still_succeed(redis_server: RedisServer) -> None:
-    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0)) as b, \
-            serve(gateway_app([a, b], redis_url=redis_server.url, state_sync_interval=0.05)) as gw, \
+    async with serving(sim_app(port=0)) as a, serving(sim_app(port=0)) as b, \
+            serving(gateway_app([a, b], redis_url=redis_server.url, state_sync_interval=0.05)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         for i in range(5):
             assert (await c.post(gw + "/v1/completions", json=completion_body(f"before {i}"))).status_code == 200
@@ -122,15 +122,15 @@ async def test_redis_killed_mid_run_requests_still_succeed(redis_server: RedisSe
 
 @pytest.mark.slow
 async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_server: RedisServer) -> None:
-    async with serve(sim_app(port=0)) as s1, serve(sim_app(port=0)) as s2, \
-            serve(sim_app(port=0)) as s3, serve(sim_app(port=0)) as s4:
+    async with serving(sim_app(port=0)) as s1, serving(sim_app(port=0)) as s2, \
+            serving(sim_app(port=0)) as s3, serving(sim_app(port=0)) as s4:
         sims = [s1, s2, s3, s4]
         port = free_port()
         other = start_process("gateway", "--port", str(port), "--instances", ",".join(reversed(sims)),
                               "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
         gw_b = f"http://127.0.0.1:{port}"
         try:
-            async with serve(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05)) as gw_a, \
+            async with serving(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05)) as gw_a, \
                     httpx.AsyncClient(timeout=20) as c:
                 deadline = time.monotonic() + 30
                 while True:
@@ -175,7 +175,7 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
 
 @pytest.mark.slow
 async def test_graceful_drain_lets_inflight_streams_finish() -> None:
-    async with serve(sim_app(port=0)) as a, httpx.AsyncClient(timeout=30) as c:
+    async with serving(sim_app(port=0)) as a, httpx.AsyncClient(timeout=30) as c:
         port = free_port()
         gw = f"http://127.0.0.1:{port}"
         proc = start_process("gateway", "--port", str(port), "--instances", a, "--drain-timeout", "20")

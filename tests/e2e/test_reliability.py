@@ -18,7 +18,7 @@ from gatewayutil import ROOT, RedisServer, completion_body, gateway_app, sim_app
 from tandem.bench.chaos import Tally, classify, parse_stream, phase_at, phase_labels, phase_plan
 from tandem.router.http1 import HTTP1Client, HTTPPoolBusy
 from tandem.router.security import KeyRing, admin_mode
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 SECRET = "sk-very-secret-123456"
@@ -29,8 +29,8 @@ PROMPT = "my confidential medical question about aspirin"
 
 
 async def test_limits_answer_413_and_503_with_retry_after() -> None:
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], max_body_bytes=2000, max_prompt_tokens=50, max_output_tokens=10_000,
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], max_body_bytes=2000, max_prompt_tokens=50, max_output_tokens=10_000,
                               max_active_requests=1)) as gw, httpx.AsyncClient(timeout=20) as c:
         r = await c.post(gw + "/v1/completions", content=json.dumps(completion_body("x " * 2000)))
         assert r.status_code == 413  # body bytes
@@ -60,8 +60,8 @@ async def test_limits_answer_413_and_503_with_retry_after() -> None:
 async def test_upstream_connection_limit_is_503_and_not_held_against_the_engine() -> None:
     """All pooled upstream connections busy: the client gets 503 + Retry-After, the engine's circuit
     stays closed (before, the pool's own limit counted as a refused connection and ejected it)."""
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], max_connections=1, connect_timeout=0.2)) as gw, httpx.AsyncClient(timeout=20) as c:
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], max_connections=1, connect_timeout=0.2)) as gw, httpx.AsyncClient(timeout=20) as c:
         async with c.stream("POST", gw + "/v1/completions", json=completion_body("long", max_tokens=5000,
                                                                                  stream=True)) as first:
             lines = first.aiter_lines()  # kept referenced: a collected iterator closes the connection
@@ -96,7 +96,7 @@ async def test_oversized_or_trickling_metrics_fail_the_scrape_not_the_gateway() 
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse("vllm:num_requests_waiting 0\n" + "# padding\n" * 100_000)
 
-    async with serve(engine) as e, serve(gateway_app([e], max_scrape_bytes=10_000, stale_after=0.5,
+    async with serving(engine) as e, serving(gateway_app([e], max_scrape_bytes=10_000, stale_after=0.5,
                                                      scrape_timeout=0.3)) as gw, httpx.AsyncClient() as c:
         for _ in range(100):
             inst = (await c.get(gw + "/admin/instances")).json()["instances"]
@@ -132,8 +132,8 @@ def test_keys_compared_in_constant_time_on_digests(monkeypatch) -> None:
 
 
 async def test_admin_behind_its_own_key(tmp_path) -> None:
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], api_keys="client-key-12345", admin_api_keys="admin-key-12345")) as gw, \
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], api_keys="client-key-12345", admin_api_keys="admin-key-12345")) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         assert (await c.get(gw + "/admin/instances")).status_code == 401
         client = {"authorization": "Bearer client-key-12345"}
@@ -144,7 +144,7 @@ async def test_admin_behind_its_own_key(tmp_path) -> None:
         r = await c.post(gw + "/v1/completions", json=completion_body(),
                          headers={"authorization": "Bearer admin-key-12345"})
         assert r.status_code == 401
-    async with serve(sim_app(port=0)) as a, serve(gateway_app([a], admin="disabled")) as gw, \
+    async with serving(sim_app(port=0)) as a, serving(gateway_app([a], admin="disabled")) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         assert (await c.get(gw + "/admin/queues")).status_code == 404
 
@@ -154,8 +154,8 @@ async def test_no_secrets_or_prompts_in_logs(caplog) -> None:
     redis = RedisServer()
     try:
         caplog.set_level(logging.DEBUG)
-        async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as bad, serve(sim_app(port=0)) as good, \
-                serve(gateway_app([bad, good], api_keys=SECRET, policy="round_robin", retry_backoff=0.0,
+        async with serving(sim_app(port=0, fault="error", error_rate=1.0)) as bad, serving(sim_app(port=0)) as good, \
+                serving(gateway_app([bad, good], api_keys=SECRET, policy="round_robin", retry_backoff=0.0,
                                   redis_url=f"redis://:hunter2-pass@127.0.0.1:{redis.port}/0",
                                   log_level="debug")) as gw, httpx.AsyncClient(timeout=20) as c:
             auth = {"authorization": f"Bearer {SECRET}"}
@@ -211,14 +211,14 @@ async def test_tls_to_engines_verified_against_the_ca(tls_cert) -> None:
     cert, key = tls_cert
     url, server, task = await _tls_sim(cert, key)
     try:
-        async with serve(gateway_app([url], engine_tls_ca_file=cert)) as gw, httpx.AsyncClient(timeout=20) as c:
+        async with serving(gateway_app([url], engine_tls_ca_file=cert)) as gw, httpx.AsyncClient(timeout=20) as c:
             for stream in (False, True):
                 r = await c.post(gw + "/v1/completions", json=completion_body("hello tls", stream=stream))
                 assert r.status_code == 200 and r.headers["x-tandem-instance"] == url
             inst = (await c.get(gw + "/admin/instances")).json()["instances"][0]
             assert inst["engine"] is not None  # scrapes go over TLS too
         # Without the CA the certificate is refused: the engine never joins (no model learnt), nothing is sent.
-        async with serve(gateway_app([url])) as gw, httpx.AsyncClient(timeout=20) as c:
+        async with serving(gateway_app([url])) as gw, httpx.AsyncClient(timeout=20) as c:
             r = await c.post(gw + "/v1/completions", json=completion_body("hello tls"))
             assert r.status_code == 404 and "<none yet>" in r.json()["error"]["message"]
     finally:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from gatewayutil import completion_body, gateway_app, sim_app, sse_text, until
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 
@@ -16,8 +16,8 @@ MODEL = "Llama-3-8B"
 @pytest.fixture
 async def cluster():
     """Two simulated engines behind one gateway (DualMap)."""
-    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0, metrics="sglang")) as b, \
-            serve(gateway_app([a, b])) as gw:
+    async with serving(sim_app(port=0)) as a, serving(sim_app(port=0, metrics="sglang")) as b, \
+            serving(gateway_app([a, b])) as gw:
         yield gw, [a, b]
 
 
@@ -124,7 +124,7 @@ async def test_health_metrics_admin(cluster) -> None:
 
 async def test_client_disconnect_cancels_upstream() -> None:
     sim = sim_app(port=0)
-    async with serve(sim) as a, serve(gateway_app([a])) as gw:
+    async with serving(sim) as a, serving(gateway_app([a])) as gw:
         body = completion_body("long one", max_tokens=5000, stream=True)
         async with httpx.AsyncClient(timeout=10) as c, c.stream("POST", gw + "/v1/completions", json=body) as resp:
             async for _ in resp.aiter_lines():
@@ -140,8 +140,8 @@ async def test_client_disconnect_cancels_upstream() -> None:
 async def test_client_that_leaves_before_the_first_byte_is_let_go() -> None:
     """The engine never answers; the client gives up: the gateway stops waiting for the engine at
     once (not at its first-byte timeout), counts the request as client_gone and holds nothing."""
-    async with serve(sim_app(port=0, fault="hang")) as a, \
-            serve(gateway_app([a], first_byte_timeout=60)) as gw, httpx.AsyncClient() as admin:
+    async with serving(sim_app(port=0, fault="hang")) as a, \
+            serving(gateway_app([a], first_byte_timeout=60)) as gw, httpx.AsyncClient() as admin:
         async with httpx.AsyncClient(timeout=0.5) as c:
             with pytest.raises(httpx.ReadTimeout):
                 await c.post(gw + "/v1/completions", json=completion_body(stream=True))
@@ -158,7 +158,7 @@ async def test_client_that_leaves_before_the_first_byte_is_let_go() -> None:
 async def test_api_keys_and_rate_limit(tmp_path) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text("keys:\n  - {key: sk-test-123456, name: alice, rpm: 2}\n")
-    async with serve(sim_app(port=0)) as a, serve(gateway_app([a], api_keys_file=keys)) as gw, \
+    async with serving(sim_app(port=0)) as a, serving(gateway_app([a], api_keys_file=keys)) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         assert (await c.post(gw + "/v1/completions", json=completion_body())).status_code == 401
         auth = {"authorization": "Bearer sk-test-123456"}
@@ -173,9 +173,9 @@ async def test_api_keys_and_rate_limit(tmp_path) -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after() -> None:
-    async with serve(sim_app(port=0)) as a:
+    async with serving(sim_app(port=0)) as a:
         app = gateway_app([a], max_queue_per_instance=1, routing={"dispatch_budget_s": 0.0})
-        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+        async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
             body = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 8000}}
             results = await asyncio.gather(*(c.post(gw + "/v1/completions", json=body) for _ in range(5)))
     codes = sorted(r.status_code for r in results)
@@ -193,8 +193,8 @@ def test_gateway_settings_reject_unknown_policy_and_routing_keys() -> None:
 async def test_client_leaving_while_queued_is_forgotten() -> None:
     """Late binding holds the second request in the gateway; its client leaves; nothing of it remains."""
     sim = sim_app(port=0)
-    async with serve(sim) as a, \
-            serve(gateway_app([a], routing={"dispatch_budget_s": 0.0})) as gw, \
+    async with serving(sim) as a, \
+            serving(gateway_app([a], routing={"dispatch_budget_s": 0.0})) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         big = {"model": MODEL, "max_tokens": 2, "x_tandem": {"hash_ids": [], "prompt_tokens": 30000}}
         first = asyncio.create_task(c.post(gw + "/v1/completions", json=big))
@@ -221,8 +221,8 @@ async def test_client_leaving_while_queued_is_forgotten() -> None:
 
 
 async def test_pd_pools_are_listed_and_routed() -> None:
-    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d, \
-            serve(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
+    async with serving(sim_app(port=0, role="prefill")) as p, serving(sim_app(port=0, role="decode")) as d, \
+            serving(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         models = (await c.get(gw + "/v1/models")).json()["data"]
         assert models == [{"id": MODEL, "object": "model", "created": 0, "owned_by": "tandem", "instances": 2}]
@@ -242,7 +242,7 @@ async def test_event_loop_lag_is_measured_and_shows_a_blocked_loop() -> None:
                   if line.startswith("tandem_event_loop_lag_seconds_")}
         return values["tandem_event_loop_lag_seconds_count"], values['tandem_event_loop_lag_seconds_bucket{le="0.05"}']
 
-    async with serve(sim_app()) as sim, serve(gateway_app([sim])) as gw, httpx.AsyncClient(timeout=10) as c:
+    async with serving(sim_app()) as sim, serving(gateway_app([sim])) as gw, httpx.AsyncClient(timeout=10) as c:
         await asyncio.sleep(0.3)
         count, fast = lag((await c.get(gw + "/metrics")).text)
         assert count >= 3

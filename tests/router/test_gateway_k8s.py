@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from gatewayutil import completion_body, gateway_app, sim_app, until
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 
 def pod(name: str, port: int, ready: bool = True) -> dict:
@@ -83,14 +83,14 @@ async def _instances(c: httpx.AsyncClient, gw: str) -> set[str]:
 
 
 async def test_pods_join_and_leave_through_the_watch(tmp_path: Path) -> None:
-    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0)) as b:
+    async with serving(sim_app(port=0)) as a, serving(sim_app(port=0)) as b:
         port_a, port_b = int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1])
         api = FakeApiServer([pod("engine-a", port_a), pod("engine-b", port_b, ready=False)])
-        async with serve(api.app) as api_url:
+        async with serving(api.app) as api_url:
             app = gateway_app([], discovery="kubernetes", kubeconfig=kubeconfig(tmp_path, api_url),
                               k8s_namespace="llm", k8s_selector="serving.tandem.dev/service=svc",
                               k8s_watch_timeout=2)
-            async with serve(app) as gw, httpx.AsyncClient(timeout=10) as c:
+            async with serving(app) as gw, httpx.AsyncClient(timeout=10) as c:
                 assert api.selectors[0] == "serving.tandem.dev/service=svc"
                 assert await _instances(c, gw) == {a}  # the not-ready pod is not routed to
                 assert (await c.post(gw + "/v1/completions", json=completion_body())).status_code == 200

@@ -24,7 +24,7 @@ from tandem.api.observations import InstanceLoad, Observations
 from tandem.autoscaler.actuator import ANN_DRAINING, GatewayObservationSource, ObservationUnavailable, count_pods
 from tandem.router.discovery import PodSet, endpoint_from_pod
 from tandem.router.observations import Observer, TokenCounter, max_attainable_prompt
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 # Output tokens of a stream that outlives the drain checks (~8 ms per token on the default profile)
@@ -147,8 +147,8 @@ def test_attainable_prompt_is_the_slo_boundary() -> None:
 # --- the real gateway, read by the autoscaler's own source -------------------------------------
 
 async def test_autoscaler_source_reads_exact_values_from_a_live_gateway() -> None:
-    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0)) as b, \
-            serve(gateway_app([a, b], slo_ttft=5.0, slo_tpot=1e-9)) as gw, httpx.AsyncClient(timeout=30) as c:
+    async with serving(sim_app(port=0)) as a, serving(sim_app(port=0)) as b, \
+            serving(gateway_app([a, b], slo_ttft=5.0, slo_tpot=1e-9)) as gw, httpx.AsyncClient(timeout=30) as c:
         t_start = time.monotonic()
         prefixes = [[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 9], [7, 8], [1, 2, 3, 4, 5, 6], [7, 8]]
         for i, ids in enumerate(prefixes * 2):
@@ -202,8 +202,8 @@ async def test_autoscaler_source_reads_exact_values_from_a_live_gateway() -> Non
 
 @pytest.mark.parametrize("path", ["/admin/observations", "/admin/observation-counts"])
 async def test_observations_need_the_admin_key(path: str) -> None:
-    async with serve(sim_app(port=0)) as a, \
-            serve(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as gw, \
+    async with serving(sim_app(port=0)) as a, \
+            serving(gateway_app([a], api_keys="client-key-1", admin_api_keys="admin-key-1")) as gw, \
             httpx.AsyncClient(timeout=10) as c:
         params = {"service": MODEL, "window": 5}
         assert (await c.get(gw + path, params=params)).status_code == 401
@@ -240,13 +240,13 @@ def test_draining_pod_is_no_endpoint_but_its_service_is_known() -> None:
 
 
 async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) -> None:
-    async with serve(sim_app(port=0)) as a, serve(sim_app(port=0)) as b:
+    async with serving(sim_app(port=0)) as a, serving(sim_app(port=0)) as b:
         port_a, port_b = int(a.rsplit(":", 1)[1]), int(b.rsplit(":", 1)[1])
         api = FakeApiServer([pod("engine-a", port_a), pod("engine-b", port_b, ready=False)])
-        async with serve(api.app) as api_url:
+        async with serving(api.app) as api_url:
             app = gateway_app([], discovery="kubernetes", kubeconfig=kubeconfig(tmp_path, api_url),
                               k8s_namespace="llm", k8s_selector="serving.tandem.dev/service=svc", k8s_watch_timeout=2)
-            async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+            async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
                 async def report() -> dict:
                     r = await c.get(gw + "/admin/observations", params={"namespace": "llm", "service": "svc",
                                                                         "window": 10})
@@ -301,13 +301,13 @@ async def test_draining_annotation_drains_and_reports_drained(tmp_path: Path) ->
 
 
 async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> None:
-    async with serve(sim_app(port=0)) as a:
+    async with serving(sim_app(port=0)) as a:
         port_a = int(a.rsplit(":", 1)[1])
         api = FakeApiServer([pod("engine-a", port_a)])
-        async with serve(api.app) as api_url:
+        async with serving(api.app) as api_url:
             app = gateway_app([], discovery="kubernetes", kubeconfig=kubeconfig(tmp_path, api_url),
                               k8s_namespace="llm", k8s_selector="serving.tandem.dev/service=svc", k8s_watch_timeout=2)
-            async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+            async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
                 async def a_state() -> dict:
                     data = (await c.get(gw + "/admin/instances")).json()["instances"]
                     return next((i for i in data if i["url"] == a), {})
@@ -341,8 +341,8 @@ async def test_undrained_pod_keeps_its_inflight_accounting(tmp_path: Path) -> No
 
 
 async def test_disaggregated_roles_are_observed() -> None:
-    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d, \
-            serve(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
+    async with serving(sim_app(port=0, role="prefill")) as p, serving(sim_app(port=0, role="decode")) as d, \
+            serving(gateway_app([], prefill_instances=[p], decode_instances=[d])) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         t_start = time.monotonic()
         for i in range(4):
@@ -371,9 +371,9 @@ async def test_disaggregated_roles_are_observed() -> None:
 async def test_a_decode_instance_that_leaves_stays_counted_until_its_stream_ends() -> None:
     from tandem.router.discovery import Endpoint
 
-    async with serve(sim_app(port=0, role="prefill")) as p, serve(sim_app(port=0, role="decode")) as d:
+    async with serving(sim_app(port=0, role="prefill")) as p, serving(sim_app(port=0, role="decode")) as d:
         app = gateway_app([], prefill_instances=[p], decode_instances=[d])
-        async with serve(app) as gw, httpx.AsyncClient(timeout=30) as c:
+        async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
             async def inflight() -> dict:
                 return (await c.get(gw + "/admin/observations", params={"service": MODEL, "window": 5})
                         ).json()["inflight"]
@@ -398,8 +398,8 @@ async def test_requests_the_gateway_fails_are_observed_as_misses() -> None:
     """An engine answering 500 to everything: the clients get clear 5xx answers (502 after the
     retries, then 503 once its circuit is open) and the autoscaler sees a TTFT miss per request, not
     an empty window that reads as "no load"."""
-    async with serve(sim_app(port=0, fault="error", error_rate=1.0)) as a, \
-            serve(gateway_app([a], slo_ttft=5.0, max_attempts=2, retry_backoff=0.01)) as gw, \
+    async with serving(sim_app(port=0, fault="error", error_rate=1.0)) as a, \
+            serving(gateway_app([a], slo_ttft=5.0, max_attempts=2, retry_backoff=0.01)) as gw, \
             httpx.AsyncClient(timeout=30) as c:
         for stream in (True, False):
             r = await c.post(gw + "/v1/completions", json=ext_body([1, 2], stream=stream))

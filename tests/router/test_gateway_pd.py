@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from gatewayutil import completion_body, gateway_app, sim_app, sse_text
 
-from tandem.serve import serve
+from tandem.serve import serving
 
 MODEL = "Llama-3-8B"
 PROMPT = "Disaggregated serving moves the prompt's KV cache from a prefill engine to a decode engine. " * 12
@@ -30,7 +30,7 @@ async def kv_log(client: httpx.AsyncClient, url: str) -> dict:
 
 @contextlib.asynccontextmanager
 async def serve_dying(app: DiesAfterHandshake) -> AsyncIterator[str]:
-    """Like :func:`tandem.serve.serve`, but the wrapper gets the server so it can shut it down."""
+    """Like :func:`tandem.serve.serving`, but the wrapper gets the server so it can shut it down."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on",
                                            access_log=False, timeout_graceful_shutdown=1))
     app.server = server
@@ -81,18 +81,18 @@ class DiesAfterHandshake:
 
 @pytest.fixture
 async def vllm_pd():
-    async with serve(sim_app(role="prefill", engine_id="p0")) as p0, \
-            serve(sim_app(role="prefill", engine_id="p1")) as p1, \
-            serve(sim_app(role="decode", kv_link_gbps=50.0)) as d0, \
-            serve(sim_app(role="decode", kv_link_gbps=50.0)) as d1, \
-            serve(pd_gateway([p0, p1], [d0, d1])) as gw:
+    async with serving(sim_app(role="prefill", engine_id="p0")) as p0, \
+            serving(sim_app(role="prefill", engine_id="p1")) as p1, \
+            serving(sim_app(role="decode", kv_link_gbps=50.0)) as d0, \
+            serving(sim_app(role="decode", kv_link_gbps=50.0)) as d1, \
+            serving(pd_gateway([p0, p1], [d0, d1])) as gw:
         yield gw, {"p0": p0, "p1": p1}, [d0, d1]
 
 
 async def test_vllm_pd_stream_through_gateway_carries_the_handshake(vllm_pd) -> None:
     gw, prefills, _ = vllm_pd
     body = completion_body(PROMPT, max_tokens=12, stream=True)
-    async with serve(sim_app()) as unified, httpx.AsyncClient(timeout=20) as c:
+    async with serving(sim_app()) as unified, httpx.AsyncClient(timeout=20) as c:
         direct = (await c.post(unified + "/v1/completions", json=body)).text
         prompt_tokens = (await c.post(unified + "/v1/completions", json={**body, "stream": False})
                          ).json()["usage"]["prompt_tokens"]
@@ -133,9 +133,9 @@ async def test_vllm_pd_plain_chat_and_decode_spread(vllm_pd) -> None:
 
 
 async def test_sglang_pd_through_gateway() -> None:
-    async with serve(sim_app(role="prefill", metrics="sglang")) as p0, \
-            serve(sim_app(role="decode", metrics="sglang")) as d0, \
-            serve(pd_gateway([p0], [d0], pd_engine="sglang")) as gw, httpx.AsyncClient(timeout=20) as c:
+    async with serving(sim_app(role="prefill", metrics="sglang")) as p0, \
+            serving(sim_app(role="decode", metrics="sglang")) as d0, \
+            serving(pd_gateway([p0], [d0], pd_engine="sglang")) as gw, httpx.AsyncClient(timeout=20) as c:
         async with c.stream("POST", gw + "/v1/completions", json=completion_body(PROMPT, stream=True)) as resp:
             assert resp.status_code == 200
             raw = "".join([chunk async for chunk in resp.aiter_text()])
@@ -152,8 +152,8 @@ async def test_prefill_dying_after_the_handshake_is_retried_elsewhere() -> None:
     budget = [1]
     wrapped = [DiesAfterHandshake(sim_app(role="prefill", engine_id=f"p{i}"), budget) for i in range(2)]
     async with serve_dying(wrapped[0]) as p0, serve_dying(wrapped[1]) as p1, \
-            serve(sim_app(role="decode")) as d0, \
-            serve(pd_gateway([p0, p1], [d0])) as gw, httpx.AsyncClient(timeout=20) as c:
+            serving(sim_app(role="decode")) as d0, \
+            serving(pd_gateway([p0, p1], [d0])) as gw, httpx.AsyncClient(timeout=20) as c:
         t0 = time.monotonic()
         async with c.stream("POST", gw + "/v1/completions", json=completion_body(PROMPT, stream=True)) as resp:
             assert resp.status_code == 200
@@ -170,8 +170,8 @@ async def test_prefill_dying_after_the_handshake_is_retried_elsewhere() -> None:
 
 async def test_only_prefill_dying_is_a_clear_error_not_a_hang() -> None:
     wrapped = DiesAfterHandshake(sim_app(role="prefill"), [1])
-    async with serve_dying(wrapped) as p0, serve(sim_app(role="decode")) as d0, \
-            serve(pd_gateway([p0], [d0], retry_backoff=0.01)) as gw, httpx.AsyncClient(timeout=20) as c:
+    async with serve_dying(wrapped) as p0, serving(sim_app(role="decode")) as d0, \
+            serving(pd_gateway([p0], [d0], retry_backoff=0.01)) as gw, httpx.AsyncClient(timeout=20) as c:
         t0 = time.monotonic()
         resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT, stream=True))
         assert time.monotonic() - t0 < 10
@@ -186,10 +186,10 @@ async def test_only_prefill_dying_is_a_clear_error_not_a_hang() -> None:
 
 
 async def test_full_prefill_refuses_and_the_request_is_forwarded() -> None:
-    async with serve(sim_app(role="prefill", max_pending=1, engine_id="busy")) as busy, \
-            serve(sim_app(role="prefill", engine_id="free")) as free, \
-            serve(sim_app(role="decode")) as d0, \
-            serve(pd_gateway([busy, free], [d0])) as gw, httpx.AsyncClient(timeout=30) as c:
+    async with serving(sim_app(role="prefill", max_pending=1, engine_id="busy")) as busy, \
+            serving(sim_app(role="prefill", engine_id="free")) as free, \
+            serving(sim_app(role="decode")) as d0, \
+            serving(pd_gateway([busy, free], [d0])) as gw, httpx.AsyncClient(timeout=30) as c:
         # Occupy the busy engine's only slot with a long direct generation.
         hog = asyncio.create_task(c.post(busy + "/v1/completions", json=completion_body("hog", max_tokens=20000)))
         await asyncio.sleep(0.2)
@@ -203,8 +203,8 @@ async def test_full_prefill_refuses_and_the_request_is_forwarded() -> None:
 
 
 async def test_refusals_are_bounded_by_max_hops() -> None:
-    async with serve(sim_app(role="prefill", max_pending=1)) as busy, serve(sim_app(role="decode")) as d0, \
-            serve(pd_gateway([busy], [d0], pd_max_hops=1)) as gw, httpx.AsyncClient(timeout=30) as c:
+    async with serving(sim_app(role="prefill", max_pending=1)) as busy, serving(sim_app(role="decode")) as d0, \
+            serving(pd_gateway([busy], [d0], pd_max_hops=1)) as gw, httpx.AsyncClient(timeout=30) as c:
         hog = asyncio.create_task(c.post(busy + "/v1/completions", json=completion_body("hog", max_tokens=20000)))
         await asyncio.sleep(0.2)
         resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT))
@@ -214,10 +214,10 @@ async def test_refusals_are_bounded_by_max_hops() -> None:
 
 
 async def test_long_uncached_prompts_are_offloaded_to_the_remote_prefill_pool() -> None:
-    async with serve(sim_app(role="prefill", engine_id="local")) as p0, \
-            serve(sim_app(role="prefill", engine_id="remote")) as r0, \
-            serve(sim_app(role="decode", kv_rtt_ms=10.0, kv_link_gbps=100.0)) as d0, \
-            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+    async with serving(sim_app(role="prefill", engine_id="local")) as p0, \
+            serving(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serving(sim_app(role="decode", kv_rtt_ms=10.0, kv_link_gbps=100.0)) as d0, \
+            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048)) as gw, httpx.AsyncClient(timeout=20) as c:
         routes = {}
         for tokens in (1000, 6000, 2048, 2049):
@@ -247,10 +247,10 @@ async def test_remote_prefill_pool_behind_a_token_gets_it_and_local_engines_do_n
             return await call_next(request)
         return app
 
-    async with serve(recording(sim_app(role="prefill", engine_id="local"), "local")) as p0, \
-            serve(recording(sim_app(role="prefill", engine_id="remote", api_key=token), "remote")) as r0, \
-            serve(sim_app(role="decode")) as d0, \
-            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+    async with serving(recording(sim_app(role="prefill", engine_id="local"), "local")) as p0, \
+            serving(recording(sim_app(role="prefill", engine_id="remote", api_key=token), "remote")) as r0, \
+            serving(sim_app(role="decode")) as d0, \
+            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048, remote_prefill_token=token)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         assert (await c.post(r0 + "/v1/completions", json=completion_body())).status_code == 401  # it is guarded
@@ -286,10 +286,10 @@ def offload_view(exposition: str) -> dict[str, float]:
 
 async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> None:
     link_gbps = 2.0
-    async with serve(sim_app(role="prefill", engine_id="local")) as p0, \
-            serve(sim_app(role="prefill", engine_id="remote")) as r0, \
-            serve(sim_app(role="decode", kv_link_gbps=20.0)) as d0, \
-            serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+    async with serving(sim_app(role="prefill", engine_id="local")) as p0, \
+            serving(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serving(sim_app(role="decode", kv_link_gbps=20.0)) as d0, \
+            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048, remote_link_gbps=link_gbps)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
 
@@ -339,9 +339,9 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
 
 async def test_a_remote_prefill_pool_alone_makes_the_gateway_ready_and_serves_everything() -> None:
     """Naive offload (no local prefill pool): ready, and every prompt prefilled remote."""
-    async with serve(sim_app(role="prefill", engine_id="remote")) as r0, \
-            serve(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
-            serve(gateway_app([], remote_prefill_instances=[r0], decode_instances=[d0])) as gw, \
+    async with serving(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serving(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
+            serving(gateway_app([], remote_prefill_instances=[r0], decode_instances=[d0])) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         ready = await c.get(gw + "/readyz")
         assert ready.status_code == 200 and ready.json()["routable_instances"] == 1

@@ -231,7 +231,7 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     from tandem.router.routing.types import PrefillCost, RouteRequest, attention_pairs
     from tandem.router.scrape import apply_snapshot
     from tandem.router.settings import GatewaySettings
-    from tandem.router.state import InstanceLoad
+    from tandem.router.state import SharedLoad
     from tandem.sim.des.simulator import routing_state
     from tandem.sim.engine import EngineLimits
 
@@ -256,7 +256,7 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     sched.submit(RouteRequest("r1", 20_000, (), 512, 0.0, fallback_key=1), 0.0)
     assert gw.local_report().load["http://a"].pending_attn_pairs == attention_pairs(20_000, 0)
     own, peers = attention_pairs(20_000, 0), attention_pairs(30_000, 0)
-    gw.apply_remote({"http://a": InstanceLoad(pending_miss_tokens=30_000, pending_attn_pairs=peers)})
+    gw.apply_remote({"http://a": SharedLoad(pending_miss_tokens=30_000, pending_attn_pairs=peers)})
     assert s.pending_attn_pairs == own + peers
     assert gw.local_report().load["http://a"].pending_attn_pairs == own  # only our own share is published
     gw.apply_remote({})  # peers gone (or Redis down): their share leaves the estimate

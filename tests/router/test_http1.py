@@ -9,7 +9,7 @@ import pytest
 from gatewayutil import free_port, sim_app
 
 from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError
-from tandem.serve import serve
+from tandem.serve import serving
 
 
 async def _raw_server(handler) -> tuple[asyncio.AbstractServer, str]:
@@ -97,7 +97,7 @@ async def test_connect_refused_timeout_and_broken_response() -> None:
 
 
 async def test_against_the_simulator() -> None:
-    async with serve(sim_app(port=0)) as url:
+    async with serving(sim_app(port=0)) as url:
         client = HTTP1Client()
         body = b'{"model": "Llama-3-8B", "prompt": "hi", "max_tokens": 3}'
         headers = {"Content-Type": "application/json"}

@@ -49,7 +49,7 @@ from tandem.autoscaler.actuator import (
 )
 from tandem.kube import KubeClient, load_credentials
 from tandem.router.observations import Observer
-from tandem.serve import serve
+from tandem.serve import serving
 
 # Output tokens of a stream that outlasts the test (~40 s; the test leaves it after its first chunk).
 ENDLESS = 5000
@@ -260,9 +260,9 @@ async def silent_replica() -> AsyncIterator[str]:
 
 
 async def test_source_adds_up_live_gateway_replicas(redis_server: RedisServer, silent_replica: str) -> None:
-    async with serve(sim_app(port=0)) as engine, \
-            serve(gateway_app([engine], redis_url=redis_server.url, state_sync_interval=0.05)) as g1, \
-            serve(gateway_app([engine], redis_url=redis_server.url, state_sync_interval=0.05)) as g2, \
+    async with serving(sim_app(port=0)) as engine, \
+            serving(gateway_app([engine], redis_url=redis_server.url, state_sync_interval=0.05)) as g1, \
+            serving(gateway_app([engine], redis_url=redis_server.url, state_sync_interval=0.05)) as g2, \
             httpx.AsyncClient(timeout=30) as c:
         window = 60.0  # the gateways are new: every request is in it
         for i in range(9):  # 6 through one replica, 3 through the other
@@ -344,7 +344,7 @@ async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: Redi
     short = tempfile.TemporaryDirectory(prefix="tw", dir="/tmp")
     tmp_path = Path(short.name)
     monkeypatch.setenv("TMPDIR", short.name)
-    async with serve(sim_app(port=0)) as engine:
+    async with serving(sim_app(port=0)) as engine:
         port = free_port()
         log = tmp_path / "gateway.log"
         proc = start_logged(log, "gateway", "--port", str(port), "--instances", engine, "--workers", "2",
@@ -428,8 +428,8 @@ async def test_replicas_discovered_from_kubernetes_are_added_up(tmp_path: Path, 
     client = KubeClient(creds, creds.ssl_context(), user_agent="tandem-tests")
     labels = {"app.kubernetes.io/instance": "tandem", "app.kubernetes.io/component": "gateway"}
     try:
-        async with serve(sim_app(port=0)) as engine, serve(gateway_app([engine])) as g1, \
-                serve(gateway_app([engine])) as g2, httpx.AsyncClient(timeout=30) as c:
+        async with serving(sim_app(port=0)) as engine, serving(gateway_app([engine])) as g1, \
+                serving(gateway_app([engine])) as g2, httpx.AsyncClient(timeout=30) as c:
             for name, url, pod_labels, phase in (
                     ("gw-1", g1, labels, "Running"), ("gw-2", g2, labels, "Running"),
                     ("gw-3", None, labels, "Pending"),  # not started: no address, not asked

@@ -15,7 +15,7 @@ from kubeutil import kmock_kubeconfig
 
 from tandem.kube import REMOTEPREFILLPOOLS, KubeClient, load_credentials
 from tandem.router.remote_status import RemoteView, pool_status
-from tandem.serve import serve
+from tandem.serve import serving
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 OPERATORS = {"type": "InvalidSpec", "status": "False", "reason": "Valid", "message": "",
@@ -65,11 +65,11 @@ async def test_gateway_writes_the_pool_status_through_the_api(kmock: Any, tmp_pa
             return (await client.get(REMOTEPREFILLPOOLS, "serving", name) or {}).get("status") or {}
 
         common = {"kubeconfig": kubeconfig, "k8s_namespace": "serving", "remote_status_interval": 0.1}
-        async with serve(sim_app(role="prefill")) as p0, serve(sim_app(role="prefill")) as r0, \
-                serve(sim_app(role="decode")) as d0, \
-                serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+        async with serving(sim_app(role="prefill")) as p0, serving(sim_app(role="prefill")) as r0, \
+                serving(sim_app(role="decode")) as d0, \
+                serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                                   remote_prefill_pool="west", **common)), \
-                serve(gateway_app([], prefill_instances=[p0], remote_prefill_instances=["http://127.0.0.1:9"],
+                serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=["http://127.0.0.1:9"],
                                   decode_instances=[d0], remote_prefill_pool="east", **common)):
             async def written() -> bool:
                 return "reachable" in await status("west") and "reachable" in await status("east")

@@ -12,9 +12,19 @@ from tandem.blockcache import BlockCache
 from tandem.perf.costmodel import CostModel
 from tandem.perf.costmodel import attention_pairs as chunk_pairs
 from tandem.perf.profile import load_profile
-from tandem.router.routing.config import RoutingConfig
+from tandem.router.routing.capabilities import AdaptivelyKeyed, DualRinged, LateBinding, Migrating
+from tandem.router.routing.config import (
+    ConsistentHashParams,
+    DualMapParams,
+    KeyParams,
+    NoParams,
+    PrefixTreeParams,
+    RoutingConfig,
+    SchedulerParams,
+)
 from tandem.router.routing.dualmap import DualMapPolicy
 from tandem.router.routing.keys import AdaptiveKeyer
+from tandem.router.routing.registry import POLICIES, make_policy
 from tandem.router.routing.rings import DualRing
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import (
@@ -48,7 +58,7 @@ def cache_blocks(s: InstanceState, hashes: Iterable[int]) -> None:
 
 # ----- SLO-aware choice -------------------------------------------------------------------------
 def test_slo_switch_flips_exactly_above_alpha_times_slo() -> None:
-    pol = DualMapPolicy(RoutingConfig(slo_ttft_s=5.0, alpha=0.5))  # threshold 2.5 s = 2560 tokens
+    pol = DualMapPolicy(DualMapParams(slo_ttft_s=5.0, alpha=0.5))  # threshold 2.5 s = 2560 tokens
     r = req("r", 2 * BS + 1, [11, 12])  # a caches both blocks: miss 1 token; b misses all 1025
     a, b = inst("a"), inst("b")
     cache_blocks(a, [11, 12])
@@ -70,7 +80,7 @@ def test_slo_switch_uses_the_requests_own_slo_when_it_has_one() -> None:
     is judged against its own, not the pool's one number."""
     from dataclasses import replace
 
-    pol = DualMapPolicy(RoutingConfig(slo_ttft_s=5.0, alpha=0.5))  # the pool's threshold: 2.5 s
+    pol = DualMapPolicy(DualMapParams(slo_ttft_s=5.0, alpha=0.5))  # the pool's threshold: 2.5 s
     r = req("r", 2 * BS + 1, [11, 12])
     a, b = inst("a", pending=3071), inst("b")
     cache_blocks(a, [11, 12])  # a's estimate: 3072 T = 3 s, above 2.5 s
@@ -111,7 +121,7 @@ def test_estimate_matches_the_engine_cost_model_for_a_prompt_prefilled_alone() -
 
 def test_one_long_prompt_pending_weighs_more_than_the_same_tokens_in_short_ones() -> None:
     """Attention is quadratic: 8 x 8k tokens queued is not the same wait as one 64k prompt."""
-    cfg = RoutingConfig(slo_ttft_s=5.0, alpha=0.5)
+    cfg = SchedulerParams(slo_ttft_s=5.0, alpha=0.5)
     long_, short = inst("long"), inst("short")
     long_.cost = short.cost = PrefillCost(attn_pair_s=A)
     sched = Scheduler(TablePolicy({"l": ("long", "long"), "s": ("short", "short")}),
@@ -130,7 +140,7 @@ def test_one_long_prompt_pending_weighs_more_than_the_same_tokens_in_short_ones(
 
 def test_slo_switch_sees_the_running_batch_that_shares_every_chunk() -> None:
     """Each chunk also carries a token of every running sequence and reads their KV."""
-    pol = DualMapPolicy(RoutingConfig(slo_ttft_s=5.0, alpha=0.5))  # threshold 2.5 s
+    pol = DualMapPolicy(DualMapParams(slo_ttft_s=5.0, alpha=0.5))  # threshold 2.5 s
     cost = PrefillCost(chunk_tokens=1024, decode_seq_s=2.0**-12, decode_context_s=2.0**-22, kv_capacity_tokens=2**14)
     r = req("r", 2 * BS + 1, [11, 12])
     a, b = inst("a", pending=2559), inst("b", pending=1000)
@@ -165,7 +175,7 @@ def test_dispatch_budget_counts_attention() -> None:
     a = inst("a")
     a.cost = PrefillCost(attn_pair_s=A)
     sched = Scheduler(TablePolicy({"r": ("a", "a")}), ClusterView({"a": a}),
-                      RoutingConfig(dispatch_budget_s=2000 * T + 2 * attention_pairs(800, 0) * A))
+                      SchedulerParams(dispatch_budget_s=2000 * T + 2 * attention_pairs(800, 0) * A))
     for k in range(4):
         sched.submit(req(f"r{k}", 800, arrival=k), k)
     assert len(sched.release(5.0)) == 2  # 1600 tokens and their pairs fit; a third would not
@@ -183,7 +193,7 @@ def test_prefill_queue_order_releases_the_shortest_estimated_prefill_first() -> 
             req("r3", 2 * BS, [10, 11], arrival=3.0)]  # ties r1 on cost: arrival breaks it
     orders = {}
     for name, order, weight in (("hit", "hit", 10.0), ("prefill", "prefill", 10.0), ("aged", "prefill", 1.0)):
-        cfg = RoutingConfig(queue_order=order, prefill_order_weight=weight, dispatch_budget_s=0.0)
+        cfg = SchedulerParams(queue_order=order, prefill_order_weight=weight, dispatch_budget_s=0.0)
         s = inst("a")
         cache_blocks(s, [1, 2, 3])
         sched = Scheduler(table, ClusterView({"a": s}), cfg)
@@ -201,8 +211,7 @@ def test_prefill_queue_order_releases_the_shortest_estimated_prefill_first() -> 
 
 # ----- adaptive key -----------------------------------------------------------------------------
 def test_adaptive_depth_expands_then_shrinks() -> None:
-    cfg = RoutingConfig(key_window=50, key_expand_share=0.06, key_shrink_share=0.02)  # > 3 expands, < 1 shrinks
-    keyer = AdaptiveKeyer(cfg)
+    keyer = AdaptiveKeyer(KeyParams(key_window=50, key_expand_share=0.06, key_shrink_share=0.02))  # > 3, < 1
     hot = [lambda i: req(f"h{i}", 4 * BS, [100, 200, 1000 + i, 5000 + i])]
     keys = [keyer.observe(hot[0](i)) for i in range(6)]
     assert keys[:4] == [200] * 4  # depth 2 until the prefix exceeds 6% of the window (3 requests)
@@ -217,7 +226,7 @@ def test_adaptive_depth_expands_then_shrinks() -> None:
 
 
 def test_key_depth_is_at_least_two_and_short_prompts_use_the_fallback() -> None:
-    keyer = AdaptiveKeyer(RoutingConfig())
+    keyer = AdaptiveKeyer(KeyParams())
     assert keyer.key(req("a", 3 * BS, [1, 2, 3])) == (2, 2)
     assert keyer.key(req("b", BS + 10, [1], fallback=777)) == (777, 0)
     assert keyer.key(req("c", 10, [], fallback=778)) == (778, 0)
@@ -228,10 +237,32 @@ def test_key_depth_is_at_least_two_and_short_prompts_use_the_fallback() -> None:
 
 
 def test_key_thresholds_validated() -> None:
-    with pytest.raises(ValidationError, match="key_shrink_share"):
-        RoutingConfig(key_expand_share=0.02, key_shrink_share=0.05)
+    # The check lives with the key's parameters: the keyed policies' models and the flat one all run it.
+    for model in (RoutingConfig, DualMapParams, ConsistentHashParams, KeyParams):
+        with pytest.raises(ValidationError, match="key_shrink_share"):
+            model(key_expand_share=0.02, key_shrink_share=0.05)
     with pytest.raises(ValidationError, match="vnodes"):
         RoutingConfig(vnodes=20)
+
+
+def test_each_policy_gets_only_its_own_parameters_from_the_flat_config() -> None:
+    flat = RoutingConfig(alpha=0.3, vnodes=150, ring_seed=9, key_window=50, cache_threshold=0.2, hotspot_wait_s=1.0)
+    dm = make_policy("dualmap", flat)
+    assert type(dm.params) is DualMapParams
+    assert dm.params == DualMapParams(alpha=0.3, vnodes=150, ring_seed=9, key_window=50)
+    assert dm.rings.a.vnodes == 150 and dm.params.slo_budget_s == pytest.approx(1.5)
+    ch = make_policy("consistent_hash", flat)
+    assert ch.params == ConsistentHashParams(vnodes=150, ring_seed=9, key_window=50) and ch.ring.vnodes == 150
+    assert make_policy("prefix_tree", flat).params == PrefixTreeParams(cache_threshold=0.2)
+    assert all(make_policy(n, flat).params == NoParams() for n in ("round_robin", "least_request", "min_ttft"))
+    # Every flat setting belongs to some part, and a part's model refuses the others' settings.
+    parts = (SchedulerParams, DualMapParams, ConsistentHashParams, PrefixTreeParams)
+    assert set(RoutingConfig.model_fields) == set().union(*(p.model_fields for p in parts))
+    assert "hotspot_wait_s" not in DualMapParams.model_fields and "alpha" not in ConsistentHashParams.model_fields
+    with pytest.raises(ValidationError, match="cache_threshold"):
+        DualMapParams(cache_threshold=0.2)
+    with pytest.raises(ValidationError, match="alpha"):
+        NoParams(alpha=0.3)
 
 
 # ----- rings ------------------------------------------------------------------------------------
@@ -299,6 +330,7 @@ class TablePolicy:
     """A real (deterministic) policy for hand-built scheduler states: request id prefix -> instance."""
 
     name = "table"
+    reasons = ("table",)
     late_binding = True
 
     def __init__(self, table: dict[str, tuple[str, str]]) -> None:
@@ -321,7 +353,8 @@ def test_accounting_returns_to_zero_and_release_order_is_longest_hit_then_arriva
     a = inst("a")
     cluster = ClusterView({"a": a})
     cache_blocks(a, [1, 2])
-    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster, RoutingConfig(dispatch_budget_s=0.0, queue_order="hit"))
+    sched = Scheduler(TablePolicy({"r": ("a", "a")}), cluster,
+                      SchedulerParams(dispatch_budget_s=0.0, queue_order="hit"))
     sched.submit(req("r0", 1000, [], arrival=0.0), 0.0)
     sched.submit(req("r1", 3 * BS, [1, 9, 10], arrival=1.0), 1.0)
     sched.submit(req("r2", 3 * BS, [1, 2, 11], arrival=2.0), 2.0)
@@ -342,7 +375,7 @@ def test_accounting_returns_to_zero_and_release_order_is_longest_hit_then_arriva
 def test_token_budget_releases_more_than_one() -> None:
     a = inst("a")
     sched = Scheduler(TablePolicy({"r": ("a", "a")}), ClusterView({"a": a}),
-                      RoutingConfig(dispatch_budget_s=2000 * T))
+                      SchedulerParams(dispatch_budget_s=2000 * T))
     for k in range(4):
         sched.submit(req(f"r{k}", 800, arrival=k), k)
     # first always; then while in-flight uncached tokens stay within 2000: 800 + 800 fits, 2400 does not
@@ -352,7 +385,7 @@ def test_token_budget_releases_more_than_one() -> None:
 def test_baselines_release_immediately_and_queues_are_bounded() -> None:
     a = inst("a")
     sched = Scheduler(TablePolicy({"r": ("a", "a")}), ClusterView({"a": a}),
-                      RoutingConfig(late_binding=False, max_queued_per_instance=2, max_queued_total=3))
+                      SchedulerParams(late_binding=False, max_queued_per_instance=2, max_queued_total=3))
     sched.submit(req("r0", 100), 0)
     sched.submit(req("r1", 100), 0)
     with pytest.raises(QueueFullError) as exc:
@@ -365,7 +398,7 @@ def test_baselines_release_immediately_and_queues_are_bounded() -> None:
 
 def test_resubmit_with_exclusion_avoids_the_failed_instance() -> None:
     cluster = ClusterView({"a": inst("a"), "b": inst("b")})
-    sched = Scheduler(TablePolicy({"r": ("a", "b")}), cluster, RoutingConfig(late_binding=False))
+    sched = Scheduler(TablePolicy({"r": ("a", "b")}), cluster, SchedulerParams(late_binding=False))
     assert sched.submit(req("r0", 100), 0).instance_id == "a"
     sched.release(0)
     sched.on_failed("r0")
@@ -377,7 +410,7 @@ def _hot_pair(b_pending: int) -> tuple[Scheduler, InstanceState, InstanceState]:
     a, b = inst("a", pending=3000), inst("b", pending=b_pending)
     a.unprefilled_requests = b.unprefilled_requests = 1  # nothing gets released: all stays queued
     cluster = ClusterView({"a": a, "b": b})
-    cfg = RoutingConfig(slo_ttft_s=5.0, alpha=0.75, dispatch_budget_s=0.0)  # hot above 3840 pending tokens
+    cfg = SchedulerParams(slo_ttft_s=5.0, alpha=0.75, dispatch_budget_s=0.0)  # hot above 3840 pending tokens
     return Scheduler(TablePolicy({"r": ("a", "b"), "s": ("a", "b")}), cluster, cfg), a, b
 
 
@@ -421,3 +454,46 @@ def test_no_migration_at_zero_gain_or_when_not_hot() -> None:
     assert sched2.rebalance(1.0) == []
     assert sched2.is_hot(a2, 3.0)  # the oldest queued request has waited hotspot_wait_s
     assert [m.target for m in sched2.rebalance(3.0)] == ["b"]
+
+
+# ----- optional capabilities ----------------------------------------------------------------------
+class PlainTablePolicy:
+    """TablePolicy without the optional capabilities: no late-binding default, no alternatives."""
+
+    name = "plain_table"
+
+    def __init__(self, table: dict[str, tuple[str, str]]) -> None:
+        self.inner = TablePolicy(table)
+
+    def on_membership(self, instance_ids: Iterable[str]) -> None:
+        pass
+
+    def choose(self, r: RouteRequest, cluster: ClusterView) -> Decision:
+        return self.inner.choose(r, cluster)
+
+
+def test_capabilities_are_declared_and_decide_late_binding_and_migration() -> None:
+    policies = {n: make_policy(n) for n in POLICIES}
+    assert {n for n, p in policies.items() if isinstance(p, LateBinding)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, Migrating)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, DualRinged)} == {"dualmap"}
+    assert {n for n, p in policies.items() if isinstance(p, AdaptivelyKeyed)} == {"dualmap", "consistent_hash"}
+    table = TablePolicy({})  # declares them structurally, by carrying the members
+    assert isinstance(table, LateBinding) and isinstance(table, Migrating) and not isinstance(table, DualRinged)
+    # A policy without LateBinding dispatches at once by default; the configuration can still turn it on.
+    a = inst("a")
+    plain = Scheduler(PlainTablePolicy({"r": ("a", "a")}), ClusterView({"a": a}), SchedulerParams())
+    assert not plain.late_binding
+    forced = Scheduler(PlainTablePolicy({}), ClusterView({"a": inst("a")}), SchedulerParams(late_binding=True))
+    assert forced.late_binding
+    for k in range(3):
+        plain.submit(req(f"r{k}", 1000), 0.0)
+    assert len(plain.release(0.0)) == 3
+    # Without Migrating a hot instance keeps its queue: the same state that moves s2 with TablePolicy.
+    a, b = inst("a", pending=3000), inst("b", pending=3200)
+    a.unprefilled_requests = b.unprefilled_requests = 1
+    cache_blocks(b, [77])
+    sched = Scheduler(PlainTablePolicy({"s": ("a", "b")}), ClusterView({"a": a, "b": b}),
+                      SchedulerParams(slo_ttft_s=5.0, alpha=0.75, dispatch_budget_s=0.0, late_binding=True))
+    sched.submit(req("s2", 1000, [77]), 0.0)
+    assert sched.is_hot(a, 0.0) and sched.rebalance(0.0) == []

@@ -23,18 +23,22 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
+from promstack import CHART_RELABELINGS
 
 helm = pytest.importorskip("helm_sdkpy", reason="make test installs helm-sdkpy (--ignore-requires-python)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 kmock = pytest.importorskip("kmock")
+from kmock._internal import parsing as kmock_parsing  # noqa: E402
 from kmock._internal.apps import Server  # noqa: E402
+
+_KMOCK_PARSE_PATH = kmock_parsing.parse_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tandem"
@@ -69,9 +73,29 @@ FULL_VALUES: dict[str, Any] = {
 }
 
 
+def _parse_path(path: str) -> Any:
+    """kmock's request path parser, except that /api/v1/namespaces[/NAME] is the cluster-scoped
+    Namespace resource (kmock reads it as the prefix of a namespaced path and fails on it)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _KMOCK_PARSE_PATH(path)
+
+
 @contextlib.asynccontextmanager
-async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
-    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator)."""
+async def api_server(tmp_path: Path, namespaces: tuple[str, ...] = ()) -> AsyncIterator[tuple[Path, Any]]:
+    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator).
+
+    ``namespaces`` exist as Namespace objects. Without ``kube-system`` among them Helm's ``lookup``
+    finds nothing, as in ``helm template``; with it, kmock answers like a cluster.
+    """
+    with mock.patch.object(kmock_parsing, "parse_path", _parse_path):
+        async with _emulator(tmp_path, namespaces) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _emulator(tmp_path: Path, namespaces: tuple[str, ...]) -> AsyncIterator[tuple[Path, Any]]:
     async with kmock.KubernetesEmulator() as k, Server(k):
         for path, kind, namespaced in KINDS:
             k.resources[path] = k.ResourceInfo(kind=kind, namespaced=namespaced, verbs=set(ALL_VERBS))
@@ -89,6 +113,9 @@ async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
             "clusters": [{"name": "kmock", "cluster": {"server": server}}],
             "users": [{"name": "kmock", "user": {}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+        for name in namespaces:
+            k.objects[kmock.resource("", "v1", "namespaces"), None, name] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         yield kubeconfig, k
 
 
@@ -110,8 +137,10 @@ async def install(kubeconfig: Path, values: dict[str, Any] | None, release: str 
 
 
 async def render(tmp_path: Path, values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
-    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too)."""
-    async with api_server(tmp_path) as (kubeconfig, k):
+    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too), on
+    a cluster where the namespaces the values name exist (Helm's lookup sees them)."""
+    engines = ((values or {}).get("engines") or {}).get("namespaces") or []
+    async with api_server(tmp_path, ("kube-system", "default", *engines)) as (kubeconfig, k):
         outcome = await install(kubeconfig, values)
         assert "error" not in outcome, outcome["error"]
         release = outcome["release"]
@@ -236,7 +265,7 @@ async def test_every_pod_is_hardened(tmp_path: Path) -> None:
 
 async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
     docs, _ = await render(tmp_path)
-    for component in ("operator", "gateway"):
+    for component in ("operator", "gateway", "autoscaler"):
         shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
                    if d and d["kind"] == "ClusterRole"]
         assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component
@@ -275,6 +304,13 @@ async def test_full_install(tmp_path: Path) -> None:
     # Monitoring: ServiceMonitor for the chart's services, PodMonitors for engines and service gateways.
     monitor = one(docs, "ServiceMonitor", "/tandem")
     assert monitor["metadata"]["labels"]["release"] == "kps"
+    # Both endpoints keep the series' own labels: the gateway's `instance` (an engine), the
+    # autoscaler's `namespace` and `service` (the LLMService, not the autoscaler's own Service).
+    assert {e["port"]: e.get("honorLabels") for e in monitor["spec"]["endpoints"]} == {"http": True, "metrics": True}
+    # The real-Prometheus tier (tests/promstack.py) reproduces exactly these relabelings.
+    assert {f"servicemonitor/{e['port']}": e["relabelings"] for e in monitor["spec"]["endpoints"]} \
+        | {name.removeprefix("tandem-system/tandem-"): pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
+           for name, pm in by_kind(docs, "PodMonitor").items()} == CHART_RELABELINGS
     podmonitors = by_kind(docs, "PodMonitor")
     assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
     for pm in podmonitors.values():
@@ -456,43 +492,90 @@ async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, valu
         assert not [o for o in k.objects.values() if o.get("kind") == "Deployment"]
 
 
+async def test_engine_namespaces_must_exist(tmp_path: Path) -> None:
+    """Issue 18: an upgrade with an engine namespace that did not exist failed half-way (`namespaces
+    "llm-a" not found`) and left a failed revision. The chart now refuses it before creating anything,
+    naming the value and the namespace; where Helm cannot look (`helm template`), it cannot check."""
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        outcome = await install(kubeconfig, FULL_VALUES)  # llm-a and llm-b
+        assert "release" not in outcome
+        assert 'engines.namespaces: namespace "llm-b" does not exist' in outcome["error"], outcome["error"]
+        assert "kubectl create namespace llm-b" in outcome["error"] and "engines.createNamespaces" in outcome["error"]
+        assert [o["kind"] for o in k.objects.values() if o.get("kind") != "Namespace"
+                and o.get("kind") != "CustomResourceDefinition"] == []
+    (tmp_path / "template").mkdir()
+    async with api_server(tmp_path / "template") as (kubeconfig, _):  # no kube-system: lookup sees nothing
+        assert "release" in await install(kubeconfig, FULL_VALUES)
+
+
+async def test_create_namespaces_creates_only_the_missing_ones_and_keeps_them(tmp_path: Path) -> None:
+    values = merge(FULL_VALUES, {"engines": {"createNamespaces": True}})
+    ours = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "llm-c", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "tandem", "meta.helm.sh/release-namespace": "tandem-system"}}}
+    values["engines"]["namespaces"].append("llm-c")
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        k.objects[kmock.resource("", "v1", "namespaces"), None, "llm-c"] = ours  # this release's, from before
+        outcome = await install(kubeconfig, values)
+        assert "error" not in outcome, outcome["error"]
+        docs = [d for d in yaml.safe_load_all(outcome["release"]["manifest"]) if d]
+        namespaces = by_kind(docs, "Namespace")
+        # llm-a is someone else's (used as is), llm-b is missing, llm-c was created by this release;
+        # the release namespace is Helm's own business.
+        assert sorted(namespaces) == ["/llm-b", "/llm-c"]
+        assert all(n["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for n in namespaces.values())
+        created = {o["metadata"]["name"] for o in k.objects.values() if o.get("kind") == "Namespace"}
+        assert created >= {"llm-a", "llm-b", "llm-c"}
+        assert "/llm-b/tandem-gateway" not in by_kind(docs, "ServiceAccount") and "llm-b/tandem-gateway" in by_kind(
+            docs, "ServiceAccount")
+        assert "created where missing" in outcome["release"]["info"]["notes"]
+
+
 @pytest.mark.realk8s
 def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
     """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
-    deploy/examples/aggregated-8b.yaml into Deployments."""
+    deploy/examples/aggregated-8b.yaml into Deployments; helm uninstall leaves no cluster-scoped object.
+
+    The release has a name of its own (its ClusterRoles are named after it), so the test neither
+    collides with another run nor replaces a `tandem` release or deploy/rbac/ installed on the cluster.
+    """
     if not REAL_KUBECONFIG:
         pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
     from kubernetes import client, config
+    from kubeutil import service_account_kubeconfig, unique_name
 
-    release_ns, engine_ns = (f"tandem-chart-{uuid.uuid4().hex[:6]}", f"llm-{uuid.uuid4().hex[:6]}")
+    release, release_ns, engine_ns = unique_name("tandem"), unique_name("tandem-chart"), unique_name("llm")
     api = config.new_client_from_config(REAL_KUBECONFIG)
     core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    rbac = client.RbacAuthorizationV1Api(api)
     core.create_namespace({"metadata": {"name": engine_ns}})
     helm_config = helm.Configuration(namespace=release_ns, kubeconfig=REAL_KUBECONFIG)
     operator = None
+    uninstalled = False
     try:
-        release = asyncio.run(helm.Install(helm_config).run(
-            "tandem", str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
+        # An engine namespace that does not exist is refused before anything is created (issue 18).
+        missing = unique_name("llm-missing")
+        with pytest.raises(helm.HelmError, match=f'engines.namespaces: namespace "{missing}" does not exist'):
+            asyncio.run(helm.Install(helm_config).run(
+                f"{release}-refused", str(CHART), values={"engines": {"namespaces": [missing]}}, wait=False,
+                timeout=120, create_namespace=True))
+        assert rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release}-refused").items == []
+        outcome = asyncio.run(helm.Install(helm_config).run(
+            release, str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
             create_namespace=True))
-        assert release["info"]["status"] == "deployed"
+        assert outcome["info"]["status"] == "deployed"
+        manifests = [d for d in yaml.safe_load_all(outcome["manifest"]) if d]
+        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "ClusterRole"} == {
+            f"{release}-{c}" for c in ("operator", "gateway", "autoscaler")}
         # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
-        token = core.create_namespaced_service_account_token(
-            "tandem-operator", release_ns, {"spec": {"expirationSeconds": 3600}}).status.token
-        real = yaml.safe_load(Path(REAL_KUBECONFIG).read_text())
-        cluster = next(c["cluster"] for c in real["clusters"])
-        sa_config = tmp_path / "operator-kubeconfig"
-        sa_config.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "sa", "user": {"token": token}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
-        args = args_of([d for d in yaml.safe_load_all(release["manifest"]) if d],
-                       "/tandem-operator")
+        sa_config = service_account_kubeconfig(core, release_ns, f"{release}-operator", Path(REAL_KUBECONFIG),
+                                               tmp_path / "operator-kubeconfig")
+        args = args_of(manifests, f"/{release}-operator")
         operator = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", *[a for a in args if not a.startswith("--liveness-port")],
              "--liveness-port=0", f"--kubeconfig={sa_config}"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         example = yaml.safe_load((ROOT / "deploy" / "examples" / "aggregated-8b.yaml").read_text())
-        example["metadata"]["namespace"] = engine_ns
         custom.create_namespaced_custom_object("serving.tandem.dev", "v1alpha1", engine_ns, "llmservices", example)
         name = example["metadata"]["name"]
         wanted = {f"{name}-unified", f"{name}-gateway"}
@@ -503,16 +586,22 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
             time.sleep(0.5)
         assert wanted <= found
         unified = apps.read_namespaced_deployment(f"{name}-unified", engine_ns)
-        assert unified.spec.replicas == example["spec"]["pools"]["unified"]["replicas"]
+        assert unified.spec.replicas == example["spec"]["replicas"]  # the primary pool's size: spec.replicas
         gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
         assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
         assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
+        asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
+        uninstalled = True
+        selector = f"app.kubernetes.io/instance={release}"
+        assert rbac.list_cluster_role(label_selector=selector).items == []
+        assert rbac.list_cluster_role_binding(label_selector=selector).items == []
     finally:
         if operator is not None and operator.poll() is None:
             operator.terminate()
             operator.wait(10)
-        with contextlib.suppress(Exception):
-            asyncio.run(helm.Uninstall(helm_config).run("tandem", wait=False))
+        if not uninstalled:  # a failed install may still have left a release behind
+            with contextlib.suppress(Exception):
+                asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
         for ns in (engine_ns, release_ns):
             with contextlib.suppress(Exception):
                 core.delete_namespace(ns)

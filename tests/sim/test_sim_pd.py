@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.serve import serve
+from tandem.serve import serving
 from tandem.sim.server import create_app
 from tandem.sim.settings import SimSettings
 
@@ -45,7 +45,7 @@ async def engine_load(client: httpx.AsyncClient, url: str) -> tuple[float, float
 async def pd():
     prefill = create_app(SimSettings(role="prefill", engine_id="prefill-0"))
     decode = create_app(SimSettings(role="decode", kv_link_gbps=10.0, kv_rtt_ms=5.0))
-    async with serve(prefill) as p_url, serve(decode) as d_url, httpx.AsyncClient(timeout=10) as client:
+    async with serving(prefill) as p_url, serving(decode) as d_url, httpx.AsyncClient(timeout=10) as client:
         yield p_url, d_url, client
 
 
@@ -134,8 +134,8 @@ async def test_role_mismatch_and_streamed_prefill_are_refused(pd) -> None:
 
 async def test_prefill_dead_after_handshake_is_a_prompt_503_not_a_hang() -> None:
     decode = create_app(SimSettings(role="decode"))
-    async with serve(decode) as d_url, httpx.AsyncClient(timeout=10) as client:
-        async with serve(create_app(SimSettings(role="prefill"))) as p_url:
+    async with serving(decode) as d_url, httpx.AsyncClient(timeout=10) as client:
+        async with serving(create_app(SimSettings(role="prefill"))) as p_url:
             params = (await vllm_prefill(client, p_url))["kv_transfer_params"]
         # the prefill engine is gone now; its KV with it
         t0 = time.monotonic()
@@ -186,7 +186,7 @@ async def test_wire_transport_sends_the_kv_bytes_themselves() -> None:
     small = {"hash_ids": [7], "prompt_tokens": 64, "block_size": 512}
     prefill = create_app(SimSettings(role="prefill", engine_id="prefill-w"))
     decode = create_app(SimSettings(role="decode", kv_transport="wire", kv_link_gbps=0.001))
-    async with serve(prefill) as p_url, serve(decode) as d_url, httpx.AsyncClient(timeout=20) as client:
+    async with serving(prefill) as p_url, serving(decode) as d_url, httpx.AsyncClient(timeout=20) as client:
         pre = await vllm_prefill(client, p_url, small)
         t0 = time.monotonic()
         status, tokens = await stream_tokens(client, f"{d_url}/v1/completions", {

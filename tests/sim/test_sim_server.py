@@ -2,17 +2,13 @@
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.serve import serve
+from tandem.bench.harness import Process, free_port, tandem_argv
+from tandem.serve import serving
 from tandem.sim.server import create_app
 from tandem.sim.settings import SimSettings
 
@@ -26,7 +22,7 @@ async def post(client: httpx.AsyncClient, path: str, **body) -> httpx.Response:
 
 @pytest.fixture
 async def sim():
-    async with serve(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
+    async with serving(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
                                                                                        timeout=10) as client:
         yield client
 
@@ -77,7 +73,7 @@ async def test_metrics_parse_and_show_prefix_hits_after_repeat(sim) -> None:
 
 async def test_sglang_metric_names() -> None:
     app = create_app(SimSettings(metrics="sglang", role="prefill"))
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         await post(client, "/v1/completions", prompt=PROMPT, max_tokens=2)
         text = (await client.get("/metrics")).text
     samples = metric_samples(text)
@@ -132,7 +128,7 @@ async def test_fault_error_and_slow_and_hang(sim) -> None:
 
 async def test_client_disconnect_aborts_the_engine_request() -> None:
     app = create_app(SimSettings())
-    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         async with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": PROMPT,
                                                                    "max_tokens": 100_000, "stream": True}) as resp:
             async for _ in resp.aiter_lines():
@@ -145,27 +141,24 @@ async def test_client_disconnect_aborts_the_engine_request() -> None:
         assert app.state.sim.engine.counters.aborted_requests == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_crash_fault_kills_the_process() -> None:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "sim", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    port = free_port()
+    with Process("tandem sim", tandem_argv("sim", "--port", str(port))) as proc:
+        proc.wait_http(f"http://127.0.0.1:{port}/health", limit_s=20)
         httpx.post(f"http://127.0.0.1:{port}/admin/fault", json={"mode": "crash"}, timeout=5)
-        assert proc.wait(timeout=10) == 1
+        assert proc.popen.wait(timeout=10) == 1
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-    finally:
-        proc.kill()
+
+
+async def test_time_scale_runs_the_engine_model_faster_than_the_wall_clock() -> None:
+    """``--time-scale N``: N engine seconds per wall second (benchmarks replay long traces faster)."""
+    import asyncio
+
+    from tandem.sim.wallclock import WallClockDriver
+
+    fast, plain = WallClockDriver(time_scale=8.0), WallClockDriver()
+    await asyncio.sleep(0.05)
+    assert fast.now() >= 8.0 * 0.05 > plain.now() >= 0.05
+    with pytest.raises(ValueError):
+        WallClockDriver(time_scale=0)
