@@ -283,7 +283,10 @@ async def run_phase(name: str, gw: str, reqs: list[tuple[float, int]], bench: Of
             while not stop.is_set():
                 await asyncio.sleep(0.5)
                 before = time.monotonic()
-                sent = link.sent_bytes()
+                try:
+                    sent = await asyncio.to_thread(link.sent_bytes)
+                except (subprocess.TimeoutExpired, LinkUnavailable):  # an overloaded machine: skip a sample
+                    continue
                 now = (before + time.monotonic()) / 2  # the counter was read during the call
                 if now - last_t >= 2.0:  # ~2 s windows of the qdisc's counter, against the rate(s) in force
                     at = t0 + changed[0] if changed else now
@@ -292,7 +295,7 @@ async def run_phase(name: str, gw: str, reqs: list[tuple[float, int]], bench: Of
                     windows.append((sent - last_b) * 8 / 1e6 / capacity)
                     last_t, last_b, last_rate = now, sent, link.rate_mbit
                 if change is not None and not changed and now - t0 >= change[0]:
-                    link.set_rate(change[1])
+                    await asyncio.to_thread(link.set_rate, change[1])
                     changed.append(time.monotonic() - t0)
                 with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
                     st = (await client.get(gw + "/admin/offload")).json()["models"][model]

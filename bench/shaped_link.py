@@ -29,7 +29,7 @@ class LinkUnavailable(RuntimeError):
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
         raise LinkUnavailable(f"{' '.join(argv)}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
     return proc
@@ -106,8 +106,13 @@ class ShapedLink:
         if not self._made:
             return
         self._made = False
-        _run("ip", "link", "del", self.local_dev, check=False)
-        _run("ip", "netns", "del", self.ns, check=False)
+        for argv in (("ip", "link", "del", self.local_dev), ("ip", "netns", "del", self.ns)):
+            for _ in range(3):  # an overloaded machine may time a command out: try again
+                try:
+                    _run(*argv, check=False)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         atexit.unregister(self.close)
 
     def _in(self, *argv: str) -> subprocess.CompletedProcess[str]:
