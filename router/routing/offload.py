@@ -486,10 +486,6 @@ class OffloadController:
         span = now - self._arrivals[0]
         return (len(self._arrivals) - 1) / span if span > 0 else None
 
-    def should_offload(self, uncached_tokens: int) -> bool:
-        """The threshold alone: is this uncached length above t (and is there a remote pool)?"""
-        return uncached_tokens > self.threshold and self.remote.instances > 0
-
     def choose(self, uncached_tokens: int, *, local_s: float | None, remote_prefill_s: float | None,
                kv_bytes: int, now: float, slo_s: float | None = None, link_other_gbps: float = 0.0) -> SideChoice:
         """The side one request's prefill runs on.

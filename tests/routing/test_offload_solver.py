@@ -95,7 +95,7 @@ def test_controller_resolves_periodically_from_its_window() -> None:
     ctl = OffloadController(OffloadSettings(window=1000, resolve_every_s=5.0, min_samples=100, min_threshold=0,
                                             initial_threshold=999_999),
                             local=LINEAR, remote=LINEAR, decode_rps=1e9, link_gbps=1e6, kv_bytes_per_token=131072)
-    assert not ctl.should_offload(50_000)
+    assert ctl.threshold == 999_999
     for i, length in enumerate(UNIFORM[:50]):
         ctl.observe(length, i * 0.01)
     assert ctl.maybe_resolve(1.0) is None  # too few samples
@@ -104,7 +104,8 @@ def test_controller_resolves_periodically_from_its_window() -> None:
     d = ctl.maybe_resolve(10.0)
     assert d is not None and ctl.threshold == d.threshold_tokens and 700 <= ctl.threshold <= 712
     assert ctl.maybe_resolve(12.0) is None  # within the period
-    assert ctl.should_offload(900) and not ctl.should_offload(100)
+    threshold_only = dict(local_s=1.0, remote_prefill_s=1.0, kv_bytes=1, now=12.0)
+    assert ctl.choose(900, **threshold_only).side == "remote" and ctl.choose(100, **threshold_only).side == "local"
     pinned = OffloadController(OffloadSettings(fixed_threshold=4096), local=LINEAR, remote=LINEAR,
                                decode_rps=1.0, link_gbps=1.0, kv_bytes_per_token=1)
     for i in range(100):
