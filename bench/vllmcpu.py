@@ -11,13 +11,14 @@ to a file and is killed with its whole group (vLLM forks an engine-core process)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -132,6 +133,30 @@ def command(spec: EngineSpec, python: Path) -> tuple[list[str], dict[str, str]]:
     return argv + spec.extra_args, env
 
 
+PR_SET_PDEATHSIG = 1
+# The engine's process-group leader, run by the vLLM venv's python: it starts vLLM and waits for it.
+# When the thread that started it dies (the kernel's parent-death signal, SIGUSR1 here), it kills the
+# whole group: the API server and the engine core and worker vLLM forks, which outlive a killed API
+# server on their own. SIGTERM (stop() signals the group) is vLLM's to handle; this one keeps waiting.
+WATCHDOG = (
+    "import os, signal, subprocess, sys\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: os.killpg(0, signal.SIGKILL))\n"
+    "signal.signal(signal.SIGTERM, lambda *_: None)\n"
+    "sys.exit(subprocess.Popen(sys.argv[1:]).wait())\n"
+)
+
+
+def _arm_parent_death_signal() -> Callable[[], None]:
+    """A ``preexec_fn`` that asks the kernel for SIGUSR1 when the starting thread exits. libc is resolved
+    here, in the parent: the forked child only makes the call."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGUSR1)
+
+    return arm
+
+
 class VllmEngine:
     """A running vLLM server: ``start`` returns at once, ``wait_ready`` blocks until ``/health`` is 200."""
 
@@ -150,7 +175,10 @@ class VllmEngine:
     def start(self) -> None:
         argv, extra_env = command(self.spec, self.python)
         if self.spec.nice:
-            argv = ["nice", "-n", str(self.spec.nice), *argv]  # exec's in place: the pid stays the engine's
+            argv = ["nice", "-n", str(self.spec.nice), *argv]
+        # A killed test run or demo (pytest-timeout, CI's time limit, SIGKILL) leaves no engine behind.
+        # Start engines from a thread that lives as long as they should.
+        argv = [str(self.python), "-c", WATCHDOG, *argv]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -158,7 +186,8 @@ class VllmEngine:
             self.started_at = time.monotonic()
             # Its own session: stop() kills the API server and the engine core it forks, nothing else.
             self.proc = subprocess.Popen(argv, env={**os.environ, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_arm_parent_death_signal())
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -186,21 +215,19 @@ class VllmEngine:
                 time.sleep(0.5)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the process group, SIGKILL after ``grace`` seconds."""
+        """SIGTERM to the process group, SIGKILL after ``grace`` seconds. Also after a crash: vLLM's
+        engine core and worker outlive a dead API server."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        # The engine core may outlive the API server for a moment; the group goes with it.
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def rss_bytes(self) -> int:
         """Resident memory of the engine's whole process group (API server + engine core)."""

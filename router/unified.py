@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tandem.router.admission import error_response
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import EngineKey, RequestTrace, usage_tokens
 from tandem.router.pool import Pool, QueueFull
 from tandem.router.proxy import ClientGone, RelayedStream, RelayResponse, Started, UpstreamFailure, unless_disconnected
 from tandem.router.resilience import backoff_delay
@@ -39,7 +39,7 @@ class UnifiedRouter:
         self.gw = gw
 
     async def serve(self, request: Request, pool: Pool, rreq: RouteRequest, raw: bytes, path: str, stream: bool,
-                    policy: str) -> Response:
+                    policy: str, engine_key: EngineKey | None = None) -> Response:
         """Route, wait, start upstream (retrying before the first byte), then answer or relay."""
         gw = self.gw
         s = gw.settings
@@ -49,6 +49,7 @@ class UnifiedRouter:
         base = gw.new_request_id()
         excluded: list[str] = []
         failure: UpstreamFailure | None = None
+        failed_on = ""
         reason = "none"
         trace = gw.observer.arrived(pool.service, "unified", rreq.prompt_tokens, t0)
         for attempt in range(1, s.max_attempts + 1):
@@ -56,11 +57,16 @@ class UnifiedRouter:
             try:
                 decision, released = pool.submit(replace(rreq, request_id=rid, arrival=time.monotonic()), policy,
                                                  excluded)
-            except (QueueFull, QueueFullError) as exc:
-                # One instance's queue full: that key is hot, back off (429); the whole gateway: 503.
-                status = 429 if getattr(exc, "scope", "instance") == "instance" else 503
+            except QueueFull as exc:  # the whole gateway's queue
                 return gw.done(policy, "none", "queue_full", error_response(
-                    status, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1), trace=trace)
+                    503, f"too many queued requests: {exc}", type_="rate_limit_error", retry_after=1), trace=trace)
+            except QueueFullError as exc:
+                # One instance's queue full: that key is hot, back off (429); the pool's: 503.
+                full = pool.instances.get(exc.instance_id or "")
+                what = f"the queue of instance {full.label} is full" if full else str(exc)
+                return gw.done(policy, "none", "queue_full", error_response(
+                    429 if exc.scope == "instance" else 503, f"too many queued requests: {what}",
+                    type_="rate_limit_error", retry_after=1), trace=trace)
             except NoInstanceError as exc:
                 return gw.done(policy, "none", "no_instance", error_response(
                     503, f"no available instance for model '{pool.model}': {exc}", type_="server_error",
@@ -86,22 +92,24 @@ class UnifiedRouter:
                 if inst is None:  # left while the request was queued
                     pool.failed(rid)
                     continue
-                gw.observer.routed(trace, decision.hit_tokens, time.monotonic())
+                gw.observer.routed(trace, inst.engine_hit(engine_key, rreq.prompt_tokens, decision.hit_tokens,
+                                                          gw.shadow_tokens), time.monotonic())
                 try:
                     started = await unless_disconnected(request, gw.upstream.start(
-                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic())))
+                        inst.endpoint.url + path, raw, stream=stream, budget_s=max(0.001, deadline - time.monotonic()),
+                        first_byte_s=gw.first_byte_s(rreq.prompt_tokens)))
                 except ClientGone:
                     pool.finished(rid)
                     return gw.done(policy, reason, "client_gone", Response(status_code=499), trace=trace)
                 except UpstreamFailure as exc:
-                    failure = exc
+                    failure, failed_on = exc, inst.label
                     pool.failed(rid)
                     if exc.kind == "busy":  # the gateway's own connection limit: nothing wrong with the engine
                         return gw.done(policy, reason, "busy", error_response(
                             503, str(exc), type_="server_error", retry_after=1), trace=trace)
                     inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                     inst.refresh_health(time.monotonic())
-                    gw.metrics.upstream_errors.labels(instance_id, exc.kind).inc()
+                    gw.metrics.upstream_errors.labels(inst.label, exc.kind).inc()
                     excluded.append(instance_id)
                     log.warning("attempt %d of %s on %s failed: %s", attempt, base, instance_id, exc)
                     if attempt < s.max_attempts and deadline - time.monotonic() > 0:
@@ -118,7 +126,7 @@ class UnifiedRouter:
                 return gw.done(policy, reason, "client_error", Response(
                                started.first, status_code=started.status, headers=started.headers), trace=trace)
             pool.first_token(rid)
-            headers = {**started.headers, "x-tandem-instance": instance_id, "x-tandem-decision": reason}
+            headers = {**started.headers, "x-tandem-instance": inst.label, "x-tandem-decision": reason}
             if started.response is None:
                 pool.finished(rid)
                 gw.observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
@@ -131,8 +139,8 @@ class UnifiedRouter:
             return RelayResponse(self._stream(pool, rid, started, policy, reason, t0, trace), started.status, headers)
         status, kind = (504, "timeout") if failure and failure.kind == "timeout" else (502, "upstream_error")
         message = f"no instance could serve the request after {s.max_attempts} attempts"
-        if failure:
-            message += f"; last error: {failure}"
+        if failure:  # the engine's address only where topology is exposed
+            message += f"; last error on {failed_on}: {failure if s.expose_topology else failure.summary}"
         return gw.done(policy, reason, kind, error_response(status, message, type_="server_error"), trace=trace)
 
     def _stream(self, pool: Pool, rid: str, started: Started, policy: str, reason: str, t0: float,

@@ -24,12 +24,17 @@ class SimSettings(TandemSettings):
     metrics: Literal["vllm", "sglang"] = Field("vllm", description="metric names to export")
     max_num_seqs: int | None = Field(None, gt=0, description="max running sequences (default: profile)")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="token budget per iteration")
+    max_model_len: int | None = Field(None, gt=0, description="context length in tokens (vLLM's --max-model-len; "
+                                      "default: the profile's model)")
     kv_capacity_tokens: int | None = Field(None, gt=0, description="override the KV capacity from the profile")
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier in tokens (0: none); blocks "
                                    "evicted from GPU go there and hits are loaded over PCIe, not recomputed")
     host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s "
                                       "(25 ~ PCIe Gen5 x16 effective)")
-    default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none")
+    default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none (vLLM: the "
+                                    "rest of the context)")
+    enable_prompt_tokens_details: bool = Field(False, description="report usage.prompt_tokens_details.cached_tokens "
+                                               "(vLLM's --enable-prompt-tokens-details; null without it)")
     max_pending: int = Field(4096, gt=0, description="requests accepted but unfinished before answering 503")
     fault: FaultMode = Field("none", description="injected fault: crash, hang, slow, error")
     slowdown: float = Field(1.0, ge=1.0, description="with fault=slow: every iteration takes this many times longer")

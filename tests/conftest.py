@@ -9,7 +9,8 @@ The real-vLLM tier (marker ``vllm``) shares one fleet of engines per session (``
 
 This folder is on ``sys.path`` (pytest puts a rootless conftest's folder there), which is how the
 helper modules beside this file (``gatewayutil``, ``kubeutil``, ``helmrun``, ``vllm_fixtures``)
-are imported.
+are imported. The real-vLLM tier's engines are one session fixture (``vllm_fleet``), and every
+test marked ``vllm`` runs in one xdist group so one worker starts and owns them.
 """
 
 from __future__ import annotations

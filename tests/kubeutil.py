@@ -93,9 +93,9 @@ async def apply_crds(client: KubeClient) -> None:
             await client.request("PUT", CRD_KIND.path(None, crd["metadata"]["name"]), json=crd)
 
 
-def cluster_role_rules(path: Path) -> set[tuple[str, str, str]]:
-    """(apiGroup, resource, verb) of every rule of the ClusterRole in the manifest file ``path``."""
-    role = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "ClusterRole")
+def cluster_role_rules(path: Path, kind: str = "ClusterRole") -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every rule of the ClusterRole (or the first ``kind``) in ``path``."""
+    role = next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == kind)
     return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
             for v in rule["verbs"]}
 

@@ -235,7 +235,7 @@ class PromStack:
             self._tandem(replica, "gateway", "--instances", f"{u['chat-vllm']},{u['chat-sglang']}", *common)
         self._tandem("pd-gateway-0", "gateway", "--prefill-instances", u["pd-prefill"], "--decode-instances",
                      u["pd-decode"], "--remote-prefill-instances", u["pd-remote-prefill"],
-                     "--offload-threshold", "2048", *common)
+                     "--offload-threshold", "2048", "--trust-prompt-hints", *common)  # its prompts: x_tandem
         self.kube = KubeApi([
             (f"/apis/serving.tandem.dev/v1alpha1/namespaces/{NAMESPACE}/llmservices",
              _llmservice("chat", "aggregated", {"unified": {"maxReplicas": 4}})),
@@ -309,6 +309,16 @@ class PromStack:
                 dead = [p.args for p in self.procs if p.poll() is not None]
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f"not ready: {sorted(pending)}; exited: {dead}; logs in {self.workdir}")
+                time.sleep(0.1)
+            # Every target scraped once before any traffic: a series first seen after its first
+            # increment would hide that increment from increase() (the point of the zero-initialised series).
+            while True:
+                targets = client.get(self.prometheus + "/api/v1/targets").json()["data"]["activeTargets"]
+                down = [t["scrapeUrl"] for t in targets if t["health"] != "up"]
+                if targets and not down:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Prometheus has not scraped {down} (logs in {self.workdir})")
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -77,8 +77,11 @@ def vllm_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     # must not starve the timing-sensitive tests the other xdist worker runs meanwhile.
     events = [vllmcpu.KvEvents(endpoint=f"ipc://{logs}/kv{i}.pub", replay_endpoint=f"ipc://{logs}/kv{i}.replay")
               for i in range(2)]
+    # Engine 1 also sends SSE keep-alive comments (": keep-alive") when a stream is idle for a second.
     specs = [vllmcpu.unified_spec(model_dir, i, logs, prompt_tokens_details=True, kv_events=events[i],
-                                  dev_mode=True, nice=NICE) for i in range(2)]
+                                  dev_mode=True, nice=NICE,
+                                  extra_args=["--sse-keep-alive-interval", "1"] if i else [])
+             for i in range(2)]
     specs += vllmcpu.pd_specs(model_dir, 0, logs, nice=NICE)
     with vllmcpu.running(specs, timeout=START_TIMEOUT) as engines:
         yield VllmFleet(model_dir=model_dir, unified=engines[:2], kv_events=events, prefill=engines[2],

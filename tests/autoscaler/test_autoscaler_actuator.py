@@ -391,3 +391,8 @@ async def test_rbac_allows_everything_the_autoscaler_does_and_no_more(api, kmock
     # The writes that matter were really made (so the comparison above is not vacuous).
     assert {("serving.tandem.dev", "llmservices", "patch"), ("serving.tandem.dev", "llmservices/status", "patch"),
             ("", "pods", "patch"), ("", "events", "create"), ("", "pods", "list")} <= used
+    # Every request stays in the namespace it scales: Roles there are enough (the chart binds no
+    # ClusterRole, issue 16.11).
+    outside = [f"{r.method} {r.url.path}" for r in kmock if r.headers.get("User-Agent", "").startswith(
+        "tandem-autoscaler") and len(r.url.path.split("/")) > 4 and f"/namespaces/{ns}/" not in r.url.path]
+    assert outside == []

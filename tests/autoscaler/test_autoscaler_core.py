@@ -220,12 +220,14 @@ def test_scale_down_waits_and_drains() -> None:
     pods = d.replicas["decode"]
     state, t = d.state, 300.0
     first_down = None
-    for _ in range(40):
+    for _ in range(60):  # scale-down goes in steps: wait until two instances are to go
         t += 10
-        d = tick(obs(t, 10.0, ready={r: s.replicas for r, s in state.roles.items()}), PROFILE, sp, state)
+        d = tick(obs(t, 10.0, ready={"prefill": state.roles["prefill"].replicas, "decode": pods}), PROFILE, sp,
+                 state)
         state = d.state
         if first_down is None and d.roles["decode"].target < pods:
             first_down = t
+        if d.roles["decode"].target <= pods - 2:
             break
     assert first_down is not None and first_down - 300 >= sp.scale_down_stabilization_s
     target = d.roles["decode"].target

@@ -196,7 +196,7 @@ def test_bench_cli_writes_json_shape_and_plot(tmp_path: Path) -> None:
         assert not exc.code
     data = json.loads(out.read_text())
     assert set(data) == {"scalers", "config"}
-    assert set(data["scalers"]) == {"tandem", "static_peak", "threshold"}
+    assert set(data["scalers"]) == {"tandem", "static_peak", "threshold", "dynamo", "kpa", "reactive_oracle"}
     for s in data["scalers"].values():
         for key, kind in (("ttft_attainment", float), ("tpot_attainment", float), ("gpu_hours", float),
                           ("goodput_per_gpu_hour", float), ("scaling_actions", int), ("direction_changes_max", int)):

@@ -63,7 +63,8 @@ async def test_kv_crosses_the_shaped_link_and_the_gateway_follows_its_rate(tmp_p
                 "gateway", "--port", str(ports[2]), "--prefill-instances", local, "--remote-prefill-instances",
                 remote, "--decode-instances", decode, "--profile", str(local_p), "--remote-profile", str(remote_p),
                 "--remote-link-gbps", str(10 * RATE_MBIT / 1000), "--scrape-interval", "0.5",
-                "--offload-threshold", "1024", "--offload", json.dumps({"link_window_s": 4.0})))
+                "--offload-threshold", "1024", "--offload", json.dumps({"link_window_s": 4.0}),
+                "--trust-prompt-hints"))  # its prompts: x_tandem
             gw = f"http://127.0.0.1:{ports[2]}"
             await asyncio.gather(*(wait_ready(u, procs) for u in (local + "/health", remote + "/health",
                                                                    decode + "/health", gw + "/readyz")))

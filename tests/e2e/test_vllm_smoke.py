@@ -46,7 +46,8 @@ async def metrics(client: httpx.AsyncClient, url: str) -> str:
 
 @pytest.fixture
 async def unified_gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
-    async with serving(gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer)) as gw:
+    async with serving(gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer,
+                                   expose_topology=True)) as gw:  # instances named by URL in the headers
         yield gw
 
 
@@ -137,7 +138,7 @@ async def test_pd_two_phase_moves_the_kv_over_nixl(vllm_fleet: VllmFleet, stream
     body = {"model": MODEL, "prompt": ("Streamed. " if stream else "Plain. ") + PROMPT, "max_tokens": 6,
             "temperature": 0, "ignore_eos": True}
     app = gateway_app([], prefill_instances=[prefill], decode_instances=[decode], pd_engine="vllm",
-                      tokenizer=vllm_fleet.tokenizer)
+                      tokenizer=vllm_fleet.tokenizer, expose_topology=True)
     async with serving(app) as gw, httpx.AsyncClient(timeout=60) as c:
         before_p, before_d = await metrics(c, prefill), await metrics(c, decode)
         if stream:

@@ -307,18 +307,22 @@ async def test_real_tier_rbac_has_names_of_its_own_and_leaves_nothing(kmock: Any
 
 
 @contextlib.asynccontextmanager
-async def operator(cluster: Cluster, resync_seconds: float = 0) -> AsyncIterator[KopfRunner]:
-    """The real operator in a thread (KopfRunner), its loop separate from the test's and kmock's."""
+async def operator(cluster: Cluster, resync_seconds: float = 0, namespaced: bool = False
+                   ) -> AsyncIterator[KopfRunner]:
+    """The real operator in a thread (KopfRunner), its loop separate from the test's and kmock's.
+
+    kmock cannot serve GET /api/v1/namespaces (its path parser fails on it), which kopf's scanning
+    needs to resolve -n patterns; so on kmock the operator runs cluster-wide (-A) unless ``namespaced``
+    (tandem operator run --namespace: no scanning, exactly the named namespace), and on a real server
+    in the test's namespace. The operator's scopes get exercised that way."""
     reconciler = Reconciler(OperatorDefaults(), timeout=20)
-    # kmock cannot serve GET /api/v1/namespaces (its path parser fails on it), which kopf needs to
-    # resolve -n patterns; so on kmock the operator runs cluster-wide (-A), on a real server in the
-    # test's namespace. Both of the operator's scopes get exercised that way.
-    scope: list[str | None] = [None] if cluster.fake else [cluster.ns]
+    clusterwide = cluster.fake and not namespaced
+    scope: list[str | None] = [None] if clusterwide else [cluster.ns]
     registry = build_registry(
         reconciler, kubeconfig=cluster.operator_kubeconfig, namespaces=scope, resync_seconds=resync_seconds
     )
-    args = ["run", "--standalone", *(["-A"] if cluster.fake else ["-n", cluster.ns])]
-    runner = KopfRunner(args, registry=registry, settings=build_settings(), timeout=30)
+    args = ["run", "--standalone", *(["-A"] if clusterwide else ["-n", cluster.ns])]
+    runner = KopfRunner(args, registry=registry, settings=build_settings(namespaced=namespaced), timeout=30)
     await asyncio.to_thread(runner.__enter__)
     try:
         yield runner
@@ -727,6 +731,31 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
         ("serving.tandem.dev", "llmservices/status", "patch"),
         ("apps", "deployments", "watch"),
     } <= used
+
+
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)  # reads kmock's request log
+async def test_namespaced_operator_needs_only_its_role(cluster: Cluster) -> None:
+    """``tandem operator run --namespace NS``: every request is inside NS and allowed by the Role of
+    deploy/rbac/operator-namespaced.yaml; nothing cluster-wide (no namespaces, no CRDs)."""
+    async with operator(cluster, resync_seconds=0.3, namespaced=True):
+        await cluster.create(LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "auto": True}))
+        await cluster.create(REMOTEPREFILLPOOLS, remote_pool())
+        await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "False"), "offload configured")
+        await cluster.client.delete(SERVICES, cluster.ns, "pd")
+        await eventually(lambda: cluster.get(SERVICES, "pd"), "gateway Service restored")
+        await asyncio.sleep(0.5)  # one periodic pass
+    agents = ("tandem-operator", "kopf/")
+    used = permissions_used(cluster.kmock, agents)
+    outside = [f"{r.method} {r.url.path}" for r in cluster.kmock
+               if r.headers.get("User-Agent", "").startswith(agents) and r.url.path.startswith(("/api/", "/apis/"))
+               and len(r.url.path.split("/")) > 4 and f"/namespaces/{cluster.ns}/" not in r.url.path]
+    assert outside == [], "the namespaced operator made requests outside its namespace"
+    granted = cluster_role_rules(ROOT / "deploy" / "rbac" / "operator-namespaced.yaml", "Role")
+    assert used - granted == set(), "the namespaced operator needs permissions its Role lacks"
+    assert granted == cluster_role_rules(ROOT / "deploy" / "rbac" / "operator.yaml") - {
+        p for p in RBAC_NOT_EXERCISED if p[1] in (
+        "namespaces", "customresourcedefinitions")}  # the cluster-wide rules less what only scanning needs
+    assert {("apps", "deployments", "create"), ("serving.tandem.dev", "llmservices/status", "patch")} <= used
 
 
 # ---------------------------------------------------------------------------------------------

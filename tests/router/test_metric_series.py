@@ -54,7 +54,8 @@ async def _joined(client: httpx.AsyncClient, gw: str, n: int) -> bool:
 
 async def test_gateway_counters_exist_at_zero_before_their_first_increment() -> None:
     async with serving(sim_app(port=0)) as a, serving(sim_app(port=0, metrics="sglang")) as b, \
-            serving(gateway_app([a, b], retry_backoff=0.0)) as gw, httpx.AsyncClient(timeout=20) as c:
+            serving(gateway_app([a, b], retry_backoff=0.0, expose_topology=True)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:  # instance labels are the engines' URLs (--expose-topology)
         await until(lambda: _joined(c, gw, 2))
         before = counters((await c.get(gw + "/metrics")).text)
         for outcome in OUTCOMES:
@@ -88,7 +89,8 @@ async def test_disaggregated_counters_exist_at_zero_before_the_first_request() -
     async with serving(sim_app(role="prefill")) as p0, serving(sim_app(role="prefill")) as r0, \
             serving(sim_app(role="decode")) as d0, \
             serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
-                              offload_threshold=2048)) as gw, httpx.AsyncClient(timeout=20) as c:
+                              offload_threshold=2048, trust_prompt_hints=True)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
         await until(lambda: _joined(c, gw, 3))
         before = counters((await c.get(gw + "/metrics")).text)
         for tokens in (1000, 6000):  # one prefill kept local, one offloaded to the remote pool

@@ -53,7 +53,8 @@ async def _collect() -> dict[str, str]:
             serving(sim_app(role="prefill")) as p0, serving(sim_app(role="prefill")) as r0, \
             serving(sim_app(role="decode")) as d0, \
             serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
-                              offload_threshold=2048)) as pd_gw, httpx.AsyncClient(timeout=20) as client:
+                              offload_threshold=2048, trust_prompt_hints=True)) as pd_gw, \
+            httpx.AsyncClient(timeout=20) as client:
         for i in range(6):
             body = completion_body(f"request {i} " + "shared prefix " * 40, stream=bool(i % 2))
             resp = await client.post(gw + "/v1/completions", json=body)

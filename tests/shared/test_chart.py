@@ -57,6 +57,7 @@ KINDS = [
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
     ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False),
     ("rbac.authorization.k8s.io/v1/clusterrolebindings", "ClusterRoleBinding", False),
+    ("rbac.authorization.k8s.io/v1/roles", "Role", True),
     ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
     ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True),
@@ -231,8 +232,10 @@ def test_values_are_documented_field_by_field() -> None:
 async def test_default_install(tmp_path: Path) -> None:
     docs, created = await render(tmp_path)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding",
+    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "Role", "RoleBinding",
             "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    # Nothing is granted cluster-wide: every role is bound in a namespace (the gateway's ClusterRole too).
+    assert "ClusterRoleBinding" not in kinds
     assert "StatefulSet" not in kinds and "ServiceMonitor" not in kinds  # Redis and monitoring are opt-in
     # The CRDs went in first, exactly as in crds/.
     crds = {o["metadata"]["name"]: o for o in created if o.get("kind") == "CustomResourceDefinition"}
@@ -263,15 +266,32 @@ async def test_every_pod_is_hardened(tmp_path: Path) -> None:
                 assert "emptyDir" in volumes[mount["name"]] or mount.get("readOnly"), (name, mount)
 
 
+def shipped_rules(file: str, kind: str) -> list[dict[str, Any]]:
+    return next(d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / file).read_text())
+                if d and d["kind"] == kind)["rules"]
+
+
 async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
     docs, _ = await render(tmp_path)
-    for component in ("operator", "gateway", "autoscaler"):
-        shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
-                   if d and d["kind"] == "ClusterRole"]
-        assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component
+    assert one(docs, "ClusterRole", "/tandem-gateway")["rules"] == shipped_rules("gateway.yaml", "ClusterRole")
+    # The autoscaler: deploy/rbac/autoscaler.yaml's rules, in a Role where LLMServices live (16.11).
+    assert one(docs, "Role", "tandem-system/tandem-autoscaler")["rules"] == shipped_rules("autoscaler.yaml",
+                                                                                         "ClusterRole")
+    # Namespaced by default (the operator runs with --namespace): a Role where LLMServices live.
+    assert "--all-namespaces" not in args_of(docs, "/tandem-operator")
+    role = one(docs, "Role", "tandem-system/tandem-operator")
+    assert role["rules"] == shipped_rules("operator-namespaced.yaml", "Role")
     operator = one(docs, "Deployment", "/tandem-operator")["spec"]
     assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
-    binding = one(docs, "ClusterRoleBinding", "/tandem-operator")
+    binding = one(docs, "RoleBinding", "tandem-system/tandem-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
+    assert binding["roleRef"]["kind"] == "Role"
+    assert not any(d["metadata"]["name"] == "tandem-operator" for d in docs if d["kind"] == "ClusterRole")
+    # Cluster-wide only when asked (operator.allNamespaces): the ClusterRole of deploy/rbac/operator.yaml.
+    (tmp_path / "all").mkdir()
+    wide, _ = await render(tmp_path / "all", {"operator": {"allNamespaces": True}})
+    assert one(wide, "ClusterRole", "/tandem-operator")["rules"] == shipped_rules("operator.yaml", "ClusterRole")
+    binding = one(wide, "ClusterRoleBinding", "/tandem-operator")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
     # The operator's per-service gateways run as the chart's gateway ServiceAccount.
     assert "--gateway-service-account=tandem-gateway" in args_of(docs, "/tandem-operator")
@@ -366,6 +386,69 @@ async def test_network_policies(tmp_path: Path) -> None:
                                      "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}})
     gw = next(c for c in plan_service(svc, OperatorDefaults(), {}).children if c["metadata"]["name"] == "s-gateway")
     assert service_gateways["matchLabels"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
+
+
+async def test_egress_network_policies(tmp_path: Path) -> None:
+    """Issue 16.11: every Tandem pod's egress is bounded (before, the policies covered ingress only)."""
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    dns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+           "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+    dns_rule = {"to": [dns], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    api_rule = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}
+    engines = {"matchExpressions": [{"key": "serving.tandem.dev/role", "operator": "Exists"}]}
+    for key in ("tandem-system/tandem-gateway-egress", "llm-a/tandem-service-gateway-egress",
+                "llm-b/tandem-service-gateway-egress"):
+        spec = one(docs, "NetworkPolicy", key)["spec"]
+        assert spec["policyTypes"] == ["Egress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "tandem"  # never another app's pods
+        to_engines, to_redis, *rest = spec["egress"]
+        assert to_engines == {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                                      "podSelector": engines} for ns in ("llm-a", "llm-b")],
+                              "ports": [{"port": "http", "protocol": "TCP"}]}
+        assert to_redis["ports"] == [{"port": "redis", "protocol": "TCP"}]
+        assert to_redis["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+        assert rest == [dns_rule, api_rule]
+    for ns in ("llm-a", "llm-b"):  # engines: each other, DNS, HTTPS for weights; not the API server
+        spec = one(docs, "NetworkPolicy", f"{ns}/tandem-engines-egress")["spec"]
+        assert spec["podSelector"] == engines
+        assert spec["egress"] == [{"to": [{"podSelector": engines}]}, dns_rule,
+                                  {"ports": [{"port": 443, "protocol": "TCP"}]}]
+    assert one(docs, "NetworkPolicy", "/tandem-operator-egress")["spec"]["egress"] == [dns_rule, api_rule]
+    scaler = one(docs, "NetworkPolicy", "/tandem-autoscaler-egress")["spec"]["egress"]
+    assert scaler[1:] == [dns_rule, api_rule]
+    assert {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in scaler[0]["to"]} == {
+        "llm-a", "llm-b", "tandem-system"}  # the gateways it asks for their load
+    redis = one(docs, "NetworkPolicy", "/tandem-redis-egress")["spec"]
+    assert redis["policyTypes"] == ["Egress"] and not redis.get("egress")  # nowhere
+    # Narrowed: the API server's own addresses, weights from a volume (no HTTPS for engines).
+    (tmp_path / "narrow").mkdir()
+    docs, _ = await render(tmp_path / "narrow", {"networkPolicy": {"egress": {
+        "apiServerCidrs": ["10.0.0.1/32"], "engineRules": []}}})
+    assert one(docs, "NetworkPolicy", "/tandem-operator-egress")["spec"]["egress"][1]["to"] == [
+        {"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert one(docs, "NetworkPolicy", "tandem-system/tandem-engines-egress")["spec"]["egress"] == [
+        {"to": [{"podSelector": engines}]}, dns_rule]
+
+
+async def test_autoscaler_may_annotate_pods_only_where_llmservices_live(tmp_path: Path) -> None:
+    """Issue 16.11: its ClusterRole let it patch any pod in the cluster; now a Role per engine namespace."""
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
+                and "autoscaler" in d["metadata"]["name"]]
+    for ns in ("llm-a", "llm-b"):
+        rules = one(docs, "Role", f"{ns}/tandem-autoscaler")["rules"]
+        assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]} in rules
+        binding = one(docs, "RoleBinding", f"{ns}/tandem-autoscaler")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "tandem-autoscaler"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-autoscaler",
+                                        "namespace": "tandem-system"}]
+    # The chart's gateways (release namespace) are only listed there, never patched.
+    assert one(docs, "Role", "tandem-system/tandem-autoscaler-gateways")["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert "tandem-system/tandem-autoscaler" not in by_kind(docs, "Role")
 
 
 async def test_operator_gives_service_gateways_the_charts_redis(tmp_path: Path,

@@ -22,8 +22,8 @@ async def post(client: httpx.AsyncClient, path: str, **body) -> httpx.Response:
 
 @pytest.fixture
 async def sim():
-    async with serving(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
-                                                                                       timeout=10) as client:
+    async with serving(create_app(SimSettings(metrics="vllm", enable_prompt_tokens_details=True))) as url, \
+            httpx.AsyncClient(base_url=url, timeout=10) as client:
         yield client
 
 
