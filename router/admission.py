@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -96,6 +97,20 @@ def error_response(status: int, message: str, *, type_: str = "invalid_request_e
 
 async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response:
     """The admitted request, or the error response that refuses it (see the module docstring)."""
+    principal = admit_headers(gw, request.headers)
+    if isinstance(principal, Response):
+        return principal
+    raw = await read_body(request, gw.settings.max_body_bytes)
+    if raw is None:
+        gw.metrics.rejected.labels("too_large").inc()
+        return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
+    return await admit_body(gw, request.headers, raw, kind, principal)
+
+
+def admit_headers(gw: Gateway, headers: Mapping[str, str]) -> str | Response | None:
+    """The checks that need only the headers (draining, capacity, authentication), so a front end
+    refuses before the body arrives: the caller's principal, or the refusal. ``headers`` by
+    lower-case name: Starlette's, or the endpoint picker's dict."""
     if gw.draining:
         gw.metrics.rejected.labels("draining").inc()
         resp = error_response(503, "gateway is shutting down", type_="server_error", retry_after=1)
@@ -105,14 +120,17 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         gw.metrics.rejected.labels("overloaded").inc()
         return error_response(503, f"gateway at capacity ({gw.settings.max_active_requests} requests in progress)",
                               type_="server_error", retry_after=1)
-    auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    auth = gw.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
     if not auth.ok:
         gw.metrics.rejected.labels("auth").inc()
         return error_response(auth.status, auth.message, type_="authentication_error")
-    raw = await read_body(request, gw.settings.max_body_bytes)
-    if raw is None:
-        gw.metrics.rejected.labels("too_large").inc()
-        return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
+    return auth.principal
+
+
+async def admit_body(gw: Gateway, headers: Mapping[str, str], raw: bytes, kind: str, principal: str | None
+                     ) -> Admitted | Response:
+    """The checks of a complete body (at most ``max_body_bytes``) once :func:`admit_headers` passed:
+    the HTTP gateway and the endpoint picker (``tandem.router.epp``) both end admission here."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -138,7 +156,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         return error_response(404, f"model '{body.model}' is not served here; available: {', '.join(known)}",
                               type_="NotFoundError", param="model")
     policy = gw.settings.policy
-    if gw.settings.policy_header and (asked := request.headers.get("x-tandem-policy")):
+    if gw.settings.policy_header and (asked := headers.get("x-tandem-policy")):
         if not gw.known_policy(asked):
             return error_response(400, f"x-tandem-policy: unknown policy '{asked}'", param="x-tandem-policy")
         policy = asked
@@ -148,7 +166,7 @@ async def admit(gw: Gateway, request: Request, kind: str) -> Admitted | Response
         rreq = route_request(body, gw.settings.block_size, gw.tokenizer)
     if (too_big_answer := too_big(gw, rreq.prompt_tokens, body.output_limit(0))) is not None:
         return too_big_answer
-    limit = gw.keys.admit(auth.principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
+    limit = gw.keys.admit(principal, rreq.prompt_tokens + body.output_limit(0), time.monotonic())
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)
