@@ -1,0 +1,366 @@
+"""The endpoint picker: Tandem's routing as an Envoy ext_proc service (Gateway API Inference Extension).
+
+A second front end on the same :class:`~tandem.router.gateway.Gateway`: the HTTP gateway proxies a
+request itself, here the data plane (Envoy, or any GIE gateway) asks which endpoint should serve it
+and proxies it. Everything between is shared, not copied: admission (``admit_headers`` as soon as
+the headers arrive, ``admit_body`` once the body has), routing and late binding
+(``UnifiedRouter.bind``: the request waits here, its ext_proc answer held back, until its instance
+has budget), the accounting that releases it (``UnifiedRouter.ended``), the observations the
+autoscaler reads, the metrics, shared state and engine scraping.
+
+One HTTP request is one ext_proc stream, handled by one :class:`Exchange`:
+
+1. request headers: refuse at once what the headers alone refuse (draining, capacity, key);
+2. request body (held until complete): admit, route and wait; answer the ordered endpoint list
+   (the bound instance, then the decision's other candidate, then the least loaded rest, at most
+   ``max_attempts``) in the header and the ``envoy.lb`` metadata, or an immediate 503 / 429 / 4xx;
+3. response headers: which endpoint served (a failover past the first marks it failed, as the
+   HTTP path's retry does);
+4. response body chunks: passed back at once (never buffered here); the first one is the first
+   token, the usage or the events count the output;
+5. the end of the stream, however it comes, releases the request's accounting exactly once.
+
+Requests that are not completions (``/v1/models``, any other path) are not scheduled: they get the
+least loaded routable instances. Prefill/decode pools need the gateway to make two upstream calls,
+which a picker cannot: such a model is refused (501) here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from fastapi.responses import Response
+
+from tandem.router import eppwire as wire
+from tandem.router.admission import admit_body, admit_headers, error_response
+from tandem.router.observations import RequestTrace, TokenCounter, usage_tokens
+from tandem.router.unified import Bound
+
+if TYPE_CHECKING:
+    from tandem.router.gateway import Gateway
+    from tandem.router.pool import Pool
+
+log = logging.getLogger("tandem.epp")
+
+_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+# Headers of a refusal that make sense in a local reply (Envoy sets content-length itself).
+_REPLY_HEADERS = ("content-type", "retry-after", "www-authenticate")
+_USAGE_BODY_CAP = 1 << 20  # a non-streamed answer's usage is read from at most its first MiB
+
+
+class EndpointPicker(ep_grpc.ExternalProcessorServicer):
+    """The ext_proc service of one gateway: one :class:`Exchange` per stream."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> None:
+        exchange = Exchange(self.gw, context)
+        try:
+            await exchange.run(request_iterator)
+        finally:
+            exchange.close()
+
+
+class Exchange:
+    """One HTTP request as the data plane reports it: its state from headers to the end of the response."""
+
+    def __init__(self, gw: Gateway, context: grpc.aio.ServicerContext) -> None:
+        self.gw, self.context = gw, context
+        self.request_mode = wire.NONE
+        self.response_mode = wire.NONE
+        self.t0 = time.monotonic()
+        self.headers: dict[str, str] = {}
+        self.kind: str | None = None
+        self.principal: str | None = None
+        self.subset: set[str] | None = None
+        self.body = bytearray()
+        self.picked = False  # the endpoints are answered (scheduled or not)
+        # A scheduled request: the gateway's accounting from enter() to ended().
+        self.pool: Pool | None = None
+        self.policy = gw.settings.policy
+        self.trace: RequestTrace | None = None
+        self.entered = False
+        self.bound: Bound | None = None
+        self.status = 0
+        self.first_chunk = False
+        self.stream = False
+        self.tokens = TokenCounter()
+        self.answer = bytearray()  # a non-streamed answer, for its usage
+        self.outcome: str | None = None  # set once the response ended
+        self.closed = False
+
+    # --- the stream --------------------------------------------------------------------------
+
+    async def run(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
+        async for req in requests:
+            if req.HasField("protocol_config"):
+                self.request_mode = req.protocol_config.request_body_mode
+                self.response_mode = req.protocol_config.response_body_mode
+            which = req.WhichOneof("request")
+            if which == "request_headers":
+                done = await self._request_headers(req)
+            elif which == "request_body":
+                done = await self._request_body(req)
+            elif which == "request_trailers":
+                done = await self._request_end(req, trailers=True)
+            elif which == "response_headers":
+                done = await self._response_headers(req)
+            elif which == "response_body":
+                done = await self._response_body(req)
+            else:  # response_trailers
+                await self._send(wire.proceed("response_trailers"))
+                self._end(self._final_outcome())
+                done = False
+            if done:
+                return
+
+    async def _send(self, *responses: ep.ProcessingResponse) -> None:
+        for r in responses:
+            await self.context.write(r)
+
+    async def _refuse(self, response: Response) -> bool:
+        """Answer with ``response`` (an OpenAI-shaped error from admission or routing) instead of an endpoint."""
+        headers = {k: v for k, v in response.headers.items() if k in _REPLY_HEADERS}
+        await self._send(wire.immediate(response.status_code, bytes(response.body), headers,
+                                        f"tandem_{response.status_code}"))
+        return True
+
+    # --- request -----------------------------------------------------------------------------
+
+    async def _request_headers(self, req: ep.ProcessingRequest) -> bool:
+        self.t0 = time.monotonic()
+        self.headers = wire.headers_of(req.request_headers)
+        self.subset = wire.subset_hint(req)
+        principal = admit_headers(self.gw, self.headers)
+        if isinstance(principal, Response):
+            return await self._refuse(principal)
+        self.principal = principal
+        self.kind = _KINDS.get(self.headers.get(":path", "").split("?", 1)[0])
+        if req.request_headers.end_of_stream or self.request_mode in (wire.NONE, wire.STREAMED):
+            # No body, or one the data plane does not hold for us: pick on the headers alone.
+            return await self._pick_unscheduled(None)
+        if self.request_mode != wire.FULL_DUPLEX:  # BUFFERED: the body comes once this is answered
+            await self._send(wire.proceed("request_headers"))
+        return False
+
+    async def _request_body(self, req: ep.ProcessingRequest) -> bool:
+        if self.picked:  # STREAMED: picked on the headers, every chunk is answered
+            await self._send(wire.proceed("request_body"))
+            return False
+        self.body += req.request_body.body
+        limit = self.gw.settings.max_body_bytes
+        if len(self.body) > limit:
+            self.gw.metrics.rejected.labels("too_large").inc()
+            return await self._refuse(error_response(413, f"request body exceeds {limit} bytes"))
+        if req.request_body.end_of_stream or self.request_mode != wire.FULL_DUPLEX:
+            return await self._request_end(req, trailers=False)
+        return False
+
+    async def _request_end(self, req: ep.ProcessingRequest, *, trailers: bool) -> bool:
+        """The whole body is here: admit, route, wait for budget, answer the endpoints."""
+        if self.picked:
+            if trailers:
+                await self._send(wire.proceed("request_trailers"))
+            return False
+        raw = bytes(self.body)
+        if self.kind is None:
+            return await self._pick_unscheduled(raw, trailers)
+        return await self._pick_scheduled(raw, trailers)
+
+    async def _answer(self, endpoints: list[str], raw: bytes | None, trailers: bool) -> None:
+        """Send the pick in the shape the request body mode wants (see ``wire.pick``)."""
+        self.picked = True
+        if raw is None:
+            out = wire.pick(endpoints, on_body=False)
+        elif self.request_mode == wire.FULL_DUPLEX:
+            out = wire.pick(endpoints, on_body=True, echo=raw, end_of_stream=not trailers)
+        else:
+            out = wire.pick(endpoints, on_body=True)
+        if trailers:
+            out.append(wire.proceed("request_trailers"))
+        await self._send(*out)
+
+    async def _pick_unscheduled(self, raw: bytes | None, trailers: bool = False) -> bool:
+        """Not a completion: the least loaded routable instances, no queueing, no accounting."""
+        routable = [i for p in self.gw.pools.values() for i in p.instances.values() if i.state.routable]
+        ranked = sorted(routable, key=lambda i: (i.state.inflight_requests + i.state.queued_requests, i.id))
+        endpoints = self._allowed([wire.endpoint_of(i.id) for i in ranked])
+        if not endpoints:
+            return await self._refuse(error_response(503, "no ready endpoint", type_="server_error", retry_after=2))
+        await self._answer(endpoints[:self.gw.settings.max_attempts], raw, trailers)
+        return False
+
+    def _allowed(self, endpoints: list[str]) -> list[str]:
+        return endpoints if self.subset is None else [e for e in endpoints if e in self.subset]
+
+    async def _pick_scheduled(self, raw: bytes, trailers: bool) -> bool:
+        gw = self.gw
+        assert self.kind is not None
+        admitted = await admit_body(gw, self.headers, raw, self.kind, self.principal)
+        if isinstance(admitted, Response):
+            return await self._refuse(admitted)
+        if admitted.pool is None:
+            return await self._refuse(error_response(
+                501, f"model '{admitted.body.model}' is served by prefill/decode pools, which the endpoint picker "
+                "does not route (the embedded gateway does)", type_="server_error", param="model"))
+        pool = self.pool = admitted.pool
+        self.policy, self.stream = admitted.policy, admitted.body.stream
+        excluded: list[str] = []
+        if self.subset is not None:
+            allowed = {iid for iid in pool.instances if wire.endpoint_of(iid) in self.subset}
+            if not any(pool.instances[iid].state.routable for iid in allowed):
+                gw.metrics.rejected.labels("subset").inc()
+                return await self._refuse(error_response(
+                    503, "no ready endpoint in the data plane's subset", type_="server_error", retry_after=2))
+            excluded = [iid for iid in pool.instances if iid not in allowed]
+        self.trace = gw.observer.arrived(pool.service, "unified", admitted.rreq.prompt_tokens, self.t0)
+        gw.enter()
+        self.entered = True
+        base = gw.new_request_id()
+        deadline = self.t0 + gw.settings.request_timeout
+        bound: Bound | Response | None = None
+        for attempt in range(1, gw.settings.max_attempts + 1):
+            bound = await gw.unified.bind(pool, admitted.rreq, self.policy, f"{base}-{attempt}", excluded, deadline,
+                                          self.trace)
+            if bound is not None:
+                break
+        if not isinstance(bound, Bound):
+            self.entered = False  # bind's refusal, or the one below, left through Gateway.done
+            refusal = bound if bound is not None else gw.done(self.policy, "none", "no_instance", error_response(
+                503, "no available instance", type_="server_error", retry_after=2), trace=self.trace)
+            return await self._refuse(refusal)
+        self.bound = bound
+        await self._answer([wire.endpoint_of(iid) for iid in self._fallbacks(pool, bound)], raw, trailers)
+        return False
+
+    def _fallbacks(self, pool: Pool, bound: Bound) -> list[str]:
+        """The ordered list: the bound instance, the decision's other candidates, then the least
+        loaded routable rest (subset respected), ``max_attempts`` long at most."""
+        first = bound.instance.id
+        allowed = (lambda iid: True) if self.subset is None else (lambda iid: wire.endpoint_of(iid) in self.subset)
+        out = [first]
+        for iid in bound.decision.candidates:
+            inst = pool.instances.get(iid)
+            if iid not in out and inst is not None and inst.state.routable and allowed(iid):
+                out.append(iid)
+        rest = sorted((i for i in pool.instances.values() if i.id not in out and i.state.routable and allowed(i.id)),
+                      key=lambda i: (i.state.pending_s, i.state.inflight_requests, i.id))
+        out += [i.id for i in rest]
+        return out[:self.gw.settings.max_attempts]
+
+    # --- response ----------------------------------------------------------------------------
+
+    async def _response_headers(self, req: ep.ProcessingRequest) -> bool:
+        self.status = wire.response_status(wire.headers_of(req.response_headers))
+        extra: dict[str, str] = {}
+        if self.bound is not None:
+            extra = self._served(wire.served(req))
+        await self._send(wire.proceed("response_headers", extra))
+        if self.bound is not None and self.response_mode == wire.NONE and self.status < 400:
+            self._observe(b"")  # no body comes to us: the headers are the first sign of the answer
+        if req.response_headers.end_of_stream:
+            self._end(self._final_outcome())
+        return False
+
+    def _served(self, served: str | None) -> dict[str, str]:
+        """Account for where the response came from: a failover marks the skipped instance failed."""
+        assert self.bound is not None and self.pool is not None
+        gw, bound, pool = self.gw, self.bound, self.pool
+        now = time.monotonic()
+        instance = bound.instance
+        if served is not None and served != wire.endpoint_of(instance.id):
+            # The data plane went down the list: the bound instance failed this request before its
+            # first byte (connect refused, reset, 5xx), as a retry of the HTTP path records it.
+            instance.breaker.on_failure(now, fatal=True)
+            instance.refresh_health(now)
+            gw.metrics.upstream_errors.labels(instance.id, "failover").inc()
+            gw.metrics.retries.labels("failover").inc()
+            pool.failed(bound.rid)
+            instance = next((i for i in pool.instances.values() if wire.endpoint_of(i.id) == served), instance)
+            if wire.endpoint_of(instance.id) != served:
+                return {"x-tandem-decision": bound.decision.reason}
+        if self.status >= 500:
+            instance.breaker.on_failure(now)
+            gw.metrics.upstream_errors.labels(instance.id, "status").inc()
+        elif self.status:
+            instance.breaker.on_success()
+        return {"x-tandem-instance": instance.id, "x-tandem-decision": bound.decision.reason}
+
+    async def _response_body(self, req: ep.ProcessingRequest) -> bool:
+        chunk = req.response_body.body
+        eos = req.response_body.end_of_stream
+        if self.response_mode == wire.FULL_DUPLEX:  # pass the bytes on first, account after
+            await self._send(*wire.streamed(chunk, request=False, end_of_stream=eos))
+        else:
+            await self._send(wire.proceed("response_body"))
+        if self.bound is not None and self.outcome is None:
+            self._observe(chunk)
+            if eos:
+                self._end(self._final_outcome())
+        return False
+
+    def _observe(self, chunk: bytes) -> None:
+        assert self.bound is not None and self.pool is not None and self.trace is not None
+        if not self.first_chunk and self.status < 400:
+            self.first_chunk = True
+            now = time.monotonic()
+            self.pool.first_token(self.bound.rid)
+            if self.stream:
+                self.gw.metrics.ttft.labels(self.policy).observe(now - self.t0)
+                self.gw.observer.first_token(self.trace, now)
+        if self.stream:
+            self.tokens.feed(chunk)
+        elif len(self.answer) < _USAGE_BODY_CAP:
+            self.answer += chunk
+
+    def _final_outcome(self) -> str:
+        if self.status >= 500:
+            return "upstream_error"
+        if self.status >= 400:
+            return "client_error"
+        return "ok"
+
+    # --- the end -----------------------------------------------------------------------------
+
+    def _end(self, outcome: str) -> None:
+        """Release a scheduled request's accounting, once, whatever ended it."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        gw = self.gw
+        if self.bound is not None and self.pool is not None and self.trace is not None:
+            reason = self.bound.decision.reason
+            if outcome == "ok" and not self.stream:  # as the HTTP path: its TTFT is its end-to-end time
+                tokens: int | None = usage_tokens(bytes(self.answer))
+                gw.observer.finished(self.trace, tokens, time.monotonic(), streamed=False)
+            else:
+                tokens = self.tokens.tokens if self.stream else None
+            if outcome == "client_error":
+                self.pool.failed(self.bound.rid)
+            gw.unified.ended(self.pool, self.bound.rid, self.policy, reason, self.t0, self.trace, outcome, tokens)
+            self.entered = False
+        elif self.entered:  # cancelled while routing or waiting for budget
+            self.entered = False
+            gw.done(self.policy, "none", "client_gone", Response(status_code=499), trace=self.trace)
+
+    def close(self) -> None:
+        """The stream is over (the data plane closed it, or it broke): a request whose response did
+        not end went away with its client (or its connection to the engine broke)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.outcome is None:
+            if self.bound is not None and self.status and self.response_mode == wire.NONE:
+                # No response body comes to us: the stream's end is the response's (a client that
+                # left mid-answer cannot be told apart here).
+                self._end(self._final_outcome())
+            else:
+                self._end("client_gone")
