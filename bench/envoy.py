@@ -31,6 +31,7 @@ BodyMode = Literal["NONE", "STREAMED", "BUFFERED", "FULL_DUPLEX_STREAMED"]
 LB_NAMESPACE = "envoy.lb"
 DESTINATION = "x-gateway-destination-endpoint"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def envoy_binary() -> Path:
@@ -70,8 +71,12 @@ class Picker:
     request_body_mode: BodyMode = "FULL_DUPLEX_STREAMED"  # what GIE gateways configure
     response_body_mode: BodyMode = "FULL_DUPLEX_STREAMED"
     response_headers: bool = True
-    message_timeout_s: float = 60.0  # covers the picker's late-binding wait (its --queue-timeout)
+    message_timeout_s: float = 0.2  # Envoy's default; no limit on FULL_DUPLEX_STREAMED streams
+    max_message_timeout_s: float = 61.0  # what the picker may ask for a held request (its --queue-timeout + 1;
+    # 0 disables the request, as in Envoy)
     grpc_timeout_s: float = 0.0  # the whole ext_proc stream (0: none, it lives as long as the request)
+    health_check_s: float = 1.0  # Envoy probes the picker's gRPC health (0: never); an unhealthy picker is
+    # not called at all, so the failure mode applies before any body reaches it
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +109,7 @@ def envoy_config(layout: EnvoyLayout, admin_port: int = 0) -> dict[str, Any]:
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": _typed(
             "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             grpc_service=grpc, failure_mode_allow=picker.fail_open, processing_mode=mode,
-            message_timeout=f"{picker.message_timeout_s}s",
+            message_timeout=f"{picker.message_timeout_s}s", max_message_timeout=f"{picker.max_message_timeout_s}s",
             # The served endpoint (after any retry) as the upstream address attribute, and the
             # protocol's metadata both ways: picks written under envoy.lb, subset hints read.
             response_attributes=["upstream.address"],
@@ -146,7 +151,8 @@ def envoy_config(layout: EnvoyLayout, admin_port: int = 0) -> dict[str, Any]:
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 explicit_http_config={"http2_protocol_options": {}})},
             "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
-                                                 "max_requests": 100000}]}})
+                                                 "max_requests": 100000}]},
+            **_health_checks(picker)})
     config = {
         "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}},
         "static_resources": {
@@ -162,6 +168,18 @@ def envoy_config(layout: EnvoyLayout, admin_port: int = 0) -> dict[str, Any]:
     }
     config.update(layout.extra)
     return config
+
+
+def _health_checks(picker: Picker) -> dict[str, Any]:
+    """Active gRPC health checks of the picker (its ext_proc service's status); no panic routing, so
+    a picker that is down or draining is skipped, not tried."""
+    if not picker.health_check_s:
+        return {}
+    period = f"{picker.health_check_s}s"
+    return {"health_checks": [{"timeout": period, "interval": period, "no_traffic_interval": period,
+                               "no_traffic_healthy_interval": period, "unhealthy_threshold": 1,
+                               "healthy_threshold": 1, "grpc_health_check": {"service_name": EXT_PROC_SERVICE}}],
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0.0}}}
 
 
 class Envoy(Process):
@@ -215,6 +233,17 @@ class Envoy(Process):
             name, _, value = line.partition(": ")
             if name.startswith(prefix) and value.strip().lstrip("-").isdigit():
                 out[name] = int(value)
+        return out
+
+    def health_flags(self, cluster: str) -> dict[str, str]:
+        """``host:port`` -> Envoy's health flags (``healthy``, ``/failed_active_hc``, ...) of a cluster's hosts."""
+        assert self.admin_url is not None, "wait_ready first"
+        text = httpx.get(self.admin_url + "/clusters", timeout=5.0, trust_env=False).text
+        out = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == cluster and parts[2] == "health_flags":
+                out[parts[1]] = parts[3]
         return out
 
     def stop(self, grace_s: float = 10.0) -> None:

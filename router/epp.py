@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -83,6 +83,7 @@ class Exchange:
         self.subset: set[str] | None = None
         self.body = bytearray()
         self.picked = False  # the endpoints are answered (scheduled or not)
+        self.extended = False  # asked the data plane for more time (at most once a message)
         # A scheduled request: the gateway's accounting from enter() to ended().
         self.pool: Pool | None = None
         self.policy = gw.settings.policy
@@ -229,7 +230,7 @@ class Exchange:
         bound: Bound | Response | None = None
         for attempt in range(1, gw.settings.max_attempts + 1):
             bound = await gw.unified.bind(pool, admitted.rreq, self.policy, f"{base}-{attempt}", excluded, deadline,
-                                          self.trace)
+                                          self.trace, self._hold)
             if bound is not None:
                 break
         if not isinstance(bound, Bound):
@@ -240,6 +241,14 @@ class Exchange:
         self.bound = bound
         await self._answer([wire.endpoint_of(iid) for iid in self._fallbacks(pool, bound)], raw, trailers)
         return False
+
+    async def _hold(self, waiting: Awaitable[str]) -> str:
+        """The request waits for budget: outside FULL_DUPLEX_STREAMED mode the data plane times out
+        each message (ext_proc ``message_timeout``), so ask for the wait's length first."""
+        if self.request_mode != wire.FULL_DUPLEX and not self.extended:
+            self.extended = True
+            await self._send(wire.extend(self.gw.settings.queue_timeout + 1.0))
+        return await waiting
 
     def _fallbacks(self, pool: Pool, bound: Bound) -> list[str]:
         """The ordered list: the bound instance, the decision's other candidates, then the least

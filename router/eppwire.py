@@ -28,7 +28,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 LB_NAMESPACE = "envoy.lb"
 DESTINATION = "x-gateway-destination-endpoint"
@@ -118,6 +118,15 @@ def proceed(kind: str, headers: Mapping[str, str] | None = None) -> ep.Processin
     if kind in ("request_body", "response_body"):
         return ep.ProcessingResponse(**{kind: ep.BodyResponse(response=common)})
     return ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
+
+
+def extend(timeout_s: float) -> ep.ProcessingResponse:
+    """Ask for more time to answer the message in hand (the request waits for budget): Envoy's
+    ``override_message_timeout``, honoured up to the filter's ``max_message_timeout`` (at most once
+    per message; unused in FULL_DUPLEX_STREAMED mode, which has no message timeout)."""
+    timeout = duration_pb2.Duration()
+    timeout.FromMilliseconds(max(1, min(3_600_000, round(timeout_s * 1000))))
+    return ep.ProcessingResponse(override_message_timeout=timeout)
 
 
 def _metadata_field(req: ep.ProcessingRequest, namespace: str, key: str) -> struct_pb2.Value | None:
