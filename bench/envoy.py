@@ -224,6 +224,21 @@ class Envoy(Process):
         self.wait_until(ready, "envoy /ready", limit_s)
         self.admin_url = self._admin()
 
+    async def until_ready(self, limit_s: float = 30.0) -> None:
+        """:meth:`wait_ready` for an event loop (a bench's)."""
+        async def ready() -> bool:
+            admin = self._admin()
+            if admin is None:
+                return False
+            async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+                try:
+                    return (await client.get(admin + "/ready")).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+        await self.until(ready, "envoy /ready", limit_s)
+        self.admin_url = self._admin()
+
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Envoy's counters and gauges (admin ``/stats``), optionally only those starting with ``prefix``."""
         assert self.admin_url is not None, "wait_ready first"

@@ -101,11 +101,16 @@ class Exchange:
     # --- the stream --------------------------------------------------------------------------
 
     async def run(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
+        first = True
         async for req in requests:
-            if req.HasField("protocol_config"):
+            which = req.WhichOneof("request")
+            if which == "response_body":  # the most frequent: every chunk of a streamed answer
+                await self._response_body(req.response_body)
+                continue
+            if first:  # the protocol configuration comes with the first message only
+                first = False
                 self.request_mode = req.protocol_config.request_body_mode
                 self.response_mode = req.protocol_config.response_body_mode
-            which = req.WhichOneof("request")
             if which == "request_headers":
                 done = await self._request_headers(req)
             elif which == "request_body":
@@ -114,8 +119,6 @@ class Exchange:
                 done = await self._request_end(req, trailers=True)
             elif which == "response_headers":
                 done = await self._response_headers(req)
-            elif which == "response_body":
-                done = await self._response_body(req)
             else:  # response_trailers
                 await self._send(wire.proceed("response_trailers"))
                 self._end(self._final_outcome())
@@ -303,18 +306,20 @@ class Exchange:
             instance.breaker.on_success()
         return {"x-tandem-instance": instance.id, "x-tandem-decision": bound.decision.reason}
 
-    async def _response_body(self, req: ep.ProcessingRequest) -> bool:
-        chunk = req.response_body.body
-        eos = req.response_body.end_of_stream
+    async def _response_body(self, body: ep.HttpBody) -> None:
+        chunk = body.body
+        eos = body.end_of_stream
         if self.response_mode == wire.FULL_DUPLEX:  # pass the bytes on first, account after
-            await self._send(*wire.streamed(chunk, request=False, end_of_stream=eos))
+            if len(chunk) <= wire.CHUNK:
+                await self.context.write(wire.echo(chunk, end_of_stream=eos))
+            else:
+                await self._send(*wire.streamed(chunk, request=False, end_of_stream=eos))
         else:
-            await self._send(wire.proceed("response_body"))
+            await self.context.write(wire.PROCEED["response_body"])
         if self.bound is not None and self.outcome is None:
             self._observe(chunk)
             if eos:
                 self._end(self._final_outcome())
-        return False
 
     def _observe(self, chunk: bytes) -> None:
         assert self.bound is not None and self.pool is not None and self.trace is not None

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import duration_pb2, struct_pb2
 
 LB_NAMESPACE = "envoy.lb"
@@ -59,16 +58,14 @@ def endpoint_of(url: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _header_mutation(headers: Mapping[str, str]) -> ep.HeaderMutation:
-    return ep.HeaderMutation(set_headers=[
-        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
-        for k, v in headers.items()])
+def _set_headers(mutation: ep.HeaderMutation, headers: Mapping[str, str]) -> None:
+    for k, v in headers.items():
+        option = mutation.set_headers.add()
+        option.header.key, option.header.raw_value, option.append_action = k, v.encode(), _OVERWRITE
 
 
-def _destination_metadata(value: str) -> struct_pb2.Struct:
-    md = struct_pb2.Struct()
-    md.update({LB_NAMESPACE: {DESTINATION: value}})
-    return md
+# Messages are built by attribute paths, not nested constructors (several times cheaper with the upb
+# runtime): a long streamed answer passes every chunk through here.
 
 
 def pick(endpoints: Iterable[str], *, on_body: bool, echo: bytes | None = None, end_of_stream: bool = True,
@@ -80,44 +77,64 @@ def pick(endpoints: Iterable[str], *, on_body: bool, echo: bytes | None = None, 
     picker held the headers and the whole body; it answers the headers, then sends the body back
     (``end_of_stream`` False when trailers follow)."""
     value = ",".join(endpoints)
-    metadata = _destination_metadata(value)
-    common = ep.CommonResponse(header_mutation=_header_mutation({DESTINATION: value}))
-    if on_body and echo is None:
-        return [ep.ProcessingResponse(request_body=ep.BodyResponse(response=common), dynamic_metadata=metadata)]
-    out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common), dynamic_metadata=metadata)]
-    if echo is not None:
-        out += streamed(echo, request=True, end_of_stream=end_of_stream)
-    return out
+    first = ep.ProcessingResponse()
+    common = (first.request_body if on_body and echo is None else first.request_headers).response
+    _set_headers(common.header_mutation, {DESTINATION: value})
+    first.dynamic_metadata.update({LB_NAMESPACE: {DESTINATION: value}})
+    if echo is None:
+        return [first]
+    return [first, *streamed(echo, request=True, end_of_stream=end_of_stream)]
 
 
 def streamed(body: bytes, *, request: bool, end_of_stream: bool) -> list[ep.ProcessingResponse]:
     """``body`` sent back in FULL_DUPLEX_STREAMED mode (at most :data:`CHUNK` bytes a message)."""
-    pieces = [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)] or [b""]
-    out = []
-    for i, piece in enumerate(pieces):
-        last = end_of_stream and i == len(pieces) - 1
-        resp = ep.BodyResponse(response=ep.CommonResponse(body_mutation=ep.BodyMutation(
-            streamed_response=ep.StreamedBodyResponse(body=piece, end_of_stream=last))))
-        out.append(ep.ProcessingResponse(request_body=resp) if request else ep.ProcessingResponse(response_body=resp))
-    return out
+    if len(body) <= CHUNK:
+        return [echo(body, request=request, end_of_stream=end_of_stream)]
+    pieces = [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
+    last = len(pieces) - 1
+    return [echo(piece, request=request, end_of_stream=end_of_stream and i == last) for i, piece in enumerate(pieces)]
+
+
+def echo(chunk: bytes, *, request: bool = False, end_of_stream: bool = False) -> ep.ProcessingResponse:
+    """One body chunk passed on in FULL_DUPLEX_STREAMED mode."""
+    resp = ep.ProcessingResponse()
+    out = (resp.request_body if request else resp.response_body).response.body_mutation.streamed_response
+    out.body = chunk
+    if end_of_stream:
+        out.end_of_stream = True
+    return resp
 
 
 def immediate(status: int, body: bytes, headers: Mapping[str, str], details: str) -> ep.ProcessingResponse:
     """A local reply instead of the upstream's (a refusal: 4xx, 503 no endpoint, 429 shed)."""
-    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=status), headers=_header_mutation(headers), body=body,
-        details=details.replace(" ", "_")[:64]))
+    resp = ep.ProcessingResponse()
+    reply = resp.immediate_response
+    reply.status.code = status
+    _set_headers(reply.headers, headers)
+    reply.body = body
+    reply.details = details.replace(" ", "_")[:64]
+    return resp
+
+
+def _proceeding(kind: str) -> ep.ProcessingResponse:
+    resp = ep.ProcessingResponse()
+    getattr(resp, kind).SetInParent()
+    return resp
+
+
+# Continue unchanged: one shared instance per message kind (never mutated; gRPC serialises it).
+PROCEED = {kind: _proceeding(kind) for kind in ("request_headers", "request_body", "request_trailers",
+                                                "response_headers", "response_body", "response_trailers")}
 
 
 def proceed(kind: str, headers: Mapping[str, str] | None = None) -> ep.ProcessingResponse:
     """Continue unchanged (``kind``: the ProcessingResponse field answering the message), optionally
     setting headers (response headers: which instance served)."""
-    common = ep.CommonResponse(header_mutation=_header_mutation(headers)) if headers else ep.CommonResponse()
-    if kind in ("request_headers", "response_headers"):
-        return ep.ProcessingResponse(**{kind: ep.HeadersResponse(response=common)})
-    if kind in ("request_body", "response_body"):
-        return ep.ProcessingResponse(**{kind: ep.BodyResponse(response=common)})
-    return ep.ProcessingResponse(**{kind: ep.TrailersResponse()})
+    if not headers:
+        return PROCEED[kind]
+    resp = ep.ProcessingResponse()
+    _set_headers(getattr(resp, kind).response.header_mutation, headers)
+    return resp
 
 
 def extend(timeout_s: float) -> ep.ProcessingResponse:
