@@ -143,11 +143,11 @@ class BenchGatewayCommand(TandemSettings):
         (self.out / "bench-gateway.json").write_text(json.dumps(report, indent=2))
         self._print(report)
 
-    def _envoy_fronts(self, stack: contextlib.ExitStack, sims: tuple[str, ...], cpus: tuple[int, ...]
-                      ) -> tuple[dict[str, tuple[tuple[str, ...], list[Process]]], Callable[[], Awaitable[None]]]:
+    def _envoy_fronts(self, stack: contextlib.ExitStack, sims: tuple[str, ...], cpus: tuple[int, ...],
+                      envoy_cpus: tuple[int, ...]) -> tuple[Targets, Callable[[], Awaitable[None]]]:
         """Envoy straight to the engines, and Envoy asking ``tandem epp`` (started here with the
-        gateway's routing settings); both with the same listener, cluster and worker threads. Also
-        what to await until all three are ready."""
+        gateway's routing settings, on ``cpus``); both with the same listener, cluster and worker threads
+        (on ``envoy_cpus``). Also what to await until all three are ready."""
         from tandem.bench.envoy import Envoy, EnvoyLayout, Picker
 
         grpc_port, http_port = free_port(), free_port()
@@ -159,13 +159,13 @@ class BenchGatewayCommand(TandemSettings):
         engines = [("127.0.0.1", int(u.rsplit(":", 1)[1])) for u in sims]
         body, answer = ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED") if self.epp_mode == "full-duplex" \
             else ("BUFFERED", "NONE")
-        out: dict[str, tuple[tuple[str, ...], list[Process]]] = {}
+        out: Targets = {}
         envoys: list[Envoy] = []
         for name, picker in (("envoy-direct", None), ("envoy-epp", Picker(grpc_port, request_body_mode=body,
                                                                              response_body_mode=answer))):
             envoy = stack.enter_context(Envoy(EnvoyLayout(free_port(), engines, picker),
                                               self.out / f"bench-{name}.log", concurrency=self.envoy_concurrency,
-                                              cpus=cpus))
+                                              cpus=envoy_cpus))
             envoys.append(envoy)
             out[name] = ((envoy.url,), [envoy, epp] if picker else [envoy])
 
@@ -176,8 +176,7 @@ class BenchGatewayCommand(TandemSettings):
 
         return out, ready
 
-    async def _run(self, cpu_sets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
-                   redis_url: str | None) -> dict:
+    async def _run(self, cpu_sets: tuple[tuple[int, ...], ...], redis_url: str | None) -> dict:
         ports = [free_port() for _ in range(self.engines)]
         sims = tuple(f"http://127.0.0.1:{p}" for p in ports)
         gw_port = free_port()
@@ -186,7 +185,7 @@ class BenchGatewayCommand(TandemSettings):
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
         if redis_url is not None:
             gw_args += ["--workers", str(self.gateway_workers), "--redis-url", redis_url]
-        sim_cpus, gw_cpus, client_cpus = cpu_sets
+        sim_cpus, gw_cpus, client_cpus, envoy_cpus = cpu_sets
         with contextlib.ExitStack() as stack:
             sim_procs = [stack.enter_context(Process(f"tandem sim {i}", tandem_argv("sim", "--port", str(p),
                                                                                    "--max-pending", "100000"),
@@ -196,9 +195,9 @@ class BenchGatewayCommand(TandemSettings):
                                                   self.out / "bench-gateway.log", cpus=gw_cpus))
             pool = stack.enter_context(ProcessPoolExecutor(self.client_processes,
                                                            mp_context=multiprocessing.get_context("spawn")))
-            envoys: dict[str, tuple[tuple[str, ...], list[Process]]] = {}
+            envoys: Targets = {}
             if self.front == "envoy-epp":
-                envoys, envoys_ready = self._envoy_fronts(stack, sims, gw_cpus)
+                envoys, envoys_ready = self._envoy_fronts(stack, sims, gw_cpus, envoy_cpus)
             for url, proc in zip(sims, sim_procs, strict=True):
                 await proc.until_http(url + "/health")
             await gw_proc.until_http(gw[0] + "/readyz")
@@ -240,17 +239,21 @@ class BenchGatewayCommand(TandemSettings):
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
 
-    def _cpu_sets(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """CPUs of the simulators (one each), the gateway's processes and the clients; all empty unpinned."""
+    def _cpu_sets(self) -> tuple[tuple[int, ...], ...]:
+        """CPUs of the simulators (one each), the gateway's processes (and the picker's), the clients,
+        and Envoy's worker threads (front envoy-epp); all empty unpinned."""
         if not self.pin_cpus:
-            return (), (), ()
+            return (), (), (), ()
         cpus = sorted(os.sched_getaffinity(0))
         gw = self.gateway_workers + 1  # the workers, and the supervisor / Redis / scrapes beside them
-        if len(cpus) < self.engines + gw + self.client_processes:
+        envoy = self.envoy_concurrency if self.front == "envoy-epp" else 0
+        if len(cpus) < self.engines + gw + envoy + self.client_processes:
             raise SystemExit(f"tandem bench gateway: pin_cpus: {len(cpus)} CPUs, need {self.engines} (engines) + "
-                             f"{gw} (gateway workers + 1) + {self.client_processes} (client processes)")
-        return (tuple(cpus[:self.engines]), tuple(cpus[self.engines:self.engines + gw]),
-                tuple(cpus[self.engines + gw:]))
+                             f"{gw} (gateway workers + 1) + {envoy} (Envoy workers) + {self.client_processes} "
+                             "(client processes)")
+        first_envoy = self.engines + gw
+        return (tuple(cpus[:self.engines]), tuple(cpus[self.engines:first_envoy]),
+                tuple(cpus[first_envoy + envoy:]), tuple(cpus[first_envoy:first_envoy + envoy]))
 
     async def _spread(self, pool: ProcessPoolExecutor, specs: list[LoadSpec]) -> list[LoadResult]:
         loop = asyncio.get_running_loop()
@@ -325,6 +328,9 @@ class BenchGatewayCommand(TandemSettings):
             console.print(f"skipped rates {report['skipped_rates']} req/s: above 0.8x the simulators' own max here")
         console.print(f"raw numbers: {self.out / 'bench-gateway.json'}")
 
+
+# Name -> (the URLs the load goes to, the processes whose CPU it costs).
+Targets = dict[str, tuple[tuple[str, ...], list[Process]]]
 
 # Time each worker gets to start (spawn + imports) and open its connections before the common start.
 _WARMUP_S = 2.0
