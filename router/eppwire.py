@@ -22,6 +22,7 @@ Facts from the Gateway API Inference Extension's endpoint picker protocol
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from envoy.config.core.v3 import base_pb2
@@ -50,6 +51,7 @@ def headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
     return {h.key.lower(): (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in msg.headers.headers}
 
 
+@lru_cache(maxsize=4096)  # instance URLs repeat on every request; bounded for pods coming and going
 def endpoint_of(url: str) -> str:
     """The ``ip:port`` of an instance URL (``http://10.0.0.5:8000`` -> ``10.0.0.5:8000``)."""
     parts = urlsplit(url)
