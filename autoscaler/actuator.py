@@ -22,20 +22,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import aiohttp
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.api.labels import ANN_DRAINING, LABEL_ROLE, LABEL_SERVICE
-from tandem.api.models import LLMService
-from tandem.api.models import Role as ApiRole
+from tandem.api.models import LLMService, Role
 from tandem.api.observations import ObservationCounts, Observations, RoleObservation, build_report, merge_counts
 from tandem.autoscaler.core import apply_budget, tick
-from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, Decision, PoolBounds, Role
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, PoolBounds, ScalingSLO
 from tandem.kube import LLMSERVICES, ApiError, Kind, KubeClient
 from tandem.perf.profile import DEFAULT_PROFILE, load_profile
 
@@ -44,6 +44,7 @@ log = logging.getLogger("tandem.autoscaler")
 PODS = Kind(group="", version="v1", plural="pods", kind="Pod")
 EVENTS = Kind(group="", version="v1", plural="events", kind="Event")
 ANN_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+ERROR_STAGES = ("observe", "apply")  # tandem_autoscaler_errors_total{stage}: where a tick failed
 DRAINING_DELETION_COST = "-1000"  # the ReplicaSet removes the lowest cost first: exactly the drained pods
 
 
@@ -237,7 +238,7 @@ def spec_from_service(svc: LLMService, defaults: AutoscalerSpec, gpu_budget: int
     pools: dict[Role, PoolBounds] = {}
     for role in svc.spec.roles():
         pool = svc.spec.pool(role)
-        pools[str(role)] = PoolBounds(  # type: ignore[index]
+        pools[role] = PoolBounds(
             min_replicas=pool.min_replicas if pool.min_replicas is not None else 1,
             max_replicas=pool.max_replicas if pool.max_replicas is not None
             else max(svc.spec.replicas_of(role), 64),
@@ -246,7 +247,7 @@ def spec_from_service(svc: LLMService, defaults: AutoscalerSpec, gpu_budget: int
     return defaults.model_copy(update={
         "mode": str(svc.spec.mode),
         "pools": pools,
-        "slo": SLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_seconds, attainment=min(slo.attainment, 0.999)),
+        "slo": ScalingSLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_seconds, attainment=min(slo.attainment, 0.999)),
         "scale_down_cooldown_s": float(svc.spec.autoscaling.cooldown_seconds),
         "gpu_budget": gpu_budget,
     })
@@ -319,6 +320,16 @@ class AutoscalerMetrics:
             "they answered (state: answered or failed; a failed one's share of the load is missing)",
             ["namespace", "service", "state"], registry=registry)
 
+    def service_known(self, ns: str, name: str, roles: Iterable[str] = ()) -> None:
+        """Create a service's counters at 0 when it is first seen: a counter born at 1 is invisible to
+        rate() and increase(), so the first failure or scaling action would read 0 on the dashboards."""
+        self.ticks.labels(ns, name)
+        for stage in ERROR_STAGES:
+            self.errors.labels(ns, name, stage)
+        for role in roles:
+            for direction in ("up", "down"):
+                self.actions.labels(ns, name, role, direction)
+
 
 class Actuator:
     """One controller over the LLMServices of some namespaces, holding each service's core state."""
@@ -348,6 +359,7 @@ class Actuator:
         svc = LLMService.model_validate(obj)
         name = svc.metadata.name
         spec = spec_from_service(svc, self.defaults)
+        self.metrics.service_known(ns, name, spec.roles)
         report = await self.source.report(ns, name, self.window_s, now)
         if report.gateways is not None:
             self.metrics.gateway_replicas.labels(ns, name, "answered").set(report.gateways.answered)
@@ -355,10 +367,14 @@ class Actuator:
         if self.mix_window_s > self.window_s:
             # The length mix moves slower than the rate and a short window of it is noisy (a few
             # long requests swing it); the rate, attainment and queues stay those of the short one.
+            # The short window's own mix goes along as the recent mix: the core tests it against the
+            # long one for a change of mix (a shift the long window has not caught up with yet).
             longer = await self.source.report(ns, name, self.mix_window_s, now)
-            report = report.model_copy(update={"observations": report.observations.model_copy(
+            short = report.observations
+            report = report.model_copy(update={"observations": short.model_copy(
                 update={"length_mix": longer.observations.length_mix,
-                        "prefix_hit_ratio": longer.observations.prefix_hit_ratio})})
+                        "prefix_hit_ratio": longer.observations.prefix_hit_ratio,
+                        "recent_length_mix": short.length_mix, "recent_mix_requests": short.completed})})
         wall = datetime.now(UTC)
         pods = {role: await self._pods(ns, name, role) for role in spec.roles}
         roles = {role: count_pods(pods[role], report.inflight, wall, self.drain_timeout_s)
@@ -378,9 +394,11 @@ class Actuator:
                 if not ((obj.get("spec") or {}).get("autoscaling") or {}).get("enabled"):
                     continue
                 key = f"{ns}/{obj['metadata']['name']}"
+                self.metrics.service_known(ns, obj["metadata"]["name"])
                 try:
                     planned[key] = await self._decide(ns, obj, now)
-                except (ApiError, httpx.HTTPError, ValueError, ObservationUnavailable) as exc:
+                except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError, ValueError,
+                        ObservationUnavailable) as exc:
                     log.warning("autoscaler: %s: cannot decide: %s", key, exc)
                     self.metrics.errors.labels(ns, obj["metadata"]["name"], "observe").inc()
         decisions = {k: v[3] for k, v in planned.items()}
@@ -392,7 +410,7 @@ class Actuator:
             decision = decisions[key]
             try:
                 await self._apply(ns, svc, spec, decision, pods)
-            except (ApiError, httpx.HTTPError) as exc:
+            except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError) as exc:
                 log.warning("autoscaler: %s: cannot apply: %s", key, exc)
                 self.metrics.errors.labels(ns, name, "apply").inc()
                 continue
@@ -413,7 +431,7 @@ class Actuator:
         spec_patch: dict[str, Any] = {}
         changed = []
         for role, d in decision.roles.items():
-            current = svc.spec.replicas_of(ApiRole(role))
+            current = svc.spec.replicas_of(Role(role))
             if d.replicas != current:
                 changed.append(f"{role} {current}->{d.replicas}")
                 self.metrics.actions.labels(ns, name, role, "up" if d.replicas > current else "down").inc()
@@ -474,14 +492,16 @@ class Actuator:
         while not stop.is_set():
             try:
                 await self.tick_once()
-            except (ApiError, httpx.HTTPError) as exc:
-                log.warning("autoscaler: tick failed: %s", exc)
+            except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError) as exc:
+                log.warning("autoscaler: tick failed: %s: %s", type(exc).__name__, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
 def _load_fields(o: RoleObservation | None) -> dict[str, Any]:
-    """The load part of a source's per-role observation (queue, KV); pod counts come from Kubernetes."""
+    """The load part of a source's per-role observation (queue, concurrency, KV); pod counts come from
+    Kubernetes."""
     if o is None:
         return {}
-    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "kv_usage": o.kv_usage}
+    return {"queue_depth": o.queue_depth, "queue_time_s": o.queue_time_s, "in_flight": o.in_flight,
+            "kv_usage": o.kv_usage}

@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from tandem.api.models import Role
 from tandem.api.observations import LengthBucket
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile
 
@@ -120,7 +121,7 @@ class Workload:
 class CapacityModel:
     """Pool sizes and goodput for a profile and SLO; pure and cheap (closed forms, short searches)."""
 
-    def __init__(self, profile: Profile, slo: SLO, *, kv_capacity_tokens: int | None = None,
+    def __init__(self, profile: Profile, slo: ScalingSLO, *, kv_capacity_tokens: int | None = None,
                  max_utilisation: float = 0.85, decode_max_utilisation: float = 0.9) -> None:
         self.profile = profile
         # A pool run near 100 % sits at a cliff: a forecast a few percent low and the queue never

@@ -7,12 +7,15 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from tandem.config import TandemSettings, UrlList, split_urls
+from tandem.config import ConfigFileError, TandemSettings, UrlList, split_urls
+
+if TYPE_CHECKING:
+    from tandem.kube import KubeClient
 
 
 class AutoscalerCommand(TandemSettings):
@@ -72,16 +75,37 @@ class AutoscalerCommand(TandemSettings):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         asyncio.run(self._run())
 
+    async def _kube_client(self) -> KubeClient:
+        """A client of a Kubernetes API that answered a first list of LLMServices, or a CLI error
+        (exit 2) that says which API and why: without one the autoscaler can do nothing."""
+        import aiohttp
+        import kubernetes.config
+
+        from tandem.kube import LLMSERVICES, ApiError, KubeClient, load_credentials
+
+        where = "kubeconfig (--kubeconfig / TANDEM_AUTOSCALER_KUBECONFIG)"
+        try:
+            creds = await asyncio.to_thread(load_credentials, self.kubeconfig)
+            tls = await asyncio.to_thread(creds.ssl_context)
+        except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
+            searched = self.kubeconfig or "not in a cluster, and $KUBECONFIG / ~/.kube/config"
+            raise ConfigFileError(f"{where}: no Kubernetes API credentials ({searched}: {exc})") from None
+        client = KubeClient(creds, tls, timeout=self.api_timeout_s, user_agent="tandem-autoscaler")
+        try:
+            await client.list(LLMSERVICES, self.namespaces[0])
+        except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+            await client.close()
+            raise ConfigFileError(f"{where}: the Kubernetes API at {creds.server} did not list LLMServices in "
+                                  f"namespace {self.namespaces[0]!r}: {type(exc).__name__}: {exc}") from None
+        return client
+
     async def _run(self) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
         from tandem.autoscaler.actuator import Actuator, GatewayObservationSource, KubernetesGateways
         from tandem.autoscaler.models import AutoscalerSpec
-        from tandem.kube import KubeClient, load_credentials
 
-        creds = await asyncio.to_thread(load_credentials, self.kubeconfig)
-        client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), timeout=self.api_timeout_s,
-                            user_agent="tandem-autoscaler")
+        client = await self._kube_client()
         gateways = self.gateway_url if self.gateway_discovery == "static" else KubernetesGateways(
             client, self.gateway_selector, port=self.gateway_port, namespace=self.gateway_namespace)
         source = GatewayObservationSource(gateways, timeout_s=self.gateway_timeout_s, admin_key=self.gateway_admin_key)

@@ -44,10 +44,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from tandem.api.models import Role
 from tandem.api.observations import LengthBucket, Observations, RoleObservation
-from tandem.autoscaler import forecast
+from tandem.autoscaler import forecast, rules
 from tandem.autoscaler.capacity import CapacityModel, Workload
-from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, Role, RoleDecision, RoleState
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, Decision, RoleDecision, RoleState
 from tandem.perf.profile import Profile
 from tandem.router.routing.offload import OffloadProblem, PrefillPoolSpeed, solve_threshold
 
@@ -158,24 +159,55 @@ def role_decision(role: Role, target: int, o: RoleObservation, needed: float, go
                         goodput_rps=goodput, reason=reason)
 
 
+def _settled(rs: RoleState, o: RoleObservation, now: float, spec: AutoscalerSpec, window_s: float) -> bool:
+    """Whether the window's attainment says something about the pool as it is: capacity ordered by the
+    last scale-up has served a whole window, and no backlog was drained in the window (requests that
+    waited out a backlog miss whatever the pool now is; counting them would bias the correction)."""
+    if o.starting or (rs.last_up_s is not None and now - rs.last_up_s < spec.startup_delay_s + window_s):
+        return False
+    # A request that waited in the backlog completes up to about a window after it drained.
+    return rs.last_backlog_s is None or now - rs.last_backlog_s >= 2 * window_s
+
+
 def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: AutoscalerState | None = None,
          *, capacity: CapacityModel | None = None) -> Decision:
     """One control step. Pure: the same inputs always give the same decision and next state."""
     state = previous or AutoscalerState()
     now = obs.time_s
     fc = forecast.update(state.forecast, obs.arrival_rate, now, spec.forecast_alpha, spec.forecast_beta)
-    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
     cap = capacity or CapacityModel(profile, spec.slo, max_utilisation=spec.max_utilisation,
                                     decode_max_utilisation=spec.decode_max_utilisation)
     w = cap.workload(obs.length_mix, obs.prefix_hit_ratio)
     threshold = None
     if spec.offload is not None:
         threshold = obs.offload_threshold if obs.offload_threshold is not None else spec.offload.initial_threshold
-    local_share, local_w = _local_prefill(cap, obs, threshold)
     target_att = spec.slo.attainment
+    history = [h for h in state.history if h[0] > now - spec.burst_lookback_s]
+    misses = [t for t in state.misses if t > now - spec.burst_lookback_s]
+    view = rules.bursts(history, threshold=spec.burst_threshold, max_length_s=spec.burst_max_s,
+                        min_episodes=spec.burst_min_episodes, misses=misses,
+                        miss_lag_s=spec.startup_delay_s + obs.window_s)
+    # R-hat: a high quantile of the rate one start-up ahead. While recurring bursts are held, the pool
+    # their peaks needed is the headroom; the forecast's spread (mostly those same bursts) would buy
+    # it a second time, so only the level and a rising trend are kept.
+    r_hat = forecast.quantile(fc, spec.startup_delay_s, spec.forecast_quantile, obs.window_s)
+    expected = max(0.0, fc.level + max(fc.trend, 0.0) * spec.startup_delay_s)
+    if view.holding:
+        r_hat = expected
+    # Nor above the highest rate of the look-back unless the trend heads there: a large one-step
+    # error in either direction widens the spread, and a load that just dropped must not look like
+    # one that may triple (sizing up on the way down is a change of direction for nothing).
+    seen = max([r for t, r in history if t > now - spec.scale_down_stabilization_s] + [obs.arrival_rate])
+    r_hat = min(r_hat, max(seen, expected))
+    # A step up since the last tick: size for the new level now, not as the window fills. Not while
+    # recurring bursts are held: such a rise is one of them, and the floor is sized for it.
+    jump = None if view.holding else rules.jump_rps(history, now, obs.arrival_rate, obs.window_s, spec.jump_z)
+    if jump is not None and jump > r_hat:
+        r_hat = jump
 
     roles: dict[Role, RoleDecision] = {}
     new_states: dict[Role, RoleState] = {}
+    missed = False  # any role's objective short in this window (beyond sampling noise)
     for role in spec.roles:
         o = obs.roles.get(role)
         if o is None:
@@ -186,11 +218,25 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         scale = rs.goodput_scale
         why: list[str] = []
 
+        # The mix this role is sized on: the mix window's, unless (prefill) the rate window's brings
+        # significantly more work per request (a shift the mix window has not caught up with).
+        mix = obs.length_mix
+        if role != "decode" and rules.mix_shift(cap, role, obs.length_mix, obs.recent_length_mix,
+                                                obs.recent_mix_requests, obs.prefix_hit_ratio, spec.mix_shift_z,
+                                                spec.mix_shift_min_ratio):
+            assert obs.recent_length_mix is not None
+            mix = obs.recent_length_mix
+            why.append("mix shift: sized on the recent mix")
+        share, role_w = 1.0, cap.workload(mix, obs.prefix_hit_ratio)
+        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
+            share, role_w = _local_prefill(cap, obs.model_copy(update={"length_mix": mix}), threshold)
+
         att = _attainment(role, obs)
         # Short only beyond the sampling noise of the window's attainment (one standard error):
         # a 0.949 over a hundred requests is not evidence against a 0.95 target.
         noise = math.sqrt(target_att * (1 - target_att) / max(obs.completed, 1))
         short = att is not None and obs.completed >= spec.min_samples and att < target_att - noise
+        missed = missed or short
         comfortable = att is not None and obs.completed >= spec.min_samples and att >= (1 + target_att) / 2
         # Scale-down needs the objective comfortably met over the whole stabilization window, not
         # in one lucky window: a 30-second attainment swings by several points.
@@ -198,14 +244,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         if att is not None and obs.completed >= spec.min_samples:
             recent_att.append((now, att))
         tight = any(a < (1 + target_att) / 2 for _, a in recent_att)
-        # Capacity ordered by the last scale-up must have served a whole window before the
-        # window's attainment says anything about it; otherwise one shortfall is counted again
-        # every tick while the new instances start.
-        settled = o.starting == 0 and (rs.last_up_s is None
-                                       or now - rs.last_up_s >= spec.startup_delay_s + obs.window_s)
-        share, role_w = 1.0, w
-        if role == "prefill" and threshold is not None:  # offloaded prompts never reach the local pool
-            share, role_w = local_share, local_w
+        backlog = max(0.0, o.queue_depth - o.ready)
+        last_backlog = now if o.queue_depth > 2 * max(o.ready, 1) else rs.last_backlog_s
+        settled = _settled(rs.model_copy(update={"last_backlog_s": last_backlog}), o, now, spec, obs.window_s)
         # Only a shortfall the model did not predict is evidence against the model: the ready
         # instances were enough, in the model, for the rate actually observed. A shortfall while
         # the pool lagged the load is fixed by ordinary sizing and must not leave a lasting bias.
@@ -222,50 +263,74 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             if obs.arrival_rate * share >= RELAX_MIN_LOAD * carried:
                 scale = min(1.0, scale * RELAX_PER_TICK)
 
-        # Size on R-hat inflated by the learned correction: the pool must carry it in the model.
+        # The need at R-hat inflated by the learned correction, plus a backlog to drain (what
+        # scale-up orders).
         rate = r_hat * share / scale
-        sized = cap.pool_size(role, rate, role_w, bounds.max_replicas)
+        drain = backlog / spec.backlog_drain_s if spec.backlog_drain_s > 0 else 0.0
+        sized = cap.pool_size(role, rate + drain, role_w, bounds.max_replicas)
         want = bounds.max_replicas if sized is None else sized
         n_ref = max(want, 1)
         goodput = cap.pool_goodput(role, n_ref, role_w) / n_ref  # per instance, in a pool of that size
         needed = rate / goodput if goodput > 0 else float(bounds.max_replicas)
         why.append(f"R-hat {r_hat:.2f} rps / correction {scale:.2f} needs {want} "
                    f"(goodput {goodput:.2f} rps per instance)")
+        if drain > 0:
+            why.append(f"backlog {backlog:.0f} drained over {spec.backlog_drain_s:.0f} s")
+        despite = 0
         if short and settled and model_said_enough and want <= current:
-            want = current + 1
+            want = despite = current + 1
             why.append("+1 despite the model")
+        floor, held = 0, 0
+        if view.hold_rps is not None:
+            sized_hold = cap.pool_size(role, view.hold_rps * share / scale, role_w, bounds.max_replicas)
+            # A miss in a burst at n instances proves n + 1 needed whatever the model says of the
+            # bursts' peak (their rate within a window can exceed the window's): kept while held.
+            held = max(rs.held, despite)
+            floor = max(bounds.max_replicas if sized_hold is None else sized_hold, held)
+            if floor > want:
+                want = floor
+                why.append(f"held for {len(view.short)} recurring bursts (peak {view.hold_rps:.1f} rps): {floor}")
 
-        # Scale-down stabilization: the largest pool that the recent ticks needed with the
-        # hysteresis headroom (rate and length mix both vary, so the need is kept, not the rate).
-        headroom = cap.pool_size(role, rate * (1 + spec.hysteresis), role_w, bounds.max_replicas)
+        # Scale-down look-back: the largest pool that the recent ticks needed with the hysteresis
+        # headroom (rate and length mix both vary, so the need is kept, not the rate). While bursts
+        # are held the floor is the headroom: the band on top of the bursts' own need would hold
+        # one instance more than they ever needed.
+        band = 0.0 if view.holding else spec.hysteresis
+        headroom = cap.pool_size(role, rate * (1 + band), role_w, bounds.max_replicas)
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
-        recent.append((now, bounds.max_replicas if headroom is None else headroom))
+        # An instance added despite the model is a need too: the look-back keeps it, or the next
+        # scale-down would release it into the same shortfall.
+        recent.append((now, max(despite, bounds.max_replicas if headroom is None else headroom)))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0
+        flipped_lately = rs.last_flip_s is not None and now - rs.last_flip_s < spec.flip_window_s
         recently_down = rs.last_down_s is not None and now - rs.last_down_s < spec.scale_down_cooldown_s
         if want > current:
+            forced = short or _exceeds(cap, role, rate * (1 - spec.hysteresis), role_w, current)
             if rs.last_up_s is not None and now - rs.last_up_s < spec.scale_up_cooldown_s:
                 why.append("scale-up cooldown")
-            elif recently_down and not short and not _exceeds(cap, role, rate * (1 - spec.hysteresis), role_w,
-                                                              current):
-                # Just after a scale-down, going back up would be a second change of direction in
-                # one cooldown window: only when the need clears the band below R-hat, or the SLO
-                # is actually being missed.
+            elif rs.last_direction < 0 and (recently_down or flipped_lately) and not forced:
+                # Going back up soon after a scale-down is a change of direction: only when the need
+                # clears the band below R-hat, or the SLO is actually being missed.
                 why.append("inside the hysteresis band after a scale-down")
             else:
                 target, direction = want, 1
         elif want < current:
-            candidate = max(bounds.min_replicas, min(current, max(n for _, n in recent)))
-            last_change = max((t for t in (rs.last_up_s, rs.last_down_s) if t is not None), default=None)
+            goal = max(n for _, n in recent)
+            candidate = rules.scale_down_step(current, goal, floor, bounds.min_replicas, spec.scale_down_step)
             since = now if rs.observed_since_s is None else rs.observed_since_s
             if now - since < spec.scale_down_stabilization_s:
                 why.append("no scale-down before a full stabilization window was observed")
             elif candidate >= current:
-                why.append("held by stabilization window / hysteresis")
-            elif last_change is not None and now - last_change < spec.scale_down_cooldown_s:
-                why.append("scale-down cooldown")
-            elif fc.trend > 0:
+                why.append("held by the look-back / hysteresis" + (" / burst floor" if floor >= current else ""))
+            elif rs.last_up_s is not None and now - rs.last_up_s < spec.scale_down_cooldown_s:
+                why.append("scale-down cooldown after a scale-up")
+            elif rs.last_down_s is not None and now - rs.last_down_s < spec.scale_down_interval_s:
+                why.append("scale-down step interval")
+            elif rs.last_direction > 0 and flipped_lately:
+                why.append("a change of direction within the flip window")
+            elif fc.trend > 0 and not view.holding:  # (held bursts: the floor is what a rise needs)
                 why.append("load rising: no scale-down")
             elif tight:
                 # The model may say fewer would do, but the objective is only just met: removing
@@ -280,6 +345,7 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             why.insert(0, f"{role} {current}->{target}")
         else:
             why.insert(0, f"{role} stays {current}")
+        flip = direction != 0 and rs.last_direction != 0 and direction != rs.last_direction
         new_states[role] = RoleState(
             replicas=target,
             last_up_s=now if direction > 0 else rs.last_up_s,
@@ -289,10 +355,16 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
             observed_since_s=now if rs.observed_since_s is None else rs.observed_since_s,
             recent_attainment=recent_att,
             recent_needs=recent,
+            last_flip_s=now if flip else rs.last_flip_s,
+            held=held,
+            last_backlog_s=last_backlog,
         )
         roles[role] = role_decision(role, target, o, needed, goodput, "; ".join(why))
 
-    new_state = AutoscalerState(forecast=fc, roles=new_states)
+    history.append((now, obs.arrival_rate))
+    if missed:
+        misses.append(now)
+    new_state = AutoscalerState(forecast=fc, roles=new_states, history=history, misses=misses)
     decision = Decision(
         roles=roles,
         offload_threshold=None if threshold is None else solve_offload(cap, obs, spec, roles, w),

@@ -38,7 +38,14 @@ class PoolBounds(_Model):
         return self
 
 
-class SLO(_Model):
+class ScalingSLO(_Model):
+    """The SLO the autoscaler plans pool sizes for.
+
+    Built from an LLMService's ``spec.slo`` (:class:`tandem.api.models.SLO`, the CRD's wire shape)
+    by the actuator, and set directly by the benchmarks. Kept apart from it because the capacity
+    model solves for an attainment quantile, which must be below 1 (the CRD allows 1).
+    """
+
     ttft_s: float = Field(5.0, gt=0, description="time-to-first-token objective")
     tpot_s: float = Field(0.1, gt=0, description="time-per-output-token objective")
     attainment: float = Field(0.95, gt=0, lt=1, description="share of requests that must meet both")
@@ -61,15 +68,36 @@ class AutoscalerSpec(_Model):
 
     mode: Mode = "disaggregated"
     pools: dict[Role, PoolBounds] = Field(default_factory=dict, description="bounds per role (default 1..64)")
-    slo: SLO = SLO()
+    slo: ScalingSLO = ScalingSLO()
     gpu_budget: int | None = Field(None, ge=1, description="most GPUs this service may hold")
     startup_delay_s: float = Field(60.0, ge=0, description="pod scheduled -> engine ready; the forecast horizon")
     scale_up_cooldown_s: float = Field(15.0, ge=0, description="least time between two scale-ups of a role")
-    scale_down_cooldown_s: float = Field(300.0, ge=0,
-                                         description="least time after any change before a role shrinks")
+    scale_down_cooldown_s: float = Field(120.0, ge=0,
+                                         description="least time after a scale-up before the role shrinks (the "
+                                                     "look-back still keeps what the recent ticks needed)")
+    scale_down_interval_s: float = Field(60.0, ge=0, description="least time between two scale-down steps of a role")
+    scale_down_step: float = Field(0.25, gt=0, le=1,
+                                   description="the most of a pool one scale-down step removes (at least one)")
     scale_down_stabilization_s: float = Field(300.0, ge=0,
                                               description="shrink only to the largest need seen over this window")
+    flip_window_s: float = Field(600.0, ge=0,
+                                 description="a role reverses direction at most once in this window, unless the "
+                                             "SLO is missed or the need clears the hysteresis band")
     hysteresis: float = Field(0.05, ge=0, lt=1, description="shrink only when the need is this far below the pool")
+    burst_lookback_s: float = Field(1800.0, ge=0, description="history searched for recurring bursts")
+    burst_threshold: float = Field(0.3, gt=0, description="a burst begins when the rate exceeds the look-back "
+                                                          "median by this share (and ends below half of it)")
+    burst_max_s: float = Field(300.0, ge=0, description="bursts up to this long are held rather than followed "
+                                                         "(a few start-up delays: following them does not pay)")
+    burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back (one of them missing the "
+                                                         "SLO) before their peak is held")
+    mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for prefill when "
+                                                      "it brings more work per request by this many standard errors")
+    mix_shift_min_ratio: float = Field(1.3, ge=1, description="... and by at least this factor")
+    backlog_drain_s: float = Field(120.0, ge=0, description="scale-up sizes for the queue beyond one request per "
+                                                            "instance drained over this long (0: off)")
+    jump_z: float = Field(3.0, gt=0, description="a rise of the window rate since the last tick beyond this many "
+                                                 "Poisson standard deviations is a step: R-hat takes the new level")
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="R-hat is this quantile of the forecast")
     forecast_alpha: float = Field(0.3, gt=0, le=1, description="Holt level smoothing")
     forecast_beta: float = Field(0.1, ge=0, le=1, description="Holt trend smoothing")
@@ -119,11 +147,20 @@ class RoleState(_Model):
         default_factory=list, description="(time, observed attainment) over the stabilization window")
     recent_needs: list[tuple[float, int]] = Field(
         default_factory=list, description="(time, replicas needed with hysteresis) over the stabilization window")
+    last_flip_s: float | None = Field(None, description="when the role last reversed direction")
+    held: int = Field(0, ge=0, description="while bursts are held: the pool that proved needed in them (a miss "
+                                           "at one instance fewer); 0 when nothing is held")
+    last_backlog_s: float | None = Field(None, description="when the role last had a queue beyond one request "
+                                                           "per instance")
 
 
 class AutoscalerState(_Model):
     forecast: ForecastState = ForecastState()
     roles: dict[Role, RoleState] = Field(default_factory=dict)
+    history: list[tuple[float, float]] = Field(default_factory=list,
+                                               description="(time, observed rate) over the burst look-back")
+    misses: list[float] = Field(default_factory=list,
+                                description="ticks over the burst look-back whose window missed the SLO target")
 
 
 class RoleDecision(_Model):

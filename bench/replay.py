@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tandem.api.models import Role
 from tandem.api.observations import LengthBucket, Observations, RoleObservation
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import load_profile
 from tandem.router.routing.config import RoutingConfig
@@ -47,9 +48,17 @@ class ScaleCommand:
 
 
 class Scaler:
-    """A scaling policy under test; it sees only observations, like the live controller."""
+    """A scaling policy under test; it sees only observations, like the live controller.
+
+    ``tick_s``, ``window_s`` and ``mix_window_s`` are the policy's own loop period and observation
+    windows (rate/attainment/queues, and length mix); None takes the replay's (the Tandem
+    actuator's defaults). Peer policies differ in these too (Knative's autoscaler ticks every 2 s).
+    """
 
     name: str = "scaler"
+    tick_s: float | None = None
+    window_s: float | None = None
+    mix_window_s: float | None = None
 
     def initial(self) -> dict[Role, int]:
         raise NotImplementedError
@@ -61,7 +70,7 @@ class Scaler:
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
     profile: str
-    slo: SLO
+    slo: ScalingSLO
     startup_delay_s: float = 60.0
     tick_s: float = 15.0
     window_s: float = 30.0
@@ -126,7 +135,7 @@ def length_mix(reqs: Iterable[TraceRequest] | Iterable[PreparedRequest]) -> list
             for _, (n, i, o) in sorted(cells.items())]
 
 
-def judge(res: PDResult, slo: SLO) -> tuple[bool, bool]:
+def judge(res: PDResult, slo: ScalingSLO) -> tuple[bool, bool]:
     """(TTFT met, TPOT met); a request that never ran meets neither, a one-token answer has no TPOT."""
     ttft, tpot = res.ttft, res.tpot
     ran = not res.rejected and res.finished_at is not None
@@ -140,7 +149,9 @@ class ElasticController:
     def __init__(self, cfg: ReplayConfig, scaler: Scaler, requests: Sequence[PreparedRequest],
                  attainable: Sequence[bool]) -> None:
         self.cfg, self.scaler = cfg, scaler
-        self.interval_s = cfg.tick_s
+        self.interval_s = scaler.tick_s or cfg.tick_s
+        self.window_s = scaler.window_s or cfg.window_s
+        self.mix_window_s = scaler.mix_window_s or cfg.mix_window_s
         self.arrivals = [r.arrival for r in requests]
         self.attainable = attainable
         self.actions: list[tuple[float, Role, int, int]] = []
@@ -171,11 +182,10 @@ class ElasticController:
 
     def observe(self, sim: PDSimulation, now: float) -> Observations:
         self._collect(sim)
-        cfg = self.cfg
-        w = min(cfg.window_s, now) if now > 0 else cfg.window_s
+        w = min(self.window_s, now) if now > 0 else self.window_s
         hi = sim.arrived
         lo = bisect_left(self.arrivals, now - w, 0, hi)
-        mix_lo = min(bisect_left(self.arrivals, now - cfg.mix_window_s, 0, hi), max(0, hi - 1))
+        mix_lo = min(bisect_left(self.arrivals, now - self.mix_window_s, 0, hi), max(0, hi - 1))
         # Like the actuator: length mix and hit ratio (prompt tokens routing found cached) over the
         # longer window, the rest over the short one.
         window = sim.results[mix_lo:hi]
@@ -188,15 +198,18 @@ class ElasticController:
             drained = sum(pool.status[k] == "draining" and pool.idle(k) for k in live)
             queued = pool.scheduler.queued_total if pool.scheduler is not None else 0
             kv = [pool.engines[k].kv_usage() for k, s in enumerate(pool.status) if s == "ready"]
+            serving = [k for k in live if pool.status[k] == "ready"]
             roles[role] = RoleObservation(
                 ready=pool.count("ready"), starting=pool.count("starting"),
                 draining=pool.count("draining") - drained, drained=drained,
                 queue_depth=queued + sum(len(pool.engines[k].waiting) for k in live),
+                in_flight=queued + sum(len(pool.engines[k].waiting) + len(pool.engines[k].running) for k in serving),
                 kv_usage=float(np.mean(kv)) if kv else 0.0)
         done = self._done[bisect_left(self._done_at, now - w):]
         return Observations(
             time_s=now, window_s=w, arrival_rate=(hi - lo) / w,
             length_mix=length_mix(sim.requests[mix_lo:hi]) if hi else [LengthBucket(input_tokens=1, output_tokens=1)],
+            recent_length_mix=length_mix(sim.requests[lo:hi]) if hi > lo else None, recent_mix_requests=hi - lo,
             prefix_hit_ratio=hit / prompt if prompt else 0.0, roles=roles,
             ttft_attainment=float(np.mean([x[0] for x in done])) if done else None,
             ttft_attainable=max(1e-3, float(np.mean([x[2] for x in done]))) if done else 1.0,

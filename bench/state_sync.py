@@ -56,7 +56,7 @@ class BenchStateSyncCommand(TandemSettings):
         print(f"  routed / load only: {routed[0] / floor[0]:.2f}x CPU")
 
     async def _measure(self, url: str, name: str, paths: int) -> tuple[float, float, float]:
-        from tandem.router.state import InstanceLoad, LocalReport, RedisStateBackend
+        from tandem.router.state import LocalReport, RedisStateBackend, SharedLoad
 
         rng = random.Random(0)
         prefix = f"bench-{name}-{time.time_ns()}"
@@ -65,7 +65,7 @@ class BenchStateSyncCommand(TandemSettings):
 
         def report() -> LocalReport:
             return LocalReport(
-                load={i: InstanceLoad(pending_miss_tokens=rng.randrange(10_000),
+                load={i: SharedLoad(pending_miss_tokens=rng.randrange(10_000),
                                       pending_attn_pairs=rng.randrange(10**8),
                                       queued_requests=rng.randrange(8), inflight_requests=rng.randrange(32))
                       for i in instances},

@@ -112,7 +112,7 @@ class OperatorRunCommand(TandemSettings):
 
         await kopf.operator(
             registry=registry,
-            settings=build_settings(),
+            settings=build_settings(namespaced=not self.all_namespaces),
             standalone=True,
             clusterwide=self.all_namespaces,
             namespaces=self.namespace,

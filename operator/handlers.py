@@ -25,8 +25,12 @@ from .reconcile import Reconciler
 log = logging.getLogger("tandem.operator")
 
 
-def build_settings(*, request_timeout: float = 30.0) -> kopf.OperatorSettings:
+def build_settings(*, request_timeout: float = 30.0, namespaced: bool = False) -> kopf.OperatorSettings:
+    """kopf's settings. ``namespaced`` (--namespace): serve exactly the named namespaces without
+    scanning the cluster for namespaces and CRDs, so that Roles in those namespaces are all the
+    operator needs (deploy/rbac/operator-namespaced.yaml); cluster-wide it scans (a ClusterRole)."""
     settings = kopf.OperatorSettings()
+    settings.scanning.disabled = namespaced
     settings.peering.standalone = True  # one operator replica (Deployment with replicas: 1)
     settings.peering.mandatory = False
     settings.networking.request_timeout = request_timeout

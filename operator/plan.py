@@ -426,7 +426,8 @@ def gateway_command(svc: LLMService, *, shared_state: bool = False) -> list[str]
         "--k8s-namespace",
         svc.metadata.namespace,
         "--k8s-selector",
-        f"{LABEL_SERVICE}={svc.metadata.name}",
+        # Engines only: the gateway's own pods carry the service label too (for its metrics), not a role.
+        f"{LABEL_SERVICE}={svc.metadata.name},{LABEL_ROLE}",
         "--slo-ttft",
         f"{spec.slo.ttft_seconds:g}",
         "--service-config",
@@ -478,7 +479,9 @@ def gateway_deployment(
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {
-                    "labels": {LABEL_NAME: "tandem", **selector},
+                    # The service label names the LLMService on the gateway's metrics (the chart's
+                    # PodMonitor copies it to `service`); the selector stays as it was (immutable).
+                    "labels": {LABEL_NAME: "tandem", **selector, LABEL_SERVICE: name},
                     "annotations": {ANN_CONFIG_HASH: digest},
                 },
                 "spec": {

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from tandem.api.observations import merge_counts
 from tandem.openai_api import error_body
@@ -51,23 +53,38 @@ def _said_unseen(resp: httpx.Response) -> bool:
         return False
 
 
+def admin_denied(gw: Gateway, authorization: str | None, x_api_key: str | None) -> JSONResponse | None:
+    """The refusal of an admin call: 404 while the admin API is off, 401 without a valid admin key."""
+    if gw.admin_mode == "open":
+        return None
+    if gw.admin_mode == "disabled":
+        return JSONResponse(status_code=404, content=error_body(
+            "the admin API is disabled (set admin_api_keys to enable it)", type_="NotFoundError"))
+    auth = gw.admin_keys.authenticate(authorization, x_api_key)
+    if auth.ok:
+        return None
+    return JSONResponse(status_code=auth.status, content=error_body(auth.message, type_="authentication_error"))
+
+
+def admin_refusal(gw: Gateway, scope: Scope) -> JSONResponse | None:
+    """For an HTTP request under /admin, :func:`admin_denied` of its credentials; None for any other
+    path. Each front end's app (the HTTP gateway's, the endpoint picker's HTTP side) calls it before
+    routing, so the admin API is guarded the same way wherever it is served."""
+    if not scope["path"].startswith("/admin"):
+        return None
+    headers = Headers(scope=scope)
+    return admin_denied(gw, headers.get("authorization"), headers.get("x-api-key"))
+
+
 def admin_router(gw: Gateway) -> APIRouter:
+    """The admin routes. Who may call them is checked before any of them runs (:func:`admin_refusal`,
+    called by the app for every path under /admin), so that no parameter is validated for a caller
+    without the admin key."""
     router = APIRouter(prefix="/admin")
 
-    def denied(request: Request) -> JSONResponse | None:
-        if gw.admin_mode == "open":
-            return None
-        if gw.admin_mode == "disabled":
-            return JSONResponse(status_code=404, content=error_body(
-                "the admin API is disabled (set admin_api_keys to enable it)", type_="NotFoundError"))
-        auth = gw.admin_keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        if auth.ok:
-            return None
-        return JSONResponse(status_code=auth.status, content=error_body(auth.message, type_="authentication_error"))
-
     @router.get("/instances")
-    async def instances(request: Request) -> Any:
-        return denied(request) or {
+    async def instances() -> Any:
+        return {
             "instances": [i.describe() for i in gw.all_instances()],
             "joining": sorted(gw._joining),
             "shared_members": gw.shared_members,
@@ -76,36 +93,34 @@ def admin_router(gw: Gateway) -> APIRouter:
         }
 
     @router.get("/rings")
-    async def rings(request: Request) -> Any:
-        return denied(request) or {
+    async def rings() -> Any:
+        return {
             model: {policy: _describe_policy(s) for policy, s in pool.schedulers.items()}
             for model, pool in gw.pools.items()}
 
     @router.get("/queues")
-    async def queues(request: Request) -> Any:
-        return denied(request) or {
+    async def queues() -> Any:
+        return {
             model: {"waiting": len(pool.waiters), "per_instance": pool.queue_lengths(),
                     "queued": {policy: {iid: [r.request_id for r in s.queued(iid)] for iid in pool.instances}
                                for policy, s in pool.schedulers.items()}}
             for model, pool in gw.pools.items()}
 
     @router.get("/decisions")
-    async def decisions(request: Request, limit: int = 50) -> Any:
+    async def decisions(limit: int = 50) -> Any:
         rows = [d for pool in gw.pools.values() for d in pool.decisions]
         rows.sort(key=lambda d: d["time"])
-        return denied(request) or {"decisions": rows[-max(1, min(limit, 10_000)):]}
+        return {"decisions": rows[-max(1, min(limit, 10_000)):]}
 
     @router.get("/offload")
-    async def offload(request: Request) -> Any:
+    async def offload() -> Any:
         """Per model with a remote prefill pool: the threshold, why (last solve), and the link's use."""
-        return denied(request) or {
+        return {
             "remote_link_gbps": gw.settings.remote_link_gbps,
             "models": {m: st.model_dump() for m, st in gw.pd_router.offload_status().items()}}
 
     @router.post("/drain")
     async def drain(request: Request, instance: str) -> Any:
-        if (resp := denied(request)) is not None:
-            return resp
         known = False
         for pool in gw.pools.values():
             if instance in pool.instances:
@@ -194,8 +209,6 @@ def admin_router(gw: Gateway) -> APIRouter:
         """The autoscaler's LoadReport (docs/autoscaler.md): the last ``window`` s of one service and
         the in-flight requests per pod; ``now`` (the caller's clock) is echoed as ``time_s``. A gateway
         with ``--workers`` answers for all of them (with their own in-flight requests, which add up)."""
-        if (resp := denied(request)) is not None:
-            return resp
         counts = await gateway_counts(request, service, namespace, window, None, own_only=gw.siblings is not None)
         if isinstance(counts, JSONResponse):
             return counts
@@ -214,8 +227,6 @@ def admin_router(gw: Gateway) -> APIRouter:
         wall-clock (Unix) seconds: every replica asked with the same ``now`` sums the same wall-clock
         buckets. In-flight requests are this gateway's own (not what shared state says of its
         peers), so that they add up."""
-        if (resp := denied(request)) is not None:
-            return resp
         wall = time.time()
         if now is not None and abs(now - wall) > MAX_CLOCK_SKEW_S:
             return JSONResponse(status_code=422, content=error_body(

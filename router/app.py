@@ -13,11 +13,15 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from tandem.openai_api import ChatCompletionRequest, CompletionRequest
+from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
+from tandem.router.admin import admin_refusal, admin_router
 from tandem.router.gateway import Gateway
+from tandem.router.passthrough import PROBES, TOKENIZER_ROUTES, Passthrough
+from tandem.router.requestview import PATHS, Kind
 from tandem.router.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -34,11 +38,14 @@ class GatewayApp(FastAPI):
         header = self.gateway.worker_header
         if header is not None and scope["type"] == "http":  # which worker answered (admin reads are per worker)
             send = _with_header(send, b"x-tandem-worker", header)
-        if scope["type"] == "http" and scope["method"] == "POST":
-            kind = _FAST_PATHS.get(scope["path"])
-            if kind is not None:
+        if scope["type"] == "http":
+            if scope["method"] == "POST" and (kind := _FAST_PATHS.get(scope["path"])) is not None:
                 response = await self.gateway.handle(Request(scope, receive), kind)
                 await response(scope, receive, send)
+                return
+            # Under /admin, the key first: nothing is validated for a caller without it.
+            if (denied := admin_refusal(self.gateway, scope)) is not None:
+                await denied(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -52,7 +59,7 @@ def _with_header(send: Any, name: bytes, value: bytes) -> Any:
     return sending
 
 
-_FAST_PATHS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_FAST_PATHS: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
 
 
 def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -> FastAPI:
@@ -79,6 +86,23 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         return await gw.handle(request, "chat")
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        """The Responses API, routed as a chat (instructions and input messages key the prompt)."""
+        return await gw.handle(request, "responses")
+
+    # The engine's other routes clients and probes use: to one engine, answered as it answers.
+    passthrough = Passthrough(gw)
+
+    async def forward(request: Request) -> Response:
+        return await passthrough.forward(request, request.url.path)
+
+    routes = [(path, "GET", "from one engine") for path in PROBES] + [("/ping", "POST", "from one engine")]
+    routes += [(path, "POST", "from an engine of the body's model (any without one)") for path in TOKENIZER_ROUTES]
+    for path, method, where in routes:
+        app.add_api_route(path, forward, methods=[method], summary=f"the engine's {path}, {where}",
+                          operation_id=f"engine{path.replace('/', '_')}_{method.lower()}")
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -107,7 +131,13 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
     async def metrics() -> Response:
         return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    from tandem.router.admin import admin_router
-
-    app.include_router(admin_router(gw))
+    app.include_router(admin_router(gw), include_in_schema=settings.expose_topology)
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
     return app
+
+
+async def invalid_parameters(request: Request, exc: Exception) -> JSONResponse:
+    """A route's parameters that FastAPI refused: 422 in the OpenAI error shape, naming the field."""
+    assert isinstance(exc, RequestValidationError)
+    message, field = describe_validation_error(exc)
+    return JSONResponse(status_code=422, content=error_body(message, param=field))

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -22,7 +22,9 @@ from tandem.api.labels import ANN_DRAINING, ANN_PORT, LABEL_MODEL, LABEL_ROLE, L
 
 log = logging.getLogger("tandem.gateway.discovery")
 
-Role = Literal["unified", "prefill", "decode", "remote-prefill"]
+# The roles of tandem.api.models.Role plus "remote-prefill": the engines of a remote prefill pool
+# (PrfaaS-style offload), which the gateway routes to but which are not one of the service's pools.
+EndpointRole = Literal["unified", "prefill", "decode", "remote-prefill"]
 
 
 class Endpoint(BaseModel):
@@ -31,7 +33,7 @@ class Endpoint(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     url: str
-    role: Role = "unified"
+    role: EndpointRole = "unified"
     model: str | None = None
     service: str | None = None
     name: str | None = None  # pod name, for humans
@@ -97,7 +99,7 @@ def endpoint_from_pod(pod: Any, default_port: int) -> Endpoint | None:
         return None
     labels = _get(pod, "metadata", "labels") or {}
     role = labels.get(LABEL_ROLE, "unified")
-    if role not in ("unified", "prefill", "decode", "remote-prefill"):
+    if role not in get_args(EndpointRole):
         log.warning("pod %s: unknown %s=%r, ignored", _get(pod, "metadata", "name"), LABEL_ROLE, role)
         return None
     host = f"[{ip}]" if ":" in ip else ip

@@ -47,7 +47,8 @@ class EngineSnapshot(BaseModel):
     generation_tokens: float | None = None
     ttft_sum: float | None = None
     ttft_count: float | None = None
-    block_size: int | None = None
+    block_size: int | None = None  # vLLM's KV block size (cache_config_info)
+    kv_blocks: int | None = None  # and its number of KV blocks (num_gpu_blocks): the prefix cache's capacity
     model_names: list[str] = []
 
     def prefix_hit_ratio(self) -> float | None:
@@ -87,13 +88,16 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     models: set[str] = set()
-    block_size: int | None = None
+    block_size = kv_blocks = None
     for fam in families:
         for s in fam.samples:
             if "model_name" in s.labels:
                 models.add(s.labels["model_name"])
-            if fam.name == "vllm:cache_config_info" and s.labels.get("block_size", "").isdigit():
-                block_size = int(s.labels["block_size"])
+            if fam.name == "vllm:cache_config_info":
+                if s.labels.get("block_size", "").isdigit():
+                    block_size = int(s.labels["block_size"])
+                if s.labels.get("num_gpu_blocks", "").isdigit():
+                    kv_blocks = int(s.labels["num_gpu_blocks"])
             if fam.type == "histogram" and fam.name in _TTFT:
                 if s.name.endswith("_sum"):
                     sums["ttft_sum"] += s.value
@@ -126,4 +130,5 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     if not values:
         raise EngineMetricsError("no vLLM or SGLang metrics found in /metrics")
     flavor: EngineFlavor = "vllm" if "vllm" in flavors else "sglang" if "sglang" in flavors else "unknown"
-    return EngineSnapshot(flavor=flavor, block_size=block_size, model_names=sorted(models), **values)
+    return EngineSnapshot(flavor=flavor, block_size=block_size, kv_blocks=kv_blocks, model_names=sorted(models),
+                          **values)

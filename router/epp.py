@@ -2,16 +2,19 @@
 
 A second front end on the same :class:`~tandem.router.gateway.Gateway`: the HTTP gateway proxies a
 request itself, here the data plane (Envoy, or any GIE gateway) asks which endpoint should serve it
-and proxies it. Everything between is shared, not copied: admission (``admit_headers`` as soon as
-the headers arrive, ``admit_body`` once the body has), routing and late binding
+and proxies it. Everything between is shared, not copied: admission (``gate`` and ``authenticate``
+as soon as the headers arrive, the body bounded in size and time as it comes, ``admit_body`` once it
+has: the HTTP gateway's steps, ``tandem.router.admission``), routing and late binding
 (``UnifiedRouter.bind``: the request waits here, its ext_proc answer held back, until its instance
 has budget), the accounting that releases it (``UnifiedRouter.ended``), the observations the
 autoscaler reads, the metrics, shared state and engine scraping.
 
 One HTTP request is one ext_proc stream, handled by one :class:`Exchange`:
 
-1. request headers: refuse at once what the headers alone refuse (draining, capacity, key);
-2. request body (held until complete): admit, route and wait; answer the ordered endpoint list
+1. request headers: refuse at once what the headers alone refuse (draining, capacity, key, a
+   declared length over the limit); from here the request counts toward the gateway's limit;
+2. request body (held until complete, within ``body_timeout``): admit, route and wait; answer the
+   ordered endpoint list
    (the bound instance, then the decision's other candidate, then the least loaded rest, at most
    ``max_attempts``) in the header and the ``envoy.lb`` metadata, or an immediate 503 / 429 / 4xx;
 3. response headers: which endpoint served (a failover past the first marks it failed, as the
@@ -27,6 +30,7 @@ which a picker cannot: such a model is refused (501) here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -38,9 +42,18 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from fastapi.responses import Response
 
 from tandem.router import eppwire as wire
-from tandem.router.admission import admit_body, admit_headers, error_response
+from tandem.router.admission import (
+    admit_body,
+    authenticate,
+    body_too_large,
+    body_too_slow,
+    declared_too_large,
+    error_response,
+    gate,
+)
 from tandem.router.observations import RequestTrace, TokenCounter, usage_tokens
-from tandem.router.unified import Bound
+from tandem.router.requestview import PATHS, Kind
+from tandem.router.unified import Bound, Left
 
 if TYPE_CHECKING:
     from tandem.router.gateway import Gateway
@@ -48,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tandem.epp")
 
-_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+_KINDS: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
 # Headers of a refusal that make sense in a local reply (Envoy sets content-length itself).
 _REPLY_HEADERS = ("content-type", "retry-after", "www-authenticate")
 _USAGE_BODY_CAP = 1 << 20  # a non-streamed answer's usage is read from at most its first MiB
@@ -78,17 +91,20 @@ class Exchange:
         self.response_mode = wire.NONE
         self.t0 = time.monotonic()
         self.headers: dict[str, str] = {}
-        self.kind: str | None = None
+        self.kind: Kind | None = None
         self.principal: str | None = None
         self.subset: set[str] | None = None
         self.body = bytearray()
+        self.body_due: float | None = None  # while the body is awaited: when it must be complete
         self.picked = False  # the endpoints are answered (scheduled or not)
         self.extended = False  # asked the data plane for more time (at most once a message)
-        # A scheduled request: the gateway's accounting from enter() to ended().
+        # Counted toward the gateway's limit (Gateway.enter) from the headers on, until a refusal, the
+        # pick of a request that is not scheduled, or the end of a scheduled one (ended / done).
+        self.entered = False
+        # A scheduled request: the gateway's accounting until ended().
         self.pool: Pool | None = None
         self.policy = gw.settings.policy
         self.trace: RequestTrace | None = None
-        self.entered = False
         self.bound: Bound | None = None
         self.status = 0
         self.first_chunk = False
@@ -102,7 +118,15 @@ class Exchange:
 
     async def run(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
         first = True
-        async for req in requests:
+        messages = aiter(requests)
+        while True:
+            try:
+                req = await self._next(messages)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:  # the body did not come in time: as the HTTP gateway, a slow client is refused
+                await self._refuse(body_too_slow(self.gw))
+                return
             which = req.WhichOneof("request")
             if which == "response_body":  # the most frequent: every chunk of a streamed answer
                 await self._response_body(req.response_body)
@@ -126,12 +150,24 @@ class Exchange:
             if done:
                 return
 
+    async def _next(self, messages: AsyncIterator[ep.ProcessingRequest]) -> ep.ProcessingRequest:
+        """The next message; while a request body is awaited, by its deadline (TimeoutError)."""
+        if self.body_due is None:
+            return await anext(messages)
+        async with asyncio.timeout(self.body_due - time.monotonic()):
+            return await anext(messages)
+
     async def _send(self, *responses: ep.ProcessingResponse) -> None:
         for r in responses:
             await self.context.write(r)
 
-    async def _refuse(self, response: Response) -> bool:
-        """Answer with ``response`` (an OpenAI-shaped error from admission or routing) instead of an endpoint."""
+    async def _refuse(self, response: Response, *, counted: bool = False) -> bool:
+        """Answer with ``response`` (an OpenAI-shaped error from admission or routing) instead of an
+        endpoint; the request leaves the gateway's count (``counted``: Gateway.done already did)."""
+        if self.entered:
+            self.entered = False
+            if not counted:
+                self.gw.leave()
         headers = {k: v for k, v in response.headers.items() if k in _REPLY_HEADERS}
         await self._send(wire.immediate(response.status_code, bytes(response.body), headers,
                                         f"tandem_{response.status_code}"))
@@ -143,14 +179,23 @@ class Exchange:
         self.t0 = time.monotonic()
         self.headers = wire.headers_of(req.request_headers)
         self.subset = wire.subset_hint(req)
-        principal = admit_headers(self.gw, self.headers)
+        if (refused := gate(self.gw)) is not None:
+            return await self._refuse(refused)
+        # As the HTTP gateway: from here on the request counts toward the limit, its body included.
+        self.gw.enter()
+        self.entered = True
+        principal = authenticate(self.gw, self.headers)
         if isinstance(principal, Response):
             return await self._refuse(principal)
         self.principal = principal
+        if declared_too_large(self.headers, self.gw.settings.max_body_bytes):
+            return await self._refuse(body_too_large(self.gw))
         self.kind = _KINDS.get(self.headers.get(":path", "").split("?", 1)[0])
         if req.request_headers.end_of_stream or self.request_mode in (wire.NONE, wire.STREAMED):
             # No body, or one the data plane does not hold for us: pick on the headers alone.
             return await self._pick_unscheduled(None)
+        # The body is held until complete: the request holds a slot meanwhile, so it is bounded in time.
+        self.body_due = self.t0 + self.gw.settings.body_timeout
         if self.request_mode != wire.FULL_DUPLEX:  # BUFFERED: the body comes once this is answered
             await self._send(wire.proceed("request_headers"))
         return False
@@ -160,10 +205,8 @@ class Exchange:
             await self._send(wire.proceed("request_body"))
             return False
         self.body += req.request_body.body
-        limit = self.gw.settings.max_body_bytes
-        if len(self.body) > limit:
-            self.gw.metrics.rejected.labels("too_large").inc()
-            return await self._refuse(error_response(413, f"request body exceeds {limit} bytes"))
+        if len(self.body) > self.gw.settings.max_body_bytes:
+            return await self._refuse(body_too_large(self.gw))
         if req.request_body.end_of_stream or self.request_mode != wire.FULL_DUPLEX:
             return await self._request_end(req, trailers=False)
         return False
@@ -174,6 +217,7 @@ class Exchange:
             if trailers:
                 await self._send(wire.proceed("request_trailers"))
             return False
+        self.body_due = None  # all here: admission and the wait for budget have their own limits
         raw = bytes(self.body)
         if self.kind is None:
             return await self._pick_unscheduled(raw, trailers)
@@ -199,6 +243,9 @@ class Exchange:
         endpoints = self._allowed([wire.endpoint_of(i.id) for i in ranked])
         if not endpoints:
             return await self._refuse(error_response(503, "no ready endpoint", type_="server_error", retry_after=2))
+        if self.entered:  # not scheduled: nothing of it is accounted past the pick
+            self.entered = False
+            self.gw.leave()
         await self._answer(endpoints[:self.gw.settings.max_attempts], raw, trailers)
         return False
 
@@ -226,21 +273,18 @@ class Exchange:
                     503, "no ready endpoint in the data plane's subset", type_="server_error", retry_after=2))
             excluded = [iid for iid in pool.instances if iid not in allowed]
         self.trace = gw.observer.arrived(pool.service, "unified", admitted.rreq.prompt_tokens, self.t0)
-        gw.enter()
-        self.entered = True
         base = gw.new_request_id()
         deadline = self.t0 + gw.settings.request_timeout
-        bound: Bound | Response | None = None
         for attempt in range(1, gw.settings.max_attempts + 1):
             bound = await gw.unified.bind(pool, admitted.rreq, self.policy, f"{base}-{attempt}", excluded, deadline,
-                                          self.trace, self._hold)
-            if bound is not None:
+                                          self.trace, admitted.engine_key, self._hold)
+            if not isinstance(bound, Left):
                 break
-        if not isinstance(bound, Bound):
-            self.entered = False  # bind's refusal, or the one below, left through Gateway.done
-            refusal = bound if bound is not None else gw.done(self.policy, "none", "no_instance", error_response(
+        else:  # every instance it was released to left while it was queued
+            bound = gw.done(self.policy, bound.decision.reason, "no_instance", error_response(
                 503, "no available instance", type_="server_error", retry_after=2), trace=self.trace)
-            return await self._refuse(refusal)
+        if isinstance(bound, Response):  # bind's refusal, or the one above: counted by Gateway.done
+            return await self._refuse(bound, counted=True)
         self.bound = bound
         await self._answer([wire.endpoint_of(iid) for iid in self._fallbacks(pool, bound)], raw, trailers)
         return False
@@ -293,7 +337,7 @@ class Exchange:
             # first byte (connect refused, reset, 5xx), as a retry of the HTTP path records it.
             instance.breaker.on_failure(now, fatal=True)
             instance.refresh_health(now)
-            gw.metrics.upstream_errors.labels(instance.id, "failover").inc()
+            gw.metrics.upstream_errors.labels(instance.label, "failover").inc()
             gw.metrics.retries.labels("failover").inc()
             pool.failed(bound.rid)
             instance = next((i for i in pool.instances.values() if wire.endpoint_of(i.id) == served), instance)
@@ -301,10 +345,10 @@ class Exchange:
                 return {"x-tandem-decision": bound.decision.reason}
         if self.status >= 500:
             instance.breaker.on_failure(now)
-            gw.metrics.upstream_errors.labels(instance.id, "status").inc()
+            gw.metrics.upstream_errors.labels(instance.label, "status").inc()
         elif self.status:
             instance.breaker.on_success()
-        return {"x-tandem-instance": instance.id, "x-tandem-decision": bound.decision.reason}
+        return {"x-tandem-instance": instance.label, "x-tandem-decision": bound.decision.reason}
 
     async def _response_body(self, body: ep.HttpBody) -> None:
         chunk = body.body
@@ -361,9 +405,12 @@ class Exchange:
                 self.pool.failed(self.bound.rid)
             gw.unified.ended(self.pool, self.bound.rid, self.policy, reason, self.t0, self.trace, outcome, tokens)
             self.entered = False
-        elif self.entered:  # cancelled while routing or waiting for budget
+        elif self.entered:  # cancelled while its body came, or while it was routed or waited for budget
             self.entered = False
-            gw.done(self.policy, "none", "client_gone", Response(status_code=499), trace=self.trace)
+            if self.trace is None:
+                gw.leave()
+            else:
+                gw.done(self.policy, "none", "client_gone", Response(status_code=499), trace=self.trace)
 
     def close(self) -> None:
         """The stream is over (the data plane closed it, or it broke): a request whose response did

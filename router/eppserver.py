@@ -30,7 +30,9 @@ from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import Receive, Scope, Send
 
+from tandem.router.admin import admin_refusal, admin_router
 from tandem.router.epp import EndpointPicker
 from tandem.router.eppsettings import EppSettings
 from tandem.router.gateway import Gateway
@@ -44,11 +46,22 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _PickerHttpApp(FastAPI):
+    """FastAPI whose admin API is guarded as the HTTP gateway's is (:func:`admin_refusal` first)."""
+
+    gateway: Gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (denied := admin_refusal(self.gateway, scope)) is not None:
+            await denied(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def http_app(gw: Gateway) -> FastAPI:
     """The picker's HTTP side: health for Kubernetes probes, metrics, and the gateway's admin API."""
-    from tandem.router.admin import admin_router
-
-    app = FastAPI(title="tandem endpoint picker")
+    app = _PickerHttpApp(title="tandem endpoint picker")
+    app.gateway = gw
     app.state.gateway = gw
 
     @app.get("/healthz")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -25,14 +26,17 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from tandem.router.admission import admit, load_tokenizer
+from tandem.router.admission import admit, gate
+from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
 from tandem.router.pdgateway import PDRouter
 from tandem.router.pool import Instance, Pool, new_instance_state
 from tandem.router.proxy import Upstream
+from tandem.router.ratelimit import RateLimiter, RedisLimiter
 from tandem.router.remote_status import RemotePoolReporter, RemoteView
+from tandem.router.requestview import PATHS, Kind
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.registry import make_policy, policy_names
@@ -42,7 +46,8 @@ from tandem.router.scrape import Scraper
 from tandem.router.security import KeyRing, admin_mode, engine_ssl_context
 from tandem.router.settings import GatewaySettings
 from tandem.router.siblings import Siblings
-from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend, StateBackend
+from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad, StateBackend
+from tandem.router.tokenizer import load_tokenizer
 from tandem.router.unified import UnifiedRouter
 
 if TYPE_CHECKING:
@@ -74,6 +79,10 @@ class Gateway:
             err = exc.errors()[0]
             raise ValueError(f"routing.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         self.tokenizer = load_tokenizer(settings.tokenizer) if settings.tokenizer else None
+        # model -> its engines' KV block size (vLLM cache_config_info), kept by the tick from the scrapes:
+        # admission hashes prompts in these blocks too, for the observations' hit estimate.
+        self.engine_blocks: dict[str, int] = {}
+        self.cpu = CpuWork(settings.admission_threads, settings.admission_queue)
         self.worker = worker
         self.worker_header = str(worker.index).encode() if worker else None  # x-tandem-worker
         self.siblings = Siblings(worker.sibling_sockets) if worker else None
@@ -100,6 +109,7 @@ class Gateway:
         self.pd: dict[str, dict[str, Instance]] = {"prefill": {}, "decode": {}, "remote-prefill": {}}
         self.pd_router = PDRouter(self)
         self.unified = UnifiedRouter(self)
+        self.context_len: dict[str, int] = {}  # model -> max_model_len its engines reported (/v1/models)
         self.endpoints: set[Endpoint] = set()
         self._joining: dict[str, asyncio.Task[None]] = {}
         self.upstream: Upstream | None = None
@@ -108,7 +118,11 @@ class Gateway:
                                                         ttl=max(2.0, 5 * settings.state_sync_interval))
                                       if settings.redis_url else MemoryStateBackend())
         self.metrics.state_backend_up.labels(self.backend.name).set(1)
-        self._remote: dict[str, InstanceLoad] = {}  # peers' load folded into our InstanceStates
+        self.metrics.backend_known(self.backend.name)
+        # Per-key limits: one budget across workers and replicas through Redis (local 1/N when it is down).
+        self.limiter = RateLimiter(RedisLimiter(settings.redis_url, settings.redis_prefix, timeout=0.25)
+                                   if settings.redis_url else None, processes=lambda: 1 + len(self.peers))
+        self._remote: dict[str, SharedLoad] = {}  # peers' load folded into our InstanceStates
         self.shared_members: dict[str, list[str]] = {}
         self.peers: list[str] = []
         self.discovery: KubernetesDiscovery | None = None
@@ -155,6 +169,13 @@ class Gateway:
         for ep in added:
             self._joining[ep.url] = asyncio.create_task(self._join(ep), name=f"join {ep.url}")
 
+    def instance_label(self, ep: Endpoint) -> str:
+        """What clients and /metrics call an engine: its URL only with --expose-topology; otherwise an
+        opaque id, stable across gateway replicas and restarts (the pod name, else a hash of the URL)."""
+        if self.settings.expose_topology:
+            return ep.url
+        return ep.name or "i-" + hashlib.sha256(ep.url.encode()).hexdigest()[:12]
+
     def engine_headers(self, ep: Endpoint) -> dict[str, str]:
         """Credentials an engine needs: the remote prefill pool's token, sent to its engines only (it
         authenticates this gateway to another cluster; local engines never see it)."""
@@ -172,14 +193,18 @@ class Gateway:
                 async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=self.engine_tls) as client:
                     resp = await client.get(ep.url + "/v1/models", headers=self.engine_headers(ep))
                     resp.raise_for_status()
-                    model = resp.json()["data"][0]["id"]
+                    card = resp.json()["data"][0]
+                    model = card["id"]
+                    if isinstance(limit := card.get("max_model_len"), int) and limit > 0:  # vLLM, sglang
+                        self.context_len[model] = limit
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
-        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic())
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=self.instance_label(ep))
+        self.metrics.instance_known(inst.label)
         if ep.role == "unified":
             pool = self.pools.get(model)
             if pool is None:
@@ -190,6 +215,9 @@ class Gateway:
             pool.add(inst)
         else:
             self.pd[ep.role][ep.url] = inst
+            self.metrics.pd_model_known(model, remote=ep.role == "remote-prefill")
+            if ep.role != "decode":  # its prefill pool now, not at the first request: its series exist
+                self.pd_router.prefill_pool(model, ep.role)
         self._joining.pop(ep.url, None)
         log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
 
@@ -201,12 +229,14 @@ class Gateway:
             self.pd_router.tick()
             for pool in self.pools.values():
                 pool.tick()
-                for iid, inst in pool.instances.items():
-                    self.metrics.queue_length.labels(iid).set(inst.state.queued_requests)
-                    self.metrics.inflight.labels(iid).set(inst.state.inflight_requests)
-                    self.metrics.breaker_open.labels(iid).set(1 if inst.breaker.state == "open" else 0)
+                for inst in pool.instances.values():
+                    self.metrics.queue_length.labels(inst.label).set(inst.state.queued_requests)
+                    self.metrics.inflight.labels(inst.label).set(inst.state.inflight_requests)
+                    self.metrics.breaker_open.labels(inst.label).set(1 if inst.breaker.state == "open" else 0)
             counts: dict[tuple[str, str, str], int] = dict.fromkeys(self._instance_series, 0)
             for inst in self.all_instances():
+                if inst.snapshot is not None and inst.snapshot.block_size:
+                    self.engine_blocks[inst.model] = inst.snapshot.block_size
                 st = "draining" if inst.state.draining else "healthy" if inst.state.healthy else "unhealthy"
                 key = (inst.model, inst.endpoint.role, st)
                 counts[key] = counts.get(key, 0) + 1
@@ -222,21 +252,21 @@ class Gateway:
             report.members[name] = sorted(i.id for i in pool.instances.values() if not i.removed)
             report.observed[name], pool.observed = pool.observed, []
             for iid, inst in pool.instances.items():
-                remote = self._remote.get(iid, InstanceLoad())
+                remote = self._remote.get(iid, SharedLoad())
                 s = inst.state
-                report.load[iid] = InstanceLoad(
+                report.load[iid] = SharedLoad(
                     pending_miss_tokens=max(0, s.pending_miss_tokens - remote.pending_miss_tokens),
                     pending_attn_pairs=max(0, s.pending_attn_pairs - remote.pending_attn_pairs),
                     queued_requests=s.queued_requests,
                     inflight_requests=max(0, s.inflight_requests - remote.inflight_requests))
         return report
 
-    def apply_remote(self, load: dict[str, InstanceLoad]) -> None:
+    def apply_remote(self, load: dict[str, SharedLoad]) -> None:
         """Fold the peers' load into our instance states as a delta on top of our own accounting."""
         for pool in self.pools.values():
             for iid, inst in pool.instances.items():
-                new = load.get(iid, InstanceLoad())
-                old = self._remote.get(iid, InstanceLoad())
+                new = load.get(iid, SharedLoad())
+                old = self._remote.get(iid, SharedLoad())
                 inst.state.inflight_miss_tokens += new.pending_miss_tokens - old.pending_miss_tokens
                 inst.state.inflight_attn_pairs += new.pending_attn_pairs - old.pending_attn_pairs
                 inst.state.inflight_requests += new.inflight_requests - old.inflight_requests
@@ -272,7 +302,8 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         self.upstream = Upstream(max_connections=s.max_connections, connect_timeout=s.connect_timeout,
-                                 first_byte_timeout=s.first_byte_timeout, ssl_context=self.engine_tls)
+                                 first_byte_timeout=s.first_byte_timeout, stream_idle_timeout=s.stream_idle_timeout,
+                                 max_stream_s=s.max_stream_duration, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
                                ssl_context=self.engine_tls, headers=self.engine_headers)
@@ -309,6 +340,8 @@ class Gateway:
         if self.upstream:
             await self.upstream.close()
         await self.backend.close()
+        await self.limiter.close()
+        self.cpu.close()
         if self.siblings:
             await self.siblings.close()
 
@@ -348,22 +381,48 @@ class Gateway:
         if self.active == 0:
             self._idle.set()
 
-    async def handle(self, request: Request, kind: str) -> Response:
+    def served_models(self) -> list[str]:
+        """Every model an instance of this gateway serves, unified or disaggregated."""
+        return sorted({i.model for i in self.all_instances() if not i.removed})
+
+    async def handle(self, request: Request, kind: Kind) -> Response:
         """One generation request, from admission to the unified or the disaggregated path."""
-        admitted = await admit(self, request, kind)
-        if isinstance(admitted, Response):
-            return admitted
-        a = admitted
-        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-        self.enter()
+        if (refused := gate(self)) is not None:
+            return refused
+        self.enter()  # from here on, body reading included: a slow client holds a slot, not a free pass
         try:
+            a = await admit(self, request, kind)
+            if isinstance(a, Response):
+                self.leave()
+                return a
+            path = PATHS[kind]
             if a.pool is None:
                 return await self.pd_router.serve(request, a.data, replace(a.rreq, model=a.body.model), path,
-                                                  a.body.stream, a.policy)
-            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy)
+                                                  a.body, a.policy, a.engine_key)
+            return await self.unified.serve(request, a.pool, a.rreq, a.raw, path, a.body.stream, a.policy,
+                                            a.engine_key)
         except BaseException:
             self.leave()
             raise
+
+    def output_in_force(self, model: str, asked: int, prompt_tokens: int) -> int:
+        """The output tokens a request may produce: what it asked for, or, when it set no limit, the
+        configured default, the model's context length less the prompt, or the gateway's output limit
+        (``asked`` 0: no limit set)."""
+        if asked:
+            return asked
+        if self.settings.default_output_tokens:
+            return self.settings.default_output_tokens
+        if (context := self.context_len.get(model)) is not None:
+            return max(1, context - prompt_tokens)
+        return self.settings.max_output_tokens
+
+    def first_byte_s(self, prompt_tokens: int) -> float:
+        """How long an engine has to start a stream of ``prompt_tokens``: the first-byte timeout plus a
+        multiple of the profile's prefill estimate (linear and attention terms), so that a hung engine is
+        left after seconds while a long prompt still gets its prefill."""
+        estimate = prompt_tokens * self.prefill_s_per_token + prompt_tokens ** 2 / 2 * self.prefill_cost.attn_pair_s
+        return self.settings.first_byte_timeout + self.settings.first_byte_prefill_factor * estimate
 
     def new_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):08x}"

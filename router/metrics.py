@@ -9,6 +9,13 @@ any worker answers ``/metrics`` for all: counters and histograms add up; each ga
 workers' values combine (``multiprocess_mode``): queue lengths, in-flight requests and link use add
 up, instance counts, open circuits and the offload threshold are the same engines seen by every
 worker (the largest), and the state backend is up only if it is up for every worker.
+
+A labelled series exists only once its labels are used, and one that is born with the value 1 is
+invisible to ``rate()`` and ``increase()`` (there is no earlier sample to rise from): the first retry,
+upstream error or failed request would read 0 on every dashboard. So the label values known in
+advance are created at 0 here: the outcomes, retry and rejection reasons at start, a policy's decision
+reasons when its scheduler is made, an instance's error kinds when it joins, a model's prefill routes
+when its first disaggregated instance joins.
 """
 
 from __future__ import annotations
@@ -21,6 +28,18 @@ from prometheus_client.multiprocess import MultiProcessCollector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
                    160.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+# Every value the gateway gives these labels (router/app.py, router/pdgateway.py, router/proxy.py), and
+# the endpoint picker (router/epp.py: a failover the data plane made, a subset with no ready endpoint).
+OUTCOMES = ("ok", "client_error", "upstream_error", "timeout", "no_instance", "queue_full", "queue_timeout", "busy",
+            "refused", "client_gone")
+UPSTREAM_ERROR_KINDS = ("connect", "busy", "status", "empty", "timeout", "protocol", "failover")
+RETRY_REASONS = ("connect", "status", "empty", "timeout", "protocol", "pd", "failover")  # a busy gateway does not retry
+REJECT_REASONS = ("draining", "overloaded", "auth", "too_large", "body_timeout", "invalid", "pd_incomplete",
+                  "unknown_model", "rate_limit", "subset")
+PREFILL_ROUTES = ("local", "remote")
+# Decisions that are not a policy's: nothing was routed yet, or a disaggregated request.
+NO_DECISION, PD_DECISION = "none", "pd"
 
 
 class GatewayMetrics:
@@ -49,6 +68,9 @@ class GatewayMetrics:
                                        ["instance", "kind"], registry=r)
         self.breaker_open = Gauge("tandem_circuit_open", "1 while an instance's circuit breaker is open.",
                                   ["instance"], multiprocess_mode="livemax", registry=r)
+        self.scrapes = Counter("tandem_scrapes", "Engine /metrics scrapes started (each ends in a sample or in "
+                               "tandem_scrape_errors_total): errors over scrapes is the failing share, whatever "
+                               "the scrape interval.", ["instance"], registry=r)
         self.scrape_errors = Counter("tandem_scrape_errors", "Failed engine /metrics scrapes.", ["instance"],
                                      registry=r)
         self.loop_lag = Histogram("tandem_event_loop_lag_seconds", "How late a timer of the gateway's event loop "
@@ -80,6 +102,39 @@ class GatewayMetrics:
                                       "link's capacity this gateway's offloads used over the controller's "
                                       "measurement window; sum over gateways for the link's total.", ["model"],
                                       multiprocess_mode="livesum", registry=r)
+        for reason in RETRY_REASONS:
+            self.retries.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def policy_known(self, policy: str, reasons: tuple[str, ...]) -> None:
+        """Create a routing policy's series: its decision reasons and each request outcome under them."""
+        self.ttft.labels(policy)
+        self.e2e.labels(policy)
+        for reason in reasons:
+            self.choices.labels(policy, reason)
+        for decision in (*reasons, NO_DECISION, PD_DECISION):
+            for outcome in OUTCOMES:
+                self.requests.labels(policy, decision, outcome)
+
+    def instance_known(self, instance: str) -> None:
+        """Create an engine instance's error and queue series (when it joins)."""
+        self.scrapes.labels(instance)
+        self.scrape_errors.labels(instance)
+        self.queue_wait.labels(instance)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(instance, kind)
+
+    def pd_model_known(self, model: str, remote: bool) -> None:
+        """Create a disaggregated model's prefill-route series (when one of its instances joins), and
+        its link traffic counter once it has a remote prefill pool."""
+        for route in PREFILL_ROUTES:
+            self.prefill_routes.labels(model, route)
+        if remote:
+            self.link_bytes.labels(model)
+
+    def backend_known(self, backend: str) -> None:
+        self.state_backend_errors.labels(backend)
 
     def exposition(self) -> bytes:
         """The text ``/metrics`` answers: this gateway's series, or every worker's combined."""

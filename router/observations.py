@@ -36,13 +36,15 @@ when the wall clock is stepped; a replica that saw a step keeps its start-up ali
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from tandem.api.models import Role
 from tandem.api.observations import (
     ADDITIVE_COUNTS,
     InstanceLoad,
@@ -52,12 +54,12 @@ from tandem.api.observations import (
     fold_instances,
     mix_table,
 )
+from tandem.blockcache import BlockCache
 
 if TYPE_CHECKING:
     from tandem.router.pool import Instance
 
-ObservedRole = Literal["unified", "prefill", "decode"]
-_USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_USAGE = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 
 
 # Request outcomes that say nothing about whether the service kept its SLO: the client left, or the
@@ -70,7 +72,7 @@ class RequestTrace:
     """One request as the window sees it; created on arrival, updated O(1) along its path."""
 
     service: str
-    role: ObservedRole
+    role: Role
     arrival: float
     prompt_tokens: int
     hit_tokens: int = 0
@@ -120,33 +122,86 @@ class _Ring:
 
 
 class TokenCounter:
-    """Output tokens of a relayed SSE stream: the engine's usage chunk when sent, else one per event.
+    """Output tokens of a relayed SSE stream: the engine's usage when it sends one, else one per event.
 
-    vLLM and SGLang send one ``data:`` event per generated token by default; the final usage chunk
-    (``stream_options.include_usage``) and ``[DONE]`` are not tokens.
+    vLLM and SGLang send one ``data:`` event per generated token by default. Not tokens: comment lines
+    (vLLM's ``: keep-alive``), ``[DONE]``, the usage chunk (``stream_options.include_usage``) and the
+    role-only chunk a chat stream starts with (``{"role": "assistant", "content": ""}``, one per choice).
+    Events are read line by line across chunk boundaries (an event may arrive in two pieces).
     """
 
-    __slots__ = ("events", "usage")
+    __slots__ = ("_tail", "events", "usage")
 
     def __init__(self) -> None:
         self.events = 0
         self.usage: int | None = None
+        self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data:") - chunk.count(b"[DONE]")
-        if b'"completion_tokens"' in chunk and (m := _USAGE.search(chunk)):
-            self.usage = int(m.group(1))
-            self.events -= 1
+        lines = (self._tail + chunk).split(b"\n")
+        self._tail = lines.pop()  # an unfinished line waits for the rest
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue  # comments, event names, blank separators
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                continue
+            if (m := _USAGE.search(payload)) is not None:
+                self.usage = int(m.group(1))
+                continue
+            if b'"role"' in payload and _role_only(payload):
+                continue
+            self.events += 1
 
     @property
     def tokens(self) -> int:
-        return self.usage if self.usage is not None else max(self.events, 0)
+        return self.usage if self.usage is not None else self.events
+
+
+def _role_only(payload: bytes) -> bool:
+    """A chat chunk whose every choice announces the role and carries no content yet (parsed: one per
+    stream and choice, so the cost stays off the per-token path)."""
+    try:
+        choices = json.loads(payload).get("choices")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(choices, list) or not choices:
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict) or "role" not in delta:
+            return False
+        if any(value for key, value in delta.items() if key != "role"):
+            return False
+    return True
 
 
 def usage_tokens(body: bytes) -> int | None:
-    """``usage.completion_tokens`` of a non-streamed answer (None when the engine sent none)."""
+    """``usage.completion_tokens`` (``output_tokens`` of the Responses API) of a non-streamed answer
+    (None when the engine sent none)."""
     m = _USAGE.search(body)
     return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineKey:
+    """A prompt's chained hashes in the engine's own KV blocks (``block`` tokens each, scraped from
+    vLLM's ``cache_config_info``): what the engine's prefix cache matches, unlike the routing blocks."""
+
+    block: int
+    hashes: tuple[int, ...]
+
+
+def engine_hit_tokens(cache: BlockCache, key: EngineKey, prompt_tokens: int) -> int:
+    """The prompt tokens the engine will serve from its prefix cache, by the gateway's replica of that
+    cache (an LRU of the engine's blocks fed with what the gateway sent it), then the prompt's blocks go in.
+
+    As vLLM counts them: whole cached blocks, at most those before the prompt's last token (the engine
+    computes at least that one), so it agrees with the engine's ``prefix_cache_hits/queries``."""
+    blocks, _ = cache.match_prefix(key.hashes)
+    hit = min(blocks * key.block, (max(prompt_tokens - 1, 0) // key.block) * key.block)
+    cache.insert(key.hashes, [key.block] * len(key.hashes))
+    return hit
 
 
 def max_attainable_prompt(prefill_time: Callable[[int], float], slo_ttft_s: float, limit: int = 1 << 22) -> int:
@@ -183,7 +238,7 @@ class Observer:
 
     # --- the request path (each O(1)) ---------------------------------------------------------
 
-    def arrived(self, service: str, role: ObservedRole, prompt_tokens: int, now: float) -> RequestTrace:
+    def arrived(self, service: str, role: Role, prompt_tokens: int, now: float) -> RequestTrace:
         self._ring(service).at(now).arrivals += 1
         return RequestTrace(service, role, now, max(1, prompt_tokens))
 

@@ -16,6 +16,9 @@ VLLM_PREFILL_KV_PARAMS: dict[str, Any] = {
     "remote_block_ids": None, "remote_host": None, "remote_port": None,
 }
 _VLLM_DECODE_KEYS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
+#: Fields that cannot go with a one-token prefill: dropped from the prefill leg (the decode leg keeps them).
+_NOT_WITH_ONE_TOKEN = ("min_tokens",)
+_OUTPUT_LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 # ----- vLLM handshake -----------------------------------------------------------------------------
@@ -25,10 +28,37 @@ def vllm_prefill_body(data: dict[str, Any]) -> dict[str, Any]:
     body["max_tokens"] = 1
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
+    for name in _NOT_WITH_ONE_TOKEN:  # min_tokens: 12 with max_tokens: 1 is a 400 the request does not deserve
+        body.pop(name, None)
     body["stream"] = False
     body.pop("stream_options", None)
     body["kv_transfer_params"] = dict(VLLM_PREFILL_KV_PARAMS)
     return body
+
+
+def prefill_blind_spots(data: dict[str, Any], context_len: int | None) -> tuple[str, str] | None:
+    """(message, field) of what the decode engine would refuse but the one-token prefill leg cannot see,
+    because it rewrites those fields: an output limit that is not a positive integer or exceeds the
+    model's context length, a ``min_tokens`` that is not a count or exceeds the output limit. Checked
+    before the prefill, so such a request is not computed once for nothing; anything else the decode
+    engine refuses still reaches the client as the engine worded it."""
+    limit: int | None = None
+    for name in _OUTPUT_LIMITS:
+        value = data.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{name}: must be a positive integer, got {value!r}", name
+        if context_len is not None and value > context_len:
+            return f"{name}: {value} exceeds the model's context length of {context_len} tokens", name
+        limit = value if limit is None else min(limit, value)
+    least = data.get("min_tokens")
+    if least is not None:
+        if not isinstance(least, int) or isinstance(least, bool) or least < 0:
+            return f"min_tokens: must be a non-negative integer, got {least!r}", "min_tokens"
+        if limit is not None and least > limit:
+            return f"min_tokens: {least} exceeds the output limit of {limit} tokens", "min_tokens"
+    return None
 
 
 def vllm_decode_params(prefill_response: Any) -> dict[str, Any]:

@@ -34,9 +34,10 @@ from fastapi.responses import JSONResponse, Response
 
 from tandem.api.observations import OffloadCounts
 from tandem.router.admission import error_response
-from tandem.router.observations import RequestTrace, usage_tokens
+from tandem.router.observations import EngineKey, RequestTrace, usage_tokens
 from tandem.router.pd_bodies import (
     new_bootstrap_room,
+    prefill_blind_spots,
     sglang_bodies,
     vllm_decode_body,
     vllm_decode_params,
@@ -51,6 +52,7 @@ from tandem.router.proxy import (
     UpstreamFailure,
     unless_disconnected,
 )
+from tandem.router.requestview import RequestView
 from tandem.router.routing.decode import DecodeLoad, pick_decode
 from tandem.router.routing.offload import (
     OffloadController,
@@ -64,7 +66,7 @@ from tandem.router.routing.types import NoInstanceError, RouteRequest
 
 if TYPE_CHECKING:
     from tandem.router.gateway import Gateway
-    from tandem.router.state import InstanceLoad as SharedLoad
+    from tandem.router.state import SharedLoad
 
 
 class _Retry(Exception):
@@ -138,10 +140,14 @@ class PDRouter:
             return insts[pick_decode(loads)]  # every one failed this request: any is better than none
 
     # --- the request path -----------------------------------------------------------------------
-    async def serve(self, request: Request, data: dict[str, Any], rreq: RouteRequest, path: str, stream: bool,
-                    policy: str) -> Response:
+    async def serve(self, request: Request, data: dict[str, Any], rreq: RouteRequest, path: str, view: RequestView,
+                    policy: str, engine_key: EngineKey | None = None) -> Response:
         """Run the handshake, retrying before the first byte; the gateway's ``_done``/``_leave`` close it."""
         gw, s = self.gw, self.gw.settings
+        stream = view.stream
+        if s.pd_engine == "vllm" and (blind := prefill_blind_spots(data, gw.context_len.get(rreq.model))):
+            message, field = blind  # what only the decode leg would see: refused before a prefill is spent
+            return gw.done(policy, "pd", "client_error", error_response(400, message, param=field))
         route = self.route(rreq)
         gw.metrics.prefill_routes.labels(rreq.model, route).inc()
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
@@ -156,7 +162,8 @@ class PDRouter:
         while attempts < s.max_attempts and time.monotonic() < deadline:
             try:
                 return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
-                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace)
+                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace,
+                                           engine_key)
             except _Final as final:
                 response = final.response
                 if final.outcome == "no_instance" and attempts:  # the failures took the last instances
@@ -270,11 +277,11 @@ class PDRouter:
         inst = pool.instances.get(instance_id)
         if inst is None:
             pool.failed(rreq.request_id)
-            raise _Retry(f"prefill instance {instance_id} left")
+            raise _Retry("the prefill instance left")
         return inst, decision.hit_tokens
 
     async def _start(self, request: Request, inst: Instance, path: str, body: dict[str, Any], stream: bool,
-                     deadline: float, role: str) -> Started:
+                     deadline: float, role: str, first_byte_s: float | None = None) -> Started:
         """Send one leg; an UpstreamFailure becomes a retry that excludes this instance."""
 
         gw = self.gw
@@ -282,7 +289,8 @@ class PDRouter:
         try:
             started = await unless_disconnected(request, gw.upstream.start(
                 inst.endpoint.url + path, json.dumps(body).encode(), stream=stream,
-                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint)))
+                budget_s=max(0.001, deadline - time.monotonic()), headers=gw.engine_headers(inst.endpoint),
+                first_byte_s=first_byte_s))
         except ClientGone:
             raise _Final("client_gone", Response(status_code=499)) from None
         except UpstreamFailure as exc:
@@ -290,17 +298,19 @@ class PDRouter:
             if not refused and exc.kind != "busy":  # "busy": the gateway's own connection limit, not the engine
                 inst.breaker.on_failure(time.monotonic(), fatal=exc.fatal)
                 inst.refresh_health(time.monotonic())
-            gw.metrics.upstream_errors.labels(inst.id, exc.kind).inc()
-            raise _Retry(f"{role} {inst.id}: {exc}", **{role: inst.id}, refused=refused) from None
+            gw.metrics.upstream_errors.labels(inst.label, exc.kind).inc()
+            said = exc if gw.settings.expose_topology else exc.summary  # the engine's address stays inside
+            raise _Retry(f"{role} {inst.label}: {said}", **{role: inst.id}, refused=refused) from None
         inst.breaker.on_success()
         return started
 
     async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
                        stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
-                       deadline: float, trace: RequestTrace) -> Response:
+                       deadline: float, trace: RequestTrace, engine_key: EngineKey | None) -> Response:
         observer = self.gw.observer
         p_inst, hit = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
-        observer.routed(trace, hit, time.monotonic())
+        observer.routed(trace, p_inst.engine_hit(engine_key, rreq.prompt_tokens, hit, self.gw.shadow_tokens),
+                        time.monotonic())
         rid = rreq.request_id
         d_inst = self.decode_choice(rreq.model, excluded_d)
         d_inst.state.inflight_requests += 1
@@ -310,16 +320,15 @@ class PDRouter:
                 started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
             else:
                 started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
-            if started.status >= 400:
-                raise _Final("client_error", _error(
-                    502, f"decode instance {d_inst.id} refused the KV handshake ({started.status}): "
-                         f"{started.first.decode(errors='replace')[:300]}"))
+            if started.status >= 400:  # the decode engine refused the request itself: its answer, as in unified mode
+                raise _Final("client_error", Response(started.first, status_code=started.status,
+                                                      headers=started.headers))
             remote = p_inst.endpoint.role == "remote-prefill"
             if remote:
                 self._count_link(rreq)
-            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.id,
+            headers = {**started.headers, "x-tandem-prefill-instance": p_inst.label,
                        "x-tandem-prefill-route": "remote" if remote else "local",
-                       "x-tandem-decode-instance": d_inst.id, "x-tandem-decision": "pd"}
+                       "x-tandem-decode-instance": d_inst.label, "x-tandem-decision": "pd"}
             if started.response is None:
                 observer.finished(trace, usage_tokens(started.first), time.monotonic(), streamed=False)
                 self.gw.metrics.e2e.labels(policy).observe(time.monotonic() - t0)
@@ -350,7 +359,7 @@ class PDRouter:
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
-            raise _Retry(f"prefill {p_inst.id}: {exc}", prefill=p_inst.id) from None
+            raise _Retry(f"prefill {p_inst.label}: {exc}", prefill=p_inst.id) from None
         try:
             return await self._start(request, d_inst, path, vllm_decode_body(data, kv), stream, deadline, "decode")
         except _Retry as retry:
@@ -364,7 +373,9 @@ class PDRouter:
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
         p_task = asyncio.ensure_future(self._start(request, p_inst, path, prefill_body, False, deadline, "prefill"))
-        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode"))
+        # The decode stream starts with the prefill (its first byte follows the whole prefill): the prompt's budget.
+        d_task = asyncio.ensure_future(self._start(request, d_inst, path, decode_body, stream, deadline, "decode",
+                                                   self.gw.first_byte_s(trace.prompt_tokens)))
         try:
             pre = await p_task
         except BaseException:

@@ -22,6 +22,7 @@ from tandem.blockcache import BlockCache
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
+from tandem.router.observations import EngineKey, engine_hit_tokens
 from tandem.router.resilience import CircuitBreaker
 from tandem.router.routing.capabilities import AdaptivelyKeyed
 from tandem.router.routing.types import (
@@ -49,6 +50,23 @@ class Instance:
     scrape_failures: int = 0
     suspect: bool = False
     removed: bool = False
+
+    label: str = ""  # what clients and /metrics call it (an opaque id unless topology is exposed)
+    engine_cache: BlockCache | None = None  # the observations' replica of its prefix cache, in its own blocks
+    engine_block: int = 0  # the block size of that replica
+
+    def engine_hit(self, key: EngineKey | None, prompt_tokens: int, routed_hit: int, capacity_tokens: int) -> int:
+        """Prompt tokens this engine will serve from its own prefix cache, as the observations count them:
+        in the engine's KV blocks when its block size is known (``key``), else the routing estimate.
+        The replica holds as many blocks as the engine reports (``num_gpu_blocks``), else ``capacity_tokens``."""
+        if key is None:
+            return routed_hit
+        cache = self.engine_cache
+        if cache is None or self.engine_block != key.block:
+            blocks = self.snapshot.kv_blocks if self.snapshot is not None else None
+            cache = self.engine_cache = BlockCache(blocks * key.block if blocks else capacity_tokens)
+            self.engine_block = key.block
+        return engine_hit_tokens(cache, key, prompt_tokens)
 
     @property
     def id(self) -> str:
@@ -116,6 +134,7 @@ class Pool:
         sched = self.schedulers.get(policy)
         if sched is None:
             sched = self.schedulers[policy] = self.make_scheduler(policy, self.cluster)
+            self.metrics.policy_known(policy, sched.policy.reasons)
         return sched
 
     # --- membership -------------------------------------------------------------------------
@@ -170,7 +189,8 @@ class Pool:
                     self.owner.pop(req.request_id, None)
                     waiter = self.waiters.pop(req.request_id, None)
                     if waiter is not None and not waiter.future.done():
-                        waiter.future.set_exception(NoInstanceError(f"instance {instance_id} went away"))
+                        inst = self.instances.get(instance_id)
+                        waiter.future.set_exception(NoInstanceError(f"instance {inst.label if inst else ''} went away"))
 
     # --- request lifecycle ------------------------------------------------------------------
 
@@ -218,7 +238,8 @@ class Pool:
                     sched.cancel(req.request_id)
                     self.owner.pop(req.request_id, None)
                     continue
-                self.metrics.queue_wait.labels(instance_id).observe(now - waiter.enqueued)
+                inst = self.instances.get(instance_id)
+                self.metrics.queue_wait.labels(inst.label if inst else "").observe(now - waiter.enqueued)
                 inst = self.instances.get(instance_id)
                 if inst is not None:
                     inst.breaker.on_dispatch()

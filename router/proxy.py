@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,11 +34,12 @@ T = TypeVar("T")
 
 class UpstreamFailure(Exception):
     """The engine did not start the request. ``fatal``: the instance itself looks broken
-    (refused, reset, silent), which opens its circuit at once."""
+    (refused, reset, silent), which opens its circuit at once. ``summary`` says what happened without
+    the engine's address (``detail``, the underlying error, may name it): what a client may be told."""
 
-    def __init__(self, kind: str, message: str, *, fatal: bool, status: int | None = None) -> None:
-        super().__init__(message)
-        self.kind, self.fatal, self.status = kind, fatal, status
+    def __init__(self, kind: str, summary: str, *, fatal: bool, status: int | None = None, detail: str = "") -> None:
+        super().__init__(f"{summary}: {detail}" if detail else summary)
+        self.kind, self.fatal, self.status, self.summary = kind, fatal, status, summary
 
 
 @dataclass(slots=True)
@@ -46,6 +48,7 @@ class Started:
     headers: dict[str, str]
     first: bytes  # the first body chunk (streaming) or the whole body (non-streaming)
     response: Response | None  # open streaming response; None when ``first`` is the whole body
+    ends_by: float = float("inf")  # monotonic time past which a stream is cut (a trickling engine)
 
     async def close(self) -> None:
         """Release the connection when the body was read to its end, else drop it: a connection
@@ -61,9 +64,15 @@ _FORWARD = ("content-type", "cache-control")
 
 
 class Upstream:
+    """Timeouts: ``connect_timeout`` to open a connection; a stream's headers and first chunk within its
+    first-byte budget, then at most ``stream_idle_timeout`` between two chunks and ``max_stream_s`` in
+    all; a non-streamed answer within the request's own budget (its deadline)."""
+
     def __init__(self, *, max_connections: int, connect_timeout: float, first_byte_timeout: float,
+                 stream_idle_timeout: float = 30.0, max_stream_s: float = 3600.0,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout, self.first_byte_timeout = connect_timeout, first_byte_timeout
+        self.stream_idle_timeout, self.max_stream_s = stream_idle_timeout, max_stream_s
         self.max_connections = max_connections
         self.ssl_context = ssl_context
         self._client: HTTP1Client | None = None
@@ -79,9 +88,11 @@ class Upstream:
             await self._client.close()
 
     async def start(self, url: str, body: bytes, *, stream: bool, budget_s: float,
-                    headers: dict[str, str] | None = None) -> Started:
-        """Send and wait for the start; ``budget_s`` bounds the whole wait (the request's deadline)."""
-        read = min(self.first_byte_timeout, budget_s) if stream else budget_s
+                    headers: dict[str, str] | None = None, first_byte_s: float | None = None) -> Started:
+        """Send and wait for the start; ``budget_s`` bounds the whole wait (the request's deadline), and a
+        stream's first byte comes within ``first_byte_s`` (default: the first-byte timeout)."""
+        first_byte = self.first_byte_timeout if first_byte_s is None else first_byte_s
+        read = min(first_byte, budget_s) if stream else budget_s
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         response: Response | None = None
         try:
@@ -89,7 +100,7 @@ class Upstream:
                 response = await self.client.post(url, body, hdrs, connect_timeout=min(self.connect_timeout, budget_s),
                                                   read_timeout=read)
             except HTTPConnectError as exc:
-                raise UpstreamFailure("connect", f"cannot connect: {exc}", fatal=True) from None
+                raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
             except HTTPPoolBusy as exc:  # our own limit: no mark against the engine, the client retries later
                 raise UpstreamFailure("busy", str(exc), fatal=False) from None
             out_headers = {k: v for k, v in response.headers.items() if k in _FORWARD}
@@ -99,10 +110,16 @@ class Upstream:
                     raise UpstreamFailure("status", f"engine answered {response.status}", fatal=False,
                                           status=response.status)
                 return Started(response.status, out_headers, content, None)
-            first = await response.read_chunk()
-            if not first:
+            async with asyncio.timeout(read):  # the first event, however many keep-alive comments come first
+                first = await response.read_chunk()
+                while first and sse_comments_only(first):  # ": keep-alive" while it waits: no answer yet
+                    if not (more := await response.read_chunk()):
+                        break
+                    first += more
+            if not first or sse_comments_only(first):
                 raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True)
-            return Started(response.status, out_headers, first, response)
+            response.read_timeout = self.stream_idle_timeout  # from here on: the longest silence in a stream
+            return Started(response.status, out_headers, first, response, time.monotonic() + self.max_stream_s)
         except UpstreamFailure:
             _abort(response)
             raise
@@ -112,10 +129,44 @@ class Upstream:
             raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
         except HTTPConnectionError as exc:
             _abort(response)
-            raise UpstreamFailure("protocol", f"connection broke: {exc}", fatal=True) from None
+            raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
         except BaseException:
             _abort(response)  # cancelled (client went away): close the upstream connection
             raise
+
+
+    async def exchange(self, method: str, url: str, body: bytes, *, budget_s: float,
+                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One whole request and answer, whatever its status (the engine's routes besides generation:
+        probes, tokenizer): (status, forwarded headers, body), or an :class:`UpstreamFailure`."""
+        hdrs = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
+        response: Response | None = None
+        try:
+            async with asyncio.timeout(budget_s):
+                response = await self.client.request(method, url, body, hdrs, read_timeout=budget_s,
+                                                     connect_timeout=min(self.connect_timeout, budget_s))
+                content = await response.read()
+            return response.status, {k: v for k, v in response.headers.items() if k in _FORWARD}, content
+        except HTTPConnectError as exc:
+            raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
+        except HTTPPoolBusy as exc:
+            raise UpstreamFailure("busy", str(exc), fatal=False) from None
+        except TimeoutError:
+            _abort(response)
+            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
+        except HTTPConnectionError as exc:
+            _abort(response)
+            raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
+        except BaseException:
+            _abort(response)
+            raise
+
+
+def sse_comments_only(data: bytes) -> bool:
+    """Whether stream bytes hold nothing but SSE comment lines (``: keep-alive``, which vLLM's
+    ``--sse-keep-alive-interval`` sends while a request waits) and blank lines. Such bytes are not the
+    answer's start: neither the first token's time nor the point after which a failure is not retried."""
+    return all(not line.strip() or line.startswith(b":") for line in data.split(b"\n"))
 
 
 def _abort(response: Response | None) -> None:
@@ -129,6 +180,8 @@ async def relay(started: Started) -> AsyncIterator[bytes]:
     yield started.first
     while chunk := await started.response.read_chunk():
         yield chunk
+        if time.monotonic() > started.ends_by:
+            raise TimeoutError("stream longer than the longest allowed")
 
 
 class ClientGone(Exception):

@@ -112,13 +112,14 @@ class Scraper:
 
     async def scrape(self, inst: Instance) -> None:
         t0 = time.monotonic()
+        self.metrics.scrapes.labels(inst.label).inc()
         try:
             # The whole scrape is bounded (the client bounds each read only): a trickling engine is cut off too.
             async with asyncio.timeout(self.timeout):
                 text = await self._fetch(inst.endpoint.url + "/metrics", self.headers(inst.endpoint))
             snap = parse_engine_metrics(text)
         except (HTTPConnectError, HTTPConnectionError, HTTPPoolBusy, EngineMetricsError, TimeoutError) as exc:
-            self.metrics.scrape_errors.labels(inst.id).inc()
+            self.metrics.scrape_errors.labels(inst.label).inc()
             now = time.monotonic()
             if mark_failure(inst, now, self.stale_after):
                 log.warning("instance %s is suspect: no good /metrics for %.1fs (%s)", inst.id, self.stale_after,

@@ -1,10 +1,9 @@
-"""API keys and per-key rate limits (requests and tokens per minute).
+"""API keys and the limits configured per key (requests and tokens per minute).
 
 Keys come from a YAML/JSON file and/or a comma-separated env var. Only their SHA-256 digests are
 kept in memory after loading, and a key is identified everywhere (logs, metrics, errors) by its
 configured name or the first 8 hex digits of its digest, never by the key itself.
-Limits are token buckets refilled continuously (a minute's quota as burst), evaluated with an
-explicit clock so the logic is unit-testable.
+The limits are enforced by ``tandem.router.ratelimit`` (across processes through Redis).
 """
 
 from __future__ import annotations
@@ -41,23 +40,6 @@ def _digest(key: str) -> str:
 
 
 @dataclass(slots=True)
-class _Bucket:
-    capacity: float
-    level: float
-    updated: float
-
-    def take(self, amount: float, now: float) -> float:
-        """Take ``amount`` if available; returns 0 or the seconds until it would be."""
-        rate = self.capacity / 60.0
-        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
-        self.updated = now
-        if amount <= self.level or (amount > self.capacity and self.level >= self.capacity):
-            self.level -= amount  # an oversize request may go through on a full bucket, going negative
-            return 0.0
-        return (amount - self.level) / rate
-
-
-@dataclass(slots=True)
 class Principal:
     name: str
     rpm: int | None
@@ -69,7 +51,6 @@ class AuthResult(BaseModel):
     status: int = 200
     message: str = ""
     principal: str | None = None
-    retry_after: float = 0.0
 
 
 class KeyRing:
@@ -82,8 +63,6 @@ class KeyRing:
             d = _digest(spec.key)
             self._keys[d] = Principal(spec.name or d[:8], spec.rpm or default_rpm, spec.tpm or default_tpm)
         self._by_name = {p.name: p for p in self._keys.values()}
-        self._requests: dict[str, _Bucket] = {}
-        self._tokens: dict[str, _Bucket] = {}
 
     @property
     def enabled(self) -> bool:
@@ -126,27 +105,9 @@ class KeyRing:
                 return AuthResult(ok=True, principal=principal.name)
         return AuthResult(ok=False, status=401, message="invalid API key")
 
-    def admit(self, principal: str | None, tokens: int, now: float) -> AuthResult:
-        """Charge one request and ``tokens`` tokens to the key's buckets, or say when to retry."""
-        p = self._by_name.get(principal) if principal else None
-        if p is None:
-            return AuthResult(ok=True, principal=principal)
-        wait = 0.0
-        if p.rpm:
-            bucket = self._requests.setdefault(p.name, _Bucket(p.rpm, p.rpm, now))
-            wait = bucket.take(1, now)
-            if wait:
-                return AuthResult(ok=False, status=429, message=f"rate limit: {p.rpm} requests/minute for key "
-                                  f"'{p.name}'", principal=p.name, retry_after=wait)
-        if p.tpm:
-            bucket = self._tokens.setdefault(p.name, _Bucket(p.tpm, p.tpm, now))
-            wait = bucket.take(tokens, now)
-            if wait:
-                if p.rpm:  # give the request back: it was not served
-                    self._requests[p.name].level += 1
-                return AuthResult(ok=False, status=429, message=f"rate limit: {p.tpm} tokens/minute for key "
-                                  f"'{p.name}'", principal=p.name, retry_after=wait)
-        return AuthResult(ok=True, principal=p.name)
+    def principal(self, name: str | None) -> Principal | None:
+        """The key's name and limits (``tandem.router.ratelimit`` enforces them)."""
+        return self._by_name.get(name) if name else None
 
 
 AdminMode = Literal["open", "keys", "disabled"]

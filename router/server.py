@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from tandem.router.connections import bounded_protocol
 from tandem.router.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -95,10 +96,15 @@ def run_gateway_process(settings: GatewaySettings, sockets: list[socket.socket] 
         raise SystemExit(f"tandem gateway: {exc}") from exc
     # No proxy-headers middleware: nothing reads the client address behind a proxy, and it cost a
     # middleware hop on every request (tandem bench gateway).
+    speedups = uvicorn_speedups(settings.loop)
+    rejected = app.gateway.metrics.rejected
+    protocol = bounded_protocol(speedups.pop("http", "h11"), settings.header_timeout, settings.max_header_bytes,
+                                settings.max_client_connections, lambda reason: rejected.labels(reason).inc())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, proxy_headers=False, server_header=False,
                             timeout_graceful_shutdown=int(settings.drain_timeout) or None,
-                            timeout_keep_alive=settings.keep_alive_timeout, **uvicorn_speedups(settings.loop))
+                            timeout_keep_alive=settings.keep_alive_timeout, http=protocol,
+                            h11_max_incomplete_event_size=settings.max_header_bytes, **speedups)
 
     def drain() -> None:
         app.gateway.draining = True

@@ -53,7 +53,13 @@ class GatewaySettings(TandemSettings):
     k8s_watch_timeout: int = Field(60, gt=0, le=3600, description="seconds one pod watch lasts before it is renewed")
     kubeconfig: Path | None = Field(None, description="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     policy: str = Field("dualmap", description="routing policy (dualmap, round_robin, least_request, ...)")
-    policy_header: bool = Field(True, description="let the X-Tandem-Policy request header pick a policy (experiments)")
+    expose_topology: bool = Field(False, description="name engines by their URLs in /metrics labels and the "
+                                  "x-tandem-*instance response headers and error messages, and list the admin "
+                                  "routes in /openapi.json and /docs (debugging); off: an opaque stable id per "
+                                  "engine (its pod name under Kubernetes discovery, else i-<hash of its URL>)")
+    policy_header: bool = Field(False, description="let the X-Tandem-Policy request header pick the routing policy "
+                                "(experiments); honoured only with an admin key in X-Tandem-Admin-Key, or on a "
+                                "gateway with no keys at all")
     routing: dict[str, Any] = Field(default_factory=dict, description="extra policy configuration (YAML mapping)")
     slo_ttft: float = Field(5.0, gt=0, description="TTFT SLO in seconds (DualMap's alpha x SLO budget)")
     slo_tpot: float = Field(0.1, gt=0, description="TPOT SLO in seconds (the TPOT attainment /admin/observations "
@@ -61,6 +67,9 @@ class GatewaySettings(TandemSettings):
     observation_horizon: float = Field(900.0, gt=0, le=86400, description="longest window /admin/observations "
                                        "can report on (s); memory: one 1-second bucket per service per second")
     block_size: int = Field(512, gt=0, description="routing block size in tokens for text prompts")
+    trust_prompt_hints: bool = Field(False, description="simulator benchmarks only: believe the x_tandem prompt "
+                                     "hints a client declares (block ids, token count) for routing, limits and "
+                                     "budgets; off (the default), a request carrying them is refused with 400")
     tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
                                    "for routing keys; default: a cheap, stable word/punctuation chunking")
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
@@ -74,8 +83,18 @@ class GatewaySettings(TandemSettings):
     scrape_timeout: float = Field(1.0, gt=0, le=60, description="timeout of one scrape")
     stale_after: float = Field(3.0, gt=0, description="an instance with no good scrape for this long is suspect")
     connect_timeout: float = Field(2.0, gt=0, description="upstream connect timeout (s)")
-    first_byte_timeout: float = Field(60.0, gt=0, description="upstream response headers + first chunk timeout (s)")
-    request_timeout: float = Field(600.0, gt=0, description="whole-request timeout, queueing included (s)")
+    first_byte_timeout: float = Field(15.0, gt=0, description="seconds an engine has to start a stream (response "
+                                      "headers and first chunk), plus the prompt's prefill (next); slower: "
+                                      "retried on another engine")
+    first_byte_prefill_factor: float = Field(4.0, ge=0, description="the first-byte timeout grows by this many "
+                                             "times the profile's prefill estimate of the prompt, so that long "
+                                             "prompts get their prefill (0: a flat timeout)")
+    stream_idle_timeout: float = Field(30.0, gt=0, description="longest silence between two chunks of a started "
+                                       "stream (s); longer: the stream ends with an error event")
+    max_stream_duration: float = Field(3600.0, gt=0, description="longest a stream may last once started (s; an "
+                                       "engine trickling tokens forever); longer: ended with an error event")
+    request_timeout: float = Field(300.0, gt=0, description="whole-request timeout (s): queueing, the start on "
+                                   "an engine and, for a non-streamed request, its whole answer")
     queue_timeout: float = Field(60.0, gt=0, description="longest wait in the gateway's queue before 503 (s)")
     max_attempts: int = Field(3, ge=1, le=10, description="tries per request before the first byte (retries on others)")
     retry_backoff: float = Field(0.05, ge=0, description="base backoff between tries (s), doubled each retry")
@@ -86,10 +105,29 @@ class GatewaySettings(TandemSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted (413 above)")
     max_prompt_tokens: int = Field(1_000_000, gt=0, description="longest prompt accepted, in routing tokens (413)")
     max_output_tokens: int = Field(131_072, gt=0, description="largest max_tokens accepted (413)")
+    max_n: int = Field(128, ge=1, description="largest n (choices per request) accepted (400 above)")
+    default_output_tokens: int | None = Field(None, gt=0, description="output tokens a request without max_tokens "
+                                              "is charged against its key's tokens/minute (default: the model's "
+                                              "context length as its engines report it, less the prompt; else "
+                                              "max_output_tokens)")
     max_active_requests: int = Field(10_000, gt=0, description="requests inside the gateway at once (queued, "
                                      "starting or streaming) before 503 + Retry-After")
+    admission_threads: int = Field(2, ge=1, le=64, description="threads that parse, tokenize and hash big request "
+                                   "bodies (over 32 KiB) off the event loop")
+    admission_queue: int = Field(64, ge=0, description="big bodies waiting for an admission thread before 503 + "
+                                 "Retry-After")
     max_scrape_bytes: int = Field(4 * 1024 * 1024, gt=0, description="largest engine /metrics body read (bigger: "
                                   "a failed scrape)")
+    header_timeout: float = Field(10.0, gt=0, le=3600, description="seconds a client has to send a request's "
+                                  "line and headers (from the connection's opening, or from the first byte of "
+                                  "a later request on it); slower: the connection is closed (slowloris)")
+    body_timeout: float = Field(30.0, gt=0, le=3600, description="seconds a client has to send a generation "
+                                "request's whole body once its headers are in; slower: 408 and the connection "
+                                "closed. The request counts toward --max-active-requests meanwhile")
+    max_header_bytes: int = Field(65_536, ge=1024, description="largest request line + headers in bytes; larger: "
+                                  "431 and the connection closed")
+    max_client_connections: int = Field(16_384, gt=0, description="open client connections per gateway process; "
+                                        "a connection beyond them is closed at once")
     keep_alive_timeout: int = Field(65, gt=0, description="seconds an idle client connection stays open (longer "
                                     "than clients' own idle expiry, so they never race the close)")
     drain_timeout: float = Field(30.0, ge=0, description="on shutdown, seconds to let in-flight requests finish")

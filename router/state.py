@@ -24,23 +24,27 @@ from pydantic import BaseModel, Field
 log = logging.getLogger("tandem.gateway.state")
 
 
-class InstanceLoad(BaseModel):
-    """One replica's contribution to one instance's load."""
+class SharedLoad(BaseModel):
+    """One replica's contribution to one instance's load, as replicas share it through the backend.
+
+    (Not :class:`tandem.api.observations.InstanceLoad`, an instance's row in the observations the
+    autoscaler reads.)
+    """
 
     pending_miss_tokens: int = 0
     pending_attn_pairs: int = 0  # attention pairs of those tokens (the TTFT estimate's quadratic term)
     queued_requests: int = 0
     inflight_requests: int = 0
 
-    def __add__(self, other: InstanceLoad) -> InstanceLoad:
-        return InstanceLoad(pending_miss_tokens=self.pending_miss_tokens + other.pending_miss_tokens,
-                            pending_attn_pairs=self.pending_attn_pairs + other.pending_attn_pairs,
-                            queued_requests=self.queued_requests + other.queued_requests,
-                            inflight_requests=self.inflight_requests + other.inflight_requests)
+    def __add__(self, other: SharedLoad) -> SharedLoad:
+        return SharedLoad(pending_miss_tokens=self.pending_miss_tokens + other.pending_miss_tokens,
+                          pending_attn_pairs=self.pending_attn_pairs + other.pending_attn_pairs,
+                          queued_requests=self.queued_requests + other.queued_requests,
+                          inflight_requests=self.inflight_requests + other.inflight_requests)
 
 
 class LocalReport(BaseModel):
-    load: dict[str, InstanceLoad] = Field(default_factory=dict)
+    load: dict[str, SharedLoad] = Field(default_factory=dict)
     members: dict[str, list[str]] = Field(default_factory=dict)  # pool -> instance ids this replica serves
     # pool -> block-hash paths of the requests routed since the last sync (the adaptive key's input)
     observed: dict[str, list[list[int]]] = Field(default_factory=dict)
@@ -50,7 +54,7 @@ class SharedView(BaseModel):
     """What the other live replicas contribute (this replica's own share excluded)."""
 
     peers: list[str] = Field(default_factory=list)
-    load: dict[str, InstanceLoad] = Field(default_factory=dict)
+    load: dict[str, SharedLoad] = Field(default_factory=dict)
     members: dict[str, list[str]] = Field(default_factory=dict)  # pool -> union over live replicas, self included
     # pool -> paths the peers routed since our last read: fed to our adaptive keyer so every replica
     # keys hot prefixes at the same depth and so maps them to the same candidate pair.
@@ -87,7 +91,7 @@ class RedisStateBackend:
     """Redis layout (all keys under ``prefix``), every replica-owned key expiring after ``ttl``:
 
     - ``{p}:replicas``           sorted set replica id -> last sync time (live = seen within ttl)
-    - ``{p}:load:{replica}``     hash instance id -> JSON InstanceLoad
+    - ``{p}:load:{replica}``     hash instance id -> JSON SharedLoad
     - ``{p}:members:{replica}``  hash pool -> JSON list of instance ids
     - ``{p}:paths:{pool}``       stream of routed block-hash paths, one entry per replica sync
                                  (paths ';'-separated, hashes ','-separated; capped), read incrementally.
@@ -161,7 +165,7 @@ class RedisStateBackend:
         members: dict[str, set[str]] = {k: set(v) for k, v in report.members.items()}
         for i in range(len(peers)):
             for inst, raw in results[2 * i].items():
-                view.load[inst] = view.load.get(inst, InstanceLoad()) + InstanceLoad.model_validate_json(raw)
+                view.load[inst] = view.load.get(inst, SharedLoad()) + SharedLoad.model_validate_json(raw)
             for pool, raw in results[2 * i + 1].items():
                 members.setdefault(pool, set()).update(json.loads(raw))
         view.members = {k: sorted(v) for k, v in members.items()}

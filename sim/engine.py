@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.perf.costmodel import CostModel, attention_pairs
@@ -133,6 +134,8 @@ class Engine:
         self.reserved_tokens = 0  # sum of running requests' worst-case KV (prompt + max_tokens)
         self.shared_tokens = 0  # the part of it that is pinned cache blocks (counted once, in the cache)
         self.counters = EngineCounters()
+        # Told (tokens per iteration, iterations) as each plan completes: the metrics' iteration histogram.
+        self.on_iteration: Callable[[int, int], None] | None = None
         self._plan: _Plan | None = None
 
     # ----- queries -------------------------------------------------------------------------
@@ -329,6 +332,9 @@ class Engine:
 
     def _complete(self, plan: _Plan) -> list[Emission]:
         out: list[Emission] = []
+        if self.on_iteration is not None:  # a plan with prefill chunks is one iteration; a decode plan, steps
+            prefill_tokens = sum(chunk for _, chunk in plan.prefill)
+            self.on_iteration(len(plan.decode) + prefill_tokens, 1 if plan.prefill else plan.steps)
         t = plan.end
         for r in plan.decode:
             if r.finished_at is not None:

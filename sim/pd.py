@@ -32,6 +32,7 @@ import httpx
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tandem.api.models import Role
 from tandem.sim.link import AsyncLink
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from tandem.sim.engine import SimRequest
     from tandem.sim.settings import SimSettings
 
-Role = Literal["unified", "prefill", "decode"]
 MAX_ROOM = 2**63 - 1
 _MAX_HELD = 10_000  # prefill: KV records awaiting a pull (vLLM frees them after a timeout too)
 _MAX_ROOMS = 65_536
@@ -153,7 +153,7 @@ def parse_handshake(extra: dict[str, Any], role: Role, *, stream: bool) -> Hands
         if role == "unified":
             raise HandshakeError("bootstrap_room: sent to a unified engine (no disaggregation role)",
                                  "bootstrap_room")
-        return Handshake("sglang", role, sglang=fields)
+        return Handshake("sglang", "prefill" if role == Role.prefill else "decode", sglang=fields)
     return None
 
 

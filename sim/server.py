@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,19 +27,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from tandem.openai_api import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    error_body,
-    validation_error_handler,
-)
+from tandem.openai_api import ChatCompletionRequest, CompletionRequest
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile, load_profile
-from tandem.prefix import chain_hashes, text_block_hashes
+from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.sim import wire
 from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
 from tandem.sim.metrics import EngineMetrics
 from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
 from tandem.sim.settings import FaultMode, SimSettings
+from tandem.sim.vocab import Vocabulary
 from tandem.sim.wallclock import WallClockDriver
 
 _WORDS = ("the", "model", "serves", "tokens", "from", "a", "simulated", "engine", "with", "cached", "prefix",
@@ -65,8 +61,8 @@ class EngineDriver(WallClockDriver):
 
     task_name = "engine-driver"
 
-    def __init__(self, engine: Engine, metrics: EngineMetrics) -> None:
-        super().__init__()
+    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0) -> None:
+        super().__init__(time_scale)
         self.engine = engine
         self.metrics = metrics
         self.pending: dict[str, _Pending] = {}
@@ -107,7 +103,11 @@ class EngineDriver(WallClockDriver):
             self.metrics.observe_tokens(e.time - pending.last_time, e.tokens)
         pending.last_time = e.time
         if e.finished:
-            self.metrics.observe_finished(e.time - pending.submitted)
+            r = pending.req
+            first, admitted = r.first_token_at, r.admitted_at
+            self.metrics.observe_finished(e.time - pending.submitted,
+                                          first - admitted if first is not None and admitted is not None else None,
+                                          e.time - first if first is not None else None)
             self.pending.pop(e.request_id, None)
         pending.tokens.put_nowait(e)
 
@@ -129,7 +129,7 @@ class SimServer:
             kv_capacity_tokens=settings.kv_capacity_tokens or profile.kv_capacity_tokens,
             max_num_seqs=settings.max_num_seqs or profile.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens or profile.max_num_batched_tokens,
-            max_model_len=profile.model.max_model_len,
+            max_model_len=settings.max_model_len or profile.model.max_model_len,
             host_cache_tokens=settings.host_cache_tokens,
             host_link_gbytes_s=settings.host_link_gbytes_s,
         )
@@ -157,40 +157,38 @@ class SimServer:
 
     def injected_error(self) -> JSONResponse | None:
         if self.fault.mode == "error" and self.rng.random() < self.fault.error_rate:
-            return JSONResponse(status_code=500, content=error_body("injected fault", type_="server_error"))
+            return wire.error(500, "injected fault")
         return None
 
-    def build_request(self, body: CompletionRequest | ChatCompletionRequest, text: str) -> SimRequest:
-        max_tokens = body.output_limit(self.settings.default_max_tokens)
+    def build_request(self, body: CompletionRequest | ChatCompletionRequest) -> SimRequest:
+        """The engine request of a valid body (raises ``wire.EngineRefusal`` as vLLM refuses one)."""
+        max_model_len = self.engine.limits.max_model_len
+        wire.check_parameters(body, max_model_len)
         if body.x_tandem is not None:
             ext = body.x_tandem
             prompt_tokens, block_size, hashes = ext.prompt_tokens, ext.block_size, chain_hashes(ext.hash_ids)
         else:
             block_size = self.profile.kv_block_size
-            prompt_tokens, hashes = text_block_hashes(text, block_size)
+            prompt = body.prompts() if isinstance(body, CompletionRequest) else [body.prompt_text()]
+            if len(prompt) != 1:
+                raise wire.EngineRefusal("the simulator serves one prompt per request (vLLM takes a batch)",
+                                         "prompt", value=len(prompt))
+            if isinstance(prompt[0], str):
+                prompt_tokens, hashes = text_block_hashes(prompt[0], block_size)
+            else:  # token ids, hashed as the gateway hashes a tokenizer's ids
+                ids = [str(i) for i in prompt[0]]
+                prompt_tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+        max_tokens = wire.output_limit(body.max_completion_tokens or body.max_tokens,
+                                       self.settings.default_max_tokens, prompt_tokens, max_model_len)
         reason = self.engine.validate(prompt_tokens, max_tokens)
         if reason:
-            raise ValueError(reason)
+            raise wire.EngineRefusal(reason)
         return SimRequest(id=f"sim-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_tokens=prompt_tokens,
                           max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size)
 
-
-def _chunk(kind: str, rid: str, model: str, text: str, finish: str | None, first: bool) -> dict:
-    created = int(time.time())
-    if kind == "chat":
-        delta: dict = {"content": text}
-        if first:
-            delta["role"] = "assistant"
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-
-
-def _usage(req: SimRequest) -> dict:
-    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": req.generated,
-            "total_tokens": req.prompt_tokens + req.generated,
-            "prompt_tokens_details": {"cached_tokens": req.cached_tokens}}
+    def usage(self, req: SimRequest, *, stream: bool = False) -> dict:
+        make = wire.stream_usage if stream else wire.usage
+        return make(req.prompt_tokens, req.generated, req.cached_tokens, self.settings.enable_prompt_tokens_details)
 
 
 async def _token_stream(driver: EngineDriver, pending: _Pending) -> AsyncIterator[tuple[int, bool]]:
@@ -223,7 +221,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.driver = EngineDriver(server.engine, server.metrics)
+        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale)
         server.driver.start()
         await server.kv.start()
         yield
@@ -234,7 +232,8 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     app.state.sim = server
     if settings.api_key is not None:
         require_api_key(app, settings.api_key.get_secret_value())
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(RequestValidationError, wire.validation_error_handler)
+    vocab = Vocabulary()
 
     async def generate(request: Request, body: CompletionRequest | ChatCompletionRequest, kind: str):
         assert server.driver is not None
@@ -242,22 +241,23 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             await asyncio.Event().wait()  # accepted, never answered: the caller's timeout must fire
         if (err := server.injected_error()) is not None:
             return err
+        if isinstance(body, ChatCompletionRequest) and not body.messages and body.x_tandem is None:
+            return wire.missing_field("messages")
         if body.model != server.model_name:
-            return JSONResponse(status_code=404, content=error_body(
-                f"model '{body.model}' does not exist; this engine serves '{server.model_name}'",
-                type_="NotFoundError", param="model"))
+            return wire.unknown_model(body.model, server.model_name)
         if len(server.driver.pending) >= settings.max_pending:
             return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                                content=error_body("engine queue is full", type_="server_error"))
+                                content={"error": {"message": "engine queue is full", "type": "ServiceUnavailableError",
+                                                   "param": None, "code": 503}})
         text = body.prompt_text()
         try:
-            sim_req = server.build_request(body, text)
-        except ValueError as exc:
-            return JSONResponse(status_code=400, content=error_body(str(exc), param="prompt"))
+            sim_req = server.build_request(body)
+        except wire.EngineRefusal as exc:
+            return wire.refused(exc)
         try:
             handshake = parse_handshake(body.model_extra or {}, settings.role, stream=body.stream)
         except HandshakeError as exc:
-            return JSONResponse(status_code=400, content=error_body(str(exc), param=exc.param))
+            return wire.error(400, str(exc), exc.param)
         if handshake is not None:
             handshake.prepare(sim_req)
         seed = xxhash.xxh32_intdigest(text.encode()) if text else len(sim_req.block_hashes)
@@ -268,9 +268,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
                 await server.kv.receive(handshake, sim_req, server.driver.kv_arrived)
             except TransferError as exc:
                 server.driver.abort(sim_req.id)
-                return JSONResponse(status_code=exc.status, content=error_body(
-                    str(exc), type_="invalid_request_error" if exc.status == 400 else "server_error",
-                    param=exc.param))
+                return wire.error(exc.status, str(exc), exc.param)
             except BaseException:
                 server.driver.abort(sim_req.id)
                 raise
@@ -278,7 +276,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             else None
         if body.stream and room is None:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(server.driver, pending, kind, rid, server.model_name, seed, include_usage),
+            return StreamingResponse(_sse(server, pending, kind, rid, seed, include_usage),
                                      media_type="text/event-stream")
         try:
             parts = [output_token(seed, i) async for i, _ in _token_stream(server.driver, pending)]
@@ -291,14 +289,8 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
         if room is not None:
             server.kv.room_finished(room, sim_req)
         text_out = "".join(parts)
-        choice: dict = {"index": 0, "finish_reason": "length", "logprobs": None}
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text_out}
-        else:
-            choice["text"] = text_out
-        response = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                    "created": int(time.time()), "model": server.model_name, "choices": [choice],
-                    "usage": _usage(sim_req)}
+        make = wire.chat_body if kind == "chat" else wire.completion_body
+        response = make(rid, server.model_name, text_out, "length", server.usage(sim_req))
         if handshake is not None and handshake.protocol == "vllm" and handshake.side == "prefill":
             # Advertise the address the caller reached us on (the bound one may be 0.0.0.0).
             _, port = request.scope.get("server") or (settings.host, settings.port)
@@ -320,10 +312,56 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             "max_model_len": server.engine.limits.max_model_len}]}
 
     @app.get("/health")
-    async def health() -> PlainTextResponse:
+    async def health() -> Response:
         if server.fault.mode == "hang":
             await asyncio.Event().wait()
-        return PlainTextResponse("")
+        return Response(status_code=200)
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": wire.VLLM_VERSION}
+
+    @app.get("/load")
+    async def load() -> dict:
+        assert server.driver is not None
+        return {"server_load": len(server.driver.pending)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        """vLLM's /tokenize: a ``prompt`` or chat ``messages`` to token ids (the simulator's word pieces)."""
+        try:
+            data = await request.json()
+        except ValueError:
+            return wire.error(400, "body is not valid JSON", type_="Bad Request")
+        if not isinstance(data, dict) or ("prompt" not in data and "messages" not in data):
+            return wire.error(400, "a prompt or messages is required", "prompt", "Bad Request")
+        if (model := data.get("model")) not in (None, server.model_name):
+            return wire.unknown_model(str(model), server.model_name)
+        if "messages" in data:
+            try:
+                text = ChatCompletionRequest(model=server.model_name, messages=data["messages"]).prompt_text()
+            except ValueError as exc:
+                return wire.error(400, str(exc), "messages", "Bad Request")
+        else:
+            text = data["prompt"] if isinstance(data["prompt"], str) else ""
+        ids = vocab.encode(text)
+        return JSONResponse({"count": len(ids), "max_model_len": server.engine.limits.max_model_len, "tokens": ids,
+                             "token_strs": None})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        try:
+            data = await request.json()
+        except ValueError:
+            return wire.error(400, "body is not valid JSON", type_="Bad Request")
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return wire.error(400, "tokens: a list of token ids is required", "tokens", "Bad Request")
+        return JSONResponse({"prompt": vocab.decode(tokens)})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -339,7 +377,7 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     async def bootstrap(room: int, wait_s: float = 30.0) -> JSONResponse:
         """SGLang-style bootstrap: a decode server waits here for the prefill of its room."""
         if not 0 <= room <= 2**63 - 1 or not 0 < wait_s <= 600:
-            return JSONResponse(status_code=400, content=error_body("room or wait_s out of range", param="room"))
+            return wire.error(400, "room or wait_s out of range", "room")
         status, content = await server.kv.serve_bootstrap(room, wait_s)
         return JSONResponse(status_code=status, content=content)
 
@@ -360,18 +398,22 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     return app
 
 
-async def _sse(driver: EngineDriver, pending: _Pending, kind: str, rid: str, model: str, seed: int,
+async def _sse(server: SimServer, pending: _Pending, kind: str, rid: str, seed: int,
                include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI SSE framing; the engine request is aborted if the client goes away mid-stream."""
+    """OpenAI SSE framing as vLLM sends it (a chat stream opens with a role-only chunk, sent with the
+    first token); the engine request is aborted if the client goes away mid-stream."""
+    assert server.driver is not None
+    model = server.model_name
     try:
-        async for i, last in _token_stream(driver, pending):
-            chunk = _chunk(kind, rid, model, output_token(seed, i), "length" if last else None, i == 0)
+        async for i, last in _token_stream(server.driver, pending):
+            if i == 0 and kind == "chat":
+                yield f"data: {json.dumps(wire.role_chunk(rid, model))}\n\n"
+            chunk = wire.token_chunk(kind, rid, model, output_token(seed, i), "length" if last else None,
+                                     closing=last and not include_usage)
             yield f"data: {json.dumps(chunk)}\n\n"
         if include_usage:
-            usage_chunk = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                           "created": int(time.time()), "model": model, "choices": [],
-                           "usage": _usage(pending.req)}
+            usage_chunk = wire.usage_chunk(kind, rid, model, server.usage(pending.req, stream=True))
             yield f"data: {json.dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        driver.abort(pending.req.id)
+        server.driver.abort(pending.req.id)

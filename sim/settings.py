@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from tandem.api.models import Role
 from tandem.config import TandemSettings
 
 FaultMode = Literal["none", "crash", "hang", "slow", "error"]
@@ -19,21 +20,28 @@ class SimSettings(TandemSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     profile: str = Field("llama3-8b-h100", description="performance profile name or JSON path")
     served_model_name: str | None = Field(None, description="model name in the API (default: the profile's model)")
-    role: Literal["unified", "prefill", "decode"] = Field("unified", description="engine role for PD serving")
+    role: Role = Field(Role.unified, description="engine role for PD serving")
     metrics: Literal["vllm", "sglang"] = Field("vllm", description="metric names to export")
     max_num_seqs: int | None = Field(None, gt=0, description="max running sequences (default: profile)")
     max_num_batched_tokens: int | None = Field(None, gt=0, description="token budget per iteration")
+    max_model_len: int | None = Field(None, gt=0, description="context length in tokens (vLLM's --max-model-len; "
+                                      "default: the profile's model)")
     kv_capacity_tokens: int | None = Field(None, gt=0, description="override the KV capacity from the profile")
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier in tokens (0: none); blocks "
                                    "evicted from GPU go there and hits are loaded over PCIe, not recomputed")
     host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s "
                                       "(25 ~ PCIe Gen5 x16 effective)")
-    default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none")
+    default_max_tokens: int = Field(256, gt=0, description="output length when a request gives none (vLLM: the "
+                                    "rest of the context)")
+    enable_prompt_tokens_details: bool = Field(False, description="report usage.prompt_tokens_details.cached_tokens "
+                                               "(vLLM's --enable-prompt-tokens-details; null without it)")
     max_pending: int = Field(4096, gt=0, description="requests accepted but unfinished before answering 503")
     fault: FaultMode = Field("none", description="injected fault: crash, hang, slow, error")
     slowdown: float = Field(1.0, ge=1.0, description="with fault=slow: every iteration takes this many times longer")
     error_rate: float = Field(0.0, ge=0.0, le=1.0, description="with fault=error: share of requests answered 500")
     seed: int = Field(0, description="seed of the fault injector's random choices")
+    time_scale: float = Field(1.0, gt=0, le=100, description="engine seconds per wall-clock second (benchmarks: "
+                              "replay a trace N times faster; the engine's own metrics are in engine seconds)")
     engine_id: str | None = Field(None, min_length=1, max_length=128,
                                   description="KV-transfer engine id (vLLM remote_engine_id); default: random")
     kv_link_gbps: float = Field(100.0, gt=0, description="decode role: Gbit/s of the link KV is pulled over")

@@ -17,14 +17,19 @@ class WallClockDriver:
 
     task_name = "wallclock-driver"
 
-    def __init__(self) -> None:
+    def __init__(self, time_scale: float = 1.0) -> None:
+        """``time_scale``: model seconds per wall-clock second (benchmarks replay a long trace faster;
+        every time the model reports, such as TTFT in its metrics, is in model seconds)."""
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
+        self.time_scale = time_scale
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def now(self) -> float:
-        return self._loop.time() - self._t0
+        return (self._loop.time() - self._t0) * self.time_scale
 
     def wake(self) -> None:
         """New work arrived: re-plan the sleep."""
@@ -50,7 +55,7 @@ class WallClockDriver:
             if due is None:
                 await self._wake.wait()
             else:
-                delay = due - self.now()
+                delay = (due - self.now()) / self.time_scale
                 if delay > 0:
                     with suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)

@@ -46,6 +46,8 @@ COMMANDS: Registry = {
         "offload": ("tandem.bench.pd:OffloadBench",
                     "homogeneous PD vs naive vs selective cross-datacenter prefill offload, in the DES"),
         "pd": ("tandem.bench.pd:PDBench", "aggregated vs disaggregated goodput at TTFT and TPOT SLOs"),
+        "peers": ("tandem.bench.peers:BenchPeers",
+                  "tandem vs sglang-router and vllm-router, live: capacity at the TTFT SLO, latency, cache hits"),
         "des": ("tandem.bench.routing:DESBench", "wall-clock speed of the discrete-event simulator"),
     },
     "operator": {

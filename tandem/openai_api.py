@@ -1,13 +1,15 @@
-"""OpenAI-compatible request models, shared by the engine simulator and the gateway.
+"""OpenAI-compatible request models: what the engine simulator accepts, and the gateway's API schema.
 
-Unknown fields are kept (engines accept many vendor extensions, e.g. vLLM ``kv_transfer_params``)
-but the fields both sides rely on are typed and bounded, so a bad request is refused with a 400
-that names the field instead of failing somewhere downstream.
+They accept what vLLM accepts (a prompt as text, token ids or a batch of either; chat messages of any
+role) and keep unknown fields (engines take many vendor extensions, e.g. vLLM ``kv_transfer_params``).
+The simulator validates requests with them and judges the rest as vLLM does
+(``tandem.sim.server``); the gateway does not validate with them at all: it reads only what routing
+needs (``tandem.router.requestview``) and leaves the judging to the engine behind it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -43,29 +45,38 @@ class _GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = Field(None, description="choices to generate (each costs its output tokens)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = None
     x_tandem: TandemPromptExtension | None = None
 
     def output_limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
 
 
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | None = None
+    prompt: str | TokenIds | list[str] | list[TokenIds] | None = None
 
     @model_validator(mode="after")
     def _has_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise ValueError("prompt: exactly one prompt per request is supported")
-            self.prompt = self.prompt[0]
-        if not self.prompt and self.x_tandem is None:
-            raise ValueError("prompt: field required (a non-empty string)")
+        if self.prompt in (None, "", []) and self.x_tandem is None:
+            raise ValueError("prompt: field required (a text, token ids, or a batch of either)")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or each of a batch."""
+        p = self.prompt
+        if p is None:
+            return []
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else ""
@@ -74,26 +85,22 @@ class CompletionRequest(_GenerationRequest):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    role: str = Field(min_length=1, description="any role; the chat template decides what it accepts")
     content: str | list[dict] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(part.get("text", "")) for part in self.content)
+            # Text parts only (a part's "text" is a string; anything else is not prompt text), joined by
+            # newlines as vLLM flattens them for a string-content chat template.
+            return "\n".join(t for part in self.content if isinstance(t := part.get("text"), str))
         return self.content or ""
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(default_factory=list, max_length=10_000)
-
-    @model_validator(mode="after")
-    def _has_messages(self) -> ChatCompletionRequest:
-        if not self.messages and self.x_tandem is None:
-            raise ValueError("messages: at least one message is required")
-        return self
+    messages: list[ChatMessage] | None = Field(None, max_length=10_000, description="required unless x_tandem")
 
     def prompt_text(self) -> str:
-        return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages)
+        return "".join(f"<|{m.role}|>\n{m.text()}\n" for m in self.messages or ())
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -107,7 +114,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if not errors:
         return "invalid request", None
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # where it was, not which field
+        loc = loc[1:]
     field = ".".join(loc) or None
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{field}: {msg}" if field and not msg.startswith(f"{field}:") else msg), field

@@ -29,6 +29,11 @@ KEYWORDS = frozenset((
 ))
 _STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _NAME_MATCHER = re.compile(r'__name__\s*=\s*("(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\')')
+# __name__=~"a|b": a regex that is only literal names joined by | (what dashboards write) names them.
+_NAME_ALTERNATIVES = re.compile(r'__name__\s*=~\s*"([\w:|]+)"')
+# name{matchers}, name, or {matchers}; a following "(" makes the name a function.
+_SELECTOR = re.compile(r'(?<![\w:.$"])([A-Za-z_:][\w:]*)?\s*(\{(?:[^{}"]|"(?:\\.|[^"\\])*")*\})?(\s*\()?')
+_LABELS = re.compile(r'([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"')
 _BRACES = re.compile(r"\{[^{}]*\}")
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
@@ -44,9 +49,10 @@ def metric_names(expr: str) -> set[str]:
         inner = grafana.group(1)
         if expr.lstrip().startswith("query_result"):
             return metric_names(inner)
-        first = inner.split(",")[0] if "," in inner else ""
-        return metric_names(first) if first.strip() else set()
+        series = inner.rsplit(",", 1)[0] if "," in inner else ""
+        return metric_names(series) if series.strip() else set()
     names = {m.group(1)[1:-1] for m in _NAME_MATCHER.finditer(expr)}
+    names.update(n for m in _NAME_ALTERNATIVES.finditer(expr) for n in m.group(1).split("|"))
     text = re.sub(r"#[^\n]*", " ", _STRING.sub('""', expr))
     text = _VARIABLE.sub(" 0 ", text)
     previous = None
@@ -61,3 +67,25 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     return names
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, tuple[str, str]]]]:
+    """Each series selector of an expression: (metric name, {label: (operator, value)}).
+
+    Label matchers of a selector without a name (``{__name__=~"a|b", ...}``) are given for each name.
+    """
+    out: list[tuple[str, dict[str, tuple[str, str]]]] = []
+    grafana = _GRAFANA_QUERY.match(expr)
+    if grafana:  # label_values(series, label): the series only
+        expr = grafana.group(1).rsplit(",", 1)[0] if "," in grafana.group(1) else ""
+    text = _GROUPING.sub(" ", re.sub(r"\[[^\[\]]*\]", " ", expr))
+    for match in _SELECTOR.finditer(text):
+        name, braces, call = match.group(1), match.group(2), match.group(3)
+        if not name and not braces:
+            continue
+        if name and (call or name in KEYWORDS or name in FUNCTIONS):
+            continue
+        labels = {k: (op, v) for k, op, v in _LABELS.findall(braces or "")}
+        names = [name] if name else sorted(metric_names(braces or ""))
+        out += [(n, {k: v for k, v in labels.items() if k != "__name__"}) for n in names]
+    return out

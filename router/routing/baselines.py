@@ -28,6 +28,7 @@ def _routable(cluster: ClusterView) -> list[InstanceState]:
 class RoundRobinPolicy:
     name = "round_robin"
     Params = NoParams
+    reasons = ("round_robin",)
 
     def __init__(self, params: NoParams | None = None) -> None:
         self.params = params or NoParams()
@@ -49,6 +50,7 @@ class _MinLoadPolicy:
     name = ""
     Params = NoParams
     reason = ""
+    reasons: tuple[str, ...] = ()
     load: Callable[[InstanceState], float]
 
     def __init__(self, params: NoParams | None = None) -> None:
@@ -67,6 +69,7 @@ class LeastRequestPolicy(_MinLoadPolicy):
 
     name = "least_request"
     reason = "least_request"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
@@ -78,6 +81,7 @@ class LeastLoadedPolicy(_MinLoadPolicy):
 
     name = "least_loaded"
     reason = "least_loaded"
+    reasons = (reason,)
 
     @staticmethod
     def load(inst: InstanceState) -> float:
@@ -89,6 +93,7 @@ class ConsistentHashPolicy(AdaptivelyKeyed):
 
     name = "consistent_hash"
     Params = ConsistentHashParams
+    reasons = ("consistent_hash",)
 
     def __init__(self, params: ConsistentHashParams | None = None) -> None:
         self.params = params or ConsistentHashParams()
@@ -124,6 +129,7 @@ class PrefixTreePolicy:
 
     name = "prefix_tree"
     Params = PrefixTreeParams
+    reasons = ("prefix_match", "most_free_cache", "shortest_queue")
 
     def __init__(self, params: PrefixTreeParams | None = None) -> None:
         self.params = params or PrefixTreeParams()
@@ -159,6 +165,7 @@ class MinTTFTPolicy:
 
     name = "min_ttft"
     Params = NoParams
+    reasons = ("min_ttft",)
 
     def __init__(self, params: NoParams | None = None) -> None:
         self.params = params or NoParams()

@@ -29,6 +29,7 @@ class DualMapPolicy(LateBinding, Migrating, DualRinged, AdaptivelyKeyed):
 
     name = "dualmap"
     Params = DualMapParams
+    reasons = ("affinity", "slo_switch")
     late_binding = True
 
     def __init__(self, params: DualMapParams | None = None) -> None:

@@ -175,6 +175,9 @@ class RoutingPolicy(Protocol):
     """A routing policy. Implementations keep only routing-internal state (rings, key windows)."""
 
     name: str
+    # Every Decision.reason it can give: the gateway creates their metric series at start, so the
+    # first request of each reason is counted by rate() (a series born at 1 is not).
+    reasons: tuple[str, ...]
 
     def choose(self, req: RouteRequest, cluster: ClusterView) -> Decision:
         """Pick an instance among ``cluster.routable()``; raise NoInstanceError if there is none."""

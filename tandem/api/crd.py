@@ -18,6 +18,13 @@ from pydantic import BaseModel
 from tandem.api.models import GROUP, MAX_NAME_LENGTH, VERSION, ApiModel, LLMService, RemotePrefillPool
 
 _DROP = {"title", "additionalProperties", "$defs"}
+# The name limit, on the root: without a fieldPath the API server reports it at the root, whose path
+# prints as "<nil>"; with it, at metadata.name, in the operator's words (operator/plan.py).
+NAME_LENGTH_RULE = {
+    "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+    "message": f"must be at most {MAX_NAME_LENGTH} characters (children append '-gateway')",
+    "fieldPath": ".metadata.name",
+}
 
 
 def _model_classes(root: type[BaseModel]) -> dict[str, type[ApiModel]]:
@@ -130,20 +137,15 @@ def crd(model: type[LLMService] | type[RemotePrefillPool]) -> dict[str, Any]:
                 "type": "object",
                 "description": (model.__doc__ or kind).strip().splitlines()[0],
                 "required": ["spec"],
-                "x-kubernetes-validations": [
-                    {
-                        "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-                        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
-                        "(child objects append a role suffix)",
-                        # No fieldPath: the schema does not describe metadata's fields.
-                    },
-                ]
-                if model is LLMService
-                else [],
+                "x-kubernetes-validations": [NAME_LENGTH_RULE] if model is LLMService else [],
                 "properties": {
                     "apiVersion": {"type": "string"},
                     "kind": {"type": "string"},
-                    "metadata": {"type": "object"},
+                    # A root schema may describe metadata.name (and generateName) only; declaring
+                    # it makes `.metadata.name` a valid fieldPath for the rule above.
+                    "metadata": {"type": "object", "properties": {"name": {"type": "string"}}}
+                    if model is LLMService
+                    else {"type": "object"},
                     "spec": spec_schema,
                     "status": status_schema,
                 },

@@ -45,6 +45,8 @@ class RoleObservation(_Model):
     drained: int = Field(0, ge=0, description="instances marked draining that are now idle (safe to remove)")
     queue_depth: float = Field(0.0, ge=0, description="requests waiting (gateway queue + engine waiting), pool total")
     queue_time_s: float = Field(0.0, ge=0, description="mean time requests waited before running")
+    in_flight: float = Field(0.0, ge=0, description="requests the pool holds now (queued in the gateway for it, "
+                                                    "waiting in or running on its engines): its concurrency")
     kv_usage: float = Field(0.0, ge=0, le=1, description="mean KV-cache usage over the pool")
 
     @property
@@ -58,6 +60,10 @@ class Observations(_Model):
     window_s: float = Field(gt=0, description="length of the observation window")
     arrival_rate: float = Field(ge=0, description="requests per second arriving at the gateway")
     length_mix: list[LengthBucket] = Field(min_length=1, description="input/output length mix")
+    recent_length_mix: list[LengthBucket] | None = Field(
+        None, description="the length mix over the rate window alone (length_mix may cover a longer one): what "
+                          "the autoscaler tests for a change of mix that the longer window has not caught up with")
+    recent_mix_requests: int = Field(0, ge=0, description="requests behind recent_length_mix (its sample size)")
     prefix_hit_ratio: float = Field(0.0, ge=0, le=1, description="share of prompt tokens served from prefix caches")
     roles: dict[Role, RoleObservation] = Field(description="per-role pool observations")
     ttft_attainment: float | None = Field(None, ge=0, le=1, description="share of requests meeting the TTFT SLO")
@@ -295,6 +301,7 @@ def build_report(counts: ObservationCounts, time_s: float) -> dict[str, Any]:
             draining=sum(1 for i in insts if i.draining and i.inflight > 0),
             drained=sum(1 for i in insts if i.draining and i.inflight <= 0),
             queue_depth=float(sum(i.queued + i.engine_waiting for i in live)),
+            in_flight=float(sum(i.queued + max(0, i.inflight) for i in live)),
             queue_time_s=wait.wait_s / wait.count if wait.count else 0.0,
             kv_usage=min(1.0, sum(i.kv_usage for i in live) / len(live)) if live else 0.0)
     obs = Observations(

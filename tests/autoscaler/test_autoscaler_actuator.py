@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from fastapi import FastAPI
 from gatewayutil import free_port
-from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
+from kubeutil import NAMESPACES, apply_crds, cluster_role_rules, kmock_kubeconfig, permissions_used
 from prometheus_client import CollectorRegistry, generate_latest
 
 from tandem.api.labels import LABEL_ROLE, LABEL_SERVICE
@@ -34,6 +33,7 @@ from tandem.autoscaler.actuator import (
     PODS,
     Actuator,
     GatewayObservationSource,
+    KubernetesGateways,
     count_pods,
 )
 from tandem.autoscaler.models import AutoscalerSpec
@@ -337,13 +337,62 @@ async def test_global_gpu_budget_across_services(api) -> None:
     assert total <= 8
 
 
-def test_rbac_manifest_covers_what_the_actuator_does() -> None:
-    """deploy/rbac/autoscaler.yaml grants every (resource, verb) the actuator's calls need."""
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "autoscaler.yaml").read_text()))
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    granted = {(group, res, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for res in rule["resources"] for verb in rule["verbs"]}
-    needed = {("serving.tandem.dev", "llmservices", "list"), ("serving.tandem.dev", "llmservices", "patch"),
-              ("serving.tandem.dev", "llmservices/status", "patch"), ("", "pods", "list"), ("", "pods", "patch"),
-              ("", "events", "create")}
-    assert needed <= granted, needed - granted
+# Rules of deploy/rbac/autoscaler.yaml the kmock scenario below cannot exercise, each with its reason.
+RBAC_NOT_EXERCISED: dict[tuple[str, str, str], str] = {}
+
+
+@pytest.mark.parametrize("api", ["kmock"], indirect=True)  # reads kmock's request log
+async def test_rbac_allows_everything_the_autoscaler_does_and_no_more(api, kmock: Any, tmp_path: Path) -> None:
+    """deploy/rbac/autoscaler.yaml against the requests `tandem autoscaler` really makes (its client's
+    User-Agent), as tests/operator/test_operator_kopf.py does for the operator: a service that drains and
+    shrinks, its gateway replica found by label (--gateway-discovery kubernetes). The chart's role is
+    kept equal to the file by tests/shared/test_chart.py::test_rbac_matches_the_operator_issue."""
+    _, setup, ns = api
+    creds = load_credentials(kmock_kubeconfig(kmock, tmp_path))
+    client = KubeClient(creds, creds.ssl_context(), user_agent="tandem-autoscaler")  # as autoscaler/cli.py
+    body = service()
+    body["spec"]["replicas"] = 6
+    body["spec"]["pools"]["prefill"]["replicas"] = 6
+    await setup.create(LLMSERVICES, ns, {**body, "metadata": {"name": "pd", "namespace": ns}})
+    for role in ("prefill", "decode"):
+        for i in range(6):
+            await add_pod(setup, ns, "pd", role, i)
+    gateway = FakeGateway()
+    gateway.rate = 2.0
+    gateway.inflight = {f"pd-prefill-{i}": 3 for i in range(6)}
+    clock = Clock()
+    try:
+        async with serving(gateway.app) as url:
+            await setup.create(PODS, ns, {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "gw-0", "namespace": ns, "labels": {"app.kubernetes.io/component": "gateway"}},
+                "spec": {"containers": [{"name": "gateway", "image": "example.invalid/tandem:0",
+                                         "ports": [{"name": "http", "containerPort": int(url.rsplit(":", 1)[1])}]}]},
+                "status": {"phase": "Running", "podIP": "127.0.0.1"}})
+            source = GatewayObservationSource(KubernetesGateways(client, "app.kubernetes.io/component=gateway"))
+            actuator = Actuator(client, source, namespaces=[ns], defaults=spec_defaults(),
+                                registry=CollectorRegistry(), clock=clock)
+            for _ in range(12):
+                await actuator.tick_once()
+                if (await setup.get(LLMSERVICES, ns, "pd"))["spec"]["pools"]["prefill"]["replicas"] < 6:
+                    break
+                for pod in await setup.list(PODS, ns, {LABEL_SERVICE: "pd", LABEL_ROLE: "prefill"}):
+                    if ANN_DRAINING in (pod["metadata"].get("annotations") or {}):
+                        gateway.inflight[pod["metadata"]["name"]] = 0  # drained: idle now
+                clock.t += 15
+            await source.close()
+    finally:
+        await client.close()
+    assert (await setup.get(LLMSERVICES, ns, "pd"))["spec"]["pools"]["prefill"]["replicas"] < 6, "it shrank"
+    used = permissions_used(kmock, ("tandem-autoscaler",))
+    granted = cluster_role_rules(ROOT / "deploy" / "rbac" / "autoscaler.yaml")
+    assert used - granted == set(), "the autoscaler needs permissions deploy/rbac/autoscaler.yaml lacks"
+    assert granted - used - set(RBAC_NOT_EXERCISED) == set(), "deploy/rbac/autoscaler.yaml grants more than it uses"
+    # The writes that matter were really made (so the comparison above is not vacuous).
+    assert {("serving.tandem.dev", "llmservices", "patch"), ("serving.tandem.dev", "llmservices/status", "patch"),
+            ("", "pods", "patch"), ("", "events", "create"), ("", "pods", "list")} <= used
+    # Every request stays in the namespace it scales: Roles there are enough (the chart binds no
+    # ClusterRole, issue 16.11).
+    outside = [f"{r.method} {r.url.path}" for r in kmock if r.headers.get("User-Agent", "").startswith(
+        "tandem-autoscaler") and len(r.url.path.split("/")) > 4 and f"/namespaces/{ns}/" not in r.url.path]
+    assert outside == []

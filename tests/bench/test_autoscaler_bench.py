@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tandem import cli
+from tandem.api.models import Role
 from tandem.api.observations import Observations
-from tandem.autoscaler.models import SLO, Role
+from tandem.autoscaler.models import ScalingSLO
 from tandem.bench.autoscale import (
     AutoscaleBench,
     LoadShape,
@@ -25,7 +26,7 @@ from tandem.bench.replay import Outcome, ReplayConfig, ReplayResult, ScaleComman
 from tandem.sim.des.simulator import prepare
 from tandem.traces import TRACE_DIR, TraceRequest
 
-SLO_ = SLO(ttft_s=2.0, tpot_s=0.1, attainment=0.95)
+SLO_ = ScalingSLO(ttft_s=2.0, tpot_s=0.1, attainment=0.95)
 CFG = ReplayConfig(profile="llama3-8b-h100", slo=SLO_, startup_delay_s=20.0, tick_s=5.0)
 
 
@@ -195,7 +196,7 @@ def test_bench_cli_writes_json_shape_and_plot(tmp_path: Path) -> None:
         assert not exc.code
     data = json.loads(out.read_text())
     assert set(data) == {"scalers", "config"}
-    assert set(data["scalers"]) == {"tandem", "static_peak", "threshold"}
+    assert set(data["scalers"]) == {"tandem", "static_peak", "threshold", "dynamo", "kpa", "reactive_oracle"}
     for s in data["scalers"].values():
         for key, kind in (("ttft_attainment", float), ("tpot_attainment", float), ("gpu_hours", float),
                           ("goodput_per_gpu_hour", float), ("scaling_actions", int), ("direction_changes_max", int)):

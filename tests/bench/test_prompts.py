@@ -32,3 +32,16 @@ def test_requests_without_block_ids_share_no_text() -> None:
     b = trace_prompt(TraceRequest(0.0, 600, 1), 1)
     assert a != b and trace_prompt(TraceRequest(0.0, 600, 1), 0) == a
     assert not set(text_block_hashes(a, 16)[1]) & set(text_block_hashes(b, 16)[1])
+
+
+def test_the_tiny_vllm_model_spells_each_trace_word_as_one_token(tmp_path) -> None:
+    """The real-vLLM tier's tokenizer (bench/tinymodel.py) learnt every trace word: a trace prompt is
+    exactly its input_length tokens on the real engine too."""
+    from tokenizers import Tokenizer
+
+    from tandem.bench import tinymodel
+
+    tok = Tokenizer.from_file(str(tinymodel.build(tmp_path / "model") / "tokenizer.json"))
+    assert all(len(tok.encode(" " + w).ids) == 1 and len(tok.encode(w).ids) == 1 for w in VOCABULARY)
+    req = TraceRequest(0.0, 1300, 10, hash_ids=(3, 4, 5))
+    assert len(tok.encode(trace_prompt(req, 0)).ids) == 1300

@@ -54,7 +54,9 @@ def _epp(stack: contextlib.ExitStack, tmp: Path, engines: list[str], *args: str)
     grpc_port, http_port = free_port(), free_port()
     argv = tandem_argv("epp", "--port", str(http_port), "--grpc-port", str(grpc_port), "--instances",
                        ",".join(engines), "--scrape-interval", "0.2", "--stale-after", "1.0", "--scrape-timeout",
-                       "0.5", "--shutdown-grace", "1", "--drain-timeout", "2", *args)
+                       "0.5", "--shutdown-grace", "1", "--drain-timeout", "2",
+                       # engines named by URL in x-tandem-instance; x_tandem prompt hints (the burst) believed
+                       "--expose-topology", "--trust-prompt-hints", *args)
     proc = stack.enter_context(Process("tandem epp", argv, tmp / f"epp-{grpc_port}.log", cwd=ROOT))
     http = f"http://127.0.0.1:{http_port}"
     proc.wait_http(http + "/readyz", limit_s=60)

@@ -86,7 +86,7 @@ async def test_hung_engine_times_out_and_is_retried_elsewhere() -> None:
 
 async def test_engine_5xx_is_retried_and_4xx_passed_through() -> None:
     async with serving(sim_app(port=0, fault="error", error_rate=1.0)) as a, serving(sim_app(port=0)) as b, \
-            serving(gateway_app([a, b], policy="round_robin", retry_backoff=0.0)) as gw, \
+            serving(gateway_app([a, b], policy="round_robin", retry_backoff=0.0, trust_prompt_hints=True)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         codes = [(await c.post(gw + "/v1/completions", json=completion_body(f"q{i}"))).status_code
                  for i in range(6)]
@@ -127,10 +127,11 @@ async def test_two_gateway_processes_sharing_redis_pick_the_same_pair(redis_serv
         sims = [s1, s2, s3, s4]
         port = free_port()
         other = start_process("gateway", "--port", str(port), "--instances", ",".join(reversed(sims)),
-                              "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
+                              "--redis-url", redis_server.url, "--state-sync-interval", "0.05", "--trust-prompt-hints")
         gw_b = f"http://127.0.0.1:{port}"
         try:
-            async with serving(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05)) as gw_a, \
+            async with serving(gateway_app(sims, redis_url=redis_server.url, state_sync_interval=0.05,
+                                           trust_prompt_hints=True)) as gw_a, \
                     httpx.AsyncClient(timeout=20) as c:
                 deadline = time.monotonic() + 30
                 while True:

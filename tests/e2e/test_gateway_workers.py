@@ -70,7 +70,7 @@ def gateway() -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
         proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port),
                                  "--instances", f"{a},{b}", "--workers", "2", "--redis-url", redis.url,
                                  "--scrape-interval", "0.2", "--state-sync-interval", "0.1",
-                                 "--shutdown-grace", "0.5", "--drain-timeout", "5"],
+                                 "--shutdown-grace", "0.5", "--drain-timeout", "5", "--expose-topology"],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         url = f"http://127.0.0.1:{port}"
         try:

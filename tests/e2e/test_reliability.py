@@ -61,7 +61,8 @@ async def test_upstream_connection_limit_is_503_and_not_held_against_the_engine(
     """All pooled upstream connections busy: the client gets 503 + Retry-After, the engine's circuit
     stays closed (before, the pool's own limit counted as a refused connection and ejected it)."""
     async with serving(sim_app(port=0)) as a, \
-            serving(gateway_app([a], max_connections=1, connect_timeout=0.2)) as gw, httpx.AsyncClient(timeout=20) as c:
+            serving(gateway_app([a], max_connections=1, connect_timeout=0.2, policy_header=True)) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
         async with c.stream("POST", gw + "/v1/completions", json=completion_body("long", max_tokens=5000,
                                                                                  stream=True)) as first:
             lines = first.aiter_lines()  # kept referenced: a collected iterator closes the connection
@@ -211,7 +212,8 @@ async def test_tls_to_engines_verified_against_the_ca(tls_cert) -> None:
     cert, key = tls_cert
     url, server, task = await _tls_sim(cert, key)
     try:
-        async with serving(gateway_app([url], engine_tls_ca_file=cert)) as gw, httpx.AsyncClient(timeout=20) as c:
+        async with serving(gateway_app([url], engine_tls_ca_file=cert, expose_topology=True)) as gw, \
+                httpx.AsyncClient(timeout=20) as c:
             for stream in (False, True):
                 r = await c.post(gw + "/v1/completions", json=completion_body("hello tls", stream=stream))
                 assert r.status_code == 200 and r.headers["x-tandem-instance"] == url

@@ -8,25 +8,22 @@ belongs to the Gateway API Inference Extension release and may be missing).
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
+from kubeutil import cluster_role_rules, permissions_used
 from pydantic import ValidationError
 from pydantic_settings import CliApp
-from test_operator_kopf import (  # noqa: F401
-    Cluster,
-    aggregated,
-    cluster,
-    cluster_role_rules,
-    condition,
-    request_permission,
-)
+from test_operator_kopf import Cluster, aggregated, cluster, condition  # noqa: F401
 
 from tandem.api.models import LLMService
 from tandem.kube import DEPLOYMENTS, INFERENCEPOOLS, LLMSERVICES, SERVICES, KubeClient, load_credentials
 from tandem.operator.plan import OperatorDefaults, PlanError, plan_service
 from tandem.operator.reconcile import Reconciler
 from tandem.router.eppsettings import EppSettings
+
+RBAC = Path(__file__).resolve().parents[2] / "deploy" / "rbac"
 
 
 def _service(**gateway: Any) -> LLMService:
@@ -164,9 +161,10 @@ async def test_without_the_inference_pool_api_the_rest_is_served_and_degraded_sa
 async def test_rbac_covers_the_inference_pool_requests(cluster: Cluster) -> None:  # noqa: F811
     """What the operator did with InferencePools above is what deploy/rbac/operator.yaml grants it."""
     await test_reconcile_creates_the_pool_then_switching_back_removes_it(cluster)
-    used = {perm for r in cluster.kmock if r.headers.get("User-Agent", "").startswith("tandem-operator")
-            if (perm := request_permission(r.method, r.url.path, dict(r.params))) is not None
-            and perm[0] == "inference.networking.k8s.io"}
-    granted = {g for g in cluster_role_rules() if g[0] == "inference.networking.k8s.io"}
+    used = {p for p in permissions_used(cluster.kmock, ("tandem-operator",))
+            if p[0] == "inference.networking.k8s.io"}
+    granted = {g for g in cluster_role_rules(RBAC / "operator.yaml") if g[0] == "inference.networking.k8s.io"}
+    namespaced = cluster_role_rules(RBAC / "operator-namespaced.yaml", "Role")
+    assert granted <= namespaced
     assert used == granted == {("inference.networking.k8s.io", "inferencepools", v)
                                for v in ("list", "create", "patch", "delete")}

@@ -25,7 +25,18 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kubeutil import NAMESPACES, apply_crds, kmock_kubeconfig
+from kubeutil import (
+    CLUSTER_ROLE_BINDINGS,
+    CLUSTER_ROLES,
+    NAMESPACES,
+    apply_crds,
+    cluster_role_bound,
+    cluster_role_rules,
+    kmock_kubeconfig,
+    permissions_used,
+    unique_name,
+    until_allowed,
+)
 
 from tandem.kube import (
     CHILD_KINDS,
@@ -209,7 +220,8 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
     kubeconfig = Path(REAL_KUBECONFIG)
     creds = await asyncio.to_thread(load_credentials, kubeconfig)
     client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent=TEST_AGENT)
-    ns = f"tandem-test-{uuid.uuid4().hex[:8]}"
+    ns = unique_name("tandem-test")
+    cleanup = contextlib.AsyncExitStack()
     try:
         await apply_crds(client)
         await client.request(
@@ -225,7 +237,7 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
         )
         await eventually(lambda: client.request("GET", LLMSERVICES.path(ns)), "the CRDs to be served")
         if OPERATOR_KUBECONFIG:
-            await _bind_operator_role(client)
+            await _bind_operator_role(client, cleanup, Path(OPERATOR_KUBECONFIG), ns)
         yield Cluster(
             "real",
             client,
@@ -234,52 +246,83 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path, kmock: Any) ->
             operator_kubeconfig=Path(OPERATOR_KUBECONFIG) if OPERATOR_KUBECONFIG else None,
         )
     finally:
+        await cleanup.aclose()
         with contextlib.suppress(ApiError):
             await client.request("DELETE", NAMESPACES.path(None, ns))
         await client.close()
 
 
-async def _bind_operator_role(client: KubeClient) -> None:
-    """Install deploy/rbac/operator.yaml's ClusterRole, bound to the user "tandem-operator"."""
-    rbac = Kind(group="rbac.authorization.k8s.io", version="v1", plural="clusterroles", kind="ClusterRole")
-    bindings = Kind(
-        group="rbac.authorization.k8s.io",
-        version="v1",
-        plural="clusterrolebindings",
-        kind="ClusterRoleBinding",
+async def _bind_operator_role(
+    client: KubeClient, cleanup: contextlib.AsyncExitStack, operator_kubeconfig: Path, ns: str
+) -> None:
+    """deploy/rbac/operator.yaml's rules, as a ClusterRole of the test's own bound to the user
+    "tandem-operator" (removed by ``cleanup``); returns once that user may read the test's namespace."""
+    role = next(
+        d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text())
+        if d["kind"] == "ClusterRole"
     )
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": "tandem-operator-tests"},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "ClusterRole",
-            "name": role["metadata"]["name"],
-        },
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}],
-    }
-    for kind, body in ((rbac, role), (bindings, binding)):
-        with contextlib.suppress(ApiError):
-            await client.request("DELETE", kind.path(None, body["metadata"]["name"]))
-        await client.request("POST", kind.path(None), json=body)
+    user = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}
+    await cleanup.enter_async_context(cluster_role_bound(client, role["rules"], user, "tandem-operator-test"))
+    creds = await asyncio.to_thread(load_credentials, operator_kubeconfig)
+    operator_client = KubeClient(creds, await asyncio.to_thread(creds.ssl_context), user_agent=TEST_AGENT)
+    try:
+        await until_allowed(operator_client, LLMSERVICES.path(ns))
+    finally:
+        await operator_client.close()
+
+
+async def test_real_tier_rbac_has_names_of_its_own_and_leaves_nothing(kmock: Any, tmp_path: Path) -> None:
+    """Issue 18: the real-server fixture replaced ClusterRole `tandem-operator` (the chart's and
+    deploy/rbac/'s name) and left it and its binding behind. Run here against kmock: two runs side by
+    side get distinct names, the existing `tandem-operator` role is untouched, and both runs clean up."""
+    info = kmock.ResourceInfo
+    verbs = {"get", "list", "create", "delete"}
+    kmock.resources["rbac.authorization.k8s.io/v1/clusterroles"] = info(kind="ClusterRole", namespaced=False,
+                                                                       verbs=verbs)
+    kmock.resources["rbac.authorization.k8s.io/v1/clusterrolebindings"] = info(
+        kind="ClusterRoleBinding", namespaced=False, verbs=verbs)
+    creds = load_credentials(kmock_kubeconfig(kmock, tmp_path))
+    client = KubeClient(creds, creds.ssl_context(), user_agent=TEST_AGENT)
+    roles, bindings = CLUSTER_ROLES.path(None), CLUSTER_ROLE_BINDINGS.path(None)
+
+    async def names(path: str) -> dict[str, Any]:
+        return {o["metadata"]["name"]: o for o in (await client.request("GET", path))["items"]}
+
+    charts = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+              "metadata": {"name": "tandem-operator"}, "rules": [{"apiGroups": [""], "resources": ["pods"],
+                                                                  "verbs": ["get"]}]}
+    await client.request("POST", roles, json=charts)
+    rules = [{"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list"]}]
+    user = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tandem-operator"}
+    try:
+        async with (cluster_role_bound(client, rules, user, "tandem-operator-test") as a,
+                    cluster_role_bound(client, rules, user, "tandem-operator-test") as b):
+            assert a != b and {a, b}.isdisjoint({"tandem-operator"})
+            assert (await names(roles))[a]["rules"] == rules
+            assert (await names(bindings))[b]["roleRef"]["name"] == b
+        assert set(await names(roles)) == {"tandem-operator"} and await names(bindings) == {}
+        assert (await names(roles))["tandem-operator"]["rules"] == charts["rules"]
+    finally:
+        await client.close()
 
 
 @contextlib.asynccontextmanager
-async def operator(cluster: Cluster, resync_seconds: float = 0) -> AsyncIterator[KopfRunner]:
-    """The real operator in a thread (KopfRunner), its loop separate from the test's and kmock's."""
+async def operator(cluster: Cluster, resync_seconds: float = 0, namespaced: bool = False
+                   ) -> AsyncIterator[KopfRunner]:
+    """The real operator in a thread (KopfRunner), its loop separate from the test's and kmock's.
+
+    kmock cannot serve GET /api/v1/namespaces (its path parser fails on it), which kopf's scanning
+    needs to resolve -n patterns; so on kmock the operator runs cluster-wide (-A) unless ``namespaced``
+    (tandem operator run --namespace: no scanning, exactly the named namespace), and on a real server
+    in the test's namespace. The operator's scopes get exercised that way."""
     reconciler = Reconciler(OperatorDefaults(), timeout=20)
-    # kmock cannot serve GET /api/v1/namespaces (its path parser fails on it), which kopf needs to
-    # resolve -n patterns; so on kmock the operator runs cluster-wide (-A), on a real server in the
-    # test's namespace. Both of the operator's scopes get exercised that way.
-    scope: list[str | None] = [None] if cluster.fake else [cluster.ns]
+    clusterwide = cluster.fake and not namespaced
+    scope: list[str | None] = [None] if clusterwide else [cluster.ns]
     registry = build_registry(
         reconciler, kubeconfig=cluster.operator_kubeconfig, namespaces=scope, resync_seconds=resync_seconds
     )
-    args = ["run", "--standalone", *(["-A"] if cluster.fake else ["-n", cluster.ns])]
-    runner = KopfRunner(args, registry=registry, settings=build_settings(), timeout=30)
+    args = ["run", "--standalone", *(["-A"] if clusterwide else ["-n", cluster.ns])]
+    runner = KopfRunner(args, registry=registry, settings=build_settings(namespaced=namespaced), timeout=30)
     await asyncio.to_thread(runner.__enter__)
     try:
         yield runner
@@ -645,40 +688,6 @@ RBAC_NOT_EXERCISED = {
 }
 
 
-def cluster_role_rules() -> set[tuple[str, str, str]]:
-    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac" / "operator.yaml").read_text()))
-    role = next(d for d in docs if d["kind"] == "ClusterRole")
-    return {
-        (g, r, v)
-        for rule in role["rules"]
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
-
-
-def request_permission(method: str, path: str, params: dict[str, str]) -> tuple[str, str, str] | None:
-    """The (apiGroup, resource[/subresource], verb) RBAC checks for one request; None: discovery."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:1] == ["api"] and len(parts) >= 3:
-        group, rest = "", parts[2:]
-    elif parts[:1] == ["apis"] and len(parts) >= 4:
-        group, rest = parts[1], parts[3:]
-    else:
-        return None  # /api, /apis, /apis/g/v, /version: non-resource discovery URLs
-    if rest[:1] == ["namespaces"] and len(rest) >= 3:
-        rest = rest[2:]
-    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
-    verb = {
-        "GET": "watch" if params.get("watch") in {"true", "1"} else ("get" if name else "list"),
-        "POST": "create",
-        "PATCH": "patch",
-        "PUT": "update",
-        "DELETE": "delete" if name else "deletecollection",
-    }[method]
-    return group, f"{resource}/{sub}" if sub else resource, verb
-
-
 @pytest.mark.parametrize("cluster", ["kmock"], indirect=True)  # reads kmock's request log
 async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Cluster) -> None:
     async with operator(cluster, resync_seconds=0.3):
@@ -713,13 +722,8 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
             "roles replaced",
         )
         await asyncio.sleep(0.5)  # one periodic pass
-    used = set()
-    for r in cluster.kmock:
-        if r.headers.get("User-Agent", "").startswith(("tandem-operator", "kopf/")):
-            perm = request_permission(r.method, r.url.path, dict(r.params))
-            if perm is not None:
-                used.add(perm)
-    granted = cluster_role_rules()
+    used = permissions_used(cluster.kmock, ("tandem-operator", "kopf/"))
+    granted = cluster_role_rules(ROOT / "deploy" / "rbac" / "operator.yaml")
     assert used - granted == set(), "the operator needs permissions deploy/rbac/operator.yaml lacks"
     unexplained = granted - used - set(RBAC_NOT_EXERCISED)
     assert unexplained == set(), "deploy/rbac/operator.yaml grants more than the operator uses"
@@ -732,6 +736,31 @@ async def test_rbac_allows_everything_the_operator_does_and_no_more(cluster: Clu
         ("serving.tandem.dev", "llmservices/status", "patch"),
         ("apps", "deployments", "watch"),
     } <= used
+
+
+@pytest.mark.parametrize("cluster", ["kmock"], indirect=True)  # reads kmock's request log
+async def test_namespaced_operator_needs_only_its_role(cluster: Cluster) -> None:
+    """``tandem operator run --namespace NS``: every request is inside NS and allowed by the Role of
+    deploy/rbac/operator-namespaced.yaml; nothing cluster-wide (no namespaces, no CRDs)."""
+    async with operator(cluster, resync_seconds=0.3, namespaced=True):
+        await cluster.create(LLMSERVICES, disaggregated(offload={"remotePrefill": "west", "auto": True}))
+        await cluster.create(REMOTEPREFILLPOOLS, remote_pool())
+        await eventually(lambda: _condition_is(cluster, "pd", "Degraded", "False"), "offload configured")
+        await cluster.client.delete(SERVICES, cluster.ns, "pd")
+        await eventually(lambda: cluster.get(SERVICES, "pd"), "gateway Service restored")
+        await asyncio.sleep(0.5)  # one periodic pass
+    agents = ("tandem-operator", "kopf/")
+    used = permissions_used(cluster.kmock, agents)
+    outside = [f"{r.method} {r.url.path}" for r in cluster.kmock
+               if r.headers.get("User-Agent", "").startswith(agents) and r.url.path.startswith(("/api/", "/apis/"))
+               and len(r.url.path.split("/")) > 4 and f"/namespaces/{cluster.ns}/" not in r.url.path]
+    assert outside == [], "the namespaced operator made requests outside its namespace"
+    granted = cluster_role_rules(ROOT / "deploy" / "rbac" / "operator-namespaced.yaml", "Role")
+    assert used - granted == set(), "the namespaced operator needs permissions its Role lacks"
+    assert granted == cluster_role_rules(ROOT / "deploy" / "rbac" / "operator.yaml") - {
+        p for p in RBAC_NOT_EXERCISED if p[1] in (
+        "namespaces", "customresourcedefinitions")}  # the cluster-wide rules less what only scanning needs
+    assert {("apps", "deployments", "create"), ("serving.tandem.dev", "llmservices/status", "patch")} <= used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,3 +943,21 @@ async def test_real_gateway_without_its_service_account_is_degraded(cluster: Clu
         )
         message = condition(obj, "Degraded")["message"]
         assert message.startswith("llm-gateway: ") and "tandem-gateway" in message
+
+
+@pytest.mark.realk8s
+@pytest.mark.parametrize("cluster", ["real"], indirect=True)
+async def test_real_name_too_long_is_reported_at_metadata_name(cluster: Cluster) -> None:
+    """The CEL rule on the root carries fieldPath .metadata.name (issue 18: it was reported as `<nil>`)."""
+    from tandem.api.models import MAX_NAME_LENGTH
+
+    await cluster.create(LLMSERVICES, aggregated("x" * MAX_NAME_LENGTH))  # the longest name allowed
+    with pytest.raises(ApiError) as refused:
+        await cluster.create(LLMSERVICES, aggregated("x" * (MAX_NAME_LENGTH + 1)))
+    assert refused.value.status == 422
+    message = refused.value.message
+    # "metadata.name: Invalid value[: "object"]: must be at most 55 ..." (whether the value's type is
+    # printed depends on the Kubernetes version).
+    field, _, detail = message.partition(" is invalid: ")[2].partition(": Invalid value")
+    assert field == "metadata.name", message
+    assert detail.endswith(f"must be at most {MAX_NAME_LENGTH} characters (children append '-gateway')"), message

@@ -210,11 +210,28 @@ def test_labels_for_gateway_discovery() -> None:
         "serving.tandem.dev/service": "llm",
         "serving.tandem.dev/role": "unified",
     }
-    gateway_pod = children(service())[("Deployment", "llm-gateway")]["spec"]["template"]["metadata"]["labels"]
-    assert "serving.tandem.dev/service" not in gateway_pod  # the gateway must not discover itself
+    # The gateway's pods carry the service label (their metrics are labelled with it, and alert
+    # summaries name it), but its discovery selector matches engines only, never itself.
+    kids = children(pd())
+    gateway = kids[("Deployment", "llm-gateway")]
+    assert gateway["spec"]["template"]["metadata"]["labels"]["serving.tandem.dev/service"] == "llm"
+    argv = container(gateway)["command"]
+    selector = argv[argv.index("--k8s-selector") + 1]
+    matched = {name for (kind, name), obj in kids.items() if kind == "Deployment"
+               and selects(selector, obj["spec"]["template"]["metadata"]["labels"])}
+    assert matched == {"llm-prefill", "llm-decode"}
     assert label_value("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama-Llama-3.1-8B-Instruct"
     assert len(label_value("x" * 100)) == 63
     assert label_value("//") == "unnamed"
+
+
+def selects(selector: str, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector matching for ``k=v`` and ``k`` (exists) terms, as the API server does."""
+    for term in selector.split(","):
+        key, eq, value = term.partition("=")
+        if key not in labels or (eq and labels[key] != value):
+            return False
+    return True
 
 
 def test_gateway_runs_the_tandem_gateway_with_kubernetes_discovery() -> None:
@@ -232,7 +249,7 @@ def test_gateway_runs_the_tandem_gateway_with_kubernetes_discovery() -> None:
         "--k8s-namespace",
         "prod",
         "--k8s-selector",
-        "serving.tandem.dev/service=llm",
+        "serving.tandem.dev/service=llm,serving.tandem.dev/role",
         "--slo-ttft",
         "2.5",
         "--service-config",

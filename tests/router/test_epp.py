@@ -24,7 +24,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from gatewayutil import gateway_app, sim_app
 
 from tandem.router import eppwire as wire
-from tandem.router.eppserver import EppServer
+from tandem.router.eppserver import EppServer, http_app
 from tandem.router.eppsettings import EppSettings
 from tandem.serve import serving
 
@@ -166,7 +166,8 @@ class Picker:
 
 @contextlib.asynccontextmanager
 async def picker(engines: list[str], **kwargs: object) -> AsyncIterator[Picker]:
-    settings = EppSettings(instances=engines, port=0, grpc_port=0, **{"scrape_interval": 0.2,
+    # expose_topology: instances named by their URLs in x-tandem-instance, as the tests compare them.
+    settings = EppSettings(instances=engines, port=0, grpc_port=0, **{"scrape_interval": 0.2, "expose_topology": True,
                                                                      "rebalance_interval": 0.05, **kwargs})
     server = EppServer(settings)
     await server.start()
@@ -190,7 +191,8 @@ def _completion(prompt: str, **kw: object) -> dict:
 async def test_same_decisions_as_the_embedded_gateway(engines: list[str]) -> None:
     """One request sequence through the HTTP gateway and through the picker (each on its own core
     over the same engines): the same instance and the same reason, request after request."""
-    quiet = {"scrape_interval": 60.0, "stale_after": 120.0}  # engine metrics must not differ between the two
+    # Engine metrics must not differ between the two; instances named by URL in both.
+    quiet = {"scrape_interval": 60.0, "stale_after": 120.0, "expose_topology": True}
     system = "You are a careful assistant. " * 220  # 2+ routing blocks: keyed by the shared prefix
     prompts = [f"{system} question {i % 5}" if i % 3 else f"unrelated prompt {i} " * (30 + i) for i in range(30)]
     chat = [i % 4 == 0 for i in range(30)]
@@ -261,8 +263,46 @@ async def test_refusals(engines: list[str]) -> None:
         assert big.status == 413 and b"exceeds 64 bytes" in big.body
         bad = await p.plane().request("/v1/completions", b"{nope", **auth)
         assert bad.status == 400
-        ok = await p.plane().request("/v1/completions", _completion("z"), **auth)
+        admitted = p.plane()  # kept open: its request is bound and holds its slot
+        ok = await admitted.request("/v1/completions", _completion("z"), **auth)
         assert ok.status is None and ok.endpoints
+        # A declared length over the limit is refused at the headers, as the HTTP gateway does.
+        declared = await p.plane().request("/v1/completions", _completion("z"), **auth, **{"content-length": "65"})
+        assert declared.status == 413
+        await _until(lambda: p.server.gw.active == 1)  # every refused request left the count
+
+
+async def test_a_body_that_does_not_come_in_time_is_refused(engines: list[str]) -> None:
+    """The body is held until complete and the request counts toward the limit meanwhile: bounded by
+    ``body_timeout`` as on the HTTP gateway (408, ``body_timeout`` rejection), its slot released."""
+    async with picker(engines, body_timeout=0.3) as p:
+        gw = p.server.gw
+        plane = p.plane()
+        await plane.call.write(ep.ProcessingRequest(request_headers=_headers("/v1/completions"),
+                                                    protocol_config=ep.ProtocolConfiguration(
+                                                        request_body_mode=FD, response_body_mode=FD)))
+        await plane.call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model": ')))
+        await _until(lambda: gw.active == 1)
+        resp = await asyncio.wait_for(plane.call.read(), 5)
+        assert resp.immediate_response.status.code == 408
+        assert b"not received within 0.3 s" in resp.immediate_response.body
+        assert gw.active == 0
+        assert 'tandem_rejected_requests_total{reason="body_timeout"} 1.0' in gw.metrics.exposition().decode()
+        # The next stream is served as usual.
+        assert (await p.plane().request("/v1/completions", _completion("on time"))).endpoints
+
+
+async def test_the_admin_api_is_guarded_as_on_the_gateway(engines: list[str]) -> None:
+    """The picker's HTTP side serves the gateway's admin API behind the same check: off when there are
+    client keys and no admin keys, else the admin key first."""
+    for keys, admin_key, expected in ((("client-key-1", None), None, 404), (("client-key-1", "admin-key-1"), None, 401),
+                                      (("client-key-1", "admin-key-1"), "admin-key-1", 200)):
+        async with picker(engines, api_keys=keys[0], admin_api_keys=keys[1]) as p:
+            transport = httpx.ASGITransport(app=http_app(p.server.gw))
+            headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
+            async with httpx.AsyncClient(transport=transport, base_url="http://picker") as c:
+                assert (await c.get("/admin/instances", headers=headers)).status_code == expected
+                assert (await c.get("/healthz")).status_code == 200
 
 
 async def test_subset_hint_is_respected(engines: list[str]) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gatewayutil import gateway_app, sim_app, until
+from gatewayutil import gateway_app as plain_gateway_app
+from gatewayutil import sim_app, until
 from test_gateway_k8s import FakeApiServer, kubeconfig, pod
 
 from tandem.api.observations import InstanceLoad, Observations
@@ -30,6 +31,12 @@ MODEL = "Llama-3-8B"
 # Output tokens of a stream that outlives the drain checks (~8 ms per token on the default profile)
 # and is read to its end; a client that stops reading and leaves is a different path (client_gone).
 LONG = 500
+
+
+def gateway_app(instances: list[str], **kw: object):
+    """The gateways here are sent prompts as simulator block ids (``x_tandem``): they must trust them; and
+    the tests match the instance that served a request to its URL (--expose-topology)."""
+    return plain_gateway_app(instances, trust_prompt_hints=True, expose_topology=True, **kw)
 
 
 def ext_body(hash_ids: list[int], max_tokens: int = 8, **kw: object) -> dict:

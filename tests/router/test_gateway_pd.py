@@ -20,8 +20,14 @@ MODEL = "Llama-3-8B"
 PROMPT = "Disaggregated serving moves the prompt's KV cache from a prefill engine to a decode engine. " * 12
 
 
+def hint_gateway(instances: list[str], **kw: object):
+    """A gateway that believes the ``x_tandem`` prompts these tests send (simulator block ids) and names
+    the engines that served a request by their URLs (--expose-topology)."""
+    return gateway_app(instances, trust_prompt_hints=True, expose_topology=True, **kw)
+
+
 def pd_gateway(prefill: list[str], decode: list[str], **kw: object):
-    return gateway_app([], prefill_instances=prefill, decode_instances=decode, **kw)
+    return hint_gateway([], prefill_instances=prefill, decode_instances=decode, **kw)
 
 
 async def kv_log(client: httpx.AsyncClient, url: str) -> dict:
@@ -217,7 +223,7 @@ async def test_long_uncached_prompts_are_offloaded_to_the_remote_prefill_pool() 
     async with serving(sim_app(role="prefill", engine_id="local")) as p0, \
             serving(sim_app(role="prefill", engine_id="remote")) as r0, \
             serving(sim_app(role="decode", kv_rtt_ms=10.0, kv_link_gbps=100.0)) as d0, \
-            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+            serving(hint_gateway([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048)) as gw, httpx.AsyncClient(timeout=20) as c:
         routes = {}
         for tokens in (1000, 6000, 2048, 2049):
@@ -250,7 +256,7 @@ async def test_remote_prefill_pool_behind_a_token_gets_it_and_local_engines_do_n
     async with serving(recording(sim_app(role="prefill", engine_id="local"), "local")) as p0, \
             serving(recording(sim_app(role="prefill", engine_id="remote", api_key=token), "remote")) as r0, \
             serving(sim_app(role="decode")) as d0, \
-            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+            serving(hint_gateway([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048, remote_prefill_token=token)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
         assert (await c.post(r0 + "/v1/completions", json=completion_body())).status_code == 401  # it is guarded
@@ -289,7 +295,7 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
     async with serving(sim_app(role="prefill", engine_id="local")) as p0, \
             serving(sim_app(role="prefill", engine_id="remote")) as r0, \
             serving(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
-            serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
+            serving(hint_gateway([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048, remote_link_gbps=link_gbps)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
 

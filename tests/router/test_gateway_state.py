@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from gatewayutil import RedisServer
 
-from tandem.router.state import InstanceLoad, LocalReport, MemoryStateBackend, RedisStateBackend
+from tandem.router.state import LocalReport, MemoryStateBackend, RedisStateBackend, SharedLoad
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def redis_server():
 
 async def test_memory_backend_has_no_peers() -> None:
     view = await MemoryStateBackend().sync(LocalReport(members={"m": ["a"]},
-                                                       load={"a": InstanceLoad(pending_miss_tokens=5)}))
+                                                       load={"a": SharedLoad(pending_miss_tokens=5)}))
     assert view.peers == [] and view.load == {} and view.members == {"m": ["a"]}
 
 
@@ -27,14 +27,14 @@ async def test_redis_replicas_see_each_others_load_members_and_paths(redis_serve
     a = RedisStateBackend(redis_server.url, prefix="t1")
     b = RedisStateBackend(redis_server.url, prefix="t1")
     try:
-        await a.sync(LocalReport(members={"m": ["x", "y"]}, load={"x": InstanceLoad(pending_miss_tokens=100,
+        await a.sync(LocalReport(members={"m": ["x", "y"]}, load={"x": SharedLoad(pending_miss_tokens=100,
                                                                                      inflight_requests=2)},
                                  observed={"m": [[1, 2, 3]]}))
-        view_b = await b.sync(LocalReport(members={"m": ["y", "z"]}, load={"x": InstanceLoad(pending_miss_tokens=7)},
+        view_b = await b.sync(LocalReport(members={"m": ["y", "z"]}, load={"x": SharedLoad(pending_miss_tokens=7)},
                                           observed={"m": [[9, 9]]}))
         assert view_b is not None
         assert view_b.peers == [a.replica_id]
-        assert view_b.load == {"x": InstanceLoad(pending_miss_tokens=100, inflight_requests=2)}  # own share excluded
+        assert view_b.load == {"x": SharedLoad(pending_miss_tokens=100, inflight_requests=2)}  # own share excluded
         assert view_b.members == {"m": ["x", "y", "z"]}
         assert view_b.peer_observed == {"m": [[1, 2, 3]]}  # its own path [9, 9] is not echoed back
         view_a = await a.sync(LocalReport(members={"m": ["x", "y"]}, observed={"m": [[4, 5]]}))
@@ -54,7 +54,7 @@ async def test_redis_loss_reports_unreachable_then_recovers(redis_server: RedisS
     try:
         assert await backend.sync(LocalReport()) is not None
         redis_server.kill()
-        assert await backend.sync(LocalReport(load={"x": InstanceLoad(pending_miss_tokens=1)})) is None
+        assert await backend.sync(LocalReport(load={"x": SharedLoad(pending_miss_tokens=1)})) is None
         assert not backend.healthy
     finally:
         await backend.close()

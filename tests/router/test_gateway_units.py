@@ -17,6 +17,7 @@ from kubernetes.client import (
 
 from tandem.router.discovery import Endpoint, PodSet, endpoint_from_pod, endpoints_from_pods, static_endpoints
 from tandem.router.enginemetrics import EngineMetricsError, parse_engine_metrics
+from tandem.router.ratelimit import LocalLimiter
 from tandem.router.resilience import CircuitBreaker, backoff_delay
 from tandem.router.security import ApiKeyError, KeyRing
 
@@ -82,16 +83,25 @@ def test_api_keys_auth_and_limits(tmp_path) -> None:
     ok = ring.authenticate("Bearer secret-key-aaaa")
     assert ok.ok and ok.principal == "team-a"
     assert ring.authenticate(None, x_api_key="env-secret-bbbb").principal == "env-1"
-    assert ring.admit("team-a", 10, now=0.0).ok
-    assert ring.admit("team-a", 10, now=0.0).ok
-    third = ring.admit("team-a", 10, now=0.0)
-    assert third.status == 429 and third.retry_after == pytest.approx(30.0)
-    assert "secret-key-aaaa" not in third.message  # keys never appear in messages
-    assert ring.admit("team-a", 10, now=30.0).ok  # refilled: 2/min = one every 30 s
-    big = ring.admit("team-a", 5000, now=120.0)  # tokens: bucket full, oversize goes through once
+    limiter, team = LocalLimiter(), ring.principal("team-a")
+    assert limiter.admit(team, 10, now=0.0).ok
+    assert limiter.admit(team, 10, now=0.0).ok
+    third = limiter.admit(team, 10, now=0.0)
+    assert not third.ok and third.retry_after == pytest.approx(30.0)
+    assert "secret-key-aaaa" not in third.message and "team-a" in third.message  # keys never in messages
+    assert limiter.admit(team, 10, now=30.0).ok  # refilled: 2/min = one every 30 s
+    big = limiter.admit(team, 5000, now=120.0)  # tokens: bucket full, oversize goes through once
     assert big.ok
-    assert ring.admit("team-a", 10, now=121.0).status == 429
-    assert ring.admit("env-1", 10**9, now=0.0).ok  # no limits configured for this key
+    refused = limiter.admit(team, 10, now=121.0)
+    assert not refused.ok and "tokens/minute" in refused.message
+    # The oversize request left the token bucket at -4000: it refills to 10 tokens at t=360.6 s.
+    assert not limiter.admit(team, 10, now=360.0).ok
+    assert limiter.admit(team, 10, now=361.0).ok
+    assert limiter.admit(ring.principal("env-1"), 10**9, now=0.0).ok  # no limits configured for this key
+    # Redis down: each of 2 processes enforces half of each limit (1 request a minute here).
+    fallback = LocalLimiter()
+    assert fallback.admit(team, 10, now=0.0, share=2).ok
+    assert not fallback.admit(team, 10, now=0.0, share=2).ok
 
 
 def test_api_keys_file_errors_name_the_field(tmp_path) -> None:
@@ -187,16 +197,17 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import WhitespaceSplit
 
-    from tandem.openai_api import CompletionRequest
-    from tandem.router.admission import load_tokenizer, route_request
+    from tandem.router.admission import route_request
+    from tandem.router.requestview import read_view
+    from tandem.router.tokenizer import load_tokenizer
 
     tok = Tokenizer(WordLevel({"[UNK]": 0, "hello,world": 1, "again": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = WhitespaceSplit()
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    body = CompletionRequest(model="m", prompt="hello,world again " * 4)
-    with_tok = route_request(body, block_size=4, tokenizer=load_tokenizer(path))
-    default = route_request(body, block_size=4)
+    view = read_view({"model": "m", "prompt": "hello,world again " * 4}, "completion")
+    with_tok, _ = route_request(view, block_size=4, tokenizer=load_tokenizer(path))
+    default, _ = route_request(view, block_size=4)
     assert with_tok.prompt_tokens == 8 and len(with_tok.block_hashes) == 2  # whitespace words only
     assert default.prompt_tokens == 16  # the chunker splits 'hello', ',', 'world'
     with pytest.raises(ValueError, match="tokenizer"):
@@ -231,7 +242,7 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     from tandem.router.routing.types import PrefillCost, RouteRequest, attention_pairs
     from tandem.router.scrape import apply_snapshot
     from tandem.router.settings import GatewaySettings
-    from tandem.router.state import InstanceLoad
+    from tandem.router.state import SharedLoad
     from tandem.sim.des.simulator import routing_state
     from tandem.sim.engine import EngineLimits
 
@@ -256,7 +267,7 @@ async def test_gateway_routing_state_has_the_profile_estimate_scrapes_and_peers_
     sched.submit(RouteRequest("r1", 20_000, (), 512, 0.0, fallback_key=1), 0.0)
     assert gw.local_report().load["http://a"].pending_attn_pairs == attention_pairs(20_000, 0)
     own, peers = attention_pairs(20_000, 0), attention_pairs(30_000, 0)
-    gw.apply_remote({"http://a": InstanceLoad(pending_miss_tokens=30_000, pending_attn_pairs=peers)})
+    gw.apply_remote({"http://a": SharedLoad(pending_miss_tokens=30_000, pending_attn_pairs=peers)})
     assert s.pending_attn_pairs == own + peers
     assert gw.local_report().load["http://a"].pending_attn_pairs == own  # only our own share is published
     gw.apply_remote({})  # peers gone (or Redis down): their share leaves the estimate

@@ -28,7 +28,7 @@ from tandem.serve import serving
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import gen_dashboards  # noqa: E402
-from promql_names import metric_names  # noqa: E402
+from promql_names import metric_names, selectors  # noqa: E402
 
 RULES = ROOT / "deploy" / "prometheus" / "tandem-rules.yaml"
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
@@ -53,7 +53,8 @@ async def _collect() -> dict[str, str]:
             serving(sim_app(role="prefill")) as p0, serving(sim_app(role="prefill")) as r0, \
             serving(sim_app(role="decode")) as d0, \
             serving(gateway_app([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
-                              offload_threshold=2048)) as pd_gw, httpx.AsyncClient(timeout=20) as client:
+                              offload_threshold=2048, trust_prompt_hints=True)) as pd_gw, \
+            httpx.AsyncClient(timeout=20) as client:
         for i in range(6):
             body = completion_body(f"request {i} " + "shared prefix " * 40, stream=bool(i % 2))
             resp = await client.post(gw + "/v1/completions", json=body)
@@ -245,3 +246,91 @@ def test_rules_file_structure() -> None:
     assert {"TandemTTFTSLOFastBurn", "TandemTTFTSLOSlowBurn", "TandemScrapeTargetDown", "TandemRedisDown",
             "TandemAutoscalerAtMax"} <= alerts
     assert {"tandem:ttft_slo_attainment:ratio_rate5m", "tandem:prefix_cache_hit_ratio:rate5m"} <= recorded_names()
+
+
+# --- aggregation of what every gateway replica exports alike ----------------------------------------
+
+# Gauges each gateway (or autoscaler) replica exports with the same value: the instances it sees, its
+# breakers' view of them, the offload threshold, the autoscaler's decision. A `sum` (or `count`) over
+# replicas multiplies them by the replica count.
+PER_REPLICA_GAUGES = ("tandem_instances", "tandem_circuit_open", "tandem_offload_threshold_tokens",
+                      "tandem_state_backend_up", "tandem_autoscaler_desired_replicas",
+                      "tandem_autoscaler_target_replicas", "tandem_autoscaler_draining_instances",
+                      "tandem_autoscaler_goodput_rps", "tandem_autoscaler_needed_replicas",
+                      "tandem_autoscaler_forecast_rps")
+
+
+def summed_over_replicas(expr: str) -> set[str]:
+    """The per-replica gauges an expression adds up directly (``sum``/``count`` applied to the series)."""
+    return {name for name in PER_REPLICA_GAUGES
+            if re.search(rf"\b(?:sum|count)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*{re.escape(name)}\b", expr)}
+
+
+def test_per_replica_gauges_are_never_summed_over_replicas() -> None:
+    assert summed_over_replicas("sum by (role) (tandem_instances)") == {"tandem_instances"}
+    assert summed_over_replicas("sum by (role) (max by (namespace, service, role) (tandem_instances))") == set()
+    offenders = {where: names for where, expr in all_expressions().items() if (names := summed_over_replicas(expr))}
+    assert offenders == {}
+
+
+def test_alerts_do_not_depend_on_kubernetes_only_labels() -> None:
+    """(That they fire at any scrape interval is shown by promtool, tests/shared/test_alert_rules.py.)"""
+    rules = {r.get("alert"): r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    for name, rule in rules.items():
+        if name is None:
+            continue
+        assert "container" not in rule["expr"], name  # only Kubernetes service discovery adds it
+    # A one-minute outage must be able to trip the scrape-down alert.
+    assert rules["TandemScrapeTargetDown"]["for"] in {"0s", "30s", "1m"}
+
+
+# --- dashboard variables ---------------------------------------------------------------------------
+
+MODEL_LABELS = ("model", "model_name")
+
+
+def series_labels(expositions: dict[str, str]) -> dict[str, set[str]]:
+    """Label names of every series, from the real expositions and the recording rules' ``by`` clauses."""
+    out: dict[str, set[str]] = {}
+    for text in expositions.values():
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out.setdefault(sample.name, set()).update(sample.labels)
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                by = re.search(r"by \(([^)]*)\)", rule["expr"])
+                out[rule["record"]] = {label.strip() for label in by.group(1).split(",")} if by else set()
+    return out
+
+
+def test_every_dashboard_has_namespace_service_and_model_variables() -> None:
+    for path in DASHBOARDS:
+        variables = {v["name"]: v for v in json.loads(path.read_text())["templating"]["list"]}
+        for name in ("namespace", "service", "model"):
+            var = variables[name]
+            assert var["type"] == "query" and var["multi"] and var["includeAll"] and var["allValue"] == ".*", \
+                (path.name, name)
+        assert '$namespace' in variables["service"]["query"]  # services of the chosen namespaces
+        assert '$service' in variables["model"]["query"]
+
+
+def test_every_panel_query_is_filtered_by_the_variables(expositions: dict[str, str]) -> None:
+    labels = series_labels(expositions)
+    checked = 0
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                for name, matchers in selectors(target["expr"]):
+                    where = f"{path.name} {panel['title']!r}: {name}"
+                    assert matchers.get("namespace") == ("=~", "$namespace"), where
+                    assert matchers.get("service") == ("=~", "$service"), where
+                    for label in set(MODEL_LABELS) & labels.get(name, set()):
+                        assert matchers.get(label) == ("=~", "$model"), where
+                    checked += 1
+    assert checked >= 80
+
+
+def test_the_filter_check_catches_an_unfiltered_selector() -> None:
+    assert selectors('sum(rate(a{namespace=~"$namespace"}[5m])) / sum(b)') == [
+        ("a", {"namespace": ("=~", "$namespace")}), ("b", {})]

@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
-from gatewayutil import ROOT, RedisServer, free_port, gateway_app, sim_app, until
+from gatewayutil import ROOT, RedisServer, free_port, sim_app, until
 from kubeutil import kmock_kubeconfig
-from test_gateway_observations import MODEL, ext_body
+from test_gateway_observations import MODEL, ext_body, gateway_app  # a gateway that trusts ext_body's hints
 
 from tandem.api.observations import (
     InstanceLoad,
@@ -348,7 +348,7 @@ async def test_a_gateway_with_workers_answers_for_all_of_them(redis_server: Redi
         port = free_port()
         log = tmp_path / "gateway.log"
         proc = start_logged(log, "gateway", "--port", str(port), "--instances", engine, "--workers", "2",
-                            "--redis-url", redis_server.url, "--state-sync-interval", "0.05")
+                            "--redis-url", redis_server.url, "--state-sync-interval", "0.05", "--trust-prompt-hints")
         gw = f"http://127.0.0.1:{port}"
 
         def worker(i: int) -> httpx.AsyncClient:

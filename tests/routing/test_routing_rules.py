@@ -330,6 +330,7 @@ class TablePolicy:
     """A real (deterministic) policy for hand-built scheduler states: request id prefix -> instance."""
 
     name = "table"
+    reasons = ("table",)
     late_binding = True
 
     def __init__(self, table: dict[str, tuple[str, str]]) -> None:

@@ -246,15 +246,57 @@ def test_cel_rules_and_pydantic_agree(raw: dict[str, Any], error: str | None) ->
         assert LLMServiceSpec.model_validate(defaulted) == LLMServiceSpec.model_validate(raw)
 
 
-def test_root_rule_limits_the_name_length() -> None:
+def test_root_rule_limits_the_name_length_and_reports_metadata_name() -> None:
+    """Issue 18: without a fieldPath the API server reported the rule at the root (``<nil>: ...``).
+    It now points at metadata.name with the operator's own words for the same refusal."""
+    from tandem.api.models import ObjectMeta
+    from tandem.operator.plan import OperatorDefaults, PlanError, plan_service
+
     schema = crd(LLMService)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     env = celpy.Environment()
+    rules = {"x-kubernetes-validations": schema["x-kubernetes-validations"]}
     body = {"metadata": {"name": "x" * 55}, "spec": spec()}
-    assert _cel_failures({"x-kubernetes-validations": schema["x-kubernetes-validations"]}, body, env) == []
+    assert _cel_failures(rules, body, env) == []
     body["metadata"]["name"] = "x" * 56
-    assert _cel_failures({"x-kubernetes-validations": schema["x-kubernetes-validations"]}, body, env) == [
-        "metadata.name must be at most 55 characters (child objects append a role suffix)"
-    ]
+    (message,) = _cel_failures(rules, body, env)
+    (rule,) = [r for r in schema["x-kubernetes-validations"] if r["message"] == message]
+    svc = LLMService(metadata=ObjectMeta(name="x" * 56, uid="u"), spec=LLMServiceSpec.model_validate(spec()))
+    with pytest.raises(PlanError) as refused:
+        plan_service(svc, OperatorDefaults(), {})
+    assert (rule["fieldPath"].lstrip("."), message) == (refused.value.field, refused.value.reason)
+    assert schema["properties"]["metadata"] == {"type": "object", "properties": {"name": {"type": "string"}}}
+
+
+def _field_path_target(schema: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The schema node a CEL rule's fieldPath names (``.a.b`` or ``['a.b']`` steps), or None."""
+    node: dict[str, Any] | None = schema
+    rest = path
+    while rest and node is not None:
+        if rest.startswith("['"):
+            name, rest = rest[2:].split("']", 1)
+        elif rest.startswith("."):
+            name = rest[1:].split(".", 1)[0].split("[", 1)[0]
+            rest = rest[1 + len(name):]
+        else:
+            return None
+        node = (node.get("properties") or {}).get(name)
+    return node
+
+
+@pytest.mark.parametrize("model", [LLMService, RemotePrefillPool])
+def test_every_rule_field_path_names_a_field_of_the_schema(model: type[LLMService] | type[RemotePrefillPool]) -> None:
+    """What the API server checks when the CRD is created ("fieldPath must be a valid path"): each
+    fieldPath resolves, from the node holding the rule, to a property the schema declares."""
+    schema = crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    checked = []
+    for where, node in _walk(schema):
+        for rule in node.get("x-kubernetes-validations", []):
+            if "fieldPath" in rule:
+                assert _field_path_target(node, rule["fieldPath"]) is not None, (where, rule)
+                checked.append(rule["fieldPath"])
+    assert _field_path_target(schema, ".metadata.nope") is None and _field_path_target(schema, "spec") is None
+    if model is LLMService:
+        assert ".metadata.name" in checked and ".pools.unified.replicas" in checked
 
 
 def test_validation_errors_name_the_field_in_json_terms() -> None:
@@ -288,3 +330,15 @@ def test_examples_are_valid_resources() -> None:
     assert ("aggregated-8b.yaml", "LLMService", "aggregated") in kinds
     assert ("disaggregated-2p4d.yaml", "LLMService", "disaggregated") in kinds
     assert ("remote-prefill.yaml", "RemotePrefillPool", None) in kinds
+
+
+def test_examples_and_gateway_rbac_leave_the_namespace_to_kubectl() -> None:
+    """`kubectl apply -n X -f F` refuses an object of F that names another namespace (issue 18: the
+    examples said `default`), so the examples and the per-namespace gateway RBAC name none."""
+    paths = [*sorted((ROOT / "deploy" / "examples").glob("*.yaml")), ROOT / "deploy" / "rbac" / "gateway.yaml"]
+    docs = [(p.name, d) for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+    assert {d["kind"] for _, d in docs} >= {"LLMService", "RemotePrefillPool", "ServiceAccount", "RoleBinding"}
+    assert [(name, d["kind"]) for name, d in docs if "namespace" in d["metadata"]] == []
+    # The binding's ServiceAccount subject has no namespace either: RBAC reads it as the binding's own.
+    binding = next(d for _, d in docs if d["kind"] == "RoleBinding")
+    assert [s for s in binding["subjects"] if "namespace" in s] == []

@@ -65,3 +65,19 @@ def test_text_blocks_only_hash_full_blocks_and_are_stable() -> None:
     assert len(token_block_hashes(tokens, 16)) == 5  # the 4-token tail is not a full block
     n, hashes = text_block_hashes("Hello, world! " * 21, 16)
     assert n == 84 and hashes == token_block_hashes(tokens, 16)
+
+
+def test_long_texts_are_tokenized_in_windows_to_the_same_pieces() -> None:
+    """tokenize() cuts long texts at whitespace (so a thread gives the event loop its turns); the pieces
+    are exactly those of one regex pass, whatever falls on a window's edge."""
+    import random
+    import re
+
+    from tandem.prefix import tokenize
+
+    one_pass = re.compile(r"\w+|[^\w\s]")
+    rng = random.Random(7)
+    pieces = ["hello", "world!", "a,b", "  ", "\n", "x" * 40_000, "é-ü", "...", "\t", "日本語"]
+    for _ in range(10):
+        text = "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 20_000)))
+        assert tokenize(text) == one_pass.findall(text)

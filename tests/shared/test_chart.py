@@ -23,18 +23,22 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
+from promstack import CHART_RELABELINGS
 
 helm = pytest.importorskip("helm_sdkpy", reason="make test installs helm-sdkpy (--ignore-requires-python)")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 kmock = pytest.importorskip("kmock")
+from kmock._internal import parsing as kmock_parsing  # noqa: E402
 from kmock._internal.apps import Server  # noqa: E402
+
+_KMOCK_PARSE_PATH = kmock_parsing.parse_path
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tandem"
@@ -53,6 +57,7 @@ KINDS = [
     ("networking.k8s.io/v1/networkpolicies", "NetworkPolicy", True),
     ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False),
     ("rbac.authorization.k8s.io/v1/clusterrolebindings", "ClusterRoleBinding", False),
+    ("rbac.authorization.k8s.io/v1/roles", "Role", True),
     ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True),
     ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition", False),
     ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True),
@@ -69,9 +74,29 @@ FULL_VALUES: dict[str, Any] = {
 }
 
 
+def _parse_path(path: str) -> Any:
+    """kmock's request path parser, except that /api/v1/namespaces[/NAME] is the cluster-scoped
+    Namespace resource (kmock reads it as the prefix of a namespaced path and fails on it)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return kmock_parsing.ParsedPath("", "v1", "namespaces", None, parts[3] if len(parts) == 4 else None, None)
+    return _KMOCK_PARSE_PATH(path)
+
+
 @contextlib.asynccontextmanager
-async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
-    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator)."""
+async def api_server(tmp_path: Path, namespaces: tuple[str, ...] = ()) -> AsyncIterator[tuple[Path, Any]]:
+    """kmock serving discovery for the chart's kinds; yields (kubeconfig, emulator).
+
+    ``namespaces`` exist as Namespace objects. Without ``kube-system`` among them Helm's ``lookup``
+    finds nothing, as in ``helm template``; with it, kmock answers like a cluster.
+    """
+    with mock.patch.object(kmock_parsing, "parse_path", _parse_path):
+        async with _emulator(tmp_path, namespaces) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _emulator(tmp_path: Path, namespaces: tuple[str, ...]) -> AsyncIterator[tuple[Path, Any]]:
     async with kmock.KubernetesEmulator() as k, Server(k):
         for path, kind, namespaced in KINDS:
             k.resources[path] = k.ResourceInfo(kind=kind, namespaced=namespaced, verbs=set(ALL_VERBS))
@@ -89,6 +114,9 @@ async def api_server(tmp_path: Path) -> AsyncIterator[tuple[Path, Any]]:
             "clusters": [{"name": "kmock", "cluster": {"server": server}}],
             "users": [{"name": "kmock", "user": {}}],
             "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+        for name in namespaces:
+            k.objects[kmock.resource("", "v1", "namespaces"), None, name] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         yield kubeconfig, k
 
 
@@ -110,8 +138,10 @@ async def install(kubeconfig: Path, values: dict[str, Any] | None, release: str 
 
 
 async def render(tmp_path: Path, values: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], Any]:
-    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too)."""
-    async with api_server(tmp_path) as (kubeconfig, k):
+    """The release's manifests (templates) and the emulator holding what Helm created (CRDs too), on
+    a cluster where the namespaces the values name exist (Helm's lookup sees them)."""
+    engines = ((values or {}).get("engines") or {}).get("namespaces") or []
+    async with api_server(tmp_path, ("kube-system", "default", *engines)) as (kubeconfig, k):
         outcome = await install(kubeconfig, values)
         assert "error" not in outcome, outcome["error"]
         release = outcome["release"]
@@ -202,8 +232,10 @@ def test_values_are_documented_field_by_field() -> None:
 async def test_default_install(tmp_path: Path) -> None:
     docs, created = await render(tmp_path)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding",
+    assert {"Deployment", "Service", "ServiceAccount", "ClusterRole", "Role", "RoleBinding",
             "NetworkPolicy", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    # Nothing is granted cluster-wide: every role is bound in a namespace (the gateway's ClusterRole too).
+    assert "ClusterRoleBinding" not in kinds
     assert "StatefulSet" not in kinds and "ServiceMonitor" not in kinds  # Redis and monitoring are opt-in
     # The CRDs went in first, exactly as in crds/.
     crds = {o["metadata"]["name"]: o for o in created if o.get("kind") == "CustomResourceDefinition"}
@@ -234,15 +266,32 @@ async def test_every_pod_is_hardened(tmp_path: Path) -> None:
                 assert "emptyDir" in volumes[mount["name"]] or mount.get("readOnly"), (name, mount)
 
 
+def shipped_rules(file: str, kind: str) -> list[dict[str, Any]]:
+    return next(d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / file).read_text())
+                if d and d["kind"] == kind)["rules"]
+
+
 async def test_rbac_matches_the_operator_issue(tmp_path: Path) -> None:
     docs, _ = await render(tmp_path)
-    for component in ("operator", "gateway"):
-        shipped = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac" / f"{component}.yaml").read_text())
-                   if d and d["kind"] == "ClusterRole"]
-        assert one(docs, "ClusterRole", f"/tandem-{component}")["rules"] == shipped[0]["rules"], component
+    assert one(docs, "ClusterRole", "/tandem-gateway")["rules"] == shipped_rules("gateway.yaml", "ClusterRole")
+    # The autoscaler: deploy/rbac/autoscaler.yaml's rules, in a Role where LLMServices live (16.11).
+    assert one(docs, "Role", "tandem-system/tandem-autoscaler")["rules"] == shipped_rules("autoscaler.yaml",
+                                                                                         "ClusterRole")
+    # Namespaced by default (the operator runs with --namespace): a Role where LLMServices live.
+    assert "--all-namespaces" not in args_of(docs, "/tandem-operator")
+    role = one(docs, "Role", "tandem-system/tandem-operator")
+    assert role["rules"] == shipped_rules("operator-namespaced.yaml", "Role")
     operator = one(docs, "Deployment", "/tandem-operator")["spec"]
     assert operator["replicas"] == 1 and operator["strategy"] == {"type": "Recreate"}
-    binding = one(docs, "ClusterRoleBinding", "/tandem-operator")
+    binding = one(docs, "RoleBinding", "tandem-system/tandem-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
+    assert binding["roleRef"]["kind"] == "Role"
+    assert not any(d["metadata"]["name"] == "tandem-operator" for d in docs if d["kind"] == "ClusterRole")
+    # Cluster-wide only when asked (operator.allNamespaces): the ClusterRole of deploy/rbac/operator.yaml.
+    (tmp_path / "all").mkdir()
+    wide, _ = await render(tmp_path / "all", {"operator": {"allNamespaces": True}})
+    assert one(wide, "ClusterRole", "/tandem-operator")["rules"] == shipped_rules("operator.yaml", "ClusterRole")
+    binding = one(wide, "ClusterRoleBinding", "/tandem-operator")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-operator", "namespace": "tandem-system"}]
     # The operator's per-service gateways run as the chart's gateway ServiceAccount.
     assert "--gateway-service-account=tandem-gateway" in args_of(docs, "/tandem-operator")
@@ -275,6 +324,13 @@ async def test_full_install(tmp_path: Path) -> None:
     # Monitoring: ServiceMonitor for the chart's services, PodMonitors for engines and service gateways.
     monitor = one(docs, "ServiceMonitor", "/tandem")
     assert monitor["metadata"]["labels"]["release"] == "kps"
+    # Both endpoints keep the series' own labels: the gateway's `instance` (an engine), the
+    # autoscaler's `namespace` and `service` (the LLMService, not the autoscaler's own Service).
+    assert {e["port"]: e.get("honorLabels") for e in monitor["spec"]["endpoints"]} == {"http": True, "metrics": True}
+    # The real-Prometheus tier (tests/promstack.py) reproduces exactly these relabelings.
+    assert {f"servicemonitor/{e['port']}": e["relabelings"] for e in monitor["spec"]["endpoints"]} \
+        | {name.removeprefix("tandem-system/tandem-"): pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
+           for name, pm in by_kind(docs, "PodMonitor").items()} == CHART_RELABELINGS
     podmonitors = by_kind(docs, "PodMonitor")
     assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
     for pm in podmonitors.values():
@@ -330,6 +386,69 @@ async def test_network_policies(tmp_path: Path) -> None:
                                      "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}})
     gw = next(c for c in plan_service(svc, OperatorDefaults(), {}).children if c["metadata"]["name"] == "s-gateway")
     assert service_gateways["matchLabels"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
+
+
+async def test_egress_network_policies(tmp_path: Path) -> None:
+    """Issue 16.11: every Tandem pod's egress is bounded (before, the policies covered ingress only)."""
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    dns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+           "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+    dns_rule = {"to": [dns], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    api_rule = {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}
+    engines = {"matchExpressions": [{"key": "serving.tandem.dev/role", "operator": "Exists"}]}
+    for key in ("tandem-system/tandem-gateway-egress", "llm-a/tandem-service-gateway-egress",
+                "llm-b/tandem-service-gateway-egress"):
+        spec = one(docs, "NetworkPolicy", key)["spec"]
+        assert spec["policyTypes"] == ["Egress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "tandem"  # never another app's pods
+        to_engines, to_redis, *rest = spec["egress"]
+        assert to_engines == {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                                      "podSelector": engines} for ns in ("llm-a", "llm-b")],
+                              "ports": [{"port": "http", "protocol": "TCP"}]}
+        assert to_redis["ports"] == [{"port": "redis", "protocol": "TCP"}]
+        assert to_redis["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+        assert rest == [dns_rule, api_rule]
+    for ns in ("llm-a", "llm-b"):  # engines: each other, DNS, HTTPS for weights; not the API server
+        spec = one(docs, "NetworkPolicy", f"{ns}/tandem-engines-egress")["spec"]
+        assert spec["podSelector"] == engines
+        assert spec["egress"] == [{"to": [{"podSelector": engines}]}, dns_rule,
+                                  {"ports": [{"port": 443, "protocol": "TCP"}]}]
+    assert one(docs, "NetworkPolicy", "/tandem-operator-egress")["spec"]["egress"] == [dns_rule, api_rule]
+    scaler = one(docs, "NetworkPolicy", "/tandem-autoscaler-egress")["spec"]["egress"]
+    assert scaler[1:] == [dns_rule, api_rule]
+    assert {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in scaler[0]["to"]} == {
+        "llm-a", "llm-b", "tandem-system"}  # the gateways it asks for their load
+    redis = one(docs, "NetworkPolicy", "/tandem-redis-egress")["spec"]
+    assert redis["policyTypes"] == ["Egress"] and not redis.get("egress")  # nowhere
+    # Narrowed: the API server's own addresses, weights from a volume (no HTTPS for engines).
+    (tmp_path / "narrow").mkdir()
+    docs, _ = await render(tmp_path / "narrow", {"networkPolicy": {"egress": {
+        "apiServerCidrs": ["10.0.0.1/32"], "engineRules": []}}})
+    assert one(docs, "NetworkPolicy", "/tandem-operator-egress")["spec"]["egress"][1]["to"] == [
+        {"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert one(docs, "NetworkPolicy", "tandem-system/tandem-engines-egress")["spec"]["egress"] == [
+        {"to": [{"podSelector": engines}]}, dns_rule]
+
+
+async def test_autoscaler_may_annotate_pods_only_where_llmservices_live(tmp_path: Path) -> None:
+    """Issue 16.11: its ClusterRole let it patch any pod in the cluster; now a Role per engine namespace."""
+    docs, _ = await render(tmp_path, FULL_VALUES)
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")
+                and "autoscaler" in d["metadata"]["name"]]
+    for ns in ("llm-a", "llm-b"):
+        rules = one(docs, "Role", f"{ns}/tandem-autoscaler")["rules"]
+        assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]} in rules
+        binding = one(docs, "RoleBinding", f"{ns}/tandem-autoscaler")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "tandem-autoscaler"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tandem-autoscaler",
+                                        "namespace": "tandem-system"}]
+    # The chart's gateways (release namespace) are only listed there, never patched.
+    assert one(docs, "Role", "tandem-system/tandem-autoscaler-gateways")["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert "tandem-system/tandem-autoscaler" not in by_kind(docs, "Role")
 
 
 async def test_operator_gives_service_gateways_the_charts_redis(tmp_path: Path,
@@ -456,43 +575,90 @@ async def test_bad_values_fail_the_install_naming_the_field(tmp_path: Path, valu
         assert not [o for o in k.objects.values() if o.get("kind") == "Deployment"]
 
 
+async def test_engine_namespaces_must_exist(tmp_path: Path) -> None:
+    """Issue 18: an upgrade with an engine namespace that did not exist failed half-way (`namespaces
+    "llm-a" not found`) and left a failed revision. The chart now refuses it before creating anything,
+    naming the value and the namespace; where Helm cannot look (`helm template`), it cannot check."""
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        outcome = await install(kubeconfig, FULL_VALUES)  # llm-a and llm-b
+        assert "release" not in outcome
+        assert 'engines.namespaces: namespace "llm-b" does not exist' in outcome["error"], outcome["error"]
+        assert "kubectl create namespace llm-b" in outcome["error"] and "engines.createNamespaces" in outcome["error"]
+        assert [o["kind"] for o in k.objects.values() if o.get("kind") != "Namespace"
+                and o.get("kind") != "CustomResourceDefinition"] == []
+    (tmp_path / "template").mkdir()
+    async with api_server(tmp_path / "template") as (kubeconfig, _):  # no kube-system: lookup sees nothing
+        assert "release" in await install(kubeconfig, FULL_VALUES)
+
+
+async def test_create_namespaces_creates_only_the_missing_ones_and_keeps_them(tmp_path: Path) -> None:
+    values = merge(FULL_VALUES, {"engines": {"createNamespaces": True}})
+    ours = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "llm-c", "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "tandem", "meta.helm.sh/release-namespace": "tandem-system"}}}
+    values["engines"]["namespaces"].append("llm-c")
+    async with api_server(tmp_path, ("kube-system", "llm-a")) as (kubeconfig, k):
+        k.objects[kmock.resource("", "v1", "namespaces"), None, "llm-c"] = ours  # this release's, from before
+        outcome = await install(kubeconfig, values)
+        assert "error" not in outcome, outcome["error"]
+        docs = [d for d in yaml.safe_load_all(outcome["release"]["manifest"]) if d]
+        namespaces = by_kind(docs, "Namespace")
+        # llm-a is someone else's (used as is), llm-b is missing, llm-c was created by this release;
+        # the release namespace is Helm's own business.
+        assert sorted(namespaces) == ["/llm-b", "/llm-c"]
+        assert all(n["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for n in namespaces.values())
+        created = {o["metadata"]["name"] for o in k.objects.values() if o.get("kind") == "Namespace"}
+        assert created >= {"llm-a", "llm-b", "llm-c"}
+        assert "/llm-b/tandem-gateway" not in by_kind(docs, "ServiceAccount") and "llm-b/tandem-gateway" in by_kind(
+            docs, "ServiceAccount")
+        assert "created where missing" in outcome["release"]["info"]["notes"]
+
+
 @pytest.mark.realk8s
 def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -> None:
     """helm install, then the operator, running with the chart's ServiceAccount and RBAC, turns
-    deploy/examples/aggregated-8b.yaml into Deployments."""
+    deploy/examples/aggregated-8b.yaml into Deployments; helm uninstall leaves no cluster-scoped object.
+
+    The release has a name of its own (its ClusterRoles are named after it), so the test neither
+    collides with another run nor replaces a `tandem` release or deploy/rbac/ installed on the cluster.
+    """
     if not REAL_KUBECONFIG:
         pytest.skip("real API server tests need TANDEM_TEST_KUBECONFIG=<kubeconfig of a test cluster>")
     from kubernetes import client, config
+    from kubeutil import service_account_kubeconfig, unique_name
 
-    release_ns, engine_ns = (f"tandem-chart-{uuid.uuid4().hex[:6]}", f"llm-{uuid.uuid4().hex[:6]}")
+    release, release_ns, engine_ns = unique_name("tandem"), unique_name("tandem-chart"), unique_name("llm")
     api = config.new_client_from_config(REAL_KUBECONFIG)
     core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+    rbac = client.RbacAuthorizationV1Api(api)
     core.create_namespace({"metadata": {"name": engine_ns}})
     helm_config = helm.Configuration(namespace=release_ns, kubeconfig=REAL_KUBECONFIG)
     operator = None
+    uninstalled = False
     try:
-        release = asyncio.run(helm.Install(helm_config).run(
-            "tandem", str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
+        # An engine namespace that does not exist is refused before anything is created (issue 18).
+        missing = unique_name("llm-missing")
+        with pytest.raises(helm.HelmError, match=f'engines.namespaces: namespace "{missing}" does not exist'):
+            asyncio.run(helm.Install(helm_config).run(
+                f"{release}-refused", str(CHART), values={"engines": {"namespaces": [missing]}}, wait=False,
+                timeout=120, create_namespace=True))
+        assert rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release}-refused").items == []
+        outcome = asyncio.run(helm.Install(helm_config).run(
+            release, str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
             create_namespace=True))
-        assert release["info"]["status"] == "deployed"
+        assert outcome["info"]["status"] == "deployed"
+        manifests = [d for d in yaml.safe_load_all(outcome["manifest"]) if d]
+        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "ClusterRole"} == {
+            f"{release}-{c}" for c in ("operator", "gateway", "autoscaler")}
         # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
-        token = core.create_namespaced_service_account_token(
-            "tandem-operator", release_ns, {"spec": {"expirationSeconds": 3600}}).status.token
-        real = yaml.safe_load(Path(REAL_KUBECONFIG).read_text())
-        cluster = next(c["cluster"] for c in real["clusters"])
-        sa_config = tmp_path / "operator-kubeconfig"
-        sa_config.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "c", "cluster": cluster}], "users": [{"name": "sa", "user": {"token": token}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}]}))
-        args = args_of([d for d in yaml.safe_load_all(release["manifest"]) if d],
-                       "/tandem-operator")
+        sa_config = service_account_kubeconfig(core, release_ns, f"{release}-operator", Path(REAL_KUBECONFIG),
+                                               tmp_path / "operator-kubeconfig")
+        args = args_of(manifests, f"/{release}-operator")
         operator = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", *[a for a in args if not a.startswith("--liveness-port")],
              "--liveness-port=0", f"--kubeconfig={sa_config}"], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         example = yaml.safe_load((ROOT / "deploy" / "examples" / "aggregated-8b.yaml").read_text())
-        example["metadata"]["namespace"] = engine_ns
         custom.create_namespaced_custom_object("serving.tandem.dev", "v1alpha1", engine_ns, "llmservices", example)
         name = example["metadata"]["name"]
         wanted = {f"{name}-unified", f"{name}-gateway"}
@@ -503,16 +669,22 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
             time.sleep(0.5)
         assert wanted <= found
         unified = apps.read_namespaced_deployment(f"{name}-unified", engine_ns)
-        assert unified.spec.replicas == example["spec"]["pools"]["unified"]["replicas"]
+        assert unified.spec.replicas == example["spec"]["replicas"]  # the primary pool's size: spec.replicas
         gateway = apps.read_namespaced_deployment(f"{name}-gateway", engine_ns)
         assert gateway.spec.template.spec.service_account_name == "tandem-gateway"
         assert core.read_namespaced_service_account("tandem-gateway", engine_ns)  # the chart put it there
+        asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
+        uninstalled = True
+        selector = f"app.kubernetes.io/instance={release}"
+        assert rbac.list_cluster_role(label_selector=selector).items == []
+        assert rbac.list_cluster_role_binding(label_selector=selector).items == []
     finally:
         if operator is not None and operator.poll() is None:
             operator.terminate()
             operator.wait(10)
-        with contextlib.suppress(Exception):
-            asyncio.run(helm.Uninstall(helm_config).run("tandem", wait=False))
+        if not uninstalled:  # a failed install may still have left a release behind
+            with contextlib.suppress(Exception):
+                asyncio.run(helm.Uninstall(helm_config).run(release, wait=False))
         for ns in (engine_ns, release_ns):
             with contextlib.suppress(Exception):
                 core.delete_namespace(ns)

@@ -44,7 +44,8 @@ async def engine_load(client: httpx.AsyncClient, url: str) -> tuple[float, float
 @pytest.fixture
 async def pd():
     prefill = create_app(SimSettings(role="prefill", engine_id="prefill-0"))
-    decode = create_app(SimSettings(role="decode", kv_link_gbps=10.0, kv_rtt_ms=5.0))
+    decode = create_app(SimSettings(role="decode", kv_link_gbps=10.0, kv_rtt_ms=5.0,
+                                    enable_prompt_tokens_details=True))
     async with serving(prefill) as p_url, serving(decode) as d_url, httpx.AsyncClient(timeout=10) as client:
         yield p_url, d_url, client
 

@@ -22,8 +22,8 @@ async def post(client: httpx.AsyncClient, path: str, **body) -> httpx.Response:
 
 @pytest.fixture
 async def sim():
-    async with serving(create_app(SimSettings(metrics="vllm"))) as url, httpx.AsyncClient(base_url=url,
-                                                                                       timeout=10) as client:
+    async with serving(create_app(SimSettings(metrics="vllm", enable_prompt_tokens_details=True))) as url, \
+            httpx.AsyncClient(base_url=url, timeout=10) as client:
         yield client
 
 
@@ -149,3 +149,16 @@ def test_crash_fault_kills_the_process() -> None:
         assert proc.popen.wait(timeout=10) == 1
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+async def test_time_scale_runs_the_engine_model_faster_than_the_wall_clock() -> None:
+    """``--time-scale N``: N engine seconds per wall second (benchmarks replay long traces faster)."""
+    import asyncio
+
+    from tandem.sim.wallclock import WallClockDriver
+
+    fast, plain = WallClockDriver(time_scale=8.0), WallClockDriver()
+    await asyncio.sleep(0.05)
+    assert fast.now() >= 8.0 * 0.05 > plain.now() >= 0.05
+    with pytest.raises(ValueError):
+        WallClockDriver(time_scale=0)

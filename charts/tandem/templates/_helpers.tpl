@@ -85,3 +85,34 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* The operator's rules in the namespaces it serves (deploy/rbac/operator-namespaced.yaml). */}}
+{{- define "tandem.operatorRules" -}}
+- apiGroups: ["serving.tandem.dev"]
+  resources: ["llmservices", "remoteprefillpools"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["serving.tandem.dev"]
+  resources: ["llmservices/status", "remoteprefillpools/status"]
+  verbs: ["patch"]
+- apiGroups: ["serving.tandem.dev"]
+  resources: ["llmservices/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
