@@ -120,8 +120,9 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
     @app.get("/readyz")
     async def readyz() -> Response:
         routable = sum(len(p.cluster.routable()) for p in gw.pools.values())
-        if any(i.state.routable for i in gw.pd["decode"].values()):  # disaggregated: prefill + decode
-            routable += sum(1 for i in gw.pd["prefill"].values() if i.state.routable)
+        if any(i.state.routable for i in gw.pd["decode"].values()):  # disaggregated: prefill (either pool) + decode
+            routable += sum(1 for role in ("prefill", "remote-prefill") for i in gw.pd[role].values()
+                            if i.state.routable)
         if gw.draining or routable == 0:
             why = "draining" if gw.draining else "no routable instance"
             return JSONResponse(status_code=503, content={"status": why, "routable_instances": routable})

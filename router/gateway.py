@@ -99,6 +99,10 @@ class Gateway:
         # sequence and context token of a chunk) from the profile, as the DES takes them.
         self.prefill_s_per_token, self.prefill_cost = PrefillCost.from_cost_model(
             cost, profile.max_num_batched_tokens, profile.kv_capacity_tokens)
+        # Remote prefill engines run on other GPUs: their estimates use their own profile.
+        remote = load_profile(settings.remote_profile) if settings.remote_profile else profile
+        self.remote_prefill_cost = PrefillCost.from_cost_model(
+            CostModel.from_profile(remote), remote.max_num_batched_tokens, remote.kv_capacity_tokens)
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
                                  attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
@@ -201,7 +205,9 @@ class Gateway:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        state = new_instance_state(ep.url, self.prefill_s_per_token, self.prefill_cost, self.shadow_tokens)
+        per_token, extra = self.remote_prefill_cost if ep.role == "remote-prefill" \
+            else (self.prefill_s_per_token, self.prefill_cost)
+        state = new_instance_state(ep.url, per_token, extra, self.shadow_tokens)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
         inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=self.instance_label(ep))
         self.metrics.instance_known(inst.label)

@@ -56,8 +56,9 @@ from tandem.router.requestview import RequestView
 from tandem.router.routing.decode import DecodeLoad, pick_decode
 from tandem.router.routing.offload import (
     OffloadController,
-    OffloadSettings,
     OffloadStatus,
+    SideChoice,
+    best_estimate,
     decode_rps_estimate,
     pool_speed,
 )
@@ -148,76 +149,90 @@ class PDRouter:
         if s.pd_engine == "vllm" and (blind := prefill_blind_spots(data, gw.context_len.get(rreq.model))):
             message, field = blind  # what only the decode leg would see: refused before a prefill is spent
             return gw.done(policy, "pd", "client_error", error_response(400, message, param=field))
-        route = self.route(rreq)
+        base = gw.new_request_id()
+        choice = self.route(rreq, base)
+        route = "remote" if choice is not None and choice.side == "remote" else "local"
         gw.metrics.prefill_routes.labels(rreq.model, route).inc()
         pool = self.prefill_pool(rreq.model, "remote-prefill" if route == "remote" else "prefill")
         t0 = time.monotonic()
         deadline = t0 + s.request_timeout
-        base = gw.new_request_id()
         excluded_p: list[str] = []
         excluded_d: list[str] = []
         attempts = hops = 0
         trace = gw.observer.arrived(pool.service, "prefill", rreq.prompt_tokens, t0)
         last = "no attempt was made"
-        while attempts < s.max_attempts and time.monotonic() < deadline:
-            try:
-                return await self._attempt(request, pool, data, replace(rreq, request_id=f"{base}-{attempts + hops}"),
-                                           path, stream, policy, excluded_p, excluded_d, t0, deadline, trace,
-                                           engine_key)
-            except _Final as final:
-                response = final.response
-                if final.outcome == "no_instance" and attempts:  # the failures took the last instances
-                    response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
-                                           f"error: {last}", retry_after=2)
-                return gw.done(policy, "pd", final.outcome, response, trace)
-            except _Retry as retry:
-                last = str(retry)
-                if retry.prefill:
-                    excluded_p.append(retry.prefill)
-                if retry.decode:
-                    excluded_d.append(retry.decode)
-                if retry.refused:
-                    hops += 1
-                    if hops > s.pd_max_hops:
-                        return gw.done(policy, "pd", "refused", _error(
-                            503, f"prefill instances refused the request {hops} times (queues full): {last}",
-                            retry_after=1), trace)
-                    continue  # forward to the next candidate at once: a refusal is not a failure
-                attempts += 1
-                gw.metrics.retries.labels("pd").inc()
-                if attempts < s.max_attempts:
-                    await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
-        return gw.done(policy, "pd", "upstream_error", _error(
-            502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
+        try:
+            while attempts < s.max_attempts and time.monotonic() < deadline:
+                try:
+                    return await self._attempt(request, pool, data,
+                                               replace(rreq, request_id=f"{base}-{attempts + hops}"), path, stream,
+                                               policy, excluded_p, excluded_d, t0, deadline, trace, engine_key,
+                                               (base, choice))
+                except _Final as final:
+                    response = final.response
+                    if final.outcome == "no_instance" and attempts:  # the failures took the last instances
+                        response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
+                                               f"error: {last}", retry_after=2)
+                    return gw.done(policy, "pd", final.outcome, response, trace)
+                except _Retry as retry:
+                    last = str(retry)
+                    if retry.prefill:
+                        excluded_p.append(retry.prefill)
+                    if retry.decode:
+                        excluded_d.append(retry.decode)
+                    if retry.refused:
+                        hops += 1
+                        if hops > s.pd_max_hops:
+                            return gw.done(policy, "pd", "refused", _error(
+                                503, f"prefill instances refused the request {hops} times (queues full): {last}",
+                                retry_after=1), trace)
+                        continue  # forward to the next candidate at once: a refusal is not a failure
+                    attempts += 1
+                    gw.metrics.retries.labels("pd").inc()
+                    if attempts < s.max_attempts:
+                        await asyncio.sleep(s.retry_backoff * 2 ** (attempts - 1))
+            return gw.done(policy, "pd", "upstream_error", _error(
+                502, f"disaggregated request failed after {attempts} attempts; last error: {last}"), trace)
+        finally:
+            if route == "remote":  # delivered (already released) or not: nothing of it is committed any more
+                self.controller(rreq.model).link.release(base)
 
-    def route(self, rreq: RouteRequest) -> str:
-        """'local' or 'remote' prefill: the offload threshold on the prompt's uncached length.
+    def route(self, rreq: RouteRequest, key: str) -> SideChoice | None:
+        """Local or remote prefill (None: the model has no remote pool, so local).
 
         Uncached = prompt - the best hit among the local prefill instances' shadow caches (the
-        tokens offloading would make someone compute). Without a local pool everything goes remote.
+        tokens offloading would make someone compute). The controller starts from the threshold on
+        that length and moves the request when the other side's estimate (its best instance's
+        queued work and this request's miss there, plus the link's committed traffic for the
+        remote side) is sooner and the link has room, or keeps a long one local when only the local
+        side meets its TTFT SLO. A remote choice commits the prompt's KV to the link under ``key``.
+        Without a local pool everything goes remote.
         """
         model = rreq.model
         remote = self._members("remote-prefill", model)
         local = self.prefill_pool(model, "prefill")
         if not remote:
-            return "local"
-        if not local.instances:
-            return "remote"
-        hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
-        uncached = rreq.prompt_tokens - hit
+            return None
         ctl = self.controller(model)
-        ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
-        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
-        now = time.monotonic()
-        ctl.observe(uncached, now)
         remote_pool = self.prefill_pool(model, "remote-prefill")
-        backlog = sum(st.pending_miss_tokens for st in remote_pool.cluster.instances.values())
-        per_token = self.remote_profile.params.per_token_s
+        now = time.monotonic()
+        nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
+        uncached = rreq.prompt_tokens
         # Other models' offloads share the link: their measured egress shrinks this model's budget.
-        ctl.maybe_resolve(now, link_other_gbps=self.link_egress_gbps(now, besides=model),
-                          remote_queue_s=backlog * per_token / max(1, len(remote_pool.instances)))
-        self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
-        return "remote" if ctl.should_offload(uncached) else "local"
+        others = self.link_egress_gbps(now, besides=model)
+        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+        if local.instances:  # the threshold splits the load between two pools: without a local one, moot
+            uncached -= max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
+            ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
+            ctl.observe(uncached, now)
+            ctl.maybe_resolve(now, link_other_gbps=others)
+            self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)
+        choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
+                            remote_prefill_s=best_estimate(remote_pool.cluster, rreq), kv_bytes=nbytes, now=now,
+                            slo_s=rreq.slo_ttft_s or self.gw.settings.slo_ttft, link_other_gbps=others)
+        if choice.side == "remote":
+            ctl.link.commit(key, nbytes)
+        return choice
 
     def offload_counts(self, model: str, peers: Mapping[str, SharedLoad] | None = None) -> OffloadCounts | None:
         """The model's offload as this gateway sees it (None: no remote prefill pool, or no
@@ -247,7 +262,7 @@ class PDRouter:
             decode_rps = s.offload_decode_rps or decode_rps_estimate(self.local_profile, max(1, n_decode),
                                                                      8192, 256)
             ctl = self.controllers[model] = OffloadController(
-                OffloadSettings(fixed_threshold=s.offload_threshold), local=pool_speed(self.local_profile, 1),
+                s.offload_settings(), local=pool_speed(self.local_profile, 1),
                 remote=pool_speed(self.remote_profile, 1), decode_rps=decode_rps, link_gbps=s.remote_link_gbps,
                 kv_bytes_per_token=self.local_profile.model.kv_bytes_per_token)
         return ctl
@@ -306,7 +321,8 @@ class PDRouter:
 
     async def _attempt(self, request: Request, pool: Pool, data: dict[str, Any], rreq: RouteRequest, path: str,
                        stream: bool, policy: str, excluded_p: list[str], excluded_d: list[str], t0: float,
-                       deadline: float, trace: RequestTrace, engine_key: EngineKey | None) -> Response:
+                       deadline: float, trace: RequestTrace, engine_key: EngineKey | None,
+                       offload: tuple[str, SideChoice | None]) -> Response:
         observer = self.gw.observer
         p_inst, hit = await self._prefill_instance(request, pool, rreq, policy, excluded_p, deadline)
         observer.routed(trace, p_inst.engine_hit(engine_key, rreq.prompt_tokens, hit, self.gw.shadow_tokens),
@@ -315,17 +331,34 @@ class PDRouter:
         d_inst = self.decode_choice(rreq.model, excluded_d)
         d_inst.state.inflight_requests += 1
         handed_off = False
+        key, choice = offload
+        remote = p_inst.endpoint.role == "remote-prefill"
+        ctl = self.controller(rreq.model) if remote else None
+
+        def handoff_at(t: float) -> None:
+            if choice is not None:
+                self.controller(rreq.model).learn(choice, t - t0)
+            if ctl is not None and stream:  # the decode's first byte will end the transfer: time it
+                ctl.transfer_started(key, t)
+
         try:
             if self.gw.settings.pd_engine == "vllm":
-                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
+                started = await self._vllm(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace,
+                                           handoff_at)
             else:
-                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline, trace)
+                started = await self._sglang(request, pool, p_inst, d_inst, rid, data, path, stream, deadline,
+                                             trace, handoff_at)
             if started.status >= 400:  # the decode engine refused the request itself: its answer, as in unified mode
                 raise _Final("client_error", Response(started.first, status_code=started.status,
                                                       headers=started.headers))
-            remote = p_inst.endpoint.role == "remote-prefill"
-            if remote:
-                self._count_link(rreq)
+            if ctl is not None:
+                self._count_link(rreq, key)
+        except BaseException:
+            if ctl is not None:
+                ctl.link.abort(key)  # a retry starts its own transfer
+            d_inst.state.inflight_requests -= 1
+            raise
+        try:
             headers = {**started.headers, "x-tandem-prefill-instance": p_inst.label,
                        "x-tandem-prefill-route": "remote" if remote else "local",
                        "x-tandem-decode-instance": d_inst.label, "x-tandem-decision": "pd"}
@@ -344,7 +377,9 @@ class PDRouter:
                 d_inst.state.inflight_requests -= 1
 
     async def _vllm(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                    data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
+                    data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
+                    handoff_at: Callable[[float], None]) -> Started:
+        """The two legs in turn; ``handoff_at`` hears when the prefill answered (the KV hand-off)."""
         try:
             pre = await self._start(request, p_inst, path, vllm_prefill_body(data), False, deadline, "prefill")
         except BaseException:
@@ -355,7 +390,9 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
-        self.gw.observer.prefill_done(trace, time.monotonic())
+        handoff = time.monotonic()
+        self.gw.observer.prefill_done(trace, handoff)
+        handoff_at(handoff)
         try:
             kv = vllm_decode_params(json.loads(pre.first))
         except ValueError as exc:
@@ -368,7 +405,10 @@ class PDRouter:
             raise
 
     async def _sglang(self, request: Request, pool: Pool, p_inst: Instance, d_inst: Instance, rid: str,
-                      data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace) -> Started:
+                      data: dict[str, Any], path: str, stream: bool, deadline: float, trace: RequestTrace,
+                      handoff_at: Callable[[float], None]) -> Started:
+        """Both legs at once (the decode waits for the room); ``handoff_at`` hears when the prefill
+        answered (the KV hand-off)."""
         url = urlsplit(p_inst.endpoint.url)
         port = self.gw.settings.pd_bootstrap_port or url.port or (443 if url.scheme == "https" else 80)
         prefill_body, decode_body = sglang_bodies(data, url.hostname or "", port, new_bootstrap_room(self.rng))
@@ -388,7 +428,9 @@ class PDRouter:
             raise _Final("client_error", Response(pre.first, status_code=pre.status, headers=pre.headers))
         pool.first_token(rid)
         pool.finished(rid)
-        self.gw.observer.prefill_done(trace, time.monotonic())
+        handoff = time.monotonic()
+        self.gw.observer.prefill_done(trace, handoff)
+        handoff_at(handoff)
         try:
             return await d_task
         except _Retry as retry:
@@ -406,12 +448,13 @@ class PDRouter:
 
         return finish
 
-    def _count_link(self, rreq: RouteRequest) -> None:
-        """The decode accepted a remote prefill's KV: the whole prompt's KV crosses the link."""
+    def _count_link(self, rreq: RouteRequest, key: str) -> None:
+        """The decode accepted a remote prefill's KV: the whole prompt's KV crossed the link (timed
+        from the hand-off when the decode's first byte was the first token, not a whole answer)."""
         ctl = self.controller(rreq.model)
         nbytes = rreq.prompt_tokens * ctl.kv_bytes_per_token
         now = time.monotonic()
-        ctl.record_egress(nbytes, now)
+        ctl.record_transfer(nbytes, now, key=key)
         self.gw.metrics.link_bytes.labels(rreq.model).inc(nbytes)
         self.gw.metrics.link_utilization.labels(rreq.model).set(ctl.link_utilization(now))
 

@@ -9,10 +9,11 @@ failure can only end the stream with an error event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -94,15 +95,10 @@ class Upstream:
         first_byte = self.first_byte_timeout if first_byte_s is None else first_byte_s
         read = min(first_byte, budget_s) if stream else budget_s
         hdrs = {"Content-Type": "application/json", **(headers or {})}
-        response: Response | None = None
-        try:
-            try:
-                response = await self.client.post(url, body, hdrs, connect_timeout=min(self.connect_timeout, budget_s),
-                                                  read_timeout=read)
-            except HTTPConnectError as exc:
-                raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
-            except HTTPPoolBusy as exc:  # our own limit: no mark against the engine, the client retries later
-                raise UpstreamFailure("busy", str(exc), fatal=False) from None
+        held = _Held()
+        with _as_upstream_failure(held):
+            response = held.response = await self.client.post(
+                url, body, hdrs, connect_timeout=min(self.connect_timeout, budget_s), read_timeout=read)
             out_headers = {k: v for k, v in response.headers.items() if k in _FORWARD}
             if response.status >= 400 or not stream:
                 content = await response.read()
@@ -120,46 +116,48 @@ class Upstream:
                 raise UpstreamFailure("empty", "engine closed the stream before the first token", fatal=True)
             response.read_timeout = self.stream_idle_timeout  # from here on: the longest silence in a stream
             return Started(response.status, out_headers, first, response, time.monotonic() + self.max_stream_s)
-        except UpstreamFailure:
-            _abort(response)
-            raise
-        except TimeoutError:
-            # Not fatal on its own: an overloaded engine is slow, not broken; repeated ones open the circuit.
-            _abort(response)
-            raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
-        except HTTPConnectionError as exc:
-            _abort(response)
-            raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
-        except BaseException:
-            _abort(response)  # cancelled (client went away): close the upstream connection
-            raise
-
 
     async def exchange(self, method: str, url: str, body: bytes, *, budget_s: float,
                        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         """One whole request and answer, whatever its status (the engine's routes besides generation:
         probes, tokenizer): (status, forwarded headers, body), or an :class:`UpstreamFailure`."""
         hdrs = {"Content-Type": "application/json", **(headers or {})} if body else dict(headers or {})
-        response: Response | None = None
-        try:
+        held = _Held()
+        with _as_upstream_failure(held):
             async with asyncio.timeout(budget_s):
-                response = await self.client.request(method, url, body, hdrs, read_timeout=budget_s,
-                                                     connect_timeout=min(self.connect_timeout, budget_s))
+                response = held.response = await self.client.request(
+                    method, url, body, hdrs, read_timeout=budget_s,
+                    connect_timeout=min(self.connect_timeout, budget_s))
                 content = await response.read()
             return response.status, {k: v for k, v in response.headers.items() if k in _FORWARD}, content
-        except HTTPConnectError as exc:
+
+
+@dataclass(slots=True)
+class _Held:
+    """The engine's response once it has one, for :func:`_as_upstream_failure` to close."""
+
+    response: Response | None = None
+
+
+@contextlib.contextmanager
+def _as_upstream_failure(held: _Held) -> Iterator[None]:
+    """Transport errors of one exchange with an engine as :class:`UpstreamFailure`; on any failure or
+    cancellation (the client went away) the engine's response is closed, so its connection is not reused."""
+    try:
+        yield
+    except BaseException as exc:
+        if held.response is not None:
+            held.response.close()
+        if isinstance(exc, HTTPConnectError):
             raise UpstreamFailure("connect", "cannot connect", fatal=True, detail=str(exc)) from None
-        except HTTPPoolBusy as exc:
+        if isinstance(exc, HTTPPoolBusy):  # our own limit: no mark against the engine, the client retries later
             raise UpstreamFailure("busy", str(exc), fatal=False) from None
-        except TimeoutError:
-            _abort(response)
+        if isinstance(exc, TimeoutError):
+            # Not fatal on its own: an overloaded engine is slow, not broken; repeated ones open the circuit.
             raise UpstreamFailure("timeout", "engine did not answer in time", fatal=False) from None
-        except HTTPConnectionError as exc:
-            _abort(response)
+        if isinstance(exc, HTTPConnectionError):
             raise UpstreamFailure("protocol", "connection broke", fatal=True, detail=str(exc)) from None
-        except BaseException:
-            _abort(response)
-            raise
+        raise
 
 
 def sse_comments_only(data: bytes) -> bool:
@@ -167,11 +165,6 @@ def sse_comments_only(data: bytes) -> bool:
     ``--sse-keep-alive-interval`` sends while a request waits) and blank lines. Such bytes are not the
     answer's start: neither the first token's time nor the point after which a failure is not retried."""
     return all(not line.strip() or line.startswith(b":") for line in data.split(b"\n"))
-
-
-def _abort(response: Response | None) -> None:
-    if response is not None:
-        response.close()
 
 
 async def relay(started: Started) -> AsyncIterator[bytes]:

@@ -34,6 +34,7 @@ class _Offload(BaseModel):
     endpoints: list[str] = Field(min_length=1)
     remote_prefill: str | None = Field(None, alias="remotePrefill")
     link_bandwidth_gbps: float = Field(alias="linkBandwidthGbps", gt=0)
+    rtt_milliseconds: float = Field(0.0, alias="rttMilliseconds", ge=0)
     length_threshold: int | None = Field(None, alias="lengthThreshold", ge=0)
     auto: bool = True
 
@@ -73,6 +74,7 @@ def apply_service_description(settings: GatewaySettings, desc: ServiceDescriptio
     if desc.offload is not None:
         update["remote_prefill_instances"] = list(desc.offload.endpoints)
         update["remote_link_gbps"] = desc.offload.link_bandwidth_gbps
+        update["remote_link_rtt_ms"] = desc.offload.rtt_milliseconds
         update["remote_prefill_pool"] = desc.offload.remote_prefill
         if not desc.offload.auto and desc.offload.length_threshold is not None:
             update["offload_threshold"] = desc.offload.length_threshold

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.config import TandemSettings, UrlList, split_urls
+from tandem.router.routing.offload import OffloadSettings
 
 
 class GatewaySettings(TandemSettings):
@@ -41,6 +42,11 @@ class GatewaySettings(TandemSettings):
     remote_profile: str | None = Field(None, description="remote prefill engines' profile (default: profile)")
     offload_threshold: int | None = Field(None, ge=0, description="offload uncached prompts longer than this "
                                           "(default: solved from the live length distribution)")
+    remote_link_rtt_ms: float = Field(0.0, ge=0, le=10_000, description="RemotePrefillPool link round trip, ms "
+                                      "(the remote side's estimate and the link measurement allow for it)")
+    offload: dict[str, Any] = Field(default_factory=dict, description="offload controller settings (YAML mapping: "
+                                    "window, resolve_every_s, min_samples, high_water, link_window_s, side_choice, "
+                                    "...; see OffloadSettings)")
     offload_decode_rps: float | None = Field(None, gt=0, description="decode capacity the offload solver "
                                              "assumes (req/s; default: estimated from the profile)")
     service_config: Path | None = Field(None, description="the operator's service.json (SLOs, PD engine, remote "
@@ -165,6 +171,21 @@ class GatewaySettings(TandemSettings):
     _split = field_validator("instances", "prefill_instances", "decode_instances", "remote_prefill_instances",
                              mode="before")(
         classmethod(lambda cls, v: split_urls(v)))
+
+    @field_validator("offload")
+    @classmethod
+    def _offload(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            OffloadSettings(**v)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"offload.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return v
+
+    def offload_settings(self) -> OffloadSettings:
+        """The offload controller's settings: the pinned threshold and link RTT flags, then ``offload``."""
+        return OffloadSettings(**{"fixed_threshold": self.offload_threshold,
+                                  "link_rtt_s": self.remote_link_rtt_ms / 1000, **self.offload})
 
     @model_validator(mode="after")
     def _has_instances(self) -> GatewaySettings:

@@ -12,9 +12,13 @@ prefill with that room has finished, then receives its KV.
 Here the "pull" is an HTTP call to the prefill simulator (the side channel a real NIXL handshake
 uses), so a decode really depends on its prefill: a prefill that died after the handshake makes
 the decode fail with a clear 503, and parameters that do not name KV the prefill holds are a 400.
-The bytes themselves move in simulated time over the decode's :class:`~tandem.sim.link.AsyncLink`
-(RTT, then a fair share of ``--kv-link-gbps``). Every handshake the decode side receives is
-recorded and exposed at ``GET /admin/kv`` so tests can assert what arrived.
+By default the bytes themselves move in simulated time over the decode's
+:class:`~tandem.sim.link.AsyncLink` (RTT, then a fair share of ``--kv-link-gbps``). With
+``--kv-transport wire`` the prefill engine sends them: the pull's (or the bootstrap's) response
+body is the prompt's KV, prompt tokens x the profile's KV bytes per token, so whatever network lies
+between the two engines (a shaped link between namespaces, say) really carries it and really
+takes its time. Every handshake the decode side receives is recorded and exposed at
+``GET /admin/kv`` so tests can assert what arrived.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 
 MAX_ROOM = 2**63 - 1
 _MAX_HELD = 10_000  # prefill: KV records awaiting a pull (vLLM frees them after a timeout too)
+_CHUNK = bytes(256 * 1024)  # wire transport: the KV is sent in pieces of this size
 _MAX_ROOMS = 65_536
 
 
@@ -219,6 +225,21 @@ class KVTransfers:
         return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
                 "remote_block_ids": blocks, "remote_host": host, "remote_port": port, "tp_size": 1}
 
+    def payload(self, prompt_tokens: int) -> tuple[dict[str, str], AsyncIterator[bytes]]:
+        """The wire form of a prompt's KV: headers naming its size, and a body of that many bytes."""
+        total = prompt_tokens * self.kv_bytes_per_token
+
+        async def body() -> AsyncIterator[bytes]:
+            left = total
+            while left > 0:
+                n = min(left, len(_CHUNK))
+                yield _CHUNK if n == len(_CHUNK) else _CHUNK[:n]
+                left -= n
+
+        return {"x-tandem-kv-prompt-tokens": str(prompt_tokens),
+                "x-tandem-kv-bytes-per-token": str(self.kv_bytes_per_token),
+                "content-length": str(total)}, body()
+
     def serve_pull(self, engine_id: str, block_ids: list[int]) -> tuple[int, dict[str, Any]]:
         """A decode engine reads held KV; the blocks are freed once read, as after a NIXL read."""
         self._expire(time.monotonic())
@@ -275,23 +296,30 @@ class KVTransfers:
             record["kv_transfer_params"] = hs.vllm.model_dump()
         if hs.sglang is not None:
             record["bootstrap"] = hs.sglang.model_dump()
+        wire = self.settings.kv_transport == "wire"
         try:
-            tokens = await (self._pull_vllm(hs.vllm) if hs.vllm is not None else self._wait_room(hs.sglang))
+            t0 = time.monotonic()
+            tokens, nbytes = await (self._pull_vllm(hs.vllm, wire) if hs.vllm is not None
+                                    else self._wait_room(hs.sglang, wire))
             if tokens != req.prompt_tokens:
                 raise TransferError(400, f"the remote KV covers {tokens} tokens but this prompt has "
                                          f"{req.prompt_tokens}: the handshake belongs to another request",
                                     "kv_transfer_params" if hs.vllm is not None else "bootstrap_room")
-            assert self.link is not None
-            await asyncio.sleep(self.settings.kv_rtt_ms / 1000)
-            nbytes = tokens * self.kv_bytes_per_token
-            seconds = await self.link.transfer(nbytes)
+            if wire:
+                seconds = time.monotonic() - t0  # the bytes came over the real network path
+            else:
+                assert self.link is not None
+                await asyncio.sleep(self.settings.kv_rtt_ms / 1000)
+                nbytes = tokens * self.kv_bytes_per_token
+                seconds = await self.link.transfer(nbytes) + self.settings.kv_rtt_ms / 1000
         except TransferError as exc:
             result = "rejected" if exc.status == 400 else "failed"
             self._record(record, result, error=str(exc))
             raise
         kv_arrived(req.id)
         self._bytes.inc(nbytes)
-        record.update(transferred_tokens=tokens, transfer_s=seconds + self.settings.kv_rtt_ms / 1000)
+        record.update(transferred_tokens=tokens, transferred_bytes=nbytes, transfer_s=seconds,
+                      transport=self.settings.kv_transport)
         self._record(record, "ok")
 
     def _record(self, record: dict[str, Any], result: str, error: str | None = None) -> None:
@@ -302,41 +330,63 @@ class KVTransfers:
         self._transfers.labels(result=result).inc()
         self.received.append(record)
 
-    async def _pull_vllm(self, p: KVTransferParams | None) -> int:
+    async def _pull_vllm(self, p: KVTransferParams | None, wire: bool) -> tuple[int, int]:
+        """(prompt tokens, KV bytes received: 0 unless ``wire``) of a vLLM-style pull."""
         assert p is not None and self.client is not None
         url = f"http://{p.remote_host}:{p.remote_port}/kv/pull"
+        body = {"engine_id": p.remote_engine_id, "block_ids": p.remote_block_ids, "payload": wire}
         try:
-            resp = await self.client.post(url, json={"engine_id": p.remote_engine_id, "block_ids": p.remote_block_ids})
+            async with self.client.stream("POST", url, json=body) as resp:
+                if resp.status_code == 404:
+                    await resp.aread()
+                    raise TransferError(400, f"kv_transfer_params: prefill engine {p.remote_host}:{p.remote_port} "
+                                             f"refused the pull: {_error_text(resp)}",
+                                        "kv_transfer_params.remote_block_ids")
+                if resp.status_code != 200:
+                    raise TransferError(503, f"KV transfer failed: prefill engine answered {resp.status_code}",
+                                        "kv_transfer_params.remote_host")
+                return await _kv_answer(resp, wire)
         except httpx.HTTPError as exc:
             raise TransferError(503, f"KV transfer failed: prefill engine {p.remote_engine_id} at "
-                                     f"{p.remote_host}:{p.remote_port} is unreachable ({type(exc).__name__})",
-                                "kv_transfer_params.remote_host") from exc
-        if resp.status_code == 404:
-            raise TransferError(400, f"kv_transfer_params: prefill engine {p.remote_host}:{p.remote_port} "
-                                     f"refused the pull: {_error_text(resp)}", "kv_transfer_params.remote_block_ids")
-        if resp.status_code != 200:
-            raise TransferError(503, f"KV transfer failed: prefill engine answered {resp.status_code}",
-                                "kv_transfer_params.remote_host")
-        return int(resp.json()["prompt_tokens"])
+                                     f"{p.remote_host}:{p.remote_port} is unreachable or the transfer broke "
+                                     f"({type(exc).__name__})", "kv_transfer_params.remote_host") from exc
 
-    async def _wait_room(self, b: BootstrapFields | None) -> int:
+    async def _wait_room(self, b: BootstrapFields | None, wire: bool) -> tuple[int, int]:
+        """(prompt tokens, KV bytes received: 0 unless ``wire``) of an SGLang-style bootstrap wait."""
         assert b is not None and self.client is not None
         url = f"http://{b.bootstrap_host}:{b.bootstrap_port}/bootstrap/{b.bootstrap_room}"
         try:
-            resp = await self.client.get(url, params={"wait_s": self.settings.kv_wait_s})
+            async with self.client.stream("GET", url, params={"wait_s": self.settings.kv_wait_s,
+                                                              "payload": str(wire).lower()}) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise TransferError(504 if resp.status_code == 408 else 503,
+                                        f"KV transfer failed: {_error_text(resp)}", "bootstrap_room")
+                return await _kv_answer(resp, wire)
         except httpx.HTTPError as exc:
             raise TransferError(503, f"KV transfer failed: prefill bootstrap server {b.bootstrap_host}:"
-                                     f"{b.bootstrap_port} is unreachable ({type(exc).__name__})",
-                                "bootstrap_host") from exc
-        if resp.status_code == 408:
-            raise TransferError(504, f"KV transfer failed: {_error_text(resp)}", "bootstrap_room")
-        if resp.status_code != 200:
-            raise TransferError(503, f"KV transfer failed: {_error_text(resp)}", "bootstrap_room")
-        return int(resp.json()["prompt_tokens"])
+                                     f"{b.bootstrap_port} is unreachable or the transfer broke "
+                                     f"({type(exc).__name__})", "bootstrap_host") from exc
 
     def snapshot(self) -> dict[str, Any]:
         return {"role": self.role, "engine_id": self.engine_id, "held": len(self.held), "rooms": len(self.rooms),
                 "counts": dict(self.counts), "received": list(self.received)}
+
+
+async def _kv_answer(resp: httpx.Response, wire: bool) -> tuple[int, int]:
+    """(prompt tokens, bytes received) of a pull/bootstrap answer: the JSON record, or with ``wire``
+    the KV itself, whose length must be what its headers say."""
+    if not wire:
+        await resp.aread()
+        return int(resp.json()["prompt_tokens"]), 0
+    tokens = int(resp.headers["x-tandem-kv-prompt-tokens"])
+    expected = tokens * int(resp.headers["x-tandem-kv-bytes-per-token"])
+    received = 0
+    async for chunk in resp.aiter_raw():
+        received += len(chunk)
+    if received != expected:
+        raise TransferError(503, f"KV transfer broke off: {received} of {expected} bytes arrived", "kv_transfer_params")
+    return tokens, received
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -351,3 +401,4 @@ class PullRequest(BaseModel):
 
     engine_id: str = Field(min_length=1, max_length=256)
     block_ids: list[int] = Field(min_length=1, max_length=1_000_000)
+    payload: bool = Field(False, description="send the KV bytes themselves (wire transport), not only their size")

@@ -367,19 +367,26 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def kv_answer(status: int, content: dict, payload: bool) -> Response:
+        if status != 200 or not payload:
+            return JSONResponse(status_code=status, content=content)
+        headers, body = server.kv.payload(int(content["prompt_tokens"]))
+        return StreamingResponse(body, media_type="application/octet-stream", headers=headers)
+
     @app.post("/kv/pull")
-    async def kv_pull(pull: PullRequest) -> JSONResponse:
-        """The prefill side of a vLLM-style KV read (stands in for the NIXL side channel)."""
+    async def kv_pull(pull: PullRequest) -> Response:
+        """The prefill side of a vLLM-style KV read (stands in for the NIXL side channel); with
+        ``payload`` the answer is the KV bytes themselves."""
         status, content = server.kv.serve_pull(pull.engine_id, pull.block_ids)
-        return JSONResponse(status_code=status, content=content)
+        return kv_answer(status, content, pull.payload)
 
     @app.get("/bootstrap/{room}")
-    async def bootstrap(room: int, wait_s: float = 30.0) -> JSONResponse:
+    async def bootstrap(room: int, wait_s: float = 30.0, payload: bool = False) -> Response:
         """SGLang-style bootstrap: a decode server waits here for the prefill of its room."""
         if not 0 <= room <= 2**63 - 1 or not 0 < wait_s <= 600:
             return wire.error(400, "room or wait_s out of range", "room")
         status, content = await server.kv.serve_bootstrap(room, wait_s)
-        return JSONResponse(status_code=status, content=content)
+        return kv_answer(status, content, payload)
 
     @app.get("/admin/kv")
     async def admin_kv() -> dict:

@@ -47,6 +47,11 @@ class SimSettings(TandemSettings):
     kv_link_gbps: float = Field(100.0, gt=0, description="decode role: Gbit/s of the link KV is pulled over")
     kv_link_per_flow_gbps: float | None = Field(None, gt=0, description="decode role: cap of one KV transfer")
     kv_rtt_ms: float = Field(0.5, ge=0, description="decode role: round trip before the first KV byte")
+    kv_transport: Literal["simulated", "wire"] = Field("simulated", description="decode role: simulated: the "
+                                                       "KV moves in simulated time over a --kv-link-gbps link; "
+                                                       "wire: the prefill engine sends the KV bytes themselves "
+                                                       "(prompt tokens x the profile's KV bytes per token) over "
+                                                       "HTTP, so a real (e.g. shaped) network path carries them")
     kv_hold_s: float = Field(120.0, gt=0, description="prefill role: how long computed KV waits to be pulled")
     kv_wait_s: float = Field(60.0, gt=0, description="decode role: how long to wait for the prefill's KV")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* (vLLM's "

@@ -45,6 +45,8 @@ COMMANDS: Registry = {
         "decision": ("tandem.bench.routing:DecisionBench", "time of one routing decision at several pool sizes"),
         "offload": ("tandem.bench.pd:OffloadBench",
                     "homogeneous PD vs naive vs selective cross-datacenter prefill offload, in the DES"),
+        "offload-live": ("tandem.bench.offload_live:OffloadLiveBench",
+                         "offload through the gateway over a real tbf-shaped link (network namespace, veth)"),
         "pd": ("tandem.bench.pd:PDBench", "aggregated vs disaggregated goodput at TTFT and TPOT SLOs"),
         "peers": ("tandem.bench.peers:BenchPeers",
                   "tandem vs sglang-router and vllm-router, live: capacity at the TTFT SLO, latency, cache hits"),

@@ -36,7 +36,14 @@ from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile, load_profile
 from tandem.router.routing.config import RoutingConfig
 from tandem.router.routing.decode import DecodeLoad, pick_decode
-from tandem.router.routing.offload import OffloadController, OffloadSettings, decode_rps_estimate, pool_speed
+from tandem.router.routing.offload import (
+    OffloadController,
+    OffloadSettings,
+    SideChoice,
+    best_estimate,
+    decode_rps_estimate,
+    pool_speed,
+)
 from tandem.router.routing.registry import make_policy
 from tandem.router.routing.scheduler import QueueFullError, Scheduler
 from tandem.router.routing.types import ClusterView, NoInstanceError, RouteRequest
@@ -70,9 +77,11 @@ class PDConfig(BaseModel):
     local_rtt_ms: float = Field(0.05, ge=0, description="local round trip before a KV pull")
     decode_rps_hint: float | None = Field(None, gt=0, description="decode capacity the offload solver assumes "
                                           "(requests/s; default: estimated from the profile)")
+    decode_kv_capacity_tokens: int | None = Field(None, gt=0, description="decode instances admit at most this "
+                                                  "much KV (default: the profile's capacity); a TPOT SLO bounds "
+                                                  "the context one decode step can read")
     scrape_interval_s: float = Field(0.5, gt=0)
     tick_s: float = Field(0.1, gt=0)
-    estimate_prompt_tokens: int = Field(8192, gt=0)
     ttft_slo_s: float | None = Field(None, gt=0, description="each request's own TTFT SLO for routing: this plus "
                                      "ttft_slo_per_token_s x its prompt tokens; None: routing's fixed SLO")
     ttft_slo_per_token_s: float = Field(0.0, ge=0, description="per prompt token part of ttft_slo_s")
@@ -182,18 +191,19 @@ class PDSimulation:
         self._link_due: list[float | None] = [None]
         self.pools = [self._pool("local", "p", local_p, policy, routing),
                       self._pool("remote", "r", remote_p, policy, routing),
-                      self._pool("decode", "d", local_p, None, routing)]
+                      self._pool("decode", "d", local_p, None, routing, config.decode_kv_capacity_tokens)]
         n = len(self.requests)
         mean_prompt = sum(r.input_tokens for r in self.requests) / max(1, n)
         mean_output = sum(r.output_tokens for r in self.requests) / max(1, n)
-        decode_rps = config.decode_rps_hint or decode_rps_estimate(local_p, config.decode, mean_prompt, mean_output)
+        decode_rps = config.decode_rps_hint or decode_rps_estimate(
+            local_p, config.decode, mean_prompt, mean_output, config.decode_kv_capacity_tokens)
+        offload = config.offload
+        if "link_rtt_s" not in offload.model_fields_set:  # the controller knows the link's RTT as the gateway does
+            offload = offload.model_copy(update={"link_rtt_s": config.link_rtt_ms / 1000})
         self.controller = OffloadController(
-            config.offload, local=pool_speed(local_p, config.local_prefill),
+            offload, local=pool_speed(local_p, config.local_prefill),
             remote=pool_speed(remote_p, config.remote_prefill), decode_rps=decode_rps,
             link_gbps=config.link_gbps, kv_bytes_per_token=local_p.model.kv_bytes_per_token)
-        # The offload controller's view of the remote queue: mean seconds per token of a typical prompt.
-        typical = config.estimate_prompt_tokens
-        self.remote_s_per_token = CostModel.from_profile(remote_p).prefill_time(typical) / typical
         self._heap: list[tuple[float, int, int, int]] = []
         self._seq = 0
         for p, count in ((LOCAL, config.local_prefill), (REMOTE, config.remote_prefill), (DECODE, config.decode)):
@@ -205,12 +215,14 @@ class PDSimulation:
         self._decode_of: dict[str, int] = {}
         self._outstanding = 0
         self.thresholds: list[tuple[float, int]] = []
+        self._choices: dict[str, SideChoice] = {}  # selective: each request's side choice until its prefill ends
         self.events = 0
         self.arrived = 0  # requests whose arrival has been processed (a prefix of ``results``)
 
-    def _pool(self, name: str, prefix: str, profile: Profile, policy: str | None, routing: RoutingConfig) -> _Pool:
-        limits = EngineLimits(profile.kv_capacity_tokens, profile.max_num_seqs, profile.max_num_batched_tokens,
-                              profile.model.max_model_len)
+    def _pool(self, name: str, prefix: str, profile: Profile, policy: str | None, routing: RoutingConfig,
+              kv_capacity_tokens: int | None = None) -> _Pool:
+        kv = min(kv_capacity_tokens or profile.kv_capacity_tokens, profile.kv_capacity_tokens)
+        limits = EngineLimits(kv, profile.max_num_seqs, profile.max_num_batched_tokens, profile.model.max_model_len)
         return _Pool(name, prefix, profile, CostModel.from_profile(profile), limits, policy, routing)
 
     # ----- elastic pools (the controller's interface) ----------------------------------------------
@@ -283,6 +295,7 @@ class PDSimulation:
                 res = self.results[self._by_id[rreq.request_id]]
                 if decision is None:
                     res.rejected = "no routable instance to re-route to"
+                    self._forget(rreq.request_id)
                     self._outstanding -= 1
                 else:
                     res.prefill_instance = decision.instance_id
@@ -332,7 +345,7 @@ class PDSimulation:
     # ----- phases --------------------------------------------------------------------------------
     def _route_pool(self, rreq: RouteRequest, now: float) -> tuple[int, int]:
         """(pool, uncached tokens): the offload decision on the best local cache hit."""
-        local = self.pools[LOCAL]
+        local, remote = self.pools[LOCAL], self.pools[REMOTE]
         hit = max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
         uncached = rreq.prompt_tokens - hit
         mode = self.config.mode
@@ -340,13 +353,24 @@ class PDSimulation:
             return LOCAL, uncached
         if mode == "remote":
             return REMOTE, uncached
-        self.controller.observe(uncached, now)
-        remote = self.pools[REMOTE]
-        backlog = sum(st.pending_miss_tokens for st in remote.cluster.instances.values())
-        queue_s = backlog * self.remote_s_per_token / max(1, len(remote.cluster.instances))
-        if self.controller.maybe_resolve(now, remote_queue_s=queue_s) is not None:
-            self.thresholds.append((now, self.controller.threshold))
-        return (REMOTE if self.controller.should_offload(uncached) else LOCAL), uncached
+        ctl = self.controller
+        ctl.observe(uncached, now)
+        if ctl.maybe_resolve(now) is not None:
+            self.thresholds.append((now, ctl.threshold))
+        kv_bytes = rreq.prompt_tokens * self.pools[DECODE].cost.kv_bytes_per_token
+        choice = ctl.choose(uncached, local_s=best_estimate(local.cluster, rreq),
+                            remote_prefill_s=best_estimate(remote.cluster, rreq), kv_bytes=kv_bytes, now=now,
+                            slo_s=rreq.slo_ttft_s)
+        self._choices[rreq.request_id] = choice
+        if choice.side == "local":
+            return LOCAL, uncached
+        ctl.link.commit(rreq.request_id, kv_bytes)
+        return REMOTE, uncached
+
+    def _forget(self, rid: str) -> None:
+        """A request ended before its KV crossed: nothing of it is committed to the link any more."""
+        self.controller.link.release(rid)
+        self._choices.pop(rid, None)
 
     def _arrive(self, n: int) -> None:
         pr = self.requests[n]
@@ -364,11 +388,13 @@ class PDSimulation:
         sched = self.pools[p].scheduler
         if sched is None:
             res.rejected = "no routable instance"
+            self._forget(rid)
             return
         try:
             decision = sched.submit(rreq, now)
         except (QueueFullError, NoInstanceError) as exc:
             res.rejected = str(exc) or type(exc).__name__
+            self._forget(rid)
             return
         self._pool_of[rid] = p
         self._outstanding += 1
@@ -387,6 +413,7 @@ class PDSimulation:
             why = eng.validate(pr.input_tokens, 1)
             if why:
                 res.rejected = why
+                self._forget(rreq.request_id)
                 assert pool.scheduler is not None
                 pool.scheduler.on_failed(rreq.request_id)
                 self._outstanding -= 1
@@ -405,6 +432,8 @@ class PDSimulation:
         n = self._by_id[rid]
         pr, res = self.requests[n], self.results[n]
         res.prefill_done_at = now
+        if (choice := self._choices.pop(rid, None)) is not None:
+            self.controller.learn(choice, now - pr.arrival)
         dpool = self.pools[DECODE]
         loads = [DecodeLoad(iid, eng.reserved_tokens / eng.limits.kv_capacity_tokens,
                             len(eng.running) + len(eng.waiting), routable=status == "ready")
@@ -413,12 +442,14 @@ class PDSimulation:
             d = int(pick_decode(loads)[1:])
         except NoInstanceError as exc:
             res.rejected = str(exc)
+            self._forget(rid)
             self._outstanding -= 1
             return
         eng = dpool.engines[d]
         why = eng.validate(pr.input_tokens, pr.output_tokens)
         if why:
             res.rejected = why
+            self._forget(rid)
             self._outstanding -= 1
             return
         res.decode_instance = dpool.ids[d]
@@ -430,6 +461,8 @@ class PDSimulation:
         self._decode_of[rid] = d
         self._reschedule(DECODE, d)
         rtt = (self.config.link_rtt_ms if p == REMOTE else self.config.local_rtt_ms) / 1000
+        if p == REMOTE and self.config.mode == "selective":
+            self.controller.transfer_started(rid, now)
         self._push(now + rtt, _FLOW, n)
 
     def _start_flow(self, n: int, now: float) -> None:
@@ -455,6 +488,8 @@ class PDSimulation:
             res = self.results[n]
             assert res.prefill_done_at is not None
             res.transfer_s = c.time - res.prefill_done_at
+            if j == 0:  # the cross-datacenter link: the controller measures it as the gateway does
+                self.controller.record_transfer(int(c.size), c.time, key=c.flow_id)
             d = self._decode_of[c.flow_id]
             self.pools[DECODE].engines[d].kv_arrived(c.flow_id, c.time)
             self._reschedule(DECODE, d)

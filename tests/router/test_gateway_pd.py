@@ -294,7 +294,7 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
     link_gbps = 2.0
     async with serving(sim_app(role="prefill", engine_id="local")) as p0, \
             serving(sim_app(role="prefill", engine_id="remote")) as r0, \
-            serving(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
+            serving(sim_app(role="decode", kv_link_gbps=20.0)) as d0, \
             serving(hint_gateway([], prefill_instances=[p0], remote_prefill_instances=[r0], decode_instances=[d0],
                               offload_threshold=2048, remote_link_gbps=link_gbps)) as gw, \
             httpx.AsyncClient(timeout=20) as c:
@@ -321,11 +321,16 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
         assert moved["bytes"] == await decode_bytes() - before > 0
         assert (moved["local"], moved["remote"], moved["threshold"]) == (2.0, 2.0, 2048.0)
         window = 30.0  # OffloadSettings.link_window_s
-        assert moved["util"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window / link_gbps, rel=1e-6)
-        assert 0 < moved["util"] < 1
-
         admin = (await c.get(gw + "/admin/offload")).json()
         st = admin["models"][MODEL]
+        # Utilisation is against the capacity the gateway measured from the two transfers (bytes /
+        # busy time, ~0.47 s of it): the decode's simulated 20 Gbit/s link, not the configured 2 Gbit/s;
+        # the decode's first step is in each interval, so the reading is a little low, never high.
+        assert st["link_nominal_gbps"] == link_gbps and st["link_measured_gbps"] == st["link_gbps"]
+        assert 10.0 < st["link_measured_gbps"] <= 20.0
+        assert moved["util"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window / st["link_gbps"], rel=1e-6)
+        assert 0 < moved["util"] < 1
+        assert st["link_committed_bytes"] == 0  # both transfers ended
         assert admin["remote_link_gbps"] == link_gbps
         assert st["threshold_tokens"] == 2048 and st["pinned"] is True and st["samples"] == 4
         assert st["local_instances"] == 1 and st["remote_instances"] == 1
@@ -336,3 +341,17 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
         # local), an idle remote pool and no other model on the link.
         obs = (await c.get(gw + "/admin/observations", params={"service": MODEL})).json()["observations"]
         assert (obs["offload_threshold"], obs["remote_queue_s"], obs["link_other_gbps"]) == (2048, 0.0, 0.0)
+
+
+async def test_a_remote_prefill_pool_alone_makes_the_gateway_ready_and_serves_everything() -> None:
+    """Naive offload (no local prefill pool): ready, and every prompt prefilled remote."""
+    async with serving(sim_app(role="prefill", engine_id="remote")) as r0, \
+            serving(sim_app(role="decode", kv_link_gbps=100.0)) as d0, \
+            serving(gateway_app([], remote_prefill_instances=[r0], decode_instances=[d0])) as gw, \
+            httpx.AsyncClient(timeout=20) as c:
+        ready = await c.get(gw + "/readyz")
+        assert ready.status_code == 200 and ready.json()["routable_instances"] == 1
+        resp = await c.post(gw + "/v1/completions", json=completion_body(PROMPT, max_tokens=3))
+        assert resp.status_code == 200 and resp.headers["x-tandem-prefill-route"] == "remote"
+        st = (await c.get(gw + "/admin/offload")).json()["models"][MODEL]
+        assert st["side_choices"] == {"remote:no_local": 1}

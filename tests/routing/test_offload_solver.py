@@ -95,7 +95,7 @@ def test_controller_resolves_periodically_from_its_window() -> None:
     ctl = OffloadController(OffloadSettings(window=1000, resolve_every_s=5.0, min_samples=100, min_threshold=0,
                                             initial_threshold=999_999),
                             local=LINEAR, remote=LINEAR, decode_rps=1e9, link_gbps=1e6, kv_bytes_per_token=131072)
-    assert not ctl.should_offload(50_000)
+    assert ctl.threshold == 999_999
     for i, length in enumerate(UNIFORM[:50]):
         ctl.observe(length, i * 0.01)
     assert ctl.maybe_resolve(1.0) is None  # too few samples
@@ -104,7 +104,8 @@ def test_controller_resolves_periodically_from_its_window() -> None:
     d = ctl.maybe_resolve(10.0)
     assert d is not None and ctl.threshold == d.threshold_tokens and 700 <= ctl.threshold <= 712
     assert ctl.maybe_resolve(12.0) is None  # within the period
-    assert ctl.should_offload(900) and not ctl.should_offload(100)
+    threshold_only = dict(local_s=1.0, remote_prefill_s=1.0, kv_bytes=1, now=12.0)
+    assert ctl.choose(900, **threshold_only).side == "remote" and ctl.choose(100, **threshold_only).side == "local"
     pinned = OffloadController(OffloadSettings(fixed_threshold=4096), local=LINEAR, remote=LINEAR,
                                decode_rps=1.0, link_gbps=1.0, kv_bytes_per_token=1)
     for i in range(100):
@@ -127,8 +128,9 @@ def test_controller_measures_link_egress_over_its_window() -> None:
     ctl = OffloadController(OffloadSettings(link_window_s=10.0, fixed_threshold=100), local=LINEAR, remote=LINEAR,
                             decode_rps=1.0, link_gbps=8.0, kv_bytes_per_token=1)
     assert ctl.link_utilization(0.0) == 0.0
-    ctl.record_egress(5_000_000_000, 1.0)  # 5 GB = 40 Gbit in a 10 s window: 4 Gbit/s of 8
-    ctl.record_egress(5_000_000_000, 6.0)
+    # 5 GB = 40 Gbit in a 10 s window: 4 Gbit/s of 8 (untimed: only the bytes count, the capacity stays nominal)
+    ctl.record_transfer(5_000_000_000, 1.0)
+    ctl.record_transfer(5_000_000_000, 6.0)
     assert ctl.egress_gbps(6.0) == pytest.approx(8.0) and ctl.link_utilization(6.0) == pytest.approx(1.0)
     assert ctl.link_utilization(11.5) == pytest.approx(0.5)  # the first transfer left the window
     assert ctl.link_utilization(16.0) == 0.0

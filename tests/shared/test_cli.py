@@ -84,3 +84,10 @@ def test_yaml_errors_are_named(tmp_path, capsys) -> None:
     assert "colour" in capsys.readouterr().err
     assert run_probe([], tmp_path / "missing.yaml") == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_bad_offload_settings_name_the_nested_field() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "gateway", "--instances", "http://127.0.0.1:1",
+                           "--offload", '{"link_window_s": -1}'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "offload.link_window_s" in proc.stderr and "offload (--offload" in proc.stderr

@@ -8,7 +8,7 @@ from tandem.bench.pd import lognormal_mix, plan_split
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import load_profile
 from tandem.router.routing.offload import OffloadSettings
-from tandem.sim.des.pd import PDConfig, simulate_pd
+from tandem.sim.des.pd import PDConfig, PDSimulation, simulate_pd
 from tandem.sim.des.search import search_capacity
 from tandem.sim.des.simulator import prepare, with_arrivals
 from tandem.traces import TraceRequest, rescale_to_qps
@@ -224,3 +224,46 @@ def test_routing_judges_each_request_against_its_own_slo() -> None:
 
     assert switches() == 0
     assert switches(ttft_slo_s=0.5, ttft_slo_per_token_s=1e-5) > 0
+
+
+def test_queue_aware_selective_measures_the_link_and_moves_prompts_the_slow_pool_would_delay() -> None:
+    """H20 local prefill, H200 remote: at light load the remote side is sooner for most prompts;
+    the controller sends them there (the threshold alone keeps them local), reads the link as the
+    DES's fair-shared 100 Gbit/s, and has nothing committed once the run is over."""
+    reqs = mix(150, qps=0.6)
+    config = dict(local_prefill=2, remote_prefill=2, decode=2, mode="selective", local_profile="llama3-8b-h20",
+                  remote_profile="llama3-8b-h200", link_gbps=100.0)
+    runs = {}
+    for side in ("threshold", "queue_aware"):
+        sim = PDSimulation(reqs, PDConfig(**config, offload=OffloadSettings(
+            min_samples=20, resolve_every_s=2.0, side_choice=side, initial_threshold=64_000)))
+        runs[side] = (sim, sim.run())
+    sim, run = runs["queue_aware"]
+    base = runs["threshold"][1]
+    remote = sum(r.route == "remote" for r in run.requests)
+    assert remote > sum(r.route == "remote" for r in base.requests)
+    assert sim.controller.choices.get("remote:faster", 0) > 0
+    mean = lambda rs: sum(r.ttft for r in rs) / len(rs)  # noqa: E731
+    assert mean(run.requests) < mean(base.requests)
+    end = max(r.finished_at for r in run.requests)
+    assert sim.controller.link.measured_gbps(end) == pytest.approx(100.0, rel=1e-6)
+    assert sim.controller.link.committed_bytes == 0 and not sim._choices
+    assert sim.controller.calibration["remote"].samples == remote
+
+
+def test_decode_admits_no_more_kv_than_its_cap() -> None:
+    reqs = mix(60, qps=4.0)
+    cap = 100_000
+    sim = PDSimulation(reqs, PDConfig(local_prefill=4, decode=1, decode_kv_capacity_tokens=cap))
+    peak = 0
+
+    class Watch:
+        interval_s = 0.05
+
+        def __call__(self, s, now) -> None:
+            nonlocal peak
+            peak = max(peak, s.pools[2].engines[0].reserved_tokens)
+
+    run = sim.run(Watch())
+    assert sim.pools[2].engines[0].limits.kv_capacity_tokens == cap
+    assert 0 < peak <= cap and all(r.finished_at is not None for r in run.requests)

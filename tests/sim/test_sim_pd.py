@@ -179,3 +179,36 @@ async def test_sglang_bad_bootstrap_fields(pd) -> None:
     resp = await client.post(f"{d_url}/v1/completions", json={
         "model": MODEL, "x_tandem": PROMPT, "bootstrap_room": 5})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "bootstrap_host"
+
+
+async def test_wire_transport_sends_the_kv_bytes_themselves() -> None:
+    """--kv-transport wire: the decode engine reads prompt tokens x KV bytes per token from the
+    prefill engine over HTTP (so a real network path carries them), for both handshakes."""
+    small = {"hash_ids": [7], "prompt_tokens": 64, "block_size": 512}
+    prefill = create_app(SimSettings(role="prefill", engine_id="prefill-w"))
+    decode = create_app(SimSettings(role="decode", kv_transport="wire", kv_link_gbps=0.001))
+    async with serving(prefill) as p_url, serving(decode) as d_url, httpx.AsyncClient(timeout=20) as client:
+        pre = await vllm_prefill(client, p_url, small)
+        t0 = time.monotonic()
+        status, tokens = await stream_tokens(client, f"{d_url}/v1/completions", {
+            "model": MODEL, "x_tandem": small, "max_tokens": 3, "stream": True,
+            "kv_transfer_params": pre["kv_transfer_params"]})
+        # The simulated 1 Mbit/s link would take 4 s for 8 MB: the bytes went over loopback instead.
+        assert status == 200 and len(tokens) == 3 and time.monotonic() - t0 < 3.0
+        host, port = p_url.removeprefix("http://").split(":")
+        boot = {"bootstrap_host": host, "bootstrap_port": int(port), "bootstrap_room": 12345}
+        body = {"model": MODEL, "x_tandem": small, "max_tokens": 2, **boot}
+        decode_task = asyncio.create_task(stream_tokens(client, f"{d_url}/v1/completions", {**body, "stream": True}))
+        await asyncio.sleep(0.1)
+        assert (await client.post(f"{p_url}/v1/completions", json=body)).status_code == 200
+        assert (await decode_task)[0] == 200
+        got = (await client.get(f"{d_url}/admin/kv")).json()
+        assert [(r["protocol"], r["transport"], r["transferred_bytes"]) for r in got["received"]] == [
+            ("vllm", "wire", 64 * KVB), ("sglang", "wire", 64 * KVB)]
+        metrics = {s.name: s.value for f in text_string_to_metric_families((await client.get(f"{d_url}/metrics")).text)
+                   for s in f.samples}
+        assert metrics["tandem_sim_kv_transfer_bytes_total"] == 2 * 64 * KVB
+        # A pull asks for the bytes only once: the KV is gone after it.
+        again = await client.post(f"{p_url}/kv/pull", json={
+            "engine_id": "prefill-w", "block_ids": pre["kv_transfer_params"]["remote_block_ids"], "payload": True})
+        assert again.status_code == 404
