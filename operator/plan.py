@@ -10,6 +10,9 @@ Children of an LLMService named ``S``:
   PodDisruptionBudget ``S-<role>``;
 * the gateway: Deployment ``S-gateway``, Service ``S`` (what clients call), PDB ``S-gateway``;
 * ConfigMap ``S-config`` with ``service.json``, the resolved service description the gateway mounts.
+
+With ``spec.gateway.type: inference-pool`` the gateway's three are replaced by an InferencePool and
+Tandem's endpoint picker (``operator/inferencepool.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from tandem.api.models import (
     API_VERSION,
     MAX_NAME_LENGTH,
     Engine,
+    GatewayType,
     LLMService,
     LLMServiceSpec,
     RemotePrefillPoolSpec,
@@ -580,9 +584,14 @@ def plan_service(
         children.append(engine_deployment(svc, role, defaults))
         children.append(engine_service(svc, role))
         children.append(_pdb(svc, f"{name}-{role.value}", role.value, role_selector(name, role)))
-    children.append(gateway_deployment(svc, defaults, config, remote))
-    children.append(gateway_service(svc))
-    children.append(
-        _pdb(svc, f"{name}-gateway", "gateway", {LABEL_INSTANCE: name, LABEL_COMPONENT: "gateway"})
-    )
+    if svc.spec.gateway.type == GatewayType.inference_pool:
+        from .inferencepool import picker_children  # it builds on this module's helpers
+
+        children += picker_children(svc, defaults, config)
+    else:
+        children.append(gateway_deployment(svc, defaults, config, remote))
+        children.append(gateway_service(svc))
+        children.append(
+            _pdb(svc, f"{name}-gateway", "gateway", {LABEL_INSTANCE: name, LABEL_COMPONENT: "gateway"})
+        )
     return Plan(children=[prune_empty(c) for c in children], warnings=warnings)

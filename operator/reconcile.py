@@ -15,8 +15,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tandem.api.models import LLMService, RemotePrefillPool, RemotePrefillPoolSpec, Role
-from tandem.kube import CHILD_KINDS, KIND_OF, LLMSERVICES, REMOTEPREFILLPOOLS, ApiError, KubeClient
+from tandem.api.models import GatewayType, LLMService, RemotePrefillPool, RemotePrefillPoolSpec, Role
+from tandem.kube import (
+    CHILD_KINDS,
+    KIND_OF,
+    LLMSERVICES,
+    OPTIONAL_CHILD_KINDS,
+    REMOTEPREFILLPOOLS,
+    ApiError,
+    Kind,
+    KubeClient,
+)
 
 from .plan import OperatorDefaults, PlanError, child_selector, plan_service
 from .state import (
@@ -43,6 +52,12 @@ class ReconcileResult(BaseModel):
     invalid: str | None = None
     skipped: bool = False
     gone: bool = False
+
+
+def missing_api(kind: Kind) -> str:
+    """Why an optional child could not be created: its API is not served (CRD not installed)."""
+    return (f"the API {kind.api_version} ({kind.plural}) is not served by this cluster; install the Gateway "
+            "API Inference Extension CRDs (docs/epp.md)")
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str]:
@@ -153,6 +168,9 @@ class Reconciler:
             try:
                 obj = await self._apply(child, live.get(ident), result)
             except ApiError as exc:
+                if exc.status == 404 and KIND_OF[ident[0]] in OPTIONAL_CHILD_KINDS:
+                    warnings.append(f"{ident[0]} {ident[1]}: {missing_api(KIND_OF[ident[0]])}")
+                    continue
                 if exc.status not in (400, 422):
                     raise  # the pass fails and is retried (next event or resync)
                 # The server refused a child (e.g. a node selector it finds invalid): report, carry on.
@@ -169,7 +187,8 @@ class Reconciler:
         counts = {
             role: DeploymentCounts.from_deployment(deployments.get(f"{name}-{role.value}")) for role in Role
         }
-        gateway = DeploymentCounts.from_deployment(deployments.get(f"{name}-gateway"))
+        front = f"{name}-epp" if svc.spec.gateway.type == GatewayType.inference_pool else f"{name}-gateway"
+        gateway = DeploymentCounts.from_deployment(deployments.get(front))
         status = service_status(svc, counts, gateway, warnings, body.get("status"), self._clock())
         await self._write_status(body, status, result)
         return result
@@ -193,8 +212,14 @@ class Reconciler:
 
     async def _live_children(self, namespace: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
         found: dict[tuple[str, str], dict[str, Any]] = {}
-        for kind in CHILD_KINDS:
-            for obj in await self.client.list(kind, namespace, child_selector(name)):
+        for kind in (*CHILD_KINDS, *OPTIONAL_CHILD_KINDS):
+            try:
+                objs = await self.client.list(kind, namespace, child_selector(name))
+            except ApiError as exc:
+                if exc.status == 404 and kind in OPTIONAL_CHILD_KINDS:
+                    continue  # its CRD is not installed: there are none
+                raise
+            for obj in objs:
                 found[(kind.kind, obj["metadata"]["name"])] = obj
         return found
 

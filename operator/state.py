@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes.utils import parse_quantity
 from pydantic import BaseModel, Field
 
-from tandem.api.models import ConditionStatus, LLMService, Role
+from tandem.api.models import ConditionStatus, GatewayType, LLMService, Role
 
 from .plan import role_selector, selector_string
 
@@ -233,6 +233,14 @@ def invalid_status(body: dict[str, Any], field: str, reason: str, now: datetime)
     return out
 
 
+def _front_endpoint(svc: LLMService) -> dict[str, str]:
+    """Where requests enter: the gateway's Service, or the endpoint picker a Gateway API gateway calls."""
+    name, ns = svc.metadata.name, svc.metadata.namespace
+    if svc.spec.gateway.type == GatewayType.inference_pool:
+        return {"name": f"{name}-epp", "role": "endpoint-picker", "url": f"grpc://{name}-epp.{ns}.svc:9002"}
+    return {"name": name, "role": "gateway", "url": f"http://{name}.{ns}.svc:80"}
+
+
 def service_status(
     svc: LLMService,
     counts: dict[Role, DeploymentCounts],
@@ -307,7 +315,7 @@ def service_status(
             for r in roles
         },
         "endpoints": [
-            {"name": name, "role": "gateway", "url": f"http://{name}.{ns}.svc:80"},
+            _front_endpoint(svc),
             *(
                 {
                     "name": f"{name}-{r.value}",

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 from tandem.api.observations import merge_counts
 from tandem.openai_api import error_body
@@ -64,8 +66,18 @@ def admin_denied(gw: Gateway, authorization: str | None, x_api_key: str | None) 
     return JSONResponse(status_code=auth.status, content=error_body(auth.message, type_="authentication_error"))
 
 
+def admin_refusal(gw: Gateway, scope: Scope) -> JSONResponse | None:
+    """For an HTTP request under /admin, :func:`admin_denied` of its credentials; None for any other
+    path. Each front end's app (the HTTP gateway's, the endpoint picker's HTTP side) calls it before
+    routing, so the admin API is guarded the same way wherever it is served."""
+    if not scope["path"].startswith("/admin"):
+        return None
+    headers = Headers(scope=scope)
+    return admin_denied(gw, headers.get("authorization"), headers.get("x-api-key"))
+
+
 def admin_router(gw: Gateway) -> APIRouter:
-    """The admin routes. Who may call them is checked before any of them runs (:func:`admin_denied`,
+    """The admin routes. Who may call them is checked before any of them runs (:func:`admin_refusal`,
     called by the app for every path under /admin), so that no parameter is validated for a caller
     without the admin key."""
     router = APIRouter(prefix="/admin")

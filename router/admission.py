@@ -7,6 +7,12 @@ here, the prompt is keyed for routing (block hashes), the prompt and output limi
 caller's rate limit admits it. Each refusal is an OpenAI-shaped error with its own rejection
 metric; what passes is an :class:`Admitted` request, which the unified or the disaggregated path
 serves (``tandem.router.unified``, ``tandem.router.pdgateway``).
+
+One implementation, two front ends: the HTTP gateway runs the steps in :func:`admit` (after
+:func:`gate`); the endpoint picker (``tandem.router.epp``), which receives the body from the data
+plane message by message, runs the same steps one by one: :func:`gate`, :func:`authenticate`, the
+body bounded in size (:func:`declared_too_large`, :func:`body_too_large`) and in time
+(:func:`body_too_slow`), then :func:`admit_body`.
 """
 
 from __future__ import annotations
@@ -233,20 +239,54 @@ def gate(gw: Gateway) -> Response | None:
 
 async def admit(gw: Gateway, request: Request, kind: Kind) -> Admitted | Response:
     """The admitted request, or the error response that refuses it (see the module docstring)."""
-    auth = gw.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    if not auth.ok:
-        gw.metrics.rejected.labels("auth").inc()
-        return error_response(auth.status, auth.message, type_="authentication_error")
+    principal = authenticate(gw, request.headers)
+    if isinstance(principal, Response):
+        return principal
     try:
         raw = await read_body(request, gw.settings.max_body_bytes, gw.settings.body_timeout)
     except TimeoutError:
-        gw.metrics.rejected.labels("body_timeout").inc()
-        resp = error_response(408, f"request body not received within {gw.settings.body_timeout:g} s")
-        resp.headers["connection"] = "close"
-        return resp
+        return body_too_slow(gw)
     if raw is None:
-        gw.metrics.rejected.labels("too_large").inc()
-        return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
+        return body_too_large(gw)
+    return await admit_body(gw, request.headers, raw, kind, principal)
+
+
+def authenticate(gw: Gateway, headers: Mapping[str, str]) -> str | Response | None:
+    """The caller's principal, or the refusal of a missing or wrong key: the check that needs only the
+    headers, so a front end refuses before the body arrives. ``headers`` by lower-case name:
+    Starlette's, or the endpoint picker's dict."""
+    auth = gw.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+    if not auth.ok:
+        gw.metrics.rejected.labels("auth").inc()
+        return error_response(auth.status, auth.message, type_="authentication_error")
+    return auth.principal
+
+
+def declared_too_large(headers: Mapping[str, str], limit: int) -> bool:
+    """Whether the body's declared length (``content-length``) already exceeds ``limit`` bytes."""
+    declared = headers.get("content-length")
+    return bool(declared and declared.isdigit() and int(declared) > limit)
+
+
+def body_too_large(gw: Gateway) -> JSONResponse:
+    """The refusal of a body over ``max_body_bytes`` (declared so, or found so while reading)."""
+    gw.metrics.rejected.labels("too_large").inc()
+    return error_response(413, f"request body exceeds {gw.settings.max_body_bytes} bytes")
+
+
+def body_too_slow(gw: Gateway) -> JSONResponse:
+    """The refusal of a body not received within ``body_timeout`` (a slow client holds a slot, so it
+    is bounded in time); the connection closes, as nothing says where the unread body ends."""
+    gw.metrics.rejected.labels("body_timeout").inc()
+    resp = error_response(408, f"request body not received within {gw.settings.body_timeout:g} s")
+    resp.headers["connection"] = "close"
+    return resp
+
+
+async def admit_body(gw: Gateway, headers: Mapping[str, str], raw: bytes, kind: Kind, principal: str | None
+                     ) -> Admitted | Response:
+    """The checks of a whole body (at most ``max_body_bytes``) of an authenticated caller: the HTTP
+    gateway and the endpoint picker both end admission here."""
     s = gw.settings
     work = functools.partial(prepare, raw, kind, s.block_size, gw.tokenizer, s.trust_prompt_hints, gw.engine_blocks)
     if len(raw) > OFF_LOOP_BYTES:  # big prompts: parsed, tokenized and hashed off the event loop
@@ -274,10 +314,10 @@ async def admit(gw: Gateway, request: Request, kind: Kind) -> Admitted | Respons
         return error_response(404, f"model '{body.model}' is not served here; available: {', '.join(known)}",
                               type_="NotFoundError", param="model")
     policy = gw.settings.policy
-    if gw.settings.policy_header and (asked := request.headers.get("x-tandem-policy")):
+    if gw.settings.policy_header and (asked := headers.get("x-tandem-policy")):
         # A policy such as consistent_hash pins an engine: the operator's choice, never a client's.
         if gw.admin_mode != "open" and not (gw.admin_mode == "keys" and gw.admin_keys.authenticate(
-                None, request.headers.get("x-tandem-admin-key")).ok):
+                None, headers.get("x-tandem-admin-key")).ok):
             gw.metrics.rejected.labels("auth").inc()
             return error_response(403, "x-tandem-policy: choosing the routing policy needs an admin key "
                                   "(X-Tandem-Admin-Key)", type_="permission_error", param="x-tandem-policy")
@@ -293,7 +333,7 @@ async def admit(gw: Gateway, request: Request, kind: Kind) -> Admitted | Respons
     # none), n choices for each prompt of a batch.
     choices = body.n * batch_size(body)
     charge = rreq.prompt_tokens + choices * gw.output_in_force(body.model, body.output_limit, rreq.prompt_tokens)
-    limit = await gw.limiter.admit(gw.keys.principal(auth.principal), charge)
+    limit = await gw.limiter.admit(gw.keys.principal(principal), charge)
     if not limit.ok:
         gw.metrics.rejected.labels("rate_limit").inc()
         return error_response(429, limit.message, type_="rate_limit_error", retry_after=limit.retry_after)
@@ -317,8 +357,7 @@ def too_big(gw: Gateway, prompt_tokens: int, max_tokens: int) -> JSONResponse | 
 async def read_body(request: Request, limit: int, deadline_s: float) -> bytes | None:
     """The body, or None once it exceeds ``limit`` bytes (checked before and while reading); raises
     TimeoutError when the whole body has not arrived within ``deadline_s`` seconds (slow clients)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared_too_large(request.headers, limit):
         return None
     parts: list[bytes] = []
     size = 0

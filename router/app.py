@@ -16,10 +16,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.datastructures import Headers
 
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
-from tandem.router.admin import admin_denied, admin_router
+from tandem.router.admin import admin_refusal, admin_router
 from tandem.router.gateway import Gateway
 from tandem.router.passthrough import PROBES, TOKENIZER_ROUTES, Passthrough
 from tandem.router.requestview import PATHS, Kind
@@ -44,12 +43,10 @@ class GatewayApp(FastAPI):
                 response = await self.gateway.handle(Request(scope, receive), kind)
                 await response(scope, receive, send)
                 return
-            if scope["path"].startswith("/admin"):  # the key first: nothing is validated for a caller without it
-                headers = Headers(scope=scope)
-                denied = admin_denied(self.gateway, headers.get("authorization"), headers.get("x-api-key"))
-                if denied is not None:
-                    await denied(scope, receive, send)
-                    return
+            # Under /admin, the key first: nothing is validated for a caller without it.
+            if (denied := admin_refusal(self.gateway, scope)) is not None:
+                await denied(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

@@ -29,13 +29,14 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0,
                    160.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
-# Every value the gateway gives these labels (router/app.py, router/pdgateway.py, router/proxy.py).
+# Every value the gateway gives these labels (router/app.py, router/pdgateway.py, router/proxy.py), and
+# the endpoint picker (router/epp.py: a failover the data plane made, a subset with no ready endpoint).
 OUTCOMES = ("ok", "client_error", "upstream_error", "timeout", "no_instance", "queue_full", "queue_timeout", "busy",
             "refused", "client_gone")
-UPSTREAM_ERROR_KINDS = ("connect", "busy", "status", "empty", "timeout", "protocol")
-RETRY_REASONS = ("connect", "status", "empty", "timeout", "protocol", "pd")  # a busy gateway does not retry
-REJECT_REASONS = ("draining", "overloaded", "auth", "too_large", "invalid", "pd_incomplete", "unknown_model",
-                  "rate_limit")
+UPSTREAM_ERROR_KINDS = ("connect", "busy", "status", "empty", "timeout", "protocol", "failover")
+RETRY_REASONS = ("connect", "status", "empty", "timeout", "protocol", "pd", "failover")  # a busy gateway does not retry
+REJECT_REASONS = ("draining", "overloaded", "auth", "too_large", "body_timeout", "invalid", "pd_incomplete",
+                  "unknown_model", "rate_limit", "subset")
 PREFILL_ROUTES = ("local", "remote")
 # Decisions that are not a policy's: nothing was routed yet, or a disaggregated request.
 NO_DECISION, PD_DECISION = "none", "pd"

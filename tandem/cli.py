@@ -24,6 +24,8 @@ Registry = dict[str, "tuple[str, str] | Registry"]
 COMMANDS: Registry = {
     "sim": ("tandem.sim.cli:SimCommand", "run one simulated engine (vLLM/SGLang-compatible API and metrics)"),
     "gateway": ("tandem.router.cli:GatewayCommand", "OpenAI-compatible gateway with DualMap routing"),
+    "epp": ("tandem.router.eppsettings:EppCommand",
+            "endpoint picker for Envoy / Gateway API Inference Extension gateways (ext_proc gRPC)"),
     "demo": ("tandem.bench.demo:DemoCommand", "local demo: simulated engines + gateway + a real trace"),
     "profile": ("tandem.sim.profiling.cli:ProfileCommand", "measure a model shape on this GPU; write a profile"),
     "autoscaler": ("tandem.autoscaler.cli:AutoscalerCommand",

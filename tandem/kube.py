@@ -50,9 +50,14 @@ DEPLOYMENTS = Kind(group="apps", version="v1", plural="deployments", kind="Deplo
 SERVICES = Kind(group="", version="v1", plural="services", kind="Service")
 CONFIGMAPS = Kind(group="", version="v1", plural="configmaps", kind="ConfigMap")
 PDBS = Kind(group="policy", version="v1", plural="poddisruptionbudgets", kind="PodDisruptionBudget")
+# The Gateway API Inference Extension's pool (its CRD comes with the GIE release, not with Tandem).
+INFERENCEPOOLS = Kind(group="inference.networking.k8s.io", version="v1", plural="inferencepools",
+                      kind="InferencePool")
 # Order of deletion/creation does not matter to the server; this order reads well in logs.
 CHILD_KINDS = (CONFIGMAPS, DEPLOYMENTS, SERVICES, PDBS)
-KIND_OF = {k.kind: k for k in (LLMSERVICES, REMOTEPREFILLPOOLS, *CHILD_KINDS)}
+# Children whose API may be absent from a cluster (CRD not installed): listed when served, not watched.
+OPTIONAL_CHILD_KINDS = (INFERENCEPOOLS,)
+KIND_OF = {k.kind: k for k in (LLMSERVICES, REMOTEPREFILLPOOLS, *CHILD_KINDS, *OPTIONAL_CHILD_KINDS)}
 
 IN_CLUSTER_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 

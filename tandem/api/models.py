@@ -270,7 +270,53 @@ class RedisSecretRef(SecretRef):
     )
 
 
+class GatewayType(StrEnum):
+    """What stands in front of the engines: Tandem's own gateway, or a Gateway API gateway that asks
+    Tandem's endpoint picker (Gateway API Inference Extension)."""
+
+    embedded = "embedded"
+    inference_pool = "inference-pool"
+
+
+class FailureMode(StrEnum):
+    """InferencePool endpointPickerRef.failureMode (inference.networking.k8s.io/v1)."""
+
+    fail_close = "FailClose"
+    fail_open = "FailOpen"
+
+
+class InferencePoolOptions(ApiModel):
+    failure_mode: FailureMode = Field(
+        default=FailureMode.fail_close,
+        description=(
+            "What the Gateway API gateway does while the endpoint picker does not answer: FailClose "
+            "refuses the request, FailOpen sends it to an engine of the pool by its own load balancing "
+            "(the InferencePool's endpointPickerRef.failureMode)."
+        ),
+    )
+
+
 class GatewaySpec(ApiModel):
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        cel(
+            "self.type != 'inference-pool' || self.workers == 1",
+            "the endpoint picker runs one process per replica: use replicas, not workers",
+            ".workers",
+        ),
+    ]
+
+    type: GatewayType = Field(
+        default=GatewayType.embedded,
+        description=(
+            "embedded: the operator runs Tandem's gateway (Service NAME). inference-pool: it creates an "
+            "InferencePool (inference.networking.k8s.io/v1) NAME and Tandem's endpoint picker (Deployment "
+            "and Service NAME-epp) for a Gateway API gateway (Envoy Gateway, Istio, kgateway, ...) that "
+            "routes to the pool; aggregated mode only. See docs/epp.md."
+        ),
+    )
+    inference_pool: InferencePoolOptions = Field(
+        default_factory=InferencePoolOptions, description="Options of type inference-pool."
+    )
     replicas: int = Field(
         default=1,
         ge=1,
@@ -301,6 +347,12 @@ class GatewaySpec(ApiModel):
         default=None, min_length=1, max_length=512, description="Defaults to the operator's."
     )
 
+    @model_validator(mode="after")
+    def _picker_workers(self) -> Self:
+        if self.type == GatewayType.inference_pool and self.workers != 1:
+            raise ValueError("the endpoint picker runs one process per replica: use replicas, not workers")
+        return self
+
 
 class LLMServiceSpec(ApiModel):
     cel_rules: ClassVar[list[dict[str, str]]] = [
@@ -328,6 +380,11 @@ class LLMServiceSpec(ApiModel):
             "!has(self.offload) || self.mode == 'disaggregated'",
             "offload to a remote prefill pool needs disaggregated mode",
             ".offload",
+        ),
+        cel(
+            "self.gateway.type != 'inference-pool' || self.mode == 'aggregated'",
+            "gateway type inference-pool routes one unified pool: disaggregated mode needs the embedded gateway",
+            ".gateway.type",
         ),
         *[
             cel(
@@ -406,6 +463,10 @@ class LLMServiceSpec(ApiModel):
                 raise ValueError("pools.unified is only valid in aggregated mode")
         if self.offload is not None and self.mode != Mode.disaggregated:
             raise ValueError("offload to a remote prefill pool needs disaggregated mode")
+        if self.gateway.type == GatewayType.inference_pool and self.mode != Mode.aggregated:
+            raise ValueError(
+                "gateway type inference-pool routes one unified pool: disaggregated mode needs the embedded gateway"
+            )
         primary = self.primary_role.value
         pool = self.pool(self.primary_role)
         if pool.replicas is not None:
@@ -444,7 +505,7 @@ class RoleStatus(ApiModel):
 
 class Endpoint(ApiModel):
     name: str
-    role: str = Field(description="gateway, unified, prefill or decode.")
+    role: str = Field(description="gateway (or endpoint-picker), unified, prefill or decode.")
     url: str
 
 

@@ -680,6 +680,11 @@ RBAC_NOT_EXERCISED = {
     ("apiextensions.k8s.io", "customresourcedefinitions", "list"): "kopf follows CRDs (kmock serves none)",
     ("apiextensions.k8s.io", "customresourcedefinitions", "watch"): "kopf follows CRDs (kmock serves none)",
     ("", "events", "create"): "kopf posts an Event when a handler fails (none fails in the scenario)",
+    **{
+        ("inference.networking.k8s.io", "inferencepools", verb): "test_operator_inferencepool.py exercises it "
+        "(the scenario's cluster serves no InferencePool API, an optional CRD)"
+        for verb in ("create", "patch", "delete")
+    },
 }
 
 

@@ -211,6 +211,21 @@ CASES = [
         "replicas must lie within pools.unified.minReplicas..maxReplicas",
         id="scale-target-below-min",
     ),
+    pytest.param(
+        spec(gateway={"type": "inference-pool", "inferencePool": {"failureMode": "FailOpen"}, "replicas": 2}),
+        None,
+        id="inference-pool",
+    ),
+    pytest.param(
+        spec(mode="disaggregated", pools=PD, gateway={"type": "inference-pool"}),
+        "gateway type inference-pool routes one unified pool: disaggregated mode needs the embedded gateway",
+        id="inference-pool-disaggregated",
+    ),
+    pytest.param(
+        spec(gateway={"type": "inference-pool", "workers": 2}),
+        "the endpoint picker runs one process per replica: use replicas, not workers",
+        id="inference-pool-workers",
+    ),
 ]
 
 
