@@ -67,6 +67,8 @@ class Point(BaseModel):
     hit_ratio: float = Field(description="prompt tokens served from the prefix cache / prompt tokens")
     host_hit_ratio: float = Field(0.0, description="prompt tokens loaded from the host KV tier / prompt tokens "
                                   "(part of hit_ratio)")
+    estimated_hit_ratio: float = Field(0.0, description="routing's hit estimates at decision time / prompt "
+                                       "tokens (against hit_ratio: how right its cache view was)")
     imbalance: float = Field(description="max / mean uncached prefill tokens per instance")
     migrations: int = 0
     rejected: int = 0
@@ -86,6 +88,7 @@ def summarise(result: DESResult, qps: float, warmup: int, slo: float) -> Point:
         ttft_p50=p50, ttft_p90=p90, ttft_p99=p99,
         hit_ratio=sum(r.hit_tokens for r in measured) / prompt,
         host_hit_ratio=sum(r.host_hit_tokens for r in measured) / prompt,
+        estimated_hit_ratio=sum(r.estimated_hit_tokens for r in measured) / prompt,
         imbalance=max(work) / mean_work if mean_work else 1.0,
         migrations=result.migrations,
         rejected=sum(1 for r in measured if r.rejected),
@@ -121,6 +124,18 @@ class RoutingBench(TandemSettings):
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier per instance in tokens (0: none, "
                                    "GPU prefix cache only); routing shadows follow GPU + host")
     host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s")
+    cache_view: Literal["shadow", "exact", "both"] = Field(
+        "shadow", description="routing's cache view: 'shadow' (what it routed, LRU-bounded), 'exact' (the "
+        "engines' own caches, as their KV-cache events tell), or 'both' (each policy under each, rows "
+        "policy@view, exact/shadow capacity ratios)")
+
+    def views(self) -> list[Literal["shadow", "exact"]]:
+        return ["shadow", "exact"] if self.cache_view == "both" else [self.cache_view]
+
+    def labels(self) -> list[str]:
+        """One run per (policy, view): the policy's name, or policy@view when both views run."""
+        both = self.cache_view == "both"
+        return [f"{p}@{v}" if both else p for p in self.policies.split(",") for v in self.views()]
 
     @field_validator("policies")
     @classmethod
@@ -151,8 +166,9 @@ class RoutingBench(TandemSettings):
             raise SystemExit(f"tandem bench routing: trace has {len(trace)} requests, fewer than warmup + 10")
         prepared = prepare(chosen)
         console.print(f"trace {self.trace} ({fmt}, {len(chosen)} requests, native {mean_qps(chosen):.2f} QPS), "
-                      f"{self.instances} x {self.profile}, SLO {self.slo_ttft}s @ {self.attainment:.0%}")
-        policies = self.policies.split(",")
+                      f"{self.instances} x {self.profile}, SLO {self.slo_ttft}s @ {self.attainment:.0%}, "
+                      f"cache view {self.cache_view}")
+        policies = self.labels()
         runner = CapacitySearch(self, chosen, prepared)
         t0 = time.perf_counter()
         with Progress(TextColumn("{task.description:<40}"), BarColumn(), TextColumn("{task.completed} runs"),
@@ -171,17 +187,18 @@ class RoutingBench(TandemSettings):
         out = runner.report(common, elapsed)
         table = Table(title=f"capacity at {self.attainment:.0%} TTFT <= {self.slo_ttft}s; latency etc. at "
                       f"{common or 0:.2f} QPS")
-        for col in ("policy", "capacity QPS", "x round_robin", "p50 s", "p90 s", "p99 s", "hit ratio", "imbalance"):
+        for col in ("policy", "capacity QPS", "x round_robin", "p50 s", "p90 s", "p99 s", "hit ratio", "est. hit",
+                    "imbalance"):
             table.add_column(col, justify="right")
-        base = out["policies"].get("round_robin", {}).get("capacity_qps")
         for name in policies:
             res = out["policies"][name]
             pt = res.get("common") or {}
-            ratio = f"{res['capacity_qps'] / base:.2f}" if base else "-"
+            ratio = f"{res['capacity_vs_round_robin']:.2f}" if "capacity_vs_round_robin" in res else "-"
             bound = ">= " if res["capacity_is_lower_bound"] else ""
             table.add_row(name, f"{bound}{res['capacity_qps']:.2f}", ratio,
                           *(f"{pt.get(k, float('nan')):.2f}" for k in ("ttft_p50", "ttft_p90", "ttft_p99")),
-                          f"{pt.get('hit_ratio', float('nan')):.3f}", f"{pt.get('imbalance', float('nan')):.2f}")
+                          *(f"{pt.get(k, float('nan')):.3f}" for k in ("hit_ratio", "estimated_hit_ratio")),
+                          f"{pt.get('imbalance', float('nan')):.2f}")
         Console(width=140).print(table)
         if self.json_out:
             self.json_out.write_text(json.dumps(out, indent=2))
@@ -203,14 +220,18 @@ class CapacitySearch:
         self.routing = RoutingConfig(slo_ttft_s=bench.slo_ttft, alpha=bench.alpha,
                                      dispatch_budget_s=bench.dispatch_budget_s, queue_order=bench.queue_order)
         self.des = DESConfig(instances=bench.instances, profile=bench.profile, seed=bench.seed,
-                             host_cache_tokens=bench.host_cache_tokens, host_link_gbytes_s=bench.host_link_gbytes_s)
+                             host_cache_tokens=bench.host_cache_tokens, host_link_gbytes_s=bench.host_link_gbytes_s,
+                             cache_view=bench.views()[0])
 
-    def point(self, policy: str, qps: float) -> Point:
+    def point(self, label: str, qps: float) -> Point:
+        """One DES run of ``label`` (a policy, or policy@view) at ``qps``, cached."""
         qps = round(qps, 4)
-        cache = self._points.setdefault(policy, {})
+        cache = self._points.setdefault(label, {})
         if qps not in cache:
+            policy, _, view = label.partition("@")
+            des = self.des.model_copy(update={"cache_view": view}) if view else self.des
             arrivals = [r.arrival for r in rescale_to_qps(self.chosen, qps)]
-            res = simulate(with_arrivals(self.prepared, arrivals), policy, self.routing, self.des)
+            res = simulate(with_arrivals(self.prepared, arrivals), policy, self.routing, des)
             cache[qps] = summarise(res, qps, self.bench.warmup, self.bench.slo_ttft)
         return cache[qps]
 
@@ -236,7 +257,8 @@ class CapacitySearch:
             "profile": b.profile, "slo_ttft": b.slo_ttft, "attainment": b.attainment, "requests": b.requests,
             "warmup": b.warmup, "tolerance": b.tolerance, "alpha": b.alpha, "seed": b.seed,
             "host_cache_tokens": b.host_cache_tokens, "host_link_gbytes_s": b.host_link_gbytes_s,
-            "common_qps": common, "native_qps": round(self.native, 4), "elapsed_s": round(elapsed, 1),
+            "cache_view": b.cache_view, "common_qps": common, "native_qps": round(self.native, 4),
+            "elapsed_s": round(elapsed, 1),
             "routing": self.routing.model_dump(), "des": self.des.model_dump()}}
         for name, res in self.results.items():
             pts = sorted(self._points.get(name, {}).values(), key=lambda p: p.qps)
@@ -244,9 +266,13 @@ class CapacitySearch:
                      "points": [p.model_dump() for p in pts]}
             if common:
                 entry["common"] = self.point(name, common).model_dump()
-            base = self.results.get("round_robin", {}).get("capacity_qps")
+            _, at, view = name.partition("@")
+            base = self.results.get("round_robin" + at + view, {}).get("capacity_qps")
             if base:
                 entry["capacity_vs_round_robin"] = round(res["capacity_qps"] / base, 3)
+            shadow = self.results.get(name.removesuffix("@exact") + "@shadow", {}).get("capacity_qps")
+            if view == "exact" and shadow:
+                entry["capacity_vs_shadow"] = round(res["capacity_qps"] / shadow, 3)
             out["policies"][name] = entry
         return out
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from tandem.api.labels import (
     ANN_BOOTSTRAP_PORT,
     ANN_CONFIG_HASH,
+    ANN_KV_EVENTS,
     ANN_PORT,
     ANN_SERVED_MODEL,
     LABEL_COMPONENT,
@@ -54,6 +55,11 @@ ENGINE_PORT = 8000
 GATEWAY_PORT = 8080
 NIXL_SIDE_CHANNEL_PORT = 5600
 SGLANG_BOOTSTRAP_PORT = 8998
+# KV-cache events (unified and prefill engines): ZMQ PUB and replay ROUTER, announced to gateways by
+# the pod annotation serving.tandem.dev/kv-events (tandem.kvevents.parse_kv_events).
+KV_EVENTS_PORT = 5557
+KV_REPLAY_PORT = 5558
+KV_EVENTS_TOPIC = "kv-events"
 CONFIG_MOUNT = "/etc/tandem"
 CONFIG_FILE = "service.json"
 REDIS_URL_ENV = "TANDEM_GATEWAY_REDIS_URL"
@@ -146,6 +152,20 @@ def _meta(svc: LLMService, name: str, component: str, labels: dict[str, str] | N
 # Engine command lines
 
 
+def publishes_kv_events(role: Role) -> bool:
+    """The roles routed on their prefix caches publish KV-cache events (gateways' exact view)."""
+    return role in (Role.unified, Role.prefill)
+
+
+def kv_events_args(engine: Engine) -> list[str]:
+    """``--kv-events-config``: both engines take the same ZMQ publisher settings (vLLM also needs the switch)."""
+    config: dict[str, Any] = {"publisher": "zmq", "endpoint": f"tcp://*:{KV_EVENTS_PORT}",
+                              "replay_endpoint": f"tcp://*:{KV_REPLAY_PORT}", "topic": KV_EVENTS_TOPIC}
+    if engine == Engine.vllm:
+        config = {"enable_kv_cache_events": True, **config}
+    return ["--kv-events-config", json.dumps(config, separators=(",", ":"))]
+
+
 def engine_command(spec: LLMServiceSpec, role: Role) -> list[str]:
     """argv of one engine container: model, served name, port, prefix caching, PD transfer, TP."""
     model = spec.model
@@ -165,6 +185,8 @@ def engine_command(spec: LLMServiceSpec, role: Role) -> list[str]:
             "--block-size",
             str(model.kv_block_size),
         ]
+        if publishes_kv_events(role):
+            argv += kv_events_args(model.engine)
         if gpus > 1:
             argv += ["--tensor-parallel-size", str(gpus)]
         if role != Role.unified:
@@ -193,6 +215,8 @@ def engine_command(spec: LLMServiceSpec, role: Role) -> list[str]:
             "--page-size",
             str(model.kv_block_size),
         ]
+        if publishes_kv_events(role):
+            argv += kv_events_args(model.engine)
         if gpus > 1:
             argv += ["--tp-size", str(gpus)]
         if role != Role.unified:
@@ -209,6 +233,9 @@ def _engine_ports(spec: LLMServiceSpec, role: Role) -> list[dict[str, Any]]:
         ports.append({"name": "nixl", "containerPort": NIXL_SIDE_CHANNEL_PORT, "protocol": "TCP"})
     if role == Role.prefill and spec.model.engine == Engine.sglang:
         ports.append({"name": "bootstrap", "containerPort": SGLANG_BOOTSTRAP_PORT, "protocol": "TCP"})
+    if publishes_kv_events(role):
+        ports += [{"name": "kv-events", "containerPort": KV_EVENTS_PORT, "protocol": "TCP"},
+                  {"name": "kv-replay", "containerPort": KV_REPLAY_PORT, "protocol": "TCP"}]
     return ports
 
 
@@ -253,6 +280,8 @@ def engine_deployment(svc: LLMService, role: Role, defaults: OperatorDefaults) -
     annotations = {ANN_SERVED_MODEL: spec.model.served, ANN_PORT: str(ENGINE_PORT)}
     if role == Role.prefill and spec.model.engine == Engine.sglang:
         annotations[ANN_BOOTSTRAP_PORT] = str(SGLANG_BOOTSTRAP_PORT)
+    if publishes_kv_events(role):
+        annotations[ANN_KV_EVENTS] = f"{KV_EVENTS_PORT},replay={KV_REPLAY_PORT},topic={KV_EVENTS_TOPIC}"
     image = spec.model.image or (
         defaults.vllm_image if spec.model.engine == Engine.vllm else defaults.sglang_image
     )

@@ -29,8 +29,9 @@ import xxhash
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tandem.kvindex import PromptTokens
 from tandem.openai_api import error_body
-from tandem.prefix import chain_hashes, token_block_hashes, tokenize
+from tandem.prefix import block_id_tokens, chain_hashes, piece_ids, token_block_hashes, tokenize
 from tandem.router.cpuwork import CpuBusy
 from tandem.router.observations import EngineKey
 from tandem.router.requestview import Kind, RequestView, Unroutable, batch_size, prompt_texts, read_view
@@ -68,23 +69,37 @@ class Refusal:
 
 @dataclass(frozen=True, slots=True)
 class _Keyed:
-    """One prompt's tokens (the engine's, or the gateway's word pieces) and its routing hashes."""
+    """One prompt's tokens (the engine's, or the gateway's word pieces), its routing hashes, and the
+    engine's token ids the exact cache view matches against the blocks the engine reports cached
+    (computed on first use; None: not known, the prompt is routed on the shadow view)."""
 
     tokens: list[str] | None  # None: keyed from a trace's hints, no tokens to hash at another block size
     count: int
     hashes: list[int]
     fallback: int
+    exact: PromptTokens | None
 
 
-def _key_text(text: str, block_size: int, tokenizer: EngineTokenizer | None, *, special: bool) -> _Keyed:
-    tokens = tokenizer.encode(text, special=special) if tokenizer is not None else tokenize(text)
-    return _Keyed(tokens, len(tokens), token_block_hashes(tokens, block_size), xxhash.xxh64_intdigest(text.encode()))
+def _key_text(text: str, block_size: int, tokenizer: EngineTokenizer | None, *, special: bool,
+              engine_text: bool = True) -> _Keyed:
+    """``engine_text``: ``text`` is what the engine tokenizes (not the gateway's own chat rendering,
+    made when the model's chat template is missing or refused the conversation: the engine's ids are
+    then unknown). Without a tokenizer the ids are ``tandem sim``'s ids of the word pieces, what it
+    reports in its KV-cache events."""
+    if tokenizer is not None:
+        tokens = tokenizer.encode(text, special=special)
+        exact = PromptTokens(make=lambda: [int(t) for t in tokens]) if engine_text else None
+    else:
+        tokens = tokenize(text)
+        exact = PromptTokens(make=lambda: piece_ids(tokens))
+    return _Keyed(tokens, len(tokens), token_block_hashes(tokens, block_size), xxhash.xxh64_intdigest(text.encode()),
+                  exact)
 
 
 def _key_ids(ids: tuple[int, ...], block_size: int) -> _Keyed:
     tokens = [str(i) for i in ids]  # as the tokenizer path spells them: a text and its ids key alike
     return _Keyed(tokens, len(tokens), token_block_hashes(tokens, block_size),
-                  xxhash.xxh64_intdigest("\x1f".join(tokens).encode()))
+                  xxhash.xxh64_intdigest("\x1f".join(tokens).encode()), PromptTokens(ids))
 
 
 def _unicode_refusal(view: RequestView) -> Refusal | None:
@@ -104,7 +119,9 @@ def route_request(view: RequestView, block_size: int, tokenizer: EngineTokenizer
     started for simulator benchmarks), else its prompt's tokens (token ids as given; text through the
     engine's tokenizer and chat template when configured, else a cheap word chunking). A batch of
     prompts is keyed on its first (a batch usually shares its prefix) and counts every prompt's tokens.
-    Untrusted hints are never read: the prompt's own text is what limits and budgets see.
+    Untrusted hints are never read: the prompt's own text is what limits and budgets see. The routing
+    request also carries the first prompt's engine token ids (``tokens``, lazy: see :class:`_Keyed`;
+    for hints, stand-in ids of their block ids) for the instances routed on the exact cache view.
 
     ``engine_block``: the engines' KV block size, when scraped; the first prompt is then also hashed
     in those blocks (:class:`EngineKey`), for the observations' estimate of the engine's own hits."""
@@ -112,13 +129,15 @@ def route_request(view: RequestView, block_size: int, tokenizer: EngineTokenizer
         ext = view.x_tandem
         return RouteRequest(request_id="", prompt_tokens=ext.prompt_tokens, block_size=ext.block_size,
                             block_hashes=tuple(chain_hashes(ext.hash_ids)), arrival=0.0,
-                            fallback_key=ext.prompt_tokens, model=view.model), None
+                            fallback_key=ext.prompt_tokens, model=view.model,
+                            tokens=PromptTokens(make=lambda: block_id_tokens(ext.hash_ids, ext.block_size,
+                                                                             ext.prompt_tokens))), None
     if (refused := _unicode_refusal(view)) is not None:
         return refused
     if view.messages is not None:
         rendered = tokenizer.chat.render(view.messages) if tokenizer is not None and tokenizer.chat else None
         keyed = [_key_text(rendered if rendered is not None else approximate_chat(view.messages), block_size,
-                           tokenizer, special=False)]
+                           tokenizer, special=False, engine_text=rendered is not None or tokenizer is None)]
     else:
         keyed = [_key_text(p, block_size, tokenizer, special=True) if isinstance(p, str) else _key_ids(p, block_size)
                  for p in view.prompts] or [_key_text("", block_size, tokenizer, special=False)]
@@ -129,7 +148,7 @@ def route_request(view: RequestView, block_size: int, tokenizer: EngineTokenizer
     tokens = sum(k.count for k in keyed)
     return RouteRequest(request_id="", prompt_tokens=max(tokens, 1), block_size=block_size,
                         block_hashes=tuple(first.hashes), arrival=0.0, fallback_key=first.fallback,
-                        model=view.model), engine_key
+                        model=view.model, tokens=first.exact), engine_key
 
 
 MAX_JSON_DEPTH = 64

@@ -18,7 +18,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-from tandem.api.labels import ANN_DRAINING, ANN_PORT, LABEL_MODEL, LABEL_ROLE, LABEL_SERVICE
+from tandem.api.labels import ANN_DRAINING, ANN_KV_EVENTS, ANN_PORT, LABEL_MODEL, LABEL_ROLE, LABEL_SERVICE
+from tandem.kvevents import KVEventsSource, parse_kv_events
 
 log = logging.getLogger("tandem.gateway.discovery")
 
@@ -37,15 +38,16 @@ class Endpoint(BaseModel):
     model: str | None = None
     service: str | None = None
     name: str | None = None  # pod name, for humans
+    kv_events: KVEventsSource | None = None  # where the engine publishes its KV-cache events, if it does
 
 
 def static_endpoints(instances: Iterable[str], prefill: Iterable[str] = (),
-                     decode: Iterable[str] = (), remote_prefill: Iterable[str] = ()) -> set[Endpoint]:
-    out = {Endpoint(url=u, role="unified") for u in instances}
-    out |= {Endpoint(url=u, role="prefill") for u in prefill}
-    out |= {Endpoint(url=u, role="decode") for u in decode}
-    out |= {Endpoint(url=u, role="remote-prefill") for u in remote_prefill}
-    return out
+                     decode: Iterable[str] = (), remote_prefill: Iterable[str] = (),
+                     kv_events: Mapping[str, KVEventsSource] | None = None) -> set[Endpoint]:
+    events = kv_events or {}
+    roles: list[tuple[EndpointRole, Iterable[str]]] = [("unified", instances), ("prefill", prefill),
+                                                       ("decode", decode), ("remote-prefill", remote_prefill)]
+    return {Endpoint(url=u, role=role, kv_events=events.get(u)) for role, urls in roles for u in urls}
 
 
 def _get(obj: Any, *path: str) -> Any:
@@ -105,7 +107,20 @@ def endpoint_from_pod(pod: Any, default_port: int) -> Endpoint | None:
     host = f"[{ip}]" if ":" in ip else ip
     return Endpoint(url=f"http://{host}:{_pod_port(pod, default_port)}", role=role,
                     model=labels.get(LABEL_MODEL) or None, service=labels.get(LABEL_SERVICE) or None,
-                    name=_get(pod, "metadata", "name"))
+                    name=_get(pod, "metadata", "name"), kv_events=_pod_kv_events(pod, host))
+
+
+def _pod_kv_events(pod: Any, host: str) -> KVEventsSource | None:
+    """The pod's KV-event sockets (annotation ``serving.tandem.dev/kv-events``); a bad value is
+    logged and ignored: the instance is still served, on the shadow cache view."""
+    spec = (_get(pod, "metadata", "annotations") or {}).get(ANN_KV_EVENTS)
+    if not spec:
+        return None
+    try:
+        return parse_kv_events(str(spec), host)
+    except ValueError as exc:
+        log.warning("pod %s: %s=%r ignored: %s", _get(pod, "metadata", "name"), ANN_KV_EVENTS, spec, exc)
+        return None
 
 
 def endpoints_from_pods(pods: Iterable[Any], default_port: int) -> set[Endpoint]:

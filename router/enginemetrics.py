@@ -49,6 +49,7 @@ class EngineSnapshot(BaseModel):
     ttft_count: float | None = None
     block_size: int | None = None  # vLLM's KV block size (cache_config_info)
     kv_blocks: int | None = None  # and its number of KV blocks (num_gpu_blocks): the prefix cache's capacity
+    start_time: float | None = None  # process_start_time_seconds: the engine process's incarnation
     model_names: list[str] = []
 
     def prefix_hit_ratio(self) -> float | None:
@@ -62,8 +63,9 @@ class EngineMetricsError(ValueError):
     """The text is not a Prometheus exposition, or carries none of the engine metrics we know."""
 
 
+_START = "process_start_time_seconds"
 _WANTED = tuple(sorted({n for names in (*_GAUGES.values(), *_COUNTERS.values()) for n in names}
-                       | set(_TTFT) | {"vllm:cache_config_info"}))
+                       | set(_TTFT) | {"vllm:cache_config_info", _START}))
 
 
 def relevant_lines(text: str) -> str:
@@ -89,7 +91,11 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     counts: dict[str, int] = defaultdict(int)
     models: set[str] = set()
     block_size = kv_blocks = None
+    start_time: float | None = None
     for fam in families:
+        if fam.name == _START:
+            start_time = max((s.value for s in fam.samples), default=None)
+            continue
         for s in fam.samples:
             if "model_name" in s.labels:
                 models.add(s.labels["model_name"])
@@ -130,5 +136,5 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
     if not values:
         raise EngineMetricsError("no vLLM or SGLang metrics found in /metrics")
     flavor: EngineFlavor = "vllm" if "vllm" in flavors else "sglang" if "sglang" in flavors else "unknown"
-    return EngineSnapshot(flavor=flavor, block_size=block_size, kv_blocks=kv_blocks, model_names=sorted(models),
-                          **values)
+    return EngineSnapshot(flavor=flavor, block_size=block_size, kv_blocks=kv_blocks, start_time=start_time,
+                          model_names=sorted(models), **values)

@@ -22,13 +22,17 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import httpx
+import zmq.asyncio
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from tandem.kvindex import EventCacheView
 from tandem.router.admission import admit, gate
+from tandem.router.cachereset import CacheReset, exact_view_stale
 from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
+from tandem.router.kvsubscriber import KVEventSubscriber
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.observations import Observer, RequestTrace, max_attainable_prompt, still_busy
 from tandem.router.pdgateway import PDRouter
@@ -133,6 +137,14 @@ class Gateway:
         self.remote_reporter: RemotePoolReporter | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self._instance_series: set[tuple[str, str, str]] = set()
+        # The exact cache view: one KV-event subscriber per instance that publishes events, and the
+        # cache resets seen (instance -> token of the last one applied; new ones to publish).
+        self.subscribers: dict[str, KVEventSubscriber] = {}
+        self._zmq: zmq.asyncio.Context | None = None
+        self._reset_tokens: dict[str, str] = {}
+        self._resets_out: list[CacheReset] = []
+        self._resets_adopted = False
+        self._sync_now = asyncio.Event()
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -162,6 +174,8 @@ class Gateway:
             task = self._joining.pop(ep.url, None)
             if task:
                 task.cancel()
+            if (sub := self.subscribers.pop(ep.url, None)) is not None:
+                await sub.stop()
             for pool in [*self.pools.values(), *self.pd_router.pools.values()]:
                 if ep.url in pool.instances:
                     log.warning("instance %s left: draining", ep.url)
@@ -205,11 +219,14 @@ class Gateway:
                 log.info("instance %s not answering /v1/models yet (%s)", ep.url, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        label = self.instance_label(ep)
         per_token, extra = self.remote_prefill_cost if ep.role == "remote-prefill" \
             else (self.prefill_s_per_token, self.prefill_cost)
         state = new_instance_state(ep.url, per_token, extra, self.shadow_tokens)
+        if ep.kv_events is not None:
+            state.exact = self._subscribe(ep, label)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
-        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=self.instance_label(ep))
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=label)
         self.metrics.instance_known(inst.label)
         if ep.role == "unified":
             pool = self.pools.get(model)
@@ -226,6 +243,57 @@ class Gateway:
                 self.pd_router.prefill_pool(model, ep.role)
         self._joining.pop(ep.url, None)
         log.info("instance %s joined (%s, %s)", ep.url, model, ep.role)
+
+    # --- the exact cache view and cache resets ----------------------------------------------
+
+    def _subscribe(self, ep: Endpoint, label: str) -> EventCacheView:
+        """Start following the engine's KV-cache events; its view answers once in sync. ``label``: what
+        /metrics calls the instance (:meth:`instance_label`)."""
+        assert ep.kv_events is not None
+        if self._zmq is None:
+            self._zmq = zmq.asyncio.Context()
+        view = EventCacheView(self.settings.kv_index_blocks)
+        sub = KVEventSubscriber(ep.url, ep.kv_events, view, self._zmq, self.cache_reset, self.metrics,
+                                label=label, queue_size=self.settings.kv_events_queue,
+                                replay_timeout=self.settings.kv_replay_timeout)
+        self.subscribers[ep.url] = sub
+        self.metrics.kv_events_known(label)
+        sub.start()
+        log.info("instance %s: following its KV-cache events at %s", ep.url, ep.kv_events.endpoint)
+        return view
+
+    def cache_reset(self, reset: CacheReset, local: bool = True) -> None:
+        """An engine's cache is gone: clear this process's views of it at once (the shadow always,
+        the exact view when the reset makes it stale) and, when this process saw it first, publish
+        it so every other replica and worker clears theirs (shared state)."""
+        iid = reset.instance
+        if self._reset_tokens.get(iid) == reset.token:
+            return
+        self._reset_tokens[iid] = reset.token
+        sub = self.subscribers.get(iid)
+        stale = sub is not None and exact_view_stale(reset, sub.view.live, sub.oldest_ts)
+        known = [inst for inst in self.all_instances() if inst.id == iid]
+        for inst in known:
+            inst.state.shadow.clear()
+        if stale and sub is not None:
+            sub.clear()
+        if known:  # a peer's reset of an engine this process does not serve has no series here
+            self.metrics.cache_resets.labels(known[0].label, reset.reason).inc()
+        log.warning("instance %s: engine cache %s (%s%s): cache views cleared", iid, reset.reason, reset.source,
+                    "" if local else ", seen by a peer")
+        if local:
+            self._resets_out.append(reset)
+            self._sync_now.set()
+
+    def apply_resets(self, resets: dict[str, CacheReset]) -> None:
+        """The peers' resets from the shared state; the first sync only learns which are old news."""
+        if not self._resets_adopted:
+            self._resets_adopted = True
+            for iid, reset in resets.items():
+                self._reset_tokens.setdefault(iid, reset.token)
+            return
+        for reset in resets.values():
+            self.cache_reset(reset, local=False)
 
     # --- background loops ------------------------------------------------------------------
 
@@ -254,6 +322,7 @@ class Gateway:
 
     def local_report(self) -> LocalReport:
         report = LocalReport()
+        report.resets, self._resets_out = self._resets_out, []
         for name, pool in self.pools.items():
             report.members[name] = sorted(i.id for i in pool.instances.values() if not i.removed)
             report.observed[name], pool.observed = pool.observed, []
@@ -279,14 +348,17 @@ class Gateway:
                 self._remote[iid] = new
 
     async def sync_state(self) -> bool:
-        view = await self.backend.sync(self.local_report())
+        report = self.local_report()
+        view = await self.backend.sync(report)
         up = view is not None
         self.metrics.state_backend_up.labels(self.backend.name).set(1 if up else 0)
         if view is None:
+            self._resets_out[:0] = report.resets  # published once the backend answers again
             self.metrics.state_backend_errors.labels(self.backend.name).inc()
             self.apply_remote({})  # degrade to local state: forget what the peers said
             return False
         self.apply_remote(view.load)
+        self.apply_resets(view.resets)
         self.shared_members, self.peers = view.members, view.peers
         for name, paths in view.peer_observed.items():
             if (pool := self.pools.get(name)) is not None and paths:
@@ -302,7 +374,10 @@ class Gateway:
 
     async def _sync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.state_sync_interval)
+            # A cache reset seen here is published at once, not at the next interval.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_now.wait(), self.settings.state_sync_interval)
+            self._sync_now.clear()
             await self.sync_state()
 
     async def start(self) -> None:
@@ -312,14 +387,14 @@ class Gateway:
                                  max_stream_s=s.max_stream_duration, ssl_context=self.engine_tls)
         self.scraper = Scraper(self.all_instances, self.metrics, interval=s.scrape_interval,
                                timeout=s.scrape_timeout, stale_after=s.stale_after, max_bytes=s.max_scrape_bytes,
-                               ssl_context=self.engine_tls, headers=self.engine_headers)
+                               ssl_context=self.engine_tls, headers=self.engine_headers, on_restart=self.cache_reset)
         if s.discovery == "kubernetes":
             self.discovery = KubernetesDiscovery(s.k8s_namespace, s.k8s_selector, s.k8s_port, self.set_endpoints,
                                                  s.kubeconfig, s.k8s_watch_timeout)
             await self.discovery.start()
         else:
             await self.set_endpoints(static_endpoints(s.instances, s.prefill_instances, s.decode_instances,
-                                                      s.remote_prefill_instances))
+                                                      s.remote_prefill_instances, s.kv_event_sources()))
         if self._joining:  # give static instances a moment to answer before serving
             await asyncio.wait(list(self._joining.values()), timeout=5.0)
         self.scraper.start()
@@ -341,6 +416,9 @@ class Gateway:
             await self.discovery.stop()
         if self.scraper:
             await self.scraper.stop()
+        await asyncio.gather(*(sub.stop() for sub in self.subscribers.values()))
+        if self._zmq is not None:
+            self._zmq.destroy(linger=0)
         if self.remote_reporter:
             await self.remote_reporter.stop()
         if self.upstream:

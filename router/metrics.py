@@ -42,6 +42,10 @@ PREFILL_ROUTES = ("local", "remote")
 NO_DECISION, PD_DECISION = "none", "pd"
 
 
+CACHE_RESET_REASONS = ("restart", "counters", "cleared", "events_restart")  # tandem.router.cachereset.ResetReason
+KV_GAP_OUTCOMES = ("replayed", "cleared")
+
+
 class GatewayMetrics:
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.multiprocess_dir = multiprocess_dir
@@ -86,6 +90,17 @@ class GatewayMetrics:
                                       "local state.", ["backend"], multiprocess_mode="livemin", registry=r)
         self.state_backend_errors = Counter("tandem_state_backend_errors", "Failed shared-state syncs.",
                                             ["backend"], registry=r)
+        # The exact cache view (engine KV-cache events, router/kvsubscriber.py) and cache resets.
+        self.kv_batches = Counter("tandem_kv_event_batches", "Engine KV-cache event batches applied to the exact "
+                                  "cache view.", ["instance"], registry=r)
+        self.kv_gaps = Counter("tandem_kv_event_gaps", "Missed event batches (sequence gaps) by outcome: replayed "
+                               "from the engine's replay socket, or the view cleared.", ["instance", "outcome"],
+                               registry=r)
+        self.kv_index_blocks = Gauge("tandem_kv_index_blocks", "Engine KV blocks in an instance's exact cache view.",
+                                     ["instance"], multiprocess_mode="livemax", registry=r)
+        self.cache_resets = Counter("tandem_engine_cache_resets", "Engine cache resets and restarts seen (this "
+                                    "process's own detections and its peers'): the instance's cache views were "
+                                    "cleared.", ["instance", "reason"], registry=r)
         self.rejected = Counter("tandem_rejected_requests", "Requests refused before routing, by reason.",
                                 ["reason"], registry=r)
         # Disaggregated serving with a remote prefill pool (router/pdgateway.py, router/routing/offload.py).
@@ -118,12 +133,20 @@ class GatewayMetrics:
                 self.requests.labels(policy, decision, outcome)
 
     def instance_known(self, instance: str) -> None:
-        """Create an engine instance's error and queue series (when it joins)."""
+        """Create an engine instance's error, queue and cache-reset series (when it joins)."""
+        for reason in CACHE_RESET_REASONS:
+            self.cache_resets.labels(instance, reason)
         self.scrapes.labels(instance)
         self.scrape_errors.labels(instance)
         self.queue_wait.labels(instance)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(instance, kind)
+
+    def kv_events_known(self, instance: str) -> None:
+        """Create the event-stream series of an instance whose KV-cache events the gateway follows."""
+        self.kv_batches.labels(instance)
+        for outcome in KV_GAP_OUTCOMES:
+            self.kv_gaps.labels(instance, outcome)
 
     def pd_model_known(self, model: str, remote: bool) -> None:
         """Create a disaggregated model's prefill-route series (when one of its instances joins), and

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tandem.blockcache import BlockCache
+from tandem.kvindex import EventCacheView
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
@@ -87,10 +88,19 @@ class Instance:
             "inflight_attn_pairs": s.inflight_attn_pairs, "pending_prefill_s": round(s.pending_s, 4),
             "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
-            "shadow_cache_tokens": s.shadow.tokens, "prefill_s_per_token": s.prefill_s_per_token,
+            "shadow_cache_tokens": s.shadow.tokens, "exact_cache_view": _describe_exact(s.exact),
+            "prefill_s_per_token": s.prefill_s_per_token,
             "engine": self.snapshot.model_dump() if self.snapshot else None,
             "last_scrape_age_s": round(time.monotonic() - self.last_scrape_ok, 3) if self.last_scrape_ok else None,
         }
+
+
+def _describe_exact(view: object) -> dict[str, Any] | None:
+    """The exact view's state for /admin/instances: in sync or not, blocks indexed and on their way."""
+    if not isinstance(view, EventCacheView):
+        return None
+    return {"live": view.live, "blocks": len(view.index), "block_size": view.index.block_size,
+            "inflight_blocks": len(view.inflight), "skipped_blocks": view.index.skipped}
 
 
 # Shared-state bounds on what one sync publishes: keys deeper than 16 blocks are rare in practice.
@@ -151,6 +161,7 @@ class Pool:
             # Back before its drain finished (the autoscaler un-drained it): keep the instance and its
             # in-flight accounting, which the requests still running will release.
             old.endpoint, old.removed, old.state.draining = inst.endpoint, False, False
+            old.state.exact = inst.state.exact  # its event subscription was restarted with the new endpoint
             self._membership_changed()
             return
         self.instances[inst.id] = inst
@@ -213,11 +224,18 @@ class Pool:
                                "instance": decision.instance_id, "reason": decision.reason,
                                "candidates": list(decision.candidates), "hit_tokens": decision.hit_tokens,
                                "estimates": {k: round(v, 4) for k, v in decision.estimates.items()},
+                               "cache_views": {c: self.cache_view(c, req) for c in decision.candidates},
                                "prompt_tokens": req.prompt_tokens})
         if req.block_hashes and len(self.observed) < OBSERVED_CAP:
             self.observed.append(list(req.block_hashes[:OBSERVED_DEPTH]))
         self.pump()
         return decision, future
+
+    def cache_view(self, instance_id: str, req: RouteRequest) -> str:
+        """Which view estimated the request's hit on an instance: "exact" (engine events) or "shadow"."""
+        inst = self.instances.get(instance_id)
+        exact = inst.state.exact if inst is not None else None
+        return "exact" if exact is not None and exact.hit_tokens(req) is not None else "shadow"
 
     async def wait(self, request_id: str, future: asyncio.Future[str], limit_s: float) -> str:
         """Wait until the scheduler releases the request; returns the instance id."""

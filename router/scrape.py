@@ -3,7 +3,9 @@
 Scrapes never block requests: each is a bounded GET, their starts spread over the interval. A
 failed or unparseable scrape counts an error; an instance without a good scrape for ``stale_after`` seconds
 is *suspect* and not routable until a scrape succeeds again (a crashed or wedged engine usually
-stops answering /metrics before the circuit breaker has seen enough failed requests).
+stops answering /metrics before the circuit breaker has seen enough failed requests). Two good
+scrapes that tell of different engine processes (a new start time, counters gone backwards) are
+reported as a restart: the engine's cache is gone (``tandem.router.cachereset``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 
+from tandem.kvindex import EventCacheView
+from tandem.router.cachereset import CacheReset, restart_from_metrics
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineMetricsError, EngineSnapshot, parse_engine_metrics
 from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, HTTPPoolBusy
@@ -30,6 +34,8 @@ def apply_snapshot(inst: Instance, snap: EngineSnapshot, now: float) -> None:
     inst.scrape_failures = 0
     inst.suspect = False
     s = inst.state
+    if snap.block_size and isinstance(s.exact, EventCacheView) and s.exact.index.block_size is None:
+        s.exact.index.block_size = snap.block_size  # in-flight blocks count before the first event
     s.engine_running = int(snap.running or 0)
     s.engine_waiting = int(snap.waiting or 0)
     s.kv_usage = float(snap.kv_usage or 0.0)
@@ -48,8 +54,10 @@ class Scraper:
     def __init__(self, instances: Callable[[], Iterable[Instance]], metrics: GatewayMetrics, *,
                  interval: float, timeout: float, stale_after: float, max_bytes: int = 4 * 1024 * 1024,
                  ssl_context: ssl.SSLContext | None = None,
-                 headers: Callable[[Endpoint], dict[str, str]] = lambda ep: {}) -> None:
+                 headers: Callable[[Endpoint], dict[str, str]] = lambda ep: {},
+                 on_restart: Callable[[CacheReset], None] = lambda reset: None) -> None:
         self.instances, self.metrics = instances, metrics
+        self.on_restart = on_restart
         self.headers = headers
         self.interval, self.timeout, self.stale_after = interval, timeout, stale_after
         self.max_bytes = max_bytes
@@ -128,5 +136,9 @@ class Scraper:
             return
         now = time.monotonic()
         self.metrics.scrape_duration.observe(now - t0)
+        prev, prev_at = inst.snapshot, inst.last_scrape_ok
         apply_snapshot(inst, snap, now)
         inst.refresh_health(now)
+        if prev is not None and (reset := restart_from_metrics(inst.id, prev, snap,
+                                                               time.time() - (now - prev_at))) is not None:
+            self.on_restart(reset)

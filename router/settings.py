@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tandem.config import TandemSettings, UrlList, split_urls
+from tandem.kvevents import KVEventsSource, parse_kv_events
 from tandem.router.routing.offload import OffloadSettings
+
+
+def _split_kv_events(value: Any) -> Any:
+    """``URL=SPEC;URL=SPEC`` (flag, env), a YAML list of such strings, or a YAML mapping URL -> SPEC."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [v for v in value.split(";") if v.strip()]
+    if isinstance(value, list):
+        out: dict[str, str] = {}
+        for item in value:
+            url, sep, spec = str(item).strip().partition("=")
+            if not sep or not spec:
+                raise ValueError(f"'{item}' is not URL=ENDPOINT (e.g. http://10.0.0.7:8000=tcp://10.0.0.7:5557)")
+            out[url.rstrip("/")] = spec
+        return out
+    if isinstance(value, dict):
+        return {str(k).rstrip("/"): str(v) for k, v in value.items()}
+    return value
 
 
 class GatewaySettings(TandemSettings):
@@ -167,10 +188,25 @@ class GatewaySettings(TandemSettings):
                                    "Python's defaults); full collections of the start-up heap paused the "
                                    "event loop for tens of ms, seen as TTFT p99 (tandem bench gateway)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="log level")
+    kv_events: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="engines publishing KV-cache events (static discovery; Kubernetes: the "
+        "pod annotation serving.tandem.dev/kv-events): 'URL=PUB[,replay=REPLAY][,topic=T]' separated by ';', "
+        "PUB/REPLAY a ZMQ endpoint or a port on the URL's host, e.g. "
+        "'http://10.0.0.7:8000=5557,replay=5558'; their instances are routed on the exact cache view")
+    kv_index_blocks: int = Field(65536, gt=0, le=16_777_216, description="engine KV blocks the exact view indexes "
+                                 "per instance (the oldest stored are dropped beyond; ~150 bytes each)")
+    kv_events_queue: int = Field(4096, gt=0, le=1_000_000, description="received event batches waiting to be "
+                                 "applied per instance; beyond, batches are dropped and replayed")
+    kv_replay_timeout: float = Field(2.0, gt=0, le=60, description="seconds a replay of missed event batches may take")
 
     _split = field_validator("instances", "prefill_instances", "decode_instances", "remote_prefill_instances",
                              mode="before")(
         classmethod(lambda cls, v: split_urls(v)))
+    _split_kv = field_validator("kv_events", mode="before")(classmethod(lambda cls, v: _split_kv_events(v)))
+
+    def kv_event_sources(self) -> dict[str, KVEventsSource]:
+        """``kv_events`` parsed: instance URL -> its event sockets (bare ports on the URL's host)."""
+        return {url: parse_kv_events(spec, urlsplit(url).hostname or "") for url, spec in self.kv_events.items()}
 
     @field_validator("offload")
     @classmethod
@@ -194,4 +230,12 @@ class GatewaySettings(TandemSettings):
             raise ValueError("instances: static discovery needs at least one URL (--instances http://host:port,...)")
         if self.scrape_timeout > self.stale_after:
             raise ValueError("scrape_timeout: must not exceed stale_after")
+        known = {*self.instances, *self.prefill_instances, *self.decode_instances, *self.remote_prefill_instances}
+        for url in self.kv_events:
+            if self.discovery == "static" and url not in known:
+                raise ValueError(f"kv_events: {url} is not one of the instances")
+        try:
+            self.kv_event_sources()
+        except ValueError as exc:
+            raise ValueError(f"kv_events: {exc}") from None
         return self

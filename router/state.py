@@ -19,7 +19,9 @@ import time
 import uuid
 from typing import Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+
+from tandem.router.cachereset import CacheReset
 
 log = logging.getLogger("tandem.gateway.state")
 
@@ -48,6 +50,7 @@ class LocalReport(BaseModel):
     members: dict[str, list[str]] = Field(default_factory=dict)  # pool -> instance ids this replica serves
     # pool -> block-hash paths of the requests routed since the last sync (the adaptive key's input)
     observed: dict[str, list[list[int]]] = Field(default_factory=dict)
+    resets: list[CacheReset] = Field(default_factory=list)  # engine cache resets this replica saw since the last sync
 
 
 class SharedView(BaseModel):
@@ -59,6 +62,20 @@ class SharedView(BaseModel):
     # pool -> paths the peers routed since our last read: fed to our adaptive keyer so every replica
     # keys hot prefixes at the same depth and so maps them to the same candidate pair.
     peer_observed: dict[str, list[list[int]]] = Field(default_factory=dict)
+    # instance -> the latest cache reset any replica saw (ours included): each replica clears its
+    # views of the instance once per reset it has not applied yet.
+    resets: dict[str, CacheReset] = Field(default_factory=dict)
+
+
+def _resets(raw: dict[str, str]) -> dict[str, CacheReset]:
+    """The shared resets; an entry this version cannot read (another version's) is skipped."""
+    out: dict[str, CacheReset] = {}
+    for instance, value in raw.items():
+        try:
+            out[instance] = CacheReset.model_validate_json(value)
+        except ValidationError:
+            continue
+    return out
 
 
 class StateBackend(Protocol):
@@ -93,6 +110,8 @@ class RedisStateBackend:
     - ``{p}:replicas``           sorted set replica id -> last sync time (live = seen within ttl)
     - ``{p}:load:{replica}``     hash instance id -> JSON SharedLoad
     - ``{p}:members:{replica}``  hash pool -> JSON list of instance ids
+    - ``{p}:resets``             hash instance id -> JSON CacheReset, the latest reset seen of each engine's
+                                 cache (expires an hour after the last one)
     - ``{p}:paths:{pool}``       stream of routed block-hash paths, one entry per replica sync
                                  (paths ';'-separated, hashes ','-separated; capped), read incrementally.
                                  (Earlier versions wrote one entry per path to ``{p}:observed:{pool}``:
@@ -101,6 +120,8 @@ class RedisStateBackend:
     """
 
     name = "redis"
+
+    RESETS_TTL_MS = 3_600_000
 
     def __init__(self, url: str, prefix: str = "tandem", ttl: float = 2.0, stream_len: int = 1024,
                  timeout: float = 0.5, first_read: int = 16) -> None:
@@ -137,6 +158,9 @@ class RedisStateBackend:
                     pipe.xadd(f"{p}:paths:{pool}", {"r": me, "h": ";".join(",".join(map(str, path))
                                                                                 for path in paths)},
                               maxlen=self.stream_len, approximate=True)
+            if report.resets:
+                pipe.hset(f"{p}:resets", mapping={r.instance: r.model_dump_json() for r in report.resets})
+                pipe.pexpire(f"{p}:resets", self.RESETS_TTL_MS)
             pipe.zrangebyscore(f"{p}:replicas", now - self.ttl, "+inf")
             replicas: list[str] = (await pipe.execute())[-1]
             peers = [r for r in replicas if r != me]
@@ -152,6 +176,7 @@ class RedisStateBackend:
                     pipe.xrevrange(f"{p}:paths:{pool}", "+", "-", count=self.first_read)
                 else:
                     pipe.xrange(f"{p}:paths:{pool}", f"({start}", "+", count=self.stream_len)
+            pipe.hgetall(f"{p}:resets")
             results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             if self.healthy:
@@ -161,7 +186,7 @@ class RedisStateBackend:
         if not self.healthy:
             log.warning("shared state: Redis reachable again")
         self.healthy = True
-        view = SharedView(peers=peers)
+        view = SharedView(peers=peers, resets=_resets(results[-1]))
         members: dict[str, set[str]] = {k: set(v) for k, v in report.members.items()}
         for i in range(len(peers)):
             for inst, raw in results[2 * i].items():

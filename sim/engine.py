@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.perf.costmodel import CostModel, attention_pairs
-from tandem.sim.kvcache import EngineKVCache
+from tandem.sim.kvcache import BlockMeta, EngineKVCache
 
 
 @dataclass(slots=True)
@@ -45,6 +45,8 @@ class SimRequest:
     # Disaggregated decode: the prompt's KV is pulled from a prefill instance and lands at this time
     # (math.inf while the transfer's end is not known yet). None: this engine prefills the prompt.
     kv_ready_at: float | None = None
+    # The prompt's token ids, for the KV-cache events of an engine that publishes them (else empty).
+    token_ids: tuple[int, ...] = ()
     # progress, owned by the engine
     cached_tokens: int = 0
     computed_tokens: int = 0  # prompt tokens with KV (cached + prefilled)
@@ -70,6 +72,14 @@ class SimRequest:
     def block_sizes(self) -> list[int]:
         return [min(self.block_size, self.prompt_tokens - i * self.block_size)
                 for i in range(len(self.block_hashes))]
+
+    def block_metas(self, first: int) -> list[BlockMeta | None]:
+        """Parent and token ids of blocks ``first``.. (None for a partial block or unknown tokens)."""
+        bs, out = self.block_size, []
+        for i in range(first, len(self.block_hashes)):
+            tokens = self.token_ids[i * bs:(i + 1) * bs]
+            out.append(BlockMeta(self.block_hashes[i - 1] if i else None, tokens) if len(tokens) == bs else None)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +130,8 @@ class EngineCounters:
 
 
 class Engine:
-    def __init__(self, cost: CostModel, limits: EngineLimits, *, coalesce_decode: bool = True) -> None:
+    def __init__(self, cost: CostModel, limits: EngineLimits, *, coalesce_decode: bool = True,
+                 kv_events: bool = False) -> None:
         if limits.kv_capacity_tokens <= 0:
             raise ValueError("the model does not fit: KV capacity is zero")
         if limits.host_link_gbytes_s <= 0:
@@ -128,7 +139,7 @@ class Engine:
         self.cost = cost
         self.limits = limits
         self.coalesce_decode = coalesce_decode
-        self.cache = EngineKVCache(limits.host_cache_tokens)
+        self.cache = EngineKVCache(limits.host_cache_tokens, events=kv_events)
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.reserved_tokens = 0  # sum of running requests' worst-case KV (prompt + max_tokens)
@@ -198,6 +209,14 @@ class Engine:
                     self._start_plan(now)
                 return True
         return False
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (vLLM's ``/reset_prefix_cache``); refused (False) while requests
+        run or wait, whose blocks are in use, as vLLM refuses it."""
+        if self.running or self.waiting:
+            return False
+        self.cache.clear()
+        return True
 
     def abort(self, request_id: str, now: float) -> bool:
         """Drop a request whose client went away; an iteration already planned still takes its time."""
@@ -352,7 +371,8 @@ class Engine:
             if r.prefill_done:
                 new = r.block_hashes[r.pinned_blocks:]
                 sizes = r.block_sizes()[r.pinned_blocks:]
-                self.cache.add_pinned(new, sizes)
+                metas = r.block_metas(r.pinned_blocks) if self.cache.events is not None else None
+                self.cache.add_pinned(new, sizes, metas)
                 added = sum(sizes)
                 r.pinned_blocks += len(new)
                 r.pinned_tokens += added

@@ -56,7 +56,8 @@ SGLANG_ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.
 class _EngineCollector(Collector):
     def __init__(self, engine: Engine, flavor: Flavor, labels: dict[str, str], block_size: int) -> None:
         self.engine, self.flavor, self.labels, self.block_size = engine, flavor, labels, block_size
-        self.created = time.time()  # counters' _created sample: when this engine started counting
+        # When this engine started: its counters' _created sample and its process_start_time_seconds.
+        self.created = time.time()
 
     def collect(self) -> Iterator[Metric]:
         e, c = self.engine, self.engine.counters
@@ -103,6 +104,10 @@ class _EngineCollector(Collector):
                                      labels=["engine", *config])
             info.add_metric([self.labels["engine"], *config.values()], 1.0)
             yield info
+            # prometheus_client's process collector writes this for vLLM's API server; SGLang's
+            # multiprocess registry has none (restarts show there as counters going backwards).
+            yield GaugeMetricFamily("process_start_time_seconds",
+                                    "Start time of the process since unix epoch in seconds.", self.created)
         else:
             yield gauge("sglang:num_running_reqs", "The number of running requests.", len(e.running))
             yield gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", len(e.waiting))

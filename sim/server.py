@@ -15,7 +15,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -27,12 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from tandem.kvevents import KVEvent
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile, load_profile
-from tandem.prefix import chain_hashes, text_block_hashes, token_block_hashes
+from tandem.prefix import block_id_tokens, chain_hashes, text_block_hashes, token_block_hashes, word_ids
 from tandem.sim import wire
 from tandem.sim.engine import Emission, Engine, EngineLimits, SimRequest
+from tandem.sim.kvpublisher import KVEventPublisher
 from tandem.sim.metrics import EngineMetrics
 from tandem.sim.pd import HandshakeError, KVTransfers, PullRequest, TransferError, parse_handshake
 from tandem.sim.settings import FaultMode, SimSettings
@@ -61,17 +63,25 @@ class EngineDriver(WallClockDriver):
 
     task_name = "engine-driver"
 
-    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0) -> None:
+    def __init__(self, engine: Engine, metrics: EngineMetrics, time_scale: float = 1.0,
+                 publish: Callable[[list[KVEvent]], None] | None = None) -> None:
         super().__init__(time_scale)
         self.engine = engine
         self.metrics = metrics
+        self.publish = publish
         self.pending: dict[str, _Pending] = {}
+
+    def flush_events(self) -> None:
+        """Publish what the engine's cache did in the last step (a no-op without --kv-events)."""
+        if self.publish is not None and (events := self.engine.cache.take_events()):
+            self.publish(events)
 
     def submit(self, req: SimRequest) -> _Pending:
         now = self.now()
         pending = _Pending(req, now, last_time=now)
         self.pending[req.id] = pending
         self.engine.submit(req, now)
+        self.flush_events()
         self.wake()
         return pending
 
@@ -79,17 +89,21 @@ class EngineDriver(WallClockDriver):
         """A disaggregated request's prompt KV has landed (see :mod:`tandem.sim.pd`)."""
         if request_id in self.pending:
             self.engine.kv_arrived(request_id, self.now())
+            self.flush_events()
             self.wake()
 
     def abort(self, request_id: str) -> None:
         if self.pending.pop(request_id, None) is not None:
             self.engine.abort(request_id, self.now())
+            self.flush_events()
 
     def next_event_time(self) -> float | None:
         return self.engine.next_event_time()
 
     def advance(self, now: float) -> None:
-        for emission in self.engine.advance(now):
+        emissions = self.engine.advance(now)
+        self.flush_events()  # before the tokens: vLLM publishes a step's events before its output arrives
+        for emission in emissions:
             self._deliver(emission)
 
     def _deliver(self, e: Emission) -> None:
@@ -133,7 +147,10 @@ class SimServer:
             host_cache_tokens=settings.host_cache_tokens,
             host_link_gbytes_s=settings.host_link_gbytes_s,
         )
-        self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False)
+        self.engine = Engine(CostModel.from_profile(profile), limits, coalesce_decode=False,
+                             kv_events=settings.kv_events is not None)
+        self.publisher = (KVEventPublisher(settings.kv_events, settings.kv_events_replay, settings.kv_events_topic,
+                                           settings.kv_events_buffer) if settings.kv_events is not None else None)
         self.metrics = EngineMetrics(self.engine, flavor=settings.metrics, model_name=self.model_name,
                                      role=settings.role, block_size=profile.kv_block_size)
         self.kv = KVTransfers(settings, kv_bytes_per_token=profile.model.kv_bytes_per_token,
@@ -164,9 +181,16 @@ class SimServer:
         """The engine request of a valid body (raises ``wire.EngineRefusal`` as vLLM refuses one)."""
         max_model_len = self.engine.limits.max_model_len
         wire.check_parameters(body, max_model_len)
+        # The prompt's token ids, which the KV-cache events carry (kept only when they are published):
+        # the ids given, the vocabulary's ids of the word pieces, or stand-ins for the hints' block ids.
+        # The gateway matches its exact cache view with the same ids (router/admission.py).
+        events = self.publisher is not None
+        token_ids: Sequence[int] = ()
         if body.x_tandem is not None:
             ext = body.x_tandem
             prompt_tokens, block_size, hashes = ext.prompt_tokens, ext.block_size, chain_hashes(ext.hash_ids)
+            if events:
+                token_ids = block_id_tokens(ext.hash_ids, block_size, prompt_tokens)
         else:
             block_size = self.profile.kv_block_size
             prompt = body.prompts() if isinstance(body, CompletionRequest) else [body.prompt_text()]
@@ -175,16 +199,21 @@ class SimServer:
                                          "prompt", value=len(prompt))
             if isinstance(prompt[0], str):
                 prompt_tokens, hashes = text_block_hashes(prompt[0], block_size)
+                if events:
+                    token_ids = word_ids(prompt[0])
             else:  # token ids, hashed as the gateway hashes a tokenizer's ids
                 ids = [str(i) for i in prompt[0]]
                 prompt_tokens, hashes = len(ids), token_block_hashes(ids, block_size)
+                if events:
+                    token_ids = prompt[0]
         max_tokens = wire.output_limit(body.max_completion_tokens or body.max_tokens,
                                        self.settings.default_max_tokens, prompt_tokens, max_model_len)
         reason = self.engine.validate(prompt_tokens, max_tokens)
         if reason:
             raise wire.EngineRefusal(reason)
         return SimRequest(id=f"sim-{next(self._ids)}-{uuid.uuid4().hex[:8]}", prompt_tokens=prompt_tokens,
-                          max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size)
+                          max_tokens=max_tokens, block_hashes=tuple(hashes), block_size=block_size,
+                          token_ids=tuple(token_ids))
 
     def usage(self, req: SimRequest, *, stream: bool = False) -> dict:
         make = wire.stream_usage if stream else wire.usage
@@ -221,12 +250,18 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale)
+        publisher = server.publisher
+        if publisher is not None:
+            publisher.start()
+        server.driver = EngineDriver(server.engine, server.metrics, settings.time_scale,
+                                     publisher.publish if publisher is not None else None)
         server.driver.start()
         await server.kv.start()
         yield
         await server.kv.stop()
         await server.driver.stop()
+        if publisher is not None:
+            await publisher.stop()
 
     app = FastAPI(title="tandem engine simulator", lifespan=lifespan)
     app.state.sim = server
@@ -387,6 +422,16 @@ def create_app(settings: SimSettings, profile: Profile | None = None) -> FastAPI
             return wire.error(400, "room or wait_s out of range", "room")
         status, content = await server.kv.serve_bootstrap(room, wait_s)
         return kv_answer(status, content, payload)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict:
+        """vLLM's (dev-mode) route: drop the prefix cache. Its answer is vLLM 0.32's: 200 and whether the
+        cache was dropped (not while requests are in the engine: their blocks are in use)."""
+        assert server.driver is not None
+        success = server.engine.reset_prefix_cache()
+        if success:
+            server.driver.flush_events()
+        return {"success": success}
 
     @app.get("/admin/kv")
     async def admin_kv() -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from tandem.api.models import Role
@@ -54,6 +54,22 @@ class SimSettings(TandemSettings):
                                                        "HTTP, so a real (e.g. shaped) network path carries them")
     kv_hold_s: float = Field(120.0, gt=0, description="prefill role: how long computed KV waits to be pulled")
     kv_wait_s: float = Field(60.0, gt=0, description="decode role: how long to wait for the prefill's KV")
+    kv_events: str | None = Field(None, description="publish KV-cache events as vLLM's --kv-events-config does: "
+                                  "the PUB endpoint to bind (tcp://127.0.0.1:5557, ipc:///path)")
+    kv_events_replay: str | None = Field(None, description="the replay ROUTER endpoint to bind (missed batches)")
+    kv_events_topic: str = Field("", description="the events' topic (vLLM's default: empty)")
+    kv_events_buffer: int = Field(10_000, gt=0, le=1_000_000, description="batches kept for replay (vLLM's "
+                                  "buffer_steps)")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* (vLLM's "
                                       "--api-key; env TANDEM_SIM_API_KEY), as a remote prefill pool behind "
                                       "credentials does")
+
+    @model_validator(mode="after")
+    def _kv_events(self) -> SimSettings:
+        for name in ("kv_events", "kv_events_replay"):
+            value = getattr(self, name)
+            if value is not None and not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"{name}: {value!r} is not a tcp://, ipc:// or inproc:// endpoint")
+        if self.kv_events_replay is not None and self.kv_events is None:
+            raise ValueError("kv_events_replay: needs kv_events")
+        return self

@@ -1,7 +1,8 @@
 """Token ids for the simulator's ``/tokenize`` and ``/detokenize``.
 
 The simulator counts text in the word and punctuation pieces of :func:`tandem.prefix.tokenize` (its
-stand-in for a BPE vocabulary); each piece gets a stable id (a hash, the same in every process), and
+stand-in for a BPE vocabulary); each piece gets a stable id (:func:`tandem.prefix.piece_ids`, the ids
+its KV-cache events carry too), and
 the pieces seen last are remembered so ``/detokenize`` can spell ids back (joined by spaces: the
 pieces do not record the whitespace between them). Memory is bounded: an id whose piece was
 forgotten, or never seen, detokenizes to nothing.
@@ -11,11 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import xxhash
-
-from tandem.prefix import tokenize
-
-VOCAB_BITS = 31
+from tandem.prefix import piece_ids, tokenize
 
 
 class Vocabulary:
@@ -24,12 +21,11 @@ class Vocabulary:
         self._pieces: OrderedDict[int, str] = OrderedDict()
 
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for piece in tokenize(text):
-            i = xxhash.xxh32_intdigest(piece.encode()) & ((1 << VOCAB_BITS) - 1)
+        pieces = tokenize(text)
+        ids = piece_ids(pieces)
+        for i, piece in zip(ids, pieces, strict=True):
             self._pieces[i] = piece
             self._pieces.move_to_end(i)
-            ids.append(i)
         while len(self._pieces) > self.remembered:
             self._pieces.popitem(last=False)
         return ids

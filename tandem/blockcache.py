@@ -15,14 +15,16 @@ from collections.abc import Sequence
 
 
 class BlockCache:
-    __slots__ = ("_blocks", "capacity_tokens", "tokens")
+    __slots__ = ("_blocks", "capacity_tokens", "evicted", "tokens")
 
-    def __init__(self, capacity_tokens: int) -> None:
+    def __init__(self, capacity_tokens: int, record_evictions: bool = False) -> None:
         if capacity_tokens < 0:
             raise ValueError("capacity_tokens must be >= 0")
         self.capacity_tokens = capacity_tokens
         self.tokens = 0
         self._blocks: OrderedDict[int, int] = OrderedDict()
+        # The hashes evicted, for a caller that reports evictions (the simulator's KV-cache events).
+        self.evicted: list[int] | None = [] if record_evictions else None
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -78,9 +80,11 @@ class BlockCache:
         """Evict least recently used blocks until at most ``limit_tokens`` remain; returns tokens evicted."""
         evicted = 0
         while self.tokens > max(0, limit_tokens) and self._blocks:
-            _, size = self._blocks.popitem(last=False)
+            h, size = self._blocks.popitem(last=False)
             self.tokens -= size
             evicted += size
+            if self.evicted is not None:
+                self.evicted.append(h)
         return evicted
 
     def clear(self) -> None:

@@ -51,6 +51,8 @@ COMMANDS: Registry = {
         "peers": ("tandem.bench.peers:BenchPeers",
                   "tandem vs sglang-router and vllm-router, live: capacity at the TTFT SLO, latency, cache hits"),
         "des": ("tandem.bench.routing:DESBench", "wall-clock speed of the discrete-event simulator"),
+        "kv-view": ("tandem.bench.kvview:KVViewBench",
+                    "gateway hit estimates vs real vLLM's prefix-cache counters, shadow vs events; engine restart"),
     },
     "operator": {
         "run": ("tandem.operator.cli:OperatorRunCommand", "run the Kubernetes operator (kopf)"),

@@ -67,3 +67,31 @@ def text_block_hashes(text: str, block_size: int) -> tuple[int, list[int]]:
     """Token count and full-block chained hashes of a text prompt."""
     tokens = tokenize(text)
     return len(tokens), token_block_hashes(tokens, block_size)
+
+
+_ID_MASK = (1 << 63) - 1
+PIECE_ID_BITS = 31  # a piece's id: non-negative in a signed 32-bit int, as a vocabulary's token ids are
+
+
+def piece_ids(pieces: Iterable[str]) -> list[int]:
+    """Token ids of :func:`tokenize`'s pieces (a hash of each, the same in every process): ``tandem sim``'s
+    vocabulary (its ``/tokenize``, the ids in its KV-cache events), and what the gateway, without the
+    engine's tokenizer, matches those events with."""
+    mask = (1 << PIECE_ID_BITS) - 1
+    return [xxhash.xxh32_intdigest(piece.encode()) & mask for piece in pieces]
+
+
+def word_ids(text: str) -> list[int]:
+    """:func:`piece_ids` of a text."""
+    return piece_ids(tokenize(text))
+
+
+def block_id_tokens(hash_ids: Sequence[int], block_size: int, prompt_tokens: int) -> list[int]:
+    """Stand-in token ids of a prompt given as block ids (``x_tandem``): each full block is its id
+    repeated, so prompts share keyed blocks exactly where they share block ids (as in the simulator,
+    which reports these ids in its KV-cache events)."""
+    full = min(len(hash_ids), prompt_tokens // block_size)
+    out: list[int] = []
+    for h in hash_ids[:full]:
+        out.extend([h & _ID_MASK] * block_size)
+    return out

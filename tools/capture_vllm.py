@@ -14,6 +14,9 @@ requests and writes, under ``--out``:
   step that caused it; ``kv-replay.jsonl``: the replay socket's answer to "everything from seq 0";
   ``kv-events-decoded.json``: the same payloads decoded by vLLM's own msgpack decoder (generic,
   bytes as hex), a cross-check for a decoder written from scratch;
+- ``tokenizer/``: the served model's ``tokenizer.json`` and ``tokenizer_config.json`` (its chat
+  template), so the gateway's tokenization can be checked against vLLM's answers after the tiny
+  model's tokenizer changes;
 - ``README.md``: the vLLM version, the engine's command line and the framing observed.
 
 Deterministic where vLLM is: temperature 0 and the dummy weights give the same tokens every run;
@@ -26,6 +29,7 @@ import argparse
 import base64
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -211,6 +215,7 @@ bodies (the real-vLLM tests start engines with it and see `cached_tokens`). KV c
 - `kv-events.jsonl`: one line per ZMQ message on the PUB socket, `frames` base64, `step` = the
   exchange after which it arrived. `kv-replay.jsonl`: the replay ROUTER's answer to seq 0.
 - `kv-events-decoded.json`: the same payloads decoded by vLLM's msgspec (generic; bytes as hex).
+- `tokenizer/`: the served model's `tokenizer.json` and `tokenizer_config.json` (chat template).
 
 ## KV-event framing observed
 - PUB socket, multipart `[topic, seq, payload]`: topic = the configured `topic` as UTF-8 (`{TOPIC}`
@@ -277,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "kv-replay.jsonl", replayed)
     decoded = decode_with_vllm(python, rec.events)
     (out / "kv-events-decoded.json").write_text(json.dumps(decoded, indent=1) + "\n")
+    (out / "tokenizer").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(model_dir / name, out / "tokenizer" / name)
     (out / "README.md").write_text(readme(spec, python, version, model_dir, rec.events, started))
     print(f"recorded vLLM {version} into {out}: {len(rec.exchanges)} exchanges, {len(rec.events)} KV-event "
           f"messages, {len(replayed)} replayed")

@@ -237,6 +237,8 @@ class Scheduler:
             e.rank = req.arrival + cfg.prefill_order_weight * inst.prefill_s(e.miss, e.pairs)
         if req.block_hashes:
             inst.shadow.insert(req.block_hashes, [req.block_size] * len(req.block_hashes))
+        if inst.exact is not None:
+            inst.exact.routed(req)
         inst.queued_miss_tokens += e.miss
         inst.queued_attn_pairs += e.pairs
         inst.queued_requests += 1
@@ -251,6 +253,8 @@ class Scheduler:
             inst.queued_miss_tokens -= e.miss
             inst.queued_attn_pairs -= e.pairs
             inst.queued_requests -= 1
+            if inst.exact is not None:
+                inst.exact.settled(e.req)
         self._queued_total -= 1
         q = self._queues[e.instance]
         q.discard(e.req.request_id)
@@ -299,6 +303,8 @@ class Scheduler:
             inst.inflight_miss_tokens -= e.miss
             inst.inflight_attn_pairs -= e.pairs
             inst.unprefilled_requests -= 1
+            if inst.exact is not None:
+                inst.exact.settled(e.req)
         e.state = PREFILLED
 
     def on_finished(self, request_id: str) -> None:
@@ -330,6 +336,8 @@ class Scheduler:
             inst.inflight_miss_tokens -= e.miss
             inst.inflight_attn_pairs -= e.pairs
             inst.unprefilled_requests -= 1
+            if inst.exact is not None:
+                inst.exact.settled(e.req)
         inst.inflight_requests -= 1
 
     # ----- hotspot migration -----------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tandem.blockcache import BlockCache
+from tandem.kvindex import PromptTokens
 from tandem.perf.costmodel import CostModel, attention_pairs
 
 
@@ -22,7 +23,8 @@ class RouteRequest:
 
     ``block_hashes`` are chained hashes of the prompt's full routing blocks (``block_size`` tokens
     each; Mooncake traces: 512-token ``hash_ids``). ``fallback_key`` keys prompts with no full block
-    (a hash of the whole text, or of the length bucket).
+    (a hash of the whole text, or of the length bucket). ``tokens``: the prompt's token ids, for
+    instances whose cache view is exact (:class:`CacheView`); None when the caller has none.
     """
 
     request_id: str
@@ -35,6 +37,26 @@ class RouteRequest:
     # This request's own TTFT objective when it has one (SLOs that grow with the prompt, as in
     # PrfaaS-style offload: 2 s + 1 ms per token); None: the pool's configured SLO.
     slo_ttft_s: float | None = None
+    tokens: PromptTokens | None = field(default=None, compare=False)
+
+
+class CacheView(Protocol):
+    """An exact view of one engine's prefix cache: its own KV-cache events (the gateway), or the
+    simulated engine's cache itself (the DES). Without one, routing estimates hits from the shadow
+    cache of what it routed there.
+
+    ``routed`` and ``settled`` bracket a request's time on its way into the engine (queued in the
+    gateway, sent, not prefilled): its blocks count as cached for the requests routed behind it, as
+    the engine will have them by the time it schedules those.
+    """
+
+    def hit_tokens(self, req: RouteRequest) -> int | None:
+        """Prompt tokens the engine would serve from its cache; None: no exact answer now (use the shadow)."""
+        ...
+
+    def routed(self, req: RouteRequest) -> None: ...
+
+    def settled(self, req: RouteRequest) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +118,7 @@ class InstanceState:
     kv_usage: float = 0.0
     healthy: bool = True
     draining: bool = False
+    exact: CacheView | None = None  # set: hits come from the engine's own cache view, else the shadow
 
     @property
     def routable(self) -> bool:
@@ -125,7 +148,10 @@ class InstanceState:
         return self.prefill_s(self.pending_miss_tokens, self.pending_attn_pairs)
 
     def hit_tokens(self, req: RouteRequest) -> int:
-        """Prompt tokens this instance would serve from its prefix cache (per the shadow cache)."""
+        """Prompt tokens this instance would serve from its prefix cache: the exact view's answer
+        when it has one, else the shadow cache's."""
+        if self.exact is not None and (hit := self.exact.hit_tokens(req)) is not None:
+            return hit
         # Routing blocks are full blocks of ``req.block_size`` tokens, so a count is enough.
         tokens = self.shadow.prefix_blocks(req.block_hashes) * req.block_size
         return min(tokens, max(req.prompt_tokens - 1, 0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -36,6 +37,7 @@ from tandem.router.routing.types import (
     RouteRequest,
     RoutingPolicy,
 )
+from tandem.sim.des.cacheview import EngineCacheView
 from tandem.sim.engine import Engine, EngineLimits, SimRequest
 from tandem.traces import TraceRequest
 
@@ -55,6 +57,9 @@ class DESConfig(BaseModel):
     host_cache_tokens: int = Field(0, ge=0, description="host-memory KV tier per instance in tokens (0: none); "
                                    "the routing shadow caches hold GPU + host tokens")
     host_link_gbytes_s: float = Field(25.0, gt=0, description="host-to-GPU KV load bandwidth in GB/s")
+    cache_view: Literal["shadow", "exact"] = Field("shadow", description="routing's hit estimate: 'shadow' (what "
+                                                   "it routed, LRU-bounded) or 'exact' (the engine's own cache, "
+                                                   "as its KV-cache events tell a gateway)")
     scrape_interval_s: float = Field(0.5, gt=0, description="engine metrics reach the routing view this often")
     tick_s: float = Field(0.1, gt=0, description="scheduler tick (rebalance + release) while requests wait")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds the ring layout (the only randomness)")
@@ -130,6 +135,7 @@ class RequestResult(RequestTiming):
     reason: str = ""
     hit_tokens: int = 0
     host_hit_tokens: int = 0  # of hit_tokens, loaded from the host tier
+    estimated_hit_tokens: int = 0  # routing's estimate of hit_tokens when it chose the instance
     dispatched_at: float | None = None
 
 
@@ -171,9 +177,12 @@ class Simulation:
             limits = EngineLimits(kv, profile.max_num_seqs, profile.max_num_batched_tokens,
                                   profile.model.max_model_len, self.config.host_cache_tokens,
                                   self.config.host_link_gbytes_s)
-            self.engines.append(Engine(cost, limits, coalesce_decode=True))
+            engine = Engine(cost, limits, coalesce_decode=True)
+            self.engines.append(engine)
             # The shadow follows everything the engine can hit: its GPU cache and its host tier.
-            cluster.instances[iid] = routing_state(iid, cost, limits, kv + self.config.host_cache_tokens)
+            state = cluster.instances[iid] = routing_state(iid, cost, limits, kv + self.config.host_cache_tokens)
+            if self.config.cache_view == "exact":
+                state.exact = EngineCacheView(engine.cache)
         self.cluster = cluster
         self.index_of = {iid: k for k, iid in enumerate(self.ids)}
         pol = make_policy(policy, routing) if isinstance(policy, str) else policy
@@ -236,7 +245,7 @@ class Simulation:
             res.rejected = str(exc) or type(exc).__name__
             return
         self._outstanding += 1
-        res.instance, res.reason = decision.instance_id, decision.reason
+        res.instance, res.reason, res.estimated_hit_tokens = decision.instance_id, decision.reason, decision.hit_tokens
         self._dispatch(self.scheduler.release(now, (decision.instance_id,)), now)
         self._ensure_tick(now)
 

@@ -122,9 +122,38 @@ def test_vllm_unified_command_line() -> None:
         "--enable-prefix-caching",
         "--block-size",
         "32",
+        "--kv-events-config",
+        '{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:5557",'
+        '"replay_endpoint":"tcp://*:5558","topic":"kv-events"}',
         "--max-model-len",
         "4096",
     ]
+
+
+def test_routed_roles_publish_kv_events_and_say_where() -> None:
+    """Unified and prefill engines publish KV-cache events; the pod annotation tells gateways where
+    (ports on the pod IP), as their Kubernetes discovery reads it."""
+    from tandem.kvevents import KVEventsSource
+    from tandem.router.discovery import endpoint_from_pod
+
+    svc = pd(model={"name": "m", "engine": "sglang"}, pools={"prefill": {"replicas": 1}, "decode": {}})
+    prefill = engine_command(svc.spec, Role.prefill)
+    config = json.loads(prefill[prefill.index("--kv-events-config") + 1])
+    assert config == {"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558",
+                      "topic": "kv-events"}
+    assert "--kv-events-config" not in engine_command(svc.spec, Role.decode)
+    kids = children(svc)
+    pod = kids[("Deployment", "llm-prefill")]["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in container(kids[("Deployment", "llm-prefill")])["ports"]}
+    assert ports["kv-events"] == 5557 and ports["kv-replay"] == 5558
+    assert "serving.tandem.dev/kv-events" not in kids[("Deployment", "llm-decode")]["spec"]["template"]["metadata"][
+        "annotations"]
+    running = {"metadata": {**pod["metadata"], "name": "p-0"},
+               "status": {"phase": "Running", "podIP": "10.1.2.3",
+                          "conditions": [{"type": "Ready", "status": "True"}]}}
+    ep = endpoint_from_pod(running, 8000)
+    assert ep is not None and ep.kv_events == KVEventsSource("tcp://10.1.2.3:5557", "tcp://10.1.2.3:5558",
+                                                             "kv-events")
 
 
 def test_vllm_pd_roles_get_kv_transfer_config_and_tensor_parallelism() -> None:

@@ -209,6 +209,7 @@ def test_engine_tokenizer_keys_text_prompts(tmp_path) -> None:
     with_tok, _ = route_request(view, block_size=4, tokenizer=load_tokenizer(path))
     default, _ = route_request(view, block_size=4)
     assert with_tok.prompt_tokens == 8 and len(with_tok.block_hashes) == 2  # whitespace words only
+    assert with_tok.tokens is not None and list(with_tok.tokens.ids) == [1, 2] * 4
     assert default.prompt_tokens == 16  # the chunker splits 'hello', ',', 'world'
     with pytest.raises(ValueError, match="tokenizer"):
         load_tokenizer(tmp_path / "missing.json")

@@ -406,7 +406,8 @@ async def test_egress_network_policies(tmp_path: Path) -> None:
         to_engines, to_redis, *rest = spec["egress"]
         assert to_engines == {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
                                       "podSelector": engines} for ns in ("llm-a", "llm-b")],
-                              "ports": [{"port": "http", "protocol": "TCP"}]}
+                              "ports": [{"port": "http", "protocol": "TCP"}, {"port": "kv-events", "protocol": "TCP"},
+                                        {"port": "kv-replay", "protocol": "TCP"}]}  # the engines' KV-cache events
         assert to_redis["ports"] == [{"port": "redis", "protocol": "TCP"}]
         assert to_redis["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
         assert rest == [dns_rule, api_rule]

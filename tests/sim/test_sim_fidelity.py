@@ -39,6 +39,7 @@ READ_BY_TANDEM = {
     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
     "vllm:request_success", "vllm:num_preemptions", "vllm:prompt_tokens_cached",
     "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds", "vllm:iteration_tokens_total",
+    "process_start_time_seconds",  # an engine restart (router/cachereset.py)
 }
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
@@ -65,7 +66,8 @@ def queried_by_dashboards_and_rules() -> set[str]:
 
 
 def families(text: str) -> dict[str, Any]:
-    return {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("vllm:")}
+    return {f.name: f for f in text_string_to_metric_families(text)
+            if f.name.startswith("vllm:") or f.name == "process_start_time_seconds"}
 
 
 def label_names(family: Any) -> set[str]:
@@ -174,7 +176,8 @@ async def test_refusals_have_vllms_status_type_param_and_code(sim: httpx.AsyncCl
         assert ours["message"].startswith("This model's maximum context length is 4096 tokens.")
 
 
-@pytest.mark.parametrize("name", ["health", "ping", "version", "load", "tokenize", "tokenize_chat", "detokenize"])
+@pytest.mark.parametrize("name", ["health", "ping", "version", "load", "tokenize", "tokenize_chat", "detokenize",
+                                  "reset_prefix_cache"])
 async def test_probe_and_tokenizer_routes(sim: httpx.AsyncClient, name: str) -> None:
     ex = EXCHANGES[name]
     resp = await sim.request(ex["method"], ex["path"], json=ex.get("request"))
