@@ -9,6 +9,7 @@ message past its high-water mark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -124,11 +125,18 @@ async def test_initial_replay_gap_repair_clear_and_restart(endpoints: KVEventsSo
         await pub.stop()
         pub = KVEventPublisher(endpoints.endpoint, endpoints.replay, endpoints.topic)
         pub.start()
-        await asyncio.sleep(0.3)  # ZMQ reconnects the subscriber
-        pub.publish([stored(4, 1, parent=99)])  # a block under a parent the view never saw: not indexed
-        await eventually(lambda: len(resets) == 2)
+        # Blocks under a parent the view never saw (not indexed), one batch at a time until the restart
+        # is seen: ZMQ reconnects the subscriber in its own time, and a batch sent before that is lost.
+        sent = 0
+        while len(resets) < 2:
+            assert sent < 100, "the restart was never seen"
+            pub.publish([stored(4 + sent, 1, parent=99)])
+            sent += 1
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: len(resets) == 2, limit=0.1)
         assert resets[1].reason == "events_restart"
-        assert cached_blocks(view) == 0 and len(view.index) == 0 and sub.seq.next_seq == 1
+        await eventually(lambda: sub.seq.next_seq == sent)  # the new process's sequence, gaps replayed
+        assert cached_blocks(view) == 0 and len(view.index) == 0
     finally:
         await sub.stop()
         await pub.stop()
