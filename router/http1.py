@@ -200,8 +200,10 @@ class HTTP1Client:
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
                 _Connection, host, port, ssl=tls, server_hostname=host if tls else None), limit_s)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError (bad certificate) is an OSError
-            raise HTTPConnectError(f"{host}:{port}: {exc or type(exc).__name__}") from None
+        except TimeoutError:  # (an OSError too: first) its message is empty
+            raise HTTPConnectError(f"{host}:{port}: no connection within {limit_s:.3g} s") from None
+        except OSError as exc:  # ssl.SSLError (bad certificate) is an OSError
+            raise HTTPConnectError(f"{host}:{port}: {str(exc) or type(exc).__name__}") from None
         return conn
 
     async def post(self, url: str, body: bytes, headers: dict[str, str], *, connect_timeout: float,
