@@ -35,6 +35,7 @@ from pydantic_settings import SettingsConfigDict
 from tandem.bench import tinymodel, vllmcpu
 from tandem.bench.harness import Process, free_port
 from tandem.bench.prompts import block_text
+from tandem.bench.stats import quantiles
 from tandem.config import TandemSettings
 from tandem.router.enginemetrics import parse_engine_metrics
 
@@ -74,6 +75,8 @@ class KVViewBench(TandemSettings):
     turn_words: int = Field(140, ge=1, description="words each turn adds")
     concurrency: int = Field(4, ge=1, le=64, description="requests in flight")
     views: str = Field("shadow,events", description="cache views to compare: shadow, events")
+    policies: str = Field("dualmap", description="routing policies to compare, comma-separated: each view is "
+                          "measured once per policy (e.g. dualmap,round_robin: affinity judged by vLLM's counters)")
     restart: bool = Field(True, description="run the engine-restart scenario (events view)")
     baseline_pythonpath: Path | None = Field(None, description="also run the restart scenario with the gateway "
                                              "of this checkout (its repository root), e.g. before the exact view")
@@ -88,12 +91,15 @@ class KVViewBench(TandemSettings):
             vllmcpu.find_python()
         except vllmcpu.VllmNotInstalled as exc:
             raise SystemExit(f"tandem bench kv-view: {exc}") from None
-        out = asyncio.run(self.run(views))  # type: ignore[arg-type]
+        policies = [p.strip() for p in self.policies.split(",") if p.strip()]
+        if not policies:
+            raise SystemExit("tandem bench kv-view: policies: at least one routing policy")
+        out = asyncio.run(self.run(views, policies))  # type: ignore[arg-type]
         print(json.dumps(out, indent=2))
         if self.json_out:
             self.json_out.write_text(json.dumps(out, indent=2))
 
-    async def run(self, views: list[View]) -> dict[str, Any]:
+    async def run(self, views: list[View], policies: list[str]) -> dict[str, Any]:
         model_dir = tinymodel.build()
         work = Path(tempfile.mkdtemp(prefix="tandem-kv-view-"))
         events = [vllmcpu.KvEvents(endpoint=f"ipc://{work}/kv{i}.pub", replay_endpoint=f"ipc://{work}/kv{i}.replay")
@@ -101,14 +107,16 @@ class KVViewBench(TandemSettings):
         specs = [vllmcpu.unified_spec(model_dir, i, work, kv_events=events[i], prompt_tokens_details=True,
                                       dev_mode=True, kv_cache_bytes=self.kv_cache_mib << 20, max_model_len=2048)
                  for i in range(self.engines)]
-        result: dict[str, Any] = {"config": self.model_dump(mode="json", by_alias=True), "views": {}}
+        result: dict[str, Any] = {"config": self.model_dump(mode="json", by_alias=True), "policies": {}}
         with vllmcpu.running(specs, timeout=self.start_timeout) as engines:
             setup = Setup(self, model_dir, engines, events, work)
             prompts = conversations(self.groups, self.per_group, self.turns, self.system_words, self.turn_words)
-            for view in views:
-                await setup.reset_engines()
-                async with setup.gateway(view) as gw:
-                    result["views"][view] = await setup.measure(gw, prompts)
+            for policy in policies:  # policy -> view -> measurement, every run on emptied caches
+                runs = result["policies"].setdefault(policy, {})
+                for view in views:
+                    await setup.reset_engines()
+                    async with setup.gateway(view, policy=policy) as gw:
+                        runs[view] = await setup.measure(gw, prompts)
             if self.restart:
                 await setup.reset_engines()
                 result["restart"] = {"events": await setup.restart_scenario("events", None)}
@@ -139,14 +147,15 @@ class Setup:
                                                                   "max_tokens": 1})).raise_for_status()
 
     @contextlib.asynccontextmanager
-    async def gateway(self, view: View, pythonpath: Path | None = None, engines: int | None = None):
-        """A gateway process over the first ``engines`` engines (default all)."""
+    async def gateway(self, view: View, pythonpath: Path | None = None, engines: int | None = None,
+                      policy: str = "dualmap"):
+        """A gateway process over the first ``engines`` engines (default all), routing with ``policy``."""
         urls = self.urls[:engines]
         port = free_port()
         argv = [sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port), "--instances", ",".join(urls),
                 "--tokenizer", str(self.model_dir / "tokenizer.json"), "--block-size", str(KV_BLOCK),
                 "--shadow-capacity-tokens", str((self.bench.kv_cache_mib << 20) // KV_BYTES_PER_TOKEN),
-                "--scrape-interval", "0.2", "--decisions-kept", "100000", "--log-level", "info"]
+                "--scrape-interval", "0.2", "--decisions-kept", "100000", "--log-level", "info", "--policy", policy]
         if view == "events":
             argv += ["--kv-events", ";".join(f"{url}={ev.endpoint},replay={ev.replay_endpoint}"
                                              for url, ev in zip(urls, self.events, strict=False))]
@@ -178,12 +187,15 @@ class Setup:
         before = await self.engine_counters()
         sem = asyncio.Semaphore(self.bench.concurrency)
         served: list[int] = []
+        latency: list[float] = []  # 4 output tokens: mostly the time to the first token
 
         async def one(prompt: str) -> None:
             async with sem:
+                start = time.monotonic()
                 r = await gw.post("/v1/completions", json={"model": vllmcpu.SERVED_NAME, "prompt": prompt,
                                                            "max_tokens": 4, "temperature": 0})
                 r.raise_for_status()
+                latency.append(time.monotonic() - start)
                 served.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] or 0)
 
         t0 = time.monotonic()
@@ -196,7 +208,9 @@ class Setup:
         prompt_tokens = sum(d["prompt_tokens"] for d in decisions) or 1
         estimated = sum(d["hit_tokens"] for d in decisions)
         hits, queries = after[0] - before[0], after[1] - before[1]
+        p50, p90 = quantiles(latency, (0.5, 0.9))
         return {"requests": len(decisions), "elapsed_s": round(elapsed, 1),
+                "latency_p50_s": round(p50, 3), "latency_p90_s": round(p90, 3),
                 "estimated_hit_ratio": round(estimated / prompt_tokens, 4),
                 "vllm_hit_ratio": round(hits / queries, 4) if queries else None,
                 "served_hit_ratio": round(sum(served) / prompt_tokens, 4),
