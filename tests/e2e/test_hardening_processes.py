@@ -310,7 +310,10 @@ def test_big_prompts_are_tokenized_off_the_event_loop(gateway: tuple[str, subpro
     base, worst = statistics.median(baseline), max(during)
     print(f"/healthz: baseline median {base * 1000:.1f} ms, max while big prompts are keyed {worst * 1000:.1f} ms; "
           f"keying one prompt takes {one_prompt * 1000:.0f} ms")
-    assert worst < max(one_prompt, 20 * base), (base, one_prompt, sorted(during)[-5:])
+    # Keyed on the loop, a probe would wait for the prompts queued before it (six at once: ~6x one
+    # prompt); off the loop it waits only for its turn at the GIL among the admission threads, which
+    # on two busy cores can come near one prompt's time, not past two.
+    assert worst < max(2 * one_prompt, 20 * base), (base, one_prompt, sorted(during)[-5:])
 
 
 # --- the hostile-input corpus (tests/fixtures/hostile/cases.yaml) ------------------------------------------
