@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from tandem.openai_api import ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body
 from tandem.router.admin import admin_refusal, admin_router
 from tandem.router.gateway import Gateway
 from tandem.router.passthrough import PROBES, TOKENIZER_ROUTES, Passthrough
+from tandem.router.probes import probe_router
 from tandem.router.requestview import PATHS, Kind
 from tandem.router.settings import GatewaySettings
 
@@ -113,25 +113,7 @@ def create_app(settings: GatewaySettings, worker: WorkerContext | None = None) -
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "tandem",
                                             "instances": n} for m, n in sorted(counts.items())]}
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        routable = sum(len(p.cluster.routable()) for p in gw.pools.values())
-        if any(i.state.routable for i in gw.pd["decode"].values()):  # disaggregated: prefill (either pool) + decode
-            routable += sum(1 for role in ("prefill", "remote-prefill") for i in gw.pd[role].values()
-                            if i.state.routable)
-        if gw.draining or routable == 0:
-            why = "draining" if gw.draining else "no routable instance"
-            return JSONResponse(status_code=503, content={"status": why, "routable_instances": routable})
-        return JSONResponse({"status": "ready", "routable_instances": routable})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(probe_router(gw, ready_without_instances=False))
     app.include_router(admin_router(gw), include_in_schema=settings.expose_topology)
     app.add_exception_handler(RequestValidationError, invalid_parameters)
     return app

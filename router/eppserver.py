@@ -26,16 +26,15 @@ import grpc
 import uvicorn
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from tandem.router.admin import admin_refusal, admin_router
 from tandem.router.epp import EndpointPicker
 from tandem.router.eppsettings import EppSettings
 from tandem.router.gateway import Gateway
+from tandem.router.probes import probe_router
 from tandem.router.server import tune_gc, uvicorn_speedups
 
 log = logging.getLogger("tandem.epp")
@@ -64,21 +63,7 @@ def http_app(gw: Gateway) -> FastAPI:
     app.gateway = gw
     app.state.gateway = gw
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        routable = sum(len(p.cluster.routable()) for p in gw.pools.values())
-        if gw.draining:
-            return JSONResponse(status_code=503, content={"status": "draining", "routable_instances": routable})
-        return JSONResponse({"status": "ready", "routable_instances": routable})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(probe_router(gw, ready_without_instances=True))
     app.include_router(admin_router(gw))
     return app
 
