@@ -25,7 +25,6 @@ from tandem.api.models import LLMService, Role
 from tandem.kube import INFERENCEPOOLS
 
 from .plan import (
-    CONFIG_FILE,
     CONFIG_MOUNT,
     ENGINE_PORT,
     REDIS_URL_ENV,
@@ -34,8 +33,8 @@ from .plan import (
     _pdb,
     gateway_redis_env,
     gateway_resources,
-    redis_prefix,
     role_selector,
+    routing_service_args,
     selector_string,
 )
 
@@ -55,8 +54,7 @@ def epp_selector(svc: LLMService) -> dict[str, str]:
 
 def epp_command(svc: LLMService, *, shared_state: bool = False) -> list[str]:
     """argv of the picker: the gateway's routing settings, discovery of the unified pool's pods."""
-    spec = svc.spec
-    argv = [
+    return [
         "tandem",
         "epp",
         "--host",
@@ -74,15 +72,9 @@ def epp_command(svc: LLMService, *, shared_state: bool = False) -> list[str]:
         "--k8s-port",
         str(ENGINE_PORT),
         "--policy",
-        spec.routing.policy,
-        "--slo-ttft",
-        f"{spec.slo.ttft_seconds:g}",
-        "--service-config",
-        f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+        svc.spec.routing.policy,
+        *routing_service_args(svc, shared_state=shared_state),
     ]
-    if shared_state:
-        argv += ["--redis-prefix", redis_prefix(svc)]
-    return argv
 
 
 def _grpc_probe(service: str, period: int, failures: int) -> dict[str, Any]:

@@ -440,6 +440,13 @@ def gateway_resources(workers: int) -> dict[str, Any]:
     return {"requests": {"cpu": cpu, "memory": f"{GATEWAY_MEMORY_MI * workers}Mi"}}
 
 
+def routing_service_args(svc: LLMService, *, shared_state: bool) -> list[str]:
+    """What the gateway and the endpoint picker both take from the service: its TTFT SLO, its
+    config file, and (with a Redis URL in the env) a key prefix of its own."""
+    argv = ["--slo-ttft", f"{svc.spec.slo.ttft_seconds:g}", "--service-config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"]
+    return [*argv, "--redis-prefix", redis_prefix(svc)] if shared_state else argv
+
+
 def gateway_command(svc: LLMService, *, shared_state: bool = False) -> list[str]:
     """argv of the gateway; ``shared_state``: it has a Redis URL (env), so it gets its own key prefix."""
     spec = svc.spec
@@ -457,13 +464,8 @@ def gateway_command(svc: LLMService, *, shared_state: bool = False) -> list[str]
         "--k8s-selector",
         # Engines only: the gateway's own pods carry the service label too (for its metrics), not a role.
         f"{LABEL_SERVICE}={svc.metadata.name},{LABEL_ROLE}",
-        "--slo-ttft",
-        f"{spec.slo.ttft_seconds:g}",
-        "--service-config",
-        f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+        *routing_service_args(svc, shared_state=shared_state),
     ]
-    if shared_state:
-        argv += ["--redis-prefix", redis_prefix(svc)]
     if spec.gateway.workers > 1:
         argv += ["--workers", str(spec.gateway.workers)]
     return argv
