@@ -16,11 +16,9 @@ needs, so the operator creates no RBAC of its own.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
-from tandem.api.labels import ANN_CONFIG_HASH, LABEL_COMPONENT, LABEL_INSTANCE, LABEL_NAME
+from tandem.api.labels import LABEL_COMPONENT, LABEL_INSTANCE
 from tandem.api.models import LLMService, Role
 from tandem.kube import INFERENCEPOOLS
 
@@ -34,6 +32,7 @@ from .plan import (
     gateway_redis_env,
     gateway_resources,
     role_selector,
+    routing_deployment,
     routing_service_args,
     selector_string,
 )
@@ -84,7 +83,6 @@ def _grpc_probe(service: str, period: int, failures: int) -> dict[str, Any]:
 
 def epp_deployment(svc: LLMService, defaults: OperatorDefaults, config: dict[str, Any]) -> dict[str, Any]:
     selector = epp_selector(svc)
-    digest = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
     redis_env = gateway_redis_env(svc, defaults)
     env = [{**redis_env, "name": REDIS_URL_ENV.replace("GATEWAY", "EPP")}] if redis_env is not None else []
     container = {
@@ -102,25 +100,8 @@ def epp_deployment(svc: LLMService, defaults: OperatorDefaults, config: dict[str
         "livenessProbe": _grpc_probe("liveness", 10, 3),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _meta(svc, epp_name(svc), EPP_COMPONENT),
-        "spec": {
-            "replicas": svc.spec.gateway.replicas,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "revisionHistoryLimit": 3,
-            "template": {
-                "metadata": {"labels": {LABEL_NAME: "tandem", **selector}, "annotations": {ANN_CONFIG_HASH: digest}},
-                "spec": {
-                    "serviceAccountName": defaults.gateway_service_account,
-                    "containers": [container],
-                    "volumes": [{"name": "config", "configMap": {"name": config["metadata"]["name"]}}],
-                },
-            },
-        },
-    }
+    return routing_deployment(svc, defaults, config, name=epp_name(svc), component=EPP_COMPONENT,
+                              selector=selector, container=container)
 
 
 def epp_service(svc: LLMService) -> dict[str, Any]:

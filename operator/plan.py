@@ -476,8 +476,6 @@ def gateway_deployment(
 ) -> dict[str, Any]:
     name = svc.metadata.name
     selector = {LABEL_INSTANCE: name, LABEL_COMPONENT: "gateway"}
-    # A config change must restart the gateway (it reads service.json at start): hash it into the template.
-    digest = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
     redis_env = gateway_redis_env(svc, defaults)
     env: list[dict[str, Any]] = [redis_env] if redis_env is not None else []
     if remote is not None and remote.credentials_secret_ref is not None:
@@ -499,10 +497,21 @@ def gateway_deployment(
         "livenessProbe": _probe("/healthz", "http", 10, 3),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}],
     }
+    return routing_deployment(svc, defaults, config, name=f"{name}-gateway", component="gateway", selector=selector,
+                              container=container)
+
+
+def routing_deployment(svc: LLMService, defaults: OperatorDefaults, config: dict[str, Any], *, name: str,
+                       component: str, selector: dict[str, str], container: dict[str, Any]) -> dict[str, Any]:
+    """The Deployment of a service's routing front end (its gateway, or its endpoint picker), with the
+    service's config mounted. A config change must restart it (it reads service.json at start): the
+    config's hash is in the pod template. The service label names the LLMService on its metrics (the
+    chart's PodMonitor copies it to `service`); the selector stays as it was (immutable)."""
+    digest = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _meta(svc, f"{name}-gateway", "gateway"),
+        "metadata": _meta(svc, name, component),
         "spec": {
             "replicas": svc.spec.gateway.replicas,
             "selector": {"matchLabels": selector},
@@ -510,9 +519,7 @@ def gateway_deployment(
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {
-                    # The service label names the LLMService on the gateway's metrics (the chart's
-                    # PodMonitor copies it to `service`); the selector stays as it was (immutable).
-                    "labels": {LABEL_NAME: "tandem", **selector, LABEL_SERVICE: name},
+                    "labels": {LABEL_NAME: "tandem", **selector, LABEL_SERVICE: svc.metadata.name},
                     "annotations": {ANN_CONFIG_HASH: digest},
                 },
                 "spec": {
