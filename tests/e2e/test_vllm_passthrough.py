@@ -203,7 +203,10 @@ async def test_observed_output_and_chat_prompt_tokens_are_the_engines(vllm_fleet
         assert b'"role":"assistant","content":""' in raw  # vLLM's role-only chunk was relayed
         counts = await _counts(c, gw)
     assert counts["prompt_tokens"] == 2 * answer["usage"]["prompt_tokens"]
-    assert sum(m["output_tokens"] for m in counts["mix"]) == 16, counts["mix"]  # 8 + 8, not 8 + 9
+    # 8 (the whole answer's usage) + the stream's events: 8, not 9 (the role-only chunk is no token).
+    # A loaded vLLM may coalesce tokens into one event (its output processor falls behind the engine),
+    # so the stream can count fewer, never more.
+    assert 9 <= sum(m["output_tokens"] for m in counts["mix"]) <= 16, counts["mix"]
 
 
 # --- SSE keep-alive comments ----------------------------------------------------------------------------
