@@ -34,7 +34,7 @@ from tandem.openai_api import error_body
 from tandem.prefix import block_id_tokens, chain_hashes, piece_ids, token_block_hashes, tokenize
 from tandem.router.cpuwork import CpuBusy
 from tandem.router.observations import EngineKey
-from tandem.router.requestview import Kind, RequestView, Unroutable, batch_size, prompt_texts, read_view
+from tandem.router.requestview import Kind, Refusal, RequestView, batch_size, prompt_texts, read_view
 from tandem.router.routing.types import RouteRequest
 from tandem.router.tokenizer import EngineTokenizer, approximate_chat
 
@@ -57,14 +57,6 @@ class Admitted:
     engine_key: EngineKey | None
     policy: str
     pool: Pool | None
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a body is refused (400), naming the field when there is one."""
-
-    message: str
-    param: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +178,7 @@ def parse_body(raw: bytes, kind: Kind) -> tuple[dict[str, Any], RequestView] | R
     if too_deep(data, MAX_JSON_DEPTH):  # re-serialised on some paths (disaggregated bodies): bounded here
         return Refusal(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     view = read_view(data, kind)
-    if isinstance(view, Unroutable):
-        return Refusal(view.message, view.param)
-    return data, view
+    return view if isinstance(view, Refusal) else (data, view)
 
 
 # Bodies larger than this are parsed and keyed on the admission threads (``tandem.router.cpuwork``);

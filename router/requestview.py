@@ -31,8 +31,9 @@ _BOOL = TypeAdapter(bool)  # lax, as the engines' own pydantic models read boole
 
 
 @dataclass(frozen=True, slots=True)
-class Unroutable:
-    """Why the gateway cannot route a body (400), naming the field."""
+class Refusal:
+    """Why the gateway refuses a body (400), naming the field when there is one: what it cannot
+    route, and (``tandem.router.admission``) what it cannot parse or key."""
 
     message: str
     param: str | None = None
@@ -122,13 +123,13 @@ def responses_messages(data: dict[str, Any]) -> tuple[Message, ...]:
     return tuple(out)
 
 
-def read_view(data: Any, kind: Kind) -> RequestView | Unroutable:
+def read_view(data: Any, kind: Kind) -> RequestView | Refusal:
     """The view of a parsed JSON body, or why it cannot be routed."""
     if not isinstance(data, dict):
-        return Unroutable("body: a JSON object is required")
+        return Refusal("body: a JSON object is required")
     model = data.get("model")
     if not isinstance(model, str) or not model:
-        return Unroutable("model: a model name is required to route the request", "model")
+        return Refusal("model: a model name is required to route the request", "model")
     x_tandem = None
     if data.get("x_tandem") is not None:
         try:
@@ -136,7 +137,7 @@ def read_view(data: Any, kind: Kind) -> RequestView | Unroutable:
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in ("x_tandem", *err.get("loc", ())))
-            return Unroutable(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}", "x_tandem")
+            return Refusal(f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}", "x_tandem")
     if kind == "responses":
         limit = _positive_int(data.get("max_output_tokens"))
     else:

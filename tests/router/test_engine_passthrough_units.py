@@ -15,7 +15,7 @@ from tandem.router.admission import Refusal, route_request
 from tandem.router.observations import EngineKey, TokenCounter, engine_hit_tokens
 from tandem.router.pd_bodies import prefill_blind_spots, vllm_prefill_body
 from tandem.router.proxy import sse_comments_only
-from tandem.router.requestview import RequestView, Unroutable, read_view
+from tandem.router.requestview import RequestView, read_view
 from tandem.router.tokenizer import EngineTokenizer, JinjaChatTemplate, Message, load_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vllm-0.32"
@@ -47,10 +47,10 @@ def test_any_role_and_any_field_pass_only_the_model_is_required() -> None:
              "chat")
     assert v.messages == (Message("function", "42"), Message("user", "a\nb"))
     assert (v.output_limit, v.n, v.stream) == (0, 1, True)  # unusable numbers: no limit, one choice
-    assert isinstance(read_view({"prompt": "x"}, "completion"), Unroutable)
-    assert read_view([1, 2], "completion") == Unroutable("body: a JSON object is required")
+    assert isinstance(read_view({"prompt": "x"}, "completion"), Refusal)
+    assert read_view([1, 2], "completion") == Refusal("body: a JSON object is required")
     bad = read_view({"model": "m", "x_tandem": {"hash_ids": [1, 2], "prompt_tokens": 10}}, "completion")
-    assert isinstance(bad, Unroutable) and bad.param == "x_tandem"
+    assert isinstance(bad, Refusal) and bad.param == "x_tandem"
 
 
 def test_responses_api_reads_instructions_and_input_messages() -> None:
