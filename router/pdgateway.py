@@ -171,8 +171,8 @@ class PDRouter:
                 except _Final as final:
                     response = final.response
                     if final.outcome == "no_instance" and attempts:  # the failures took the last instances
-                        response = _error(503, f"no prefill instance left after {attempts} failed attempts; last "
-                                               f"error: {last}", retry_after=2)
+                        response = _error(503, f"no prefill-decode pair left to try after {attempts} failed "
+                                               f"attempts; last error: {last}", retry_after=2)
                     return gw.done(policy, "pd", final.outcome, response, trace)
                 except _Retry as retry:
                     last = str(retry)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
+from gatewayutil import gateway_app
 
 from tandem.bench import tinymodel, vllmcpu
 
@@ -25,6 +27,17 @@ GROUP = "vllm"  # the xdist group of every test marked vllm
 START_TIMEOUT = 420.0  # four cold engines on two busy cores; one usually needs ~30-60 s
 MODEL = vllmcpu.SERVED_NAME
 NICE = 10
+
+
+def vllm_gateway_app(instances: list[str], **kwargs: object) -> FastAPI:
+    """A gateway in front of the session's engines, with timeouts for niced CPU engines that share two
+    cores with the other xdist worker: a stream's first byte may take tens of seconds there (the
+    production default of 15 s made the PD test flaky in CI: the decode engine, pulling the KV over NIXL,
+    answered late), and a scrape can be late without the engine being broken. These tests check what
+    the gateway does, not how fast."""
+    slow_engines: dict[str, object] = {"first_byte_timeout": 120.0, "stream_idle_timeout": 120.0,
+                                       "scrape_timeout": 5.0, "stale_after": 60.0}
+    return gateway_app(instances, **{**slow_engines, **kwargs})
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ import time
 
 import httpx
 import pytest
-from gatewayutil import gateway_app
-from vllm_fixtures import MODEL, VllmFleet
+from vllm_fixtures import MODEL, VllmFleet, vllm_gateway_app
 
 from tandem.bench.prompts import block_text
 from tandem.kvindex import chain_keys
@@ -46,7 +45,7 @@ async def test_gateway_estimates_real_vllm_hits_from_its_events_and_sees_resets(
     urls = vllm_fleet.unified_urls
     events = {u: f"{ev.endpoint},replay={ev.replay_endpoint}" for u, ev in zip(urls, vllm_fleet.kv_events, strict=True)}
     # Engine URLs in x-tandem-instance: the test talks to the engine that served a request.
-    app = gateway_app(urls, tokenizer=vllm_fleet.tokenizer, kv_events=events, block_size=128, expose_topology=True)
+    app = vllm_gateway_app(urls, tokenizer=vllm_fleet.tokenizer, kv_events=events, block_size=128, expose_topology=True)
     tokenizer = load_tokenizer(vllm_fleet.tokenizer)
     seed = random.getrandbits(40)
     prompt = block_text(seed, 400)  # one token a word for the tiny model: several 128-token blocks

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from gatewayutil import gateway_app, until
+from gatewayutil import until
 from test_vllm_smoke import counter, metrics
-from vllm_fixtures import MODEL, VllmFleet
+from vllm_fixtures import MODEL, VllmFleet, vllm_gateway_app
 
 from tandem.serve import serving
 
@@ -64,7 +64,7 @@ DETERMINISTIC = {"/version", "/health", "/ping", "/tokenize", "/detokenize"}  # 
 @pytest.fixture
 async def gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
     # One engine behind it: the direct answer and the routed one come from the same process.
-    async with serving(gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw:
+    async with serving(vllm_gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw:
         yield gw
 
 
@@ -100,7 +100,7 @@ async def test_what_the_gateway_cannot_route_it_refuses_in_the_openai_shape(vllm
 
 @pytest.fixture
 async def pd_gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
-    app = gateway_app([], prefill_instances=[vllm_fleet.prefill.url], decode_instances=[vllm_fleet.decode.url],
+    app = vllm_gateway_app([], prefill_instances=[vllm_fleet.prefill.url], decode_instances=[vllm_fleet.decode.url],
                       pd_engine="vllm", tokenizer=vllm_fleet.tokenizer)
     async with serving(app) as gw:
         await until(lambda: _context_known(gw), limit=30)
@@ -165,7 +165,7 @@ async def test_observed_prefix_hits_agree_with_vllm_counters(vllm_fleet: VllmFle
     run = uuid.uuid4().hex[:8]
     # 3 shared prefixes of ~700 tokens (5 engine blocks and a part, 1 routing block and a part), 4 requests each.
     prefixes = [f"run {run} prefix {p}: " + " ".join(f"w{p}x{i}" for i in range(230)) for p in range(3)]
-    async with serving(gateway_app(urls, tokenizer=vllm_fleet.tokenizer)) as gw, \
+    async with serving(vllm_gateway_app(urls, tokenizer=vllm_fleet.tokenizer)) as gw, \
             httpx.AsyncClient(timeout=120) as c:
         async def block_sizes_known() -> bool:
             insts = (await c.get(gw + "/admin/instances")).json()["instances"]
@@ -195,7 +195,7 @@ async def test_observed_output_and_chat_prompt_tokens_are_the_engines(vllm_fleet
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": f"count {uuid.uuid4().hex} " + "hello world " * 20}]
     body = {"model": MODEL, "messages": messages, "max_tokens": 8, "ignore_eos": True}
-    async with serving(gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw, \
+    async with serving(vllm_gateway_app(vllm_fleet.unified_urls[:1], tokenizer=vllm_fleet.tokenizer)) as gw, \
             httpx.AsyncClient(timeout=60) as c:
         answer = (await c.post(gw + "/v1/chat/completions", json=body)).json()
         async with c.stream("POST", gw + "/v1/chat/completions", json={**body, "stream": True}) as resp:
@@ -216,7 +216,7 @@ async def test_keep_alive_comments_are_not_the_first_token(vllm_fleet: VllmFleet
     """Defect 10: engine 1 runs with --sse-keep-alive-interval 1. A stream queued behind long prompts gets
     ': keep-alive' comments before its first token; the gateway's TTFT is the first token's, not theirs."""
     url = vllm_fleet.unified_urls[1]
-    async with serving(gateway_app([url], tokenizer=vllm_fleet.tokenizer, policy="round_robin")) as gw, \
+    async with serving(vllm_gateway_app([url], tokenizer=vllm_fleet.tokenizer, policy="round_robin")) as gw, \
             httpx.AsyncClient(timeout=300) as c:
         # Queued prefill, doubled until the stream waits past a keep-alive comment; kept short, since the
         # engine shares its core with the PD pair's decode engine (a long starvation breaks their NIXL link).

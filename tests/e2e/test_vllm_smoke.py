@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import zmq
-from gatewayutil import ROOT, free_port, gateway_app, sse_text
+from gatewayutil import ROOT, free_port, sse_text
 from openai import AsyncOpenAI
 from tokenizers import Tokenizer
-from vllm_fixtures import MODEL, VllmFleet
+from vllm_fixtures import MODEL, VllmFleet, vllm_gateway_app
 
 from tandem.serve import serving
 
@@ -46,7 +46,7 @@ async def metrics(client: httpx.AsyncClient, url: str) -> str:
 
 @pytest.fixture
 async def unified_gateway(vllm_fleet: VllmFleet) -> AsyncIterator[str]:
-    async with serving(gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer,
+    async with serving(vllm_gateway_app(vllm_fleet.unified_urls, tokenizer=vllm_fleet.tokenizer,
                                    expose_topology=True)) as gw:  # instances named by URL in the headers
         yield gw
 
@@ -108,9 +108,11 @@ async def test_text_completion_through_the_gateway_command_equals_the_engine(vll
 
 
 async def _start_gateway(port: int, *args: str) -> asyncio.subprocess.Process:
+    # The timeouts of vllm_gateway_app, for the same niced engines on two busy cores.
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tandem.cli", "gateway", "--port", str(port), "--scrape-interval", "0.2",
-        "--shutdown-grace", "0", *args,
+        "--shutdown-grace", "0", "--first-byte-timeout", "120", "--stream-idle-timeout", "120",
+        "--scrape-timeout", "5", "--stale-after", "60", *args,
         cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 
@@ -137,7 +139,7 @@ async def test_pd_two_phase_moves_the_kv_over_nixl(vllm_fleet: VllmFleet, stream
     # Distinct from the first token on: neither engine has any of this prompt cached yet.
     body = {"model": MODEL, "prompt": ("Streamed. " if stream else "Plain. ") + PROMPT, "max_tokens": 6,
             "temperature": 0, "ignore_eos": True}
-    app = gateway_app([], prefill_instances=[prefill], decode_instances=[decode], pd_engine="vllm",
+    app = vllm_gateway_app([], prefill_instances=[prefill], decode_instances=[decode], pd_engine="vllm",
                       tokenizer=vllm_fleet.tokenizer, expose_topology=True)
     async with serving(app) as gw, httpx.AsyncClient(timeout=60) as c:
         before_p, before_d = await metrics(c, prefill), await metrics(c, decode)

@@ -185,7 +185,7 @@ async def test_only_prefill_dying_is_a_clear_error_not_a_hang() -> None:
         # (503), its last 503 answers read as refusals beyond pd_max_hops (503), or the retries run out
         # (502). Each is fast and says why.
         message = resp.json()["error"]["message"]
-        expected = {503: ("no prefill instance left after", "refused the request"),
+        expected = {503: ("no prefill-decode pair left to try after", "refused the request"),
                     502: ("failed after 3 attempts",)}
         assert any(p in message for p in expected.get(resp.status_code, ())), (resp.status_code, message)
         assert p0 in message  # the error names the instance that failed
