@@ -56,6 +56,11 @@ CHART_RELABELINGS: dict[str, list[dict[str, Any]]] = {
         {"sourceLabels": ["__meta_kubernetes_pod_label_serving_tandem_dev_service"], "targetLabel": "service"},
         {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "targetLabel": "component"},
     ],
+    "endpoint-pickers": [
+        {"sourceLabels": ["__meta_kubernetes_pod_label_serving_tandem_dev_role"], "targetLabel": "role"},
+        {"sourceLabels": ["__meta_kubernetes_pod_label_serving_tandem_dev_service"], "targetLabel": "service"},
+        {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "targetLabel": "component"},
+    ],
     "servicemonitor/http": [
         {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"], "targetLabel": "component"},
     ],

@@ -332,7 +332,10 @@ async def test_full_install(tmp_path: Path) -> None:
         | {name.removeprefix("tandem-system/tandem-"): pm["spec"]["podMetricsEndpoints"][0]["relabelings"]
            for name, pm in by_kind(docs, "PodMonitor").items()} == CHART_RELABELINGS
     podmonitors = by_kind(docs, "PodMonitor")
-    assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways"}
+    assert set(podmonitors) == {"tandem-system/tandem-engines", "tandem-system/tandem-service-gateways",
+                                "tandem-system/tandem-endpoint-pickers"}
+    assert {"key": "app.kubernetes.io/component", "operator": "In", "values": ["endpoint-picker"]} in \
+        podmonitors["tandem-system/tandem-endpoint-pickers"]["spec"]["selector"]["matchExpressions"]
     for pm in podmonitors.values():
         assert pm["spec"]["namespaceSelector"] == {"matchNames": ["llm-a", "llm-b"]}
         targets = {r["targetLabel"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
@@ -361,6 +364,8 @@ async def test_network_policies(tmp_path: Path) -> None:
     peers = [peer for rule in engines["spec"]["ingress"] for peer in rule["from"]]
     # Gateways (per-service and the chart's), other engines (KV transfer), Prometheus; nobody else.
     assert {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}} in peers
+    pickers = {"matchLabels": {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": "endpoint-picker"}}
+    assert {"podSelector": pickers} in peers  # they scrape the engines and follow their KV events
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
     assert all(set(p) <= {"podSelector", "namespaceSelector"} and p for p in peers)
     assert not any(p == {"podSelector": {}} or p == {"namespaceSelector": {}} for p in peers)
@@ -368,16 +373,35 @@ async def test_network_policies(tmp_path: Path) -> None:
     assert gateway == [{"ports": [{"port": "http", "protocol": "TCP"}]}]  # the exposed component
     control = one(docs, "NetworkPolicy", "/tandem-control")["spec"]
     assert [list(p) for r in control["ingress"] for p in r["from"]] == [["namespaceSelector"]]
-    # Redis: gateways only; the chart's (release namespace) and the per-service ones where LLMServices live.
+    # Pickers: ext_proc from anyone (the Gateway's proxies; pickerIngressFrom narrows it), HTTP from
+    # Prometheus and the autoscaler.
+    picker = one(docs, "NetworkPolicy", "llm-a/tandem-endpoint-pickers")["spec"]
+    assert picker["podSelector"] == pickers
+    assert picker["ingress"][0] == {"ports": [{"port": "grpc", "protocol": "TCP"}]}
+    assert [list(p) for p in picker["ingress"][1]["from"]] == [["namespaceSelector"],
+                                                               ["namespaceSelector", "podSelector"]]
+    # Redis: gateways and pickers only; the chart's (release namespace) and the per-service ones where
+    # LLMServices live.
     redis = one(docs, "NetworkPolicy", "/tandem-redis")["spec"]["ingress"][0]["from"]
-    service_gateways = {"matchLabels": {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/component": "gateway"}}
+    service_gateways = {"matchLabels": {"app.kubernetes.io/name": "tandem"}, "matchExpressions": [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["gateway", "endpoint-picker"]}]}
     assert redis == [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}},
+                     {"podSelector": pickers},
                      *[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
                         "podSelector": service_gateways} for ns in ("llm-a", "llm-b")]]
     (tmp_path / "all").mkdir()
     docs, _ = await render(tmp_path / "all", {"redis": {"enabled": True}, "operator": {"allNamespaces": True}})
     redis = one(docs, "NetworkPolicy", "/tandem-redis")["spec"]["ingress"][0]["from"]
-    assert redis[1:] == [{"namespaceSelector": {}, "podSelector": service_gateways}]
+    assert redis[2:] == [{"namespaceSelector": {}, "podSelector": service_gateways}]
+    # With an InferencePool, the Gateway's proxies call the engines and the pickers: the values say who.
+    proxies = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateways"}}}]
+    (tmp_path / "pool").mkdir()
+    docs, _ = await render(tmp_path / "pool", {"engines": {"namespaces": ["llm-a"]}, "networkPolicy": {
+        "engineIngressFrom": proxies, "pickerIngressFrom": proxies}})
+    assert {"from": proxies, "ports": [{"port": "http", "protocol": "TCP"}]} in \
+        one(docs, "NetworkPolicy", "llm-a/tandem-engines")["spec"]["ingress"]
+    assert one(docs, "NetworkPolicy", "llm-a/tandem-endpoint-pickers")["spec"]["ingress"][0] == {
+        "ports": [{"port": "grpc", "protocol": "TCP"}], "from": proxies}
     # The per-service gateways' pods carry those labels (the operator's plan).
     from tandem.api.models import LLMService
     from tandem.operator.plan import OperatorDefaults, plan_service
@@ -386,6 +410,11 @@ async def test_network_policies(tmp_path: Path) -> None:
                                      "spec": {"model": {"name": "m"}, "pools": {"unified": {}}}})
     gw = next(c for c in plan_service(svc, OperatorDefaults(), {}).children if c["metadata"]["name"] == "s-gateway")
     assert service_gateways["matchLabels"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()
+    pool = LLMService.model_validate({"metadata": {"name": "s", "namespace": "llm-a", "uid": "u"}, "spec": {
+        "model": {"name": "m"}, "pools": {"unified": {}}, "gateway": {"type": "inference-pool"}}})
+    epp = next(c for c in plan_service(pool, OperatorDefaults(), {}).children  # the per-service pickers' pods
+               if c["kind"] == "Deployment" and c["metadata"]["labels"]["app.kubernetes.io/component"] != "unified")
+    assert pickers["matchLabels"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
 
 
 async def test_egress_network_policies(tmp_path: Path) -> None:
@@ -401,8 +430,12 @@ async def test_egress_network_policies(tmp_path: Path) -> None:
                 "llm-b/tandem-service-gateway-egress"):
         spec = one(docs, "NetworkPolicy", key)["spec"]
         assert spec["policyTypes"] == ["Egress"]
-        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "tandem"  # never another app's pods
+        selector = spec["podSelector"]
+        assert selector["matchLabels"]["app.kubernetes.io/name"] == "tandem"  # never another app's pods
+        components = {e["key"]: set(e["values"]) for e in selector.get("matchExpressions", [])}.get(
+            "app.kubernetes.io/component", {selector["matchLabels"].get("app.kubernetes.io/component")})
+        # The chart's gateway; where LLMServices live, the per-service gateways and the pickers.
+        assert components == ({"gateway"} if key.startswith("tandem-system/") else {"gateway", "endpoint-picker"})
         to_engines, to_redis, *rest = spec["egress"]
         assert to_engines == {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
                                       "podSelector": engines} for ns in ("llm-a", "llm-b")],
