@@ -454,6 +454,8 @@ async def test_egress_network_policies(tmp_path: Path) -> None:
     assert scaler[1:] == [dns_rule, api_rule]
     assert {p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for p in scaler[0]["to"]} == {
         "llm-a", "llm-b", "tandem-system"}  # the gateways it asks for their load
+    assert {p["podSelector"]["matchExpressions"][0]["values"] == ["gateway", "endpoint-picker"]  # or the pickers
+            for p in scaler[0]["to"]} == {True}
     redis = one(docs, "NetworkPolicy", "/tandem-redis-egress")["spec"]
     assert redis["policyTypes"] == ["Egress"] and not redis.get("egress")  # nowhere
     # Narrowed: the API server's own addresses, weights from a volume (no HTTPS for engines).
