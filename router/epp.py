@@ -85,6 +85,11 @@ class EndpointPicker(ep_grpc.ExternalProcessorServicer):
 class Exchange:
     """One HTTP request as the data plane reports it: its state from headers to the end of the response."""
 
+    # Slots: one instance per request, its attributes read on every message of the stream.
+    __slots__ = ("answer", "body", "body_due", "bound", "closed", "context", "entered", "extended", "first_chunk",
+                 "gw", "headers", "kind", "outcome", "picked", "policy", "pool", "principal", "request_mode",
+                 "response_mode", "status", "stream", "subset", "t0", "tokens", "trace")
+
     def __init__(self, gw: Gateway, context: grpc.aio.ServicerContext) -> None:
         self.gw, self.context = gw, context
         self.request_mode = wire.NONE
@@ -315,7 +320,7 @@ class Exchange:
     # --- response ----------------------------------------------------------------------------
 
     async def _response_headers(self, req: ep.ProcessingRequest) -> bool:
-        self.status = wire.response_status(wire.headers_of(req.response_headers))
+        self.status = wire.status_of(req.response_headers)
         extra: dict[str, str] = {}
         if self.bound is not None:
             extra = self._served(wire.served(req))
@@ -375,7 +380,8 @@ class Exchange:
                 self.gw.metrics.ttft.labels(self.policy).observe(now - self.t0)
                 self.gw.observer.first_token(self.trace, now)
         if self.stream:
-            self.tokens.feed(chunk)
+            if chunk:  # (the empty last chunk Envoy sends after the engine's last bytes counts nothing)
+                self.tokens.feed(chunk)
         elif len(self.answer) < _USAGE_BODY_CAP:
             self.answer += chunk
 

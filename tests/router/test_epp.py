@@ -89,6 +89,21 @@ def test_immediate_response() -> None:
     assert resp.details == "tandem_429"
 
 
+def test_response_status_and_shared_answers() -> None:
+    assert wire.status_of(_headers("/", **{":status": "503"})) == 503
+    assert wire.status_of(_headers("/")) == 0  # none sent
+    assert wire.status_of(_headers("/", **{":status": "oops"})) == 0
+    served = {"x-tandem-instance": "i0", "x-tandem-decision": "affinity"}
+    answer = wire.proceed("response_headers", served)
+    assert _set_headers(answer.response_headers.response) == served
+    assert wire.proceed("response_headers", dict(served)) is answer  # one shared message per combination
+    assert wire.proceed("response_headers") is wire.PROCEED["response_headers"]
+    end = wire.echo(b"", end_of_stream=True).response_body.response.body_mutation.streamed_response
+    assert end.body == b"" and end.end_of_stream
+    chunk = wire.echo(b"data: x\n\n").response_body.response.body_mutation.streamed_response
+    assert chunk.body == b"data: x\n\n" and not chunk.end_of_stream
+
+
 # --- the service, driven by a test data plane ----------------------------------------------------
 
 def _headers(path: str, *, end_of_stream: bool = False, **extra: str) -> ep.HttpHeaders:
