@@ -94,6 +94,10 @@ class AutoscalerSpec(_Model):
     mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for prefill when "
                                                       "it brings more work per request by this many standard errors")
     mix_shift_min_ratio: float = Field(1.3, ge=1, description="... and by at least this factor")
+    mix_shift_follow_overload: bool = Field(
+        True, description="waive mix_shift_min_ratio while the ready pool cannot carry the rate window's own work "
+                          "(its rate at its mix): the margin only spares a pool that absorbs a small move, and "
+                          "a turning mix overloads the pool a tick or more before it clears the margin")
     backlog_drain_s: float = Field(120.0, ge=0, description="scale-up sizes for the queue beyond one request per "
                                                             "instance drained over this long (0: off)")
     jump_z: float = Field(3.0, gt=0, description="a rise of the window rate since the last tick beyond this many "

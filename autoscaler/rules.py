@@ -150,17 +150,24 @@ def _per_request_work(cap: CapacityModel, role: Role, mix: Sequence[LengthBucket
 
 def mix_shift(cap: CapacityModel, role: Role, long_mix: Sequence[LengthBucket],
               recent_mix: Sequence[LengthBucket] | None, recent_requests: int, hit_ratio: float, z: float,
-              min_ratio: float = 1.0) -> bool:
+              min_ratio: float = 1.0, *, overloaded: bool = False) -> bool:
     """Whether the recent mix brings ``role`` more work per request than the long mix: by more than
     ``z`` standard errors of a mean over ``recent_requests`` requests drawn from the long mix, and by
     at least ``min_ratio`` (a real mix moves within minutes too: Azure's conversation trace has its
-    30 s prefill work up to 1.3x its 5-minute mean, which a static pool absorbs)."""
+    30 s prefill work up to 1.3x its 5-minute mean, which a static pool absorbs).
+
+    ``overloaded`` (the caller found that the pool serving now cannot carry the recent window's own
+    work, its rate times its work per request) waives the margin: the margin is there so that a pool
+    which absorbs a small move is not resized for it, and one that does not absorb it is overloaded
+    already. A mix that is turning shows up here a tick or more before it clears the margin, and each
+    tick of a pool short of work is a tick of backlog that outlives the shift by a start-up delay."""
     if not recent_mix or recent_requests < 2:
         return False
     mean, var = _per_request_work(cap, role, long_mix, hit_ratio)
     recent, _ = _per_request_work(cap, role, recent_mix, hit_ratio)
     se = math.sqrt(var / recent_requests) if var > 0 else 0.0
-    return recent > mean + z * se and recent > mean * max(min_ratio, 1 + 1e-9)
+    margin = 1.0 if overloaded else max(min_ratio, 1.0)
+    return recent > mean + z * se and recent > mean * max(margin, 1 + 1e-9)
 
 
 def scale_down_step(current: int, lookback_need: int, floor: int, minimum: int, max_step: float) -> int:
