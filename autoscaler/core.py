@@ -200,7 +200,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     misses = [t for t in state.misses if t > now - spec.burst_lookback_s]
     view = rules.bursts(history, threshold=spec.burst_threshold, max_length_s=spec.burst_max_s,
                         min_episodes=spec.burst_min_episodes, misses=misses,
-                        miss_lag_s=spec.startup_delay_s + obs.window_s)
+                        miss_lag_s=spec.startup_delay_s + obs.window_s, window_s=obs.window_s,
+                        max_dilution=spec.burst_max_dilution)
     # R-hat: a high quantile of the rate one start-up ahead. While recurring bursts are held, the pool
     # their peaks needed is the headroom; the forecast's spread (mostly those same bursts) would buy
     # it a second time, so only the level and a rising trend are kept.
@@ -317,7 +318,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
         # An instance added despite the model is a need too: the look-back keeps it, or the next
         # scale-down would release it into the same shortfall.
-        recent.append((now, max(despite, bounds.max_replicas if headroom is None else headroom)))
+        # So is the burst floor: sized anew each tick from the mix window, it dips with the mix's noise,
+        # and a pool shrunk by a dip is grown again by the next burst (two reversals for nothing).
+        recent.append((now, max(despite, floor, bounds.max_replicas if headroom is None else headroom)))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0

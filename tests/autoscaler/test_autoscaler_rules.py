@@ -131,6 +131,19 @@ def test_a_small_sample_needs_a_bigger_shift() -> None:
     assert not rules.mix_shift(CAP, "prefill", CHAT, None, 300, 0.0, 4.0)
 
 
+# A chat mix a little heavier: 1.28x the prefill work per request of CHAT, 5.8 standard errors over 300 requests.
+HEAVIER = [b.model_copy(update={"weight": w}) for b, w in zip(CHAT, (0.5, 0.3, 0.2), strict=True)]
+
+
+def test_an_overloaded_pool_waives_the_margin_but_not_the_noise_test() -> None:
+    assert not rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 300, 0.0, 4.0, 1.3)  # inside the 1.3x margin
+    assert rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 300, 0.0, 4.0, 1.3, overloaded=True)
+    # the same mean over 30 requests is within sampling noise: no shift however loaded the pool
+    assert not rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 30, 0.0, 4.0, 1.3, overloaded=True)
+    # nor does a lighter mix become a shift
+    assert not rules.mix_shift(CAP, "prefill", HEAVIER, CHAT, 300, 0.0, 4.0, 1.3, overloaded=True)
+
+
 # ----- scale-down step ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("current", "need", "floor", "expect"), [
     (12, 4, 0, 9),     # 25 % of 12 per step
@@ -239,6 +252,22 @@ def test_pools_follow_a_mix_shift_at_once_and_noise_never_moves_them() -> None:
     assert "mix shift" in after.roles["prefill"].reason
     assert after.roles["decode"].target <= before.roles["decode"].target  # decode follows only via the look-back
     assert "mix shift" not in after.roles["decode"].reason
+
+
+def test_a_small_mix_move_is_followed_only_when_the_ready_pool_cannot_carry_it() -> None:
+    sp = spec()
+    state = run(sp, [10.0] * 30, recent=CHAT, recent_n=300)[-1].state
+    moved = dict(recent=HEAVIER, recent_n=300)
+    # 10 rps of the heavier mix needs more than one prefill instance: the 1.3x margin is waived
+    short = tick(observe(450.0, 10.0, {"prefill": 1, "decode": 5}, **moved), PROFILE, sp, state)
+    assert "mix shift" in short.roles["prefill"].reason
+    # a pool that carries it is left to the mix window (the move is inside the margin)
+    ample = tick(observe(450.0, 10.0, {"prefill": 10, "decode": 5}, **moved), PROFILE, sp, state)
+    assert "mix shift" not in ample.roles["prefill"].reason
+    # and the rule can be switched off
+    off = tick(observe(450.0, 10.0, {"prefill": 1, "decode": 5}, **moved), PROFILE,
+               spec(mix_shift_follow_overload=False), state)
+    assert "mix shift" not in off.roles["prefill"].reason
 
 
 def test_no_goodput_correction_for_misses_that_waited_out_a_backlog() -> None:
