@@ -56,6 +56,30 @@ def test_recurring_short_bursts_hold_their_peak_rate() -> None:
     assert rules.bursts(hist(rates), misses=[hist(rates)[-1][0] + 500], miss_lag_s=90.0, **BURSTS).hold_rps is None
 
 
+def test_a_burst_shorter_than_the_window_is_read_at_its_own_rate() -> None:
+    # a 15 s burst at 24 rps over a base of 4, seen through 30 s windows: one tick reads (24 + 4) / 2
+    one_tick = rules.Burst(start_s=100.0, end_s=100.0, peak_rps=14.0)
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 2.0) == pytest.approx(24.0)
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 1.5) == pytest.approx(19.0)  # at most max_factor
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 1.0) == 14.0  # 1: the window's reading
+    # a burst the window holds whole (two ticks and more) is read as it is
+    assert rules.undiluted_peak(rules.Burst(100.0, 115.0, 14.0), 4.0, 30.0, 15.0, 2.0) == 14.0
+    assert rules.undiluted_peak(rules.Burst(100.0, 100.0, 3.0), 4.0, 30.0, 15.0, 2.0) == 3.0  # nothing above base
+
+
+def test_recurring_bursts_shorter_than_the_window_are_held_undiluted() -> None:
+    rates = ([4.0] * 3 + [14.0]) * 12  # a one-tick burst every minute
+    misses = [t for t, r in hist(rates) if r == 14.0][:1]
+    view = rules.bursts(hist(rates), misses=misses, miss_lag_s=90.0, window_s=30.0, max_dilution=2.0, **BURSTS)
+    assert view.hold_rps == pytest.approx(24.0)
+    assert rules.bursts(hist(rates), misses=misses, miss_lag_s=90.0, **BURSTS).hold_rps == 14.0  # no window given
+    # 45 s bursts through the same windows are not diluted
+    long = ([4.0] * 8 + [14.0] * 4) * 6
+    misses = [t for t, r in hist(long) if r == 14.0][:1]
+    assert rules.bursts(hist(long), misses=misses, miss_lag_s=90.0, window_s=30.0, max_dilution=2.0,
+                        **BURSTS).hold_rps == 14.0
+
+
 def test_one_burst_is_not_held_until_it_recurs() -> None:
     once = [10.0] * 40 + [30.0] * 3 + [10.0] * 40
     view = rules.bursts(hist(once), misses=[600.0], miss_lag_s=90.0, **BURSTS)
@@ -204,6 +228,19 @@ def test_recurring_bursts_are_held_between_bursts() -> None:
     assert "recurring bursts" in decisions[-5].roles["prefill"].reason
     # and the bursts are not bought twice: the forecast's spread is dropped while they are held
     assert decisions[-1].roles["prefill"].target <= burst_need + 1
+
+
+def test_the_burst_floor_is_kept_by_the_scale_down_look_back() -> None:
+    sp = spec()
+    rates = []
+    for _ in range(8):
+        rates += [8.0] * 13 + [16.0, 24.0, 16.0]
+    decisions = run(sp, rates, attainment=lambda i, r: 0.7 if r == 24.0 and i < 40 else 1.0)
+    last = decisions[-1]  # between bursts, at the base rate: the pool is the floor
+    for role in ("prefill", "decode"):
+        assert "recurring bursts" in last.roles[role].reason
+        # the look-back keeps the floor, so a later dip of it cannot shrink the pool before the window passes
+        assert last.state.roles[role].recent_needs[-1][1] >= last.roles[role].target
 
 
 def test_bursts_the_pool_absorbs_are_not_held() -> None:
