@@ -138,6 +138,20 @@ def _attainment(role: Role, obs: Observations) -> float | None:
     return min(values) if values else None
 
 
+def _recent_overloads(cap: CapacityModel, role: Role, obs: Observations, threshold: int | None, scale: float,
+                      ready: int) -> bool:
+    """Whether the rate window's own work (its rate and its mix, not the longer mix window's) needs more
+    than the ``ready`` instances: the measured load, corrected like the sizing, against the pool
+    that serves it now. False with nothing ready or no recent mix (nothing to compare)."""
+    if ready < 1 or not obs.recent_length_mix:
+        return False
+    recent = obs.model_copy(update={"length_mix": obs.recent_length_mix})
+    share, w = 1.0, cap.workload(obs.recent_length_mix, obs.prefix_hit_ratio)
+    if role == "prefill" and threshold is not None:
+        share, w = _local_prefill(cap, recent, threshold)
+    return _exceeds(cap, role, obs.arrival_rate * share / scale, w, ready)
+
+
 def _exceeds(cap: CapacityModel, role: Role, rate: float, w: Workload, replicas: int) -> bool:
     """Whether ``rate`` needs more than ``replicas`` instances."""
     return cap.pool_size(role, rate, w, replicas) is None
@@ -186,7 +200,8 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
     misses = [t for t in state.misses if t > now - spec.burst_lookback_s]
     view = rules.bursts(history, threshold=spec.burst_threshold, max_length_s=spec.burst_max_s,
                         min_episodes=spec.burst_min_episodes, misses=misses,
-                        miss_lag_s=spec.startup_delay_s + obs.window_s)
+                        miss_lag_s=spec.startup_delay_s + obs.window_s, window_s=obs.window_s,
+                        max_dilution=spec.burst_max_dilution)
     # R-hat: a high quantile of the rate one start-up ahead. While recurring bursts are held, the pool
     # their peaks needed is the headroom; the forecast's spread (mostly those same bursts) would buy
     # it a second time, so only the level and a rising trend are kept.
@@ -221,9 +236,12 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         # The mix this role is sized on: the mix window's, unless (prefill) the rate window's brings
         # significantly more work per request (a shift the mix window has not caught up with).
         mix = obs.length_mix
-        if role != "decode" and rules.mix_shift(cap, role, obs.length_mix, obs.recent_length_mix,
-                                                obs.recent_mix_requests, obs.prefix_hit_ratio, spec.mix_shift_z,
-                                                spec.mix_shift_min_ratio):
+        # The ratio margin is waived while the pool serving now cannot carry the rate window's own work.
+        if role != "decode" and rules.mix_shift(
+                cap, role, obs.length_mix, obs.recent_length_mix, obs.recent_mix_requests, obs.prefix_hit_ratio,
+                spec.mix_shift_z, spec.mix_shift_min_ratio,
+                overloaded=spec.mix_shift_follow_overload and _recent_overloads(cap, role, obs, threshold, scale,
+                                                                                o.ready)):
             assert obs.recent_length_mix is not None
             mix = obs.recent_length_mix
             why.append("mix shift: sized on the recent mix")
@@ -300,7 +318,9 @@ def tick(obs: Observations, profile: Profile, spec: AutoscalerSpec, previous: Au
         recent = [(t, n) for t, n in rs.recent_needs if t > now - spec.scale_down_stabilization_s]
         # An instance added despite the model is a need too: the look-back keeps it, or the next
         # scale-down would release it into the same shortfall.
-        recent.append((now, max(despite, bounds.max_replicas if headroom is None else headroom)))
+        # So is the burst floor: sized anew each tick from the mix window, it dips with the mix's noise,
+        # and a pool shrunk by a dip is grown again by the next burst (two reversals for nothing).
+        recent.append((now, max(despite, floor, bounds.max_replicas if headroom is None else headroom)))
         want = max(bounds.min_replicas, min(bounds.max_replicas, want))
 
         target, direction = current, 0

@@ -91,9 +91,18 @@ class AutoscalerSpec(_Model):
                                                          "(a few start-up delays: following them does not pay)")
     burst_min_episodes: int = Field(2, ge=1, description="short bursts in the look-back (one of them missing the "
                                                          "SLO) before their peak is held")
+    burst_max_dilution: float = Field(
+        2.0, ge=1, description="a held burst shorter than the rate window is held at its excess over the base "
+                               "scaled by window / its span, at most by this factor: a 15 s burst seen through "
+                               "30 s windows reads half its excess, and a pool held at that reading misses in "
+                               "every burst (1: hold the window's reading)")
     mix_shift_z: float = Field(4.0, gt=0, description="the recent mix replaces the mix window's for prefill when "
                                                       "it brings more work per request by this many standard errors")
     mix_shift_min_ratio: float = Field(1.3, ge=1, description="... and by at least this factor")
+    mix_shift_follow_overload: bool = Field(
+        True, description="waive mix_shift_min_ratio while the ready pool cannot carry the rate window's own work "
+                          "(its rate at its mix): the margin only spares a pool that absorbs a small move, and "
+                          "a turning mix overloads the pool a tick or more before it clears the margin")
     backlog_drain_s: float = Field(120.0, ge=0, description="scale-up sizes for the queue beyond one request per "
                                                             "instance drained over this long (0: off)")
     jump_z: float = Field(3.0, gt=0, description="a rise of the window rate since the last tick beyond this many "

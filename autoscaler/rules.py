@@ -8,7 +8,8 @@ inputs (``tests/autoscaler/test_autoscaler_rules.py``):
   instance ordered at its start serves; following it buys capacity after it is needed and gives it
   back before the next one. When such bursts recur, holding the pool their peaks need is the cheaper
   way to meet the SLO (and never more than sizing for the peak): the tick keeps the pool that rate
-  needs as a floor for as long as bursts keep coming.
+  needs as a floor for as long as bursts keep coming. A burst shorter than the rate window is held
+  at the rate inside it (:func:`undiluted_peak`), not at the window's diluted reading.
 * :func:`jump_rps` reads a step up in the load from two overlapping windows one tick apart, so the
   new level's pool is ordered at once rather than over the ticks it takes the window to fill.
 * :func:`mix_shift` tests whether the length mix of the last rate window differs from the slower
@@ -24,6 +25,7 @@ inputs (``tests/autoscaler/test_autoscaler_rules.py``):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,8 +62,23 @@ class BurstView:
         return self.hold_rps is not None
 
 
+def undiluted_peak(burst: Burst, base_rps: float, window_s: float, tick_s: float, max_factor: float) -> float:
+    """The rate inside a burst shorter than the rate window, from the window rate that saw it.
+
+    A window of ``window_s`` holding a burst of length L reads base + (rate - base) x L / window_s:
+    the burst's excess is diluted by the quiet part of the window. The burst lasted about the span of
+    the ticks that saw it above the line (its length plus one tick); shorter than the window, its
+    excess is scaled back up by window / span, at most ``max_factor`` (1: the window's reading as is).
+    A burst as long as the window or longer is read as it is."""
+    span = burst.length_s + tick_s
+    if span >= window_s or burst.peak_rps <= base_rps:
+        return burst.peak_rps
+    return base_rps + (burst.peak_rps - base_rps) * min(window_s / span, max(max_factor, 1.0))
+
+
 def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_length_s: float, min_episodes: int,
-           misses: Sequence[float] = (), miss_lag_s: float = 0.0, min_points: int = 8) -> BurstView:
+           misses: Sequence[float] = (), miss_lag_s: float = 0.0, min_points: int = 8, window_s: float = 0.0,
+           max_dilution: float = 1.0) -> BurstView:
     """Burst episodes in ``history`` ((time, observed rate), oldest first).
 
     A burst begins at a tick whose rate exceeds the history's median by ``threshold`` (a share) and
@@ -71,8 +88,10 @@ def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_leng
     ``miss_lag_s`` after it (its requests finish after it). When at least ``min_episodes`` short ones
     are in the history and one of them was missed, the pools are held for the highest rate any of
     them reached (the caller sizes each role for it with what it knows now: the mix, the learned
-    correction); bursts that the pools absorbed as they were need no holding. Fewer than
-    ``min_points`` ticks of history: nothing is known yet, nothing is held.
+    correction); bursts that the pools absorbed as they were need no holding. A burst shorter than
+    the rate window ``window_s`` is held at its rate inside, not at the window's reading of it
+    (:func:`undiluted_peak`, scaled by at most ``max_dilution``). Fewer than ``min_points`` ticks of
+    history: nothing is known yet, nothing is held.
     """
     if len(history) < min_points:
         return BurstView(0.0, (), (), None)
@@ -102,7 +121,8 @@ def bursts(history: Sequence[tuple[float, float]], *, threshold: float, max_leng
     short = tuple(e for e in episodes if e.length_s <= max_length_s)
     hold = None
     if len(short) >= min_episodes and any(e.missed for e in short):
-        hold = max(e.peak_rps for e in short)
+        tick_s = median(b[0] - a[0] for a, b in itertools.pairwise(history))
+        hold = max(undiluted_peak(e, base, window_s, tick_s, max_dilution) for e in short)
     return BurstView(base, tuple(episodes), short, hold)
 
 
@@ -150,17 +170,24 @@ def _per_request_work(cap: CapacityModel, role: Role, mix: Sequence[LengthBucket
 
 def mix_shift(cap: CapacityModel, role: Role, long_mix: Sequence[LengthBucket],
               recent_mix: Sequence[LengthBucket] | None, recent_requests: int, hit_ratio: float, z: float,
-              min_ratio: float = 1.0) -> bool:
+              min_ratio: float = 1.0, *, overloaded: bool = False) -> bool:
     """Whether the recent mix brings ``role`` more work per request than the long mix: by more than
     ``z`` standard errors of a mean over ``recent_requests`` requests drawn from the long mix, and by
     at least ``min_ratio`` (a real mix moves within minutes too: Azure's conversation trace has its
-    30 s prefill work up to 1.3x its 5-minute mean, which a static pool absorbs)."""
+    30 s prefill work up to 1.3x its 5-minute mean, which a static pool absorbs).
+
+    ``overloaded`` (the caller found that the pool serving now cannot carry the recent window's own
+    work, its rate times its work per request) waives the margin: the margin is there so that a pool
+    which absorbs a small move is not resized for it, and one that does not absorb it is overloaded
+    already. A mix that is turning shows up here a tick or more before it clears the margin, and each
+    tick of a pool short of work is a tick of backlog that outlives the shift by a start-up delay."""
     if not recent_mix or recent_requests < 2:
         return False
     mean, var = _per_request_work(cap, role, long_mix, hit_ratio)
     recent, _ = _per_request_work(cap, role, recent_mix, hit_ratio)
     se = math.sqrt(var / recent_requests) if var > 0 else 0.0
-    return recent > mean + z * se and recent > mean * max(min_ratio, 1 + 1e-9)
+    margin = 1.0 if overloaded else max(min_ratio, 1.0)
+    return recent > mean + z * se and recent > mean * max(margin, 1 + 1e-9)
 
 
 def scale_down_step(current: int, lookback_need: int, floor: int, minimum: int, max_step: float) -> int:

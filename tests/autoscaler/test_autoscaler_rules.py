@@ -56,6 +56,30 @@ def test_recurring_short_bursts_hold_their_peak_rate() -> None:
     assert rules.bursts(hist(rates), misses=[hist(rates)[-1][0] + 500], miss_lag_s=90.0, **BURSTS).hold_rps is None
 
 
+def test_a_burst_shorter_than_the_window_is_read_at_its_own_rate() -> None:
+    # a 15 s burst at 24 rps over a base of 4, seen through 30 s windows: one tick reads (24 + 4) / 2
+    one_tick = rules.Burst(start_s=100.0, end_s=100.0, peak_rps=14.0)
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 2.0) == pytest.approx(24.0)
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 1.5) == pytest.approx(19.0)  # at most max_factor
+    assert rules.undiluted_peak(one_tick, 4.0, 30.0, 15.0, 1.0) == 14.0  # 1: the window's reading
+    # a burst the window holds whole (two ticks and more) is read as it is
+    assert rules.undiluted_peak(rules.Burst(100.0, 115.0, 14.0), 4.0, 30.0, 15.0, 2.0) == 14.0
+    assert rules.undiluted_peak(rules.Burst(100.0, 100.0, 3.0), 4.0, 30.0, 15.0, 2.0) == 3.0  # nothing above base
+
+
+def test_recurring_bursts_shorter_than_the_window_are_held_undiluted() -> None:
+    rates = ([4.0] * 3 + [14.0]) * 12  # a one-tick burst every minute
+    misses = [t for t, r in hist(rates) if r == 14.0][:1]
+    view = rules.bursts(hist(rates), misses=misses, miss_lag_s=90.0, window_s=30.0, max_dilution=2.0, **BURSTS)
+    assert view.hold_rps == pytest.approx(24.0)
+    assert rules.bursts(hist(rates), misses=misses, miss_lag_s=90.0, **BURSTS).hold_rps == 14.0  # no window given
+    # 45 s bursts through the same windows are not diluted
+    long = ([4.0] * 8 + [14.0] * 4) * 6
+    misses = [t for t, r in hist(long) if r == 14.0][:1]
+    assert rules.bursts(hist(long), misses=misses, miss_lag_s=90.0, window_s=30.0, max_dilution=2.0,
+                        **BURSTS).hold_rps == 14.0
+
+
 def test_one_burst_is_not_held_until_it_recurs() -> None:
     once = [10.0] * 40 + [30.0] * 3 + [10.0] * 40
     view = rules.bursts(hist(once), misses=[600.0], miss_lag_s=90.0, **BURSTS)
@@ -131,6 +155,19 @@ def test_a_small_sample_needs_a_bigger_shift() -> None:
     assert not rules.mix_shift(CAP, "prefill", CHAT, None, 300, 0.0, 4.0)
 
 
+# A chat mix a little heavier: 1.28x the prefill work per request of CHAT, 5.8 standard errors over 300 requests.
+HEAVIER = [b.model_copy(update={"weight": w}) for b, w in zip(CHAT, (0.5, 0.3, 0.2), strict=True)]
+
+
+def test_an_overloaded_pool_waives_the_margin_but_not_the_noise_test() -> None:
+    assert not rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 300, 0.0, 4.0, 1.3)  # inside the 1.3x margin
+    assert rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 300, 0.0, 4.0, 1.3, overloaded=True)
+    # the same mean over 30 requests is within sampling noise: no shift however loaded the pool
+    assert not rules.mix_shift(CAP, "prefill", CHAT, HEAVIER, 30, 0.0, 4.0, 1.3, overloaded=True)
+    # nor does a lighter mix become a shift
+    assert not rules.mix_shift(CAP, "prefill", HEAVIER, CHAT, 300, 0.0, 4.0, 1.3, overloaded=True)
+
+
 # ----- scale-down step ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("current", "need", "floor", "expect"), [
     (12, 4, 0, 9),     # 25 % of 12 per step
@@ -193,6 +230,19 @@ def test_recurring_bursts_are_held_between_bursts() -> None:
     assert decisions[-1].roles["prefill"].target <= burst_need + 1
 
 
+def test_the_burst_floor_is_kept_by_the_scale_down_look_back() -> None:
+    sp = spec()
+    rates = []
+    for _ in range(8):
+        rates += [8.0] * 13 + [16.0, 24.0, 16.0]
+    decisions = run(sp, rates, attainment=lambda i, r: 0.7 if r == 24.0 and i < 40 else 1.0)
+    last = decisions[-1]  # between bursts, at the base rate: the pool is the floor
+    for role in ("prefill", "decode"):
+        assert "recurring bursts" in last.roles[role].reason
+        # the look-back keeps the floor, so a later dip of it cannot shrink the pool before the window passes
+        assert last.state.roles[role].recent_needs[-1][1] >= last.roles[role].target
+
+
 def test_bursts_the_pool_absorbs_are_not_held() -> None:
     sp = spec()
     rates = []
@@ -239,6 +289,22 @@ def test_pools_follow_a_mix_shift_at_once_and_noise_never_moves_them() -> None:
     assert "mix shift" in after.roles["prefill"].reason
     assert after.roles["decode"].target <= before.roles["decode"].target  # decode follows only via the look-back
     assert "mix shift" not in after.roles["decode"].reason
+
+
+def test_a_small_mix_move_is_followed_only_when_the_ready_pool_cannot_carry_it() -> None:
+    sp = spec()
+    state = run(sp, [10.0] * 30, recent=CHAT, recent_n=300)[-1].state
+    moved = dict(recent=HEAVIER, recent_n=300)
+    # 10 rps of the heavier mix needs more than one prefill instance: the 1.3x margin is waived
+    short = tick(observe(450.0, 10.0, {"prefill": 1, "decode": 5}, **moved), PROFILE, sp, state)
+    assert "mix shift" in short.roles["prefill"].reason
+    # a pool that carries it is left to the mix window (the move is inside the margin)
+    ample = tick(observe(450.0, 10.0, {"prefill": 10, "decode": 5}, **moved), PROFILE, sp, state)
+    assert "mix shift" not in ample.roles["prefill"].reason
+    # and the rule can be switched off
+    off = tick(observe(450.0, 10.0, {"prefill": 1, "decode": 5}, **moved), PROFILE,
+               spec(mix_shift_follow_overload=False), state)
+    assert "mix shift" not in off.roles["prefill"].reason
 
 
 def test_no_goodput_correction_for_misses_that_waited_out_a_backlog() -> None:
