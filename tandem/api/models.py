@@ -299,7 +299,9 @@ class InferencePoolOptions(ApiModel):
 class GatewaySpec(ApiModel):
     cel_rules: ClassVar[list[dict[str, str]]] = [
         cel(
-            "self.type != 'inference-pool' || self.workers == 1",
+            # has(): the API server checks the rule against the schema's default ({}) too, where
+            # neither key is set (both then default to embedded and 1).
+            "!has(self.type) || self.type != 'inference-pool' || !has(self.workers) || self.workers == 1",
             "the endpoint picker runs one process per replica: use replicas, not workers",
             ".workers",
         ),

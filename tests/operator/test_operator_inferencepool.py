@@ -18,7 +18,7 @@ from pydantic_settings import CliApp
 from test_operator_kopf import Cluster, aggregated, cluster, condition  # noqa: F401
 
 from tandem.api.models import LLMService
-from tandem.kube import DEPLOYMENTS, INFERENCEPOOLS, LLMSERVICES, SERVICES, KubeClient, load_credentials
+from tandem.kube import DEPLOYMENTS, INFERENCEPOOLS, LLMSERVICES, SERVICES, ApiError, KubeClient, load_credentials
 from tandem.operator.plan import OperatorDefaults, PlanError, plan_service
 from tandem.operator.reconcile import Reconciler
 from tandem.router.eppsettings import EppSettings
@@ -105,30 +105,47 @@ async def _reconcile(c: Cluster, defaults: OperatorDefaults | None = None) -> An
         await reconciler.close()
 
 
-def _serve_inference_pools(c: Cluster) -> None:
-    """kmock: serve the InferencePool API (a real server needs the GIE CRDs installed)."""
+async def _pools_served(c: Cluster) -> bool:
+    """Whether the real API server serves inference.networking.k8s.io/v1 InferencePools (its CRD
+    comes from the GIE release, not from Tandem: installed or not, both cases are tested)."""
+    try:
+        await c.client.request("GET", INFERENCEPOOLS.path(c.ns))
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+async def _serve_inference_pools(c: Cluster) -> None:
+    """kmock: serve the InferencePool API; a real server must have the GIE CRDs installed (checked
+    with v1.6.0's config/crd/bases/inference.networking.k8s.io_inferencepools.yaml)."""
     if c.fake:
         c.kmock.resources["inference.networking.k8s.io/v1/inferencepools"] = c.kmock.ResourceInfo(
             kind="InferencePool", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
-    elif c.client is not None:
+    elif not await _pools_served(c):
         pytest.skip("needs the Gateway API Inference Extension CRDs on the real API server")
 
 
 @pytest.mark.xdist_group("operator-kopf")
 async def test_reconcile_creates_the_pool_then_switching_back_removes_it(cluster: Cluster) -> None:  # noqa: F811
-    _serve_inference_pools(cluster)
+    """On a real server with the GIE CRD, its schema validates what the operator writes."""
+    await _serve_inference_pools(cluster)
     await cluster.create(LLMSERVICES, aggregated(gateway={"type": "inference-pool"}))
     result = await _reconcile(cluster)
     assert result.invalid is None
     assert {"InferencePool/llm", "Deployment/llm-epp", "Service/llm-epp"} <= set(result.created)
     assert "Deployment/llm-gateway" not in result.created
     pool = await cluster.get(INFERENCEPOOLS, "llm")
-    assert pool["spec"]["endpointPickerRef"] == {"name": "llm-epp", "port": {"number": 9002},
-                                                 "failureMode": "FailClose"}
+    # (A real server adds the CRD's defaults: group "" and kind Service.)
+    assert {"name": "llm-epp", "port": {"number": 9002}, "failureMode": "FailClose"}.items() <= \
+        pool["spec"]["endpointPickerRef"].items()
+    assert pool["spec"]["endpointPickerRef"].keys() <= {"name", "port", "failureMode", "group", "kind"}
     status = (await cluster.get(LLMSERVICES, "llm"))["status"]
     assert status["endpoints"][0] == {"name": "llm-epp", "role": "endpoint-picker",
                                       "url": f"grpc://llm-epp.{cluster.ns}.svc:9002"}
-    assert (await _reconcile(cluster)).created == []  # converged: a second pass writes nothing
+    again = await _reconcile(cluster)
+    assert again.created == [] and "InferencePool/llm" not in again.patched  # converged, server defaults too
 
     await cluster.client.merge_patch(INFERENCEPOOLS, cluster.ns, "llm", {"spec": {"targetPorts": [{"number": 1}]}})
     assert "InferencePool/llm" in (await _reconcile(cluster)).patched  # drift corrected
@@ -143,10 +160,10 @@ async def test_reconcile_creates_the_pool_then_switching_back_removes_it(cluster
 @pytest.mark.xdist_group("operator-kopf")
 async def test_without_the_inference_pool_api_the_rest_is_served_and_degraded_says_why(
         cluster: Cluster) -> None:  # noqa: F811
-    if not cluster.fake:
-        pytest.skip("a real API server may have the GIE CRDs installed")
-    # kmock accepts objects of any resource: make it answer as a server without the CRD does.
-    cluster.kmock[f"/apis/inference.networking.k8s.io/v1/namespaces/{cluster.ns}/inferencepools"] << 404
+    if cluster.fake:  # kmock accepts objects of any resource: make it answer as a server without the CRD does
+        cluster.kmock[f"/apis/inference.networking.k8s.io/v1/namespaces/{cluster.ns}/inferencepools"] << 404
+    elif await _pools_served(cluster):
+        pytest.skip("this real API server has the GIE CRDs installed")
     await cluster.create(LLMSERVICES, aggregated(gateway={"type": "inference-pool"}))
     result = await _reconcile(cluster)
     assert result.invalid is None and "Deployment/llm-epp" in result.created

@@ -318,6 +318,30 @@ def test_validation_errors_name_the_field_in_json_terms() -> None:
     assert validation_message(exc.value)[0] == "spec.model.kvBlockSize"
 
 
+def _defaults_with_rules(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """(path, sub-schema) of every sub-schema that has both a default and CEL rules."""
+    out = [(path, schema)] if "default" in schema and schema.get("x-kubernetes-validations") else []
+    for name, sub in (schema.get("properties") or {}).items():
+        out += _defaults_with_rules(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        out += _defaults_with_rules(schema["items"], f"{path}[]")
+    return out
+
+
+def test_every_default_passes_its_own_rules_as_written() -> None:
+    """The API server checks a schema's default against its CEL rules without the nested defaults
+    applied, so a rule on an object defaulted to {} must guard each key with has(). Found on a real
+    API server: spec.gateway's rule read self.type and the CRD was refused ("no such key: type")."""
+    env = celpy.Environment()
+    checked = [c for model in (LLMService, RemotePrefillPool)
+               for c in _defaults_with_rules(crd(model)["spec"]["versions"][0]["schema"]["openAPIV3Schema"])]
+    assert ".spec.gateway" in {path for path, _ in checked}
+    for path, sub in checked:
+        for rule in sub["x-kubernetes-validations"]:
+            value = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(sub["default"])})
+            assert bool(value), (path, rule["rule"])
+
+
 def test_examples_are_valid_resources() -> None:
     kinds = []
     for path in sorted((ROOT / "deploy" / "examples").glob("*.yaml")):

@@ -679,13 +679,23 @@ def test_install_on_a_real_api_server_and_reconcile_an_example(tmp_path: Path) -
                 f"{release}-refused", str(CHART), values={"engines": {"namespaces": [missing]}}, wait=False,
                 timeout=120, create_namespace=True))
         assert rbac.list_cluster_role(label_selector=f"app.kubernetes.io/instance={release}-refused").items == []
+        # Where the cluster serves InferencePools (the GIE CRDs installed), the chart's pool and picker too:
+        # the server's own schema then validates what the chart renders.
+        pools = any(g.name == "inference.networking.k8s.io" and any(v.version == "v1" for v in g.versions)
+                    for g in client.ApisApi(api).get_api_versions().groups)
+        values: dict[str, Any] = {"engines": {"namespaces": [engine_ns]}, "inferencePool": {"enabled": pools}}
         outcome = asyncio.run(helm.Install(helm_config).run(
-            release, str(CHART), values={"engines": {"namespaces": [engine_ns]}}, wait=False, timeout=120,
-            create_namespace=True))
+            release, str(CHART), values=values, wait=False, timeout=120, create_namespace=True))
         assert outcome["info"]["status"] == "deployed"
         manifests = [d for d in yaml.safe_load_all(outcome["manifest"]) if d]
-        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "ClusterRole"} == {
-            f"{release}-{c}" for c in ("operator", "gateway", "autoscaler")}
+        # The operator and the autoscaler are namespaced by default (Roles in the engine namespaces).
+        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "ClusterRole"} == {f"{release}-gateway"}
+        assert {d["metadata"]["name"] for d in manifests if d["kind"] == "Role"} >= {
+            f"{release}-operator", f"{release}-autoscaler"}
+        if pools:
+            pool = custom.get_namespaced_custom_object("inference.networking.k8s.io", "v1", engine_ns,
+                                                       "inferencepools", release)
+            assert pool["spec"]["endpointPickerRef"]["name"] == f"{release}-epp"
         # Credentials of the chart's operator ServiceAccount: the operator gets exactly the chart's RBAC.
         sa_config = service_account_kubeconfig(core, release_ns, f"{release}-operator", Path(REAL_KUBECONFIG),
                                                tmp_path / "operator-kubeconfig")
