@@ -15,12 +15,16 @@ room evicts that many of the oldest cached blocks. A prefix is only worth what s
 * the candidate's hit: the longest prefix none of whose cached blocks is at risk.
 
 The recency order is the gateway's approximation of vLLM's free queue (:class:`LruOrder`): blocks
-become most recent when they are stored and when a request that hits them is routed, a chain's
-first block the most recent of its chain (vLLM frees a request's blocks tail first, so the tail
-is evicted first). Not modelled, each of which makes the correction smaller than the real
-evictions: blocks held by running requests (not evictable in vLLM, evictable here), the partial
-blocks of running requests (they take free room), blocks stored by other medium than the GPU
-(offloading), and blocks the index skipped.
+become most recent when they are stored, when a request that hits them is routed (it will hold
+them) and when a request that holds them starts (its first token: it frees them together, when it
+ends), a chain's first block the most recent of its chain (vLLM frees a request's blocks tail
+first, so the tail is evicted first). Without the last rule a conversation's next turn would find
+its head older than the blocks its previous turn added, and lose its whole prefix first.
+
+Not modelled, each of which makes the correction smaller than the real evictions: blocks held by
+running requests (not evictable in vLLM, evictable here), the partial blocks of running requests
+(they take free room), requests other gateway replicas routed there, blocks stored by another
+medium than the GPU (offloading), and blocks the index skipped.
 """
 
 from __future__ import annotations

@@ -314,6 +314,8 @@ class EventCacheView:
             keys, new = routed
             self.inflight.remove(keys)
             self.pending_blocks -= new
+            # Started: its blocks are cached and vLLM frees them together, tail first (their recency).
+            self.index.order.touch(keys)
 
     def reset(self) -> None:
         """The engine's cache is gone (restart, reset): forget every block, cached or on its way."""

@@ -111,3 +111,16 @@ def test_the_index_keeps_its_order_in_step_with_its_blocks() -> None:
     assert keys0[0] not in order and len(order) == 11
     view.index.clear()
     assert len(order) == 0
+
+
+def test_a_started_request_makes_its_whole_chain_newest_head_last() -> None:
+    view, convs = _full_view(1 + 12 + 3)
+    longer = _conv(0, 6)  # conversation 0's next turn: its 4 cached blocks and 2 new ones
+    view.routed(_req("turn", longer))
+    keys = chain_keys(longer, BS)
+    view.index.stored(BlockStored((5, 6), 4, tuple(longer[16:24]), BS))  # its new blocks, stored newest
+    order = view.index.order
+    assert order.rank(keys[5]) > order.rank(keys[0])  # until it starts, its head is older than its tail
+    view.settled(_req("turn", []))  # first token: vLLM will free the chain together, tail first
+    assert [order.rank(k) for k in keys] == sorted((order.rank(k) for k in keys), reverse=True)
+    assert min(order.rank(k) for k in keys) > max(order.rank(k) for k in chain_keys(convs[2], BS))
