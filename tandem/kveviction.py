@@ -58,6 +58,11 @@ class LruOrder:
     def __contains__(self, key: int) -> bool:
         return key in self._rank
 
+    @property
+    def version(self) -> int:
+        """Changes whenever the order does (a cache key for what is derived from it)."""
+        return self._version
+
     def rank(self, key: int) -> int | None:
         return self._rank.get(key)
 

@@ -254,15 +254,17 @@ class EventCacheView:
     in the cache (:mod:`tandem.kveviction`); routing a request refreshes the recency of what it hits.
     """
 
-    __slots__ = ("_routed", "engine_blocks", "index", "inflight", "live", "pending_blocks")
+    __slots__ = ("_changes", "_pending", "_routed", "engine_blocks", "index", "inflight", "live")
 
     def __init__(self, capacity_blocks: int = 65536) -> None:
         self.index = BlockIndex(capacity_blocks)
         self.inflight = InflightBlocks()
         self.live = False
         self.engine_blocks: int | None = None  # the engine's KV blocks (vLLM's num_gpu_blocks); None: unknown
-        self.pending_blocks = 0  # new blocks the routed, unstarted requests will allocate
-        self._routed: dict[str, tuple[list[int], int]] = {}  # request id -> (its keys, its new blocks)
+        # request id -> (its keys, its new blocks, the first of them: its BlockStored says it started)
+        self._routed: dict[str, tuple[list[int], int, int | None]] = {}
+        self._changes = 0  # of _routed
+        self._pending: tuple[int, int, int] = (-1, -1, 0)  # (order version, _changes, pending blocks)
 
     def engine_config(self, block_size: int | None, kv_blocks: int | None) -> None:
         """What the engine's /metrics tell (``CapacityAware``): its block size (in-flight blocks count
@@ -277,6 +279,21 @@ class EventCacheView:
         if bs is None or req.tokens is None:
             return None
         return req.tokens.keys(bs)
+
+    @property
+    def pending_blocks(self) -> int:
+        """New blocks the requests routed here will allocate, for those not started yet.
+
+        Started: its first token came (settled), or the engine stored the first block it adds (a
+        probe key), which comes first: the events leave the engine at the end of the step, the first
+        token still has the API server and HTTP to cross, and in between the index already shows
+        what the request allocated and evicted. O(requests routed here), once per change."""
+        version = (self.index.order.version, self._changes)
+        if self._pending[:2] != version:
+            index = self.index
+            total = sum(new for _, new, probe in self._routed.values() if probe is None or probe not in index)
+            self._pending = (*version, total)
+        return self._pending[2]
 
     def at_risk_blocks(self) -> int:
         """Cached blocks the requests routed here and not started yet are expected to evict."""
@@ -302,18 +319,21 @@ class EventCacheView:
         bs = self.index.block_size
         assert bs is not None
         hit = self._prefix_blocks(keys)
-        self.index.order.touch(keys[:hit])
+        index, inflight = self.index, self.inflight
+        index.order.touch(keys[:hit])
         new = new_blocks(req.prompt_tokens, bs, hit_tokens(hit, bs, req.prompt_tokens) // bs)
-        self._routed[req.request_id] = (keys, new)
-        self.pending_blocks += new
-        self.inflight.add(keys)
+        # Neither cached nor coming with another request: only this one's start can store it.
+        probe = next((k for k in keys[hit:] if k not in index and k not in inflight), None)
+        self._routed[req.request_id] = (keys, new, probe)
+        self._changes += 1
+        inflight.add(keys)
 
     def settled(self, req: RouteRequestLike) -> None:
         routed = self._routed.pop(req.request_id, None)
         if routed is not None:
-            keys, new = routed
+            keys = routed[0]
+            self._changes += 1
             self.inflight.remove(keys)
-            self.pending_blocks -= new
             # Started: its blocks are cached and vLLM frees them together, tail first (their recency).
             self.index.order.touch(keys)
 
@@ -322,4 +342,4 @@ class EventCacheView:
         self.index.clear()
         self.inflight.clear()
         self._routed.clear()
-        self.pending_blocks = 0
+        self._changes += 1

@@ -124,3 +124,19 @@ def test_a_started_request_makes_its_whole_chain_newest_head_last() -> None:
     view.settled(_req("turn", []))  # first token: vLLM will free the chain together, tail first
     assert [order.rank(k) for k in keys] == sorted((order.rank(k) for k in keys), reverse=True)
     assert min(order.rank(k) for k in keys) > max(order.rank(k) for k in chain_keys(convs[2], BS))
+
+
+def test_a_request_stops_pending_once_the_engine_stores_its_first_new_block() -> None:
+    view, convs = _full_view(1 + 12 + 3)
+    new = _conv(9, 6)
+    view.routed(_req("new", new))
+    assert view.pending_blocks == 7 and view.hit_tokens(_req("c0", convs[0])) == 0
+    # Its step's events (its blocks stored, conversation 0 evicted) come before its first token.
+    view.index.removed(BlockRemoved((1, 2, 3, 4)))
+    view.index.stored(BlockStored((901, 902, 903), None, tuple(new[:12]), BS))
+    assert view.pending_blocks == 0 and view.at_risk_blocks() == 0
+    assert [view.hit_tokens(_req(f"c{c}", toks)) for c, toks in enumerate(convs)] == [0, 16, 16]
+    # A request behind one with the same prefix: its probe is past the first one's blocks.
+    view.routed(_req("same", new))
+    view.routed(_req("longer", _conv(9, 8)))
+    assert view.pending_blocks == 1 + 3
