@@ -9,7 +9,9 @@ conversation) through a real gateway process, once per cache view:
 
 For each, the gateway's estimated hit ratio (the routing decisions' hit tokens / prompt tokens)
 beside vLLM's (``vllm:prefix_cache_hits`` / ``vllm:prefix_cache_queries`` over the run). Between
-views the engines' caches are reset (and a tiny request makes them publish the reset).
+views the engines' caches are reset (and a tiny request makes them publish the reset). ``--repeats``
+measures each view several times (pooled ratios beside each run's: a run varies by several points);
+each run also counts its decision reasons and hotspot migrations.
 
 Then the restart scenario: a conversation is cached on one engine, that engine is restarted, and
 the first request routed to it afterwards is reported from the decision log (its estimated hit, its
@@ -25,6 +27,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +80,9 @@ class KVViewBench(TandemSettings):
     views: str = Field("shadow,events", description="cache views to compare: shadow, events")
     policies: str = Field("dualmap", description="routing policies to compare, comma-separated: each view is "
                           "measured once per policy (e.g. dualmap,round_robin: affinity judged by vLLM's counters)")
+    repeats: int = Field(1, ge=1, le=20, description="measurements per policy and view (caches emptied before "
+                         "each): one run of 60 requests varies by several points; with more, the view's result is "
+                         "their pooled ratios beside each run's")
     restart: bool = Field(True, description="run the engine-restart scenario (events view)")
     baseline_pythonpath: Path | None = Field(None, description="also run the restart scenario with the gateway "
                                              "of this checkout (its repository root), e.g. before the exact view")
@@ -114,9 +120,12 @@ class KVViewBench(TandemSettings):
             for policy in policies:  # policy -> view -> measurement, every run on emptied caches
                 runs = result["policies"].setdefault(policy, {})
                 for view in views:
-                    await setup.reset_engines()
-                    async with setup.gateway(view, policy=policy) as gw:
-                        runs[view] = await setup.measure(gw, prompts)
+                    measured = []
+                    for _ in range(self.repeats):
+                        await setup.reset_engines()
+                        async with setup.gateway(view, policy=policy) as gw:
+                            measured.append(await setup.measure(gw, prompts))
+                    runs[view] = measured[0] if len(measured) == 1 else pooled(measured)
             if self.restart:
                 await setup.reset_engines()
                 result["restart"] = {"events": await setup.restart_scenario("events", None)}
@@ -124,6 +133,19 @@ class KVViewBench(TandemSettings):
                     await setup.reset_engines()
                     result["restart"]["baseline"] = await setup.restart_scenario("shadow", self.baseline_pythonpath)
         return result
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several measurements of one view as one: ratios over all their tokens, and each run."""
+    prompt = sum(r["prompt_tokens"] for r in runs)
+    queries = sum(r["vllm_queries"] for r in runs)
+    estimated = sum(r["estimated_hit_ratio"] * r["prompt_tokens"] for r in runs) / prompt
+    vllm = sum((r["vllm_hit_ratio"] or 0.0) * r["vllm_queries"] for r in runs) / queries if queries else None
+    gaps = [r["gap_points"] for r in runs if r["gap_points"] is not None]
+    return {"requests": sum(r["requests"] for r in runs), "estimated_hit_ratio": round(estimated, 4),
+            "vllm_hit_ratio": round(vllm, 4) if vllm is not None else None,
+            "gap_points": round(100 * (estimated - vllm), 2) if vllm is not None else None,
+            "gap_points_range": [min(gaps), max(gaps)] if gaps else None, "runs": runs}
 
 
 class Setup:
@@ -209,6 +231,8 @@ class Setup:
         estimated = sum(d["hit_tokens"] for d in decisions)
         hits, queries = after[0] - before[0], after[1] - before[1]
         p50, p90 = quantiles(latency, (0.5, 0.9))
+        migrations = sum(float(line.rsplit(" ", 1)[1]) for line in (await gw.get("/metrics")).text.splitlines()
+                         if line.startswith("tandem_migrations_total"))
         return {"requests": len(decisions), "elapsed_s": round(elapsed, 1),
                 "latency_p50_s": round(p50, 3), "latency_p90_s": round(p90, 3),
                 "estimated_hit_ratio": round(estimated / prompt_tokens, 4),
@@ -216,6 +240,7 @@ class Setup:
                 "served_hit_ratio": round(sum(served) / prompt_tokens, 4),
                 "gap_points": round(100 * (estimated / prompt_tokens - hits / queries), 2) if queries else None,
                 "vllm_queries": queries, "prompt_tokens": prompt_tokens,
+                "reasons": dict(Counter(d["reason"] for d in decisions)), "migrations": migrations,
                 "views": sorted({v for d in decisions for v in d.get("cache_views", {}).values()})}
 
     async def restart_scenario(self, view: View, pythonpath: Path | None) -> dict[str, Any]:

@@ -100,7 +100,9 @@ def _describe_exact(view: object) -> dict[str, Any] | None:
     if not isinstance(view, EventCacheView):
         return None
     return {"live": view.live, "blocks": len(view.index), "block_size": view.index.block_size,
-            "inflight_blocks": len(view.inflight), "skipped_blocks": view.index.skipped}
+            "inflight_blocks": len(view.inflight), "skipped_blocks": view.index.skipped,
+            "engine_blocks": view.engine_blocks, "pending_blocks": view.pending_blocks,
+            "at_risk_blocks": view.at_risk_blocks()}
 
 
 # Shared-state bounds on what one sync publishes: keys deeper than 16 blocks are rare in practice.

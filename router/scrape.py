@@ -16,13 +16,13 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 
-from tandem.kvindex import EventCacheView
 from tandem.router.cachereset import CacheReset, restart_from_metrics
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineMetricsError, EngineSnapshot, parse_engine_metrics
 from tandem.router.http1 import HTTP1Client, HTTPConnectError, HTTPConnectionError, HTTPPoolBusy
 from tandem.router.metrics import GatewayMetrics
 from tandem.router.pool import Instance
+from tandem.router.routing.capabilities import CapacityAware
 
 log = logging.getLogger("tandem.gateway.scrape")
 
@@ -34,8 +34,8 @@ def apply_snapshot(inst: Instance, snap: EngineSnapshot, now: float) -> None:
     inst.scrape_failures = 0
     inst.suspect = False
     s = inst.state
-    if snap.block_size and isinstance(s.exact, EventCacheView) and s.exact.index.block_size is None:
-        s.exact.index.block_size = snap.block_size  # in-flight blocks count before the first event
+    if isinstance(s.exact, CapacityAware):
+        s.exact.engine_config(snap.block_size, snap.kv_blocks)
     s.engine_running = int(snap.running or 0)
     s.engine_waiting = int(snap.waiting or 0)
     s.kv_usage = float(snap.kv_usage or 0.0)

@@ -26,6 +26,7 @@ from typing import Protocol
 import xxhash
 
 from tandem.kvevents import AllBlocksCleared, BlockHash, BlockRemoved, BlockStored, KVEvent
+from tandem.kveviction import LruOrder, blocks_at_risk, new_blocks, surviving_prefix
 
 
 class RouteRequestLike(Protocol):
@@ -93,10 +94,11 @@ class BlockIndex:
 
     ``apply`` takes events in sequence order. A block whose parent is unknown (stored before the
     index started, or dropped by the bound) cannot be keyed and is skipped: the index only ever
-    misses blocks, it never invents them.
+    misses blocks, it never invents them. ``order`` ranks the cached keys by recency, for the
+    eviction-aware estimate (:mod:`tandem.kveviction`).
     """
 
-    __slots__ = ("_entries", "_media", "_present", "block_size", "capacity_blocks", "skipped")
+    __slots__ = ("_entries", "_media", "_present", "block_size", "capacity_blocks", "order", "skipped")
 
     def __init__(self, capacity_blocks: int = 65536) -> None:
         if capacity_blocks <= 0:
@@ -106,6 +108,7 @@ class BlockIndex:
         self._entries: dict[BlockHash, list[int]] = {}  # engine hash -> [key, media bits]; oldest first
         self._present: dict[int, int] = {}  # key -> engine blocks holding it (several with different salts)
         self._media: dict[str | None, int] = {}
+        self.order = LruOrder()  # the keys of _present, least recently used first
         self.skipped = 0  # stored blocks not indexed (unknown parent, keyed, other group, bad shape)
 
     def __len__(self) -> int:
@@ -153,6 +156,7 @@ class BlockIndex:
                 present[key] = present.get(key, 0) + 1
             entry[1] |= bit
             entries[h] = entry
+        self.order.use(keys)
         while len(entries) > self.capacity_blocks:
             self._drop(next(iter(entries)))
 
@@ -173,10 +177,12 @@ class BlockIndex:
             self._present[key] = left
         else:
             del self._present[key]
+            self.order.discard(key)
 
     def clear(self) -> None:
         self._entries.clear()
         self._present.clear()
+        self.order.clear()
 
     def prefix_blocks(self, keys: Sequence[int]) -> int:
         """Leading ``keys`` cached (a linear walk: after an eviction a chain may have gaps)."""
@@ -237,22 +243,36 @@ def hit_tokens(blocks: int, block_size: int, prompt_tokens: int) -> int:
 
 class EventCacheView:
     """Routing's exact view of one engine (the routing core's ``CacheView``): its event index plus
-    the blocks of requests on their way there.
+    the blocks of requests on their way there, less the blocks those requests will evict.
 
     ``hit_tokens`` answers None (the caller falls back to its shadow cache) until the event stream
     is in sync (``live``) and for a request without token ids. The engine's block size comes with
     its first ``BlockStored`` (or its /metrics); until then the engine holds nothing known: a miss.
     Token keys of a routed request are remembered by request id, so settling it removes exactly what
-    routing it added, once.
+    routing it added, once. With the engine's capacity known (``engine_blocks``, from /metrics), a
+    cached prefix counts only as far as the new blocks of the requests routed ahead of it leave it
+    in the cache (:mod:`tandem.kveviction`); routing a request refreshes the recency of what it hits.
     """
 
-    __slots__ = ("_routed", "index", "inflight", "live")
+    __slots__ = ("_changes", "_pending", "_routed", "engine_blocks", "index", "inflight", "live")
 
     def __init__(self, capacity_blocks: int = 65536) -> None:
         self.index = BlockIndex(capacity_blocks)
         self.inflight = InflightBlocks()
         self.live = False
-        self._routed: dict[str, list[int]] = {}
+        self.engine_blocks: int | None = None  # the engine's KV blocks (vLLM's num_gpu_blocks); None: unknown
+        # request id -> (its keys, its new blocks, the first of them: its BlockStored says it started)
+        self._routed: dict[str, tuple[list[int], int, int | None]] = {}
+        self._changes = 0  # of _routed
+        self._pending: tuple[int, int, int] = (-1, -1, 0)  # (order version, _changes, pending blocks)
+
+    def engine_config(self, block_size: int | None, kv_blocks: int | None) -> None:
+        """What the engine's /metrics tell (``CapacityAware``): its block size (in-flight blocks count
+        before the first event) and its KV capacity (the eviction model's)."""
+        if block_size and self.index.block_size is None:
+            self.index.block_size = block_size
+        if kv_blocks:
+            self.engine_blocks = kv_blocks
 
     def _keys(self, req: RouteRequestLike) -> list[int] | None:
         bs = self.index.block_size
@@ -260,34 +280,66 @@ class EventCacheView:
             return None
         return req.tokens.keys(bs)
 
+    @property
+    def pending_blocks(self) -> int:
+        """New blocks the requests routed here will allocate, for those not started yet.
+
+        Started: its first token came (settled), or the engine stored the first block it adds (a
+        probe key), which comes first: the events leave the engine at the end of the step, the first
+        token still has the API server and HTTP to cross, and in between the index already shows
+        what the request allocated and evicted. O(requests routed here), once per change."""
+        version = (self.index.order.version, self._changes)
+        if self._pending[:2] != version:
+            index = self.index
+            total = sum(new for _, new, probe in self._routed.values() if probe is None or probe not in index)
+            self._pending = (*version, total)
+        return self._pending[2]
+
+    def at_risk_blocks(self) -> int:
+        """Cached blocks the requests routed here and not started yet are expected to evict."""
+        return blocks_at_risk(self.engine_blocks, len(self.index), self.pending_blocks)
+
+    def _prefix_blocks(self, keys: list[int]) -> int:
+        order = self.index.order
+        return surviving_prefix(keys, order, order.cutoff(self.at_risk_blocks()), self.inflight)
+
     def hit_tokens(self, req: RouteRequestLike) -> int | None:
         if not self.live or req.tokens is None:
             return None
         keys = self._keys(req)
         if keys is None:  # no block size yet: nothing stored, nothing routed with keys: a miss
             return 0
-        index, inflight = self.index, self.inflight
-        n = 0
-        for k in keys:
-            if k not in index and k not in inflight:
-                break
-            n += 1
-        assert index.block_size is not None
-        return hit_tokens(n, index.block_size, req.prompt_tokens)
+        assert self.index.block_size is not None
+        return hit_tokens(self._prefix_blocks(keys), self.index.block_size, req.prompt_tokens)
 
     def routed(self, req: RouteRequestLike) -> None:
         keys = self._keys(req)
-        if keys and req.request_id not in self._routed:
-            self._routed[req.request_id] = keys
-            self.inflight.add(keys)
+        if keys is None or req.request_id in self._routed:
+            return
+        bs = self.index.block_size
+        assert bs is not None
+        hit = self._prefix_blocks(keys)
+        index, inflight = self.index, self.inflight
+        index.order.touch(keys[:hit])
+        new = new_blocks(req.prompt_tokens, bs, hit_tokens(hit, bs, req.prompt_tokens) // bs)
+        # Neither cached nor coming with another request: only this one's start can store it.
+        probe = next((k for k in keys[hit:] if k not in index and k not in inflight), None)
+        self._routed[req.request_id] = (keys, new, probe)
+        self._changes += 1
+        inflight.add(keys)
 
     def settled(self, req: RouteRequestLike) -> None:
-        keys = self._routed.pop(req.request_id, None)
-        if keys:
+        routed = self._routed.pop(req.request_id, None)
+        if routed is not None:
+            keys = routed[0]
+            self._changes += 1
             self.inflight.remove(keys)
+            # Started: its blocks are cached and vLLM frees them together, tail first (their recency).
+            self.index.order.touch(keys)
 
     def reset(self) -> None:
         """The engine's cache is gone (restart, reset): forget every block, cached or on its way."""
         self.index.clear()
         self.inflight.clear()
         self._routed.clear()
+        self._changes += 1

@@ -1,8 +1,9 @@
-"""The optional capabilities of a routing policy, one small Protocol each.
+"""The optional capabilities of a routing policy or a cache view, one small Protocol each.
 
-Every policy satisfies :class:`~tandem.router.routing.types.RoutingPolicy` (choose, on_membership).
-Some can do more, and the scheduler, the gateway's pool and its admin API use that only where a
-policy declares it: a policy states a capability by carrying the member its Protocol names, and
+Every policy satisfies :class:`~tandem.router.routing.types.RoutingPolicy` (choose, on_membership),
+every cache view :class:`~tandem.router.routing.types.CacheView`. Some can do more, and the
+scheduler, the gateway's pool, its scraper and its admin API use that only where one declares it:
+a policy or view states a capability by carrying the member its Protocol names, and
 callers test it with ``isinstance`` (the Protocols are runtime-checkable) instead of probing for
 attributes by name, so a renamed member is a type error rather than a silently lost feature.
 """
@@ -54,3 +55,13 @@ class AdaptivelyKeyed(Protocol):
     """
 
     keyer: AdaptiveKeyer
+
+
+@runtime_checkable
+class CapacityAware(Protocol):
+    """A cache view that uses what the engine's /metrics tell of its KV cache: the block size (to
+    key prompts before the first event) and the number of blocks (to model its evictions)."""
+
+    def engine_config(self, block_size: int | None, kv_blocks: int | None) -> None:
+        """The engine's block size and KV capacity in blocks, each None when its /metrics omit it."""
+        ...
