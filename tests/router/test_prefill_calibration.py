@@ -163,3 +163,24 @@ async def test_calibration_can_be_turned_off() -> None:
             httpx.AsyncClient(timeout=30) as c:
         inst = (await c.get(gw + "/admin/instances")).json()["instances"][0]
         assert inst["prefill_cost_scale"] == 1.0 and inst["prefill_calibration_windows"] is None
+
+
+async def test_the_scrape_path_scales_the_estimates_and_a_restart_resets_them() -> None:
+    from tandem.router.discovery import Endpoint
+    from tandem.router.gateway import Gateway
+    from tandem.router.routing.types import RouteRequest
+    from tandem.router.scrape import calibrate
+    from tandem.router.settings import GatewaySettings
+
+    gw = Gateway(GatewaySettings(instances="http://127.0.0.1:1", calibration={"window_tokens": 1000}))
+    await gw._join(Endpoint(url="http://a", model="m"))
+    inst = gw.pools["m"].instances["http://a"]
+    req = RouteRequest("r", 2000, (), 512, 0.0, fallback_key=1)
+    profiled = inst.state.ttft_estimate(req)
+    predicted = gw.cost.prefill_time(1000, 0)  # what the profile says of each request below
+    calibrate(inst, snap(0.0, 0, 0, 0), restarted=False)
+    calibrate(inst, snap(2 * 7 * predicted, 2, 2000, 2000), restarted=False)  # 7x slower than profiled
+    assert inst.state.prefill_scale == pytest.approx(7.0)
+    assert inst.state.ttft_estimate(req) == pytest.approx(7 * profiled)
+    calibrate(inst, snap(0.5, 1, 100, 100), restarted=True)  # a new process: back to the profile
+    assert inst.state.prefill_scale == 1.0 and inst.calibration is not None and inst.calibration.windows == 0
