@@ -30,8 +30,7 @@ VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
                     20.0, 40.0, 80.0)
 VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                     240.0, 480.0, 960.0, 1920.0, 7680.0)
-# vLLM's per-request token histograms: 1-2-5 steps up to the model's context (here: up to 5M tokens).
-VLLM_REQUEST_TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5))
+
 VLLM_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 VLLM_FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
 # vLLM 0.32's cache_config_info labels (what the gateway reads: block_size, num_gpu_blocks); the
@@ -53,6 +52,12 @@ SGLANG_TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 2
                        200.0, 400.0)
 SGLANG_ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
                       0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000)
+
+
+def vllm_request_token_buckets(max_model_len: int) -> tuple[float, ...]:
+    """vLLM's per-request token histograms: 1, 2, 5, 10, 20, ... up to the model's context."""
+    steps = (float(m * 10**e) for e in range(len(str(max_model_len))) for m in (1, 2, 5))
+    return tuple(b for b in steps if b <= max_model_len)
 
 
 class _EngineCollector(Collector):
@@ -156,11 +161,10 @@ class EngineMetrics:
                                     "Histogram of time spent in DECODE phase for request.", VLLM_E2E_BUCKETS)
             self.inference_time = hist("request_inference_time_seconds",
                                        "Histogram of time spent in RUNNING phase for request.", VLLM_E2E_BUCKETS)
-            self.prompt_tokens = hist("request_prompt_tokens", "Number of prefill tokens processed.",
-                                      VLLM_REQUEST_TOKEN_BUCKETS)
+            token_buckets = vllm_request_token_buckets(engine.limits.max_model_len)
+            self.prompt_tokens = hist("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
             self.computed_tokens = hist("request_prefill_kv_computed_tokens", "Histogram of new KV tokens "
-                                        "computed during prefill (excluding cached tokens).",
-                                        VLLM_REQUEST_TOKEN_BUCKETS)
+                                        "computed during prefill (excluding cached tokens).", token_buckets)
             self.iteration = hist("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                   VLLM_ITERATION_TOKEN_BUCKETS)
             engine.on_iteration = self.observe_iteration
