@@ -184,3 +184,17 @@ async def test_the_scrape_path_scales_the_estimates_and_a_restart_resets_them() 
     assert inst.state.ttft_estimate(req) == pytest.approx(7 * profiled)
     calibrate(inst, snap(0.5, 1, 100, 100), restarted=True)  # a new process: back to the profile
     assert inst.state.prefill_scale == 1.0 and inst.calibration is not None and inst.calibration.windows == 0
+
+
+def test_the_offload_solver_sees_a_pool_as_slow_as_its_engines_measured() -> None:
+    from tandem.blockcache import BlockCache
+    from tandem.perf.profile import load_profile
+    from tandem.router.routing.offload import mean_prefill_scale, pool_speed
+    from tandem.router.routing.types import InstanceState
+
+    profile = load_profile("llama3-8b-h100")
+    states = [InstanceState(id=str(i), prefill_s_per_token=1e-4, shadow=BlockCache(1024), prefill_scale=s)
+              for i, s in enumerate((2.0, 4.0))]
+    assert mean_prefill_scale([]) == 1.0 and mean_prefill_scale(states) == 3.0
+    measured = pool_speed(profile, len(states), mean_prefill_scale(states))
+    assert measured.work(4096) == pytest.approx(3 * pool_speed(profile, 2).work(4096))
