@@ -30,7 +30,15 @@ _COUNTERS: dict[str, tuple[str, ...]] = {
     "prompt_tokens": ("vllm:prompt_tokens", "sglang:prompt_tokens"),
     "generation_tokens": ("vllm:generation_tokens", "sglang:generation_tokens"),
 }
-_TTFT = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
+# signal -> histogram names; only their _sum and _count are read. The request_* ones are observed
+# together when a request finishes (vLLM), so their deltas between two scrapes cover the same requests.
+_HISTOGRAMS: dict[str, tuple[str, ...]] = {
+    "ttft": ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds"),
+    "prefill_time": ("vllm:request_prefill_time_seconds",),
+    "request_prompt": ("vllm:request_prompt_tokens",),
+    "request_computed": ("vllm:request_prefill_kv_computed_tokens",),
+}
+_HISTOGRAM_SIGNAL = {name: signal for signal, names in _HISTOGRAMS.items() for name in names}
 
 
 class EngineSnapshot(BaseModel):
@@ -47,6 +55,12 @@ class EngineSnapshot(BaseModel):
     generation_tokens: float | None = None
     ttft_sum: float | None = None
     ttft_count: float | None = None
+    # Finished requests (vLLM): seconds from scheduled to first token, their prompt tokens and the
+    # tokens prefilled (not served from the prefix cache). What prefill calibration compares.
+    prefill_time_sum: float | None = None
+    prefill_time_count: float | None = None
+    request_prompt_sum: float | None = None
+    request_computed_sum: float | None = None
     block_size: int | None = None  # vLLM's KV block size (cache_config_info)
     kv_blocks: int | None = None  # and its number of KV blocks (num_gpu_blocks): the prefix cache's capacity
     start_time: float | None = None  # process_start_time_seconds: the engine process's incarnation
@@ -65,7 +79,7 @@ class EngineMetricsError(ValueError):
 
 _START = "process_start_time_seconds"
 _WANTED = tuple(sorted({n for names in (*_GAUGES.values(), *_COUNTERS.values()) for n in names}
-                       | set(_TTFT) | {"vllm:cache_config_info", _START}))
+                       | set(_HISTOGRAM_SIGNAL) | {"vllm:cache_config_info", _START}))
 
 
 def relevant_lines(text: str) -> str:
@@ -77,7 +91,7 @@ def relevant_lines(text: str) -> str:
     keep = []
     for line in text.splitlines():
         name = line.split(" ", 3)[2] if line.startswith("# ") else line
-        if name.startswith(_WANTED) and "_bucket" not in name:  # TTFT: only _sum and _count are read
+        if name.startswith(_WANTED) and "_bucket" not in name:  # histograms: only _sum and _count are read
             keep.append(line)
     return "\n".join(keep) + "\n"
 
@@ -104,11 +118,12 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
                     block_size = int(s.labels["block_size"])
                 if s.labels.get("num_gpu_blocks", "").isdigit():
                     kv_blocks = int(s.labels["num_gpu_blocks"])
-            if fam.type == "histogram" and fam.name in _TTFT:
+            if fam.type == "histogram" and fam.name in _HISTOGRAM_SIGNAL:
+                signal = _HISTOGRAM_SIGNAL[fam.name]
                 if s.name.endswith("_sum"):
-                    sums["ttft_sum"] += s.value
+                    sums[f"{signal}_sum"] += s.value
                 elif s.name.endswith("_count"):
-                    sums["ttft_count"] += s.value
+                    sums[f"{signal}_count"] += s.value
                 continue
             if s.name.endswith("_created"):
                 continue  # counter creation timestamps are not counts
@@ -128,7 +143,8 @@ def parse_engine_metrics(text: str) -> EngineSnapshot:
             if name in counts:
                 values[signal] = sums[name]
                 break
-    for key in ("ttft_sum", "ttft_count"):
+    for key in ("ttft_sum", "ttft_count", "prefill_time_sum", "prefill_time_count", "request_prompt_sum",
+                "request_computed_sum"):
         if key in sums:
             values[key] = sums[key]
     known = {n for names in (*_GAUGES.values(), *_COUNTERS.values()) for n in names}

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from tandem.kvindex import EventCacheView
 from tandem.router.admission import admit, gate
 from tandem.router.cachereset import CacheReset, exact_view_stale
+from tandem.router.calibration import CalibrationSettings, PrefillCalibrator
 from tandem.router.cpuwork import CpuWork
 from tandem.router.discovery import Endpoint, KubernetesDiscovery, static_endpoints
 from tandem.router.kvsubscriber import KVEventSubscriber
@@ -105,8 +106,12 @@ class Gateway:
             cost, profile.max_num_batched_tokens, profile.kv_capacity_tokens)
         # Remote prefill engines run on other GPUs: their estimates use their own profile.
         remote = load_profile(settings.remote_profile) if settings.remote_profile else profile
+        remote_cost = CostModel.from_profile(remote)
         self.remote_prefill_cost = PrefillCost.from_cost_model(
-            CostModel.from_profile(remote), remote.max_num_batched_tokens, remote.kv_capacity_tokens)
+            remote_cost, remote.max_num_batched_tokens, remote.kv_capacity_tokens)
+        # What each engine's measured prefill time is compared with (tandem.router.calibration).
+        self.calibration = CalibrationSettings(**settings.calibration) if settings.prefill_calibration else None
+        self.cost, self.remote_cost = cost, remote_cost
         self.shadow_tokens = settings.shadow_capacity_tokens or profile.kv_capacity_tokens
         self.observer = Observer(slo_ttft_s=settings.slo_ttft, slo_tpot_s=settings.slo_tpot,
                                  attainable_tokens=max_attainable_prompt(cost.prefill_time, settings.slo_ttft),
@@ -223,10 +228,13 @@ class Gateway:
         per_token, extra = self.remote_prefill_cost if ep.role == "remote-prefill" \
             else (self.prefill_s_per_token, self.prefill_cost)
         state = new_instance_state(ep.url, per_token, extra, self.shadow_tokens)
+        cost = self.remote_cost if ep.role == "remote-prefill" else self.cost
+        calibration = None if self.calibration is None else PrefillCalibrator(self.calibration, cost.prefill_time)
         if ep.kv_events is not None:
             state.exact = self._subscribe(ep, label)
         breaker = CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown)
-        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=label)
+        inst = Instance(ep, model, state, breaker, last_scrape_ok=time.monotonic(), label=label,
+                        calibration=calibration)
         self.metrics.instance_known(inst.label)
         if ep.role == "unified":
             pool = self.pools.get(model)

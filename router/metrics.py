@@ -81,6 +81,10 @@ class GatewayMetrics:
                                   "fires (sampled every 50 ms): what every request in the loop waits on top of "
                                   "its own work; sustained lag means the process needs more workers.",
                                   buckets=OVERHEAD_BUCKETS, registry=r)
+        self.prefill_scale = Gauge("tandem_instance_prefill_cost_scale", "An instance's measured prefill time "
+                                   "over what the --profile predicts for the same requests (1: as profiled; "
+                                   "every TTFT estimate of the instance is multiplied by it).", ["instance"],
+                                   multiprocess_mode="livemax", registry=r)
         self.scrape_duration = Histogram("tandem_scrape_duration_seconds", "Engine /metrics scrape time.",
                                          buckets=OVERHEAD_BUCKETS, registry=r)
         self.instances = Gauge("tandem_instances", "Known instances by pool and state.", ["model", "role", "state"],
@@ -138,6 +142,7 @@ class GatewayMetrics:
             self.cache_resets.labels(instance, reason)
         self.scrapes.labels(instance)
         self.scrape_errors.labels(instance)
+        self.prefill_scale.labels(instance).set(1.0)
         self.queue_wait.labels(instance)
         for kind in UPSTREAM_ERROR_KINDS:
             self.upstream_errors.labels(instance, kind)

@@ -60,6 +60,7 @@ from tandem.router.routing.offload import (
     SideChoice,
     best_estimate,
     decode_rps_estimate,
+    mean_prefill_scale,
     pool_speed,
 )
 from tandem.router.routing.scheduler import QueueFullError
@@ -220,10 +221,12 @@ class PDRouter:
         uncached = rreq.prompt_tokens
         # Other models' offloads share the link: their measured egress shrinks this model's budget.
         others = self.link_egress_gbps(now, besides=model)
-        ctl.remote = pool_speed(self.remote_profile, sum(1 for i in remote.values() if i.state.routable))
+        routable = [i.state for i in remote.values() if i.state.routable]
+        ctl.remote = pool_speed(self.remote_profile, len(routable), mean_prefill_scale(routable))
         if local.instances:  # the threshold splits the load between two pools: without a local one, moot
             uncached -= max((st.hit_tokens(rreq) for st in local.cluster.instances.values()), default=0)
-            ctl.local = pool_speed(self.local_profile, len(local.cluster.routable()))
+            routable = local.cluster.routable()
+            ctl.local = pool_speed(self.local_profile, len(routable), mean_prefill_scale(routable))
             ctl.observe(uncached, now)
             ctl.maybe_resolve(now, link_other_gbps=others)
             self.gw.metrics.offload_threshold.labels(model).set(ctl.threshold)

@@ -20,6 +20,7 @@ from typing import Any
 
 from tandem.blockcache import BlockCache
 from tandem.kvindex import EventCacheView
+from tandem.router.calibration import PrefillCalibrator
 from tandem.router.discovery import Endpoint
 from tandem.router.enginemetrics import EngineSnapshot
 from tandem.router.metrics import GatewayMetrics
@@ -55,6 +56,7 @@ class Instance:
     label: str = ""  # what clients and /metrics call it (an opaque id unless topology is exposed)
     engine_cache: BlockCache | None = None  # the observations' replica of its prefix cache, in its own blocks
     engine_block: int = 0  # the block size of that replica
+    calibration: PrefillCalibrator | None = None  # the prefill factor's estimator; None: calibration is off
 
     def engine_hit(self, key: EngineKey | None, prompt_tokens: int, routed_hit: int, capacity_tokens: int) -> int:
         """Prompt tokens this engine will serve from its own prefix cache, as the observations count them:
@@ -89,7 +91,8 @@ class Instance:
             "engine_running": s.engine_running,
             "engine_waiting": s.engine_waiting, "kv_usage": s.kv_usage,
             "shadow_cache_tokens": s.shadow.tokens, "exact_cache_view": _describe_exact(s.exact),
-            "prefill_s_per_token": s.prefill_s_per_token,
+            "prefill_s_per_token": s.prefill_s_per_token, "prefill_cost_scale": round(s.prefill_scale, 4),
+            "prefill_calibration_windows": self.calibration.windows if self.calibration else None,
             "engine": self.snapshot.model_dump() if self.snapshot else None,
             "last_scrape_age_s": round(time.monotonic() - self.last_scrape_ok, 3) if self.last_scrape_ok else None,
         }

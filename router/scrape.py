@@ -41,6 +41,16 @@ def apply_snapshot(inst: Instance, snap: EngineSnapshot, now: float) -> None:
     s.kv_usage = float(snap.kv_usage or 0.0)
 
 
+def calibrate(inst: Instance, snap: EngineSnapshot, restarted: bool) -> None:
+    """Fold one good scrape into the instance's prefill factor (a restarted engine starts over at 1.0)."""
+    cal = inst.calibration
+    if cal is None:
+        return
+    if restarted:
+        cal.reset()
+    inst.state.prefill_scale = cal.observe(snap)
+
+
 def mark_failure(inst: Instance, now: float, stale_after: float) -> bool:
     """Count a failed scrape; returns True when this made the instance suspect."""
     inst.scrape_failures += 1
@@ -139,6 +149,8 @@ class Scraper:
         prev, prev_at = inst.snapshot, inst.last_scrape_ok
         apply_snapshot(inst, snap, now)
         inst.refresh_health(now)
-        if prev is not None and (reset := restart_from_metrics(inst.id, prev, snap,
-                                                               time.time() - (now - prev_at))) is not None:
+        reset = None if prev is None else restart_from_metrics(inst.id, prev, snap, time.time() - (now - prev_at))
+        calibrate(inst, snap, restarted=reset is not None)
+        self.metrics.prefill_scale.labels(inst.label).set(inst.state.prefill_scale)
+        if reset is not None:
             self.on_restart(reset)

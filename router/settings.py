@@ -11,6 +11,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tandem.config import TandemSettings, UrlList, split_urls
 from tandem.kvevents import KVEventsSource, parse_kv_events
+from tandem.router.calibration import CalibrationSettings
 from tandem.router.routing.offload import OffloadSettings
 
 
@@ -100,6 +101,12 @@ class GatewaySettings(TandemSettings):
     tokenizer: Path | None = Field(None, description="the engine's tokenizer.json (Hugging Face tokenizers format) "
                                    "for routing keys; default: a cheap, stable word/punctuation chunking")
     profile: str = Field("llama3-8b-h100", description="engine performance profile for prefill seconds/token")
+    prefill_calibration: bool = Field(True, description="scale each engine's prefill estimates by its measured "
+                                      "prefill time over the profile's (vLLM's request_prefill_time_seconds); "
+                                      "off: every engine runs at the profile's speed")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="prefill calibration settings (YAML "
+                                        "mapping: window_tokens, smoothing, min_scale, max_scale; see "
+                                        "CalibrationSettings)")
     shadow_capacity_tokens: int | None = Field(None, gt=0,
                                                description="shadow prefix cache per instance (default: profile KV)")
     redis_url: str | None = Field(None, description="shared state in Redis (default: in-memory, this process only); "
@@ -216,6 +223,17 @@ class GatewaySettings(TandemSettings):
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ValueError(f"offload.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return v
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            CalibrationSettings(**v)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(map(str, err["loc"]))
+            raise ValueError(f"calibration{'.' + loc if loc else ''}: {err['msg']}") from None
         return v
 
     def offload_settings(self) -> OffloadSettings:

@@ -30,6 +30,7 @@ VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7
                     20.0, 40.0, 80.0)
 VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                     240.0, 480.0, 960.0, 1920.0, 7680.0)
+
 VLLM_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 VLLM_FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
 # vLLM 0.32's cache_config_info labels (what the gateway reads: block_size, num_gpu_blocks); the
@@ -51,6 +52,12 @@ SGLANG_TTFT_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 2
                        200.0, 400.0)
 SGLANG_ITL_BUCKETS = (0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060,
                       0.080, 0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000)
+
+
+def vllm_request_token_buckets(max_model_len: int) -> tuple[float, ...]:
+    """vLLM's per-request token histograms: 1, 2, 5, 10, 20, ... up to the model's context."""
+    steps = (float(m * 10**e) for e in range(len(str(max_model_len))) for m in (1, 2, 5))
+    return tuple(b for b in steps if b <= max_model_len)
 
 
 class _EngineCollector(Collector):
@@ -146,6 +153,7 @@ class EngineMetrics:
                           "Histogram of time spent waiting in the queue in seconds.", VLLM_E2E_BUCKETS)
         # vLLM only: a request's running time split at its first token, and the tokens of each engine step.
         self.prefill_time = self.decode_time = self.inference_time = self.iteration = None
+        self.prompt_tokens = self.computed_tokens = None
         if flavor == "vllm":
             self.prefill_time = hist("request_prefill_time_seconds",
                                      "Histogram of time spent in PREFILL phase for request.", VLLM_E2E_BUCKETS)
@@ -153,6 +161,10 @@ class EngineMetrics:
                                     "Histogram of time spent in DECODE phase for request.", VLLM_E2E_BUCKETS)
             self.inference_time = hist("request_inference_time_seconds",
                                        "Histogram of time spent in RUNNING phase for request.", VLLM_E2E_BUCKETS)
+            token_buckets = vllm_request_token_buckets(engine.limits.max_model_len)
+            self.prompt_tokens = hist("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
+            self.computed_tokens = hist("request_prefill_kv_computed_tokens", "Histogram of new KV tokens "
+                                        "computed during prefill (excluding cached tokens).", token_buckets)
             self.iteration = hist("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
                                   VLLM_ITERATION_TOKEN_BUCKETS)
             engine.on_iteration = self.observe_iteration
@@ -166,12 +178,17 @@ class EngineMetrics:
         for _ in range(tokens):
             child.observe(gap / tokens)
 
-    def observe_finished(self, e2e: float, prefill_s: float | None = None, decode_s: float | None = None) -> None:
+    def observe_finished(self, e2e: float, prefill_s: float | None = None, decode_s: float | None = None,
+                         prompt_tokens: int = 0, computed_tokens: int = 0) -> None:
         """A finished request: its end-to-end time and, when known, its prefill (scheduled -> first
-        token) and decode (first token -> end) phases, as vLLM splits its running time."""
+        token) and decode (first token -> end) phases, as vLLM splits its running time, with its
+        prompt and prefilled (uncached) token counts, observed with them as vLLM does."""
         self.e2e.labels(**self._labels).observe(e2e)
         if prefill_s is None or decode_s is None:
             return
+        for hist, tokens in ((self.prompt_tokens, prompt_tokens), (self.computed_tokens, computed_tokens)):
+            if hist is not None:
+                hist.labels(**self._labels).observe(tokens)
         for hist, seconds in ((self.prefill_time, prefill_s), (self.decode_time, decode_s),
                               (self.inference_time, prefill_s + decode_s)):
             if hist is not None:

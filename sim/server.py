@@ -121,7 +121,8 @@ class EngineDriver(WallClockDriver):
             first, admitted = r.first_token_at, r.admitted_at
             self.metrics.observe_finished(e.time - pending.submitted,
                                           first - admitted if first is not None and admitted is not None else None,
-                                          e.time - first if first is not None else None)
+                                          e.time - first if first is not None else None,
+                                          r.prompt_tokens, r.prompt_tokens - r.cached_tokens)
             self.pending.pop(e.request_id, None)
         pending.tokens.put_nowait(e)
 

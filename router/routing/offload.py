@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.perf.costmodel import CostModel
 from tandem.perf.profile import Profile
-from tandem.router.routing.types import ClusterView, RouteRequest
+from tandem.router.routing.types import ClusterView, InstanceState, RouteRequest
 
 Bottleneck = Literal["local_prefill", "remote_prefill", "decode", "link", "none"]
 Side = Literal["local", "remote"]
@@ -560,9 +560,16 @@ class OffloadController:
         return decision
 
 
-def pool_speed(profile: Profile, instances: int) -> PrefillPoolSpeed:
-    return PrefillPoolSpeed(instances=instances, per_token_s=profile.params.per_token_s,
-                            attn_pair_s=profile.params.attn_pair_s)
+def pool_speed(profile: Profile, instances: int, scale: float = 1.0) -> PrefillPoolSpeed:
+    """The profile's speed, ``scale`` times slower (the pool's measured prefill factor, see
+    :func:`mean_prefill_scale`)."""
+    return PrefillPoolSpeed(instances=instances, per_token_s=profile.params.per_token_s * scale,
+                            attn_pair_s=profile.params.attn_pair_s * scale)
+
+
+def mean_prefill_scale(states: Sequence[InstanceState]) -> float:
+    """The mean calibration factor of a pool's routable instances (1.0: none, or all as profiled)."""
+    return sum(s.prefill_scale for s in states) / len(states) if states else 1.0
 
 
 def decode_rps_estimate(profile: Profile, instances: int, mean_prompt: float, mean_output: float,

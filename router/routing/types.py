@@ -106,6 +106,9 @@ class InstanceState:
     prefill_s_per_token: float
     shadow: BlockCache
     cost: PrefillCost = PrefillCost()
+    # Measured over profiled prefill time of this engine (tandem.router.calibration): 1.0 is the
+    # profile's own speed; every estimate below is multiplied by it.
+    prefill_scale: float = 1.0
     queued_miss_tokens: int = 0  # waiting in the gateway's own queue for this instance
     inflight_miss_tokens: int = 0  # sent to the engine, no first token seen yet
     queued_attn_pairs: int = 0  # attention pairs of the queued misses (see attention_pairs)
@@ -140,7 +143,7 @@ class InstanceState:
 
     def prefill_s(self, tokens: int, pairs: int) -> float:
         """Estimated seconds to prefill ``tokens`` uncached tokens spanning ``pairs`` attention pairs here."""
-        return tokens * self.s_per_token() + pairs * self.cost.attn_pair_s
+        return (tokens * self.s_per_token() + pairs * self.cost.attn_pair_s) * self.prefill_scale
 
     @property
     def pending_s(self) -> float:

@@ -39,6 +39,7 @@ READ_BY_TANDEM = {
     "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
     "vllm:request_success", "vllm:num_preemptions", "vllm:prompt_tokens_cached",
     "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds", "vllm:iteration_tokens_total",
+    "vllm:request_prompt_tokens", "vllm:request_prefill_kv_computed_tokens",  # prefill calibration
     "process_start_time_seconds",  # an engine restart (router/cachereset.py)
 }
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
