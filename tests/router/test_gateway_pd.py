@@ -325,9 +325,10 @@ async def test_offload_metrics_and_admin_move_only_when_requests_go_remote() -> 
         st = admin["models"][MODEL]
         # Utilisation is against the capacity the gateway measured from the two transfers (bytes /
         # busy time, ~0.47 s of it): the decode's simulated 20 Gbit/s link, not the configured 2 Gbit/s;
-        # the decode's first step is in each interval, so the reading is a little low, never high.
+        # the decode's first step is in each interval, so the reading is low, never high (on two busy
+        # cores as low as 7 Gbit/s: the simulated transfer's sleep stretches), and far above the 2 configured.
         assert st["link_nominal_gbps"] == link_gbps and st["link_measured_gbps"] == st["link_gbps"]
-        assert 10.0 < st["link_measured_gbps"] <= 20.0
+        assert 2 * link_gbps < st["link_measured_gbps"] <= 20.0
         assert moved["util"] == pytest.approx(moved["bytes"] * 8 / 1e9 / window / st["link_gbps"], rel=1e-6)
         assert 0 < moved["util"] < 1
         assert st["link_committed_bytes"] == 0  # both transfers ended
