@@ -495,7 +495,8 @@ class Actuator:
             except (ApiError, aiohttp.ClientError, TimeoutError, httpx.HTTPError) as exc:
                 log.warning("autoscaler: tick failed: %s: %s", type(exc).__name__, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+                async with asyncio.timeout(interval_s):  # (not wait_for: it can swallow a racing cancel on 3.11)
+                    await stop.wait()
 
 
 def _load_fields(o: RoleObservation | None) -> dict[str, Any]:

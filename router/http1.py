@@ -198,8 +198,9 @@ class HTTP1Client:
         scheme, host, port = key
         tls = (self._ssl or ssl.create_default_context()) if scheme == "https" else None
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                _Connection, host, port, ssl=tls, server_hostname=host if tls else None), limit_s)
+            async with asyncio.timeout(limit_s):  # (not wait_for: it can swallow a racing cancel on 3.11)
+                _, conn = await loop.create_connection(
+                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None)
         except TimeoutError:  # (an OSError too: first) its message is empty
             raise HTTPConnectError(f"{host}:{port}: no connection within {limit_s:.3g} s") from None
         except OSError as exc:  # ssl.SSLError (bad certificate) is an OSError
@@ -227,9 +228,10 @@ class HTTP1Client:
         head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", f"Content-Length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        if self._slots.locked():  # only then can acquiring wait (wait_for would cost a task every time)
+        if self._slots.locked():  # only then can acquiring wait (a timeout costs a timer every time)
             try:
-                await asyncio.wait_for(self._slots.acquire(), connect_timeout)
+                async with asyncio.timeout(connect_timeout):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise HTTPPoolBusy("all upstream connections are busy") from None
         else:

@@ -245,7 +245,8 @@ class Pool:
     async def wait(self, request_id: str, future: asyncio.Future[str], limit_s: float) -> str:
         """Wait until the scheduler releases the request; returns the instance id."""
         try:
-            return await asyncio.wait_for(asyncio.shield(future), limit_s)
+            async with asyncio.timeout(limit_s):  # (not wait_for: it can swallow a racing cancel on 3.11)
+                return await asyncio.shield(future)
         except BaseException:
             if not future.done():
                 self.cancel(request_id)

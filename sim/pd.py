@@ -274,7 +274,8 @@ class KVTransfers:
     async def serve_bootstrap(self, room_id: int, wait_s: float) -> tuple[int, dict[str, Any]]:
         room = self.room(room_id)
         try:
-            await asyncio.wait_for(room.done.wait(), min(wait_s, self.settings.kv_wait_s))
+            async with asyncio.timeout(min(wait_s, self.settings.kv_wait_s)):
+                await room.done.wait()
         except TimeoutError:
             return 408, {"error": f"no prefill finished for bootstrap_room {room_id} in time"}
         self.rooms.pop(room_id, None)

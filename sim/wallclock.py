@@ -57,7 +57,8 @@ class WallClockDriver:
             else:
                 delay = (due - self.now()) / self.time_scale
                 if delay > 0:
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
+                    with suppress(TimeoutError):  # (not wait_for: it can swallow a racing cancel on 3.11)
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
             self._wake.clear()
             self.advance(self.now())
