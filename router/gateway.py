@@ -421,9 +421,13 @@ class Gateway:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.drain_timeout):
                 await self._idle.wait()
-        for task in [*self.tasks, *self._joining.values()]:
+        tasks = [*self.tasks, *self._joining.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, *self._joining.values(), return_exceptions=True)
+        if tasks:  # bounded: a task that ignores its cancel() must not hold the shutdown for ever
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            for task in stuck:
+                log.error("gateway stop: task %s did not stop within 5 s of its cancel()", task.get_name())
         if self.discovery:
             await self.discovery.stop()
         if self.scraper:
