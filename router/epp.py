@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import grpc
@@ -86,7 +86,7 @@ class Exchange:
     """One HTTP request as the data plane reports it: its state from headers to the end of the response."""
 
     # Slots: one instance per request, its attributes read on every message of the stream.
-    __slots__ = ("answer", "body", "body_due", "bound", "closed", "context", "entered", "extended", "first_chunk",
+    __slots__ = ("answer", "body", "body_due", "bound", "closed", "context", "entered", "first_chunk",
                  "gw", "headers", "kind", "outcome", "picked", "policy", "pool", "principal", "request_mode",
                  "response_mode", "status", "stream", "subset", "t0", "tokens", "trace")
 
@@ -102,7 +102,6 @@ class Exchange:
         self.body = bytearray()
         self.body_due: float | None = None  # while the body is awaited: when it must be complete
         self.picked = False  # the endpoints are answered (scheduled or not)
-        self.extended = False  # asked the data plane for more time (at most once a message)
         # Counted toward the gateway's limit (Gateway.enter) from the headers on, until a refusal, the
         # pick of a request that is not scheduled, or the end of a scheduled one (ended / done).
         self.entered = False
@@ -226,6 +225,12 @@ class Exchange:
         raw = bytes(self.body)
         if self.kind is None:
             return await self._pick_unscheduled(raw, trailers)
+        if self.request_mode != wire.FULL_DUPLEX:
+            # Outside FULL_DUPLEX_STREAMED the data plane times out each message (ext_proc
+            # message_timeout, 200 ms by default) and admission, routing and the wait for budget all
+            # answer this one: ask for their whole length first. (Asked only once the request was held,
+            # a picker slowed by a busy machine passed 200 ms before asking: Envoy's 504s, seen in CI.)
+            await self._send(wire.extend(self.gw.settings.queue_timeout + 1.0))
         return await self._pick_scheduled(raw, trailers)
 
     async def _answer(self, endpoints: list[str], raw: bytes | None, trailers: bool) -> None:
@@ -282,7 +287,7 @@ class Exchange:
         deadline = self.t0 + gw.settings.request_timeout
         for attempt in range(1, gw.settings.max_attempts + 1):
             bound = await gw.unified.bind(pool, admitted.rreq, self.policy, f"{base}-{attempt}", excluded, deadline,
-                                          self.trace, admitted.engine_key, self._hold)
+                                          self.trace, admitted.engine_key)
             if not isinstance(bound, Left):
                 break
         else:  # every instance it was released to left while it was queued
@@ -293,14 +298,6 @@ class Exchange:
         self.bound = bound
         await self._answer([wire.endpoint_of(iid) for iid in self._fallbacks(pool, bound)], raw, trailers)
         return False
-
-    async def _hold(self, waiting: Awaitable[str]) -> str:
-        """The request waits for budget: outside FULL_DUPLEX_STREAMED mode the data plane times out
-        each message (ext_proc ``message_timeout``), so ask for the wait's length first."""
-        if self.request_mode != wire.FULL_DUPLEX and not self.extended:
-            self.extended = True
-            await self._send(wire.extend(self.gw.settings.queue_timeout + 1.0))
-        return await waiting
 
     def _fallbacks(self, pool: Pool, bound: Bound) -> list[str]:
         """The ordered list: the bound instance, the decision's other candidates, then the least
