@@ -49,7 +49,9 @@ async def _stream_outcome(c: httpx.AsyncClient, url: str, body: dict) -> str:
 @pytest.mark.slow
 async def test_killing_a_simulator_mid_load_loses_no_request() -> None:
     with sim_process() as (a, _), sim_process() as (b, _), sim_process() as (c_url, proc_c):
-        app = gateway_app([a, b, c_url], policy="round_robin", connect_timeout=0.5, retry_backoff=0.01)
+        # connect_timeout 2 s: the gateway shares this test's loop with 90 client streams, and on two busy
+        # cores a connect to a live engine went unanswered for 0.5 s (25 retries lost in a CI rehearsal).
+        app = gateway_app([a, b, c_url], policy="round_robin", connect_timeout=2.0, retry_backoff=0.01)
         async with serving(app) as gw, httpx.AsyncClient(timeout=30) as c:
             async def one(i: int) -> str:
                 await asyncio.sleep(i * 0.01)
