@@ -355,17 +355,22 @@ class Exchange:
     async def _response_body(self, body: ep.HttpBody) -> None:
         chunk = body.body
         eos = body.end_of_stream
-        if self.response_mode == wire.FULL_DUPLEX:  # pass the bytes on first, account after
+        accounted = self.bound is not None and self.outcome is None
+        if eos and accounted:
+            # The last bytes are accounted before they are passed on: with them the data plane answers
+            # the client and may close this stream at once, cancelling the write, and what came after
+            # it never ran (the request read as client_gone; seen in CI under load).
+            self._observe(chunk)
+            self._end(self._final_outcome())
+        if self.response_mode == wire.FULL_DUPLEX:  # other chunks: passed on first, accounted after
             if len(chunk) <= wire.CHUNK:
                 await self.context.write(wire.echo(chunk, end_of_stream=eos))
             else:
                 await self._send(*wire.streamed(chunk, request=False, end_of_stream=eos))
         else:
             await self.context.write(wire.PROCEED["response_body"])
-        if self.bound is not None and self.outcome is None:
+        if accounted and not eos:
             self._observe(chunk)
-            if eos:
-                self._end(self._final_outcome())
 
     def _observe(self, chunk: bytes) -> None:
         assert self.bound is not None and self.pool is not None and self.trace is not None
