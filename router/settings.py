@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from tandem.config import TandemSettings, UrlList, split_urls
@@ -215,25 +215,17 @@ class GatewaySettings(TandemSettings):
         """``kv_events`` parsed: instance URL -> its event sockets (bare ports on the URL's host)."""
         return {url: parse_kv_events(spec, urlsplit(url).hostname or "") for url, spec in self.kv_events.items()}
 
-    @field_validator("offload")
+    @field_validator("offload", "calibration")
     @classmethod
-    def _offload(cls, v: dict[str, Any]) -> dict[str, Any]:
+    def _nested(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """A JSON flag checked against its model here, its error naming the flag and the field."""
+        model = {"offload": OffloadSettings, "calibration": CalibrationSettings}[info.field_name]
         try:
-            OffloadSettings(**v)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ValueError(f"offload.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        return v
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            CalibrationSettings(**v)
+            model(**v)
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(map(str, err["loc"]))
-            raise ValueError(f"calibration{'.' + loc if loc else ''}: {err['msg']}") from None
+            raise ValueError(f"{info.field_name}{'.' + loc if loc else ''}: {err['msg']}") from None
         return v
 
     def offload_settings(self) -> OffloadSettings:
